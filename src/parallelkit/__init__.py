@@ -1,0 +1,46 @@
+"""parallelkit: typed, safe and fast multiprocessing.
+
+The one public import path::
+
+    import parallelkit as pk
+
+    squares = pk.run_parallel(abs, [-1, -2, -3])
+
+See the README for a tour and ``python -m parallelkit demo`` for a demonstration.
+"""
+
+from __future__ import annotations
+
+from . import errors as errors
+from ._context import usable_cpu_count as usable_cpu_count
+from ._pool import WorkerPool as WorkerPool
+from ._pool import imap_parallel as imap_parallel
+from ._pool import run_parallel as run_parallel
+from ._types import StartMethod as StartMethod
+from .errors import ChannelClosedError as ChannelClosedError
+from .errors import ParallelKitError as ParallelKitError
+from .errors import PipelineError as PipelineError
+from .errors import RemoteError as RemoteError
+from .errors import SerializationError as SerializationError
+from .errors import StartMethodError as StartMethodError
+from .errors import TaskTimeoutError as TaskTimeoutError
+from .errors import WorkerCrashedError as WorkerCrashedError
+
+__version__ = "0.1.0.dev0"
+
+__all__ = (
+    "ChannelClosedError",
+    "ParallelKitError",
+    "PipelineError",
+    "RemoteError",
+    "SerializationError",
+    "StartMethod",
+    "StartMethodError",
+    "TaskTimeoutError",
+    "WorkerCrashedError",
+    "WorkerPool",
+    "errors",
+    "imap_parallel",
+    "run_parallel",
+    "usable_cpu_count",
+)

@@ -1,0 +1,197 @@
+"""Everything that crosses a process boundary goes through here.
+
+- :func:`dumps` pickles with the highest protocol and falls back to cloudpickle (when
+  installed) for what the standard pickle cannot send: lambdas, closures, local classes.
+- :func:`dump_function` is the pre-flight check of a task's function, run in the caller
+  before any worker starts; it raises :class:`SerializationError` that says how to fix it.
+- :class:`ExceptionRecord` carries a task's exception and its traceback text from a
+  worker to the parent, where :func:`rebuild_exception` restores it with its own type
+  (or as :class:`RemoteError` when that is impossible).
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .errors import RemoteError, SerializationError, SerializedWhat
+
+PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+
+_CLOUDPICKLE_HINT = (
+    "install cloudpickle (pip install 'parallelkit[cloudpickle]') to send it by value, "
+    "or define it at the top level of an importable module"
+)
+
+
+def _cloudpickle() -> Any | None:
+    try:
+        import cloudpickle  # noqa: PLC0415 - optional extra, imported lazily
+    except ImportError:
+        return None
+    return cloudpickle
+
+
+def dumps(obj: object) -> bytes:
+    """Pickle ``obj``; fall back to cloudpickle for what plain pickle refuses.
+
+    Raises:
+        Exception: whatever pickling raised when neither serializer can send ``obj``.
+    """
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        cp = _cloudpickle()
+        if cp is None:
+            raise
+        return bytes(cp.dumps(obj, PROTOCOL))
+
+
+def _main_is_importable() -> bool:
+    main = sys.modules.get("__main__")
+    return bool(getattr(main, "__file__", None)) or bool(getattr(main, "__spec__", None))
+
+
+def dump_function(fn: object, *, what: SerializedWhat = "function", by_value: bool = False) -> bytes:
+    """Pickle a task's callable for the workers, or say clearly why it cannot be sent.
+
+    Args:
+        fn: the callable.
+        what: how the error names it (``"function"`` or ``"initializer"``).
+        by_value: the workers cannot import ``__main__`` (spawn or forkserver from an
+            interactive session), so a ``__main__`` function must travel by value.
+
+    Raises:
+        SerializationError: ``fn`` cannot be pickled (with a hint to fix it).
+    """
+    module = getattr(fn, "__module__", None)
+    needs_value = by_value and module == "__main__" and not _main_is_importable()
+    if not needs_value:
+        try:
+            return pickle.dumps(fn, PROTOCOL)
+        except Exception as exc:
+            first_error: Exception | None = exc
+    else:
+        first_error = None
+    cp = _cloudpickle()
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    if cp is None:
+        reason = (
+            f"{type(first_error).__name__}: {first_error}"
+            if first_error is not None
+            else "it is defined in __main__, which the worker processes cannot import"
+        )
+        raise SerializationError(
+            f"cannot send the {what} {name!r} to worker processes: {reason}; {_CLOUDPICKLE_HINT}",
+            what=what,
+        ) from first_error
+    try:
+        return bytes(cp.dumps(fn, PROTOCOL))
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot send the {what} {name!r} to worker processes, even with cloudpickle: "
+            f"{type(exc).__name__}: {exc}",
+            what=what,
+        ) from exc
+
+
+# ---------------------------------------------------------------- exceptions across processes
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process (set as ``__cause__``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionRecord:
+    """A picklable account of an exception raised in a worker."""
+
+    type_name: str
+    message: str
+    traceback: str
+    payload: bytes | None  # dumps((cls, args, state, notes)), or None if it cannot be sent
+
+
+def _qualified_name(cls: type) -> str:
+    module = cls.__module__
+    if module in ("builtins", "__main__", None):
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+def capture_exception(exc: BaseException) -> ExceptionRecord:
+    """Record ``exc`` (and its traceback) so that the parent can rebuild it."""
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not break error reporting
+        message = f"<{type(exc).__name__}: str() failed>"
+    payload: bytes | None
+    try:
+        state = dict(getattr(exc, "__dict__", {}))
+        notes = state.pop("__notes__", None)
+        payload = dumps((type(exc), exc.args, state, notes))
+        # Prove it can be rebuilt here, so that the parent does not fail on it.
+        _rebuild_from_payload(payload)
+    except Exception:
+        payload = None
+    return ExceptionRecord(_qualified_name(type(exc)), message, tb, payload)
+
+
+def _rebuild_from_payload(payload: bytes) -> BaseException:
+    cls, args, state, notes = pickle.loads(payload)
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        raise TypeError("not an exception class")
+    # Create without calling __init__: exception classes whose constructors take other
+    # arguments than .args (a common pattern) cannot be rebuilt with cls(*args).
+    exc: BaseException = cls.__new__(cls, *args)
+    exc.args = tuple(args)
+    if state:
+        exc.__dict__.update(state)
+    if notes:
+        for note in notes:
+            exc.add_note(note)
+    return exc
+
+
+def rebuild_exception(record: ExceptionRecord, *, where: str) -> BaseException:
+    """The worker's exception, with its own type, remote traceback as ``__cause__``.
+
+    Args:
+        record: what the worker captured.
+        where: a note to add, such as ``"in worker pid 123 on item 7"``.
+    """
+    exc: BaseException
+    try:
+        if record.payload is None:
+            raise ValueError("not sendable")
+        exc = _rebuild_from_payload(record.payload)
+    except Exception:
+        exc = RemoteError(
+            f"{record.type_name}: {record.message}",
+            type_name=record.type_name,
+            remote_traceback=record.traceback,
+        )
+    exc.__cause__ = RemoteTraceback(record.traceback)
+    exc.add_note(f"parallelkit: raised {where}")
+    return exc
+
+
+def locate_unpicklable(items: list[Any] | tuple[Any, ...]) -> tuple[int, Exception] | None:
+    """The position of the first item that cannot be pickled, and why; ``None`` if all can."""
+    for position, item in enumerate(items):
+        try:
+            dumps(item)
+        except Exception as exc:
+            return position, exc
+    return None
