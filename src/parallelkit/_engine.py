@@ -1,0 +1,994 @@
+"""The supervisor behind every parallel map: N worker processes, each on its own pipe.
+
+::
+
+    caller thread(s) ──Job──▶ Engine ──TASK──▶ worker 0 ─┐   each worker: one duplex pipe and
+                               ▲  │   ──TASK──▶ worker 1  │   one progress slot in shared
+                               │  └── wait(pipes + sentinels + wake-up) ◀─┘ memory
+                               └── results, per chunk, into the job's reorder buffer
+
+There is no supervisor thread for maps: whichever thread needs a result *drives* (dispatches
+chunks to idle workers, then waits on every pipe and every process sentinel at once with
+``multiprocessing.connection.wait``).  Only ``WorkerPool.submit`` starts a helper thread, to
+complete futures nobody is waiting on; it exits when no future is pending.  Because the
+engine always knows which chunk each worker holds, and the worker writes the position of the
+item it is running into its progress slot, a worker that dies or overruns its timeout is
+pinned to the exact item, stopped, and replaced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import multiprocessing.connection
+import os
+import pickle
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.context import BaseContext
+from multiprocessing.process import BaseProcess
+from typing import Any, Final
+
+from . import _worker as W
+from ._lifecycle import describe_exit, signal_name, stop_processes
+from ._serialize import (
+    PROTOCOL,
+    ExceptionRecord,
+    capture_exception,
+    dumps,
+    locate_unpicklable,
+    rebuild_exception,
+)
+from ._types import StartMethod
+from .errors import SerializationError, TaskTimeoutError, WorkerCrashedError
+
+PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
+TARGET_CHUNK_SECONDS: Final = 0.02  # adaptive chunking aims for chunks of about this long
+MAX_ADAPTIVE_CHUNK: Final = 100_000
+STARTUP_DEATHS_LIMIT: Final = 3  # workers dying before any result, per worker slot
+_chunk_ids = itertools.count(1)
+_fn_ids = itertools.count(1)
+
+
+class Failure:
+    """A failed item's slot in a result list (only where errors are raised on delivery)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class PoolBrokenError(RuntimeError):
+    """Internal: the engine can no longer run work (reported as its cause)."""
+
+
+class Chunk:
+    __slots__ = ("cid", "items", "job", "payload", "start", "stop")
+
+    def __init__(self, job: Job, start: int, stop: int, items: Sequence[Any] | None) -> None:
+        self.cid = next(_chunk_ids)
+        self.job = job
+        self.start = start
+        self.stop = stop
+        self.items = items  # None: the worker inherited the input and slices it
+        self.payload: bytes | None = None
+
+
+class Job:
+    """One map call (or one submitted call): makes chunks, collects results in order."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        fn: Callable[..., object],
+        source: Iterator[Any] | Sequence[Any],
+        *,
+        length: int | None,
+        chunksize: int | None,
+        ordered: bool,
+        return_exceptions: bool,
+        fail_fast: bool,
+        timeout: float | None,
+        star: bool = False,
+        inherited: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.fn_id, self.fn_payload = engine.register_function(fn)
+        self.source = source
+        self.iterator: Iterator[Any] | None = None if length is not None else iter(source)  # type: ignore[arg-type]
+        self.length = length
+        self.fixed_chunksize = chunksize
+        self.chunksize = chunksize or self._initial_chunksize()
+        self.ordered = ordered
+        self.return_exceptions = return_exceptions
+        self.fail_fast = fail_fast
+        self.timeout = timeout
+        self.inherited = inherited
+        self.flags = (
+            (W.STAR_CALL if star else 0)
+            | (W.TIMED if timeout is not None else 0)
+            | (W.STOP_ON_ERROR if fail_fast and not return_exceptions else 0)
+        )
+        self.next_start = 0
+        self.exhausted = length == 0
+        self.in_flight = 0
+        self.retries: deque[Chunk] = deque()
+        self.pending: dict[int, tuple[list[Any], bool]] = {}
+        self.deliver_index = 0
+        self.out: deque[tuple[list[Any], bool]] = deque()
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.seconds_per_item: float | None = None
+        self.window = 4 * engine.max_workers + 2
+
+    # ---------------------------------------------------------------- chunking
+    def _initial_chunksize(self) -> int:
+        if self.length is None:
+            return 1  # grows as timings arrive
+        return max(1, -(-self.length // (4 * self.engine.max_workers)))
+
+    def _adapt(self, items: int, seconds: float) -> None:
+        if self.fixed_chunksize is not None or self.length is not None or items == 0:
+            return
+        per_item = seconds / items
+        if self.seconds_per_item is None:
+            self.seconds_per_item = per_item
+        else:
+            self.seconds_per_item = 0.7 * self.seconds_per_item + 0.3 * per_item
+        ideal = TARGET_CHUNK_SECONDS / max(self.seconds_per_item, 1e-9)
+        self.chunksize = max(1, min(int(ideal), 2 * self.chunksize, MAX_ADAPTIVE_CHUNK))
+
+    @property
+    def finished(self) -> bool:
+        return (
+            self.exhausted and self.in_flight == 0 and not self.retries and not self.pending
+        ) or self.cancelled
+
+    def next_chunk(self) -> Chunk | None:
+        """The next chunk to run, or ``None`` (input done, window full, or failed)."""
+        if self.cancelled or self.error is not None:
+            return None
+        if self.retries:
+            return self.retries.popleft()
+        if self.exhausted or self.in_flight + len(self.pending) + len(self.out) >= self.window:
+            return None
+        start = self.next_start
+        if self.length is not None:
+            stop = min(start + self.chunksize, self.length)
+            items = None if self.inherited else self.source[start:stop]  # type: ignore[index]
+        else:
+            assert self.iterator is not None
+            try:
+                items = list(itertools.islice(self.iterator, self.chunksize))
+            except BaseException as exc:
+                exc.add_note(f"parallelkit: raised by the input iterable after item {start - 1}")
+                self.fail(exc)
+                self.exhausted = True
+                return None
+            stop = start + len(items)
+            if not items:
+                self.exhausted = True
+                return None
+        self.next_start = stop
+        if stop >= (self.length if self.length is not None else stop + 1):
+            self.exhausted = True
+        chunk = Chunk(self, start, stop, items)
+        if not self._prepare(chunk):
+            return self.next_chunk()
+        return chunk
+
+    def _prepare(self, chunk: Chunk) -> bool:
+        """Pickle the chunk's items; on failure, report the item and split around it."""
+        if chunk.items is None:
+            chunk.payload = b""
+            return True
+        try:
+            chunk.payload = pickle.dumps(chunk.items, PROTOCOL)
+            return True
+        except Exception:
+            pass
+        try:
+            chunk.payload = dumps(chunk.items)
+            return True
+        except Exception:
+            located = locate_unpicklable(chunk.items)
+            if located is None:
+                raise
+        pos, cause = located
+        index = chunk.start + pos
+        error = SerializationError(
+            f"item {index} cannot be pickled to send it to a worker: "
+            f"{type(cause).__name__}: {cause}",
+            what="argument",
+            item_index=index,
+        )
+        error.__cause__ = cause
+        self.split_around(chunk, pos, error)
+        return False
+
+    def split_around(self, chunk: Chunk, pos: int, error: BaseException | None) -> None:
+        """Record ``error`` for the chunk's item ``pos``; queue the rest of the chunk again.
+
+        ``error=None`` re-runs the whole chunk, one item per chunk (nothing to blame yet).
+        """
+        start, stop = chunk.start, chunk.stop
+        pieces: list[tuple[int, int]]
+        if error is None:
+            pieces = [(i, i + 1) for i in range(start, stop)]
+        else:
+            self.complete(start + pos, [None], [(0, error)])
+            if self.cancelled or self.error is not None:
+                return
+            pieces = [(start, start + pos), (start + pos + 1, stop)]
+        for lo, hi in reversed(pieces):
+            if lo >= hi:
+                continue
+            items = None if chunk.items is None else chunk.items[lo - start : hi - start]
+            piece = Chunk(self, lo, hi, items)
+            if self._prepare(piece):
+                self.retries.appendleft(piece)
+
+    # ---------------------------------------------------------------- results
+    def complete(
+        self, start: int, results: list[Any], errors: list[tuple[int, BaseException]] | None
+    ) -> None:
+        """Results for items ``start ...`` arrived (errors: (position, exception) pairs)."""
+        if self.cancelled:
+            return
+        flagged = False
+        if errors:
+            for pos, exc in errors:
+                if self.return_exceptions:
+                    results[pos] = exc
+                elif self.fail_fast:
+                    self.fail(exc)
+                    return
+                else:
+                    results[pos] = Failure(exc)
+                    flagged = True
+        if not self.ordered:
+            self.out.append((results, flagged))
+            return
+        self.pending[start] = (results, flagged)
+        while self.deliver_index in self.pending:
+            entry = self.pending.pop(self.deliver_index)
+            self.deliver_index += len(entry[0])
+            self.out.append(entry)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.engine.abandon(self)
+
+    def cancel(self) -> None:
+        """Stop making chunks; results still in flight are dropped when they arrive."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.out.clear()
+            self.pending.clear()
+            self.retries.clear()
+            self.engine.abandon(self)
+
+
+class _Worker:
+    __slots__ = (
+        "chunks", "conn", "dead", "fns", "head_since", "killed_for", "pid", "process",
+        "sentinel", "slot", "stopping", "tasks_done",
+    )
+
+    def __init__(self, process: BaseProcess, conn: Connection, slot: int) -> None:
+        self.process = process
+        self.conn = conn
+        self.slot = slot
+        self.pid = process.pid
+        self.sentinel = process.sentinel
+        self.chunks: deque[Chunk] = deque()
+        self.fns: dict[int, None] = {}
+        self.tasks_done = 0
+        self.stopping = False
+        self.dead = False
+        self.head_since = 0
+        self.killed_for: BaseException | None = None  # a timeout we killed it for
+
+
+class Engine:
+    """Owns the worker processes and runs jobs on them.  Not public: see ``WorkerPool``."""
+
+    def __init__(
+        self,
+        *,
+        context: BaseContext,
+        start_method: StartMethod,
+        max_workers: int,
+        initializer: Callable[..., object] | None,
+        initargs: tuple[object, ...],
+        max_tasks_per_worker: int | None,
+        inherit: tuple[Callable[..., object], Sequence[Any] | None] | None = None,
+    ) -> None:
+        self.context = context
+        self.start_method = start_method
+        self.max_workers = max_workers
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self.init_payload: bytes | None = None
+        if initializer is not None:
+            from ._serialize import dump_function  # noqa: PLC0415
+
+            dump_function(initializer, what="initializer", by_value=start_method != "fork")
+            try:
+                self.init_payload = dumps((initializer, tuple(initargs)))
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot send initargs to worker processes: {type(exc).__name__}: {exc}",
+                    what="initializer",
+                ) from exc
+        # fork: the function (and the input) are inherited by the workers, never pickled
+        self.inherited_fn: Callable[..., object] | None = None
+        self.inherited_fn_id = 0
+        self.inherited_items: Sequence[Any] | None = None
+        if inherit is not None and start_method == "fork":
+            self.inherited_fn, self.inherited_items = inherit
+            self.inherited_fn_id = next(_fn_ids)
+        self.functions: dict[int, tuple[Callable[..., object], int, bytes]] = {}
+        self.progress: Any = context.RawArray(ctypes.c_int64, W.SLOT_WORDS * max_workers)  # type: ignore[attr-defined]
+        self.words = memoryview(self.progress).cast("B").cast("q")
+        self.workers: list[_Worker] = []
+        self.free_slots = list(range(max_workers - 1, -1, -1))
+        self.jobs: list[Job] = []
+        self.startup_deaths = 0
+        self.broken: BaseException | None = None
+        self.closed = False
+        self.mutex = threading.Lock()
+        self.progressed = threading.Condition(self.mutex)
+        self.driver: int | None = None
+        self.helper_thread: threading.Thread | None = None
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self._rr = 0
+        # WorkerPool.submit: futures, and the helper thread that completes them
+        self.pending_futures = 0
+        self.helper_running = False
+        self.close_when_idle = False
+        self.deferred: list[Callable[[], object]] = []
+        self.released = False
+
+    # ---------------------------------------------------------------- functions
+    def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
+        if fn is self.inherited_fn:
+            return self.inherited_fn_id, b""
+        key = id(fn)
+        known = self.functions.get(key)
+        if known is not None and known[0] is fn:
+            return known[1], known[2]
+        from ._serialize import dump_function  # noqa: PLC0415
+
+        payload = dump_function(fn, by_value=self.start_method != "fork")
+        fn_id = next(_fn_ids)
+        if len(self.functions) >= 256:
+            del self.functions[next(iter(self.functions))]
+        self.functions[key] = (fn, fn_id, payload)
+        return fn_id, payload
+
+    # ---------------------------------------------------------------- workers
+    def _spawn(self) -> _Worker:
+        slot = self.free_slots.pop()
+        self.words[slot * W.SLOT_WORDS + W.POS] = -1
+        parent_end, child_end = self.context.Pipe(duplex=True)
+        fork = self.start_method == "fork"
+        inherited = None
+        if fork and self.inherited_fn is not None:
+            inherited = ({self.inherited_fn_id: self.inherited_fn}, self.inherited_items)
+        pdeathsig = (
+            self.start_method == "forkserver"
+            or threading.current_thread() is threading.main_thread()
+        )
+        process = self.context.Process(  # type: ignore[attr-defined]
+            target=W.pool_worker,
+            args=(child_end, self.progress, slot),
+            kwargs={
+                "parent_pid": os.getpid(),
+                "pdeathsig": pdeathsig,
+                "init_payload": self.init_payload,
+                "inherited": inherited,
+                "parent_end": parent_end if fork else None,
+            },
+            name=f"parallelkit-worker-{slot}",
+            daemon=True,
+        )
+        try:
+            if fork and self._our_threads_alive():
+                with warnings.catch_warnings():
+                    # The only other thread is our own futures helper, which holds no lock
+                    # a worker needs; see Engine docstring.
+                    warnings.filterwarnings(
+                        "ignore", message=r".*multi-threaded.*fork", category=DeprecationWarning
+                    )
+                    process.start()
+            else:
+                process.start()
+        except BaseException:
+            self.free_slots.append(slot)
+            parent_end.close()
+            child_end.close()
+            raise
+        child_end.close()
+        worker = _Worker(process, parent_end, slot)
+        if self.inherited_fn is not None and fork:
+            worker.fns[self.inherited_fn_id] = None
+        self.workers.append(worker)
+        return worker
+
+    def _our_threads_alive(self) -> bool:
+        return self.helper_thread is not None and self.helper_thread.is_alive()
+
+    # ---------------------------------------------------------------- dispatch
+    def _send(self, worker: _Worker, chunk: Chunk) -> None:
+        job = chunk.job
+        fn_payload = b""
+        if job.fn_id not in worker.fns:
+            fn_payload = job.fn_payload
+            worker.fns[job.fn_id] = None
+            if len(worker.fns) > W.FN_CACHE_SIZE:
+                del worker.fns[next(iter(worker.fns))]
+        flags = job.flags | (W.INHERITED_ITEMS if chunk.items is None else 0)
+        header = W.HEADER.pack(
+            W.TASK, chunk.cid, job.fn_id, flags, len(fn_payload), chunk.start, chunk.stop
+        )
+        payload = chunk.payload or b""
+        if not worker.chunks:
+            worker.head_since = time.monotonic_ns()
+        worker.chunks.append(chunk)
+        job.in_flight += 1
+        try:
+            worker.conn.send_bytes(b"".join((header, fn_payload, payload)))
+        except OSError:
+            pass  # it died: its sentinel will tell, and the chunk is still attributed to it
+
+    def _capacity(self, worker: _Worker) -> bool:
+        if worker.stopping or worker.dead or worker.killed_for is not None:
+            return False
+        if not worker.chunks:
+            return True
+        if len(worker.chunks) >= 2:
+            return False
+        return len(worker.chunks[0].payload or b"") <= PIPELINE_LIMIT
+
+    def _next_chunk(self) -> Chunk | None:
+        jobs = self.jobs
+        n = len(jobs)
+        for k in range(n):
+            job = jobs[(self._rr + k) % n]
+            chunk = job.next_chunk()
+            if chunk is not None:
+                self._rr = (self._rr + k + 1) % max(1, n)
+                return chunk
+        return None
+
+    def _dispatch(self) -> None:
+        if self.broken is not None:
+            return
+        # first, idle workers; then a second (small) chunk to busy ones to hide latency
+        for depth in (0, 1):
+            for worker in list(self.workers):
+                while len(worker.chunks) <= depth and self._capacity(worker):
+                    chunk = self._next_chunk()
+                    if chunk is None:
+                        return
+                    self._send(worker, chunk)
+            while len(self.workers) < self.max_workers and depth == 0:
+                chunk = self._next_chunk()
+                if chunk is None:
+                    return
+                try:
+                    worker = self._spawn()
+                except BaseException:
+                    chunk.job.retries.appendleft(chunk)
+                    raise
+                self._send(worker, chunk)
+
+    # ---------------------------------------------------------------- events
+    def _wait_objects(self) -> list[Any]:
+        objs: list[Any] = [self.wake_r]
+        for w in self.workers:
+            objs.append(w.conn)
+            objs.append(w.sentinel)
+        return objs
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the earliest item timeout (None: no timeouts pending)."""
+        now = time.monotonic_ns()
+        best: float | None = None
+        for w in self.workers:
+            if not w.chunks or w.killed_for is not None:
+                continue
+            job = w.chunks[0].job
+            if job.timeout is None:
+                continue
+            started = max(self.words[w.slot * W.SLOT_WORDS + W.STARTED_NS], w.head_since)
+            left = (started - now) / 1e9 + job.timeout
+            best = left if best is None else min(best, left)
+        return best
+
+    def step(self, timeout: float | None) -> None:
+        """Dispatch, wait once for any event (mutex released meanwhile), handle events."""
+        self._dispatch()
+        deadline = self._next_deadline()
+        if deadline is not None:
+            timeout = max(0.0, deadline) if timeout is None else min(timeout, max(0.0, deadline))
+        killing = [w for w in self.workers if w.killed_for is not None]
+        if killing:
+            timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        objs = self._wait_objects()
+        self.mutex.release()
+        try:
+            ready = multiprocessing.connection.wait(objs, timeout)
+        finally:
+            self.mutex.acquire()
+        if self.wake_r in ready:
+            try:
+                os.read(self.wake_r, 4096)
+            except BlockingIOError:  # pragma: no cover
+                pass
+        ready_conns = {id(o) for o in ready if not isinstance(o, int)}
+        ready_fds = {o for o in ready if isinstance(o, int)}
+        for w in list(self.workers):
+            if w.dead:
+                continue
+            if id(w.conn) in ready_conns:
+                self._drain(w)
+            if w.sentinel in ready_fds:
+                self._on_exit(w)
+        self._check_timeouts()
+        self._dispatch()
+
+    def _drain(self, w: _Worker) -> None:
+        """Read every message the worker has sent."""
+        try:
+            while not w.dead and w.conn.poll():
+                data = w.conn.recv_bytes()
+                self._on_message(w, data)
+        except (EOFError, OSError):
+            pass  # closed: the sentinel reports the exit
+
+    def _on_message(self, w: _Worker, data: bytes) -> None:
+        chunk = w.chunks[0] if w.chunks else None
+        try:
+            msg = pickle.loads(data)
+        except Exception as exc:
+            if chunk is None:
+                return
+            w.chunks.popleft()
+            self._chunk_done(w, chunk)
+            # Cannot tell which result failed: run the items one by one to find it.
+            if chunk.stop - chunk.start == 1:
+                error = SerializationError(
+                    f"the result of item {chunk.start} cannot be unpickled here: "
+                    f"{type(exc).__name__}: {exc}",
+                    what="result",
+                    item_index=chunk.start,
+                )
+                error.__cause__ = exc
+                chunk.job.split_around(chunk, 0, error)
+            else:
+                chunk.job.split_around(chunk, 0, None)
+            return
+        kind = msg[0]
+        if kind == W.INIT_FAILED:
+            record: ExceptionRecord = msg[1]
+            exc = rebuild_exception(record, where=f"in the initializer of worker pid {w.pid}")
+            self._break(exc)
+            return
+        if chunk is None or msg[1] != chunk.cid:  # pragma: no cover - protocol error
+            return
+        w.chunks.popleft()
+        w.head_since = time.monotonic_ns()
+        self._chunk_done(w, chunk)
+        job = chunk.job
+        self.startup_deaths = 0
+        if kind == W.DONE:
+            _, _, results, records, seconds = msg
+            errors = None
+            if records:
+                errors = [
+                    (pos, self._rebuild(rec, chunk.start + pos, w.pid)) for pos, rec in records
+                ]
+            job._adapt(len(results), seconds)
+            job.complete(chunk.start, results, errors)
+        else:  # CHUNK_FAILED: the function or the items failed to unpickle in the worker
+            _, _, what, rec = msg
+            cause = rebuild_exception(rec, where=f"in worker pid {w.pid}")
+            if what == "function":
+                w.fns.pop(job.fn_id, None)
+                error = SerializationError(
+                    f"the worker cannot unpickle the function: {type(cause).__name__}: {cause}",
+                    what="function",
+                )
+                error.__cause__ = cause
+                job.fail(error)
+            elif chunk.stop - chunk.start == 1:
+                error = SerializationError(
+                    f"item {chunk.start} cannot be unpickled in the worker: "
+                    f"{type(cause).__name__}: {cause}",
+                    what="argument",
+                    item_index=chunk.start,
+                )
+                error.__cause__ = cause
+                job.split_around(chunk, 0, error)
+            else:
+                job.split_around(chunk, 0, None)
+        self._maybe_retire(w)
+
+    def _rebuild(self, record: ExceptionRecord, index: int, pid: int | None) -> BaseException:
+        exc = rebuild_exception(record, where=f"in worker pid {pid} on item {index}")
+        if isinstance(exc, SerializationError) and exc.item_index is None:
+            exc.item_index = index
+        return exc
+
+    def _chunk_done(self, w: _Worker, chunk: Chunk) -> None:
+        chunk.job.in_flight -= 1
+        w.tasks_done += chunk.stop - chunk.start
+
+    def _maybe_retire(self, w: _Worker) -> None:
+        limit = self.max_tasks_per_worker
+        if limit is not None and w.tasks_done >= limit and not w.chunks and not w.stopping:
+            w.stopping = True
+            try:
+                w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
+            except OSError:
+                pass
+
+    def _on_exit(self, w: _Worker) -> None:
+        """The worker's process has exited: attribute its chunks, then forget it."""
+        self._drain(w)
+        w.process.join(0)
+        exitcode = w.process.exitcode
+        self._forget(w)
+        if self.broken is not None:
+            return
+        if not w.chunks:
+            if not w.stopping and self.broken is None and w.tasks_done == 0:
+                self._startup_death(w, exitcode)
+            return
+        head = w.chunks.popleft()
+        self._chunk_done(w, head)
+        for other in w.chunks:  # pipelined chunks it never started: run them elsewhere
+            other.job.in_flight -= 1
+            if not other.job.cancelled:
+                other.job.retries.appendleft(other)
+        w.chunks.clear()
+        job = head.job
+        pos = self.words[w.slot * W.SLOT_WORDS + W.POS]
+        if job.cancelled:
+            return
+        if pos < 0 or pos >= head.stop - head.start:
+            # died before it started an item: the chunk is blameless unless it keeps happening
+            if w.tasks_done == 0 and w.killed_for is None:
+                self._startup_death(w, exitcode)
+            job.retries.appendleft(head)
+            return
+        index = head.start + pos
+        error: BaseException
+        if w.killed_for is not None:
+            error = w.killed_for
+        else:
+            error = WorkerCrashedError(
+                f"worker pid {w.pid} {describe_exit(exitcode)} while running item {index}"
+                + (" (without sending a result)" if exitcode == 0 else ""),
+                item_index=index,
+                pid=w.pid,
+                exitcode=exitcode,
+                signal=signal_name(exitcode),
+            )
+        job.split_around(head, pos, error)
+
+    def _startup_death(self, w: _Worker, exitcode: int | None) -> None:
+        self.startup_deaths += 1
+        if self.startup_deaths >= STARTUP_DEATHS_LIMIT * self.max_workers:
+            self._break(
+                WorkerCrashedError(
+                    f"worker processes keep dying at start-up (last: pid {w.pid} "
+                    f"{describe_exit(exitcode)}); is the initializer or the environment "
+                    "killing them?",
+                    pid=w.pid,
+                    exitcode=exitcode,
+                    signal=signal_name(exitcode),
+                )
+            )
+
+    def _forget(self, w: _Worker) -> None:
+        w.dead = True
+        if w in self.workers:
+            self.workers.remove(w)
+            self.free_slots.append(w.slot)
+        w.conn.close()
+        w.process.join(0)
+        if w.process.exitcode is not None:
+            w.process.close()
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic_ns()
+        for w in self.workers:
+            if w.killed_for is not None:
+                # SIGTERMed earlier: SIGKILL once the grace is over
+                if now - w.head_since > 500_000_000 and w.process.exitcode is None:
+                    w.process.kill()
+                continue
+            if not w.chunks:
+                continue
+            job = w.chunks[0].job
+            if job.timeout is None:
+                continue
+            started = max(self.words[w.slot * W.SLOT_WORDS + W.STARTED_NS], w.head_since)
+            if (now - started) / 1e9 < job.timeout:
+                continue
+            pos = self.words[w.slot * W.SLOT_WORDS + W.POS]
+            head = w.chunks[0]
+            index = head.start + max(pos, 0)
+            w.killed_for = TaskTimeoutError(
+                f"item {index} ran longer than its timeout of {job.timeout:g} s; "
+                f"its worker (pid {w.pid}) was stopped",
+                item_index=index,
+                timeout=job.timeout,
+            )
+            w.head_since = now  # from now on: the grace before SIGKILL
+            w.process.terminate()
+
+    # ---------------------------------------------------------------- jobs
+    def add_job(self, job: Job) -> None:
+        if self.closed:
+            raise RuntimeError("cannot run new work: the pool has been shut down")
+        if self.broken is not None:
+            raise PoolBrokenError("the pool is broken") from self.broken
+        self.jobs.append(job)
+        self.wake()
+
+    def abandon(self, job: Job) -> None:
+        """Forget ``job``; workers finishing its chunks have their results dropped."""
+        if job in self.jobs:
+            self.jobs.remove(job)
+
+    def remove_finished(self, job: Job) -> None:
+        if job in self.jobs:
+            self.jobs.remove(job)
+
+    def wake(self) -> None:
+        if self.released:
+            return
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def _break(self, exc: BaseException) -> None:
+        if self.broken is None:
+            self.broken = exc
+        for job in list(self.jobs):
+            job.fail(exc)
+        self.jobs.clear()
+
+    def drive(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Make progress until ``done()`` (under the mutex) or the timeout; True if done.
+
+        One thread at a time steps the engine; others wait for it to report progress.
+        Callbacks deferred by the step (completing futures) run outside the mutex.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.mutex:
+            while True:
+                if self.deferred:
+                    self._run_deferred_locked()
+                    continue
+                if done():
+                    return True
+                if self.closed or (self.broken is not None and not self.jobs):
+                    return done()
+                remaining = None
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                if self.driver is None:
+                    self.driver = threading.get_ident()
+                    try:
+                        self.step(remaining)
+                    except BaseException:
+                        self.driver = None
+                        self._abort_locked()
+                        self._run_deferred_locked()
+                        raise
+                    finally:
+                        self.driver = None
+                        self.progressed.notify_all()
+                    if self.closed:
+                        self._release_locked()
+                else:
+                    self.progressed.wait(remaining)
+
+    def _run_deferred_locked(self) -> None:
+        callbacks, self.deferred = self.deferred, []
+        self.mutex.release()
+        try:
+            for callback in callbacks:
+                callback()
+        finally:
+            self.mutex.acquire()
+
+    def defer(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` outside the mutex after this step (completing a future)."""
+        self.deferred.append(callback)
+
+    # ---------------------------------------------------------------- futures
+    def submit_future(self, job: Job) -> None:
+        """Queue a submitted call; make sure a thread is driving to complete it."""
+        with self.mutex:
+            if self.closed:
+                raise RuntimeError("cannot schedule new futures after shutdown()")
+            if self.broken is not None:
+                raise PoolBrokenError("the pool is broken") from self.broken
+            self.jobs.append(job)
+            self.pending_futures += 1
+            if self.helper_running:
+                self.wake()
+                return
+            if self.start_method == "fork":
+                # fork every worker now, before our thread exists (see the module docstring)
+                while len(self.workers) < self.max_workers:
+                    self._spawn()
+            self.helper_running = True
+            thread = threading.Thread(
+                target=self._complete_futures, name="parallelkit-futures", daemon=True
+            )
+            self.helper_thread = thread
+            thread.start()
+
+    def future_done(self, job: Job) -> None:
+        self.pending_futures -= 1
+
+    def _complete_futures(self) -> None:
+        def idle() -> bool:
+            if self.pending_futures <= 0 or self.closed:
+                self.helper_running = False
+                return True
+            return False
+
+        try:
+            self.drive(idle)
+        except BaseException:  # the pool was torn down under us: futures already failed
+            with self.mutex:
+                self.helper_running = False
+        if self.close_when_idle:
+            self.shutdown(graceful=True)
+
+    def cancel_pending_futures(self) -> None:
+        with self.mutex:
+            for job in list(self.jobs):
+                if getattr(job, "started", True) is False:
+                    job.cancel()
+        self.drive(lambda: True)  # run the deferred cancellations
+
+    def shutdown_when_idle(self) -> None:
+        with self.mutex:
+            busy = self.pending_futures > 0 and self.helper_running
+            if busy:
+                self.close_when_idle = True
+        if not busy:
+            self.shutdown(graceful=True)
+
+    # ---------------------------------------------------------------- shutdown
+    def _abort_locked(self) -> None:
+        """Something escaped the event loop (Ctrl-C): kill everything, fail every job."""
+        self._break(PoolBrokenError("the pool was interrupted and its workers stopped"))
+        workers, self.workers = self.workers, []
+        stop_processes([w.process for w in workers], join_timeout=0)
+        for w in workers:
+            w.dead = True
+            w.conn.close()
+        self.progressed.notify_all()
+
+    def shutdown(self, *, graceful: bool, join_timeout: float = 5.0) -> None:
+        """Stop every worker (STOP and join, or kill at once) and release everything."""
+        with self.mutex:
+            if self.closed and not self.workers:
+                self._run_deferred_locked()
+                return
+            self.closed = True
+            workers, self.workers = self.workers, []
+            for job in list(self.jobs):
+                job.cancel()
+            if graceful:
+                for w in workers:
+                    if w.chunks:
+                        continue
+                    try:
+                        w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
+                    except OSError:
+                        pass
+            busy = [w for w in workers if w.chunks]
+            idle = [w for w in workers if not w.chunks]
+            for w in workers:
+                w.dead = True
+            self.wake()
+        stop_processes([w.process for w in busy], join_timeout=0)
+        stop_processes([w.process for w in idle], join_timeout=join_timeout if graceful else 0)
+        with self.mutex:
+            for w in workers:
+                w.conn.close()
+            if self.driver is None:
+                self._release_locked()
+            self._run_deferred_locked()
+
+    def _release_locked(self) -> None:
+        """Close the wake-up pipe and the progress view (once no thread is driving)."""
+        if self.released:
+            return
+        self.released = True
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.words.release()
+
+
+def collect(engine: Engine, job: Job) -> list[Any]:
+    """Run ``job`` to completion in this thread; the results in a list (fail fast)."""
+    ordered = job.ordered
+    n = job.length
+    out: list[Any] = [None] * n if ordered and n is not None else []
+    filled = 0
+
+    def ready() -> bool:
+        return bool(job.out) or job.error is not None or job.finished
+
+    while True:
+        engine.drive(ready)
+        while job.out:
+            results, flagged = job.out.popleft()
+            if flagged:
+                for value in results:
+                    if type(value) is Failure:
+                        raise value.exc
+            if ordered and n is not None:
+                out[filled : filled + len(results)] = results
+            else:
+                out.extend(results)
+            filled += len(results)
+        if job.error is not None:
+            raise job.error
+        if job.finished:
+            engine.remove_finished(job)
+            return out
+
+
+def iterate(engine: Engine, job: Job) -> Iterator[Any]:
+    """Yield ``job``'s results as they become available (in order if the job is ordered)."""
+
+    def ready() -> bool:
+        return bool(job.out) or job.error is not None or job.finished
+
+    try:
+        while True:
+            while job.out:
+                results, flagged = job.out.popleft()
+                if flagged:
+                    for value in results:
+                        if type(value) is Failure:
+                            raise value.exc
+                        yield value
+                else:
+                    yield from results
+            if job.error is not None:
+                raise job.error
+            if job.finished:
+                return
+            engine.drive(ready)
+    finally:
+        with engine.mutex:
+            if not job.finished or job.error is not None:
+                job.cancel()
+            engine.remove_finished(job)
+

@@ -1,0 +1,560 @@
+"""The parallel-map API: ``run_parallel``, ``imap_parallel`` and ``WorkerPool``.
+
+These are thin, validating front ends over :mod:`parallelkit._engine`: they check every
+argument in the caller's process (so a typo never starts a process), build a job, and either
+collect its results (``run_parallel``), stream them (``imap_parallel`` / ``WorkerPool.imap``)
+or complete futures (``WorkerPool.submit``).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from typing_extensions import Self
+
+from ._context import get_context, resolve_max_workers, resolve_start_method
+from ._engine import Engine, Job, PoolBrokenError, collect, iterate
+from ._types import P, R, StartMethod, T
+
+_Y = TypeVar("_Y")
+
+__all__ = ("WorkerPool", "imap_parallel", "run_parallel")
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _check_fn(fn: object, what: str = "fn") -> None:
+    if not callable(fn):
+        raise TypeError(f"{what} must be callable, got {type(fn).__name__}: {fn!r}")
+
+
+def _check_chunksize(chunksize: int | None) -> None:
+    if chunksize is None:
+        return
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+        raise TypeError(f"chunksize must be a positive int or None, not {type(chunksize).__name__}")
+    if chunksize <= 0:
+        raise ValueError(f"chunksize must be a positive int or None (automatic), got {chunksize}")
+
+
+def _check_timeout(timeout: float | None, what: str = "timeout") -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"{what} must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout > 0:
+        raise ValueError(f"{what} must be a positive number of seconds or None, got {timeout}")
+
+
+def _check_initializer(
+    initializer: Callable[..., object] | None, initargs: tuple[object, ...]
+) -> None:
+    if initializer is not None:
+        _check_fn(initializer, "initializer")
+    if not isinstance(initargs, tuple):
+        raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+
+
+def _check_max_tasks(max_tasks: int | None) -> None:
+    if max_tasks is None:
+        return
+    if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks <= 0:
+        raise ValueError(f"max_tasks_per_worker must be a positive int or None, got {max_tasks!r}")
+
+
+def _check_backend(backend: object) -> WorkerPool | None:
+    if backend is None or backend == "process":
+        return None
+    if isinstance(backend, WorkerPool):
+        return backend
+    raise ValueError(
+        f"unknown backend {backend!r}; valid choices: 'process' (the default) or a WorkerPool"
+    )
+
+
+def _as_sequence(items: Iterable[T]) -> Sequence[T]:
+    if isinstance(items, list | tuple | range):
+        return items
+    return list(items)
+
+
+# ------------------------------------------------------------------ one-shot API
+
+
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Literal["process"] | WorkerPool | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+) -> list[R]:
+    """Apply ``fn`` to every item in worker processes; the results as a list.
+
+    Args:
+        fn: a callable of one argument.  Sent to the workers once (not at all under fork);
+            lambdas and closures need cloudpickle unless the start method is fork.
+        items: the inputs; read in full before any work starts.
+        max_workers: how many worker processes; ``None`` means the CPUs this process may
+            use (affinity and cgroup quota), and never more than there are items.
+        start_method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None`` for the
+            platform default.
+        backend: ``"process"`` (the default: new workers for this call) or a
+            :class:`WorkerPool` to reuse.
+        chunksize: items per message to a worker; ``None`` sizes chunks automatically.
+        ordered: results in input order (``True``) or in completion order.
+        timeout: seconds each item may run; a late item's worker is stopped and replaced
+            and the item fails with :class:`~parallelkit.TaskTimeoutError`.
+        return_exceptions: put each failed item's exception in its result slot and finish
+            the other items, instead of raising the first failure at once.
+        initializer: called in each worker process once, before its first item.
+        initargs: arguments for ``initializer``.
+
+    Returns:
+        ``[fn(x) for x in items]``, in input order unless ``ordered=False``.
+
+    Raises:
+        Exception: the first failing item's own exception (with the worker's traceback as
+            ``__cause__`` and a note naming the item), unless ``return_exceptions``.
+        WorkerCrashedError: a worker died running an item.
+        TaskTimeoutError: an item ran longer than ``timeout``.
+        SerializationError: the function, an item or a result cannot be pickled.
+        StartMethodError: ``start_method`` is unknown or unavailable.
+        ValueError: another argument is out of range.
+
+    Example:
+        >>> run_parallel(abs, [-1, -2, 3], max_workers=2)
+        [1, 2, 3]
+    """
+    _check_fn(fn)
+    pool = _check_backend(backend)
+    _check_chunksize(chunksize)
+    _check_timeout(timeout)
+    _check_initializer(initializer, initargs)
+    if pool is not None:
+        if start_method is not None or initializer is not None or max_workers is not None:
+            raise ValueError(
+                "start_method, max_workers and initializer belong to the WorkerPool "
+                "when it is the backend; set them where the pool is created"
+            )
+        return pool._run(fn, items, chunksize, ordered, timeout, return_exceptions)
+    workers = resolve_max_workers(max_workers)
+    method = resolve_start_method(start_method)
+    seq = _as_sequence(items)
+    if len(seq) == 0:
+        return []
+    engine = Engine(
+        context=get_context(method),
+        start_method=method,
+        max_workers=min(workers, len(seq)),
+        initializer=initializer,
+        initargs=initargs,
+        max_tasks_per_worker=None,
+        inherit=(fn, seq),
+    )
+    ok = False
+    try:
+        job = Job(
+            engine, fn, seq, length=len(seq), chunksize=chunksize, ordered=ordered,
+            return_exceptions=return_exceptions, fail_fast=True, timeout=timeout,
+            inherited=engine.inherited_items is not None,
+        )
+        engine.add_job(job)
+        results = collect(engine, job)
+        ok = True
+        return results
+    finally:
+        engine.shutdown(graceful=ok)
+
+
+class ResultIterator(Iterator[_Y]):
+    """The iterator ``imap_parallel`` and ``WorkerPool.imap`` return.
+
+    Closing it (``close()``, ``with``, or breaking out of a ``for`` loop over a generator
+    that holds it) stops the work: no new items are started and, for ``imap_parallel``,
+    the workers are stopped.
+    """
+
+    def __init__(self, engine: Engine, job: Job, *, owns_engine: bool) -> None:
+        self._gen = iterate(engine, job)
+        self._engine = engine
+        self._job = job
+        self._owns = owns_engine
+        self._closed = False
+        self._finalizer = (
+            weakref.finalize(self, engine.shutdown, graceful=False) if owns_engine else None
+        )
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> _Y:
+        if self._closed:
+            raise StopIteration
+        try:
+            value: _Y = next(self._gen)
+        except BaseException:
+            self.close()
+            raise
+        return value
+
+    def close(self) -> None:
+        """Stop the work; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        finished = self._job.finished and self._job.error is None
+        self._gen.close()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._engine.shutdown(graceful=finished)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def imap_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Literal["process"] | WorkerPool | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+) -> ResultIterator[R]:
+    """Like :func:`run_parallel`, but lazy: an iterator over the results.
+
+    ``items`` is consumed lazily and only a bounded number of chunks is in flight, so an
+    endless generator works and memory stays flat.  Chunk sizes adapt to how long items
+    take when the input has no length.  Closing the iterator (or ``with``) stops the work
+    promptly and leaves nothing running.
+
+    Example:
+        >>> with imap_parallel(abs, iter([-1, -2, 3]), max_workers=2) as results:
+        ...     list(results)
+        [1, 2, 3]
+    """
+    _check_fn(fn)
+    pool = _check_backend(backend)
+    _check_chunksize(chunksize)
+    _check_timeout(timeout)
+    _check_initializer(initializer, initargs)
+    if pool is not None:
+        if start_method is not None or initializer is not None or max_workers is not None:
+            raise ValueError(
+                "start_method, max_workers and initializer belong to the WorkerPool "
+                "when it is the backend; set them where the pool is created"
+            )
+        return pool.imap(
+            fn, items, chunksize=chunksize, ordered=ordered, timeout=timeout,
+            return_exceptions=return_exceptions,
+        )
+    workers = resolve_max_workers(max_workers)
+    method = resolve_start_method(start_method)
+    length = len(items) if isinstance(items, list | tuple | range) else None
+    if length is not None:
+        workers = max(1, min(workers, length))
+    engine = Engine(
+        context=get_context(method),
+        start_method=method,
+        max_workers=workers,
+        initializer=initializer,
+        initargs=initargs,
+        max_tasks_per_worker=None,
+        inherit=(fn, None),
+    )
+    try:
+        job = Job(
+            engine, fn, items if length is not None else iter(items),  # type: ignore[arg-type]
+            length=length, chunksize=chunksize, ordered=ordered,
+            return_exceptions=return_exceptions, fail_fast=True, timeout=timeout,
+        )
+        engine.add_job(job)
+    except BaseException:
+        engine.shutdown(graceful=False)
+        raise
+    return ResultIterator(engine, job, owns_engine=True)
+
+
+# ------------------------------------------------------------------ the reusable pool
+
+
+class _FutureJob(Job):
+    """One ``submit()`` call: a one-item job whose outcome completes a Future."""
+
+    def __init__(self, engine: Engine, future: Future[Any], fn: Callable[..., object],
+                 args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        super().__init__(
+            engine, fn, [(args, kwargs)], length=1, chunksize=1, ordered=False,
+            return_exceptions=True, fail_fast=False, timeout=None, star=True,
+        )
+        self.future = future
+        self.started = False
+
+    def next_chunk(self) -> Any:
+        if not self.started:
+            self.started = True
+            if not self.future.set_running_or_notify_cancel():
+                self.cancelled = True
+                self.engine.abandon(self)
+                self.engine.future_done(self)
+                return None
+        return super().next_chunk()
+
+    def complete(self, start: int, results: list[Any],
+                 errors: list[tuple[int, BaseException]] | None) -> None:
+        if self.cancelled:
+            return
+        self.exhausted = True
+        self.engine.abandon(self)
+        future = self.future
+        if errors:
+            exc = errors[0][1]
+            self.engine.defer(lambda: future.set_exception(exc))
+        else:
+            value = results[0]
+            self.engine.defer(lambda: future.set_result(value))
+        self.engine.future_done(self)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            self.engine.abandon(self)
+            future = self.future
+            if self.started:
+                self.engine.defer(lambda: future.set_exception(exc))
+            else:
+                self.engine.defer(future.cancel)
+            self.engine.future_done(self)
+
+    def cancel(self) -> None:
+        if not self.cancelled and self.error is None:
+            self.fail(PoolBrokenError("the pool was shut down before this task finished"))
+        self.cancelled = True
+
+
+def _abandon(engine: Engine) -> None:
+    """Finalizer of a WorkerPool that was dropped without shutdown()."""
+    with engine.mutex:
+        busy = bool(engine.jobs) or any(w.chunks for w in engine.workers)
+    if busy:
+        warnings.warn(
+            "a parallelkit WorkerPool was garbage-collected with work pending; its workers "
+            "were stopped (use `with WorkerPool() as pool:` or call shutdown())",
+            ResourceWarning,
+            stacklevel=2,
+        )
+    engine.shutdown(graceful=not busy, join_timeout=1.0)
+
+
+class WorkerPool(Executor):
+    """A reusable group of worker processes; a :class:`concurrent.futures.Executor`.
+
+    Workers start on first use and are reused across calls.  ``with WorkerPool() as pool``
+    means ``shutdown(wait=True)`` at the end of the block.
+
+    Args:
+        max_workers: how many worker processes; ``None``: the CPUs this process may use.
+        start_method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None`` (the default).
+        initializer: called in each worker once, before its first task.
+        initargs: arguments for ``initializer``.
+        max_tasks_per_worker: replace a worker after it has run this many items.
+
+    Example:
+        >>> with WorkerPool(2) as pool:
+        ...     pool.submit(pow, 2, 10).result()
+        1024
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        start_method: StartMethod | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[object, ...] = (),
+        max_tasks_per_worker: int | None = None,
+    ) -> None:
+        workers = resolve_max_workers(max_workers)
+        method = resolve_start_method(start_method)
+        _check_initializer(initializer, initargs)
+        _check_max_tasks(max_tasks_per_worker)
+        self._engine = Engine(
+            context=get_context(method),
+            start_method=method,
+            max_workers=workers,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_worker=max_tasks_per_worker,
+        )
+        self._max_workers = workers
+        self._start_method: StartMethod = method
+        self._shutdown = False
+        self._finalizer = weakref.finalize(self, _abandon, self._engine)
+
+    @property
+    def max_workers(self) -> int:
+        """The number of worker processes."""
+        return self._max_workers
+
+    @property
+    def start_method(self) -> StartMethod:
+        """The start method of the workers."""
+        return self._start_method
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new work after shutdown()")
+
+    def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Run ``fn(*args, **kwargs)`` in a worker; a Future of its result."""
+        _check_fn(fn)
+        self._check_open()
+        future: Future[R] = Future()
+        engine = self._engine
+        job = _FutureJob(engine, future, fn, args, kwargs)
+        engine.submit_future(job)
+        return future
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[R]:
+        """``concurrent.futures.Executor.map``: ``fn(*args)`` for each tuple of arguments.
+
+        The iterables are read at once; results come in order; a failed call raises when
+        its result is reached; ``timeout`` bounds the whole call, from now.
+        """
+        _check_fn(fn)
+        _check_chunksize(chunksize)
+        _check_timeout(timeout)
+        self._check_open()
+        items = [(args, {}) for args in zip(*iterables, strict=False)]
+        job = Job(
+            self._engine, fn, items, length=len(items), chunksize=chunksize, ordered=True,
+            return_exceptions=False, fail_fast=False, timeout=None, star=True,
+        )
+        self._engine.add_job(job)
+        return self._map_results(job, timeout)
+
+    def _map_results(self, job: Job, timeout: float | None) -> Iterator[R]:
+        import time  # noqa: PLC0415
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gen = iterate(self._engine, job)
+        try:
+            while True:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if not self._engine.drive(
+                        lambda: bool(job.out) or job.error is not None or job.finished, left
+                    ):
+                        raise TimeoutError(f"map() results not ready within {timeout} s")
+                try:
+                    yield next(gen)
+                except StopIteration:
+                    return
+        finally:
+            gen.close()
+
+    def imap(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        /,
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> ResultIterator[R]:
+        """Stream ``fn(item)`` for each item, on this pool's workers (see ``imap_parallel``)."""
+        _check_fn(fn)
+        _check_chunksize(chunksize)
+        _check_timeout(timeout)
+        self._check_open()
+        length = len(items) if isinstance(items, list | tuple | range) else None
+        job = Job(
+            self._engine, fn, items if length is not None else iter(items),  # type: ignore[arg-type]
+            length=length, chunksize=chunksize, ordered=ordered,
+            return_exceptions=return_exceptions, fail_fast=True, timeout=timeout,
+        )
+        self._engine.add_job(job)
+        return ResultIterator(self._engine, job, owns_engine=False)
+
+    def _run(
+        self, fn: Callable[[T], R], items: Iterable[T], chunksize: int | None, ordered: bool,
+        timeout: float | None, return_exceptions: bool,
+    ) -> list[R]:
+        self._check_open()
+        seq = _as_sequence(items)
+        job = Job(
+            self._engine, fn, seq, length=len(seq), chunksize=chunksize, ordered=ordered,
+            return_exceptions=return_exceptions, fail_fast=True, timeout=timeout,
+        )
+        self._engine.add_job(job)
+        try:
+            return collect(self._engine, job)
+        finally:
+            with self._engine.mutex:
+                job.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work and stop the workers.
+
+        Args:
+            wait: wait for pending futures to finish, then for the workers to exit.
+            cancel_futures: cancel futures that have not started running.
+        """
+        engine = self._engine
+        self._shutdown = True
+        if cancel_futures:
+            engine.cancel_pending_futures()
+        if wait:
+            engine.drive(lambda: engine.pending_futures == 0)
+            self._finalizer.detach()
+            engine.shutdown(graceful=True)
+        else:
+            engine.shutdown_when_idle()
+            self._finalizer.detach()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is not None and not issubclass(et, Exception):
+            # Ctrl-C or SystemExit in the block: do not wait for the work
+            self.shutdown(wait=False, cancel_futures=True)
+            self._engine.shutdown(graceful=False)
+            return
+        self.shutdown(wait=True)
+

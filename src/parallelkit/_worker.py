@@ -1,0 +1,235 @@
+"""What every parallelkit child process runs first, and the pool worker's task loop.
+
+:func:`bootstrap` prepares any child (pool worker, pipeline stage, channel server): it
+ignores SIGINT (the parent handles Ctrl-C and tears everything down), exits when the
+parent dies (no orphans, even when the parent is SIGKILLed) and runs the user's
+initializer.  :func:`pool_worker` is the target of the pool's processes::
+
+    parent ──TASK(chunk, fn id, [fn], items)──▶ worker: for each item, note its position in
+                                                 the shared progress slot, call fn(item)
+    parent ◀──DONE(chunk, results, errors, s)── worker (errors: per item, as records)
+
+The progress slot lets the parent name the exact item a dead or late worker was on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, Final
+
+from ._serialize import PROTOCOL, capture_exception, dumps
+
+# ------------------------------------------------------------------ wire format
+# parent -> worker: HEADER + fn payload + items payload, in one message
+HEADER: Final = struct.Struct("<qqqqqqq")  # kind, chunk id, fn id, flags, fn len, start, stop
+TASK: Final = 1
+STOP: Final = 2
+# flags
+STOP_ON_ERROR: Final = 1
+STAR_CALL: Final = 2  # items are (args, kwargs) pairs
+TIMED: Final = 4  # write each item's start time to the progress slot
+INHERITED_ITEMS: Final = 8  # no items payload: items = inherited[start:stop]
+
+# worker -> parent: pickled tuples
+DONE: Final = 1  # (DONE, chunk id, results, errors | None, seconds)
+CHUNK_FAILED: Final = 2  # (CHUNK_FAILED, chunk id, what, record)
+INIT_FAILED: Final = 3  # (INIT_FAILED, record)
+
+# progress slot layout (int64 words, one cache line per worker)
+SLOT_WORDS: Final = 8
+POS: Final = 0  # position in the chunk of the item being run
+STARTED_NS: Final = 1  # time.monotonic_ns() when that item started (TIMED only)
+FN_CACHE_SIZE: Final = 64
+
+# exit codes of a worker that decided to stop
+EXIT_PARENT_DIED: Final = 70
+EXIT_INIT_FAILED: Final = 71
+
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL us when the thread that created us exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def _watch_parent(sentinel: int) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os._exit(EXIT_PARENT_DIED)
+
+
+def bootstrap(
+    *,
+    parent_pid: int,
+    pdeathsig: bool,
+    initializer: Callable[..., object] | None,
+    initargs: Sequence[object],
+) -> None:
+    """Prepare a parallelkit child process; raises whatever the initializer raises."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if pdeathsig:
+        _set_parent_death_signal()
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.sentinel is not None:
+        threading.Thread(
+            target=_watch_parent, args=(parent.sentinel,), name="parallelkit-parent-watch",
+            daemon=True,
+        ).start()
+    if os.getppid() != parent_pid and multiprocessing.get_start_method(True) != "forkserver":
+        os._exit(EXIT_PARENT_DIED)  # the parent died before we got here
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def pool_worker(
+    conn: Connection,
+    progress: Any,
+    slot: int,
+    *,
+    parent_pid: int,
+    pdeathsig: bool,
+    init_payload: bytes | None,
+    inherited: tuple[dict[int, Callable[..., object]], Sequence[object] | None] | None,
+    parent_end: Connection | None,
+) -> None:
+    """The target of every pool worker process."""
+    if parent_end is not None:  # fork: our copy of the parent's end of the pipe
+        parent_end.close()
+    try:
+        initializer, initargs = (None, ()) if init_payload is None else pickle.loads(init_payload)
+        bootstrap(
+            parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=initializer,
+            initargs=initargs,
+        )
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            conn.send_bytes(dumps((INIT_FAILED, capture_exception(exc))))
+        os._exit(EXIT_INIT_FAILED)
+    fns: dict[int, Callable[..., object]] = {}
+    shared_items: Sequence[object] | None = None
+    if inherited is not None:
+        fns.update(inherited[0])
+        shared_items = inherited[1]
+    words = memoryview(progress).cast("B").cast("q")
+    base = slot * SLOT_WORDS
+    try:
+        _task_loop(conn, fns, shared_items, words, base)
+    except (EOFError, OSError):
+        pass  # the parent closed our pipe or went away: nothing left to do
+    finally:
+        words.release()
+
+
+def _task_loop(
+    conn: Connection,
+    fns: dict[int, Callable[..., object]],
+    shared_items: Sequence[object] | None,
+    words: memoryview,
+    base: int,
+) -> None:
+    recv, send = conn.recv_bytes, conn.send_bytes
+    unpack = HEADER.unpack_from
+    hsize = HEADER.size
+    while True:
+        buf = recv()
+        kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
+        if kind == STOP:
+            return
+        fn = fns.get(fn_id)
+        if fn is None:
+            try:
+                fn = pickle.loads(buf[hsize : hsize + fn_len])
+            except BaseException as exc:
+                send(dumps((CHUNK_FAILED, cid, "function", capture_exception(exc))))
+                continue
+            if len(fns) >= FN_CACHE_SIZE:  # the parent mirrors this FIFO eviction
+                del fns[next(iter(fns))]
+            fns[fn_id] = fn
+        items: Sequence[Any]
+        if flags & INHERITED_ITEMS:
+            assert shared_items is not None
+            items = shared_items[start:stop]
+        else:
+            try:
+                items = pickle.loads(memoryview(buf)[hsize + fn_len :])
+            except BaseException as exc:
+                send(dumps((CHUNK_FAILED, cid, "argument", capture_exception(exc))))
+                continue
+        del buf
+        t0 = time.perf_counter()
+        results, errors = _run_chunk(fn, items, flags, words, base)
+        elapsed = time.perf_counter() - t0
+        try:
+            payload = pickle.dumps((DONE, cid, results, errors, elapsed), PROTOCOL)
+        except BaseException:
+            payload = _dump_results_one_by_one(cid, results, errors, elapsed)
+        send(payload)
+
+
+def _run_chunk(
+    fn: Callable[..., object],
+    items: Sequence[Any],
+    flags: int,
+    words: memoryview,
+    base: int,
+) -> tuple[list[object], list[tuple[int, Any]] | None]:
+    results: list[object] = []
+    append = results.append
+    errors: list[tuple[int, Any]] | None = None
+    star = flags & STAR_CALL
+    timed = flags & TIMED
+    clock = time.monotonic_ns
+    started = base + STARTED_NS
+    for pos, item in enumerate(items):
+        words[base] = pos
+        if timed:
+            words[started] = clock()
+        try:
+            append(fn(*item[0], **item[1]) if star else fn(item))
+        except BaseException as exc:  # SystemExit too: it is this task's exception
+            append(None)
+            if errors is None:
+                errors = []
+            errors.append((pos, capture_exception(exc)))
+            if flags & STOP_ON_ERROR:
+                break
+    return results, errors
+
+
+def _dump_results_one_by_one(
+    cid: int, results: list[object], errors: list[tuple[int, Any]] | None, elapsed: float
+) -> bytes:
+    """Some result cannot be pickled: replace each such result with an error record."""
+    from .errors import SerializationError  # noqa: PLC0415 - failure path only
+
+    errors = list(errors or [])
+    for pos, value in enumerate(results):
+        try:
+            pickle.dumps(value, PROTOCOL)
+        except BaseException:
+            try:
+                dumps(value)  # cloudpickle may manage it
+            except BaseException as exc:
+                results[pos] = None
+                error = SerializationError(
+                    f"the result of the task cannot be pickled: {type(exc).__name__}: {exc}",
+                    what="result",
+                )
+                errors.append((pos, capture_exception(error)))
+    errors.sort(key=lambda e: e[0])
+    return dumps((DONE, cid, results, errors or None, elapsed))
