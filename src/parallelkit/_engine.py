@@ -451,6 +451,9 @@ class Engine:
     def _capacity(self, worker: _Worker) -> bool:
         if worker.stopping or worker.dead or worker.killed_for is not None:
             return False
+        limit = self.max_tasks_per_worker
+        if limit is not None:  # a recycled worker holds one chunk at a time
+            return not worker.chunks and worker.tasks_done < limit
         if not worker.chunks:
             return True
         if len(worker.chunks) >= 2:
@@ -644,7 +647,9 @@ class Engine:
     def _on_exit(self, w: _Worker) -> None:
         """The worker's process has exited: attribute its chunks, then forget it."""
         self._drain(w)
-        w.process.join(0)
+        # The sentinel fired, so this returns at once: a blocking waitpid, because
+        # WNOHANG may run before the kernel has made the exited child reapable.
+        w.process.join(5.0)
         exitcode = w.process.exitcode
         self._forget(w)
         if self.broken is not None:

@@ -152,9 +152,13 @@ def _rebuild_from_payload(payload: bytes) -> BaseException:
     cls, args, state, notes = pickle.loads(payload)
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         raise TypeError("not an exception class")
-    # Create without calling __init__: exception classes whose constructors take other
-    # arguments than .args (a common pattern) cannot be rebuilt with cls(*args).
-    exc: BaseException = cls.__new__(cls, *args)
+    exc: BaseException
+    try:
+        exc = cls(*args)  # as pickle would: keeps C-level fields (SystemExit.code, errno)
+    except Exception:
+        # A constructor that takes other arguments than .args (a common pattern): create
+        # the exception without calling __init__, then restore its attributes.
+        exc = cls.__new__(cls, *args)
     exc.args = tuple(args)
     if state:
         exc.__dict__.update(state)

@@ -1,0 +1,414 @@
+"""The parallel-map engine: run_parallel, imap_parallel and WorkerPool, under every start method."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import CancelledError
+
+import pytest
+import workers as w
+
+import parallelkit as pk
+from parallelkit import _serialize
+from parallelkit._serialize import RemoteTraceback
+from parallelkit._types import StartMethod
+
+# ------------------------------------------------------------------ results and ordering
+
+
+def test_results_equal_map(start_method: StartMethod) -> None:
+    items = list(range(1000))
+    assert pk.run_parallel(w.square, items, start_method=start_method) == [x * x for x in items]
+
+
+def test_unordered_gives_every_result_once(start_method: StartMethod) -> None:
+    items = list(range(300))
+    got = pk.run_parallel(w.square, items, start_method=start_method, ordered=False, chunksize=7)
+    assert Counter(got) == Counter(x * x for x in items)
+
+
+def test_generator_input_and_explicit_chunksize(start_method: StartMethod) -> None:
+    got = pk.run_parallel(
+        w.square, (x for x in range(50)), start_method=start_method, chunksize=3, max_workers=2
+    )
+    assert got == [x * x for x in range(50)]
+
+
+def test_empty_input_starts_nothing() -> None:
+    assert pk.run_parallel(w.square, []) == []
+    assert list(pk.imap_parallel(w.square, [])) == []
+
+
+def test_default_start_method_works() -> None:
+    assert pk.run_parallel(w.square, range(10), max_workers=2) == [x * x for x in range(10)]
+
+
+def test_lambda_under_fork_needs_no_pickling() -> None:
+    offset = 3
+    assert pk.run_parallel(lambda x: x + offset, range(5), start_method="fork") == [3, 4, 5, 6, 7]
+
+
+def test_lambda_with_cloudpickle(start_method: StartMethod) -> None:
+    offset = 3
+    got = pk.run_parallel(lambda x: x + offset, range(5), start_method=start_method)
+    assert got == [3, 4, 5, 6, 7]
+
+
+# ------------------------------------------------------------------ argument validation
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_max_workers_must_be_positive(bad: int) -> None:
+    with pytest.raises(ValueError, match="max_workers must be a positive int"):
+        pk.run_parallel(w.square, [1], max_workers=bad)
+
+
+def test_unknown_start_method_lists_the_valid_ones() -> None:
+    with pytest.raises(pk.StartMethodError, match="'frok'.*'fork'.*'spawn'") as info:
+        pk.run_parallel(w.square, [1], start_method="frok")  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+
+
+def test_fn_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="fn must be callable"):
+        pk.run_parallel(42, [1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"chunksize": 0}, ValueError, "chunksize"),
+        ({"chunksize": 1.5}, TypeError, "chunksize"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"timeout": "1"}, TypeError, "timeout"),
+        ({"initializer": 3}, TypeError, "initializer"),
+        ({"initargs": [1]}, TypeError, "initargs"),
+        ({"backend": "threads"}, ValueError, "backend"),
+    ],
+)
+def test_bad_options_raise_in_the_caller(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        pk.run_parallel(w.square, [1], **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(error, match=match):
+        pk.imap_parallel(w.square, [1], **kwargs)  # type: ignore[arg-type]
+
+
+def test_worker_pool_validates() -> None:
+    with pytest.raises(ValueError, match="max_workers"):
+        pk.WorkerPool(0)
+    with pytest.raises(pk.StartMethodError):
+        pk.WorkerPool(1, start_method="nope")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_tasks_per_worker"):
+        pk.WorkerPool(1, max_tasks_per_worker=0)
+
+
+# ------------------------------------------------------------------ task exceptions
+
+
+def test_exception_keeps_type_traceback_and_item(start_method: StartMethod) -> None:
+    with pytest.raises(ValueError, match="bad item 7") as info:
+        pk.run_parallel(
+            w.fail_on_multiples_of_seven, range(1, 20), start_method=start_method, max_workers=1
+        )
+    exc = info.value
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "fail_on_multiples_of_seven" in str(exc.__cause__)
+    assert any("on item 6" in note for note in exc.__notes__)  # 7 is at index 6
+
+
+def test_exception_with_required_constructor_args_arrives_intact(
+    start_method: StartMethod,
+) -> None:
+    with pytest.raises(w.NeedsArgs) as info:
+        pk.run_parallel(w.raise_needs_args, [41], start_method=start_method)
+    assert (info.value.code, info.value.reason) == (41, "because")
+    assert str(info.value) == "code 41: because"
+
+
+def test_exception_that_cannot_cross_arrives_as_remote_error(start_method: StartMethod) -> None:
+    with pytest.raises(pk.RemoteError) as info:
+        pk.run_parallel(w.raise_unpicklable, [1], start_method=start_method)
+    assert info.value.type_name == "workers.HoldsLock"
+    assert "item 1" in str(info.value)
+    assert "raise_unpicklable" in info.value.remote_traceback
+
+
+def test_return_exceptions_keeps_every_other_result(start_method: StartMethod) -> None:
+    items = list(range(1, 40))
+    got = pk.run_parallel(
+        w.fail_on_multiples_of_seven, items, start_method=start_method, return_exceptions=True,
+        chunksize=4,
+    )
+    for x, value in zip(items, got, strict=True):
+        if x % 7 == 0:
+            assert isinstance(value, ValueError)
+            assert str(value) == f"bad item {x}"
+        else:
+            assert value == x
+
+
+def test_system_exit_is_the_tasks_exception(start_method: StartMethod) -> None:
+    got = pk.run_parallel(
+        w.exit_in_task, range(6), start_method=start_method, return_exceptions=True
+    )
+    assert isinstance(got[3], SystemExit)
+    assert got[3].code == 5
+    assert [v for i, v in enumerate(got) if i != 3] == [0, 1, 2, 4, 5]
+
+
+# ------------------------------------------------------------------ crashes and timeouts
+
+
+@pytest.mark.parametrize(
+    ("fn", "exitcode", "signal"),
+    [
+        (w.kill_13, -9, "SIGKILL"),
+        (w.exit3_13, 3, None),
+        (w.exit0_13, 0, None),
+        (w.segv_13, -11, "SIGSEGV"),
+    ],
+    ids=["sigkill", "os_exit_3", "os_exit_0", "segfault"],
+)
+def test_worker_death_names_the_item(
+    start_method: StartMethod, fn: object, exitcode: int, signal: str | None
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(pk.WorkerCrashedError) as info:
+        pk.run_parallel(fn, range(40), start_method=start_method, chunksize=10)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 10
+    err = info.value
+    assert err.item_index == 13
+    assert err.exitcode == exitcode
+    assert err.signal == signal
+    assert isinstance(err.pid, int)
+    assert err.pid != os.getpid()
+
+
+def test_crash_with_return_exceptions_fails_only_that_item(start_method: StartMethod) -> None:
+    got = pk.run_parallel(
+        w.kill_13, range(40), start_method=start_method, chunksize=10, return_exceptions=True
+    )
+    assert isinstance(got[13], pk.WorkerCrashedError)
+    assert got[13].item_index == 13
+    assert [v for i, v in enumerate(got) if i != 13] == [i for i in range(40) if i != 13]
+
+
+def test_timeout_stops_exactly_the_late_item(start_method: StartMethod) -> None:
+    started = time.monotonic()
+    got = pk.run_parallel(
+        w.sleep_on_5, range(10), start_method=start_method, timeout=1.0, return_exceptions=True,
+        max_workers=2,
+    )
+    assert time.monotonic() - started < 15
+    err = got[5]
+    assert isinstance(err, pk.TaskTimeoutError)
+    assert isinstance(err, TimeoutError)
+    assert (err.item_index, err.timeout) == (5, 1.0)
+    assert [v for i, v in enumerate(got) if i != 5] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+
+
+def test_timeout_kills_a_task_that_ignores_sigterm(start_method: StartMethod) -> None:
+    with pytest.raises(pk.TaskTimeoutError) as info:
+        pk.run_parallel(w.stubborn_sleep_on_2, range(4), start_method=start_method, timeout=0.5)
+    assert info.value.item_index == 2
+
+
+# ------------------------------------------------------------------ serialization
+
+
+def test_unpicklable_function_without_cloudpickle(
+    monkeypatch: pytest.MonkeyPatch, start_method: StartMethod
+) -> None:
+    monkeypatch.setattr(_serialize, "_cloudpickle", lambda: None)
+    offset = 1
+    if start_method == "fork":  # inherited: nothing to pickle
+        assert pk.run_parallel(lambda x: x + offset, [1], start_method="fork") == [2]
+        return
+    with pytest.raises(pk.SerializationError, match="cloudpickle") as info:
+        pk.run_parallel(lambda x: x + offset, [1], start_method=start_method)
+    assert info.value.what == "function"
+    assert isinstance(info.value, TypeError)
+
+
+def test_unpicklable_argument_names_its_item(start_method: StartMethod) -> None:
+    items: list[object] = [1, 2, 3, threading.Lock(), 5]
+    with pytest.raises(pk.SerializationError) as info:
+        pk.run_parallel(w.identity, items, start_method=start_method, max_workers=1)
+    if start_method != "fork":  # under fork the input is inherited, never pickled
+        assert info.value.what in ("argument", "result")
+    assert info.value.item_index == 3
+
+
+def test_argument_that_fails_to_unpickle_in_the_worker(start_method: StartMethod) -> None:
+    items = [1, 2, w.BadUnpickle(3), 4]
+    got = pk.run_parallel(
+        w.value_of, items, start_method=start_method, return_exceptions=True, max_workers=1
+    )
+    if start_method == "fork":  # inherited, never unpickled
+        assert got == [1, 2, 3, 4]
+        return
+    assert got[:2] == [1, 2]
+    assert got[3] == 4
+    assert isinstance(got[2], pk.SerializationError)
+    assert (got[2].what, got[2].item_index) == ("argument", 2)
+
+
+def test_result_that_cannot_be_pickled(start_method: StartMethod) -> None:
+    with pytest.raises(pk.SerializationError) as info:
+        pk.run_parallel(w.return_lock, [0, 1, 2], start_method=start_method, max_workers=1)
+    assert (info.value.what, info.value.item_index) == ("result", 1)
+
+
+def test_result_that_fails_to_unpickle_in_the_parent(start_method: StartMethod) -> None:
+    got = pk.run_parallel(
+        w.make_bad_result, range(8), start_method=start_method, return_exceptions=True,
+        chunksize=8,
+    )
+    assert isinstance(got[4], pk.SerializationError)
+    assert (got[4].what, got[4].item_index) == ("result", 4)
+    assert [v for i, v in enumerate(got) if i != 4] == [0, 1, 2, 3, 5, 6, 7]
+
+
+# ------------------------------------------------------------------ imap_parallel
+
+
+def test_imap_streams_an_endless_generator_lazily(start_method: StartMethod) -> None:
+    pulled = itertools.count()
+
+    def source() -> Iterator[int]:
+        for x in itertools.count():
+            next(pulled)
+            yield x
+
+    with pk.imap_parallel(w.square, source(), start_method=start_method, max_workers=2) as it:
+        first = list(itertools.islice(it, 500))
+    assert first == [x * x for x in range(500)]
+    assert next(pulled) < 200_000  # bounded read-ahead, not the whole (endless) input
+
+
+def test_imap_unordered(start_method: StartMethod) -> None:
+    got = list(pk.imap_parallel(w.square, iter(range(100)), start_method=start_method,
+                                ordered=False))
+    assert sorted(got) == [x * x for x in range(100)]
+
+
+def test_closing_imap_stops_the_work_promptly(start_method: StartMethod) -> None:
+    it = pk.imap_parallel(w.sleep_a_bit, itertools.count(), start_method=start_method)
+    assert next(it) == 0
+    started = time.monotonic()
+    it.close()
+    assert time.monotonic() - started < 3
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_imap_raises_at_once_and_cleans_up(start_method: StartMethod) -> None:
+    it = pk.imap_parallel(w.fail_on_multiples_of_seven, iter(range(1, 100)),
+                          start_method=start_method)
+    with pytest.raises(ValueError, match="bad item"):
+        list(it)
+
+
+# ------------------------------------------------------------------ WorkerPool
+
+
+def test_pool_submit_and_futures(start_method: StartMethod) -> None:
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        futures = [pool.submit(w.add, i, b=10) for i in range(20)]
+        assert [f.result(timeout=30) for f in futures] == [i + 10 for i in range(20)]
+        failed = pool.submit(w.fail_on_multiples_of_seven, 14)
+        with pytest.raises(ValueError, match="bad item 14"):
+            failed.result(timeout=30)
+
+
+def test_pool_reuses_its_workers(start_method: StartMethod) -> None:
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        first = set(pk.run_parallel(w.slow_pid, range(8), backend=pool, chunksize=1))
+        second = set(pool.imap(w.slow_pid, range(8), chunksize=1))
+        assert first == second
+        assert len(first) == 2
+
+
+def test_pool_recycles_workers(start_method: StartMethod) -> None:
+    with pk.WorkerPool(1, start_method=start_method, max_tasks_per_worker=2) as pool:
+        pids = list(pool.imap(w.pid_of, range(6), chunksize=1))
+    assert len(set(pids)) == 3
+    assert pids[0] == pids[1] != pids[2]
+
+
+def test_executor_map_semantics(start_method: StartMethod) -> None:
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        assert list(pool.map(w.add, [1, 2, 3], [10, 20, 30])) == [11, 22, 33]
+        results = pool.map(w.fail_on_multiples_of_seven, range(1, 10))
+        assert [next(results) for _ in range(6)] == [1, 2, 3, 4, 5, 6]
+        with pytest.raises(ValueError, match="bad item 7"):
+            next(results)
+        with pytest.raises(TimeoutError):
+            list(pool.map(w.sleep_for, [0.0, 5.0], timeout=0.5))
+
+
+def test_shutdown_cancels_pending_futures(start_method: StartMethod) -> None:
+    pool = pk.WorkerPool(1, start_method=start_method)
+    running = pool.submit(w.sleep_for, 0.5)
+    deadline = time.monotonic() + 30
+    while not running.running():  # a Future offers no way to wait for "started"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pending = [pool.submit(w.sleep_for, 5.0) for _ in range(5)]
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert running.result() == 0.5
+    # the first one may already be queued in the worker's pipe behind the running one
+    for future in pending[1:]:
+        assert future.cancelled()
+        with pytest.raises(CancelledError):
+            future.result()
+
+
+def test_cancel_a_pending_future(start_method: StartMethod) -> None:
+    with pk.WorkerPool(1, start_method=start_method) as pool:
+        first = pool.submit(w.sleep_for, 0.3)
+        second = pool.submit(w.sleep_for, 0.3)
+        assert second.cancel()
+        assert first.result(timeout=30) == 0.3
+        assert second.cancelled()
+
+
+def test_no_work_after_shutdown() -> None:
+    pool = pk.WorkerPool(1)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(w.square, 2)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.imap(w.square, [1])
+    pool.shutdown()  # idempotent
+
+
+def test_initializer_runs_in_every_worker(start_method: StartMethod) -> None:
+    with pk.WorkerPool(
+        2, start_method=start_method, initializer=w.set_state, initargs=("greeting", "hello")
+    ) as pool:
+        got = list(pool.map(w.get_state, ["greeting"] * 6))
+    assert got == ["hello"] * 6
+
+
+def test_failing_initializer_raises_its_own_error(start_method: StartMethod) -> None:
+    with pytest.raises(RuntimeError, match="initializer says no") as info:
+        pk.run_parallel(
+            w.square, range(10), start_method=start_method, initializer=w.failing_initializer
+        )
+    assert any("initializer" in note for note in info.value.__notes__)
+
+
+def test_pool_crash_replaces_the_worker(start_method: StartMethod) -> None:
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        with pytest.raises(pk.WorkerCrashedError):
+            pool.submit(w.kill_13, 13).result(timeout=30)
+        assert pool.submit(w.square, 4).result(timeout=30) == 16
+        assert pk.run_parallel(w.square, range(10), backend=pool) == [x * x for x in range(10)]

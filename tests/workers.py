@@ -1,0 +1,160 @@
+"""Task functions for the pool tests, at module level so spawn and forkserver can import them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+STATE: dict[str, object] = {}
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def identity(x: object) -> object:
+    return x
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def pid_of(_: object) -> int:
+    return os.getpid()
+
+
+def slow_pid(_: object) -> int:
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def fail_on_multiples_of_seven(x: int) -> int:
+    if x % 7 == 0:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+class NeedsArgs(Exception):
+    """An exception whose constructor takes required arguments that are not its args."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"code {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def raise_needs_args(x: int) -> int:
+    raise NeedsArgs(x, "because")
+
+
+class HoldsLock(Exception):
+    """An exception that cannot cross processes: it holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(x: int) -> int:
+    raise HoldsLock(f"item {x}")
+
+
+def exit_in_task(x: int) -> int:
+    if x == 3:
+        sys.exit(5)
+    return x
+
+
+def crash_on(x: int, *, target: int = 13, how: str = "kill") -> int:
+    if x == target:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif how == "exit3":
+            os._exit(3)
+        elif how == "exit0":
+            os._exit(0)
+        elif how == "segv":
+            ctypes.string_at(0)
+    return x
+
+
+def kill_13(x: int) -> int:
+    return crash_on(x, target=13, how="kill")
+
+
+def exit3_13(x: int) -> int:
+    return crash_on(x, target=13, how="exit3")
+
+
+def exit0_13(x: int) -> int:
+    return crash_on(x, target=13, how="exit0")
+
+
+def segv_13(x: int) -> int:
+    return crash_on(x, target=13, how="segv")
+
+
+def sleep_on_5(x: int) -> int:
+    if x == 5:
+        time.sleep(60)
+    return x
+
+
+def stubborn_sleep_on_2(x: int) -> int:
+    if x == 2:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(60)
+    return x
+
+
+def sleep_a_bit(x: int) -> int:
+    time.sleep(0.2)
+    return x
+
+
+def sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def set_state(key: str, value: object) -> None:
+    STATE[key] = value
+
+
+def get_state(key: str) -> object:
+    return STATE.get(key)
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("initializer says no")
+
+
+def return_lock(x: int) -> object:
+    return threading.Lock() if x == 1 else x
+
+
+class BadUnpickle:
+    """Pickles fine, but fails when unpickled (in whichever process unpickles it)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return (_refuse, (self.value,))
+
+
+def _refuse(value: int) -> BadUnpickle:
+    raise RuntimeError(f"refusing to unpickle {value}")
+
+
+def make_bad_result(x: int) -> object:
+    return BadUnpickle(x) if x == 4 else x
+
+
+def value_of(x: object) -> object:
+    return getattr(x, "value", x)
