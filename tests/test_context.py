@@ -1,0 +1,237 @@
+"""Start methods, the default worker count (affinity and cgroup quota) and contexts."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import parallelkit
+from parallelkit import _context
+from parallelkit._context import (
+    ALL_START_METHODS,
+    _cgroup_cpu_quota,
+    available_start_methods,
+    default_start_method,
+    get_context,
+    resolve_max_workers,
+    resolve_start_method,
+    usable_cpu_count,
+)
+from parallelkit._types import StartMethod
+from parallelkit.errors import StartMethodError
+
+# ------------------------------------------------------------------------------ start methods
+
+
+def test_all_three_start_methods_are_known() -> None:
+    assert ALL_START_METHODS == ("fork", "forkserver", "spawn")
+
+
+def test_available_start_methods_are_the_platform_ones_in_order() -> None:
+    offered = multiprocessing.get_all_start_methods()
+    available = available_start_methods()
+    assert available
+    assert set(available) == set(offered) & set(ALL_START_METHODS)
+    assert list(available) == sorted(available, key=ALL_START_METHODS.index)
+
+
+def test_default_start_method_is_the_platform_default() -> None:
+    assert default_start_method() == multiprocessing.get_context().get_start_method()
+    assert default_start_method() in available_start_methods()
+
+
+def test_none_resolves_to_the_default() -> None:
+    assert resolve_start_method(None) == default_start_method()
+
+
+def test_each_available_method_resolves_to_itself(start_method: StartMethod) -> None:
+    assert resolve_start_method(start_method) == start_method
+    assert get_context(start_method).get_start_method() == start_method
+
+
+@pytest.mark.parametrize("bad", ["frok", "", "FORK", "thread"])
+def test_unknown_start_method_error_lists_the_valid_choices(bad: str) -> None:
+    with pytest.raises(StartMethodError) as info:
+        resolve_start_method(bad)
+    message = str(info.value)
+    assert f"unknown start method {bad!r}" in message
+    for method in available_start_methods():
+        assert repr(method) in message
+    assert "None" in message
+
+
+def test_start_method_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="valid choices"):
+        resolve_start_method("frok")
+    with pytest.raises(ValueError, match="valid choices"):
+        get_context("frok")
+
+
+def test_unavailable_start_method_is_called_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a platform without fork (Windows): a known name that is not offered here.
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    with pytest.raises(StartMethodError, match="unavailable start method 'fork'") as info:
+        resolve_start_method("fork")
+    assert "'spawn'" in str(info.value)
+    assert "'forkserver'" not in str(info.value)
+
+
+def test_get_context_does_not_touch_the_global_start_method(start_method: StartMethod) -> None:
+    before = multiprocessing.get_start_method(allow_none=True)
+    get_context(start_method)
+    assert multiprocessing.get_start_method(allow_none=True) == before
+
+
+# ------------------------------------------------------------------------------ max_workers
+
+
+def test_max_workers_none_is_the_usable_cpu_count() -> None:
+    assert resolve_max_workers(None) == usable_cpu_count()
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 64])
+def test_positive_max_workers_is_kept(count: int) -> None:
+    assert resolve_max_workers(count) == count
+
+
+@pytest.mark.parametrize("count", [0, -1, -100])
+def test_zero_or_negative_max_workers_is_a_value_error(count: int) -> None:
+    with pytest.raises(ValueError, match=r"positive int or None") as info:
+        resolve_max_workers(count)
+    assert str(count) in str(info.value)
+    assert f"usable CPU count, {usable_cpu_count()} here" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [True, 1.5, "2", b"2"])
+def test_non_int_max_workers_is_a_type_error(value: object) -> None:
+    with pytest.raises(TypeError, match="max_workers must be a positive int or None"):
+        resolve_max_workers(value)  # type: ignore[arg-type]  # the wrong type on purpose
+
+
+# ------------------------------------------------------------------------------ CPU count
+
+
+def test_usable_cpu_count_is_positive_and_at_most_the_machine() -> None:
+    count = usable_cpu_count()
+    assert 1 <= count <= (os.cpu_count() or count)
+    assert parallelkit.usable_cpu_count is usable_cpu_count
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+def test_usable_cpu_count_respects_cpu_affinity() -> None:
+    # A fresh interpreter pinned to one CPU, as `taskset -c <cpu>` would do.
+    cpu = min(os.sched_getaffinity(0))
+    script = (
+        "import os, sys\n"
+        f"os.sched_setaffinity(0, {{{cpu}}})\n"
+        "import parallelkit\n"
+        "print(parallelkit.usable_cpu_count(), os.cpu_count())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env_with_package(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    usable, machine = result.stdout.split()
+    assert usable == "1"
+    assert int(machine) >= 1
+
+
+def test_usable_cpu_count_respects_the_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_context, "_cgroup_cpu_quota", lambda: 1)
+    assert usable_cpu_count() == 1
+
+
+def test_cgroup_quota_above_the_cpus_does_not_raise_the_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    baseline = usable_cpu_count()
+    monkeypatch.setattr(_context, "_cgroup_cpu_quota", lambda: baseline + 100)
+    assert usable_cpu_count() == baseline
+
+
+# ------------------------------------------------------------------------------ cgroup files
+
+
+def _write(root: Path, relative: str, text: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000\n", None),  # unlimited
+        ("100000 100000\n", 1),
+        ("200000 100000\n", 2),
+        ("150000 100000\n", 2),  # 1.5 CPUs round up
+        ("50000 100000\n", 1),  # half a CPU is still one worker
+        ("400000 50000\n", 8),
+        ("100000 0\n", None),  # nonsense period: ignore
+    ],
+)
+def test_cgroup_v2_cpu_max(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+    _write(tmp_path, "cpu.max", cpu_max)
+    assert _cgroup_cpu_quota(tmp_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("quota", "period", "expected"),
+    [
+        ("-1\n", "100000\n", None),  # unlimited
+        ("100000\n", "100000\n", 1),
+        ("250000\n", "100000\n", 3),
+        ("300000\n", "100000\n", 3),
+        ("0\n", "100000\n", None),
+    ],
+)
+def test_cgroup_v1_cfs_quota(tmp_path: Path, quota: str, period: str, expected: int | None) -> None:
+    _write(tmp_path, "cpu/cpu.cfs_quota_us", quota)
+    _write(tmp_path, "cpu/cpu.cfs_period_us", period)
+    assert _cgroup_cpu_quota(tmp_path) == expected
+
+
+def test_cgroup_v2_wins_over_v1(tmp_path: Path) -> None:
+    _write(tmp_path, "cpu.max", "100000 100000\n")
+    _write(tmp_path, "cpu/cpu.cfs_quota_us", "400000\n")
+    _write(tmp_path, "cpu/cpu.cfs_period_us", "100000\n")
+    assert _cgroup_cpu_quota(tmp_path) == 1
+
+
+def test_unlimited_v2_falls_back_to_v1(tmp_path: Path) -> None:
+    _write(tmp_path, "cpu.max", "max 100000\n")
+    _write(tmp_path, "cpu/cpu.cfs_quota_us", "200000\n")
+    _write(tmp_path, "cpu/cpu.cfs_period_us", "100000\n")
+    assert _cgroup_cpu_quota(tmp_path) == 2
+
+
+def test_no_cgroup_files_means_no_quota(tmp_path: Path) -> None:
+    assert _cgroup_cpu_quota(tmp_path) is None
+    assert _cgroup_cpu_quota(tmp_path / "missing") is None
+
+
+def test_unreadable_v1_files_mean_no_quota(tmp_path: Path) -> None:
+    _write(tmp_path, "cpu/cpu.cfs_quota_us", "not a number\n")
+    _write(tmp_path, "cpu/cpu.cfs_period_us", "100000\n")
+    assert _cgroup_cpu_quota(tmp_path) is None
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _env_with_package() -> dict[str, str]:
+    """The environment for a child interpreter that must import this parallelkit."""
+    env = dict(os.environ)
+    root = str(Path(parallelkit.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
