@@ -1,0 +1,97 @@
+"""``python -m parallelkit``: ``info`` about this machine, and a ``demo``.
+
+- ``python -m parallelkit info``: the usable CPU count, the start methods and the default,
+  the Python version, and whether the optional cloudpickle and numpy are installed.
+- ``python -m parallelkit demo``: a CPU-bound map, serial versus parallel under each start
+  method, then a worker that kills itself, reported as ``WorkerCrashedError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from . import __version__
+from ._context import available_start_methods, default_start_method, usable_cpu_count
+from ._types import StartMethod
+
+
+def _optional(distribution: str) -> str:
+    if importlib.util.find_spec(distribution) is None:
+        return "not installed"
+    try:
+        return f"installed ({importlib.metadata.version(distribution)})"
+    except importlib.metadata.PackageNotFoundError:
+        return "installed"
+
+
+def info(out: TextIO) -> int:
+    """Print what parallelkit sees on this machine."""
+    cpus = usable_cpu_count()
+    methods = ", ".join(available_start_methods())
+    rows = [
+        ("parallelkit", __version__),
+        ("Python", f"{platform.python_version()} ({platform.python_implementation()})"),
+        ("platform", platform.platform()),
+        ("usable CPUs", f"{cpus} (os.cpu_count(): {os.cpu_count()})"),
+        ("start methods", methods),
+        ("default start method", default_start_method()),
+        ("cloudpickle", _optional("cloudpickle")),
+        ("numpy", _optional("numpy")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name + ':':<{width + 1}} {value}", file=out)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m parallelkit",
+        description="parallelkit: typed, safe and fast multiprocessing.",
+    )
+    parser.add_argument("--version", action="version", version=f"parallelkit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="usable CPUs, start methods, Python version, optional extras")
+    demo = commands.add_parser(
+        "demo", help="a CPU-bound map, serial vs parallel, and a crashing worker (a few seconds)"
+    )
+    demo.add_argument(
+        "--start-method",
+        action="append",
+        choices=available_start_methods(),
+        dest="start_methods",
+        help="run only under this start method (repeatable; default: every available one)",
+    )
+    demo.add_argument("--items", type=int, help="number of items (default: 4 per usable CPU)")
+    demo.add_argument(
+        "--item-seconds", type=float, help="approximate CPU seconds per item (default: auto)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        return info(sys.stdout)
+    from ._demo import DemoPlan, run_demo  # the demo imports the engine; info does not
+
+    methods: list[StartMethod] = args.start_methods or list(available_start_methods())
+    plan = DemoPlan.for_this_machine(usable_cpu_count())
+    if args.items is not None or args.item_seconds is not None:
+        plan = DemoPlan(
+            items=args.items if args.items is not None else plan.items,
+            item_seconds=args.item_seconds if args.item_seconds is not None else plan.item_seconds,
+        )
+    return run_demo(methods, plan=plan, out=sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
