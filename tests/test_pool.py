@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from concurrent.futures import CancelledError
 
 import pytest
-import workers as w
 
 import parallelkit as pk
+import workers as w
 from parallelkit import _serialize
 from parallelkit._serialize import RemoteTraceback
 from parallelkit._types import StartMethod
@@ -69,7 +69,7 @@ def test_max_workers_must_be_positive(bad: int) -> None:
 
 
 def test_unknown_start_method_lists_the_valid_ones() -> None:
-    with pytest.raises(pk.StartMethodError, match="'frok'.*'fork'.*'spawn'") as info:
+    with pytest.raises(pk.StartMethodError, match=r"'frok'.*'fork'.*'spawn'") as info:
         pk.run_parallel(w.square, [1], start_method="frok")  # type: ignore[arg-type]
     assert isinstance(info.value, ValueError)
 
@@ -143,7 +143,10 @@ def test_exception_that_cannot_cross_arrives_as_remote_error(start_method: Start
 def test_return_exceptions_keeps_every_other_result(start_method: StartMethod) -> None:
     items = list(range(1, 40))
     got = pk.run_parallel(
-        w.fail_on_multiples_of_seven, items, start_method=start_method, return_exceptions=True,
+        w.fail_on_multiples_of_seven,
+        items,
+        start_method=start_method,
+        return_exceptions=True,
         chunksize=4,
     )
     for x, value in zip(items, got, strict=True):
@@ -203,7 +206,11 @@ def test_crash_with_return_exceptions_fails_only_that_item(start_method: StartMe
 def test_timeout_stops_exactly_the_late_item(start_method: StartMethod) -> None:
     started = time.monotonic()
     got = pk.run_parallel(
-        w.sleep_on_5, range(10), start_method=start_method, timeout=1.0, return_exceptions=True,
+        w.sleep_on_5,
+        range(10),
+        start_method=start_method,
+        timeout=1.0,
+        return_exceptions=True,
         max_workers=2,
     )
     assert time.monotonic() - started < 15
@@ -268,7 +275,10 @@ def test_result_that_cannot_be_pickled(start_method: StartMethod) -> None:
 
 def test_result_that_fails_to_unpickle_in_the_parent(start_method: StartMethod) -> None:
     got = pk.run_parallel(
-        w.make_bad_result, range(8), start_method=start_method, return_exceptions=True,
+        w.make_bad_result,
+        range(8),
+        start_method=start_method,
+        return_exceptions=True,
         chunksize=8,
     )
     assert isinstance(got[4], pk.SerializationError)
@@ -294,8 +304,9 @@ def test_imap_streams_an_endless_generator_lazily(start_method: StartMethod) -> 
 
 
 def test_imap_unordered(start_method: StartMethod) -> None:
-    got = list(pk.imap_parallel(w.square, iter(range(100)), start_method=start_method,
-                                ordered=False))
+    got = list(
+        pk.imap_parallel(w.square, iter(range(100)), start_method=start_method, ordered=False)
+    )
     assert sorted(got) == [x * x for x in range(100)]
 
 
@@ -309,9 +320,25 @@ def test_closing_imap_stops_the_work_promptly(start_method: StartMethod) -> None
         next(it)
 
 
+def test_breaking_out_of_the_loop_stops_the_workers(start_method: StartMethod) -> None:
+    for value in pk.imap_parallel(w.sleep_a_bit, itertools.count(), start_method=start_method):
+        assert value == 0
+        break
+    # the leak check (autouse) proves that no worker is left running
+
+
+def test_breaking_out_of_a_pool_imap_frees_the_pool(start_method: StartMethod) -> None:
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        for value in pool.imap(w.square, itertools.count()):
+            if value > 100:
+                break
+        assert pool.submit(w.square, 3).result(timeout=30) == 9
+
+
 def test_imap_raises_at_once_and_cleans_up(start_method: StartMethod) -> None:
-    it = pk.imap_parallel(w.fail_on_multiples_of_seven, iter(range(1, 100)),
-                          start_method=start_method)
+    it = pk.imap_parallel(
+        w.fail_on_multiples_of_seven, iter(range(1, 100)), start_method=start_method
+    )
     with pytest.raises(ValueError, match="bad item"):
         list(it)
 

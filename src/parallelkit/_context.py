@@ -28,7 +28,7 @@ def default_start_method() -> StartMethod:
     """The running Python's platform default (fork on Linux up to 3.13)."""
     # get_start_method(allow_none=True) would report a method a user set globally;
     # the platform default is what a fresh DefaultContext would pick.
-    name = multiprocessing.get_context().get_start_method()
+    name: str = multiprocessing.get_context().get_start_method()
     return cast(StartMethod, name)
 
 
@@ -48,7 +48,7 @@ def resolve_start_method(start_method: str | None) -> StartMethod:
             + ", ".join(repr(m) for m in valid)
             + " (or None for the platform default)"
         )
-    return cast(StartMethod, start_method)
+    return start_method
 
 
 def get_context(start_method: str | None) -> multiprocessing.context.BaseContext:

@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -38,7 +38,6 @@ from ._lifecycle import describe_exit, signal_name, stop_processes
 from ._serialize import (
     PROTOCOL,
     ExceptionRecord,
-    capture_exception,
     dumps,
     locate_unpicklable,
     rebuild_exception,
@@ -100,7 +99,7 @@ class Job:
         self.engine = engine
         self.fn_id, self.fn_payload = engine.register_function(fn)
         self.source = source
-        self.iterator: Iterator[Any] | None = None if length is not None else iter(source)  # type: ignore[arg-type]
+        self.iterator: Iterator[Any] | None = None if length is not None else iter(source)
         self.length = length
         self.fixed_chunksize = chunksize
         self.chunksize = chunksize or self._initial_chunksize()
@@ -277,8 +276,18 @@ class Job:
 
 class _Worker:
     __slots__ = (
-        "chunks", "conn", "dead", "fns", "head_since", "killed_for", "pid", "process",
-        "sentinel", "slot", "stopping", "tasks_done",
+        "chunks",
+        "conn",
+        "dead",
+        "fns",
+        "head_since",
+        "killed_for",
+        "pid",
+        "process",
+        "sentinel",
+        "slot",
+        "stopping",
+        "tasks_done",
     )
 
     def __init__(self, process: BaseProcess, conn: Connection, slot: int) -> None:
@@ -334,7 +343,7 @@ class Engine:
             self.inherited_fn, self.inherited_items = inherit
             self.inherited_fn_id = next(_fn_ids)
         self.functions: dict[int, tuple[Callable[..., object], int, bytes]] = {}
-        self.progress: Any = context.RawArray(ctypes.c_int64, W.SLOT_WORDS * max_workers)  # type: ignore[attr-defined]
+        self.progress: Any = context.RawArray(ctypes.c_int64, W.SLOT_WORDS * max_workers)
         self.words = memoryview(self.progress).cast("B").cast("q")
         self.workers: list[_Worker] = []
         self.free_slots = list(range(max_workers - 1, -1, -1))
@@ -462,6 +471,8 @@ class Engine:
 
     def _next_chunk(self) -> Chunk | None:
         jobs = self.jobs
+        if any(job.cancelled for job in jobs):  # closed from another thread or by the GC
+            jobs[:] = [job for job in jobs if not job.cancelled]
         n = len(jobs)
         for k in range(n):
             job = jobs[(self._rr + k) % n]
@@ -531,6 +542,9 @@ class Engine:
             ready = multiprocessing.connection.wait(objs, timeout)
         finally:
             self.mutex.acquire()
+        if self.closed:  # shut down by another thread while we waited
+            self._release_locked()
+            return
         if self.wake_r in ready:
             try:
                 os.read(self.wake_r, 4096)
@@ -582,8 +596,9 @@ class Engine:
         kind = msg[0]
         if kind == W.INIT_FAILED:
             record: ExceptionRecord = msg[1]
-            exc = rebuild_exception(record, where=f"in the initializer of worker pid {w.pid}")
-            self._break(exc)
+            self._break(
+                rebuild_exception(record, where=f"in the initializer of worker pid {w.pid}")
+            )
             return
         if chunk is None or msg[1] != chunk.cid:  # pragma: no cover - protocol error
             return
@@ -808,8 +823,6 @@ class Engine:
                     finally:
                         self.driver = None
                         self.progressed.notify_all()
-                    if self.closed:
-                        self._release_locked()
                 else:
                     self.progressed.wait(remaining)
 
@@ -969,7 +982,7 @@ def collect(engine: Engine, job: Job) -> list[Any]:
             return out
 
 
-def iterate(engine: Engine, job: Job) -> Iterator[Any]:
+def iterate(engine: Engine, job: Job) -> Generator[Any, None, None]:
     """Yield ``job``'s results as they become available (in order if the job is ordered)."""
 
     def ready() -> bool:
@@ -992,8 +1005,14 @@ def iterate(engine: Engine, job: Job) -> Iterator[Any]:
                 return
             engine.drive(ready)
     finally:
-        with engine.mutex:
-            if not job.finished or job.error is not None:
-                job.cancel()
-            engine.remove_finished(job)
-
+        if not job.finished:
+            job.cancelled = True  # seen by the driver even if we cannot take the mutex
+        # This may run from garbage collection, inside any code: never block on the mutex.
+        if engine.mutex.acquire(blocking=False):
+            try:
+                if job.cancelled or job.error is not None:
+                    job.cancelled = False
+                    job.cancel()
+                engine.remove_finished(job)
+            finally:
+                engine.mutex.release()

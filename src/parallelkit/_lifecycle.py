@@ -70,7 +70,7 @@ def stop_processes(
     ``join_timeout=0`` kills at once without a warning (a deliberate abort).  Every
     process is reaped and closed afterwards.
     """
-    procs = [p for p in procs if p._popen is not None]  # started ones only
+    procs = [p for p in procs if p.pid is not None]  # started ones only
     if join_timeout <= 0:  # a deliberate abort: no grace, no warning
         for p in procs:
             if p.exitcode is None:

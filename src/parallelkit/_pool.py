@@ -13,9 +13,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from types import TracebackType
-from typing import Any, Literal, TypeVar
-
-from typing_extensions import Self
+from typing import Any, Literal, Self, TypeVar
 
 from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine, Job, PoolBrokenError, collect, iterate
@@ -168,8 +166,15 @@ def run_parallel(
     ok = False
     try:
         job = Job(
-            engine, fn, seq, length=len(seq), chunksize=chunksize, ordered=ordered,
-            return_exceptions=return_exceptions, fail_fast=True, timeout=timeout,
+            engine,
+            fn,
+            seq,
+            length=len(seq),
+            chunksize=chunksize,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            fail_fast=True,
+            timeout=timeout,
             inherited=engine.inherited_items is not None,
         )
         engine.add_job(job)
@@ -270,7 +275,11 @@ def imap_parallel(
                 "when it is the backend; set them where the pool is created"
             )
         return pool.imap(
-            fn, items, chunksize=chunksize, ordered=ordered, timeout=timeout,
+            fn,
+            items,
+            chunksize=chunksize,
+            ordered=ordered,
+            timeout=timeout,
             return_exceptions=return_exceptions,
         )
     workers = resolve_max_workers(max_workers)
@@ -289,9 +298,15 @@ def imap_parallel(
     )
     try:
         job = Job(
-            engine, fn, items if length is not None else iter(items),  # type: ignore[arg-type]
-            length=length, chunksize=chunksize, ordered=ordered,
-            return_exceptions=return_exceptions, fail_fast=True, timeout=timeout,
+            engine,
+            fn,
+            items if length is not None else iter(items),  # type: ignore[arg-type]
+            length=length,
+            chunksize=chunksize,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            fail_fast=True,
+            timeout=timeout,
         )
         engine.add_job(job)
     except BaseException:
@@ -306,11 +321,25 @@ def imap_parallel(
 class _FutureJob(Job):
     """One ``submit()`` call: a one-item job whose outcome completes a Future."""
 
-    def __init__(self, engine: Engine, future: Future[Any], fn: Callable[..., object],
-                 args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        future: Future[Any],
+        fn: Callable[..., object],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> None:
         super().__init__(
-            engine, fn, [(args, kwargs)], length=1, chunksize=1, ordered=False,
-            return_exceptions=True, fail_fast=False, timeout=None, star=True,
+            engine,
+            fn,
+            [(args, kwargs)],
+            length=1,
+            chunksize=1,
+            ordered=False,
+            return_exceptions=True,
+            fail_fast=False,
+            timeout=None,
+            star=True,
         )
         self.future = future
         self.started = False
@@ -325,8 +354,9 @@ class _FutureJob(Job):
                 return None
         return super().next_chunk()
 
-    def complete(self, start: int, results: list[Any],
-                 errors: list[tuple[int, BaseException]] | None) -> None:
+    def complete(
+        self, start: int, results: list[Any], errors: list[tuple[int, BaseException]] | None
+    ) -> None:
         if self.cancelled:
             return
         self.exhausted = True
@@ -440,7 +470,7 @@ class WorkerPool(Executor):
         engine.submit_future(job)
         return future
 
-    def map(  # type: ignore[override]
+    def map(
         self,
         fn: Callable[..., R],
         *iterables: Iterable[Any],
@@ -456,10 +486,20 @@ class WorkerPool(Executor):
         _check_chunksize(chunksize)
         _check_timeout(timeout)
         self._check_open()
-        items = [(args, {}) for args in zip(*iterables, strict=False)]
+        items: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+            (args, {}) for args in zip(*iterables, strict=False)
+        ]
         job = Job(
-            self._engine, fn, items, length=len(items), chunksize=chunksize, ordered=True,
-            return_exceptions=False, fail_fast=False, timeout=None, star=True,
+            self._engine,
+            fn,
+            items,
+            length=len(items),
+            chunksize=chunksize,
+            ordered=True,
+            return_exceptions=False,
+            fail_fast=False,
+            timeout=None,
+            star=True,
         )
         self._engine.add_job(job)
         return self._map_results(job, timeout)
@@ -502,22 +542,40 @@ class WorkerPool(Executor):
         self._check_open()
         length = len(items) if isinstance(items, list | tuple | range) else None
         job = Job(
-            self._engine, fn, items if length is not None else iter(items),  # type: ignore[arg-type]
-            length=length, chunksize=chunksize, ordered=ordered,
-            return_exceptions=return_exceptions, fail_fast=True, timeout=timeout,
+            self._engine,
+            fn,
+            items if length is not None else iter(items),  # type: ignore[arg-type]
+            length=length,
+            chunksize=chunksize,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            fail_fast=True,
+            timeout=timeout,
         )
         self._engine.add_job(job)
         return ResultIterator(self._engine, job, owns_engine=False)
 
     def _run(
-        self, fn: Callable[[T], R], items: Iterable[T], chunksize: int | None, ordered: bool,
-        timeout: float | None, return_exceptions: bool,
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        chunksize: int | None,
+        ordered: bool,
+        timeout: float | None,
+        return_exceptions: bool,
     ) -> list[R]:
         self._check_open()
         seq = _as_sequence(items)
         job = Job(
-            self._engine, fn, seq, length=len(seq), chunksize=chunksize, ordered=ordered,
-            return_exceptions=return_exceptions, fail_fast=True, timeout=timeout,
+            self._engine,
+            fn,
+            seq,
+            length=len(seq),
+            chunksize=chunksize,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            fail_fast=True,
+            timeout=timeout,
         )
         self._engine.add_job(job)
         try:
@@ -557,4 +615,3 @@ class WorkerPool(Executor):
             self._engine.shutdown(graceful=False)
             return
         self.shutdown(wait=True)
-

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pickle
 import sys
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -55,7 +56,9 @@ def _main_is_importable() -> bool:
     return bool(getattr(main, "__file__", None)) or bool(getattr(main, "__spec__", None))
 
 
-def dump_function(fn: object, *, what: SerializedWhat = "function", by_value: bool = False) -> bytes:
+def dump_function(
+    fn: object, *, what: SerializedWhat = "function", by_value: bool = False
+) -> bytes:
     """Pickle a task's callable for the workers, or say clearly why it cannot be sent.
 
     Args:
@@ -191,7 +194,7 @@ def rebuild_exception(record: ExceptionRecord, *, where: str) -> BaseException:
     return exc
 
 
-def locate_unpicklable(items: list[Any] | tuple[Any, ...]) -> tuple[int, Exception] | None:
+def locate_unpicklable(items: Sequence[Any]) -> tuple[int, Exception] | None:
     """The position of the first item that cannot be pickled, and why; ``None`` if all can."""
     for position, item in enumerate(items):
         try:

@@ -87,7 +87,9 @@ def bootstrap(
     parent = multiprocessing.parent_process()
     if parent is not None and parent.sentinel is not None:
         threading.Thread(
-            target=_watch_parent, args=(parent.sentinel,), name="parallelkit-parent-watch",
+            target=_watch_parent,
+            args=(parent.sentinel,),
+            name="parallelkit-parent-watch",
             daemon=True,
         ).start()
     if os.getppid() != parent_pid and multiprocessing.get_start_method(True) != "forkserver":
@@ -113,7 +115,9 @@ def pool_worker(
     try:
         initializer, initargs = (None, ()) if init_payload is None else pickle.loads(init_payload)
         bootstrap(
-            parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=initializer,
+            parent_pid=parent_pid,
+            pdeathsig=pdeathsig,
+            initializer=initializer,
             initargs=initargs,
         )
     except BaseException as exc:
