@@ -1,0 +1,57 @@
+"""The README's code runs as written, and its set-up commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import parallelkit
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+pytestmark = pytest.mark.skipif(not README.is_file(), reason="README.md not beside tests/")
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.DOTALL | re.MULTILINE)
+
+
+def test_the_two_set_up_commands_come_first() -> None:
+    first = _blocks("sh")[0]
+    commands = [line for line in first.splitlines() if line and not line.startswith("#")]
+    assert commands == [
+        "python3 -m pip install . && python3 -m parallelkit demo",
+        "python3 -m pip install -e '.[test]' && python3 -m pytest",
+    ]
+
+
+def test_the_tour_runs(tmp_path: Path) -> None:
+    tour = _blocks("python")[0]
+    assert "run_parallel" in tour
+    assert "imap_parallel" in tour
+    assert "WorkerPool" in tour
+    script = tmp_path / "tour.py"  # a file, so that spawn workers can import it
+    script.write_text(tour)
+    env = dict(os.environ)
+    root = str(Path(parallelkit.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == str([x * x for x in range(10)])
+    assert lines[1] == "49"
+    assert lines[2] == "[0, 1, 4, 9, 16]"
+    assert re.fullmatch(r"\['parallelkit: raised in worker pid \d+ on item 2'\]", lines[3])
