@@ -16,7 +16,8 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 from ._context import get_context, resolve_max_workers, resolve_start_method
-from ._engine import Engine, Job, PoolBrokenError, collect, iterate
+from ._engine import Engine
+from ._job import Job, PoolBrokenError, collect, iterate
 from ._types import P, R, StartMethod, T
 
 _Y = TypeVar("_Y")

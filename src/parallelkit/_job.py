@@ -1,0 +1,314 @@
+"""Jobs: how one map call is cut into chunks and how its results come back in order.
+
+A :class:`Job` makes chunks lazily (from a sequence by slicing, or from an iterator with
+adaptive chunk sizes), keeps a bounded number of them in flight, puts results through a
+reorder buffer, and decides what a failed item means (raise at once, a slot holding the
+exception, or an error raised when the item is reached).  :func:`collect` and
+:func:`iterate` drive an :class:`~parallelkit._engine.Engine` until a job is done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _worker as W
+from ._serialize import PROTOCOL, dumps, locate_unpicklable
+from .errors import SerializationError
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+TARGET_CHUNK_SECONDS: Final = 0.02  # adaptive chunking aims for chunks of about this long
+MAX_ADAPTIVE_CHUNK: Final = 100_000
+_chunk_ids = itertools.count(1)
+
+
+class Failure:
+    """A failed item's slot in a result list (only where errors are raised on delivery)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class PoolBrokenError(RuntimeError):
+    """Internal: the engine can no longer run work (reported as its cause)."""
+
+
+class Chunk:
+    __slots__ = ("cid", "items", "job", "payload", "start", "stop")
+
+    def __init__(self, job: Job, start: int, stop: int, items: Sequence[Any] | None) -> None:
+        self.cid = next(_chunk_ids)
+        self.job = job
+        self.start = start
+        self.stop = stop
+        self.items = items  # None: the worker inherited the input and slices it
+        self.payload: bytes | None = None
+
+
+class Job:
+    """One map call (or one submitted call): makes chunks, collects results in order."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        fn: Callable[..., object],
+        source: Iterator[Any] | Sequence[Any],
+        *,
+        length: int | None,
+        chunksize: int | None,
+        ordered: bool,
+        return_exceptions: bool,
+        fail_fast: bool,
+        timeout: float | None,
+        star: bool = False,
+        inherited: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.fn_id, self.fn_payload = engine.register_function(fn)
+        self.source = source
+        self.iterator: Iterator[Any] | None = None if length is not None else iter(source)
+        self.length = length
+        self.fixed_chunksize = chunksize
+        self.chunksize = chunksize or self._initial_chunksize()
+        self.ordered = ordered
+        self.return_exceptions = return_exceptions
+        self.fail_fast = fail_fast
+        self.timeout = timeout
+        self.inherited = inherited
+        self.flags = (
+            (W.STAR_CALL if star else 0)
+            | (W.TIMED if timeout is not None else 0)
+            | (W.STOP_ON_ERROR if fail_fast and not return_exceptions else 0)
+        )
+        self.next_start = 0
+        self.exhausted = length == 0
+        self.in_flight = 0
+        self.retries: deque[Chunk] = deque()
+        self.pending: dict[int, tuple[list[Any], bool]] = {}
+        self.deliver_index = 0
+        self.out: deque[tuple[list[Any], bool]] = deque()
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.seconds_per_item: float | None = None
+        self.window = 4 * engine.max_workers + 2
+
+    # ---------------------------------------------------------------- chunking
+    def _initial_chunksize(self) -> int:
+        if self.length is None:
+            return 1  # grows as timings arrive
+        return max(1, -(-self.length // (4 * self.engine.max_workers)))
+
+    def _adapt(self, items: int, seconds: float) -> None:
+        if self.fixed_chunksize is not None or self.length is not None or items == 0:
+            return
+        per_item = seconds / items
+        if self.seconds_per_item is None:
+            self.seconds_per_item = per_item
+        else:
+            self.seconds_per_item = 0.7 * self.seconds_per_item + 0.3 * per_item
+        ideal = TARGET_CHUNK_SECONDS / max(self.seconds_per_item, 1e-9)
+        self.chunksize = max(1, min(int(ideal), 2 * self.chunksize, MAX_ADAPTIVE_CHUNK))
+
+    @property
+    def finished(self) -> bool:
+        return (
+            self.exhausted and self.in_flight == 0 and not self.retries and not self.pending
+        ) or self.cancelled
+
+    def next_chunk(self) -> Chunk | None:
+        """The next chunk to run, or ``None`` (input done, window full, or failed)."""
+        if self.cancelled or self.error is not None:
+            return None
+        if self.retries:
+            return self.retries.popleft()
+        if self.exhausted or self.in_flight + len(self.pending) + len(self.out) >= self.window:
+            return None
+        start = self.next_start
+        if self.length is not None:
+            stop = min(start + self.chunksize, self.length)
+            items = None if self.inherited else self.source[start:stop]  # type: ignore[index]
+        else:
+            assert self.iterator is not None
+            try:
+                items = list(itertools.islice(self.iterator, self.chunksize))
+            except BaseException as exc:
+                exc.add_note(f"parallelkit: raised by the input iterable after item {start - 1}")
+                self.fail(exc)
+                self.exhausted = True
+                return None
+            stop = start + len(items)
+            if not items:
+                self.exhausted = True
+                return None
+        self.next_start = stop
+        if stop >= (self.length if self.length is not None else stop + 1):
+            self.exhausted = True
+        chunk = Chunk(self, start, stop, items)
+        if not self._prepare(chunk):
+            return self.next_chunk()
+        return chunk
+
+    def _prepare(self, chunk: Chunk) -> bool:
+        """Pickle the chunk's items; on failure, report the item and split around it."""
+        if chunk.items is None:
+            chunk.payload = b""
+            return True
+        try:
+            chunk.payload = pickle.dumps(chunk.items, PROTOCOL)
+            return True
+        except Exception:
+            pass
+        try:
+            chunk.payload = dumps(chunk.items)
+            return True
+        except Exception:
+            located = locate_unpicklable(chunk.items)
+            if located is None:
+                raise
+        pos, cause = located
+        index = chunk.start + pos
+        error = SerializationError(
+            f"item {index} cannot be pickled to send it to a worker: "
+            f"{type(cause).__name__}: {cause}",
+            what="argument",
+            item_index=index,
+        )
+        error.__cause__ = cause
+        self.split_around(chunk, pos, error)
+        return False
+
+    def split_around(self, chunk: Chunk, pos: int, error: BaseException | None) -> None:
+        """Record ``error`` for the chunk's item ``pos``; queue the rest of the chunk again.
+
+        ``error=None`` re-runs the whole chunk, one item per chunk (nothing to blame yet).
+        """
+        start, stop = chunk.start, chunk.stop
+        pieces: list[tuple[int, int]]
+        if error is None:
+            pieces = [(i, i + 1) for i in range(start, stop)]
+        else:
+            self.complete(start + pos, [None], [(0, error)])
+            if self.cancelled or self.error is not None:
+                return
+            pieces = [(start, start + pos), (start + pos + 1, stop)]
+        for lo, hi in reversed(pieces):
+            if lo >= hi:
+                continue
+            items = None if chunk.items is None else chunk.items[lo - start : hi - start]
+            piece = Chunk(self, lo, hi, items)
+            if self._prepare(piece):
+                self.retries.appendleft(piece)
+
+    # ---------------------------------------------------------------- results
+    def complete(
+        self, start: int, results: list[Any], errors: list[tuple[int, BaseException]] | None
+    ) -> None:
+        """Results for items ``start ...`` arrived (errors: (position, exception) pairs)."""
+        if self.cancelled:
+            return
+        flagged = False
+        if errors:
+            for pos, exc in errors:
+                if self.return_exceptions:
+                    results[pos] = exc
+                elif self.fail_fast:
+                    self.fail(exc)
+                    return
+                else:
+                    results[pos] = Failure(exc)
+                    flagged = True
+        if not self.ordered:
+            self.out.append((results, flagged))
+            return
+        self.pending[start] = (results, flagged)
+        while self.deliver_index in self.pending:
+            entry = self.pending.pop(self.deliver_index)
+            self.deliver_index += len(entry[0])
+            self.out.append(entry)
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.engine.abandon(self)
+
+    def cancel(self) -> None:
+        """Stop making chunks; results still in flight are dropped when they arrive."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.out.clear()
+            self.pending.clear()
+            self.retries.clear()
+            self.engine.abandon(self)
+
+
+def collect(engine: Engine, job: Job) -> list[Any]:
+    """Run ``job`` to completion in this thread; the results in a list (fail fast)."""
+    ordered = job.ordered
+    n = job.length
+    out: list[Any] = [None] * n if ordered and n is not None else []
+    filled = 0
+
+    def ready() -> bool:
+        return bool(job.out) or job.error is not None or job.finished
+
+    while True:
+        engine.drive(ready)
+        while job.out:
+            results, flagged = job.out.popleft()
+            if flagged:
+                for value in results:
+                    if type(value) is Failure:
+                        raise value.exc
+            if ordered and n is not None:
+                out[filled : filled + len(results)] = results
+            else:
+                out.extend(results)
+            filled += len(results)
+        if job.error is not None:
+            raise job.error
+        if job.finished:
+            engine.remove_finished(job)
+            return out
+
+
+def iterate(engine: Engine, job: Job) -> Generator[Any, None, None]:
+    """Yield ``job``'s results as they become available (in order if the job is ordered)."""
+
+    def ready() -> bool:
+        return bool(job.out) or job.error is not None or job.finished
+
+    try:
+        while True:
+            while job.out:
+                results, flagged = job.out.popleft()
+                if flagged:
+                    for value in results:
+                        if type(value) is Failure:
+                            raise value.exc
+                        yield value
+                else:
+                    yield from results
+            if job.error is not None:
+                raise job.error
+            if job.finished:
+                return
+            engine.drive(ready)
+    finally:
+        if not job.finished:
+            job.cancelled = True  # seen by the driver even if we cannot take the mutex
+        # This may run from garbage collection, inside any code: never block on the mutex.
+        if engine.mutex.acquire(blocking=False):
+            try:
+                if job.cancelled or job.error is not None:
+                    job.cancelled = False
+                    job.cancel()
+                engine.remove_finished(job)
+            finally:
+                engine.mutex.release()
