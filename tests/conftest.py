@@ -39,7 +39,15 @@ _SUPPRESSED = (
     # resetting it between examples is harmless.
     HealthCheck.function_scoped_fixture,
 )
-settings.register_profile("ci", deadline=None, max_examples=25, suppress_health_check=_SUPPRESSED)
+# On CI (CI=true), examples are derandomized so that a run is reproducible.
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=25,
+    suppress_health_check=_SUPPRESSED,
+    derandomize=bool(os.environ.get("CI")),
+    print_blob=True,
+)
 settings.register_profile(
     "thorough", deadline=None, max_examples=300, suppress_health_check=_SUPPRESSED
 )
