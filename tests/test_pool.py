@@ -70,13 +70,13 @@ def test_max_workers_must_be_positive(bad: int) -> None:
 
 def test_unknown_start_method_lists_the_valid_ones() -> None:
     with pytest.raises(pk.StartMethodError, match=r"'frok'.*'fork'.*'spawn'") as info:
-        pk.run_parallel(w.square, [1], start_method="frok")  # type: ignore[arg-type]
+        pk.run_parallel(w.square, [1], start_method="frok")  # type: ignore[call-overload]
     assert isinstance(info.value, ValueError)
 
 
 def test_fn_must_be_callable() -> None:
     with pytest.raises(TypeError, match="fn must be callable"):
-        pk.run_parallel(42, [1])  # type: ignore[arg-type]
+        pk.run_parallel(42, [1])  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize(
@@ -95,9 +95,9 @@ def test_bad_options_raise_in_the_caller(
     kwargs: dict[str, object], error: type[Exception], match: str
 ) -> None:
     with pytest.raises(error, match=match):
-        pk.run_parallel(w.square, [1], **kwargs)  # type: ignore[arg-type]
+        pk.run_parallel(w.square, [1], **kwargs)  # type: ignore[call-overload]
     with pytest.raises(error, match=match):
-        pk.imap_parallel(w.square, [1], **kwargs)  # type: ignore[arg-type]
+        pk.imap_parallel(w.square, [1], **kwargs)  # type: ignore[call-overload]
 
 
 def test_worker_pool_validates() -> None:
@@ -184,7 +184,7 @@ def test_worker_death_names_the_item(
 ) -> None:
     started = time.monotonic()
     with pytest.raises(pk.WorkerCrashedError) as info:
-        pk.run_parallel(fn, range(40), start_method=start_method, chunksize=10)  # type: ignore[arg-type]
+        pk.run_parallel(fn, range(40), start_method=start_method, chunksize=10)  # type: ignore[call-overload]
     assert time.monotonic() - started < 10
     err = info.value
     assert err.item_index == 13

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from . import errors as errors
 from ._context import usable_cpu_count as usable_cpu_count
+from ._pool import ResultIterator as ResultIterator
 from ._pool import WorkerPool as WorkerPool
 from ._pool import imap_parallel as imap_parallel
 from ._pool import run_parallel as run_parallel
@@ -33,6 +34,7 @@ __all__ = (
     "ParallelKitError",
     "PipelineError",
     "RemoteError",
+    "ResultIterator",
     "SerializationError",
     "StartMethod",
     "StartMethodError",

@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar, overload
 
 from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine
@@ -21,8 +21,9 @@ from ._job import Job, PoolBrokenError, collect, iterate
 from ._types import P, R, StartMethod, T
 
 _Y = TypeVar("_Y")
+_U = TypeVar("_U")
 
-__all__ = ("WorkerPool", "imap_parallel", "run_parallel")
+__all__ = ("ResultIterator", "WorkerPool", "imap_parallel", "run_parallel")
 
 
 # ------------------------------------------------------------------ validation
@@ -86,6 +87,39 @@ def _as_sequence(items: Iterable[T]) -> Sequence[T]:
 # ------------------------------------------------------------------ one-shot API
 
 
+@overload
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Literal["process"] | WorkerPool | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: Literal[False] = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+) -> list[R]: ...
+@overload
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Literal["process"] | WorkerPool | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: Literal[True],
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+) -> list[R | BaseException]: ...
+@overload
 def run_parallel(
     fn: Callable[[T], R],
     items: Iterable[T],
@@ -100,7 +134,22 @@ def run_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
-) -> list[R]:
+) -> list[R] | list[R | BaseException]: ...
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Literal["process"] | WorkerPool | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+) -> list[R] | list[R | BaseException]:
     """Apply ``fn`` to every item in worker processes; the results as a list.
 
     Args:
@@ -237,6 +286,39 @@ class ResultIterator(Iterator[_Y]):
         self.close()
 
 
+@overload
+def imap_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Literal["process"] | WorkerPool | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: Literal[False] = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+) -> ResultIterator[R]: ...
+@overload
+def imap_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Literal["process"] | WorkerPool | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: Literal[True],
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+) -> ResultIterator[R | BaseException]: ...
+@overload
 def imap_parallel(
     fn: Callable[[T], R],
     items: Iterable[T],
@@ -251,7 +333,22 @@ def imap_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
-) -> ResultIterator[R]:
+) -> ResultIterator[R] | ResultIterator[R | BaseException]: ...
+def imap_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Literal["process"] | WorkerPool | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+) -> ResultIterator[R] | ResultIterator[R | BaseException]:
     """Like :func:`run_parallel`, but lazy: an iterator over the results.
 
     ``items`` is consumed lazily and only a bounded number of chunks is in flight, so an
@@ -471,6 +568,35 @@ class WorkerPool(Executor):
         engine.submit_future(job)
         return future
 
+    @overload
+    def map(
+        self,
+        fn: Callable[[T], R],
+        iterable: Iterable[T],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[R]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[[T, _U], R],
+        iterable: Iterable[T],
+        iterable2: Iterable[_U],
+        /,
+        *,
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[R]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[..., R],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
+    ) -> Iterator[R]: ...
     def map(
         self,
         fn: Callable[..., R],
@@ -525,6 +651,31 @@ class WorkerPool(Executor):
         finally:
             gen.close()
 
+    @overload
+    def imap(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        /,
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        return_exceptions: Literal[False] = False,
+    ) -> ResultIterator[R]: ...
+    @overload
+    def imap(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        /,
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        return_exceptions: Literal[True],
+    ) -> ResultIterator[R | BaseException]: ...
+    @overload
     def imap(
         self,
         fn: Callable[[T], R],
@@ -535,7 +686,18 @@ class WorkerPool(Executor):
         ordered: bool = True,
         timeout: float | None = None,
         return_exceptions: bool = False,
-    ) -> ResultIterator[R]:
+    ) -> ResultIterator[R] | ResultIterator[R | BaseException]: ...
+    def imap(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        /,
+        *,
+        chunksize: int | None = None,
+        ordered: bool = True,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+    ) -> ResultIterator[R] | ResultIterator[R | BaseException]:
         """Stream ``fn(item)`` for each item, on this pool's workers (see ``imap_parallel``)."""
         _check_fn(fn)
         _check_chunksize(chunksize)

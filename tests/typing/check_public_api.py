@@ -47,6 +47,12 @@ def init(prefix: str, level: int) -> None:
 
 def check_run_parallel(xs: list[int], method: pk.StartMethod) -> None:
     assert_type(pk.run_parallel(square, xs), list[int])
+    assert_type(pk.run_parallel(square, xs, return_exceptions=True), list[int | BaseException])
+    assert_type(pk.run_parallel(square, xs, return_exceptions=False), list[int])
+    assert_type(pk.imap_parallel(square, xs), pk.ResultIterator[int])
+    assert_type(
+        pk.imap_parallel(square, xs, return_exceptions=True), pk.ResultIterator[int | BaseException]
+    )
     assert_type(pk.run_parallel(describe, xs), list[str])
     assert_type(pk.run_parallel(square, range(10)), list[int])
     assert_type(pk.run_parallel(square, iter(xs)), list[int])
@@ -78,19 +84,19 @@ def check_run_parallel(xs: list[int], method: pk.StartMethod) -> None:
 def check_run_parallel_errors(xs: list[int], names: list[str], method: str) -> None:
     pk.run_parallel(square, names)  # type: ignore[arg-type]
     pk.run_parallel(add, xs)  # type: ignore[arg-type]
-    pk.run_parallel(square, 3)  # type: ignore[arg-type]
-    pk.run_parallel(square, xs, max_workers="2")  # type: ignore[arg-type]
-    pk.run_parallel(square, xs, max_workers=1.5)  # type: ignore[arg-type]
-    pk.run_parallel(square, xs, chunksize=1.5)  # type: ignore[arg-type]
-    pk.run_parallel(square, xs, timeout="1")  # type: ignore[arg-type]
-    pk.run_parallel(square, xs, start_method="frok")  # type: ignore[arg-type]
-    pk.run_parallel(square, xs, start_method=method)  # type: ignore[arg-type]
-    pk.run_parallel(square, xs, backend="processes")  # type: ignore[arg-type]
-    pk.run_parallel(square, xs, initargs=["x", 1])  # type: ignore[arg-type]
+    pk.run_parallel(square, 3)  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, max_workers="2")  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, max_workers=1.5)  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, chunksize=1.5)  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, timeout="1")  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, start_method="frok")  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, start_method=method)  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, backend="processes")  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, initargs=["x", 1])  # type: ignore[call-overload]
     # fn and items are positional-only; every option is keyword-only.
-    pk.run_parallel(fn=square, items=xs)  # type: ignore[call-arg]
-    pk.run_parallel(square, xs, 2)  # type: ignore[call-arg]
-    pk.run_parallel(square, xs, workers=2)  # type: ignore[call-arg]
+    pk.run_parallel(fn=square, items=xs)  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, 2)  # type: ignore[call-overload]
+    pk.run_parallel(square, xs, workers=2)  # type: ignore[call-overload]
     # The result is a list of the function's return type, not of anything else.
     wrong: list[str] = pk.run_parallel(square, xs)  # type: ignore[arg-type]
     del wrong
@@ -117,9 +123,9 @@ def check_imap_parallel(xs: list[int]) -> None:
 
 def check_imap_parallel_errors(xs: list[int], names: list[str]) -> None:
     pk.imap_parallel(square, names)  # type: ignore[arg-type]
-    pk.imap_parallel(square, xs, ordered=None)  # type: ignore[arg-type]
-    pk.imap_parallel(square, xs, start_method="threads")  # type: ignore[arg-type]
-    pk.imap_parallel(items=xs, fn=square)  # type: ignore[call-arg]
+    pk.imap_parallel(square, xs, ordered=None)  # type: ignore[call-overload]
+    pk.imap_parallel(square, xs, start_method="threads")  # type: ignore[call-overload]
+    pk.imap_parallel(items=xs, fn=square)  # type: ignore[call-overload]
     for y in pk.imap_parallel(square, xs):
         y.upper()  # type: ignore[attr-defined]
 
@@ -147,6 +153,10 @@ def check_worker_pool(xs: list[int]) -> None:
 
     assert_type(pool.map(square, xs), Iterator[int])
     assert_type(pool.map(add, xs, xs), Iterator[int])
+    assert_type(
+        pool.imap(square, xs, return_exceptions=True), pk.ResultIterator[int | BaseException]
+    )
+    assert_type(pool.map(add, xs, xs), Iterator[int])
     assert_type(pool.map(describe, xs, timeout=2.0, chunksize=4), Iterator[str])
     for y in pool.map(square, xs):
         assert_type(y, int)
@@ -173,9 +183,9 @@ def check_worker_pool_errors(xs: list[int], names: list[str]) -> None:
     wrong: Future[str] = pool.submit(square, 1)  # type: ignore[arg-type]
     del wrong
     pool.imap(square, names)  # type: ignore[arg-type]
-    pool.imap(square, xs, 4)  # type: ignore[call-arg]
-    pool.imap(square, xs, chunksize="4")  # type: ignore[arg-type]
-    pool.map(square, xs, timeout="soon")  # type: ignore[arg-type]
+    pool.imap(square, xs, 4)  # type: ignore[call-overload]
+    pool.imap(square, xs, chunksize="4")  # type: ignore[call-overload]
+    pool.map(square, xs, timeout="soon")  # type: ignore[call-overload]
     pool.shutdown(cancel=True)  # type: ignore[call-arg]
     pk.WorkerPool("2")  # type: ignore[arg-type]
     pk.WorkerPool(2, "spawn")  # type: ignore[call-arg]
