@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import threading
 import time
 import warnings
@@ -100,6 +102,8 @@ class Engine:
         max_tasks_per_worker: int | None,
         inherit: tuple[Callable[..., object], Sequence[Any] | None] | None = None,
     ) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            W.refuse_to_start_in_bootstrap()
         self.context = context
         self.start_method = start_method
         self.max_workers = max_workers
@@ -165,9 +169,21 @@ class Engine:
 
     # ---------------------------------------------------------------- workers
     def _spawn(self) -> _Worker:
+        """Start one worker in a free slot; an OSError says that it could not."""
         slot = self.free_slots.pop()
+        try:
+            return self._start_worker(slot)
+        except BaseException as exc:
+            self.free_slots.append(slot)
+            if isinstance(exc, OSError):
+                raise OSError(
+                    exc.errno,
+                    f"parallelkit could not start a worker process: {exc.strerror or exc}",
+                ) from exc
+            raise
+
+    def _start_worker(self, slot: int) -> _Worker:
         self.words[slot * W.SLOT_WORDS + W.POS] = -1
-        parent_end, child_end = self.context.Pipe(duplex=True)
         fork = self.start_method == "fork"
         inherited = None
         if fork and self.inherited_fn is not None:
@@ -176,40 +192,52 @@ class Engine:
             self.start_method == "forkserver"
             or threading.current_thread() is threading.main_thread()
         )
-        process = self.context.Process(  # type: ignore[attr-defined]
-            target=W.pool_worker,
-            args=(child_end, self.progress, slot),
-            kwargs={
-                "parent_pid": os.getpid(),
-                "pdeathsig": pdeathsig,
-                "init_payload": self.init_payload,
-                "inherited": inherited,
-                "parent_end": parent_end if fork else None,
-            },
-            name=f"parallelkit-worker-{slot}",
-            daemon=True,
-        )
+        parent_end, child_end = self.context.Pipe(duplex=True)
         try:
-            if fork and self._our_threads_alive():
-                with warnings.catch_warnings():
-                    # The only other thread is our own futures helper, which holds no lock
-                    # a worker needs; see Engine docstring.
-                    warnings.filterwarnings(
-                        "ignore", message=r".*multi-threaded.*fork", category=DeprecationWarning
-                    )
+            process = self.context.Process(  # type: ignore[attr-defined]
+                target=W.pool_worker,
+                args=(child_end, self.progress, slot),
+                kwargs={
+                    "parent_pid": os.getpid(),
+                    "pdeathsig": pdeathsig,
+                    "init_payload": self.init_payload,
+                    "inherited": inherited,
+                    "parent_end": parent_end if fork else None,
+                },
+                name=f"parallelkit-worker-{slot}",
+                daemon=True,
+            )
+            # fork and spawn children inherit this thread's signal mask: with SIGINT blocked
+            # until the worker ignores it, a Ctrl-C during start-up cannot make a worker
+            # print a KeyboardInterrupt traceback.  (Not for forkserver: its server process,
+            # shared with the user's own processes, would inherit the mask for good.)
+            block = self.start_method != "forkserver"
+            if block:
+                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                if fork and self._our_threads_alive():
+                    with warnings.catch_warnings():
+                        # The only other thread is our futures helper: see the docstring.
+                        warnings.filterwarnings(
+                            "ignore", message=r".*multi-threaded.*fork", category=DeprecationWarning
+                        )
+                        process.start()
+                else:
                     process.start()
-            else:
-                process.start()
+                worker = _Worker(process, parent_end, slot)
+                if self.inherited_fn is not None and fork:
+                    worker.fns[self.inherited_fn_id] = None
+                self.workers.append(worker)
+            finally:
+                if block:
+                    # a Ctrl-C that arrived meanwhile is raised here, with the worker known
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         except BaseException:
-            self.free_slots.append(slot)
-            parent_end.close()
+            if not any(w.conn is parent_end for w in self.workers):
+                parent_end.close()
             child_end.close()
             raise
         child_end.close()
-        worker = _Worker(process, parent_end, slot)
-        if self.inherited_fn is not None and fork:
-            worker.fns[self.inherited_fn_id] = None
-        self.workers.append(worker)
         return worker
 
     def _our_threads_alive(self) -> bool:
@@ -449,6 +477,17 @@ class Engine:
         exitcode = w.process.exitcode
         self._forget(w)
         if self.broken is not None:
+            return
+        if exitcode == W.EXIT_MAIN_GUARD:
+            self._break(
+                WorkerCrashedError(
+                    f"worker pid {w.pid} could not start: the main module starts parallel work "
+                    f"when it is imported, and {self.start_method!r} workers import it again. "
+                    'Put the code that starts the work under `if __name__ == "__main__":`',
+                    pid=w.pid,
+                    exitcode=exitcode,
+                )
+            )
             return
         if not w.chunks:
             if not w.stopping and self.broken is None and w.tasks_done == 0:

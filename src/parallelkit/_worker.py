@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from ._serialize import PROTOCOL, capture_exception, dumps
 
@@ -56,6 +56,7 @@ FN_CACHE_SIZE: Final = 64
 # exit codes of a worker that decided to stop
 EXIT_PARENT_DIED: Final = 70
 EXIT_INIT_FAILED: Final = 71
+EXIT_MAIN_GUARD: Final = 72
 
 
 def _set_parent_death_signal() -> None:
@@ -82,6 +83,8 @@ def bootstrap(
 ) -> None:
     """Prepare a parallelkit child process; raises whatever the initializer raises."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent blocked SIGINT while it started us (see Engine._start_worker)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if pdeathsig:
         _set_parent_death_signal()
     parent = multiprocessing.parent_process()
@@ -96,6 +99,20 @@ def bootstrap(
         os._exit(EXIT_PARENT_DIED)  # the parent died before we got here
     if initializer is not None:
         initializer(*initargs)
+
+
+def refuse_to_start_in_bootstrap() -> NoReturn:
+    """We are a spawn/forkserver child importing the parent's ``__main__``, which starts work.
+
+    Starting processes here would fail (and each child would print a traceback); exit with a
+    code the parent recognises, after one line that says what to do.
+    """
+    sys.stderr.write(
+        "parallelkit: this process was started to run tasks, but importing the main module "
+        'started parallel work again; guard it with `if __name__ == "__main__":`\n'
+    )
+    sys.stderr.flush()
+    os._exit(EXIT_MAIN_GUARD)
 
 
 def pool_worker(
