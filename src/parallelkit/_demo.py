@@ -60,9 +60,9 @@ class DemoPlan:
 
     @classmethod
     def for_this_machine(cls, cpus: int) -> DemoPlan:
-        """Four items per usable CPU, sized so the serial run takes a second or two."""
+        """Four items per usable CPU, sized so the serial run takes about a second."""
         items = 4 * cpus
-        return cls(items=items, item_seconds=max(0.02, min(0.2, 1.6 / items)))
+        return cls(items=items, item_seconds=max(0.02, min(0.15, 1.2 / items)))
 
 
 def _timed(run: Callable[[], list[int]]) -> tuple[list[int], float]:

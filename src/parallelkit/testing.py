@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib
 import multiprocessing
 import os
 import signal
@@ -165,13 +166,16 @@ def _helper_pids() -> set[int]:
     The resource tracker and the forkserver live until the interpreter exits, by design;
     they are not leaks.  (The forkserver's *children* are workers, and can be.)
     """
-    import multiprocessing.forkserver  # noqa: PLC0415 - only to read its state
-    import multiprocessing.resource_tracker  # noqa: PLC0415 - only to read its state
-
     pids: set[int] = set()
-    tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
-    forkserver = getattr(multiprocessing.forkserver, "_forkserver", None)
-    for pid in (getattr(tracker, "_pid", None), getattr(forkserver, "_forkserver_pid", None)):
+    for module, holder, attribute in (
+        ("multiprocessing.resource_tracker", "_resource_tracker", "_pid"),
+        ("multiprocessing.forkserver", "_forkserver", "_forkserver_pid"),
+    ):
+        try:
+            state = getattr(importlib.import_module(module), holder, None)
+        except ImportError:  # pragma: no cover - a platform without it (Windows)
+            continue
+        pid = getattr(state, attribute, None)
         if isinstance(pid, int):
             pids.add(pid)
     return pids
