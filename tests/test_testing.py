@@ -385,6 +385,35 @@ def test_strategies_say_how_to_install_hypothesis(
         make()
 
 
+def test_leak_check_needs_neither_hypothesis_nor_psutil() -> None:
+    # hypothesis is only a test extra and psutil is optional: importing the module and
+    # using the leak check must work without them.
+    script = """
+import sys
+sys.modules["hypothesis"] = None
+sys.modules["psutil"] = None
+from parallelkit.testing import LeakError, check_no_leaks
+import subprocess
+try:
+    with check_no_leaks(grace=0.2, kill=True):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+except LeakError as error:
+    assert error.processes == (child.pid,), error
+    child.wait()
+    print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env_with_package(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 # ------------------------------------------------------------------------------ helpers
 
 
