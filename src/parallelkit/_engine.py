@@ -198,7 +198,8 @@ class Engine:
                 target=W.pool_worker,
                 args=(child_end, self.progress, slot),
                 kwargs={
-                    "parent_pid": os.getpid(),
+                    # a forkserver child's parent is the server: nothing to compare
+                    "parent_pid": 0 if self.start_method == "forkserver" else os.getpid(),
                     "pdeathsig": pdeathsig,
                     "init_payload": self.init_payload,
                     "inherited": inherited,

@@ -95,7 +95,7 @@ def bootstrap(
             name="parallelkit-parent-watch",
             daemon=True,
         ).start()
-    if os.getppid() != parent_pid and multiprocessing.get_start_method(True) != "forkserver":
+    if parent_pid and os.getppid() != parent_pid:
         os._exit(EXIT_PARENT_DIED)  # the parent died before we got here
     if initializer is not None:
         initializer(*initargs)
