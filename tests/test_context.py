@@ -178,6 +178,7 @@ def _write(root: Path, relative: str, text: str) -> None:
         ("50000 100000\n", 1),  # half a CPU is still one worker
         ("400000 50000\n", 8),
         ("100000 0\n", None),  # nonsense period: ignore
+        ("abc 100000\n", None),  # unreadable: ignore
     ],
 )
 def test_cgroup_v2_cpu_max(tmp_path: Path, cpu_max: str, expected: int | None) -> None:

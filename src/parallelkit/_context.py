@@ -83,7 +83,10 @@ def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     except OSError:
         cpu_max = []
     if len(cpu_max) == 2 and cpu_max[0] != "max":
-        return _ceil_quota(int(cpu_max[0]), int(cpu_max[1]))
+        try:
+            return _ceil_quota(int(cpu_max[0]), int(cpu_max[1]))
+        except ValueError:
+            return None  # unreadable: no quota we can honour
     try:
         quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
         period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
