@@ -148,6 +148,7 @@ class Engine:
         self.helper_running = False
         self.close_when_idle = False
         self.deferred: list[Callable[[], object]] = []
+        self.changes = 0  # bumped whenever a job gets a result or an error
         self.released = False
 
     # ---------------------------------------------------------------- functions
@@ -183,7 +184,7 @@ class Engine:
             raise
 
     def _start_worker(self, slot: int) -> _Worker:
-        self.words[slot * W.SLOT_WORDS + W.POS] = -1
+        self.words[slot * W.SLOT_WORDS + W.POS] = W.POS_STARTING
         fork = self.start_method == "fork"
         inherited = None
         if fork and self.inherited_fn is not None:
@@ -339,7 +340,10 @@ class Engine:
 
     def step(self, timeout: float | None) -> None:
         """Dispatch, wait once for any event (mutex released meanwhile), handle events."""
+        changes = self.changes
         self._dispatch()
+        if self.changes != changes or self.deferred:
+            return  # dispatching itself settled something (an item that cannot be sent)
         deadline = self._next_deadline()
         if deadline is not None:
             timeout = max(0.0, deadline) if timeout is None else min(timeout, max(0.0, deadline))
@@ -410,7 +414,13 @@ class Engine:
                 rebuild_exception(record, where=f"in the initializer of worker pid {w.pid}")
             )
             return
-        if chunk is None or msg[1] != chunk.cid:  # pragma: no cover - protocol error
+        if chunk is None or msg[1] != chunk.cid:  # pragma: no cover - a bug, never a hang
+            self._break(
+                PoolBrokenError(
+                    f"internal error: worker pid {w.pid} answered chunk {msg[1]}, "
+                    f"expected {None if chunk is None else chunk.cid}"
+                )
+            )
             return
         w.chunks.popleft()
         w.head_since = time.monotonic_ns()
@@ -495,35 +505,41 @@ class Engine:
                 self._startup_death(w, exitcode)
             return
         head = w.chunks.popleft()
-        self._chunk_done(w, head)
-        for other in w.chunks:  # pipelined chunks it never started: run them elsewhere
+        head.job.in_flight -= 1
+        for other in reversed(w.chunks):  # pipelined chunks it never started: run elsewhere
             other.job.in_flight -= 1
             if not other.job.cancelled:
                 other.job.retries.appendleft(other)
         w.chunks.clear()
         job = head.job
-        pos = self.words[w.slot * W.SLOT_WORDS + W.POS]
         if job.cancelled:
             return
-        if pos < 0 or pos >= head.stop - head.start:
-            # died before it started an item: the chunk is blameless unless it keeps happening
-            if w.tasks_done == 0 and w.killed_for is None:
+        pos = self.words[w.slot * W.SLOT_WORDS + W.POS]
+        size = head.stop - head.start
+        if w.killed_for is not None:
+            job.split_around(head, max(0, min(pos, size - 1)), w.killed_for)
+            return
+        if pos == W.POS_STARTING or pos >= size:
+            # died before it took the chunk (start-up, initializer): the chunk is blameless
+            if w.tasks_done == 0:
                 self._startup_death(w, exitcode)
             job.retries.appendleft(head)
             return
+        if pos == W.POS_RECEIVING and size > 1:
+            # died unpickling the chunk: run its items one by one to find the culprit
+            job.split_around(head, 0, None)
+            return
+        doing = "receiving" if pos == W.POS_RECEIVING else "running"
+        pos = max(pos, 0)
         index = head.start + pos
-        error: BaseException
-        if w.killed_for is not None:
-            error = w.killed_for
-        else:
-            error = WorkerCrashedError(
-                f"worker pid {w.pid} {describe_exit(exitcode)} while running item {index}"
-                + (" (without sending a result)" if exitcode == 0 else ""),
-                item_index=index,
-                pid=w.pid,
-                exitcode=exitcode,
-                signal=signal_name(exitcode),
-            )
+        error = WorkerCrashedError(
+            f"worker pid {w.pid} {describe_exit(exitcode)} while {doing} item {index}"
+            + (" (without sending a result)" if exitcode == 0 else ""),
+            item_index=index,
+            pid=w.pid,
+            exitcode=exitcode,
+            signal=signal_name(exitcode),
+        )
         job.split_around(head, pos, error)
 
     def _startup_death(self, w: _Worker, exitcode: int | None) -> None:

@@ -211,6 +211,7 @@ class Job:
         self, start: int, results: list[Any], errors: list[tuple[int, BaseException]] | None
     ) -> None:
         """Results for items ``start ...`` arrived (errors: (position, exception) pairs)."""
+        self.engine.changes += 1
         if self.cancelled:
             return
         flagged = False
@@ -234,6 +235,7 @@ class Job:
             self.out.append(entry)
 
     def fail(self, exc: BaseException) -> None:
+        self.engine.changes += 1
         if self.error is None:
             self.error = exc
         self.engine.abandon(self)

@@ -455,6 +455,7 @@ class _FutureJob(Job):
     def complete(
         self, start: int, results: list[Any], errors: list[tuple[int, BaseException]] | None
     ) -> None:
+        self.engine.changes += 1
         if self.cancelled:
             return
         self.exhausted = True
@@ -469,6 +470,7 @@ class _FutureJob(Job):
         self.engine.future_done(self)
 
     def fail(self, exc: BaseException) -> None:
+        self.engine.changes += 1
         if self.error is None:
             self.error = exc
             self.engine.abandon(self)

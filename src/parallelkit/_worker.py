@@ -49,7 +49,9 @@ INIT_FAILED: Final = 3  # (INIT_FAILED, record)
 
 # progress slot layout (int64 words, one cache line per worker)
 SLOT_WORDS: Final = 8
-POS: Final = 0  # position in the chunk of the item being run
+POS: Final = 0  # position in the chunk of the item being run, or one of:
+POS_STARTING: Final = -1  # not yet ready for work (start-up, initializer)
+POS_RECEIVING: Final = -2  # unpickling a chunk
 STARTED_NS: Final = 1  # time.monotonic_ns() when that item started (TIMED only)
 FN_CACHE_SIZE: Final = 64
 
@@ -171,6 +173,7 @@ def _task_loop(
         kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
         if kind == STOP:
             return
+        words[base] = POS_RECEIVING
         fn = fns.get(fn_id)
         if fn is None:
             try:
