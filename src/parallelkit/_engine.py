@@ -389,7 +389,7 @@ class Engine:
         chunk = w.chunks[0] if w.chunks else None
         try:
             msg = pickle.loads(data)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a result's __reduce__ may even sys.exit()
             if chunk is None:
                 return
             w.chunks.popleft()
@@ -525,11 +525,14 @@ class Engine:
                 self._startup_death(w, exitcode)
             job.retries.appendleft(head)
             return
-        if pos == W.POS_RECEIVING and size > 1:
-            # died unpickling the chunk: run its items one by one to find the culprit
+        if pos in (W.POS_RECEIVING, W.POS_SENDING) and size > 1:
+            # died unpickling the chunk or pickling its results: run its items one by one
+            # to find the culprit
             job.split_around(head, 0, None)
             return
-        doing = "receiving" if pos == W.POS_RECEIVING else "running"
+        doing = {W.POS_RECEIVING: "receiving", W.POS_SENDING: "sending the result of"}.get(
+            pos, "running"
+        )
         pos = max(pos, 0)
         index = head.start + pos
         error = WorkerCrashedError(

@@ -478,7 +478,7 @@ class _FutureJob(Job):
             if self.started:
                 self.engine.defer(lambda: future.set_exception(exc))
             else:
-                self.engine.defer(future.cancel)
+                self.engine.defer(lambda: _cancel_and_notify(future))
             self.engine.future_done(self)
 
     def cancel(self) -> None:
@@ -487,10 +487,18 @@ class _FutureJob(Job):
         self.cancelled = True
 
 
+def _cancel_and_notify(future: Future[Any]) -> None:
+    # cancel() alone leaves the future CANCELLED, which concurrent.futures.wait() and
+    # as_completed() do not count as done until it is also "notified".
+    if future.cancel():
+        future.set_running_or_notify_cancel()
+
+
 def _abandon(engine: Engine) -> None:
     """Finalizer of a WorkerPool that was dropped without shutdown()."""
     with engine.mutex:
         busy = bool(engine.jobs) or any(w.chunks for w in engine.workers)
+    engine.shutdown(graceful=not busy, join_timeout=1.0)  # first: a warning may raise
     if busy:
         warnings.warn(
             "a parallelkit WorkerPool was garbage-collected with work pending; its workers "
@@ -498,7 +506,6 @@ def _abandon(engine: Engine) -> None:
             ResourceWarning,
             stacklevel=2,
         )
-    engine.shutdown(graceful=not busy, join_timeout=1.0)
 
 
 class WorkerPool(Executor):

@@ -52,6 +52,7 @@ SLOT_WORDS: Final = 8
 POS: Final = 0  # position in the chunk of the item being run, or one of:
 POS_STARTING: Final = -1  # not yet ready for work (start-up, initializer)
 POS_RECEIVING: Final = -2  # unpickling a chunk
+POS_SENDING: Final = -3  # pickling and sending a chunk's results
 STARTED_NS: Final = 1  # time.monotonic_ns() when that item started (TIMED only)
 FN_CACHE_SIZE: Final = 64
 
@@ -198,6 +199,7 @@ def _task_loop(
         t0 = time.perf_counter()
         results, errors = _run_chunk(fn, items, flags, words, base)
         elapsed = time.perf_counter() - t0
+        words[base] = POS_SENDING
         try:
             payload = pickle.dumps((DONE, cid, results, errors, elapsed), PROTOCOL)
         except BaseException:
