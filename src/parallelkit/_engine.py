@@ -53,7 +53,7 @@ from ._types import StartMethod
 from .errors import SerializationError, TaskTimeoutError, WorkerCrashedError
 
 PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
-STARTUP_DEATHS_LIMIT: Final = 3  # workers dying before any result, per worker slot
+STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot
 _fn_ids = itertools.count(1)
 
 
@@ -181,6 +181,12 @@ class Engine:
                     exc.errno,
                     f"parallelkit could not start a worker process: {exc.strerror or exc}",
                 ) from exc
+            if isinstance(exc, EOFError):  # the forkserver hung up (it ran out of something)
+                raise OSError(
+                    None,
+                    "parallelkit could not start a worker process: the forkserver closed "
+                    f"the connection ({type(exc).__name__}: {exc})",
+                ) from exc
             raise
 
     def _start_worker(self, slot: int) -> _Worker:
@@ -281,15 +287,17 @@ class Engine:
         return len(worker.chunks[0].payload or b"") <= PIPELINE_LIMIT
 
     def _next_chunk(self) -> Chunk | None:
-        jobs = self.jobs
-        if any(job.cancelled for job in jobs):  # closed from another thread or by the GC
-            jobs[:] = [job for job in jobs if not job.cancelled]
+        # a snapshot: asking a job for a chunk may settle it and remove it from self.jobs
+        jobs = list(self.jobs)
         n = len(jobs)
         for k in range(n):
             job = jobs[(self._rr + k) % n]
+            if job.cancelled:  # closed from another thread, or by the garbage collector
+                self.abandon(job)
+                continue
             chunk = job.next_chunk()
             if chunk is not None:
-                self._rr = (self._rr + k + 1) % max(1, n)
+                self._rr = (self._rr + k + 1) % n
                 return chunk
         return None
 
@@ -655,9 +663,9 @@ class Engine:
                     self.driver = threading.get_ident()
                     try:
                         self.step(remaining)
-                    except BaseException:
+                    except BaseException as exc:
                         self.driver = None
-                        self._abort_locked()
+                        self._abort_locked(exc)
                         self._run_deferred_locked()
                         raise
                     finally:
@@ -737,9 +745,20 @@ class Engine:
             self.shutdown(graceful=True)
 
     # ---------------------------------------------------------------- shutdown
-    def _abort_locked(self) -> None:
-        """Something escaped the event loop (Ctrl-C): kill everything, fail every job."""
-        self._break(PoolBrokenError("the pool was interrupted and its workers stopped"))
+    def _abort_locked(self, cause: BaseException) -> None:
+        """Something escaped the event loop: kill everything, fail every job with it.
+
+        An ``Exception`` (a worker that could not be started) is what every waiting job
+        and future gets; Ctrl-C and the like become :class:`PoolBrokenError`.
+        """
+        if isinstance(cause, Exception):
+            self._break(cause)
+        else:
+            self._break(
+                PoolBrokenError(
+                    f"the pool was interrupted ({type(cause).__name__}) and its workers stopped"
+                )
+            )
         workers, self.workers = self.workers, []
         stop_processes([w.process for w in workers], join_timeout=0)
         for w in workers:
