@@ -53,7 +53,8 @@ from ._types import StartMethod
 from .errors import SerializationError, TaskTimeoutError, WorkerCrashedError
 
 PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
-STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot
+STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
+STARTUP_DEATHS_SECONDS: Final = 0.5  # ...for at least this long, and the pool gives up
 _fn_ids = itertools.count(1)
 
 
@@ -134,6 +135,7 @@ class Engine:
         self.free_slots = list(range(max_workers - 1, -1, -1))
         self.jobs: list[Job] = []
         self.startup_deaths = 0
+        self.first_startup_death = 0.0
         self.broken: BaseException | None = None
         self.closed = False
         self.mutex = threading.Lock()
@@ -554,8 +556,16 @@ class Engine:
         job.split_around(head, pos, error)
 
     def _startup_death(self, w: _Worker, exitcode: int | None) -> None:
+        # Give up only on a run of deaths that is both long and lasting: a broken
+        # initializer, not a passing storm (signals sent to the whole process group).
+        now = time.monotonic()
+        if self.startup_deaths == 0:
+            self.first_startup_death = now
         self.startup_deaths += 1
-        if self.startup_deaths >= STARTUP_DEATHS_LIMIT * self.max_workers:
+        if (
+            self.startup_deaths >= STARTUP_DEATHS_LIMIT * self.max_workers
+            and now - self.first_startup_death >= STARTUP_DEATHS_SECONDS
+        ):
             self._break(
                 WorkerCrashedError(
                     f"worker processes keep dying at start-up (last: pid {w.pid} "
