@@ -171,13 +171,21 @@ class Engine:
         return fn_id, payload
 
     # ---------------------------------------------------------------- workers
-    def _spawn(self) -> _Worker:
-        """Start one worker in a free slot; an OSError says that it could not."""
+    def _spawn(self) -> _Worker | None:
+        """Start one worker in a free slot; an OSError says that it could not.
+
+        ``None``: the new worker died at once (counted as a start-up death).
+        """
         slot = self.free_slots.pop()
         try:
             return self._start_worker(slot)
         except BaseException as exc:
             self.free_slots.append(slot)
+            if isinstance(exc, BrokenPipeError) and self.start_method == "forkserver":
+                # the server forked it, but it died before it read what to run (a signal):
+                # the server reaps it; we count it like any worker dying at start-up
+                self._startup_death(None, None)
+                return None
             if isinstance(exc, OSError):
                 raise OSError(
                     exc.errno,
@@ -319,11 +327,15 @@ class Engine:
                 if chunk is None:
                     return
                 try:
-                    worker = self._spawn()
+                    spawned = self._spawn()
                 except BaseException:
                     chunk.job.retries.appendleft(chunk)
                     raise
-                self._send(worker, chunk)
+                if spawned is None:
+                    if not chunk.job.cancelled and chunk.job.error is None:
+                        chunk.job.retries.appendleft(chunk)
+                    return
+                self._send(spawned, chunk)
 
     # ---------------------------------------------------------------- events
     def _wait_objects(self) -> list[Any]:
@@ -555,7 +567,7 @@ class Engine:
         )
         job.split_around(head, pos, error)
 
-    def _startup_death(self, w: _Worker, exitcode: int | None) -> None:
+    def _startup_death(self, w: _Worker | None, exitcode: int | None) -> None:
         # Give up only on a run of deaths that is both long and lasting: a broken
         # initializer, not a passing storm (signals sent to the whole process group).
         now = time.monotonic()
@@ -568,10 +580,14 @@ class Engine:
         ):
             self._break(
                 WorkerCrashedError(
-                    f"worker processes keep dying at start-up (last: pid {w.pid} "
-                    f"{describe_exit(exitcode)}); is the initializer or the environment "
-                    "killing them?",
-                    pid=w.pid,
+                    "worker processes keep dying at start-up (last: "
+                    + (
+                        "one that died before it could be handed its work"
+                        if w is None
+                        else f"pid {w.pid} {describe_exit(exitcode)}"
+                    )
+                    + "); is the initializer or the environment killing them?",
+                    pid=None if w is None else w.pid,
                     exitcode=exitcode,
                     signal=signal_name(exitcode),
                 )
@@ -713,7 +729,7 @@ class Engine:
             if self.start_method == "fork":
                 # fork every worker now, before our thread exists (see the module docstring)
                 while len(self.workers) < self.max_workers:
-                    self._spawn()
+                    self._spawn()  # never None: that is only for forkserver
             self.helper_running = True
             thread = threading.Thread(
                 target=self._complete_futures, name="parallelkit-futures", daemon=True
