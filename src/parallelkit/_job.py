@@ -280,8 +280,12 @@ def collect(engine: Engine, job: Job) -> list[Any]:
             return out
 
 
-def iterate(engine: Engine, job: Job) -> Generator[Any, None, None]:
-    """Yield ``job``'s results as they become available (in order if the job is ordered)."""
+def iterate(engine: Engine, job: Job) -> Generator[list[Any], None, None]:
+    """Yield ``job``'s results, a list at a time, as they become available.
+
+    In order if the job is ordered.  A failure that is raised on delivery is raised after
+    the results before it have been yielded.
+    """
 
     def ready() -> bool:
         return bool(job.out) or job.error is not None or job.finished
@@ -291,12 +295,12 @@ def iterate(engine: Engine, job: Job) -> Generator[Any, None, None]:
             while job.out:
                 results, flagged = job.out.popleft()
                 if flagged:
-                    for value in results:
+                    for pos, value in enumerate(results):
                         if type(value) is Failure:
+                            if pos:
+                                yield results[:pos]
                             raise value.exc
-                        yield value
-                else:
-                    yield from results
+                yield results
             if job.error is not None:
                 raise job.error
             if job.finished:

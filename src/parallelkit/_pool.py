@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
@@ -244,7 +244,8 @@ class ResultIterator(Iterator[_Y]):
     """
 
     def __init__(self, engine: Engine, job: Job, *, owns_engine: bool) -> None:
-        self._gen = iterate(engine, job)
+        self._chunks = iterate(engine, job)
+        self._current: Iterator[_Y] = iter(())
         self._engine = engine
         self._job = job
         self._owns = owns_engine
@@ -253,18 +254,39 @@ class ResultIterator(Iterator[_Y]):
             weakref.finalize(self, engine.shutdown, graceful=False) if owns_engine else None
         )
 
-    def __iter__(self) -> Self:
-        return self
+    def __iter__(self) -> Iterator[_Y]:
+        # A generator that hands out each chunk with ``yield from`` over a list iterator:
+        # a ``for`` loop then gets each result without a Python-level call per item.  Its
+        # frame holds ``self``, so the work lives as long as the loop does; leaving the
+        # loop drops it (and, if nothing else holds this iterator, stops the work).
+        return self._delegate()
 
-    def __next__(self) -> _Y:
+    def _delegate(self) -> Generator[_Y, None, None]:
+        while True:
+            yield from self._current  # a list iterator: closing us leaves it resumable
+            if not self._advance():
+                return
+
+    def _advance(self) -> bool:
+        """Move to the next chunk of results; False when there are no more."""
         if self._closed:
-            raise StopIteration
+            return False
         try:
-            value: _Y = next(self._gen)
+            self._current = iter(next(self._chunks))
+        except StopIteration:
+            self.close()
+            return False
         except BaseException:
             self.close()
             raise
-        return value
+        return True
+
+    def __next__(self) -> _Y:
+        while True:
+            for value in self._current:
+                return value
+            if not self._advance():
+                raise StopIteration
 
     def close(self) -> None:
         """Stop the work; idempotent."""
@@ -272,7 +294,8 @@ class ResultIterator(Iterator[_Y]):
             return
         self._closed = True
         finished = self._job.finished and self._job.error is None
-        self._gen.close()
+        self._current = iter(())
+        self._chunks.close()
         if self._finalizer is not None:
             self._finalizer.detach()
             self._engine.shutdown(graceful=finished)
@@ -644,7 +667,7 @@ class WorkerPool(Executor):
         import time  # noqa: PLC0415
 
         deadline = None if timeout is None else time.monotonic() + timeout
-        gen = iterate(self._engine, job)
+        chunks = iterate(self._engine, job)
         try:
             while True:
                 if deadline is not None:
@@ -654,11 +677,12 @@ class WorkerPool(Executor):
                     ):
                         raise TimeoutError(f"map() results not ready within {timeout} s")
                 try:
-                    yield next(gen)
+                    results = next(chunks)
                 except StopIteration:
                     return
+                yield from results
         finally:
-            gen.close()
+            chunks.close()
 
     @overload
     def imap(
