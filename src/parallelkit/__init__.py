@@ -11,12 +11,10 @@ See the README for a tour and ``python -m parallelkit demo`` for a demonstration
 
 from __future__ import annotations
 
+import importlib
+import typing
+
 from . import errors as errors
-from ._context import usable_cpu_count as usable_cpu_count
-from ._pool import ResultIterator as ResultIterator
-from ._pool import WorkerPool as WorkerPool
-from ._pool import imap_parallel as imap_parallel
-from ._pool import run_parallel as run_parallel
 from ._types import StartMethod as StartMethod
 from .errors import ChannelClosedError as ChannelClosedError
 from .errors import ParallelKitError as ParallelKitError
@@ -28,6 +26,37 @@ from .errors import TaskTimeoutError as TaskTimeoutError
 from .errors import WorkerCrashedError as WorkerCrashedError
 
 __version__ = "0.1.0.dev0"
+
+if typing.TYPE_CHECKING:
+    from ._context import usable_cpu_count as usable_cpu_count
+    from ._pool import ResultIterator as ResultIterator
+    from ._pool import WorkerPool as WorkerPool
+    from ._pool import imap_parallel as imap_parallel
+    from ._pool import run_parallel as run_parallel
+
+# Imported on first use (PEP 562), so that a spawn or forkserver worker, which imports only
+# the modules it runs, does not pay for the whole API at start-up.
+_LAZY = {
+    "ResultIterator": "._pool",
+    "WorkerPool": "._pool",
+    "imap_parallel": "._pool",
+    "run_parallel": "._pool",
+    "usable_cpu_count": "._context",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'parallelkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = (
     "ChannelClosedError",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypeAlias, TypeVar
-
-from typing_extensions import ParamSpec
+from typing import Literal, ParamSpec, TypeAlias, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -58,9 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Final, Self, TypeVar
-
-from typing_extensions import ParamSpec
+from typing import TYPE_CHECKING, Final, ParamSpec, Self, TypeVar
 
 from ._context import available_start_methods
 
