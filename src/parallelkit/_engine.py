@@ -133,7 +133,8 @@ class Engine:
         self.words = memoryview(self.progress).cast("B").cast("q")
         self.workers: list[_Worker] = []
         self.free_slots = list(range(max_workers - 1, -1, -1))
-        self.jobs: list[Job] = []
+        self.jobs: list[Job] = []  # map jobs, asked for chunks in turn
+        self.future_queue: deque[Job] = deque()  # submitted calls, first come first served
         self.startup_deaths = 0
         self.first_startup_death = 0.0
         self.broken: BaseException | None = None
@@ -297,6 +298,10 @@ class Engine:
         return len(worker.chunks[0].payload or b"") <= PIPELINE_LIMIT
 
     def _next_chunk(self) -> Chunk | None:
+        while self.future_queue:
+            chunk = self.future_queue.popleft().next_chunk()
+            if chunk is not None:
+                return chunk
         # a snapshot: asking a job for a chunk may settle it and remove it from self.jobs
         jobs = list(self.jobs)
         n = len(jobs)
@@ -329,11 +334,11 @@ class Engine:
                 try:
                     spawned = self._spawn()
                 except BaseException:
-                    chunk.job.retries.appendleft(chunk)
+                    self.retry(chunk)
                     raise
                 if spawned is None:
                     if not chunk.job.cancelled and chunk.job.error is None:
-                        chunk.job.retries.appendleft(chunk)
+                        self.retry(chunk)
                     return
                 self._send(spawned, chunk)
 
@@ -531,7 +536,7 @@ class Engine:
         for other in reversed(w.chunks):  # pipelined chunks it never started: run elsewhere
             other.job.in_flight -= 1
             if not other.job.cancelled:
-                other.job.retries.appendleft(other)
+                self.retry(other)
         w.chunks.clear()
         job = head.job
         if job.cancelled:
@@ -543,9 +548,9 @@ class Engine:
             return
         if pos == W.POS_STARTING or pos >= size:
             # died before it took the chunk (start-up, initializer): the chunk is blameless
+            self.retry(head)  # first: giving up below fails the jobs that are queued
             if w.tasks_done == 0:
                 self._startup_death(w, exitcode)
-            job.retries.appendleft(head)
             return
         if pos in (W.POS_RECEIVING, W.POS_SENDING) and size > 1:
             # died unpickling the chunk or pickling its results: run its items one by one
@@ -640,6 +645,23 @@ class Engine:
         self.jobs.append(job)
         self.wake()
 
+    def retry(self, chunk: Chunk) -> None:
+        """Run ``chunk`` again, before anything else its job has."""
+        job = chunk.job
+        job.retries.appendleft(chunk)
+        if job.alone:
+            self.future_queue.appendleft(job)
+
+    def _all_jobs(self) -> list[Job]:
+        """Every job the engine knows: queued, running on a worker, or making chunks."""
+        seen: dict[int, Job] = {}
+        for job in (*self.jobs, *self.future_queue):
+            seen[id(job)] = job
+        for w in self.workers:
+            for chunk in w.chunks:
+                seen[id(chunk.job)] = chunk.job
+        return list(seen.values())
+
     def abandon(self, job: Job) -> None:
         """Forget ``job``; workers finishing its chunks have their results dropped."""
         if job in self.jobs:
@@ -660,9 +682,10 @@ class Engine:
     def _break(self, exc: BaseException) -> None:
         if self.broken is None:
             self.broken = exc
-        for job in list(self.jobs):
+        for job in self._all_jobs():
             job.fail(exc)
         self.jobs.clear()
+        self.future_queue.clear()
 
     def drive(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
         """Make progress until ``done()`` (under the mutex) or the timeout; True if done.
@@ -678,7 +701,9 @@ class Engine:
                     continue
                 if done():
                     return True
-                if self.closed or (self.broken is not None and not self.jobs):
+                if self.closed or (
+                    self.broken is not None and not self.jobs and not self.future_queue
+                ):
                     return done()
                 remaining = None
                 if deadline is not None:
@@ -721,7 +746,7 @@ class Engine:
                 raise RuntimeError("cannot schedule new futures after shutdown()")
             if self.broken is not None:
                 raise PoolBrokenError("the pool is broken") from self.broken
-            self.jobs.append(job)
+            self.future_queue.append(job)
             self.pending_futures += 1
             if self.helper_running:
                 self.wake()
@@ -757,9 +782,12 @@ class Engine:
 
     def cancel_pending_futures(self) -> None:
         with self.mutex:
-            for job in list(self.jobs):
+            queued, self.future_queue = self.future_queue, deque()
+            for job in queued:
                 if getattr(job, "started", True) is False:
                     job.cancel()
+                else:
+                    self.future_queue.append(job)  # running, but waiting to be re-run
         self.drive(lambda: True)  # run the deferred cancellations
 
     def shutdown_when_idle(self) -> None:
@@ -799,9 +827,10 @@ class Engine:
                 self._run_deferred_locked()
                 return
             self.closed = True
-            workers, self.workers = self.workers, []
-            for job in list(self.jobs):
+            for job in self._all_jobs():
                 job.cancel()
+            self.future_queue.clear()
+            workers, self.workers = self.workers, []
             if graceful:
                 for w in workers:
                     if w.chunks:

@@ -55,6 +55,8 @@ class Chunk:
 class Job:
     """One map call (or one submitted call): makes chunks, collects results in order."""
 
+    alone = False  # True: queued by itself (a submitted call), not asked in turn
+
     def __init__(
         self,
         engine: Engine,

@@ -442,6 +442,8 @@ def imap_parallel(
 class _FutureJob(Job):
     """One ``submit()`` call: a one-item job whose outcome completes a Future."""
 
+    alone = True
+
     def __init__(
         self,
         engine: Engine,
@@ -520,7 +522,7 @@ def _cancel_and_notify(future: Future[Any]) -> None:
 def _abandon(engine: Engine) -> None:
     """Finalizer of a WorkerPool that was dropped without shutdown()."""
     with engine.mutex:
-        busy = bool(engine.jobs) or any(w.chunks for w in engine.workers)
+        busy = bool(engine.jobs or engine.future_queue) or any(w.chunks for w in engine.workers)
     engine.shutdown(graceful=not busy, join_timeout=1.0)  # first: a warning may raise
     if busy:
         warnings.warn(
