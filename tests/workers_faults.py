@@ -173,6 +173,14 @@ def die_after(seconds: float) -> NoReturn:
     explode("crash", "die_after")
 
 
+def say(*words: object) -> None:
+    """One line to stdout in a single write(), so workers' lines cannot land inside it.
+
+    (``print`` may write the text and its newline separately.)
+    """
+    os.write(1, (" ".join(map(str, words)) + "\n").encode())
+
+
 def announce_and_sleep(seconds: float) -> float:
     """Write ``WORKER <pid>`` to stdout, then sleep."""
     os.write(1, f"WORKER {os.getpid()}\n".encode())

@@ -170,11 +170,11 @@ def _task_loop(
     unpack = HEADER.unpack_from
     hsize = HEADER.size
     while True:
+        words[base] = POS_RECEIVING  # before recv(): a large chunk takes a while to arrive
         buf = recv()
         kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
         if kind == STOP:
             return
-        words[base] = POS_RECEIVING
         fn = fns.get(fn_id)
         if fn is None:
             try:

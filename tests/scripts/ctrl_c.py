@@ -38,13 +38,13 @@ def main() -> None:
     method, api = wf.start_method_arg(sys.argv[1]), sys.argv[2]
     with check_no_leaks(grace=5.0):
         try:
-            print("READY", flush=True)
+            wf.say("READY")
             work(method, api)
         except KeyboardInterrupt:
-            print("KEYBOARD_INTERRUPT", flush=True)
+            wf.say("KEYBOARD_INTERRUPT")
         else:
-            print("FINISHED", flush=True)
-    print("CLEAN", flush=True)
+            wf.say("FINISHED")
+    wf.say("CLEAN")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main() -> None:
         assert next(it) == 0.0
         KEEP.append(it)
     time.sleep(0.5)  # let the long tasks start
-    print("EXITING", os.getpid(), flush=True)
+    wf.say("EXITING", os.getpid())
 
 
 if __name__ == "__main__":

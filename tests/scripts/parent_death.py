@@ -18,7 +18,7 @@ def main() -> None:
     method = wf.start_method_arg(sys.argv[1])
     pool = pk.WorkerPool(2, start_method=method)
     futures = [pool.submit(wf.announce_and_sleep, 60.0) for _ in range(4)]
-    print("SUBMITTED", flush=True)
+    wf.say("SUBMITTED")
     time.sleep(60)  # the test kills us long before this ends
     pool.shutdown(cancel_futures=True)
     print([f.done() for f in futures])

@@ -81,8 +81,8 @@ def main() -> None:
         starts.update(ok=0, failed=0)
         with check_no_leaks(grace=5.0):
             outcome = attempt(method, spare)
-        print("RESULT", spare, starts["ok"], starts["failed"], outcome, flush=True)
-    print("CLEAN", flush=True)
+        wf.say("RESULT", spare, starts["ok"], starts["failed"], outcome)
+    wf.say("CLEAN")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def main() -> None:
     # their start-up is the standard library's business, not parallelkit's.
     assert pk.run_parallel(wf.square, range(2), start_method=method, max_workers=1) == [0, 1]
     signal.signal(signal.SIGINT, count)
-    print("READY", flush=True)
+    wf.say("READY")
     rounds = gave_up = 0
     while rounds < ROUNDS or seen < SIGNALS:
         rounds += 1
@@ -51,7 +51,7 @@ def main() -> None:
             continue
         assert got == [x * x for x in range(8)], got
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("DONE", rounds, seen, gave_up, flush=True)
+    wf.say("DONE", rounds, seen, gave_up)
 
 
 if __name__ == "__main__":
