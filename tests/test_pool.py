@@ -439,3 +439,12 @@ def test_pool_crash_replaces_the_worker(start_method: StartMethod) -> None:
             pool.submit(w.kill_13, 13).result(timeout=30)
         assert pool.submit(w.square, 4).result(timeout=30) == 16
         assert pk.run_parallel(w.square, range(10), backend=pool) == [x * x for x in range(10)]
+
+
+def test_pool_backend_refuses_options_that_belong_to_the_pool() -> None:
+    with pk.WorkerPool(1) as pool:
+        with pytest.raises(ValueError, match="belong to the WorkerPool"):
+            pk.run_parallel(w.square, [1], backend=pool, max_workers=2)
+        with pytest.raises(ValueError, match="belong to the WorkerPool"):
+            pk.imap_parallel(w.square, [1], backend=pool, start_method="spawn")
+        assert pk.run_parallel(w.square, [3], backend=pool) == [9]

@@ -78,6 +78,32 @@ def _check_backend(backend: object) -> WorkerPool | None:
     )
 
 
+def _check_map_options(
+    fn: object,
+    backend: object,
+    chunksize: int | None,
+    timeout: float | None,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[object, ...],
+    start_method: StartMethod | None,
+    max_workers: int | None,
+) -> WorkerPool | None:
+    """Validate what ``run_parallel`` and ``imap_parallel`` share; the pool to reuse, if any."""
+    _check_fn(fn)
+    pool = _check_backend(backend)
+    _check_chunksize(chunksize)
+    _check_timeout(timeout)
+    _check_initializer(initializer, initargs)
+    if pool is not None and (
+        start_method is not None or initializer is not None or max_workers is not None
+    ):
+        raise ValueError(
+            "start_method, max_workers and initializer belong to the WorkerPool "
+            "when it is the backend; set them where the pool is created"
+        )
+    return pool
+
+
 def _as_sequence(items: Iterable[T]) -> Sequence[T]:
     if isinstance(items, list | tuple | range):
         return items
@@ -187,17 +213,10 @@ def run_parallel(
         >>> run_parallel(abs, [-1, -2, 3], max_workers=2)
         [1, 2, 3]
     """
-    _check_fn(fn)
-    pool = _check_backend(backend)
-    _check_chunksize(chunksize)
-    _check_timeout(timeout)
-    _check_initializer(initializer, initargs)
+    pool = _check_map_options(
+        fn, backend, chunksize, timeout, initializer, initargs, start_method, max_workers
+    )
     if pool is not None:
-        if start_method is not None or initializer is not None or max_workers is not None:
-            raise ValueError(
-                "start_method, max_workers and initializer belong to the WorkerPool "
-                "when it is the backend; set them where the pool is created"
-            )
         return pool._run(fn, items, chunksize, ordered, timeout, return_exceptions)
     workers = resolve_max_workers(max_workers)
     method = resolve_start_method(start_method)
@@ -384,17 +403,10 @@ def imap_parallel(
         ...     list(results)
         [1, 2, 3]
     """
-    _check_fn(fn)
-    pool = _check_backend(backend)
-    _check_chunksize(chunksize)
-    _check_timeout(timeout)
-    _check_initializer(initializer, initargs)
+    pool = _check_map_options(
+        fn, backend, chunksize, timeout, initializer, initargs, start_method, max_workers
+    )
     if pool is not None:
-        if start_method is not None or initializer is not None or max_workers is not None:
-            raise ValueError(
-                "start_method, max_workers and initializer belong to the WorkerPool "
-                "when it is the backend; set them where the pool is created"
-            )
         return pool.imap(
             fn,
             items,
