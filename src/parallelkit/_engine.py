@@ -50,7 +50,7 @@ from ._serialize import (
     rebuild_exception,
 )
 from ._types import StartMethod
-from .errors import SerializationError, TaskTimeoutError, WorkerCrashedError
+from .errors import SerializationError, SerializedWhat, TaskTimeoutError, WorkerCrashedError
 
 PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
 STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
@@ -421,18 +421,7 @@ class Engine:
                 return
             w.chunks.popleft()
             self._chunk_done(w, chunk)
-            # Cannot tell which result failed: run the items one by one to find it.
-            if chunk.stop - chunk.start == 1:
-                error = SerializationError(
-                    f"the result of item {chunk.start} cannot be unpickled here: "
-                    f"{type(exc).__name__}: {exc}",
-                    what="result",
-                    item_index=chunk.start,
-                )
-                error.__cause__ = exc
-                chunk.job.split_around(chunk, 0, error)
-            else:
-                chunk.job.split_around(chunk, 0, None)
+            self._blame_or_split(chunk, "result", "cannot be unpickled here", exc)
             return
         kind = msg[0]
         if kind == W.INIT_FAILED:
@@ -474,18 +463,26 @@ class Engine:
                 )
                 error.__cause__ = cause
                 job.fail(error)
-            elif chunk.stop - chunk.start == 1:
-                error = SerializationError(
-                    f"item {chunk.start} cannot be unpickled in the worker: "
-                    f"{type(cause).__name__}: {cause}",
-                    what="argument",
-                    item_index=chunk.start,
-                )
-                error.__cause__ = cause
-                job.split_around(chunk, 0, error)
             else:
-                job.split_around(chunk, 0, None)
+                self._blame_or_split(chunk, "argument", "cannot be unpickled in the worker", cause)
         self._maybe_retire(w)
+
+    def _blame_or_split(
+        self, chunk: Chunk, what: SerializedWhat, problem: str, cause: BaseException
+    ) -> None:
+        """A chunk failed to (un)pickle as a whole: blame its item if it has only one,
+        otherwise run its items one by one to find the culprit."""
+        if chunk.stop - chunk.start > 1:
+            chunk.job.split_around(chunk, 0, None)
+            return
+        subject = f"the result of item {chunk.start}" if what == "result" else f"item {chunk.start}"
+        error = SerializationError(
+            f"{subject} {problem}: {type(cause).__name__}: {cause}",
+            what=what,
+            item_index=chunk.start,
+        )
+        error.__cause__ = cause
+        chunk.job.split_around(chunk, 0, error)
 
     def _rebuild(self, record: ExceptionRecord, index: int, pid: int | None) -> BaseException:
         exc = rebuild_exception(record, where=f"in worker pid {pid} on item {index}")
