@@ -664,10 +664,6 @@ class Engine:
         if job in self.jobs:
             self.jobs.remove(job)
 
-    def remove_finished(self, job: Job) -> None:
-        if job in self.jobs:
-            self.jobs.remove(job)
-
     def wake(self) -> None:
         if self.released:
             return

@@ -278,7 +278,7 @@ def collect(engine: Engine, job: Job) -> list[Any]:
         if job.error is not None:
             raise job.error
         if job.finished:
-            engine.remove_finished(job)
+            engine.abandon(job)
             return out
 
 
@@ -317,6 +317,6 @@ def iterate(engine: Engine, job: Job) -> Generator[list[Any], None, None]:
                 if job.cancelled or job.error is not None:
                     job.cancelled = False
                     job.cancel()
-                engine.remove_finished(job)
+                engine.abandon(job)
             finally:
                 engine.mutex.release()

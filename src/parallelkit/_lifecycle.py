@@ -1,7 +1,5 @@
 """Lifecycle plumbing shared by everything that owns processes.
 
-- :class:`State`: the explicit unopened → running → closing → closed states, with the exact
-  message for misuse.
 - :func:`stop_processes`: join → terminate → kill escalation for a group of processes, all
   waited on together through their sentinels, warning when it had to escalate.
 - :func:`signal_name`: ``-9`` → ``"SIGKILL"``.
@@ -9,7 +7,6 @@
 
 from __future__ import annotations
 
-import enum
 import multiprocessing.connection
 import signal
 import time
@@ -19,12 +16,6 @@ from multiprocessing.process import BaseProcess
 from typing import Final
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
-
-
-class State(enum.Enum):
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
 
 
 def signal_name(exitcode: int | None) -> str | None:

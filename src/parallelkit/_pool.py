@@ -267,7 +267,6 @@ class ResultIterator(Iterator[_Y]):
         self._current: Iterator[_Y] = iter(())
         self._engine = engine
         self._job = job
-        self._owns = owns_engine
         self._closed = False
         self._finalizer = (
             weakref.finalize(self, engine.shutdown, graceful=False) if owns_engine else None
