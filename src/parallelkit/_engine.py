@@ -30,10 +30,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import signal
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -43,7 +41,7 @@ from typing import Any, Final
 
 from . import _worker as W
 from ._job import Chunk, Job, PoolBrokenError
-from ._lifecycle import describe_exit, signal_name, stop_processes
+from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
 from ._serialize import (
     ExceptionRecord,
     dumps,
@@ -206,58 +204,40 @@ class Engine:
         inherited = None
         if fork and self.inherited_fn is not None:
             inherited = ({self.inherited_fn_id: self.inherited_fn}, self.inherited_items)
-        pdeathsig = (
-            self.start_method == "forkserver"
-            or threading.current_thread() is threading.main_thread()
-        )
         parent_end, child_end = self.context.Pipe(duplex=True)
+        started: list[_Worker] = []
+
+        def record(process: BaseProcess) -> None:
+            worker = _Worker(process, parent_end, slot)
+            if self.inherited_fn is not None and fork:
+                worker.fns[self.inherited_fn_id] = None
+            self.workers.append(worker)
+            started.append(worker)
+
         try:
-            process = self.context.Process(  # type: ignore[attr-defined]
-                target=W.pool_worker,
+            start_child(
+                self.context,
+                self.start_method,
+                W.pool_worker,
                 args=(child_end, self.progress, slot),
                 kwargs={
-                    # a forkserver child's parent is the server: nothing to compare
-                    "parent_pid": 0 if self.start_method == "forkserver" else os.getpid(),
-                    "pdeathsig": pdeathsig,
+                    **bootstrap_options(self.start_method),
                     "init_payload": self.init_payload,
                     "inherited": inherited,
                     "parent_end": parent_end if fork else None,
                 },
                 name=f"parallelkit-worker-{slot}",
-                daemon=True,
+                on_started=record,
+                # The only other thread is our futures helper: see the docstring.
+                threads_ok=self._our_threads_alive(),
             )
-            # fork and spawn children inherit this thread's signal mask: with SIGINT blocked
-            # until the worker ignores it, a Ctrl-C during start-up cannot make a worker
-            # print a KeyboardInterrupt traceback.  (Not for forkserver: its server process,
-            # shared with the user's own processes, would inherit the mask for good.)
-            block = self.start_method != "forkserver"
-            if block:
-                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
-                if fork and self._our_threads_alive():
-                    with warnings.catch_warnings():
-                        # The only other thread is our futures helper: see the docstring.
-                        warnings.filterwarnings(
-                            "ignore", message=r".*multi-threaded.*fork", category=DeprecationWarning
-                        )
-                        process.start()
-                else:
-                    process.start()
-                worker = _Worker(process, parent_end, slot)
-                if self.inherited_fn is not None and fork:
-                    worker.fns[self.inherited_fn_id] = None
-                self.workers.append(worker)
-            finally:
-                if block:
-                    # a Ctrl-C that arrived meanwhile is raised here, with the worker known
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         except BaseException:
-            if not any(w.conn is parent_end for w in self.workers):
+            if not started:
                 parent_end.close()
             child_end.close()
             raise
         child_end.close()
-        return worker
+        return started[0]
 
     def _our_threads_alive(self) -> bool:
         return self.helper_thread is not None and self.helper_thread.is_alive()

@@ -2,20 +2,88 @@
 
 - :func:`stop_processes`: join → terminate → kill escalation for a group of processes, all
   waited on together through their sentinels, warning when it had to escalate.
+- :func:`start_child`: start any parallelkit child process (pool worker, pipeline stage,
+  channel server) with Ctrl-C held off until it ignores SIGINT itself.
+- :func:`bootstrap_options`: what :func:`parallelkit._worker.bootstrap` needs to know about
+  the parent, for a given start method.
 - :func:`signal_name`: ``-9`` → ``"SIGKILL"``.
 """
 
 from __future__ import annotations
 
 import multiprocessing.connection
+import multiprocessing.context
+import os
 import signal
+import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.process import BaseProcess
-from typing import Final
+from typing import Any, Final
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
+
+
+def bootstrap_options(start_method: str) -> dict[str, Any]:
+    """``parent_pid`` and ``pdeathsig`` keyword arguments for ``_worker.bootstrap``.
+
+    A forkserver child's parent is the server, so there is no pid to compare; the parent
+    death signal fires when the *thread* that forked exits, so it is only safe from the main
+    thread (or under forkserver, where the server's main thread forks).
+    """
+    return {
+        "parent_pid": 0 if start_method == "forkserver" else os.getpid(),
+        "pdeathsig": (
+            start_method == "forkserver" or threading.current_thread() is threading.main_thread()
+        ),
+    }
+
+
+def start_child(
+    context: multiprocessing.context.BaseContext,
+    start_method: str,
+    target: Callable[..., object],
+    *,
+    args: Sequence[object] = (),
+    kwargs: Mapping[str, object] | None = None,
+    name: str,
+    on_started: Callable[[BaseProcess], None] | None = None,
+    threads_ok: bool = False,
+) -> BaseProcess:
+    """Start a daemonic child process running ``target`` and return it.
+
+    fork and spawn children inherit this thread's signal mask: with SIGINT blocked until
+    the child ignores it (``_worker.bootstrap``), a Ctrl-C during start-up cannot make a
+    child print a KeyboardInterrupt traceback.  (Not for forkserver: its server process,
+    shared with the user's own processes, would inherit the mask for good.)
+    ``on_started`` runs before the mask is restored, so that a Ctrl-C raised then finds the
+    new process already recorded by the caller.  ``threads_ok``: the caller knows the only
+    other threads are parallelkit's own, idle ones; silence Python 3.12's fork-with-threads
+    warning.
+    """
+    process: BaseProcess = context.Process(  # type: ignore[attr-defined]
+        target=target, args=tuple(args), kwargs=dict(kwargs or {}), name=name, daemon=True
+    )
+    block = start_method != "forkserver"
+    if block:
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        if threads_ok and start_method == "fork":
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", message=r".*multi-threaded.*fork", category=DeprecationWarning
+                )
+                process.start()
+        else:
+            process.start()
+        if on_started is not None:
+            on_started(process)
+    finally:
+        if block:
+            # a Ctrl-C that arrived meanwhile is raised here, with the child known
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return process
 
 
 def signal_name(exitcode: int | None) -> str | None:
