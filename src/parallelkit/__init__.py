@@ -29,6 +29,10 @@ __version__ = "0.1.0.dev0"
 
 if typing.TYPE_CHECKING:
     from ._context import usable_cpu_count as usable_cpu_count
+    from ._pipeline import Pipeline as Pipeline
+    from ._pipeline import PipelineIterator as PipelineIterator
+    from ._pipeline import PipelineStats as PipelineStats
+    from ._pipeline import StageStats as StageStats
     from ._pool import ResultIterator as ResultIterator
     from ._pool import WorkerPool as WorkerPool
     from ._pool import imap_parallel as imap_parallel
@@ -37,6 +41,10 @@ if typing.TYPE_CHECKING:
 # Imported on first use (PEP 562), so that a spawn or forkserver worker, which imports only
 # the modules it runs, does not pay for the whole API at start-up.
 _LAZY = {
+    "Pipeline": "._pipeline",
+    "PipelineIterator": "._pipeline",
+    "PipelineStats": "._pipeline",
+    "StageStats": "._pipeline",
     "ResultIterator": "._pool",
     "WorkerPool": "._pool",
     "imap_parallel": "._pool",
@@ -61,10 +69,14 @@ def __dir__() -> list[str]:
 __all__ = (
     "ChannelClosedError",
     "ParallelKitError",
+    "Pipeline",
     "PipelineError",
+    "PipelineIterator",
+    "PipelineStats",
     "RemoteError",
     "ResultIterator",
     "SerializationError",
+    "StageStats",
     "StartMethod",
     "StartMethodError",
     "TaskTimeoutError",

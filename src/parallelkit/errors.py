@@ -136,12 +136,26 @@ class PipelineError(ParallelKitError):
     """A pipeline stage failed; ``__cause__`` is the stage's own error.
 
     Attributes:
-        stage: the name of the stage that failed.
+        stage: the name of the stage that failed (``"source"`` when the source iterator
+            raised or held an item that cannot be sent).
+        item: the item the stage failed on, when it is known and could be sent back
+            (``None`` otherwise).
+        item_index: the item's position in the source, when the first stage failed on it
+            (later stages see items the source never held, so ``None`` there).
     """
 
-    def __init__(self, message: str, *, stage: str):
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str,
+        item: object = None,
+        item_index: int | None = None,
+    ):
         super().__init__(message)
         self.stage = stage
+        self.item = item
+        self.item_index = item_index
 
 
 class ChannelClosedError(ParallelKitError, EOFError):
