@@ -29,11 +29,9 @@ the iterator): a consumer that stops asking stops the pipeline once the budget i
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import os
 import pickle
-import struct
 import threading
 import time
 import weakref
@@ -45,18 +43,12 @@ from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, Final, Generic, Protocol, Self, TypeVar
 
-from . import _worker
+from . import _frames as frames
 from ._checks import check_callable, check_positive_int
 from ._context import get_context, resolve_start_method
 from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
-from ._serialize import (
-    PROTOCOL,
-    capture_exception,
-    dump_function,
-    dumps,
-    locate_unpicklable,
-    rebuild_exception,
-)
+from ._serialize import dump_function, locate_unpicklable, rebuild_exception
+from ._stage import ERROR, FILTER, FLAT_MAP, KIND_NAMES, MAP, STOP, TASK, stage_worker
 from ._types import StartMethod
 from .errors import PipelineError, SerializationError, WorkerCrashedError
 
@@ -66,143 +58,11 @@ T = TypeVar("T")
 U = TypeVar("U")
 _Y = TypeVar("_Y")
 
-# ------------------------------------------------------------------ wire format
-# Every message: HEADER + pickled list.  Parent -> worker: (TASK, batch); worker -> parent:
-# (DONE, batch, n out, busy ns, waiting ns) + the outputs, which the parent forwards as they
-# are to the next stage (a worker treats any kind but STOP as work).
-HEADER: Final = struct.Struct("<qqqqq")
-TASK: Final = 1
-STOP: Final = 2
-DONE: Final = 3
-ERROR: Final = 4  # (ERROR, batch, index in batch) + dumps((record, item repr, item | None))
-
-MAP: Final = 0
-FILTER: Final = 1
-FLAT_MAP: Final = 2
-_KIND_NAMES: Final = {MAP: "map", FILTER: "filter", FLAT_MAP: "flat_map"}
-
 MAX_BATCH: Final = 1024  # items per message, at most
 BATCH_BYTES: Final = 256 * 1024  # aim for messages about this size
-CHUNK_SECONDS: Final = 0.001  # the source thread passes on what it read at least this often
 BATCH_SECONDS: Final = 0.005  # ... and for batches that keep the slowest stage this busy
-SMALL_MESSAGE: Final = 32 * 1024  # a worker may hold a second batch only if it is this small
+CHUNK_SECONDS: Final = 0.001  # the source thread passes on what it read at least this often
 STOP_TIMEOUT: Final = 5.0  # seconds finished workers get to exit before being terminated
-
-
-def _frame(kind: int, batch: int, n: int, busy: int, waiting: int, obj: object) -> memoryview:
-    """HEADER + pickle of ``obj`` in one buffer (no copy of a large payload to prepend)."""
-    buffer = io.BytesIO()
-    buffer.write(bytes(HEADER.size))
-    try:
-        pickle.Pickler(buffer, PROTOCOL).dump(obj)
-    except Exception:
-        buffer = io.BytesIO()
-        buffer.write(bytes(HEADER.size))
-        buffer.write(dumps(obj))  # cloudpickle, if plain pickle refuses; or raise
-    view = buffer.getbuffer()
-    HEADER.pack_into(view, 0, kind, batch, n, busy, waiting)
-    return view
-
-
-# ------------------------------------------------------------------ the stage worker
-
-
-def stage_worker(
-    conn: Connection,
-    kind: int,
-    fn: Callable[[Any], Any] | None,
-    fn_payload: bytes | None,
-    *,
-    parent_pid: int,
-    pdeathsig: bool,
-) -> None:
-    """The target of every stage process: apply ``fn`` to each batch it is sent."""
-    _worker.bootstrap(parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=None, initargs=())
-    if fn is None:
-        assert fn_payload is not None
-        fn = pickle.loads(fn_payload)
-        assert fn is not None
-    clock = time.perf_counter_ns
-    idle_since = clock()
-    while True:
-        try:
-            message = conn.recv_bytes()
-        except (EOFError, OSError):
-            return  # the parent is gone or hung up
-        start = clock()
-        head = HEADER.unpack_from(message)
-        if head[0] == STOP:
-            return
-        batch = head[1]
-        items = pickle.loads(memoryview(message)[HEADER.size :])
-        del message
-        out: list[Any] = []
-        append = out.append
-        position = 0
-        try:
-            if kind == MAP:
-                for item in items:
-                    append(fn(item))
-            elif kind == FILTER:
-                for position, item in enumerate(items):  # noqa: B007 - read on failure
-                    if fn(item):
-                        append(item)
-            else:
-                for position, item in enumerate(items):  # noqa: B007 - read on failure
-                    out.extend(fn(item))
-        except BaseException as exc:
-            if kind == MAP:
-                position = len(out)
-            _send_error(conn, batch, position, items[position], exc)
-            idle_since = clock()
-            continue
-        try:
-            frame = _frame(DONE, batch, len(out), 0, 0, out)
-        except Exception as exc:
-            _send_unpicklable(conn, batch, kind, items, out, exc)
-            idle_since = clock()
-            continue
-        end = clock()
-        HEADER.pack_into(frame, 0, DONE, batch, len(out), end - start, start - idle_since)
-        try:
-            conn.send_bytes(frame)
-        except OSError:
-            return
-        frame.release()
-        idle_since = end
-
-
-def _send_error(
-    conn: Connection, batch: int, position: int, item: object, exc: BaseException
-) -> None:
-    try:
-        shown = repr(item)
-    except Exception:
-        shown = f"<{type(item).__name__} object>"
-    if len(shown) > 200:
-        shown = shown[:197] + "..."
-    try:
-        item_bytes: bytes | None = dumps(item)
-    except Exception:
-        item_bytes = None
-    record = capture_exception(exc)
-    with contextlib.suppress(OSError):
-        conn.send_bytes(_frame(ERROR, batch, position, 0, 0, (record, shown, item_bytes)))
-
-
-def _send_unpicklable(
-    conn: Connection, batch: int, kind: int, items: Sequence[Any], out: list[Any], exc: Exception
-) -> None:
-    found = locate_unpicklable(out)
-    position = found[0] if found is not None else 0
-    item = items[position] if kind == MAP else out[position]  # map: one output per input
-    error = SerializationError(
-        f"a result of this stage cannot be pickled to send it on: {found[1] if found else exc}",
-        what="result",
-        item_index=None,
-    )
-    _send_error(conn, batch, position if kind == MAP else 0, item, error)
-
 
 # ------------------------------------------------------------------ statistics
 
@@ -334,7 +194,7 @@ class _Run:
         self.workers: list[_Worker] = []
         self.by_stage: list[list[_Worker]] = [[] for _ in stages]
         self.counts = [_Counts() for _ in stages]
-        self.pending: list[deque[tuple[int, memoryview | bytes]]] = [deque() for _ in stages]
+        self.pending: list[deque[tuple[int, frames.Parts]]] = [deque() for _ in stages]
         self.batch_size = 1  # source items per batch: see _resize
         self.batch_span: dict[int, tuple[int, int]] = {}  # batch -> (first source item, count)
         self.next_batch = 0
@@ -369,7 +229,10 @@ class _Run:
         self.budget = threading.Condition(threading.Lock())
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
-        self.finalizer = weakref.finalize(self, _kill, self.workers, self.wake_r, self.wake_w)
+        self.writer = frames.Writer()
+        self.finalizer = weakref.finalize(
+            self, _kill, self.workers, self.writer, self.wake_r, self.wake_w
+        )
 
     # -------------------------------------------------------------- start and stop
 
@@ -433,10 +296,11 @@ class _Run:
             return
         self.closed = True
         self.finished = True
-        stop = HEADER.pack(STOP, 0, 0, 0, 0)
+        stop = frames.encode(None, STOP)
         for worker in self.workers:
             with contextlib.suppress(OSError):
-                worker.conn.send_bytes(stop)
+                self.writer.send(worker.conn, stop)
+        self.writer.close()
         stop_processes(
             [w.process for w in self.workers], join_timeout=STOP_TIMEOUT, what="pipeline stage"
         )
@@ -566,34 +430,31 @@ class _Run:
         for index in range(len(self.stages) - 1, -1, -1):
             pending = self.pending[index]
             while pending:
-                worker = self._free_worker(index, len(pending[0][1]))
+                worker = self._free_worker(index)
                 if worker is None:
                     break
                 batch, message = pending.popleft()
                 self._send(worker, batch, message)
         self.want_source = False
-        while not self.pending[0] and self._free_worker(0, 0) is not None:
+        while (worker := self._free_worker(0)) is not None:
             taken = self._take_batch()
             if taken is None:
                 return
-            number, message = taken
-            worker = self._free_worker(0, len(message))
-            if worker is None:  # too big for a busy worker's pipe: wait for an idle one
-                self.pending[0].append(taken)
-                return
-            self._send(worker, number, message)
+            self._send(worker, *taken)
 
-    def _free_worker(self, stage: int, size: int) -> _Worker | None:
+    def _free_worker(self, stage: int) -> _Worker | None:
+        """An idle worker of ``stage``, else one with a single batch (its reader thread
+        takes a second one in at once: see ``_stage._read``), else ``None``."""
         best: _Worker | None = None
         for worker in self.by_stage[stage]:
             held = len(worker.held)
             if held == 0:
                 return worker
-            if held == 1 and size <= SMALL_MESSAGE and best is None:
+            if held == 1 and best is None:
                 best = worker
         return best
 
-    def _take_batch(self) -> tuple[int, memoryview] | None:
+    def _take_batch(self) -> tuple[int, frames.Parts] | None:
         room = self._cap() - (self.taken - self.released)
         limit = min(self.batch_size, room)
         if limit <= 0:
@@ -616,7 +477,7 @@ class _Run:
         count = len(items)
         number = self.next_batch
         try:
-            message = _frame(TASK, number, count, 0, 0, items)
+            message = frames.encode(items, TASK, number, count)
         except Exception as exc:
             error = self._unpicklable_source_item(items, start, exc)
             raise error from error.__cause__
@@ -624,7 +485,7 @@ class _Run:
         self.taken += count
         self.batch_span[number] = (start, count)
         self.counts[0].items_in += count
-        self._resize(len(message) - HEADER.size, count)
+        self._resize(frames.size(message), count)
         if self.thread_waiting:
             with self.budget:
                 self.budget.notify()
@@ -666,17 +527,15 @@ class _Run:
         error.__cause__ = serialization
         return error
 
-    def _send(self, worker: _Worker, batch: int, message: memoryview | bytes) -> None:
+    def _send(self, worker: _Worker, batch: int, message: frames.Parts) -> None:
         worker.held.append(batch)
         try:
-            worker.conn.send_bytes(message)
+            self.writer.send(worker.conn, message)
         except OSError:
             # it died: its sentinel says how; wait a moment for the exit to be visible
             worker.process.join(1.0)  # reaped: exitcode is known
             error = self._crashed(worker)
             raise error from error.__cause__
-        if isinstance(message, memoryview):
-            message.release()
 
     def _wait_and_receive(self) -> None:
         waitables: list[Any] = [w.conn for w in self.workers]
@@ -694,7 +553,7 @@ class _Run:
             if worker.conn in ready:
                 try:
                     while True:
-                        self._receive(worker, worker.conn.recv_bytes())
+                        self._receive(worker, frames.recv(worker.conn))
                         if not worker.held or not worker.conn.poll():
                             break
                 except (EOFError, OSError):
@@ -704,12 +563,12 @@ class _Run:
         for worker in dead:
             if worker.conn.poll() if not worker.conn.closed else False:
                 with contextlib.suppress(EOFError, OSError):
-                    self._receive(worker, worker.conn.recv_bytes())
+                    self._receive(worker, frames.recv(worker.conn))
             worker.process.join(1.0)  # reaped: exitcode is known
             raise self._crashed(worker)
 
-    def _receive(self, worker: _Worker, message: bytes) -> None:
-        kind, batch, n, busy, waiting = HEADER.unpack_from(message)
+    def _receive(self, worker: _Worker, message: frames.Parts) -> None:
+        kind, batch, n, busy, waiting = frames.header(message)
         if kind == ERROR:
             raise self._stage_error(worker, batch, n, message)
         worker.held.remove(batch)
@@ -725,7 +584,7 @@ class _Run:
         if n == 0:
             self._deliver(batch, [])
         else:
-            self._deliver(batch, pickle.loads(memoryview(message)[HEADER.size :]))
+            self._deliver(batch, frames.decode(message))
 
     def _deliver(self, batch: int, results: list[Any]) -> None:
         if not self.ordered:
@@ -768,9 +627,9 @@ class _Run:
         return which if stage == 0 else f"the outputs of {which}"
 
     def _stage_error(
-        self, worker: _Worker, batch: int, position: int, message: bytes
+        self, worker: _Worker, batch: int, position: int, message: frames.Parts
     ) -> PipelineError:
-        record, shown, item_bytes = pickle.loads(memoryview(message)[HEADER.size :])
+        record, shown, item_bytes = frames.decode(message)
         stage = self.stages[worker.stage]
         where = (
             f"in pipeline stage {stage.name!r} (worker pid {worker.process.pid}) on item {shown}"
@@ -838,9 +697,10 @@ class _Run:
         )
 
 
-def _kill(workers: list[_Worker], wake_r: int, wake_w: int) -> None:
+def _kill(workers: list[_Worker], writer: frames.Writer, wake_r: int, wake_w: int) -> None:
     """Kill every worker at once and close what the run holds (also the GC backstop)."""
     stop_processes([w.process for w in workers], join_timeout=0, what="pipeline stage")
+    writer.close()  # its writes to the dead workers fail at once
     for worker in workers:
         worker.conn.close()
     for fd in (wake_r, wake_w):
@@ -994,7 +854,7 @@ class Pipeline(Generic[T]):
         taken = {stage.name for stage in self._stages}
         if name is None:
             label = getattr(fn, "__qualname__", None) or type(fn).__name__
-            base = name = f"{_KIND_NAMES[kind]}({label})"
+            base = name = f"{KIND_NAMES[kind]}({label})"
             number = 1
             while name in taken:
                 number += 1
