@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -663,3 +664,24 @@ def test_floats_in_an_int_accumulator_are_a_type_error_for_mypy_too() -> None:
         acc.add(2.5)
         assert acc.value == 3.0
         assert isinstance(acc.value, float)
+
+
+def test_the_readme_example_runs(tmp_path: Path) -> None:
+    readme = TESTS.parent / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md not beside tests/")
+    blocks = re.findall(r"^```python\n(.*?)^```", readme.read_text(), re.DOTALL | re.MULTILINE)
+    example = next(b for b in blocks if "SharedCounter()" in b)
+    script = tmp_path / "shared_example.py"
+    script.write_text(example)
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_script_env(),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["6000"]
