@@ -164,6 +164,12 @@ class Segment:
         """Hold the segment's cross-process lock (released by the kernel if we die)."""
         if self._fd_pid != os.getpid():  # pragma: no cover - the fork hook did it already
             self._reopen()
+        if self.fd < 0:  # re-opening after a fork found it gone
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"shared-memory segment {self.name!r} no longer exists: its creator closed it "
+                "or exited",
+            )
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
             yield
