@@ -10,6 +10,7 @@ middle of its adds and a claimer SIGKILLed while it holds the claim lock.
 from __future__ import annotations
 
 import contextlib
+import doctest
 import errno
 import gc
 import json
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,7 +35,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import workers_shared as ws
-from parallelkit import _shared, _shm
+from parallelkit import _shared, _shared_array, _shm
 from parallelkit._context import get_context
 from parallelkit._types import StartMethod
 from parallelkit.testing import remove_stale_segments
@@ -685,3 +687,12 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["6000"]
+
+
+@pytest.mark.parametrize("module", [_shared, _shared_array, _shm], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module: ModuleType) -> None:
+    if module is _shared_array:
+        pytest.importorskip("numpy")
+    result = doctest.testmod(module, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -393,7 +393,9 @@ class SharedAccumulator(_Slots, Generic[N]):
 
     A float sum is computed as :func:`math.fsum` of each writer's partial sum: as exact as
     floating point allows, but the partial sums depend on which writer added what, so the
-    last bits may differ from a sequential ``sum`` over the same values.
+    last bits may differ from a sequential ``sum`` over the same values.  ``min`` and
+    ``max`` compare with ``<`` and ``>``, so, as with the builtins, NaN gives no
+    meaningful result; leave it out.
 
     Args:
         op: ``"sum"``, ``"min"`` or ``"max"``.
