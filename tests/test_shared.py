@@ -436,7 +436,7 @@ def test_control_the_stdlib_attach_does_unlink_the_creators_segment() -> None:
         resource_tracker.unregister(f"/{block.name.lstrip('/')}", "shared_memory")
 
 
-def _start_creator() -> tuple[subprocess.Popen[str], str]:
+def _start_creator() -> tuple[subprocess.Popen[str], str, int]:
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "create"],
         stdout=subprocess.PIPE,
@@ -448,7 +448,22 @@ def _start_creator() -> tuple[subprocess.Popen[str], str]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.startswith("NAME "), line + (proc.stderr.read() if proc.stderr else "")
-    return proc, line.split()[1]
+    _, name, tracker = line.split()
+    return proc, name, int(tracker)
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> bool:
+    """Wait until process ``pid`` (not our child) has exited: gone, or a zombie."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _finish(proc: subprocess.Popen[str]) -> str:
@@ -459,7 +474,7 @@ def _finish(proc: subprocess.Popen[str]) -> str:
 
 
 def test_creator_sigkilled_its_resource_tracker_frees_the_segment() -> None:
-    proc, name = _start_creator()
+    proc, name, _ = _start_creator()
     try:
         assert _segment_exists(name)
         os.kill(proc.pid, signal.SIGKILL)  # the creator alone; its tracker lives on
@@ -473,12 +488,12 @@ def test_creator_sigkilled_its_resource_tracker_frees_the_segment() -> None:
 
 
 def test_creator_and_tracker_sigkilled_the_leftover_is_recognised_and_removed() -> None:
-    proc, name = _start_creator()
+    proc, name, tracker = _start_creator()
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the creator and its tracker: a group kill
         proc.wait(timeout=10)
-        time.sleep(0.2)  # the tracker would have unlinked by now, had it survived
-        assert _segment_exists(name)
+        assert _wait_gone(tracker)
+        assert _segment_exists(name)  # nobody left to unlink it
         assert name in _shm.stale_segments()
         with pk.SharedCounter() as alive:  # a live creator's segment is not stale
             removed = remove_stale_segments()

@@ -8,8 +8,8 @@ Modes (each prints what it saw as one JSON line, or ``NAME <name>``):
   it unlinked at exit (CPython gh-82300).
 - ``attach-stdlib NAME``: the same, the standard library's way:
   ``SharedMemory(NAME)``; the control that shows the trap is real here.
-- ``create``: create a ``SharedCounter``, add 7, print ``NAME <name>`` and sleep until
-  killed.
+- ``create``: create a ``SharedCounter``, add 7, print ``NAME <name> <tracker pid>``
+  and sleep until killed.
 - ``no-room``: meant to run with a tiny ``/dev/shm``: try to create a 4 MiB segment (the
   low-level way, and as a ``SharedArray`` when numpy is installed) and report the error
   and what is left in ``/dev/shm``; a ``SharedCounter`` (16 KiB) must still work.
@@ -55,7 +55,8 @@ def attach_stdlib(name: str) -> None:
 def create() -> None:
     counter = pk.SharedCounter()
     counter.add(7)
-    sys.stdout.write(f"NAME {counter.name}\n")
+    tracker = resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]
+    sys.stdout.write(f"NAME {counter.name} {tracker}\n")
     sys.stdout.flush()
     time.sleep(60)  # killed long before
 
