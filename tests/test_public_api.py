@@ -74,6 +74,14 @@ def test_the_map_api_is_public() -> None:
         assert callable(getattr(parallelkit, name))
 
 
+def test_the_shared_memory_api_is_public() -> None:
+    for name in ("SharedAccumulator", "SharedArray", "SharedCounter"):
+        assert name in parallelkit.__all__
+        assert isinstance(getattr(parallelkit, name), type)
+    assert "remove_stale_segments" in parallelkit.testing.__all__
+    assert callable(parallelkit.testing.remove_stale_segments)
+
+
 def test_version_is_a_string() -> None:
     assert isinstance(parallelkit.__version__, str)
     assert parallelkit.__version__[0].isdigit()

@@ -37,6 +37,9 @@ if typing.TYPE_CHECKING:
     from ._pool import WorkerPool as WorkerPool
     from ._pool import imap_parallel as imap_parallel
     from ._pool import run_parallel as run_parallel
+    from ._shared import SharedAccumulator as SharedAccumulator
+    from ._shared import SharedCounter as SharedCounter
+    from ._shared_array import SharedArray as SharedArray
 
 # Imported on first use (PEP 562), so that a spawn or forkserver worker, which imports only
 # the modules it runs, does not pay for the whole API at start-up.
@@ -49,6 +52,9 @@ _LAZY = {
     "WorkerPool": "._pool",
     "imap_parallel": "._pool",
     "run_parallel": "._pool",
+    "SharedAccumulator": "._shared",
+    "SharedArray": "._shared_array",
+    "SharedCounter": "._shared",
     "usable_cpu_count": "._context",
 }
 
@@ -76,6 +82,9 @@ __all__ = (
     "RemoteError",
     "ResultIterator",
     "SerializationError",
+    "SharedAccumulator",
+    "SharedArray",
+    "SharedCounter",
     "StageStats",
     "StartMethod",
     "StartMethodError",
