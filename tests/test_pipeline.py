@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
@@ -127,6 +128,16 @@ def test_stage_names() -> None:
     assert "map(square)#2" in repr(pipeline)
     with pytest.raises(ValueError, match="already named 'evens'"):
         pipeline.map(w.square, name="evens")
+
+
+def test_stages_share_a_counter(start_method: StartMethod) -> None:
+    with pk.SharedCounter() as counter:
+        add = functools.partial(w.count_into, counter)  # the function carries it
+        pipeline = pk.Pipeline(range(100), start_method=start_method).map(add, max_workers=2)
+        # ... and so do the items
+        pipeline = pipeline.map(lambda x: (counter, x)).map(w.add_item, max_workers=2)
+        assert pipeline.run() == list(range(100))
+        assert counter.value == 2 * sum(range(100))
 
 
 # ------------------------------------------------------------------ streaming and backpressure

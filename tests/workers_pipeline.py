@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from typing import TypeVar
 
+from parallelkit import SharedCounter
+
 T = TypeVar("T")
 
 
@@ -92,3 +94,14 @@ def counting_source(n: int | None, counter: list[int]) -> Iterator[int]:
         counter[0] += 1
         yield i
         i += 1
+
+
+def count_into(counter: SharedCounter, x: int) -> int:
+    counter.add(x)
+    return x
+
+
+def add_item(item: tuple[SharedCounter, int]) -> int:
+    counter, x = item
+    counter.add(x)
+    return x

@@ -19,6 +19,7 @@ from ._types import StartMethod as StartMethod
 from .errors import ChannelClosedError as ChannelClosedError
 from .errors import ParallelKitError as ParallelKitError
 from .errors import PipelineError as PipelineError
+from .errors import QueueClosedError as QueueClosedError
 from .errors import RemoteError as RemoteError
 from .errors import SerializationError as SerializationError
 from .errors import StartMethodError as StartMethodError
@@ -37,6 +38,7 @@ if typing.TYPE_CHECKING:
     from ._pool import WorkerPool as WorkerPool
     from ._pool import imap_parallel as imap_parallel
     from ._pool import run_parallel as run_parallel
+    from ._queue import Queue as Queue
     from ._shared import SharedAccumulator as SharedAccumulator
     from ._shared import SharedCounter as SharedCounter
     from ._shared_array import SharedArray as SharedArray
@@ -48,6 +50,7 @@ _LAZY = {
     "PipelineIterator": "._pipeline",
     "PipelineStats": "._pipeline",
     "StageStats": "._pipeline",
+    "Queue": "._queue",
     "ResultIterator": "._pool",
     "WorkerPool": "._pool",
     "imap_parallel": "._pool",
@@ -79,6 +82,8 @@ __all__ = (
     "PipelineError",
     "PipelineIterator",
     "PipelineStats",
+    "Queue",
+    "QueueClosedError",
     "RemoteError",
     "ResultIterator",
     "SerializationError",

@@ -9,8 +9,9 @@ too, so ``except ValueError`` or ``except TimeoutError`` keeps working::
      ├─ WorkerCrashedError               .item_index, .pid, .exitcode, .signal
      ├─ TaskTimeoutError(TimeoutError)   .item_index, .timeout
      ├─ RemoteError                      .type_name, .remote_traceback
-     ├─ PipelineError                    .stage; __cause__ is the stage's error
-     └─ ChannelClosedError(EOFError)     the other end is gone
+     ├─ PipelineError                    .stage, .item, .item_index; __cause__ is the stage's error
+     ├─ ChannelClosedError(EOFError)     the other end is gone
+     └─ QueueClosedError(EOFError)       every producer closed the queue and it is empty
 
 A task's own exception is *not* wrapped: it is re-raised in the caller with its own type,
 the worker's traceback attached as ``__cause__`` and a note naming the item.  Only an
@@ -27,6 +28,7 @@ __all__ = (
     "ChannelClosedError",
     "ParallelKitError",
     "PipelineError",
+    "QueueClosedError",
     "RemoteError",
     "SerializationError",
     "StartMethodError",
@@ -160,3 +162,7 @@ class PipelineError(ParallelKitError):
 
 class ChannelClosedError(ParallelKitError, EOFError):
     """The other end of a channel is gone (closed, exited or killed)."""
+
+
+class QueueClosedError(ParallelKitError, EOFError):
+    """Every producer closed the :class:`~parallelkit.Queue`, and it is empty."""
