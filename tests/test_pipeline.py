@@ -10,13 +10,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import parallelkit as pk
 import workers_pipeline as w
+from conftest import START_METHODS
 from parallelkit._serialize import RemoteTraceback
 from parallelkit._types import StartMethod
+from parallelkit.testing import worker_counts
 
 # ------------------------------------------------------------------ results
 
@@ -383,3 +388,72 @@ def test_an_unpicklable_result_names_the_stage(start_method: StartMethod) -> Non
 def test_bad_arguments_fail_at_once(build: object, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         build()  # type: ignore[operator]
+
+
+# ------------------------------------------------------------------ properties
+
+_STAGES: dict[str, tuple[str, Callable[[int], Any]]] = {
+    "map plus_one": ("map", w.plus_one),
+    "map square": ("map", w.square),
+    "filter is_even": ("filter", w.is_even),
+    "filter is_small": ("filter", w.is_small),
+    "flat_map twice": ("flat_map", w.twice),
+    "flat_map up_to": ("flat_map", w.up_to),
+}
+_stage = st.tuples(st.sampled_from(sorted(_STAGES)), worker_counts(max_value=3), st.booleans())
+
+
+def _check_pipeline(
+    start_method: StartMethod,
+    items: list[int],
+    as_iterator: bool,
+    stages: list[tuple[str, int, bool]],
+    maxsize: int | None,
+) -> None:
+    source: Iterable[int] = iter(items) if as_iterator else items
+    pipeline: pk.Pipeline[Any] = pk.Pipeline(source, start_method=start_method, maxsize=maxsize)
+    expected: list[Any] = list(items)
+    for key, workers, ordered in stages:
+        kind, fn = _STAGES[key]
+        if kind == "map":
+            pipeline = pipeline.map(fn, max_workers=workers, ordered=ordered)
+            expected = [fn(x) for x in expected]
+        elif kind == "filter":
+            pipeline = pipeline.filter(fn, max_workers=workers, ordered=ordered)
+            expected = [x for x in expected if fn(x)]
+        else:
+            pipeline = pipeline.flat_map(fn, max_workers=workers, ordered=ordered)
+            expected = [y for x in expected for y in fn(x)]
+    got = pipeline.run()
+    if all(ordered for _, _, ordered in stages):
+        assert got == expected
+    else:
+        assert Counter(got) == Counter(expected)
+
+
+_property = given(
+    items=st.lists(st.integers(-1000, 1000), max_size=80),
+    as_iterator=st.booleans(),
+    stages=st.lists(_stage, min_size=1, max_size=3),
+    maxsize=st.none() | st.integers(1, 20),
+)
+
+
+@_property
+def test_a_pipeline_equals_the_same_composition_in_one_process(
+    items: list[int], as_iterator: bool, stages: list[tuple[str, int, bool]], maxsize: int | None
+) -> None:
+    _check_pipeline("fork", items, as_iterator, stages, maxsize)
+
+
+@pytest.mark.parametrize("start_method", [m for m in START_METHODS if m != "fork"])
+@settings(max_examples=max(3, settings().max_examples // 5))
+@_property
+def test_the_composition_property_under_other_start_methods(
+    start_method: StartMethod,
+    items: list[int],
+    as_iterator: bool,
+    stages: list[tuple[str, int, bool]],
+    maxsize: int | None,
+) -> None:
+    _check_pipeline(start_method, items, as_iterator, stages, maxsize)
