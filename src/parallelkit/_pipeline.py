@@ -32,13 +32,14 @@ import contextlib
 import itertools
 import os
 import pickle
+import select
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, Final, Generic, Protocol, Self, TypeVar
@@ -230,6 +231,7 @@ class _Run:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.writer = frames.Writer()
+        self.poll: select.poll | None = None
         self.finalizer = weakref.finalize(
             self, _kill, self.workers, self.writer, self.wake_r, self.wake_w
         )
@@ -357,6 +359,8 @@ class _Run:
                     chunk = []
                     if self.want_source:
                         self._wake()
+                    else:
+                        time.sleep(0)  # let the router have the GIL: it has work to route
                 if count < limit:
                     break  # the source is exhausted
                 if took < CHUNK_SECONDS:
@@ -537,20 +541,33 @@ class _Run:
             error = self._crashed(worker)
             raise error from error.__cause__
 
+    def _poller(self) -> select.poll:
+        """One poll object for the whole run: every pipe, every sentinel, the wake-up pipe.
+
+        (``multiprocessing.connection.wait`` would build and fill a new selector on every
+        call, which costs more than routing a small batch.)
+        """
+        if self.poll is None:
+            self.poll = select.poll()
+            fds = [w.conn.fileno() for w in self.workers]
+            fds += [w.process.sentinel for w in self.workers]
+            if self.thread is not None:
+                fds.append(self.wake_r)
+            for fd in fds:
+                self.poll.register(fd, select.POLLIN)
+        return self.poll
+
     def _wait_and_receive(self) -> None:
-        waitables: list[Any] = [w.conn for w in self.workers]
-        waitables.extend(w.process.sentinel for w in self.workers)
-        if self.thread is not None:
-            waitables.append(self.wake_r)
+        poller = self._poller()
         began = time.perf_counter()
-        ready = wait(waitables)
+        ready = {fd for fd, _ in poller.poll()}
         self.consumer_waiting += time.perf_counter() - began
         if self.wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.wake_r, 4096)
         dead: list[_Worker] = []
         for worker in self.workers:
-            if worker.conn in ready:
+            if worker.conn.fileno() in ready:
                 try:
                     while True:
                         self._receive(worker, frames.recv(worker.conn))
