@@ -59,7 +59,7 @@ T = TypeVar("T")
 U = TypeVar("U")
 _Y = TypeVar("_Y")
 
-MAX_BATCH: Final = 1024  # items per message, at most
+MAX_BATCH: Final = 4096  # items per message, at most
 BATCH_BYTES: Final = 256 * 1024  # aim for messages about this size
 BATCH_SECONDS: Final = 0.005  # ... and for batches that keep the slowest stage this busy
 CHUNK_SECONDS: Final = 0.001  # the source thread passes on what it read at least this often
