@@ -18,9 +18,9 @@ worker of the next stage without unpickling them.  Compared with workers sharing
 - backpressure is exact: at most ``maxsize`` source items are between the source and the
   consumer (taken from the source and not yet handed out), however slow any stage or the
   consumer is; the source is read by a helper thread that stops when that budget is spent;
-- batching adapts: a batch holds whatever the source has ready, up to a size sized from
-  the pickled bytes per item and the stages' speed, so a fast source moves thousands of small items per message
-  while a slow trickle is sent one item at a time, at once;
+- batching adapts: a batch holds whatever the source has ready, up to a size set by the
+  pickled bytes per item and the stages' speed, so a fast source moves thousands of small
+  items per message while a slow trickle is sent one item at a time, at once;
 - order is kept with a reorder buffer on batch numbers (a batch's outputs keep its number
   through every stage), so ``ordered=False`` only changes when results are handed out.
 
