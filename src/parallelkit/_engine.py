@@ -90,6 +90,8 @@ class _Worker:
 class Engine:
     """Owns the worker processes and runs jobs on them.  Not public: see ``WorkerPool``."""
 
+    pickles_items = True
+
     def __init__(
         self,
         *,

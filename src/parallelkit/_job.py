@@ -4,23 +4,23 @@ A :class:`Job` makes chunks lazily (from a sequence by slicing, or from an itera
 adaptive chunk sizes), keeps a bounded number of them in flight, puts results through a
 reorder buffer, and decides what a failed item means (raise at once, a slot holding the
 exception, or an error raised when the item is reached).  :func:`collect` and
-:func:`iterate` drive an :class:`~parallelkit._engine.Engine` until a job is done.
+:func:`iterate` drive a :class:`Driver` until a job is done.  Two drivers exist: the process
+:class:`~parallelkit._engine.Engine`, and :class:`~parallelkit._backends.ChunkEngine`, which runs
+the same jobs on any other backend (serial, threads, an Executor, Dask).
 """
 
 from __future__ import annotations
 
 import itertools
 import pickle
+import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from . import _worker as W
 from ._serialize import PROTOCOL, dumps, locate_unpicklable
 from .errors import SerializationError
-
-if TYPE_CHECKING:
-    from ._engine import Engine
 
 TARGET_CHUNK_SECONDS: Final = 0.02  # adaptive chunking aims for chunks of about this long
 MAX_ADAPTIVE_CHUNK: Final = 100_000
@@ -38,6 +38,21 @@ class Failure:
 
 class PoolBrokenError(RuntimeError):
     """Internal: the engine can no longer run work (reported as its cause)."""
+
+
+class Driver(Protocol):
+    """What a :class:`Job` needs from whoever runs its chunks (see the module docstring)."""
+
+    max_workers: int  # sizes chunks and the in-flight window
+    changes: int  # bumped whenever a job gets a result or an error
+    mutex: threading.Lock
+    pickles_items: bool  # False: chunks are not pickled here (in-process, or by Dask)
+
+    def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]: ...
+    def abandon(self, job: Job) -> None: ...
+    def drive(self, done: Callable[[], bool], timeout: float | None = None) -> bool: ...
+    def defer(self, callback: Callable[[], object]) -> None: ...
+    def future_done(self, job: Job) -> None: ...
 
 
 class Chunk:
@@ -59,7 +74,7 @@ class Job:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Driver,
         fn: Callable[..., object],
         source: Iterator[Any] | Sequence[Any],
         *,
@@ -73,6 +88,7 @@ class Job:
         inherited: bool = False,
     ) -> None:
         self.engine = engine
+        self.fn = fn
         self.fn_id, self.fn_payload = engine.register_function(fn)
         self.source = source
         self.iterator: Iterator[Any] | None = None if length is not None else iter(source)
@@ -159,7 +175,7 @@ class Job:
 
     def _prepare(self, chunk: Chunk) -> bool:
         """Pickle the chunk's items; on failure, report the item and split around it."""
-        if chunk.items is None:
+        if chunk.items is None or not self.engine.pickles_items:
             chunk.payload = b""
             return True
         try:
@@ -252,7 +268,7 @@ class Job:
             self.engine.abandon(self)
 
 
-def collect(engine: Engine, job: Job) -> list[Any]:
+def collect(engine: Driver, job: Job) -> list[Any]:
     """Run ``job`` to completion in this thread; the results in a list (fail fast)."""
     ordered = job.ordered
     n = job.length
@@ -282,7 +298,7 @@ def collect(engine: Engine, job: Job) -> list[Any]:
             return out
 
 
-def iterate(engine: Engine, job: Job) -> Generator[list[Any], None, None]:
+def iterate(engine: Driver, job: Job) -> Generator[list[Any], None, None]:
     """Yield ``job``'s results, a list at a time, as they become available.
 
     In order if the job is ordered.  A failure that is raised on delivery is raised after

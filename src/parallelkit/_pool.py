@@ -13,13 +13,17 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, overload
 
+from ._backends import ChunkEngine, RunnerFactory, check_backend
 from ._checks import check_callable
 from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine
 from ._job import Job, PoolBrokenError, collect, iterate
 from ._types import P, R, StartMethod, T
+
+if TYPE_CHECKING:
+    from ._backends import Backend
 
 _Y = TypeVar("_Y")
 _U = TypeVar("_U")
@@ -64,16 +68,6 @@ def _check_max_tasks(max_tasks: int | None) -> None:
         raise ValueError(f"max_tasks_per_worker must be a positive int or None, got {max_tasks!r}")
 
 
-def _check_backend(backend: object) -> WorkerPool | None:
-    if backend is None or backend == "process":
-        return None
-    if isinstance(backend, WorkerPool):
-        return backend
-    raise ValueError(
-        f"unknown backend {backend!r}; valid choices: 'process' (the default) or a WorkerPool"
-    )
-
-
 def _check_map_options(
     fn: object,
     backend: object,
@@ -83,21 +77,95 @@ def _check_map_options(
     initargs: tuple[object, ...],
     start_method: StartMethod | None,
     max_workers: int | None,
-) -> WorkerPool | None:
-    """Validate what ``run_parallel`` and ``imap_parallel`` share; the pool to reuse, if any."""
+) -> WorkerPool | RunnerFactory | None:
+    """Validate what ``run_parallel`` and ``imap_parallel`` share.
+
+    Returns the pool to reuse, a factory for another backend's runner, or ``None``
+    for new worker processes.
+    """
     check_callable(fn)
-    pool = _check_backend(backend)
     _check_chunksize(chunksize)
     _check_timeout(timeout)
     _check_initializer(initializer, initargs)
-    if pool is not None and (
-        start_method is not None or initializer is not None or max_workers is not None
-    ):
-        raise ValueError(
-            "start_method, max_workers and initializer belong to the WorkerPool "
-            "when it is the backend; set them where the pool is created"
+    if backend is None or (isinstance(backend, str) and backend == "process"):
+        return None
+    if isinstance(backend, WorkerPool):
+        if start_method is not None or initializer is not None or max_workers is not None:
+            raise ValueError(
+                "start_method, max_workers and initializer belong to the WorkerPool "
+                "when it is the backend; set them where the pool is created"
+            )
+        return backend
+    return check_backend(
+        backend, max_workers=max_workers, start_method=start_method, initializer=initializer
+    )
+
+
+def _run_elsewhere(
+    factory: RunnerFactory,
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    chunksize: int | None,
+    ordered: bool,
+    timeout: float | None,
+    return_exceptions: bool,
+) -> list[Any]:
+    """``run_parallel`` on a backend other than processes (same Job, another driver)."""
+    seq = _as_sequence(items)
+    if len(seq) == 0:
+        return []
+    runner, tracked = factory(len(seq))
+    engine = ChunkEngine(runner, tracked=tracked)
+    ok = False
+    try:
+        job = Job(
+            engine,
+            fn,
+            seq,
+            length=len(seq),
+            chunksize=chunksize,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            fail_fast=True,
+            timeout=timeout,
         )
-    return pool
+        engine.add_job(job)
+        results = collect(engine, job)
+        ok = True
+        return results
+    finally:
+        engine.shutdown(graceful=ok)
+
+
+def _imap_elsewhere(
+    factory: RunnerFactory,
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    chunksize: int | None,
+    ordered: bool,
+    timeout: float | None,
+    return_exceptions: bool,
+) -> ResultIterator[Any]:
+    length = len(items) if isinstance(items, list | tuple | range) else None
+    runner, tracked = factory(length)
+    engine = ChunkEngine(runner, tracked=tracked)
+    try:
+        job = Job(
+            engine,
+            fn,
+            items if length is not None else iter(items),  # type: ignore[arg-type]
+            length=length,
+            chunksize=chunksize,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            fail_fast=True,
+            timeout=timeout,
+        )
+        engine.add_job(job)
+    except BaseException:
+        engine.shutdown(graceful=False)
+        raise
+    return ResultIterator(engine, job, owns_engine=True)
 
 
 def _as_sequence(items: Iterable[T]) -> Sequence[T]:
@@ -117,7 +185,7 @@ def run_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Literal["process"] | WorkerPool | None = None,
+    backend: Backend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -133,7 +201,7 @@ def run_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Literal["process"] | WorkerPool | None = None,
+    backend: Backend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -149,7 +217,7 @@ def run_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Literal["process"] | WorkerPool | None = None,
+    backend: Backend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -164,7 +232,7 @@ def run_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Literal["process"] | WorkerPool | None = None,
+    backend: Backend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -212,8 +280,10 @@ def run_parallel(
     pool = _check_map_options(
         fn, backend, chunksize, timeout, initializer, initargs, start_method, max_workers
     )
-    if pool is not None:
+    if isinstance(pool, WorkerPool):
         return pool._run(fn, items, chunksize, ordered, timeout, return_exceptions)
+    if pool is not None:
+        return _run_elsewhere(pool, fn, items, chunksize, ordered, timeout, return_exceptions)
     workers = resolve_max_workers(max_workers)
     method = resolve_start_method(start_method)
     seq = _as_sequence(items)
@@ -258,7 +328,7 @@ class ResultIterator(Iterator[_Y]):
     the workers are stopped.
     """
 
-    def __init__(self, engine: Engine, job: Job, *, owns_engine: bool) -> None:
+    def __init__(self, engine: Engine | ChunkEngine, job: Job, *, owns_engine: bool) -> None:
         self._chunks = iterate(engine, job)
         self._current: Iterator[_Y] = iter(())
         self._engine = engine
@@ -331,7 +401,7 @@ def imap_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Literal["process"] | WorkerPool | None = None,
+    backend: Backend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -347,7 +417,7 @@ def imap_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Literal["process"] | WorkerPool | None = None,
+    backend: Backend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -363,7 +433,7 @@ def imap_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Literal["process"] | WorkerPool | None = None,
+    backend: Backend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -378,7 +448,7 @@ def imap_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Literal["process"] | WorkerPool | None = None,
+    backend: Backend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -401,6 +471,8 @@ def imap_parallel(
     pool = _check_map_options(
         fn, backend, chunksize, timeout, initializer, initargs, start_method, max_workers
     )
+    if pool is not None and not isinstance(pool, WorkerPool):
+        return _imap_elsewhere(pool, fn, items, chunksize, ordered, timeout, return_exceptions)
     if pool is not None:
         return pool.imap(
             fn,

@@ -1,0 +1,203 @@
+"""The Dask backend: each chunk is one Dask task on a ``distributed.Client``'s cluster.
+
+Imported only when a Dask backend is used (``pip install 'parallelkit[dask]'``).
+
+- The function is pickled *by value* (cloudpickle; also for functions of the user's own
+  modules), sent to the cluster once per job (as a task every chunk depends on, so that
+  the scheduler can recompute it if a worker dies) and unpickled once per worker, so neither
+  the scheduler nor the workers need to import the user's code, and a large object the
+  function holds (a ``functools.partial`` over an array) travels once, not with every task.
+- Each task has a unique key (never merged with an identical earlier call).
+- The driver keeps at most ``2 x`` (the cluster's threads) tasks in flight.
+- A worker that dies mid-task is Dask's to retry (``distributed.scheduler.allowed-failures``);
+  when Dask gives up (``KilledWorker``), the chunk's items are re-run one per task and the
+  item that kills workers fails with :class:`~parallelkit.WorkerCrashedError`.
+- A running Dask task cannot be stopped: ``timeout=`` fails an item that ran too long when it
+  finishes (on the worker), like the serial backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import pickle
+import sys
+import sysconfig
+import uuid
+from collections.abc import Callable, Collection
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from parallelkit._serialize import dump_function
+
+from ._protocol import ChunkOutcome, ChunkTask, WorkerLostError, run_chunk
+
+EXTRA_HINT = "install it with: pip install 'parallelkit[dask]'"
+_keys = itertools.count()
+
+
+def import_distributed() -> ModuleType:
+    """``distributed``, or an ImportError that names the extra to install."""
+    try:
+        import distributed  # noqa: PLC0415
+    except ImportError as exc:
+        raise ImportError(
+            f"the Dask backend needs Dask's distributed scheduler; {EXTRA_HINT}"
+        ) from exc
+    return distributed
+
+
+def default_client() -> object:
+    """The current Dask client (``backend="dask"``)."""
+    distributed = import_distributed()
+    try:
+        return distributed.get_client()
+    except ValueError as exc:
+        raise ValueError(
+            "backend='dask' runs on the current Dask client, and there is none: create one "
+            "(distributed.Client(...)) first, or pass it as backend=client"
+        ) from exc
+
+
+def _site_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"]}
+    return tuple(str(Path(d).resolve()) for d in dirs if d)
+
+
+def _user_module(fn: object) -> ModuleType | None:
+    """The module of ``fn`` if it is the user's own code (not stdlib, not installed)."""
+    name = getattr(fn, "__module__", None)
+    if not name or name == "__main__" or name.split(".")[0] in sys.stdlib_module_names:
+        return None
+    if name.split(".")[0] == "parallelkit":
+        return None
+    module = sys.modules.get(name)
+    file = getattr(module, "__file__", None)
+    if module is None or not file:
+        return None
+    if str(Path(file).resolve()).startswith(_site_dirs()):
+        return None
+    return module
+
+
+def dump_by_value(fn: Callable[..., object]) -> bytes:
+    """Pickle ``fn`` so that workers that cannot import its module can still run it."""
+    module = _user_module(getattr(fn, "func", fn))  # a functools.partial: its function
+    if module is None:
+        return dump_function(fn, by_value=True)
+    import cloudpickle  # noqa: PLC0415 - a dependency of distributed
+
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        return bytes(cloudpickle.dumps(fn, pickle.HIGHEST_PROTOCOL))
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+
+
+class _Opaque:
+    """Wraps a payload so that Dask does not look inside it for tasks or keys."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_Opaque, (self.value,))
+
+
+@functools.lru_cache(maxsize=16)
+def _load(payload: bytes) -> Callable[[Any], object]:
+    fn: Callable[[Any], object] = pickle.loads(payload)
+    return fn
+
+
+def _run_on_worker(
+    fn: _Opaque, items: _Opaque, start: int, stop_on_error: bool, timeout: float | None
+) -> ChunkOutcome:
+    """The Dask task: run one chunk on a worker."""
+    from distributed import get_worker  # noqa: PLC0415
+
+    try:
+        where = f"on Dask worker {get_worker().address}"
+    except ValueError:
+        where = "on a Dask worker"
+    task = ChunkTask(_load(fn.value), items.value, start, stop_on_error, timeout, capture=True)
+    return run_chunk(task, where)
+
+
+class DaskRunner:
+    """Runs chunks as Dask tasks on ``client``'s cluster."""
+
+    def __init__(self, client: Any) -> None:
+        distributed = import_distributed()
+        self.distributed = distributed
+        self.client = client
+        info = client.scheduler_info(n_workers=-1)
+        threads = sum(int(w.get("nthreads", 1)) for w in info.get("workers", {}).values())
+        self.max_workers = max(1, threads)
+        self.capacity = 2 * self.max_workers
+        self.token = uuid.uuid4().hex[:12]
+        self.fn_future: Any = None
+        self.name = "fn"
+        self.futures: set[Any] = set()
+
+    def prepare(self, fn: Callable[..., object]) -> None:
+        payload = dump_by_value(fn)
+        self.name = getattr(fn, "__name__", type(fn).__name__)
+        if self.fn_future is not None:
+            self.fn_future.release()
+        # Sent to the cluster once, as a task of its own that every chunk depends on: the
+        # scheduler keeps the payload, so (unlike scattered data) it can be recomputed if
+        # the worker holding it dies.
+        self.fn_future = self.client.submit(
+            _Opaque, payload, key=f"parallelkit-fn-{self.name}-{self.token}-{next(_keys)}"
+        )
+
+    def submit(self, task: ChunkTask) -> Any:
+        future = self.client.submit(
+            _run_on_worker,
+            self.fn_future,
+            _Opaque(task.items if isinstance(task.items, list) else list(task.items)),
+            task.start,
+            task.stop_on_error,
+            task.timeout,
+            key=f"parallelkit-{self.name}-{self.token}-{next(_keys)}",
+            pure=False,
+        )
+        self.futures.add(future)
+        return future
+
+    def wait(self, handles: Collection[Any], timeout: float | None) -> Collection[Any]:
+        try:
+            return self.distributed.wait(  # type: ignore[no-any-return]
+                list(handles), timeout=timeout, return_when="FIRST_COMPLETED"
+            ).done
+        except TimeoutError:
+            return ()
+        except Exception:  # cancelled futures (FuturesCancelledError): outcome() reports them
+            done = [h for h in handles if h.done()]
+            if not done:
+                raise
+            return done
+
+    def outcome(self, handle: Any) -> ChunkOutcome:
+        self.futures.discard(handle)
+        if handle.status == "error":
+            exc = handle.exception()
+            if isinstance(exc, self.distributed.KilledWorker):
+                raise WorkerLostError(str(exc), retryable=True) from exc
+            raise exc
+        result: ChunkOutcome = handle.result()
+        return result
+
+    def close(self, *, wait: bool) -> None:
+        futures = [f for f in self.futures if not f.done()]
+        if futures:
+            self.client.cancel(futures)
+        self.futures.clear()
+        if self.fn_future is not None:
+            self.fn_future.release()
+            self.fn_future = None
