@@ -16,7 +16,7 @@ import pickle
 import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from . import _worker as W
 from ._serialize import PROTOCOL, dumps, locate_unpicklable
@@ -151,7 +151,12 @@ class Job:
         start = self.next_start
         if self.length is not None:
             stop = min(start + self.chunksize, self.length)
-            items = None if self.inherited else self.source[start:stop]  # type: ignore[index]
+            if self.inherited:
+                items = None
+            elif start == 0 and stop == self.length:
+                items = cast("Sequence[Any]", self.source)  # one chunk for all: no copy
+            else:
+                items = self.source[start:stop]  # type: ignore[index]
         else:
             assert self.iterator is not None
             try:
@@ -287,7 +292,10 @@ def collect(engine: Driver, job: Job) -> list[Any]:
                     if type(value) is Failure:
                         raise value.exc
             if ordered and n is not None:
-                out[filled : filled + len(results)] = results
+                if filled == 0 and len(results) == n:
+                    out = results  # one chunk held everything: no copy
+                else:
+                    out[filled : filled + len(results)] = results
             else:
                 out.extend(results)
             filled += len(results)

@@ -115,6 +115,9 @@ def _run_elsewhere(
     if len(seq) == 0:
         return []
     runner, tracked = factory(len(seq))
+    if chunksize is None and runner.in_caller:
+        # nothing runs in parallel and nothing streams: one chunk is the cheapest
+        chunksize = len(seq)
     engine = ChunkEngine(runner, tracked=tracked)
     ok = False
     try:

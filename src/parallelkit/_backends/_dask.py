@@ -139,6 +139,7 @@ class DaskRunner:
         threads = sum(int(w.get("nthreads", 1)) for w in info.get("workers", {}).values())
         self.max_workers = max(1, threads)
         self.capacity = 2 * self.max_workers
+        self.in_caller = False
         self.token = uuid.uuid4().hex[:12]
         self.fn_future: Any = None
         self.name = "fn"

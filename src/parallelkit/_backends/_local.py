@@ -38,6 +38,7 @@ class SerialRunner:
 
     max_workers = 1
     capacity = 1
+    in_caller = True
 
     def prepare(self, fn: Callable[..., object]) -> None:
         pass
@@ -86,6 +87,7 @@ class ExecutorRunner:
         self.local = isinstance(executor, cf.ThreadPoolExecutor)
         self.max_workers = max_workers
         self.capacity = 2 * max_workers
+        self.in_caller = False
         self.fn_payload = b""
         self.futures: set[cf.Future[ChunkOutcome]] = set()
 

@@ -97,6 +97,11 @@ class Runner(Protocol[H]):
         ...
 
     @property
+    def in_caller(self) -> bool:
+        """Runs chunks in the calling thread (the serial backend)."""
+        ...
+
+    @property
     def capacity(self) -> int:
         """At most this many chunks in flight (bounds memory and, on Dask, tasks)."""
         ...
