@@ -9,6 +9,7 @@ fork-based backends here.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import itertools
 import multiprocessing
 import threading
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import workers as w
+import workers_pipeline as wp
 
 LOCAL_BACKENDS = (
     "process",
@@ -349,3 +351,48 @@ def test_a_broken_process_executor_names_the_item() -> None:
     ):
         pk.run_parallel(w.kill_13, range(20), backend=ex, chunksize=1)
     assert info.value.item_index == 13
+
+
+# ------------------------------------------------------------------ pipelines
+
+
+def test_a_pipeline_runs_on_every_backend(backend: Options) -> None:
+    pipeline = (
+        pk.Pipeline(range(40)).map(wp.square).filter(wp.is_even).flat_map(wp.twice).map(wp.plus_one)
+    )
+    expected = [y + 1 for x in range(40) if (x * x) % 2 == 0 for y in (x * x, x * x)]
+    assert pipeline.run(backend=backend.get("backend")) == expected  # type: ignore[arg-type]
+    source = (x for x in range(40))
+    assert pk.Pipeline(source).map(wp.square).run(backend=backend.get("backend")) == [  # type: ignore[arg-type]
+        x * x for x in range(40)
+    ]
+
+
+def test_a_pipeline_stage_error_names_the_stage_and_item(backend: Options) -> None:
+    pipeline = pk.Pipeline(range(20)).map(wp.plus_one).map(wp.fail_on_13, name="picky")
+    with pytest.raises(pk.PipelineError, match="stage 'picky' failed on item 13") as info:
+        pipeline.run(backend=backend.get("backend"))  # type: ignore[arg-type]
+    assert info.value.stage == "picky"
+    assert info.value.item == 13
+    assert info.value.item_index is None  # not the first stage: the source never held 13
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(pk.PipelineError) as first:
+        pk.Pipeline(range(20)).map(wp.fail_on_13).run(backend=backend.get("backend"))  # type: ignore[arg-type]
+    assert (first.value.item, first.value.item_index) == (13, 13)
+
+
+def test_a_pipeline_source_error_is_reported_as_the_sources() -> None:
+    def source() -> Iterator[int]:
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(pk.PipelineError, match="source raised OSError") as info:
+        pk.Pipeline(source()).map(wp.square).run(backend="serial")
+    assert info.value.stage == "source"
+    assert isinstance(info.value.__cause__, OSError)
+
+
+def test_shared_objects_work_with_local_backends() -> None:
+    with pk.SharedCounter() as counter:
+        pk.run_parallel(functools.partial(wp.count_into, counter), range(10), backend="thread")
+        assert counter.value == sum(range(10))

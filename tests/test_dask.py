@@ -13,6 +13,7 @@ wraps the whole module in the same leak check, after every cluster has been clos
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ import dask  # noqa: E402
 
 import parallelkit as pk  # noqa: E402
 import workers as w  # noqa: E402
+import workers_pipeline as wp  # noqa: E402
 from parallelkit.testing import check_no_leaks  # noqa: E402
 
 Options = dict[str, object]
@@ -180,6 +182,11 @@ class TestSeparateCluster:
             x for x in range(1, 20) if x % 7
         ]
 
+    def test_a_pipeline_runs_on_the_cluster(self, remote_client: Client) -> None:
+        pipeline = pk.Pipeline(range(100)).map(wp.square).filter(wp.is_even).flat_map(wp.twice)
+        expected = [y for x in range(100) if x % 2 == 0 for y in (x * x, x * x)]
+        assert pipeline.run(backend=remote_client) == expected
+
     def test_a_lambda_and_a_closure_travel_by_value(self, remote_client: Client) -> None:
         offset = 3
         got = pk.run_parallel(lambda x: x + offset, range(5), backend=remote_client)
@@ -278,6 +285,33 @@ def test_a_worker_that_keeps_dying_names_the_item(cluster_client: Client) -> Non
     cluster_client.wait_for_workers(2, timeout=30)
 
 
+def test_single_host_objects_cannot_go_to_a_cluster(inproc_client: Client) -> None:
+    np = pytest.importorskip("numpy")
+    with pk.SharedCounter() as counter, pk.SharedArray.from_array(np.zeros(3)) as array:
+        shared_objects: tuple[Any, ...] = (counter, array)
+        for shared in shared_objects:
+            name = type(shared).__name__
+            with pytest.raises(pk.SerializationError, match=f"a {name} lives in this machine"):
+                pk.run_parallel(
+                    functools.partial(wp.count_into, shared), [1], backend=inproc_client
+                )
+            with pytest.raises(pk.SerializationError, match="cannot be sent to a Dask cluster"):
+                pk.run_parallel(wp.add_item, [(shared, 1)], backend=inproc_client)
+        with pytest.raises(pk.SerializationError, match="SharedCounter"):
+            pk.Pipeline([1, 2]).map(functools.partial(wp.count_into, counter)).run(
+                backend=inproc_client
+            )
+        assert counter.value == 0  # nothing ran
+        # the same objects still go to processes (by reference), as before
+        pk.run_parallel(
+            functools.partial(wp.count_into, counter),
+            [1, 2],
+            max_workers=1,
+            start_method="forkserver",  # not fork: Dask's threads are running
+        )
+        assert counter.value == 3
+
+
 def test_missing_dask_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(ImportError, match=r"pip install 'parallelkit\[dask\]'"):
@@ -292,6 +326,8 @@ def test_backend_dask_uses_the_current_client(inproc_client: Client) -> None:
 # ------------------------------------------------------------------ conformance
 # Imported last, so that they run after the classes above (pytest collects in module order).
 from test_backends import (  # noqa: E402
+    test_a_pipeline_runs_on_every_backend,
+    test_a_pipeline_stage_error_names_the_stage_and_item,
     test_bad_options_raise_the_same_error,
     test_breaking_out_of_imap_stops_promptly,
     test_empty_input,
@@ -310,6 +346,8 @@ from test_backends import (  # noqa: E402
 
 # The imported tests are collected (and run) here as well, on Dask.
 __all__ = (
+    "test_a_pipeline_runs_on_every_backend",
+    "test_a_pipeline_stage_error_names_the_stage_and_item",
     "test_bad_options_raise_the_same_error",
     "test_breaking_out_of_imap_stops_promptly",
     "test_empty_input",

@@ -11,13 +11,16 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Generic, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
 from ._checks import check_callable, check_positive_int
 from ._context import resolve_start_method
 from ._router import PipelineStats, Run, Stage, StageStats
 from ._stage import FILTER, FLAT_MAP, KIND_NAMES, MAP
 from ._types import StartMethod
+
+if TYPE_CHECKING:
+    from ._backends import Backend
 
 __all__ = ("Pipeline", "PipelineIterator", "PipelineStats", "StageStats")
 
@@ -248,8 +251,17 @@ class Pipeline(Generic[T]):
         run.start()
         return run
 
-    def run(self) -> list[T]:
+    def run(self, *, backend: Backend | None = None) -> list[T]:
         """Run the pipeline to the end and return every result.
+
+        Args:
+            backend: ``None`` or ``"process"``: the stages' own worker processes.  Any
+                other backend of :func:`~parallelkit.run_parallel` (``"thread"``,
+                ``"serial"``, an Executor, a ``WorkerPool``, a Dask ``Client``) runs every
+                stage of a chunk of source items in one task, so the data stays where it
+                is between stages (on the Dask worker) and only the results come back;
+                the stages' ``max_workers`` do not apply there, and the results come in
+                source order.
 
         Raises:
             PipelineError: a stage raised (``__cause__`` is its exception, ``.item`` the
@@ -259,6 +271,10 @@ class Pipeline(Generic[T]):
         """
         if not self._stages:
             return list(self._source)
+        if backend is not None and not (isinstance(backend, str) and backend == "process"):
+            from ._backends._stages import run_stages  # noqa: PLC0415
+
+            return run_stages(self._source, self._stages, backend)
         run = self._start()
         results: list[T] = []
         try:

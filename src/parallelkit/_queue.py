@@ -29,7 +29,7 @@ from typing import Any, Final, Generic, TypeVar
 from . import _frames as frames
 from ._checks import check_positive_int
 from ._context import get_context
-from ._serialize import locate_unpicklable
+from ._serialize import check_single_host, locate_unpicklable
 from ._types import StartMethod
 from .errors import QueueClosedError, SerializationError
 
@@ -98,6 +98,7 @@ class Queue(Generic[T]):
 
     def __getstate__(self) -> dict[str, Any]:
         # multiprocessing's objects refuse to be pickled except while a process starts
+        check_single_host(self)
         state = dict(self.__dict__)
         state["_local"] = deque()
         state["_closed"] = False

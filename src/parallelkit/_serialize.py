@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -202,3 +204,39 @@ def locate_unpicklable(items: Sequence[Any]) -> tuple[int, Exception] | None:
         except Exception as exc:
             return position, exc
     return None
+
+
+# ---------------------------------------------------------------- single-host objects
+
+_destination = threading.local()
+
+
+@contextlib.contextmanager
+def pickling_for_another_host(where: str) -> Iterator[None]:
+    """While active in this thread, single-host objects refuse to be pickled.
+
+    Args:
+        where: names the destination in the error, such as ``"a Dask cluster"``.
+    """
+    previous = getattr(_destination, "where", None)
+    _destination.where = where
+    try:
+        yield
+    finally:
+        _destination.where = previous
+
+
+def check_single_host(obj: object) -> None:
+    """Called by the ``__reduce__`` of objects that live in this machine's memory.
+
+    Raises:
+        SerializationError: ``obj`` is being pickled for another host.
+    """
+    where = getattr(_destination, "where", None)
+    if where is not None:
+        raise SerializationError(
+            f"a {type(obj).__name__} lives in this machine's memory and cannot be sent to "
+            f"{where}; use it with processes, threads or the serial backend (or send plain "
+            "values and combine the results)",
+            what="argument",
+        )

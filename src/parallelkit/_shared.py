@@ -52,6 +52,7 @@ from typing import (
     overload,
 )
 
+from ._serialize import check_single_host
 from ._shm import Segment, pid_alive
 
 __all__ = ("SharedAccumulator", "SharedCounter")
@@ -193,6 +194,7 @@ class _Slots:
     def __reduce__(self) -> tuple[Callable[[type[_Slots], str], _Slots], tuple[type, str]]:
         if self._segment.closed:
             raise _closed_error(self)
+        check_single_host(self)
         return (_attach_slots, (type(self), self._segment.name))
 
     # ---------------------------------------------------------------- adding

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, SupportsIndex
 
+from ._serialize import check_single_host
 from ._shared import KIND_ARRAY, MAGIC, W_KIND, W_MAGIC, _closed_error
 from ._shm import Segment
 
@@ -185,6 +186,7 @@ class SharedArray:
     def __reduce__(self) -> tuple[Callable[..., SharedArray], tuple[object, ...]]:
         if self._segment.closed:
             raise _closed_error(self)
+        check_single_host(self)
         return (_attach_array, (self._segment.name, self._shape, self._dtype))
 
     def __repr__(self) -> str:

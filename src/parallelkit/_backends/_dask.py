@@ -29,11 +29,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from parallelkit._serialize import dump_function
+from parallelkit._serialize import dump_function, dumps, pickling_for_another_host
 
 from ._protocol import ChunkOutcome, ChunkTask, WorkerLostError, run_chunk
 
 EXTRA_HINT = "install it with: pip install 'parallelkit[dask]'"
+DESTINATION = "a Dask cluster (another host)"
 _keys = itertools.count()
 
 
@@ -83,17 +84,25 @@ def _user_module(fn: object) -> ModuleType | None:
 
 
 def dump_by_value(fn: Callable[..., object]) -> bytes:
-    """Pickle ``fn`` so that workers that cannot import its module can still run it."""
-    module = _user_module(getattr(fn, "func", fn))  # a functools.partial: its function
-    if module is None:
-        return dump_function(fn, by_value=True)
-    import cloudpickle  # noqa: PLC0415 - a dependency of distributed
+    """Pickle ``fn`` so that workers that cannot import its module can still run it.
 
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        return bytes(cloudpickle.dumps(fn, pickle.HIGHEST_PROTOCOL))
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
+    The user's own modules behind ``fn`` (a ``functools.partial``'s function, a pipeline's
+    stage functions) travel by value too.  Single-host objects refuse to be pickled here.
+    """
+    inner = [getattr(fn, "func", fn), *getattr(fn, "functions", ())]
+    modules = {id(m): m for m in map(_user_module, inner) if m is not None}
+    with pickling_for_another_host(DESTINATION):
+        if not modules:
+            return dump_function(fn, by_value=True)
+        import cloudpickle  # noqa: PLC0415 - a dependency of distributed
+
+        for module in modules.values():
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return bytes(cloudpickle.dumps(fn, pickle.HIGHEST_PROTOCOL))
+        finally:
+            for module in modules.values():
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 class _Opaque:
@@ -115,16 +124,18 @@ def _load(payload: bytes) -> Callable[[Any], object]:
 
 
 def _run_on_worker(
-    fn: _Opaque, items: _Opaque, start: int, stop_on_error: bool, timeout: float | None
+    fn: _Opaque, items: bytes, start: int, stop_on_error: bool, timeout: float | None
 ) -> ChunkOutcome:
-    """The Dask task: run one chunk on a worker."""
+    """The Dask task: run one chunk (its items pickled by us, see ``submit``) on a worker."""
     from distributed import get_worker  # noqa: PLC0415
 
     try:
         where = f"on Dask worker {get_worker().address}"
     except ValueError:
         where = "on a Dask worker"
-    task = ChunkTask(_load(fn.value), items.value, start, stop_on_error, timeout, capture=True)
+    task = ChunkTask(
+        _load(fn.value), pickle.loads(items), start, stop_on_error, timeout, capture=True
+    )
     return run_chunk(task, where)
 
 
@@ -158,10 +169,14 @@ class DaskRunner:
         )
 
     def submit(self, task: ChunkTask) -> Any:
+        # Pickled here, in the caller's thread: a single-host object among the items fails
+        # now with a clear error, and Dask never looks inside the items for tasks or keys.
+        with pickling_for_another_host(DESTINATION):
+            items = dumps(task.items if isinstance(task.items, list) else list(task.items))
         future = self.client.submit(
             _run_on_worker,
             self.fn_future,
-            _Opaque(task.items if isinstance(task.items, list) else list(task.items)),
+            items,
             task.start,
             task.stop_on_error,
             task.timeout,

@@ -20,13 +20,14 @@ error policy.  The driver itself only adds what depends on *where* chunks ran:
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from parallelkit._job import Chunk, Job
-from parallelkit._serialize import ExceptionRecord, rebuild_exception
+from parallelkit._serialize import ExceptionRecord, locate_unpicklable, rebuild_exception
 from parallelkit.errors import SerializationError, TaskTimeoutError, WorkerCrashedError
 
 from ._protocol import NOT_STARTED, ChunkTask, Progress, Runner, WorkerLostError
@@ -139,12 +140,18 @@ class ChunkEngine:
     def _submit_error(self, chunk: Chunk, exc: Exception) -> BaseException:
         if isinstance(exc, WorkerLostError):
             return self._crash(chunk, exc)
-        if isinstance(exc, TypeError | AttributeError) and "pickl" in str(exc).lower():
+        if isinstance(exc, SerializationError):
+            return exc
+        if isinstance(exc, pickle.PicklingError) or (
+            isinstance(exc, TypeError | AttributeError) and "pickl" in str(exc).lower()
+        ):
+            found = locate_unpicklable(chunk.items or ())
+            index = chunk.start + (found[0] if found else 0)
             error = SerializationError(
-                f"items {chunk.start} to {chunk.stop - 1} cannot be sent to the backend: "
+                f"item {index} cannot be pickled to send it to the backend: "
                 f"{type(exc).__name__}: {exc}",
                 what="argument",
-                item_index=chunk.start if chunk.stop - chunk.start == 1 else None,
+                item_index=index,
             )
             error.__cause__ = exc
             return error

@@ -1,0 +1,159 @@
+"""Pipelines on a backend other than their own processes: ``Pipeline.run(backend=...)``.
+
+Built on the map API (``run_parallel``), on purpose: every stage of a pipeline runs, item by
+item, inside one task per chunk of source items, so a chunk's data goes from stage to stage
+where it is (on the Dask worker, in the thread) and only the last stage's outputs come
+back.  Chunking, ordering, bounded work in flight and crash handling are the map API's::
+
+    source ──chunks──▶ backend: for each item: stage 1 ▶ stage 2 ▶ ... ──outputs──▶ caller
+
+A stage's exception becomes :class:`~parallelkit.PipelineError` naming the stage and the
+item, as with the pipeline's own processes.  Per-stage ``max_workers`` do not apply: the
+backend's workers run every stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from parallelkit._router import Stage
+from parallelkit._serialize import ExceptionRecord, capture_exception, dumps, rebuild_exception
+from parallelkit._stage import FILTER, MAP
+from parallelkit.errors import PipelineError, WorkerCrashedError
+
+
+def _shown(item: object) -> str:
+    try:
+        shown = repr(item)
+    except Exception:
+        shown = f"<{type(item).__name__} object>"
+    return shown if len(shown) <= 200 else shown[:197] + "..."
+
+
+class StageFailure:
+    """A source item's result when one of its stages raised (rather than raising)."""
+
+    __slots__ = ("exc", "item", "record", "shown", "stage")
+
+    def __init__(
+        self,
+        stage: int,
+        exc: BaseException | None,
+        item: object,
+        shown: str,
+        record: ExceptionRecord | None = None,
+    ) -> None:
+        self.stage = stage
+        self.exc = exc
+        self.item = item
+        self.shown = shown
+        self.record = record
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # crossing to another process: the exception as a record, the item if it can go
+        record = self.record
+        if self.exc is not None:
+            record = capture_exception(self.exc)
+        item = self.item
+        try:
+            dumps(item)
+        except Exception:
+            item = None
+        return (StageFailure, (self.stage, None, item, self.shown, record))
+
+    def error(self, stages: Sequence[Stage], index: int) -> PipelineError:
+        stage = stages[self.stage]
+        where = f"in pipeline stage {stage.name!r} on item {self.shown}"
+        if self.exc is not None:
+            cause = self.exc
+            cause.add_note(f"parallelkit: raised {where}")
+            type_name, message = type(cause).__name__, str(cause)
+        else:
+            assert self.record is not None
+            cause = rebuild_exception(self.record, where=where)
+            type_name, message = self.record.type_name, self.record.message
+        error = PipelineError(
+            f"stage {stage.name!r} failed on item {self.shown}: {type_name}: {message}",
+            stage=stage.name,
+            item=self.item,
+            item_index=index if self.stage == 0 else None,
+        )
+        error.__cause__ = cause
+        return error
+
+
+class StageChain:
+    """Runs every stage on one source item: the list of its outputs, or a StageFailure."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.steps = tuple((stage.kind, stage.fn) for stage in stages)
+
+    @property
+    def functions(self) -> tuple[object, ...]:
+        """The stages' functions (the Dask backend sends their modules by value)."""
+        return tuple(fn for _, fn in self.steps)
+
+    def __call__(self, item: object) -> list[object] | StageFailure:
+        values = [item]
+        for number, (kind, fn) in enumerate(self.steps):
+            out: list[object] = []
+            for value in values:
+                try:
+                    if kind == MAP:
+                        out.append(fn(value))
+                    elif kind == FILTER:
+                        if fn(value):
+                            out.append(value)
+                    else:
+                        out.extend(fn(value))
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:
+                    return StageFailure(number, exc, value, _shown(value))
+            values = out
+        return values
+
+
+class _GuardedSource:
+    """The source, read by the map API; an exception ends it and is kept for later."""
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        self.source = source
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self.source
+        except Exception as exc:
+            self.error = exc
+
+
+def run_stages(source: Iterable[Any], stages: Sequence[Stage], backend: object) -> list[Any]:
+    """``Pipeline(source)...run(backend=backend)``: every output, in source order."""
+    from parallelkit._pool import run_parallel  # noqa: PLC0415 - built on the map API
+
+    guarded = _GuardedSource(source)
+    items: Iterable[Any] = source if isinstance(source, list | tuple | range) else guarded
+    names = " -> ".join(stage.name for stage in stages)
+    try:
+        results = run_parallel(StageChain(stages), items, backend=backend)  # type: ignore[call-overload]
+    except WorkerCrashedError as exc:
+        error = PipelineError(
+            f"a worker died running the stages {names} on source item {exc.item_index}: {exc}",
+            stage=names,
+            item_index=exc.item_index,
+        )
+        raise error from exc
+    if guarded.error is not None:
+        error = PipelineError(
+            f"the pipeline's source raised {type(guarded.error).__name__}: {guarded.error}",
+            stage="source",
+        )
+        raise error from guarded.error
+    out: list[Any] = []
+    for index, result in enumerate(results):
+        if type(result) is StageFailure:
+            raise result.error(stages, index)
+        out.extend(result)
+    return out
