@@ -253,12 +253,20 @@ def run_parallel(
             use (affinity and cgroup quota), and never more than there are items.
         start_method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None`` for the
             platform default.
-        backend: ``"process"`` (the default: new workers for this call) or a
-            :class:`WorkerPool` to reuse.
+        backend: where the items run.  ``"process"`` (the default: new worker processes
+            for this call), a :class:`WorkerPool` to reuse, ``"thread"`` (a thread pool;
+            ``max_workers`` threads), ``"serial"`` (in the calling thread, in order), any
+            ``concurrent.futures.Executor``, a Dask ``distributed.Client``, or ``"dask"``
+            (the current Dask client; ``pip install 'parallelkit[dask]'``).  Results,
+            order and errors are the same on every backend; ``start_method`` and
+            ``initializer`` apply only to processes this call starts.
         chunksize: items per message to a worker; ``None`` sizes chunks automatically.
         ordered: results in input order (``True``) or in completion order.
-        timeout: seconds each item may run; a late item's worker is stopped and replaced
-            and the item fails with :class:`~parallelkit.TaskTimeoutError`.
+        timeout: seconds each item may run; a late item fails with
+            :class:`~parallelkit.TaskTimeoutError`.  On processes its worker is stopped
+            and replaced at the deadline; a thread cannot be stopped (the error comes at
+            the deadline, the thread finishes the item in the background); the serial
+            backend, other executors and Dask report the item when it has finished.
         return_exceptions: put each failed item's exception in its result slot and finish
             the other items, instead of raising the first failure at once.
         initializer: called in each worker process once, before its first item.
@@ -274,10 +282,14 @@ def run_parallel(
         TaskTimeoutError: an item ran longer than ``timeout``.
         SerializationError: the function, an item or a result cannot be pickled.
         StartMethodError: ``start_method`` is unknown or unavailable.
-        ValueError: another argument is out of range.
+        ValueError: another argument is out of range, an unknown backend, or an option
+            that does not apply to the backend.
+        ImportError: ``backend="dask"`` without Dask installed (names the extra).
 
     Example:
         >>> run_parallel(abs, [-1, -2, 3], max_workers=2)
+        [1, 2, 3]
+        >>> run_parallel(abs, [-1, -2, 3], backend="serial")
         [1, 2, 3]
     """
     pool = _check_map_options(
@@ -464,7 +476,8 @@ def imap_parallel(
     ``items`` is consumed lazily and only a bounded number of chunks is in flight, so an
     endless generator works and memory stays flat.  Chunk sizes adapt to how long items
     take when the input has no length.  Closing the iterator (or ``with``) stops the work
-    promptly and leaves nothing running.
+    promptly and leaves nothing running.  ``backend=`` as for :func:`run_parallel`; on Dask,
+    at most twice the cluster's threads in tasks are in flight.
 
     Example:
         >>> with imap_parallel(abs, iter([-1, -2, 3]), max_workers=2) as results:
