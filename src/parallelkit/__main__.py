@@ -1,7 +1,8 @@
 """``python -m parallelkit``: ``info`` about this machine, and a ``demo``.
 
 - ``python -m parallelkit info``: the usable CPU count, the start methods and the default,
-  the Python version, and whether the optional cloudpickle and numpy are installed.
+  the Python version, and whether the optional cloudpickle, numpy and distributed (Dask)
+  are installed.
 - ``python -m parallelkit demo``: a CPU-bound map, serial versus parallel under each start
   method, then a worker that kills itself, reported as ``WorkerCrashedError``.
 """
@@ -44,6 +45,7 @@ def info(out: TextIO) -> int:
         ("default start method", default_start_method()),
         ("cloudpickle", _optional("cloudpickle")),
         ("numpy", _optional("numpy")),
+        ("distributed", _optional("distributed")),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
