@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 else:
     Backend: TypeAlias = object
 
-__all__ = ("Backend", "ChunkEngine", "Runner", "RunnerFactory", "check_backend", "is_remote")
+__all__ = ("Backend", "ChunkEngine", "Runner", "RunnerFactory", "check_backend")
 
 VALID = (
     "'process' (the default), 'thread', 'serial', 'dask' (the current Dask client), "
@@ -42,11 +42,6 @@ def _is_dask_client(backend: object) -> bool:
     return cls.__module__.split(".")[0] == "distributed" and any(
         c.__name__ == "Client" for c in cls.__mro__
     )
-
-
-def is_remote(backend: object) -> bool:
-    """Does ``backend`` run tasks on other hosts (so single-host objects cannot go)?"""
-    return backend == "dask" or _is_dask_client(backend)
 
 
 def _refuse(what: str, options: list[str]) -> None:
