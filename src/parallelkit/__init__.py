@@ -28,6 +28,11 @@ from .errors import WorkerCrashedError as WorkerCrashedError
 __version__ = "0.1.0.dev0"
 
 if typing.TYPE_CHECKING:
+    from ._channel import Channel as Channel
+    from ._channel import ChannelListener as ChannelListener
+    from ._channel import ProcessChannel as ProcessChannel
+    from ._channel import channel_pair as channel_pair
+    from ._channel import start_process as start_process
     from ._context import usable_cpu_count as usable_cpu_count
     from ._pool import ResultIterator as ResultIterator
     from ._pool import WorkerPool as WorkerPool
@@ -37,6 +42,11 @@ if typing.TYPE_CHECKING:
 # Imported on first use (PEP 562), so that a spawn or forkserver worker, which imports only
 # the modules it runs, does not pay for the whole API at start-up.
 _LAZY = {
+    "Channel": "._channel",
+    "ChannelListener": "._channel",
+    "ProcessChannel": "._channel",
+    "channel_pair": "._channel",
+    "start_process": "._channel",
     "ResultIterator": "._pool",
     "WorkerPool": "._pool",
     "imap_parallel": "._pool",
@@ -59,9 +69,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = (
+    "Channel",
     "ChannelClosedError",
+    "ChannelListener",
     "ParallelKitError",
     "PipelineError",
+    "ProcessChannel",
     "RemoteError",
     "ResultIterator",
     "SerializationError",
@@ -70,8 +83,10 @@ __all__ = (
     "TaskTimeoutError",
     "WorkerCrashedError",
     "WorkerPool",
+    "channel_pair",
     "errors",
     "imap_parallel",
     "run_parallel",
+    "start_process",
     "usable_cpu_count",
 )

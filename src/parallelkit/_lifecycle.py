@@ -123,11 +123,13 @@ def stop_processes(
     join_timeout: float,
     what: str = "worker",
     warn: bool = True,
+    close: bool = True,
 ) -> None:
     """End ``procs``: wait ``join_timeout`` for them to exit, then SIGTERM, then SIGKILL.
 
     ``join_timeout=0`` kills at once without a warning (a deliberate abort).  Every
-    process is reaped and closed afterwards.
+    process is reaped and, unless ``close=False`` (the caller still wants to read its
+    ``exitcode``), closed afterwards.
     """
     procs = [p for p in procs if p.pid is not None]  # started ones only
     if join_timeout <= 0:  # a deliberate abort: no grace, no warning
@@ -153,5 +155,5 @@ def stop_processes(
         _wait_all(alive, time.monotonic() + 10.0)
     for p in procs:
         p.join(0)
-        if p.exitcode is not None:
+        if close and p.exitcode is not None:
             p.close()
