@@ -49,7 +49,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Generic, Self, TypeVar, TypeVarTuple, overload
+from typing import TYPE_CHECKING, Final, Generic, Self, TypeVarTuple, overload
 
 from . import _handshake
 from ._context import get_context, resolve_start_method
@@ -58,14 +58,26 @@ from ._serialize import ExceptionRecord, capture_exception, dump_function, rebui
 from .errors import ChannelClosedError, SerializationError
 
 if TYPE_CHECKING:
+    from typing_extensions import TypeVar
+
     from ._types import StartMethod
+else:
+    from typing import TypeVar
 
 __all__ = ("Channel", "ChannelListener", "ProcessChannel", "channel_pair", "start_process")
 
-SendT = TypeVar("SendT", contravariant=True)
-RecvT = TypeVar("RecvT", covariant=True)
-A = TypeVar("A")
-B = TypeVar("B")
+# Defaults (PEP 696) for the type checker only: an end whose types are not given is a
+# Channel[object, object] rather than an error ("need type annotation").
+if TYPE_CHECKING:
+    SendT = TypeVar("SendT", contravariant=True, default=object)  # noqa: PLC0105 - public names
+    RecvT = TypeVar("RecvT", covariant=True, default=object)  # noqa: PLC0105
+    A = TypeVar("A", default=object)
+    B = TypeVar("B", default=object)
+else:
+    SendT = TypeVar("SendT", contravariant=True)  # noqa: PLC0105 - the public names
+    RecvT = TypeVar("RecvT", covariant=True)  # noqa: PLC0105
+    A = TypeVar("A")
+    B = TypeVar("B")
 Ts = TypeVarTuple("Ts")
 
 # ------------------------------------------------------------------ wire format
@@ -219,12 +231,12 @@ class Channel(Generic[SendT, RecvT]):
         """
         if timeout is None:
             with self._recv_lock:
-                return self._recv(None)  # type: ignore[no-any-return]
+                return self._recv(None)  # type: ignore[return-value]  # what the peer sent
         deadline = time.monotonic() + timeout
         if not self._recv_lock.acquire(timeout=max(0.0, timeout)):
             raise TimeoutError(f"no message within {timeout:g} s")
         try:
-            return self._recv(deadline)  # type: ignore[no-any-return]
+            return self._recv(deadline)  # type: ignore[return-value]  # what the peer sent
         finally:
             self._recv_lock.release()
 
@@ -601,8 +613,7 @@ class Channel(Generic[SendT, RecvT]):
     def _target_failed(self, record: ExceptionRecord) -> ChannelClosedError:
         cause = rebuild_exception(record, where=f"in the target of {self._peer}")
         message = (
-            f"{self._peer} ended because its target raised "
-            f"{record.type_name}: {record.message}"
+            f"{self._peer} ended because its target raised {record.type_name}: {record.message}"
         )
         self._broken = (message, cause)
         error = ChannelClosedError(message)
@@ -659,7 +670,9 @@ def _format_address(address: object) -> str:
 @overload
 def channel_pair() -> tuple[Channel[A, B], Channel[B, A]]: ...
 @overload
-def channel_pair(*, send_type: type[A], recv_type: type[B]) -> tuple[Channel[A, B], Channel[B, A]]: ...
+def channel_pair(
+    *, send_type: type[A], recv_type: type[B]
+) -> tuple[Channel[A, B], Channel[B, A]]: ...
 def channel_pair(
     *, send_type: type[A] | None = None, recv_type: type[B] | None = None
 ) -> tuple[Channel[A, B], Channel[B, A]]:
@@ -747,7 +760,7 @@ class ProcessChannel(Channel[SendT, RecvT]):
         return f", {describe_exit(self._process.exitcode)}"
 
     @staticmethod
-    def _close_in_fork_child(channel: ProcessChannel[object, object]) -> None:
+    def _close_in_fork_child(channel: ProcessChannel[SendT, RecvT]) -> None:
         channel._closed = True
         channel._stopped = True
         channel._finalizer()
