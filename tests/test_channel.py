@@ -215,8 +215,9 @@ def test_peer_that_exits_is_channel_closed(start_method: StartMethod) -> None:
 
 def test_peer_killed_in_the_middle_of_a_message(start_method: StartMethod) -> None:
     with pk.start_process(wc.send_forever, 64 * MB, start_method=start_method) as child:
-        assert child.poll(timeout=10)  # the first message has begun to arrive
-        time.sleep(0.05)  # the child is now blocked, its message only partly sent
+        # The first message has begun to arrive; at 64 MB, far more than a socket buffer
+        # holds, the child is blocked in the middle of sending it.
+        assert child.poll(timeout=10)
         os.kill(child.pid, signal.SIGKILL)
         child.join(5)
         with pytest.raises(pk.ChannelClosedError, match="in the middle of a message") as info:

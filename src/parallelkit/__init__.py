@@ -29,10 +29,10 @@ __version__ = "0.1.0.dev0"
 
 if typing.TYPE_CHECKING:
     from ._channel import Channel as Channel
-    from ._channel import ChannelListener as ChannelListener
-    from ._channel import ProcessChannel as ProcessChannel
     from ._channel import channel_pair as channel_pair
-    from ._channel import start_process as start_process
+    from ._channel_net import ChannelListener as ChannelListener
+    from ._channel_process import ProcessChannel as ProcessChannel
+    from ._channel_process import start_process as start_process
     from ._context import usable_cpu_count as usable_cpu_count
     from ._pool import ResultIterator as ResultIterator
     from ._pool import WorkerPool as WorkerPool
@@ -43,10 +43,10 @@ if typing.TYPE_CHECKING:
 # the modules it runs, does not pay for the whole API at start-up.
 _LAZY = {
     "Channel": "._channel",
-    "ChannelListener": "._channel",
-    "ProcessChannel": "._channel",
+    "ChannelListener": "._channel_net",
+    "ProcessChannel": "._channel_process",
     "channel_pair": "._channel",
-    "start_process": "._channel",
+    "start_process": "._channel_process",
     "ResultIterator": "._pool",
     "WorkerPool": "._pool",
     "imap_parallel": "._pool",

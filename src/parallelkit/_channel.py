@@ -1,5 +1,10 @@
 """Duplex channels: typed connections between two processes, on one host or across hosts.
 
+This module owns the transport (:class:`Channel`, :func:`channel_pair`);
+``_channel_process.py`` adds processes that serve a channel (:func:`start_process`),
+``_channel_net.py`` listeners and connections across hosts, ``_handshake.py`` their
+authentication.
+
 A :class:`Channel` is one end of a stream socket (a ``socketpair`` between processes of
 one host, TCP across hosts) carrying framed messages::
 
@@ -38,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing.util
 import pickle
 import select
 import socket
@@ -46,25 +50,22 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from multiprocessing.process import BaseProcess
+from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Generic, Self, TypeVarTuple, overload
+from typing import TYPE_CHECKING, Final, Generic, Self, overload
 
 from . import _handshake
-from ._context import get_context, resolve_start_method
-from ._lifecycle import bootstrap_options, describe_exit, start_child, stop_processes
-from ._serialize import ExceptionRecord, capture_exception, dump_function, rebuild_exception
+from ._serialize import ExceptionRecord, rebuild_exception
 from .errors import ChannelClosedError, SerializationError
 
 if TYPE_CHECKING:
     from typing_extensions import TypeVar
 
-    from ._types import StartMethod
+    from ._channel_net import ChannelListener
 else:
     from typing import TypeVar
 
-__all__ = ("Channel", "ChannelListener", "ProcessChannel", "channel_pair", "start_process")
+__all__ = ("Channel", "channel_pair")
 
 # Defaults (PEP 696) for the type checker only: an end whose types are not given is a
 # Channel[object, object] rather than an error ("need type annotation").
@@ -78,7 +79,6 @@ else:
     RecvT = TypeVar("RecvT", covariant=True)  # noqa: PLC0105
     A = TypeVar("A")
     B = TypeVar("B")
-Ts = TypeVarTuple("Ts")
 
 # ------------------------------------------------------------------ wire format
 HEAD: Final = struct.Struct("<BxxxIQ")  # kind, number of out-of-band buffers, pickle length
@@ -99,7 +99,6 @@ PROTOCOL: Final = 5
 _SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _CLOSED_HERE: Final = "this end of the channel is closed (close() was called on it)"
 DEFAULT_ADDRESS: Final = ("127.0.0.1", 0)
-CLOSE_TIMEOUT: Final = 3.0  # seconds a start_process child gets to exit after close()
 
 
 class _Incoming:
@@ -351,6 +350,8 @@ class Channel(Generic[SendT, RecvT]):
             ValueError: ``authkey`` is shorter than 16 bytes, or an option is invalid.
             OSError: the address cannot be bound.
         """
+        from ._channel_net import ChannelListener  # noqa: PLC0415 - only across hosts
+
         return ChannelListener(
             address,
             authkey=authkey,
@@ -383,18 +384,15 @@ class Channel(Generic[SendT, RecvT]):
                 parallelkit one, or it did not answer within ``handshake_timeout``.
             OSError: the connection failed (refused, unreachable, timed out).
         """
-        key = _handshake.check_authkey(authkey)
-        handshake_timeout = _handshake.check_timeout(handshake_timeout, "handshake_timeout")
-        _check_max(max_message_bytes)
-        sock = socket.create_connection(address, timeout=timeout)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = _format_address(sock.getpeername())
-            _handshake.client_handshake(sock, key, handshake_timeout, peer)
-        except BaseException:
-            sock.close()
-            raise
-        return Channel(sock, max_message_bytes=max_message_bytes, peer=f"the listener at {peer}")
+        from ._channel_net import connect  # noqa: PLC0415 - only where channels cross hosts
+
+        return connect(
+            address,
+            authkey=authkey,
+            timeout=timeout,
+            max_message_bytes=max_message_bytes,
+            handshake_timeout=handshake_timeout,
+        )
 
     # ------------------------------------------------------------------ sending
     def _write_one(self, data: bytes) -> None:
@@ -550,7 +548,8 @@ class Channel(Generic[SendT, RecvT]):
         raise self._target_failed(record)
 
     def _begin_large(self, kind: int, nbufs: int, plen: int, deadline: float | None) -> None:
-        if kind not in KINDS or nbufs > MAX_BUFFERS:
+        raw = kind in (BYTES, BYTEARRAY)
+        if kind not in KINDS or nbufs > MAX_BUFFERS or (raw and (nbufs != 1 or plen)):
             self._protocol_error(f"an invalid frame header (kind {kind}, {nbufs} buffers)")
         head = HEAD_SIZE + 8 * nbufs
         if self._rend - self._rpos < head:
@@ -694,264 +693,3 @@ def channel_pair(
     del send_type, recv_type
     a, b = socket.socketpair()
     return Channel(a), Channel(b)
-
-
-class ProcessChannel(Channel[SendT, RecvT]):
-    """The parent's channel to a process started by :func:`start_process`.
-
-    Closing it (or leaving its ``with`` block) closes the channel, which the child sees as
-    the end of its messages, then waits up to ``timeout`` seconds for the child to exit
-    before terminating it (SIGTERM, then SIGKILL, with a :class:`ResourceWarning`).
-
-    If the target raises, its exception reaches the parent: once the messages sent before
-    it are received, ``recv()`` (and iteration) raise :class:`ChannelClosedError` whose
-    ``__cause__`` is the target's exception with its own type (the child's traceback as
-    *its* ``__cause__``), and :attr:`exitcode` is 1.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, sock: socket.socket, process: BaseProcess) -> None:
-        super().__init__(sock, peer=f"the child process (pid {process.pid})")
-        self._process = process
-        self._pid: int = process.pid  # type: ignore[assignment]
-        self._exitcode: int | None = None
-        self._stopped = False
-        # fork: children started later must not keep our end open, or this child would
-        # never see the end of its messages
-        multiprocessing.util.register_after_fork(self, ProcessChannel._close_in_fork_child)
-
-    @property
-    def pid(self) -> int:
-        """The child's process id."""
-        return self._pid
-
-    @property
-    def exitcode(self) -> int | None:
-        """The child's exit code (negative: killed by that signal), ``None`` while it runs."""
-        if self._stopped:
-            return self._exitcode
-        return self._process.exitcode
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait (up to ``timeout`` seconds) for the child to exit."""
-        if not self._stopped:
-            self._process.join(timeout)
-
-    def close(self, *, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Close the channel and end the child: wait ``timeout`` s, then SIGTERM, SIGKILL.
-
-        Idempotent.  Warns with :class:`ResourceWarning` when it had to terminate.
-        """
-        super().close()
-        if self._stopped:
-            return
-        self._stopped = True
-        process = self._process
-        stop_processes([process], join_timeout=timeout, what="channel", close=False)
-        self._exitcode = process.exitcode
-        if self._exitcode is not None:
-            process.close()
-
-    def _exit_note(self) -> str:
-        if self._stopped:
-            return f", {describe_exit(self._exitcode)}"
-        self._process.join(0.2)
-        return f", {describe_exit(self._process.exitcode)}"
-
-    @staticmethod
-    def _close_in_fork_child(channel: ProcessChannel[SendT, RecvT]) -> None:
-        channel._closed = True
-        channel._stopped = True
-        channel._finalizer()
-
-
-def start_process(
-    target: Callable[[Channel[B, A], *Ts], object],
-    *args: *Ts,
-    start_method: StartMethod | None = None,
-) -> ProcessChannel[A, B]:
-    """Run ``target(channel, *args)`` in a new process; return the parent's end.
-
-    The child starts like every parallelkit worker: it ignores SIGINT (the parent handles
-    Ctrl-C) and exits when the parent dies.  ``target`` may be a lambda or a closure under
-    every start method when cloudpickle is installed; ``args`` travel as
-    :class:`multiprocessing.Process` arguments do (so locks and queues may be passed).
-
-    Args:
-        target: called in the child with its end of the channel, then ``args``.
-        *args: further arguments for ``target``.
-        start_method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None`` (default).
-
-    Returns:
-        The parent's end; also ``.pid``, ``.exitcode`` and ``.join()``; closing it ends the
-        child (see :class:`ProcessChannel`).
-
-    Raises:
-        StartMethodError: an unknown start method.
-        SerializationError: ``target`` or ``args`` cannot be sent to the child.
-
-    Example:
-        >>> with start_process(_echo_upper) as child:   # doctest: +SKIP
-        ...     child.request("hi", timeout=5)
-        'HI'
-    """
-    if not callable(target):
-        raise TypeError(f"target must be callable, not {type(target).__name__}")
-    method = resolve_start_method(start_method)
-    context = get_context(method)
-    fork = method == "fork"
-    payload = None if fork else dump_function(target, what="function", by_value=True)
-    parent_sock, child_sock = socket.socketpair()
-    started: list[BaseProcess] = []
-    try:
-        start_child(
-            context,
-            method,
-            _child_main,
-            args=(child_sock, payload, target if fork else None, args),
-            kwargs={**bootstrap_options(method), "parent_end": parent_sock if fork else None},
-            name=f"parallelkit-channel-{getattr(target, '__name__', 'target')}",
-            on_started=started.append,
-        )
-    except (pickle.PicklingError, AttributeError, TypeError) as exc:
-        parent_sock.close()
-        raise SerializationError(
-            f"cannot send the arguments of {getattr(target, '__qualname__', target)!r} to "
-            f"the child process: {type(exc).__name__}: {exc}",
-            what="argument",
-        ) from exc
-    except BaseException:
-        if not started:
-            parent_sock.close()
-        raise
-    finally:
-        child_sock.close()
-    return ProcessChannel(parent_sock, started[0])
-
-
-def _child_main(
-    sock: socket.socket,
-    payload: bytes | None,
-    target: Callable[..., object] | None,
-    args: tuple[object, ...],
-    *,
-    parent_pid: int,
-    pdeathsig: bool,
-    parent_end: socket.socket | None,
-) -> None:
-    """What a :func:`start_process` child runs."""
-    from ._worker import bootstrap  # noqa: PLC0415 - child side only
-
-    if parent_end is not None:  # fork: our copy of the parent's end; close, don't shut down
-        parent_end.close()
-    bootstrap(parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=None, initargs=())
-    channel: Channel[object, object] = Channel(sock, peer="the parent process")
-    try:
-        fn = target if payload is None else pickle.loads(payload)
-        assert fn is not None
-        fn(channel, *args)
-    except SystemExit:
-        channel.close()
-        raise
-    except BaseException as exc:
-        try:
-            channel._send_failure(capture_exception(exc))
-        except (ChannelClosedError, OSError):
-            pass  # the parent is gone or closed its end: nobody to tell
-        channel.close()
-        raise SystemExit(1) from None
-    channel.close()
-
-
-# ------------------------------------------------------------------ across hosts
-
-
-class ChannelListener(Generic[SendT, RecvT]):
-    """A TCP listening socket that hands out authenticated :class:`Channel` ends.
-
-    Made by :meth:`Channel.listen`; a context manager.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        *,
-        authkey: bytes,
-        max_message_bytes: int | None,
-        handshake_timeout: float,
-        backlog: int,
-    ) -> None:
-        self._key = _handshake.check_authkey(authkey)
-        self._handshake_timeout = _handshake.check_timeout(handshake_timeout, "handshake_timeout")
-        self._max = _check_max(max_message_bytes)
-        self._sock = socket.create_server(address, backlog=backlog)
-        self._closed = False
-        self._finalizer = weakref.finalize(self, self._sock.close)
-        host, port = self._sock.getsockname()[:2]
-        self._address: tuple[str, int] = (str(host), int(port))
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound ``(host, port)`` (the real port when 0 was asked for)."""
-        return self._address
-
-    def accept(self, timeout: float | None = None) -> Channel[SendT, RecvT]:
-        """Wait for a client and authenticate it.
-
-        Args:
-            timeout: seconds to wait for a client to connect (``None``: forever).  The
-                handshake itself is bounded by ``handshake_timeout``.
-
-        Raises:
-            TimeoutError: no client connected in time.
-            multiprocessing.AuthenticationError: the client that connected has another key,
-                sent garbage, or stayed silent past ``handshake_timeout`` (it is
-                disconnected; call ``accept`` again for the next client).
-            ChannelClosedError: the listener is closed.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
-        while True:
-            if self._closed:
-                raise ChannelClosedError("the listener is closed")
-            wait = 100 if deadline is None else min(100, _ms(deadline - time.monotonic()))
-            if poller.poll(wait):
-                try:
-                    conn, address = self._sock.accept()
-                except BlockingIOError:  # another thread took it
-                    continue
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"no client connected within {timeout:g} s")
-        peer = _format_address(address)
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _handshake.server_handshake(conn, self._key, self._handshake_timeout, peer)
-        except BaseException:
-            conn.close()
-            raise
-        return Channel(conn, max_message_bytes=self._max, peer=f"the client at {peer}")
-
-    def close(self) -> None:
-        """Stop listening; idempotent.  Channels already accepted stay open."""
-        self._closed = True
-        self._finalizer()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "listening"
-        return f"<ChannelListener {state} on {_format_address(self._address)}>"
