@@ -5,14 +5,19 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
 from collections.abc import Callable
 from multiprocessing.connection import Listener
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,6 +179,25 @@ def test_several_receiving_threads_each_get_whole_messages() -> None:
 
 
 # ------------------------------------------------------------------ processes
+
+
+def test_an_end_is_an_argument_of_a_multiprocessing_process(start_method: StartMethod) -> None:
+    left, right = pk.channel_pair()
+    context: Any = multiprocessing.get_context(start_method)
+    process = context.Process(target=wc.echo_closing, args=(right, left))
+    with left:
+        process.start()
+        right.close()  # the child has its own copy now
+        assert left.request("ping", timeout=10) == "ping"
+    process.join(10)
+    assert process.exitcode == 0
+    process.close()
+
+
+def test_plain_pickle_refuses_a_channel() -> None:
+    left, right = pk.channel_pair()
+    with left, right, pytest.raises(TypeError, match="socket"):
+        pickle.dumps(left)
 
 
 def test_request_response_server(start_method: StartMethod) -> None:
@@ -449,3 +473,27 @@ def test_max_message_bytes_closes_the_channel_instead_of_wedging_the_sender() ->
 def test_max_message_bytes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_message_bytes"):
         pk.Channel.listen(authkey=KEY, max_message_bytes=0)
+
+
+# ------------------------------------------------------------------ the README
+
+
+def test_the_readme_example_runs(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", readme, re.DOTALL | re.MULTILINE)
+    example = next(b for b in blocks if "start_process" in b)
+    script = tmp_path / "channel_example.py"
+    script.write_text(example)
+    env = dict(os.environ)
+    root = str(Path(pk.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "HELLO!\n"

@@ -15,6 +15,12 @@ def echo(channel: Channel[object, object]) -> None:
         channel.send(message)
 
 
+def echo_closing(channel: Channel[object, object], other: Channel[object, object]) -> None:
+    """Close our copy of the parent's end (as with a Pipe), then echo."""
+    other.close()
+    echo(channel)
+
+
 def count_to(channel: Channel[int, object], n: int) -> None:
     """Send 0 .. n-1, then return (which closes the channel)."""
     for i in range(n):

@@ -319,6 +319,13 @@ class Channel(Generic[SendT, RecvT]):
                     return
                 raise
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Only multiprocessing can send a socket, while it starts a process (spawn and
+        # forkserver pass the descriptor along); plain pickle refuses it.
+        if self._closed:
+            raise ChannelClosedError(_CLOSED_HERE)
+        return (_rebuild, (self._sock, self._max, self._peer))
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {state} to {self._peer}>"
@@ -633,6 +640,12 @@ class Channel(Generic[SendT, RecvT]):
         self._write([HEAD.pack(FAILED, 0, len(data)), data])
 
 
+def _rebuild(
+    sock: socket.socket, max_message_bytes: int | None, peer: str
+) -> Channel[object, object]:
+    return Channel(sock, max_message_bytes=max_message_bytes, peer=peer)
+
+
 def _check_max(max_message_bytes: int | None) -> int | None:
     if max_message_bytes is None:
         return None
@@ -679,8 +692,11 @@ def channel_pair(
 
     Type the ends with annotations (``left: Channel[int, str]; right: Channel[str, int]``)
     or with ``send_type=`` / ``recv_type=`` (what the *first* end sends and receives; they
-    only inform the type checker).  An end can be handed to a process that the standard
-    library starts (as an argument); :func:`start_process` does that for you.
+    only inform the type checker).  An end can be an argument of a process that
+    :mod:`multiprocessing` starts, under every start method; as with a ``Pipe``, close
+    each end where it is not used (the parent's copy of the child's end once it started,
+    and under fork the child's inherited copy of the parent's end), or the other side
+    never sees the end.  :func:`start_process` does all that for you.
 
     Example:
         >>> left, right = channel_pair(send_type=int, recv_type=str)
