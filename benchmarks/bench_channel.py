@@ -10,7 +10,8 @@ medians over rounds; ratios are paired round by round, see ``_harness.paired_rat
 * ``throughput``: 1 MB ``bytes`` payloads one way to a sink process that acknowledges
   the batch: ``Channel.send`` against ``Pipe.send`` (pickled), ``Pipe.send_bytes`` +
   ``recv_bytes_into`` a reused buffer, and a raw ``socketpair`` (``sendall`` /
-  ``recv_into``, no framing) as the ceiling.
+  ``recv_into``, no framing) as the ceiling; and ``Channel.send`` of a 1 MB numpy
+  array (out-of-band, received into its final buffer) when numpy is importable.
 
 Both run twice: with this process and every server pinned to one CPU
 (``os.sched_setaffinity``), and unpinned.
@@ -249,6 +250,23 @@ def throughput_contenders(ctx: Any, sm: str, n: int) -> list[Contender]:
         channel.recv()
 
     out.append(Contender("parallelkit Channel.send", "parallelkit", channel_run, channel.close))
+
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional here
+        return out
+    array = np.frombuffer(payload, dtype=np.uint8).copy()
+    channel_np = pk.start_process(channel_sink, start_method=sm)
+
+    def numpy_run(channel: Any = channel_np) -> None:
+        for _ in range(n):
+            channel.send(array)
+        channel.send(None)
+        channel.recv()
+
+    out.append(
+        Contender("parallelkit Channel.send (numpy)", "parallelkit", numpy_run, channel_np.close)
+    )
     return out
 
 

@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 
 from parallelkit import Channel
+
+
+class Blob:
+    """Bytes that pickle protocol 5 sends out of band (as numpy arrays do)."""
+
+    def __init__(self, data: bytearray | memoryview) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        return (Blob, (pickle.PickleBuffer(self.data),))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Blob) and bytes(self.data) == bytes(other.data)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like its bytearray
 
 
 def echo(channel: Channel[object, object]) -> None:

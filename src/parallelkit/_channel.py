@@ -441,20 +441,25 @@ class Channel(Generic[SendT, RecvT]):
                 del parts[0]
 
     def _wait_writable(self) -> None:
-        """Wait for room in the socket buffer, draining what the peer sends meanwhile."""
-        drain = self._recv_lock.acquire(blocking=False)
-        try:
-            events = select.POLLOUT
-            if drain and not self._drained_eof:
-                events |= select.POLLIN
-            poller = select.poll()
-            poller.register(self._fd, events)
-            for _, ready in poller.poll(200 if drain else 20):
-                if ready & select.POLLIN and drain:
-                    self._drain()
-        finally:
-            if drain:
+        """Wait for room in the socket buffer, draining what the peer sends meanwhile.
+
+        The receive lock is held only while draining, never while waiting, so that a
+        thread of ours that wants to receive is not kept out.
+        """
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT | (0 if self._drained_eof else select.POLLIN))
+        ready = poller.poll(200)
+        if not ready or not ready[0][1] & select.POLLIN:
+            return
+        if self._recv_lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
                 self._recv_lock.release()
+        elif not ready[0][1] & select.POLLOUT:
+            # A thread of ours holds the receive lock: it reads, we only wait for room.
+            poller.modify(self._fd, select.POLLOUT)
+            poller.poll(20)
 
     def _drain(self) -> None:
         while True:
