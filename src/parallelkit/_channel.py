@@ -94,6 +94,7 @@ MAX_BUFFERS: Final = 1 << 16
 BUFFER_SIZE: Final = 256 * 1024  # the reused receive buffer
 RAW_MIN: Final = 64 * 1024  # a top-level bytes/bytearray this large goes without pickle
 SMALL: Final = 64 * 1024  # a pickle this small goes out in one send with its header
+SCRATCH_MAX: Final = 16 * 1024 * 1024  # a top-level bytes up to this size: a reused buffer
 IOV_MAX: Final = 512
 PROTOCOL: Final = 5
 _SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
@@ -106,7 +107,7 @@ class _Incoming:
 
     __slots__ = ("index", "kind", "offset", "parts")
 
-    def __init__(self, kind: int, parts: list[bytearray]) -> None:
+    def __init__(self, kind: int, parts: list[bytearray | memoryview]) -> None:
         self.kind = kind
         self.parts = parts
         self.index = 0
@@ -161,6 +162,7 @@ class Channel(Generic[SendT, RecvT]):
         self._request_lock = threading.Lock()
         self._rbuf = bytearray(BUFFER_SIZE)
         self._rview = memoryview(self._rbuf)
+        self._scratch = bytearray()  # where a large top-level bytes is received
         self._rpos = 0
         self._rend = 0
         self._incoming: _Incoming | None = None
@@ -551,9 +553,13 @@ class Channel(Generic[SendT, RecvT]):
         self._incoming = None
         parts = incoming.parts
         if incoming.kind == MESSAGE:
-            return self._loads(parts[0], parts[1:])
+            return self._loads(parts[0], parts[1:])  # type: ignore[arg-type]  # bytearrays
         if incoming.kind == BYTES:
-            return bytes(parts[1])
+            received = parts[1]
+            result = bytes(received)
+            if isinstance(received, memoryview):
+                received.release()  # of the scratch buffer
+            return result
         if incoming.kind == BYTEARRAY:
             return parts[1]
         record = pickle.loads(parts[0])  # FAILED
@@ -570,7 +576,17 @@ class Channel(Generic[SendT, RecvT]):
         if self._max is not None and plen + sum(lengths) > self._max:
             self._too_large(plen + sum(lengths))
         self._rpos += head
-        self._incoming = _Incoming(kind, [bytearray(plen), *map(bytearray, lengths)])
+        parts: list[bytearray | memoryview]
+        if kind == BYTES and lengths[0] <= SCRATCH_MAX:
+            # The bytes object is made by one copy at the end, so receive into a buffer
+            # kept for the purpose: allocating (and page-faulting) a fresh one per message
+            # costs more than the copy.
+            if len(self._scratch) < lengths[0]:
+                self._scratch = bytearray(lengths[0])
+            parts = [bytearray(), memoryview(self._scratch)[: lengths[0]]]
+        else:
+            parts = [bytearray(plen), *map(bytearray, lengths)]
+        self._incoming = _Incoming(kind, parts)
 
     def _fill_parts(self, incoming: _Incoming, deadline: float | None) -> None:
         parts = incoming.parts

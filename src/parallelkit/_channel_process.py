@@ -127,9 +127,15 @@ def start_process(
         SerializationError: ``target`` or ``args`` cannot be sent to the child.
 
     Example:
-        >>> with start_process(_echo_upper) as child:   # doctest: +SKIP
-        ...     child.request("hi", timeout=5)
-        'HI'
+        A server that answers until the parent closes its end (``shout`` must be
+        importable by the child under spawn and forkserver, or cloudpickle installed)::
+
+            def shout(channel: Channel[str, str], suffix: str) -> None:
+                for text in channel:
+                    channel.send(text.upper() + suffix)
+
+            with start_process(shout, "!") as child:   # ProcessChannel[str, str]
+                assert child.request("hi", timeout=5) == "HI!"
     """
     if not callable(target):
         raise TypeError(f"target must be callable, not {type(target).__name__}")
