@@ -14,8 +14,9 @@ one host, TCP across hosts) carrying framed messages::
 Speed.  Objects are pickled with protocol 5; what pickle hands out of band (numpy arrays,
 ``PickleBuffer``) and a top-level ``bytes`` or ``bytearray`` of 64 KiB or more are written
 straight from their own memory with one ``sendmsg`` (no concatenation), and received
-straight into their final buffer with ``recv_into``.  Small messages go out in one
-``send`` and come in through a reused 256 KiB buffer, usually one ``recv`` each.
+with ``recv_into`` straight into their final buffer (a ``bytes``, which cannot be written
+into, into a reused one, then copied once).  Small messages go out in one ``send`` and
+come in through a reused 256 KiB buffer, usually one ``recv`` each.
 
 No deadlock when both ends send large messages at once.  Writes never block in the
 kernel (``MSG_DONTWAIT``).  When the socket buffer is full the peer is not reading, maybe
@@ -183,7 +184,7 @@ class Channel(Generic[SendT, RecvT]):
         return self._closed
 
     def send(self, obj: SendT) -> None:
-        """Send ``obj`` (pickled; large buffers without copies).
+        """Send ``obj`` (pickled; large buffers straight from their own memory).
 
         Blocks while the other end is not reading and the socket buffer is full, receiving
         what it sends meanwhile, so two ends sending large messages at once cannot
