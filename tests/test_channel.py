@@ -141,6 +141,28 @@ def test_close_from_another_thread_wakes_a_blocked_recv() -> None:
         assert isinstance(out[0], pk.ChannelClosedError)
 
 
+def test_close_from_another_thread_wakes_a_sender_blocked_on_a_full_buffer() -> None:
+    left, right = pk.channel_pair()
+    with right:
+        thread, out = _in_thread(lambda: left.send(b"f" * (20 * MB)))  # nobody reads it
+        thread.join(0.3)
+        assert thread.is_alive()  # blocked: the socket buffer is full
+        left.close()
+        thread.join(5)
+        assert not thread.is_alive()
+        assert isinstance(out[0], pk.ChannelClosedError)
+
+
+def test_poll_is_true_when_the_other_end_has_closed() -> None:
+    left, right = pk.channel_pair()
+    with right:
+        left.close()
+        assert right.poll(timeout=5)
+        with pytest.raises(pk.ChannelClosedError):
+            right.recv()
+        assert right.poll()
+
+
 def test_unpicklable_message_raises_and_sends_nothing() -> None:
     left, right = pk.channel_pair()
     with left, right:
@@ -350,6 +372,14 @@ def test_listen_and_connect(start_method: StartMethod) -> None:
             big = wc.Blob(bytearray(os.urandom(MB)))
             back = remote.request(big, timeout=10)
             assert back == big
+
+
+def test_connect_to_nobody_is_an_os_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = probe.getsockname()  # bound, not listening: refused
+        with pytest.raises(ConnectionRefusedError):
+            pk.Channel.connect(address, authkey=KEY, timeout=5)
 
 
 def test_accept_timeout() -> None:
