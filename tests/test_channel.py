@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -213,6 +214,28 @@ def test_an_end_is_an_argument_of_a_multiprocessing_process(start_method: StartM
         assert left.request("ping", timeout=10) == "ping"
     process.join(10)
     assert process.exitcode == 0
+    process.close()
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parents_end_working() -> None:
+    left, right = pk.channel_pair()
+    with left, right:
+        receiver, out = _in_thread(lambda: right.recv(timeout=10))  # holds right's lock
+        context: Any = multiprocessing.get_context("fork")
+        process = context.Process(target=wc.close_inherited, args=(right,))
+        # Python 3.12+ warns about forking while a thread runs: that is the point here.
+        threads_warning: contextlib.AbstractContextManager[object] = (
+            pytest.warns(DeprecationWarning, match="fork")
+            if sys.version_info >= (3, 12)
+            else contextlib.nullcontext()
+        )
+        with threads_warning:
+            process.start()
+        process.join(10)
+        assert process.exitcode == 0
+        left.send("still connected")
+        receiver.join(10)
+        assert out == ["still connected"]
     process.close()
 
 

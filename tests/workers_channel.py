@@ -37,6 +37,11 @@ def echo_closing(channel: Channel[object, object], other: Channel[object, object
     echo(channel)
 
 
+def close_inherited(channel: Channel[object, object]) -> None:
+    """Close an end inherited through fork (a thread of the parent was receiving on it)."""
+    channel.close()
+
+
 def count_to(channel: Channel[int, object], n: int) -> None:
     """Send 0 .. n-1, then return (which closes the channel)."""
     for i in range(n):

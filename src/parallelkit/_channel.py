@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import pickle
 import select
 import socket
@@ -176,6 +177,7 @@ class Channel(Generic[SendT, RecvT]):
         self._max = _check_max(max_message_bytes)
         self._peer = peer
         self._finalizer = weakref.finalize(self, sock.close)
+        self._owner = os.getpid()  # a forked child's copy must never shut the socket down
 
     # ------------------------------------------------------------------ public API
     @property
@@ -282,6 +284,11 @@ class Channel(Generic[SendT, RecvT]):
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._owner:
+            # An inherited copy (fork): its locks may be held by threads that exist only
+            # in the parent, and shutdown() would end the parent's connection too.
+            self._finalizer()
+            return
         busy = self._recv_lock.locked() or self._send_lock.locked()
         if busy:  # wake them (this shuts the socket down for every process holding it)
             with contextlib.suppress(OSError):
