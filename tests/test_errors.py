@@ -14,6 +14,7 @@ from parallelkit.errors import (
     ChannelClosedError,
     ParallelKitError,
     PipelineError,
+    QueueClosedError,
     RemoteError,
     SerializationError,
     StartMethodError,
@@ -29,8 +30,9 @@ SAMPLES: list[ParallelKitError] = [
     WorkerCrashedError("worker died", item_index=7, pid=1234, exitcode=-9, signal="SIGKILL"),
     TaskTimeoutError("too slow", item_index=2, timeout=0.5),
     RemoteError("Weird: no", type_name="mod.Weird", remote_traceback="Traceback ...\n"),
-    PipelineError("stage failed", stage="parse"),
+    PipelineError("stage failed", stage="parse", item={"line": 3}, item_index=3),
     ChannelClosedError("the other end is gone"),
+    QueueClosedError("every producer closed the queue"),
 ]
 
 # The builtin each error also is, so that ``except ValueError`` and friends keep working.
@@ -39,6 +41,7 @@ BUILTINS: dict[type[ParallelKitError], tuple[type[BaseException], ...]] = {
     SerializationError: (TypeError,),
     TaskTimeoutError: (TimeoutError, OSError),
     ChannelClosedError: (EOFError,),
+    QueueClosedError: (EOFError,),
     WorkerCrashedError: (),
     RemoteError: (),
     PipelineError: (),

@@ -549,8 +549,8 @@ def test_shutdown_cancel_futures_with_lambdas_never_hangs(start_method: StartMet
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("api", "target"),
-    [("run", "group"), ("run", "process"), ("pool", "group")],
-    ids=["run_parallel-terminal", "run_parallel-kill", "pool-terminal"],
+    [("run", "group"), ("run", "process"), ("pool", "group"), ("pipeline", "group")],
+    ids=["run_parallel-terminal", "run_parallel-kill", "pool-terminal", "pipeline-terminal"],
 )
 def test_ctrl_c_interrupts_promptly_and_cleanly(
     start_method: StartMethod, api: str, target: str, tmp_path: Path
@@ -609,11 +609,12 @@ def test_ctrl_c_during_worker_start_up_prints_no_tracebacks(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["pool", "pipeline"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_workers_exit_when_the_parent_dies(
-    start_method: StartMethod, sig: signal.Signals, tmp_path: Path
+    start_method: StartMethod, sig: signal.Signals, api: str, tmp_path: Path
 ) -> None:
-    with Script(tmp_path, "parent_death.py", start_method) as script:
+    with Script(tmp_path, "parent_death.py", start_method, api) as script:
         script.expect("SUBMITTED", STARTUP)
         workers = script.expect_workers(2, STARTUP)
         os.kill(script.proc.pid, sig)

@@ -74,6 +74,14 @@ def test_the_map_api_is_public() -> None:
         assert callable(getattr(parallelkit, name))
 
 
+def test_the_shared_memory_api_is_public() -> None:
+    for name in ("SharedAccumulator", "SharedArray", "SharedCounter"):
+        assert name in parallelkit.__all__
+        assert isinstance(getattr(parallelkit, name), type)
+    assert "remove_stale_segments" in parallelkit.testing.__all__
+    assert callable(parallelkit.testing.remove_stale_segments)
+
+
 def test_the_channel_api_is_public() -> None:
     for name in ("Channel", "ChannelListener", "ProcessChannel", "channel_pair", "start_process"):
         assert name in parallelkit.__all__

@@ -30,13 +30,10 @@ def test_the_two_set_up_commands_come_first() -> None:
     ]
 
 
-def test_the_tour_runs(tmp_path: Path) -> None:
-    tour = _blocks("python")[0]
-    assert "run_parallel" in tour
-    assert "imap_parallel" in tour
-    assert "WorkerPool" in tour
-    script = tmp_path / "tour.py"  # a file, so that spawn workers can import it
-    script.write_text(tour)
+def _run(tmp_path: Path, code: str) -> list[str]:
+    """Run a README example as a script (a file, so that spawn workers can import it)."""
+    script = tmp_path / "example.py"
+    script.write_text(code)
     env = dict(os.environ)
     root = str(Path(parallelkit.__file__).parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -50,8 +47,28 @@ def test_the_tour_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    return result.stdout.splitlines()
+
+
+def test_the_tour_runs(tmp_path: Path) -> None:
+    tour = _blocks("python")[0]
+    assert "run_parallel" in tour
+    assert "imap_parallel" in tour
+    assert "WorkerPool" in tour
+    lines = _run(tmp_path, tour)
     assert lines[0] == str([x * x for x in range(10)])
     assert lines[1] == "49"
     assert lines[2] == "[0, 1, 4, 9, 16]"
     assert re.fullmatch(r"\['parallelkit: raised in worker pid \d+ on item 2'\]", lines[3])
+
+
+def test_the_pipeline_example_runs(tmp_path: Path) -> None:
+    block = next(b for b in _blocks("python") if "pk.Pipeline" in b)
+    lines = _run(tmp_path, block)
+    assert lines[0] == "['disk', '0', 'is', 'full']"
+    assert lines[1].split()[:4] == ["stage", "workers", "in", "out"]
+    assert [line.split()[:4] for line in lines[2:5]] == [
+        ["map(parse)", "2", "9", "9"],
+        ["filter(is_error)", "1", "9", "3"],
+        ["flat_map(words)", "1", "3", "12"],
+    ]

@@ -19,6 +19,7 @@ from ._types import StartMethod as StartMethod
 from .errors import ChannelClosedError as ChannelClosedError
 from .errors import ParallelKitError as ParallelKitError
 from .errors import PipelineError as PipelineError
+from .errors import QueueClosedError as QueueClosedError
 from .errors import RemoteError as RemoteError
 from .errors import SerializationError as SerializationError
 from .errors import StartMethodError as StartMethodError
@@ -34,14 +35,27 @@ if typing.TYPE_CHECKING:
     from ._channel_process import ProcessChannel as ProcessChannel
     from ._channel_process import start_process as start_process
     from ._context import usable_cpu_count as usable_cpu_count
+    from ._pipeline import Pipeline as Pipeline
+    from ._pipeline import PipelineIterator as PipelineIterator
+    from ._pipeline import PipelineStats as PipelineStats
+    from ._pipeline import StageStats as StageStats
     from ._pool import ResultIterator as ResultIterator
     from ._pool import WorkerPool as WorkerPool
     from ._pool import imap_parallel as imap_parallel
     from ._pool import run_parallel as run_parallel
+    from ._queue import Queue as Queue
+    from ._shared import SharedAccumulator as SharedAccumulator
+    from ._shared import SharedCounter as SharedCounter
+    from ._shared_array import SharedArray as SharedArray
 
 # Imported on first use (PEP 562), so that a spawn or forkserver worker, which imports only
 # the modules it runs, does not pay for the whole API at start-up.
 _LAZY = {
+    "Pipeline": "._pipeline",
+    "PipelineIterator": "._pipeline",
+    "PipelineStats": "._pipeline",
+    "StageStats": "._pipeline",
+    "Queue": "._queue",
     "Channel": "._channel",
     "ChannelListener": "._channel_net",
     "ProcessChannel": "._channel_process",
@@ -51,6 +65,9 @@ _LAZY = {
     "WorkerPool": "._pool",
     "imap_parallel": "._pool",
     "run_parallel": "._pool",
+    "SharedAccumulator": "._shared",
+    "SharedArray": "._shared_array",
+    "SharedCounter": "._shared",
     "usable_cpu_count": "._context",
 }
 
@@ -73,11 +90,20 @@ __all__ = (
     "ChannelClosedError",
     "ChannelListener",
     "ParallelKitError",
+    "Pipeline",
     "PipelineError",
+    "PipelineIterator",
+    "PipelineStats",
     "ProcessChannel",
+    "Queue",
+    "QueueClosedError",
     "RemoteError",
     "ResultIterator",
     "SerializationError",
+    "SharedAccumulator",
+    "SharedArray",
+    "SharedCounter",
+    "StageStats",
     "StartMethod",
     "StartMethodError",
     "TaskTimeoutError",

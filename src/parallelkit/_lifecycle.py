@@ -117,6 +117,13 @@ def _wait_all(procs: list[BaseProcess], deadline: float) -> list[BaseProcess]:
     return alive
 
 
+def _started_and_open(process: BaseProcess) -> bool:
+    try:
+        return process.pid is not None
+    except ValueError:  # closed: already reaped
+        return False
+
+
 def stop_processes(
     procs: Iterable[BaseProcess],
     *,
@@ -129,9 +136,10 @@ def stop_processes(
 
     ``join_timeout=0`` kills at once without a warning (a deliberate abort).  Every
     process is reaped and, unless ``close=False`` (the caller still wants to read its
-    ``exitcode``), closed afterwards.
+    ``exitcode``), closed afterwards; processes not started, or already closed, are
+    skipped.
     """
-    procs = [p for p in procs if p.pid is not None]  # started ones only
+    procs = [p for p in procs if _started_and_open(p)]
     if join_timeout <= 0:  # a deliberate abort: no grace, no warning
         for p in procs:
             if p.exitcode is None:

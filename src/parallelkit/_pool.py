@@ -15,6 +15,7 @@ from concurrent.futures import Executor, Future
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
+from ._checks import check_callable
 from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine
 from ._job import Job, PoolBrokenError, collect, iterate
@@ -27,11 +28,6 @@ __all__ = ("ResultIterator", "WorkerPool", "imap_parallel", "run_parallel")
 
 
 # ------------------------------------------------------------------ validation
-
-
-def _check_fn(fn: object, what: str = "fn") -> None:
-    if not callable(fn):
-        raise TypeError(f"{what} must be callable, got {type(fn).__name__}: {fn!r}")
 
 
 def _check_chunksize(chunksize: int | None) -> None:
@@ -56,7 +52,7 @@ def _check_initializer(
     initializer: Callable[..., object] | None, initargs: tuple[object, ...]
 ) -> None:
     if initializer is not None:
-        _check_fn(initializer, "initializer")
+        check_callable(initializer, "initializer")
     if not isinstance(initargs, tuple):
         raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
 
@@ -89,7 +85,7 @@ def _check_map_options(
     max_workers: int | None,
 ) -> WorkerPool | None:
     """Validate what ``run_parallel`` and ``imap_parallel`` share; the pool to reuse, if any."""
-    _check_fn(fn)
+    check_callable(fn)
     pool = _check_backend(backend)
     _check_chunksize(chunksize)
     _check_timeout(timeout)
@@ -605,7 +601,7 @@ class WorkerPool(Executor):
 
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Run ``fn(*args, **kwargs)`` in a worker; a Future of its result."""
-        _check_fn(fn)
+        check_callable(fn)
         self._check_open()
         future: Future[R] = Future()
         engine = self._engine
@@ -654,7 +650,7 @@ class WorkerPool(Executor):
         The iterables are read at once; results come in order; a failed call raises when
         its result is reached; ``timeout`` bounds the whole call, from now.
         """
-        _check_fn(fn)
+        check_callable(fn)
         _check_chunksize(chunksize)
         _check_timeout(timeout)
         self._check_open()
@@ -745,7 +741,7 @@ class WorkerPool(Executor):
         return_exceptions: bool = False,
     ) -> ResultIterator[R] | ResultIterator[R | BaseException]:
         """Stream ``fn(item)`` for each item, on this pool's workers (see ``imap_parallel``)."""
-        _check_fn(fn)
+        check_callable(fn)
         _check_chunksize(chunksize)
         _check_timeout(timeout)
         self._check_open()

@@ -9,8 +9,9 @@ too, so ``except ValueError`` or ``except TimeoutError`` keeps working::
      ├─ WorkerCrashedError               .item_index, .pid, .exitcode, .signal
      ├─ TaskTimeoutError(TimeoutError)   .item_index, .timeout
      ├─ RemoteError                      .type_name, .remote_traceback
-     ├─ PipelineError                    .stage; __cause__ is the stage's error
-     └─ ChannelClosedError(EOFError)     the other end is gone
+     ├─ PipelineError                    .stage, .item, .item_index; __cause__ is the stage's error
+     ├─ ChannelClosedError(EOFError)     the other end is gone
+     └─ QueueClosedError(EOFError)       every producer closed the queue and it is empty
 
 A task's own exception is *not* wrapped: it is re-raised in the caller with its own type,
 the worker's traceback attached as ``__cause__`` and a note naming the item.  Only an
@@ -27,6 +28,7 @@ __all__ = (
     "ChannelClosedError",
     "ParallelKitError",
     "PipelineError",
+    "QueueClosedError",
     "RemoteError",
     "SerializationError",
     "StartMethodError",
@@ -136,13 +138,31 @@ class PipelineError(ParallelKitError):
     """A pipeline stage failed; ``__cause__`` is the stage's own error.
 
     Attributes:
-        stage: the name of the stage that failed.
+        stage: the name of the stage that failed (``"source"`` when the source iterator
+            raised or held an item that cannot be sent).
+        item: the item the stage failed on, when it is known and could be sent back
+            (``None`` otherwise).
+        item_index: the item's position in the source, when the first stage failed on it
+            (later stages see items the source never held, so ``None`` there).
     """
 
-    def __init__(self, message: str, *, stage: str):
+    def __init__(
+        self,
+        message: str,
+        *,
+        stage: str,
+        item: object = None,
+        item_index: int | None = None,
+    ):
         super().__init__(message)
         self.stage = stage
+        self.item = item
+        self.item_index = item_index
 
 
 class ChannelClosedError(ParallelKitError, EOFError):
     """The other end of a channel is gone (closed, exited or killed)."""
+
+
+class QueueClosedError(ParallelKitError, EOFError):
+    """Every producer closed the :class:`~parallelkit.Queue`, and it is empty."""

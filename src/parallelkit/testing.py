@@ -61,6 +61,7 @@ from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Final, ParamSpec, Self, TypeVar
 
 from ._context import available_start_methods
+from ._shm import remove_stale_segments
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -72,6 +73,7 @@ __all__ = (
     "LeakError",
     "check_no_leaks",
     "chunksizes",
+    "remove_stale_segments",
     "start_methods",
     "worker_counts",
 )

@@ -1,7 +1,8 @@
 """Ctrl-C during a long parallel map: python ctrl_c.py START_METHOD API.
 
-API is ``run`` (``run_parallel``), ``imap`` (``imap_parallel``) or ``pool`` (``WorkerPool``
-and ``Future.result``).  Prints ``READY`` when the work starts, ``KEYBOARD_INTERRUPT`` as
+API is ``run`` (``run_parallel``), ``imap`` (``imap_parallel``), ``pool`` (``WorkerPool``
+and ``Future.result``) or ``pipeline`` (a two-stage ``Pipeline`` over a generator).
+Prints ``READY`` when the work starts, ``KEYBOARD_INTERRUPT`` as
 soon as the interrupt arrives, then ``CLEAN`` once no child process, thread or semaphore
 of the map is left (``parallelkit.testing.check_no_leaks``).  The workers print
 ``WORKER <pid>`` when they start an item.  Needs ``tests/`` on ``PYTHONPATH``.
@@ -27,6 +28,9 @@ def work(method: pk.StartMethod, api: str) -> None:
             wf.announce_and_sleep, iter(items), start_method=method, max_workers=2
         ):
             pass
+    elif api == "pipeline":
+        pipeline = pk.Pipeline((x for x in items), start_method=method, maxsize=2)
+        pipeline.map(wf.announce_and_sleep, max_workers=2).map(abs).run()
     else:
         with pk.WorkerPool(2, start_method=method) as pool:
             futures = [pool.submit(wf.announce_and_sleep, x) for x in items]

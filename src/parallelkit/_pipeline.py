@@ -1,0 +1,307 @@
+"""Pipelines: typed stages of worker processes, run by :mod:`parallelkit._router`.
+
+``Pipeline`` is a description (a source and stages); each ``run()`` or iteration makes a
+``Run`` of the router, which starts the stages' processes and routes batches between
+them, and stops them when it ends.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+from ._checks import check_callable, check_positive_int
+from ._context import resolve_start_method
+from ._router import PipelineStats, Run, Stage, StageStats
+from ._stage import FILTER, FLAT_MAP, KIND_NAMES, MAP
+from ._types import StartMethod
+
+__all__ = ("Pipeline", "PipelineIterator", "PipelineStats", "StageStats")
+
+T = TypeVar("T")
+U = TypeVar("U")
+_Y = TypeVar("_Y")
+
+
+# ------------------------------------------------------------------ public API
+
+
+class _RunLike(Protocol):
+    outputs: deque[list[Any]]
+    held_counts: deque[int]
+    finished: bool
+    streaming: bool
+
+    def release(self, count: int) -> None: ...
+
+    def drive(self, *, until_output: bool) -> None: ...
+    def abort(self) -> None: ...
+    def stats(self) -> PipelineStats: ...
+
+
+class PipelineIterator(Iterator[_Y]):
+    """Streams a pipeline's results; closing it (or ``with``) cancels the run.
+
+    Breaking out of a ``for`` loop over it drops it; the run is then cancelled when it is
+    garbage-collected.  Call :meth:`close` (or use ``with``) to cancel at a known point.
+    """
+
+    def __init__(self, run: _RunLike) -> None:
+        self._run = run
+        run.streaming = True
+        self._current: Iterator[_Y] = iter(())
+        self._holding = 0  # source items behind self._current, released when we move on
+        self._closed = False
+        # the source thread holds the run, not this iterator: dropping it cancels the run
+        self._finalizer = weakref.finalize(self, run.abort)
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> _Y:
+        while True:
+            for value in self._current:
+                return value
+            if self._closed:
+                raise StopIteration
+            run = self._run
+            if self._holding:  # we are done with the last batch: it leaves the budget
+                run.release(self._holding)
+                self._holding = 0
+            if not run.outputs:
+                if run.finished:
+                    self.close()
+                    raise StopIteration
+                run.drive(until_output=True)
+                if not run.outputs:
+                    self.close()
+                    raise StopIteration
+            self._current = iter(run.outputs.popleft())
+            self._holding = run.held_counts.popleft() if run.held_counts else 0
+
+    @property
+    def stats(self) -> PipelineStats:
+        """The per-stage summary of this run so far."""
+        return self._run.stats()
+
+    def close(self) -> None:
+        """Cancel the run (if it is still going) and stop its processes; idempotent."""
+        self._closed = True
+        self._current = iter(())
+        self._finalizer()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, not {type(name).__name__}")
+
+
+def _check_bool(value: object, what: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, not {value!r}")
+
+
+class Pipeline(Generic[T]):
+    """Stages of worker processes joined by bounded, batched buffers.
+
+    Build it from a source and stages, then run it::
+
+        lengths = Pipeline(paths).map(read, max_workers=2).map(len).run()
+
+    Each stage is a group of ``max_workers`` processes.  A pipeline is a description: each
+    :meth:`run` or iteration starts its own processes and stops them when it ends, and
+    stages return a new pipeline (the original is unchanged).
+
+    Args:
+        source: any iterable, read lazily (a list, tuple or range is sliced directly; any
+            other iterable is read by a helper thread, so a slow source does not hold up
+            results that are ready).
+        start_method: ``"fork"``, ``"forkserver"`` or ``"spawn"``; ``None`` is the
+            platform default.
+        maxsize: at most this many source items are between the source and the consumer
+            at any time (read from the source and not yet handed out).  ``None`` sizes it
+            from the workers and the batch size.
+
+    Raises:
+        TypeError: ``source`` is not iterable.
+        StartMethodError: an unknown or unavailable start method.
+        ValueError: ``maxsize`` is not a positive int.
+    """
+
+    def __init__(
+        self,
+        source: Iterable[T],
+        /,
+        *,
+        start_method: StartMethod | None = None,
+        maxsize: int | None = None,
+    ) -> None:
+        if not isinstance(source, Iterable):
+            raise TypeError(f"a pipeline's source must be iterable, not {type(source).__name__}")
+        if maxsize is not None:
+            check_positive_int(maxsize, "maxsize", none_means="automatic")
+        self._source: Iterable[Any] = source
+        self._start_method = resolve_start_method(start_method)
+        self._maxsize = maxsize
+        self._stages: tuple[Stage, ...] = ()
+        self._last: Run | None = None
+
+    def _then(
+        self,
+        kind: int,
+        fn: Callable[[Any], Any],
+        max_workers: int,
+        name: str | None,
+        ordered: bool,
+    ) -> Pipeline[Any]:
+        check_callable(fn, "fn" if kind != FILTER else "pred")
+        check_positive_int(max_workers, "max_workers")
+        _check_name(name)
+        _check_bool(ordered, "ordered")
+        taken = {stage.name for stage in self._stages}
+        if name is None:
+            label = getattr(fn, "__qualname__", None) or type(fn).__name__
+            base = name = f"{KIND_NAMES[kind]}({label})"
+            number = 1
+            while name in taken:
+                number += 1
+                name = f"{base}#{number}"
+        elif name in taken:
+            raise ValueError(f"a pipeline stage is already named {name!r}; names must differ")
+        new: Pipeline[Any] = Pipeline.__new__(Pipeline)
+        new._source = self._source
+        new._start_method = self._start_method
+        new._maxsize = self._maxsize
+        new._stages = (*self._stages, Stage(kind, fn, max_workers, name, ordered))
+        new._last = None
+        return new
+
+    def map(
+        self,
+        fn: Callable[[T], U],
+        /,
+        *,
+        max_workers: int = 1,
+        name: str | None = None,
+        ordered: bool = True,
+    ) -> Pipeline[U]:
+        """Add a stage that passes on ``fn(item)`` for each item.
+
+        Args:
+            fn: the function (sent to the workers with pickle, or cloudpickle when that
+                is installed, under forkserver and spawn).
+            max_workers: processes that run this stage.
+            name: the stage's name in errors and statistics; default ``"map(fn name)"``.
+            ordered: ``False`` lets results overtake each other (handed out as they are
+                ready); the pipeline keeps source order only if every stage is ordered.
+        """
+        return self._then(MAP, fn, max_workers, name, ordered)
+
+    def filter(
+        self,
+        pred: Callable[[T], object],
+        /,
+        *,
+        max_workers: int = 1,
+        name: str | None = None,
+        ordered: bool = True,
+    ) -> Pipeline[T]:
+        """Add a stage that passes on the items for which ``pred(item)`` is true."""
+        return self._then(FILTER, pred, max_workers, name, ordered)
+
+    def flat_map(
+        self,
+        fn: Callable[[T], Iterable[U]],
+        /,
+        *,
+        max_workers: int = 1,
+        name: str | None = None,
+        ordered: bool = True,
+    ) -> Pipeline[U]:
+        """Add a stage that passes on every item of ``fn(item)``, for each item."""
+        return self._then(FLAT_MAP, fn, max_workers, name, ordered)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages' names, in order."""
+        return tuple(stage.name for stage in self._stages)
+
+    @property
+    def stats(self) -> PipelineStats | None:
+        """The per-stage summary of the most recent run of this pipeline object."""
+        return None if self._last is None else self._last.stats()
+
+    def _start(self) -> Run:
+        run = Run(self._source, self._stages, self._start_method, self._maxsize)
+        self._last = run
+        run.start()
+        return run
+
+    def run(self) -> list[T]:
+        """Run the pipeline to the end and return every result.
+
+        Raises:
+            PipelineError: a stage raised (``__cause__`` is its exception, ``.item`` the
+                item), a stage worker died (``__cause__`` is a ``WorkerCrashedError``), or
+                the source raised (``.stage == "source"``).
+            SerializationError: a stage's function cannot be sent to its workers.
+        """
+        if not self._stages:
+            return list(self._source)
+        run = self._start()
+        results: list[T] = []
+        try:
+            run.drive(until_output=False)
+            for batch in run.outputs:
+                results.extend(batch)
+            return results
+        finally:
+            run.abort()
+
+    def __iter__(self) -> PipelineIterator[T]:
+        """Start the pipeline and stream its results; close the iterator to cancel."""
+        if not self._stages:
+            return PipelineIterator(_PassThrough(self._source))
+        return PipelineIterator(self._start())
+
+    def __repr__(self) -> str:
+        stages = " -> ".join(self.stages) or "no stages"
+        return f"<Pipeline {stages}>"
+
+
+class _PassThrough:
+    """The run of a pipeline without stages: the source itself, in this process."""
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        self.iterator = iter(source)
+        self.outputs: deque[list[Any]] = deque()
+        self.held_counts: deque[int] = deque()
+        self.finished = False
+        self.streaming = True
+
+    def release(self, count: int) -> None:
+        return
+
+    def drive(self, *, until_output: bool) -> None:
+        for item in self.iterator:
+            self.outputs.append([item])
+            return
+        self.finished = True
+
+    def abort(self) -> None:
+        self.outputs.clear()
+        self.finished = True
+
+    def stats(self) -> PipelineStats:
+        return PipelineStats((), 0, 0, 0.0, 0.0)

@@ -1,0 +1,476 @@
+"""SharedCounter and SharedAccumulator: shared-memory totals that lose no update.
+
+Segments (naming, space reserved up front, attach without the resource tracker,
+cleanup) come from ``_shm``; this module lays out what is inside them (``SharedArray``
+is in ``_shared_array``).  One writer per slot, no lock on the hot path::
+
+    line 0      header: magic, kind, op, dtype, slot count, high-water mark
+    line 1      slot 0: the overflow slot, written only under the segment's lock
+    line 2..    slot i: value, owner pid, owner thread      (one 64-byte line each)
+
+- ``add`` in a thread that owns a slot is a check of the thread id and one
+  read-modify-write of its own slot, on a cached memoryview: no lock, no system call,
+  and no cache line shared with another writer.
+- A thread's first ``add`` claims a slot, once per process and thread, under the
+  segment's ``flock`` lock (released by the kernel if the claimer dies, so a killed
+  claimer cannot deadlock anyone).  The claimer takes back the slot it already had
+  (same pid and thread), else a free one, else one whose owner process has died: its
+  value stays in, the new owner keeps adding to it, which is right for sum, min and max.
+  With every slot taken by a living writer, adds go to the overflow slot under the lock:
+  slower, still exact.
+- ``value`` reduces the claimed slots (up to the high-water mark): ``sum`` (ints
+  exactly, floats with :func:`math.fsum` of the per-slot partial sums), ``min`` or
+  ``max``.  It may be read at any time; once the writers are done it is exact.
+- 8-byte aligned stores are atomic on the platforms we support, so a writer killed in
+  the middle of ``add`` loses at most that one add and never blocks the others.
+- A forked child gets new slots (an ``os.register_at_fork`` hook forgets the cached
+  ones); other processes receive the object pickled *by reference* (the segment's name)
+  and attach to the same memory.
+
+The creator owns the segment: ``close()`` and ``with`` unmap and unlink it, and
+``weakref.finalize`` does the same for an object that is dropped.  A process that
+attached only unmaps.  After ``close()``, using the object raises :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from _thread import get_ident as _get_ident
+from collections.abc import Callable
+from types import TracebackType
+from typing import (
+    Any,
+    Final,
+    Generic,
+    Literal,
+    Self,
+    TypeAlias,
+    TypeVar,
+    overload,
+)
+
+from ._shm import Segment, pid_alive
+
+__all__ = ("SharedAccumulator", "SharedCounter")
+
+N = TypeVar("N", int, float)
+Op = Literal["sum", "min", "max"]
+OPS: Final[tuple[Op, ...]] = ("sum", "min", "max")
+
+# ------------------------------------------------------------------ layout (int64 words)
+LINE: Final = 8  # words per 64-byte cache line
+MAGIC: Final = int.from_bytes(b"pkshm\x00\x01\x00", "little")
+W_MAGIC, W_KIND, W_OP, W_DTYPE, W_SLOTS, W_HWM = range(6)
+KIND_SLOTS: Final = 1
+KIND_ARRAY: Final = 2
+OP_SUM, OP_MIN, OP_MAX = range(3)
+DT_INT, DT_FLOAT = range(2)
+S_VALUE, S_PID, S_TID = range(3)  # words of a slot
+OVERFLOW_OWNER: Final = -1  # slot 0's pid word once it holds a value
+SLOTS: Final = 255  # slot 0 (overflow) + 254 writers: 16 KiB with the header
+_TID_MASK: Final = (1 << 63) - 1
+
+_MISSING: Final = object()
+
+# A one-item view of a slot's value, of format "q" or "d".  Typed Any because typeshed
+# lets a memoryview item be assigned an int only, whatever the view's format.
+Cell: TypeAlias = Any
+
+
+def _closed_error(obj: object) -> ValueError:
+    return ValueError(f"{type(obj).__name__} is closed; it can no longer be used")
+
+
+def _thread_key(tid: int) -> int:
+    return tid & _TID_MASK  # fits an int64 word
+
+
+def _base(slot: int) -> int:
+    return (slot + 1) * LINE
+
+
+def _release(segment: Segment, views: list[memoryview[Any]]) -> None:
+    """The finalizer: holds the segment and the views, never the handle."""
+    segment.close(tuple(views))
+    views.clear()
+
+
+# ------------------------------------------------------------------ counters and accumulators
+
+
+class _Slots:
+    """What :class:`SharedCounter` and :class:`SharedAccumulator` share."""
+
+    __slots__ = (
+        "__weakref__",
+        "_cell",
+        "_cells",
+        "_dtype",
+        "_finalizer",
+        "_lock",
+        "_op",
+        "_segment",
+        "_tid",
+        "_values",
+        "_views",
+        "_words",
+    )
+    _tid: int  # the thread whose slot is _cell; 0: none (not yet claimed, forked, closed)
+    _cell: Cell  # that thread's slot value
+    _cells: dict[int, Cell | None]  # every thread's slot here; None: the overflow slot
+    _values: Any  # the words as int64 ("q") or float64 ("d"): see Cell
+    _views: list[memoryview[Any]]  # released by close()
+
+    def _create(self, op: int, dtype: int) -> None:
+        segment = Segment.create((SLOTS + 1) * LINE * 8)
+        words = memoryview(segment.mm).cast("q")
+        words[W_OP], words[W_DTYPE], words[W_SLOTS], words[W_HWM] = op, dtype, SLOTS, 1
+        words[W_KIND] = KIND_SLOTS
+        words[W_MAGIC] = MAGIC  # last: the header is complete
+        self._setup(segment, words)
+
+    def _attach(self, name: str) -> None:
+        segment = Segment.attach(name)
+        words = memoryview(segment.mm).cast("q")
+        if len(words) < LINE or words[W_MAGIC] != MAGIC or words[W_KIND] != KIND_SLOTS:
+            words.release()
+            segment.close()
+            raise ValueError(f"shared-memory segment {name!r} does not hold a counter")
+        self._setup(segment, words)
+
+    def _setup(self, segment: Segment, words: memoryview[int]) -> None:
+        self._segment = segment
+        self._words = words
+        self._op = words[W_OP]
+        self._dtype = words[W_DTYPE]
+        self._values = memoryview(segment.mm).cast("d") if self._dtype == DT_FLOAT else words
+        self._views = [words] if self._values is words else [words, self._values]
+        self._forget_slots()
+        self._finalizer = weakref.finalize(self, _release, segment, self._views)
+        _HANDLES.add(self)
+
+    def _forget_slots(self) -> None:
+        self._tid = 0
+        self._cells = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        """The segment's name in ``/dev/shm`` (``pk_<creator pid>_<random>``)."""
+        return self._segment.name
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (in this process)."""
+        return self._segment.closed
+
+    def close(self) -> None:
+        """Free the shared memory (the creator) or unmap it (a process that attached).
+
+        Idempotent.  Other processes still attached keep working on their mapping; new
+        ones can no longer attach once the creator has closed.
+        """
+        self._tid = 0  # the hot path now takes the slow path, which sees it closed
+        self._cells = {}
+        self._finalizer()
+
+    def __enter__(self) -> Self:
+        if self._segment.closed:
+            raise _closed_error(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Callable[[type[_Slots], str], _Slots], tuple[type, str]]:
+        if self._segment.closed:
+            raise _closed_error(self)
+        return (_attach_slots, (type(self), self._segment.name))
+
+    # ---------------------------------------------------------------- adding
+
+    def _add_slow(self, x: float) -> None:
+        """``add`` in a thread that has no cached slot on this object (yet)."""
+        if self._segment.closed:
+            raise _closed_error(self)
+        tid = _get_ident()
+        cell = self._cells.get(tid, _MISSING)
+        if cell is _MISSING:
+            with self._lock:
+                if self._segment.closed:
+                    raise _closed_error(self)
+                cell, applied = self._claim(tid, x)
+                self._cells[tid] = cell
+                if cell is not None and self._tid == 0:
+                    self._cell = cell
+                    self._tid = tid  # after _cell: the hot path reads _tid first
+            if applied:
+                return
+        if cell is None:
+            self._add_overflow(x)
+        else:
+            self._apply(cell, x)
+
+    def _apply(self, cell: Cell, x: float) -> None:
+        op = self._op
+        if op == OP_SUM:
+            cell[0] += x
+        elif op == OP_MIN:
+            if x < cell[0]:  # noqa: PLR1730 - no call, and no store when nothing changes
+                cell[0] = x
+        elif x > cell[0]:
+            cell[0] = x
+
+    def _claim(self, tid: int, x: float) -> tuple[Cell | None, bool]:
+        """Find this thread a slot; ``(cell or None for overflow, whether x was added)``."""
+        words, values = self._words, self._values
+        pid, key = os.getpid(), _thread_key(tid)
+        with self._segment.locked():
+            slots, hwm = words[W_SLOTS], words[W_HWM]
+            free = dead = None
+            checked: dict[int, bool] = {}
+            for slot in range(1, hwm):
+                base = _base(slot)
+                owner = words[base + S_PID]
+                if owner == pid and words[base + S_TID] == key:
+                    return self._cell_of(slot), False  # ours already (attached again)
+                if owner == 0:
+                    if free is None:
+                        free = slot
+                elif dead is None and owner != pid:
+                    alive = checked.get(owner)
+                    if alive is None:
+                        alive = checked[owner] = pid_alive(owner)
+                    if not alive:
+                        dead = slot
+            if free is None and hwm < slots:
+                free = hwm
+            if free is not None:
+                base = _base(free)
+                values[base + S_VALUE] = x  # first: a bad x leaves the slot free
+                words[base + S_TID] = key
+                words[base + S_PID] = pid  # last: now the slot counts
+                words[W_HWM] = max(hwm, free + 1)
+                return self._cell_of(free), True
+            if dead is not None:  # its value stays part of the total
+                base = _base(dead)
+                words[base + S_TID] = key
+                words[base + S_PID] = pid
+                return self._cell_of(dead), False
+        return None, False  # every slot has a living owner: the locked overflow slot
+
+    def _cell_of(self, slot: int) -> Cell:
+        base = _base(slot) + S_VALUE
+        cell = self._values[base : base + 1]
+        self._views.append(cell)
+        return cell
+
+    def _add_overflow(self, x: float) -> None:
+        words, values, base = self._words, self._values, _base(0)
+        with self._lock, self._segment.locked():
+            if words[base + S_PID] == 0:
+                values[base + S_VALUE] = x
+                words[base + S_PID] = OVERFLOW_OWNER
+            else:
+                self._apply(values[base : base + 1], x)
+
+    # ---------------------------------------------------------------- reading
+
+    def _partials(self) -> list[Any]:
+        if self._segment.closed:
+            raise _closed_error(self)
+        words, values = self._words, self._values
+        return [
+            values[_base(slot) + S_VALUE]
+            for slot in range(words[W_HWM])
+            if words[_base(slot) + S_PID] != 0
+        ]
+
+    def _reduce(self) -> Any:
+        parts = self._partials()
+        op = self._op
+        if op == OP_SUM:
+            return sum(parts) if self._dtype == DT_INT else math.fsum(parts)
+        if not parts:
+            name = OPS[op]
+            raise ValueError(f"the {name} of no values: nothing was added to this accumulator")
+        return min(parts) if op == OP_MIN else max(parts)
+
+    def __repr__(self) -> str:
+        if self._segment.closed:
+            return f"<{type(self).__name__} {self._segment.name} closed>"
+        try:
+            shown = repr(self._reduce())
+        except ValueError:
+            shown = "empty"
+        return f"<{type(self).__name__} {self._segment.name} value={shown}>"
+
+
+_HANDLES: weakref.WeakSet[_Slots] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child's main thread has the forking thread's id: without this, it would keep
+    # writing to its parent's slot.
+    for handle in list(_HANDLES):
+        handle._forget_slots()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _attach_slots(cls: type[_Slots], name: str) -> _Slots:
+    obj = cls.__new__(cls)
+    obj._attach(name)
+    return obj
+
+
+class SharedCounter(_Slots):
+    """An int64 counter in shared memory, exact under any number of concurrent writers.
+
+    Pass it to tasks of :func:`run_parallel` and :class:`WorkerPool`, to
+    :class:`multiprocessing.Process` targets, under any start method: it is pickled by
+    reference, so every process adds to the same counter.  ``add`` takes no lock (each
+    process and thread writes its own slot on its own cache line), so it costs about as
+    much as adding to a local variable.
+
+    The process that creates it owns the shared memory: :meth:`close` or ``with`` free
+    it.  Each writer's own total must stay within int64; :attr:`value` adds them up as a
+    Python int.
+
+    Example:
+        >>> import parallelkit as pk
+        >>> with pk.SharedCounter() as counter:
+        ...     counter.add()
+        ...     counter.add(41)
+        ...     counter.value
+        42
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self._create(OP_SUM, DT_INT)
+
+    def add(self, n: int = 1) -> None:
+        """Add ``n`` (default 1).
+
+        Raises:
+            ValueError: the counter is closed, or this writer's slot would leave int64.
+            TypeError: ``n`` is not an int.
+        """
+        if _get_ident() == self._tid:
+            self._cell[0] += n
+        else:
+            self._add_slow(n)
+
+    @property
+    def value(self) -> int:
+        """The sum of every add so far, from every process.
+
+        Raises:
+            ValueError: the counter is closed.
+        """
+        result: int = self._reduce()
+        return result
+
+
+class SharedAccumulator(_Slots, Generic[N]):
+    """A running sum, minimum or maximum in shared memory, exact under concurrent writers.
+
+    Like :class:`SharedCounter` (pickled by reference, no lock on the hot path, freed by
+    its creator's :meth:`close`), over ``int`` (int64) or ``float`` (float64) values.
+
+    A float sum is computed as :func:`math.fsum` of each writer's partial sum: as exact as
+    floating point allows, but the partial sums depend on which writer added what, so the
+    last bits may differ from a sequential ``sum`` over the same values.  ``min`` and
+    ``max`` compare with ``<`` and ``>``, so, as with the builtins, NaN gives no
+    meaningful result; leave it out.
+
+    Args:
+        op: ``"sum"``, ``"min"`` or ``"max"``.
+        dtype: ``int`` or ``float`` (the default).
+
+    Raises:
+        ValueError: an unknown ``op`` or ``dtype``; the message lists the choices.
+
+    Example:
+        >>> import parallelkit as pk
+        >>> with pk.SharedAccumulator("max", dtype=int) as highest:
+        ...     for x in (3, 9, 4):
+        ...         highest.add(x)
+        ...     highest.value
+        9
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = ()
+
+    @overload
+    def __init__(self: SharedAccumulator[float], op: Op) -> None: ...
+    @overload
+    def __init__(self, op: Op, *, dtype: type[N]) -> None: ...
+    def __init__(self, op: Op, *, dtype: type[int] | type[float] = float) -> None:
+        if op not in OPS:
+            raise ValueError(
+                f"unknown op {op!r}; valid choices: " + ", ".join(repr(o) for o in OPS)
+            )
+        if dtype is not int and dtype is not float:
+            raise ValueError(f"unsupported dtype {dtype!r}; valid choices: int, float")
+        self._create(OPS.index(op), DT_INT if dtype is int else DT_FLOAT)
+
+    @property
+    def op(self) -> Op:
+        """``"sum"``, ``"min"`` or ``"max"``."""
+        return OPS[self._op]
+
+    @property
+    def dtype(self) -> type[N]:
+        """``int`` or ``float``."""
+        dtype: Any = int if self._dtype == DT_INT else float
+        return dtype  # type: ignore[no-any-return]  # which one N is, known at run time
+
+    def add(self, x: N) -> None:
+        """Add ``x`` to the sum, or offer it as a new minimum or maximum.
+
+        Raises:
+            ValueError: the accumulator is closed, or (int) this writer's partial sum would
+                leave int64.
+            TypeError: ``x`` does not fit the dtype (a float into an int accumulator).
+        """
+        if _get_ident() == self._tid:
+            cell = self._cell
+            op = self._op
+            if op == OP_SUM:
+                cell[0] += x
+            elif op == OP_MIN:
+                if x < cell[0]:  # noqa: PLR1730 - no call, and no store when nothing changes
+                    cell[0] = x
+            elif x > cell[0]:
+                cell[0] = x
+        else:
+            self._add_slow(x)
+
+    @property
+    def value(self) -> N:
+        """The sum, minimum or maximum of every value added so far, from every process.
+
+        The sum of no values is ``0``; the minimum or maximum of no values is an error,
+        as for the builtins :func:`min` and :func:`max`.
+
+        Raises:
+            ValueError: ``"min"`` or ``"max"`` with nothing added yet; or it is closed.
+        """
+        result: N = self._reduce()
+        return result

@@ -1,0 +1,107 @@
+"""Stage functions for the pipeline tests, at module level so spawn and forkserver import them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import TypeVar
+
+from parallelkit import SharedCounter
+
+T = TypeVar("T")
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+def is_even(x: int) -> bool:
+    return x % 2 == 0
+
+
+def is_small(x: int) -> bool:
+    return x < 50
+
+
+def twice(x: int) -> list[int]:
+    return [x, x]
+
+
+def up_to(x: int) -> range:
+    return range(x % 4)
+
+
+def as_text(x: int) -> str:
+    return str(x)
+
+
+def identity(x: T) -> T:
+    return x
+
+
+def length(x: bytes) -> int:
+    return len(x)
+
+
+def fail_on_13(x: int) -> int:
+    if x == 13:
+        raise ValueError(f"unlucky {x}")
+    return x
+
+
+def crash_on_5(x: int) -> int:
+    if x == 5:
+        os._exit(3)
+    return x
+
+
+def kill_self_on_5(x: int) -> int:
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def sleepy(x: int) -> int:
+    time.sleep(0.2)
+    return x
+
+
+def pid_after_sleep(x: int) -> int:
+    time.sleep(0.01)
+    return os.getpid()
+
+
+def slow_in_reverse(x: int) -> int:
+    """Early items take longer, so that unordered results come out of source order."""
+    time.sleep(0.02 * (5 - x % 5))
+    return x
+
+
+def lock_for(x: int) -> object:
+    return threading.Lock()  # cannot be pickled, even by cloudpickle
+
+
+def counting_source(n: int | None, counter: list[int]) -> Iterator[int]:
+    i = 0
+    while n is None or i < n:
+        counter[0] += 1
+        yield i
+        i += 1
+
+
+def count_into(counter: SharedCounter, x: int) -> int:
+    counter.add(x)
+    return x
+
+
+def add_item(item: tuple[SharedCounter, int]) -> int:
+    counter, x = item
+    counter.add(x)
+    return x

@@ -1,0 +1,93 @@
+"""Task functions and process targets for ``test_shared.py``.
+
+At module level in their own module so that spawn and forkserver children import them by
+name.  Every shared object arrives as an argument (pickled by reference, or inherited
+under fork) and is used as a user would use it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+
+from parallelkit import SharedAccumulator, SharedArray, SharedCounter
+
+Accumulator = SharedAccumulator[int] | SharedAccumulator[float]
+
+
+def add_values(item: tuple[Accumulator, Sequence[float]]) -> int:
+    """A task: add every value of a share to the accumulator; returns this pid."""
+    acc, values = item
+    for value in values:
+        acc.add(value)  # type: ignore[arg-type]  # int values for int accumulators
+    return os.getpid()
+
+
+def add_values_target(acc: Accumulator, values: Sequence[float]) -> None:
+    """A ``multiprocessing.Process`` target doing what :func:`add_values` does."""
+    add_values((acc, values))
+
+
+def count(item: tuple[SharedCounter, int]) -> int:
+    counter, n = item
+    for _ in range(n):
+        counter.add()
+    return n
+
+
+def _count_together(barrier: threading.Barrier, counter: SharedCounter, n: int) -> None:
+    barrier.wait(30)  # every thread is alive before any adds: each needs a slot
+    count((counter, n))
+
+
+def count_in_threads(item: tuple[SharedCounter, int, int]) -> int:
+    """``threads`` threads in this process, all alive together, each adding 1 ``n`` times."""
+    counter, threads, n = item
+    barrier = threading.Barrier(threads)
+    workers = [
+        threading.Thread(target=_count_together, args=(barrier, counter, n)) for _ in range(threads)
+    ]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return threads * n
+
+
+def add_forever(counter: SharedCounter, step: int) -> None:
+    """Add ``step`` in a tight loop until killed."""
+    while True:
+        counter.add(step)
+
+
+def hold_the_claim_lock(counter: SharedCounter, conn: Connection) -> None:
+    """Take the lock a first ``add`` claims its slot under, say so, and wait to be killed."""
+    with counter._segment.locked():
+        conn.send("locked")
+        time.sleep(60)
+
+
+def write_rows(item: tuple[SharedArray, int, int]) -> int:
+    """Fill rows ``start:stop`` of a shared 2-d array with their row number."""
+    shared, start, stop = item
+    array = shared.array
+    for row in range(start, stop):
+        array[row, :] = row
+    return stop - start
+
+
+def write_rows_target(shared: SharedArray, start: int, stop: int) -> None:
+    write_rows((shared, start, stop))
+
+
+def array_sum(shared: SharedArray) -> float:
+    return float(shared.array.sum())
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
