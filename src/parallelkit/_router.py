@@ -254,6 +254,8 @@ class Run:
         self, context: Any, index: int, stage: Stage, payload: bytes | None, number: int
     ) -> None:
         parent_end, child_end = context.Pipe(duplex=True)
+        frames.enlarge_buffers(parent_end)
+        frames.enlarge_buffers(child_end)
 
         def record(process: BaseProcess) -> None:
             worker = _Worker(process, parent_end, index)
