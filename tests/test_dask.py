@@ -289,6 +289,10 @@ def test_single_host_objects_cannot_go_to_a_cluster(inproc_client: Client) -> No
     with contextlib.ExitStack() as stack:
         counter = stack.enter_context(pk.SharedCounter())
         shared_objects: list[Any] = [counter, stack.enter_context(pk.SharedAccumulator("max"))]
+        here, there = pk.channel_pair()
+        stack.callback(here.close)
+        stack.callback(there.close)
+        shared_objects.append(there)
         with contextlib.suppress(ImportError):  # the numpy extra
             import numpy as np
 

@@ -117,13 +117,13 @@ def test_stats_count_items_per_stage() -> None:
 
 
 def test_the_slow_stage_shows_as_the_bottleneck() -> None:
-    pipeline = pk.Pipeline(range(10)).map(w.square).map(w.sleepy, name="slow")
+    pipeline = pk.Pipeline(range(5)).map(w.square).map(w.sleepy, name="slow")
     pipeline.run()
     stats = pipeline.stats
     assert stats is not None
     assert stats.bottleneck is not None
     assert stats.bottleneck.name == "slow"
-    assert stats.stages[1].busy_seconds >= 1.5  # ten items of 0.2 s
+    assert stats.stages[1].busy_seconds >= 0.95  # five items of 0.2 s
     assert stats.stages[1].busy_seconds > 10 * stats.stages[0].busy_seconds
 
 

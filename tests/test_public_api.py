@@ -82,6 +82,14 @@ def test_the_shared_memory_api_is_public() -> None:
     assert callable(parallelkit.testing.remove_stale_segments)
 
 
+def test_the_channel_api_is_public() -> None:
+    for name in ("Channel", "ChannelListener", "ProcessChannel", "channel_pair", "start_process"):
+        assert name in parallelkit.__all__
+        assert callable(getattr(parallelkit, name))
+    assert callable(parallelkit.Channel.listen)
+    assert callable(parallelkit.Channel.connect)
+
+
 def test_version_is_a_string() -> None:
     assert isinstance(parallelkit.__version__, str)
     assert parallelkit.__version__[0].isdigit()

@@ -29,6 +29,11 @@ from .errors import WorkerCrashedError as WorkerCrashedError
 __version__ = "0.1.0.dev0"
 
 if typing.TYPE_CHECKING:
+    from ._channel import Channel as Channel
+    from ._channel import channel_pair as channel_pair
+    from ._channel_net import ChannelListener as ChannelListener
+    from ._channel_process import ProcessChannel as ProcessChannel
+    from ._channel_process import start_process as start_process
     from ._context import usable_cpu_count as usable_cpu_count
     from ._pipeline import Pipeline as Pipeline
     from ._pipeline import PipelineIterator as PipelineIterator
@@ -51,6 +56,11 @@ _LAZY = {
     "PipelineStats": "._pipeline",
     "StageStats": "._pipeline",
     "Queue": "._queue",
+    "Channel": "._channel",
+    "ChannelListener": "._channel_net",
+    "ProcessChannel": "._channel_process",
+    "channel_pair": "._channel",
+    "start_process": "._channel_process",
     "ResultIterator": "._pool",
     "WorkerPool": "._pool",
     "imap_parallel": "._pool",
@@ -76,12 +86,15 @@ def __dir__() -> list[str]:
 
 
 __all__ = (
+    "Channel",
     "ChannelClosedError",
+    "ChannelListener",
     "ParallelKitError",
     "Pipeline",
     "PipelineError",
     "PipelineIterator",
     "PipelineStats",
+    "ProcessChannel",
     "Queue",
     "QueueClosedError",
     "RemoteError",
@@ -96,8 +109,10 @@ __all__ = (
     "TaskTimeoutError",
     "WorkerCrashedError",
     "WorkerPool",
+    "channel_pair",
     "errors",
     "imap_parallel",
     "run_parallel",
+    "start_process",
     "usable_cpu_count",
 )

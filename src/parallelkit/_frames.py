@@ -26,6 +26,7 @@ import io
 import os
 import pickle
 import queue
+import socket
 import struct
 import threading
 from multiprocessing.connection import Connection
@@ -118,6 +119,20 @@ def set_header(parts: Parts, kind: int, f1: int, f2: int, f3: int, f4: int) -> N
 def size(parts: Parts) -> int:
     """Bytes on the wire."""
     return sum(memoryview(p).nbytes for p in parts)
+
+
+def enlarge_buffers(conn: Connection, nbytes: int = 1 << 20) -> None:
+    """Ask the kernel for ``nbytes`` socket buffers on a ``Pipe(duplex=True)`` end.
+
+    With the default (about 200 KiB) a megabyte message takes several wake-ups of the
+    reader; the kernel caps the request at ``net.core.wmem_max`` / ``rmem_max``, so this
+    is a best effort and never an error.
+    """
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes)
 
 
 def send(conn: Connection, parts: Parts) -> None:

@@ -130,12 +130,14 @@ def stop_processes(
     join_timeout: float,
     what: str = "worker",
     warn: bool = True,
+    close: bool = True,
 ) -> None:
     """End ``procs``: wait ``join_timeout`` for them to exit, then SIGTERM, then SIGKILL.
 
     ``join_timeout=0`` kills at once without a warning (a deliberate abort).  Every
-    process is reaped and closed afterwards; processes not started, or already closed,
-    are skipped.
+    process is reaped and, unless ``close=False`` (the caller still wants to read its
+    ``exitcode``), closed afterwards; processes not started, or already closed, are
+    skipped.
     """
     procs = [p for p in procs if _started_and_open(p)]
     if join_timeout <= 0:  # a deliberate abort: no grace, no warning
@@ -161,5 +163,5 @@ def stop_processes(
         _wait_all(alive, time.monotonic() + 10.0)
     for p in procs:
         p.join(0)
-        if p.exitcode is not None:
+        if close and p.exitcode is not None:
             p.close()

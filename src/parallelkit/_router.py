@@ -224,13 +224,10 @@ class Run:
         self.want_source = False
         self.thread_waiting = False
         self.budget = threading.Condition(threading.Lock())
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
+        self.wakeup = _WakeUp()
         self.writer = frames.Writer()
         self.poll: select.poll | None = None
-        self.finalizer = weakref.finalize(
-            self, _kill, self.workers, self.writer, self.wake_r, self.wake_w
-        )
+        self.finalizer = weakref.finalize(self, _kill, self.workers, self.writer, self.wakeup)
 
     # -------------------------------------------------------------- start and stop
 
@@ -257,6 +254,8 @@ class Run:
         self, context: Any, index: int, stage: Stage, payload: bytes | None, number: int
     ) -> None:
         parent_end, child_end = context.Pipe(duplex=True)
+        frames.enlarge_buffers(parent_end)
+        frames.enlarge_buffers(child_end)
 
         def record(process: BaseProcess) -> None:
             worker = _Worker(process, parent_end, index)
@@ -321,8 +320,8 @@ class Run:
         ``CHUNK_SECONDS`` twice in a row (halving when it does not), so a fast source is read
         in C-speed runs of up to a batch while a slow trickle is passed on item by item.  (A
         source that turns slow after a fast run can hold back the items of one chunk until
-        its next item comes.)  Reading stops
-        while ``maxsize`` items are between the source and the consumer.
+        its next item comes.)  Reading stops while ``maxsize`` items are between the source
+        and the consumer.
         """
         iterator = self.iterator
         assert iterator is not None
@@ -354,7 +353,7 @@ class Run:
                     self.pulled += count
                     chunk = []
                     if self.want_source:
-                        self._wake()
+                        self.wakeup.wake()
                     else:
                         time.sleep(0)  # let the router have the GIL: it has work to route
                 if count < limit:
@@ -378,11 +377,7 @@ class Run:
                     with contextlib.suppress(Exception):
                         close()  # run the generator's finally blocks
             self.source_done = True
-            self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
-            os.write(self.wake_w, b"\0")
+            self.wakeup.wake()
 
     def _cap(self) -> int:
         if self.maxsize is not None:
@@ -548,7 +543,7 @@ class Run:
             fds = [w.conn.fileno() for w in self.workers]
             fds += [w.process.sentinel for w in self.workers]
             if self.thread is not None:
-                fds.append(self.wake_r)
+                fds.append(self.wakeup.fd)
             for fd in fds:
                 self.poll.register(fd, select.POLLIN)
         return self.poll
@@ -558,9 +553,8 @@ class Run:
         began = time.perf_counter()
         ready = {fd for fd, _ in poller.poll()}
         self.consumer_waiting += time.perf_counter() - began
-        if self.wake_r in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self.wake_r, 4096)
+        if self.wakeup.fd in ready:
+            self.wakeup.drain()
         dead: list[_Worker] = []
         for worker in self.workers:
             if worker.conn.fileno() in ready:
@@ -710,12 +704,42 @@ class Run:
         )
 
 
-def _kill(workers: list[_Worker], writer: frames.Writer, wake_r: int, wake_w: int) -> None:
+def _kill(workers: list[_Worker], writer: frames.Writer, wakeup: _WakeUp) -> None:
     """Kill every worker at once and close what the run holds (also the GC backstop)."""
     stop_processes([w.process for w in workers], join_timeout=0, what="pipeline stage")
     writer.close()  # its writes to the dead workers fail at once
     for worker in workers:
         worker.conn.close()
-    for fd in (wake_r, wake_w):
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    wakeup.close()
+
+
+class _WakeUp:
+    """A pipe the source thread writes a byte to, to wake the router from ``poll``.
+
+    Closed under a lock, so that a source thread that returns from the user's ``next()``
+    after the run ended never writes to a descriptor number the process has reused.
+    """
+
+    def __init__(self) -> None:
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending
+                    os.write(self._write_fd, b"\0")
+
+    def drain(self) -> None:
+        with self._lock:
+            if not self._closed:
+                os.read(self.fd, 4096)  # poll said it is readable: this does not block
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
+                os.close(self._write_fd)
