@@ -13,7 +13,6 @@ import functools
 import itertools
 import multiprocessing
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -242,11 +241,9 @@ def test_imap_streams_an_endless_generator_and_closes_early(backend: Options) ->
 
 
 def test_breaking_out_of_imap_stops_promptly(backend: Options) -> None:
-    started = time.monotonic()
     for value in imap(w.sleep_for, itertools.repeat(0.05), backend):
         assert value == 0.05
-        break
-    assert time.monotonic() - started < 5
+        break  # over an endless input: only stopping the work lets the test end
     # the autouse leak check proves that no process or thread is left running
 
 
@@ -301,16 +298,17 @@ def test_serial_ctrl_c_is_not_an_items_exception() -> None:
 
 def test_thread_timeout_returns_at_the_deadline() -> None:
     done = threading.Event()
+    finished = threading.Event()
 
     def late(x: int) -> int:
         if x == 1:
             done.wait(5)
+            finished.set()
         return x
 
-    started = time.monotonic()
     with pytest.raises(pk.TaskTimeoutError, match="thread cannot be stopped") as info:
         pk.run_parallel(late, range(4), backend="thread", timeout=0.2, chunksize=4)
-    assert time.monotonic() - started < 2
+    assert not finished.is_set()  # raised at the deadline, not when the item ended
     assert info.value.item_index == 1
     done.set()  # lets the abandoned thread finish, so the leak check sees it gone
 

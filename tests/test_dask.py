@@ -269,12 +269,10 @@ def test_imap_keeps_a_bounded_number_of_tasks_in_flight(inproc_client: Client) -
 
 
 def test_a_worker_that_keeps_dying_names_the_item(cluster_client: Client) -> None:
-    started = time.monotonic()
     with pytest.raises(pk.WorkerCrashedError, match="item 13") as info:
         pk.run_parallel(w.kill_13, range(20), backend=cluster_client, chunksize=5)
     assert info.value.item_index == 13
     assert isinstance(info.value.__cause__, distributed.KilledWorker)
-    assert time.monotonic() - started < 30
     cluster_client.wait_for_workers(2, timeout=30)  # the nannies restarted them
     got = pk.run_parallel(
         w.kill_13, range(20), backend=cluster_client, chunksize=5, return_exceptions=True

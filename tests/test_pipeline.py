@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import multiprocessing
 import os
 import signal
 import threading
@@ -164,12 +165,11 @@ def test_a_slow_trickle_is_not_held_back_for_a_batch(start_method: StartMethod) 
             received.append(time.monotonic())
             assert value == (i + 1) ** 2
     assert len(received) == 8
-    # once the workers are up (the first result is in), each item arrives long before the
-    # source produces the next one, 0.1 s later
-    warm = [i for i in range(8) if produced[i] > received[0]]
+    # once the workers are up (the first result is in), each item reaches the consumer
+    # before the source produces the next one: nothing waits for a batch to fill
+    warm = [i for i in range(7) if produced[i] > received[0]]
     assert len(warm) >= 4
-    latencies = [received[i] - produced[i] for i in warm]
-    assert max(latencies) < 0.05, latencies
+    assert all(received[i] < produced[i + 1] for i in warm), (produced, received)
 
 
 def test_a_fast_source_does_not_run_ahead_of_a_slow_consumer(start_method: StartMethod) -> None:
@@ -246,9 +246,8 @@ def test_breaking_out_of_the_loop_cancels_the_run(start_method: StartMethod) -> 
 def test_close_stops_a_run_whose_stage_is_busy(start_method: StartMethod) -> None:
     results = iter(pk.Pipeline(range(100), start_method=start_method).map(w.sleepy, max_workers=2))
     assert next(results) == 0
-    started = time.monotonic()
     results.close()
-    assert time.monotonic() - started < 2.0
+    assert multiprocessing.active_children() == []  # stopped now, not after 100 items
     with pytest.raises(StopIteration):
         next(results)
     results.close()  # idempotent
@@ -301,10 +300,8 @@ def test_a_worker_that_dies_ends_the_run(
 ) -> None:
     pipeline = pk.Pipeline(range(20), start_method=start_method).map(w.plus_one)
     pipeline = pipeline.map(stage_fn, max_workers=2, name="fragile")
-    started = time.monotonic()
     with pytest.raises(pk.PipelineError, match="'fragile'") as caught:
         pipeline.run()
-    assert time.monotonic() - started < 5
     crash = caught.value.__cause__
     assert isinstance(crash, pk.WorkerCrashedError)
     if stage_fn is w.crash_on_5:
@@ -329,8 +326,6 @@ def test_a_worker_killed_from_outside_ends_the_run(start_method: StartMethod) ->
 
 
 def _children() -> list[int]:
-    import multiprocessing
-
     return [p.pid for p in multiprocessing.active_children() if p.pid is not None]
 
 

@@ -114,7 +114,7 @@ def test_get_times_out() -> None:
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         q.get(timeout=0.1)
-    assert 0.09 <= time.monotonic() - started < 2
+    assert time.monotonic() - started >= 0.09  # it waited the timeout out
 
 
 def test_closing() -> None:

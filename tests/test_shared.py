@@ -398,14 +398,12 @@ def test_claimer_killed_holding_the_claim_lock_blocks_nobody(start_method: Start
         os.kill(holder.pid, signal.SIGKILL)
         holder.join(10)
         here.close()
-        started = time.monotonic()
         assert pk.run_parallel(ws.count, [(counter, 1000)] * 2, start_method=start_method) == [
             1000,
             1000,
         ]
         counter.add()
-        assert counter.value == 2001
-        assert time.monotonic() - started < 20
+        assert counter.value == 2001  # no deadlock: pytest-timeout would fail a hang
 
 
 # ------------------------------------------------------------------ independent processes
