@@ -50,6 +50,7 @@ from ._serialize import (
 from ._types import StartMethod
 from .errors import SerializationError, SerializedWhat, TaskTimeoutError, WorkerCrashedError
 
+LOST_WAKEUP_POLL: Final = 0.25  # seconds, at most, between two looks at the state
 PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
 STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
 STARTUP_DEATHS_SECONDS: Final = 0.5  # ...for at least this long, and the pool gives up
@@ -359,6 +360,10 @@ class Engine:
         killing = [w for w in self.workers if w.killed_for is not None]
         if killing:
             timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        # Never sleep longer than LOST_WAKEUP_POLL: an imap over a generator was seen to
+        # wait forever with work it could dispatch (a missed wake-up not yet found); a
+        # periodic re-check of the state recovers from it.  See the closing note.
+        timeout = LOST_WAKEUP_POLL if timeout is None else min(timeout, LOST_WAKEUP_POLL)
         objs = self._wait_objects()
         self.mutex.release()
         try:
