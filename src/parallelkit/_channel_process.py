@@ -63,7 +63,7 @@ class ProcessChannel(Channel[SendT, RecvT]):
 
     @property
     def exitcode(self) -> int | None:
-        """The child's exit code (negative: killed by that signal), ``None`` while it runs."""
+        """The child's exit code, ``None`` while it runs (minus the signal number if killed)."""
         if self._stopped:
             return self._exitcode
         return self._process.exitcode

@@ -168,7 +168,7 @@ def _imap_elsewhere(
     except BaseException:
         engine.shutdown(graceful=False)
         raise
-    return ResultIterator(engine, job, owns_engine=True)
+    return ResultIterator._start(engine, job, owns_engine=True)
 
 
 def _as_sequence(items: Iterable[T]) -> Sequence[T]:
@@ -343,15 +343,32 @@ class ResultIterator(Iterator[_Y]):
     the workers are stopped.
     """
 
-    def __init__(self, engine: Engine | ChunkEngine, job: Job, *, owns_engine: bool) -> None:
+    _chunks: Generator[list[Any], None, None]
+    _current: Iterator[_Y]
+    _engine: Engine | ChunkEngine
+    _job: Job
+    _closed: bool
+    _finalizer: weakref.finalize[..., ResultIterator[_Y]] | None
+
+    def __init__(self) -> None:
+        raise TypeError("a ResultIterator is made by imap_parallel() or WorkerPool.imap()")
+
+    @classmethod
+    def _start(
+        cls, engine: Engine | ChunkEngine, job: Job, *, owns_engine: bool
+    ) -> ResultIterator[_Y]:
+        # Not __init__: the engine and the job are private types, and a public constructor
+        # taking them would put them in the public API (pyright --verifytypes).
+        self = cls.__new__(cls)
         self._chunks = iterate(engine, job)
-        self._current: Iterator[_Y] = iter(())
+        self._current = iter(())
         self._engine = engine
         self._job = job
         self._closed = False
         self._finalizer = (
             weakref.finalize(self, engine.shutdown, graceful=False) if owns_engine else None
         )
+        return self
 
     def __iter__(self) -> Iterator[_Y]:
         # A generator that hands out each chunk with ``yield from`` over a list iterator:
@@ -528,7 +545,7 @@ def imap_parallel(
     except BaseException:
         engine.shutdown(graceful=False)
         raise
-    return ResultIterator(engine, job, owns_engine=True)
+    return ResultIterator._start(engine, job, owns_engine=True)
 
 
 # ------------------------------------------------------------------ the reusable pool
@@ -846,7 +863,7 @@ class WorkerPool(Executor):
             timeout=timeout,
         )
         self._engine.add_job(job)
-        return ResultIterator(self._engine, job, owns_engine=False)
+        return ResultIterator._start(self._engine, job, owns_engine=False)
 
     def _run(
         self,

@@ -136,7 +136,7 @@ class SharedArray:
 
     @property
     def array(self) -> numpy.ndarray[Any, Any]:
-        """The shared memory as a numpy array (a view: no copy).
+        """The shared memory as a numpy array, a view of it rather than a copy.
 
         Raises:
             ValueError: the shared array is closed.
