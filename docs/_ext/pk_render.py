@@ -232,6 +232,17 @@ def bar_chart_svg(title: str, results: list[Result]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _ordered(results: list[Result]) -> list[Result]:
+    """Group by mode (in the order the file has them), fastest first within a mode."""
+    modes: dict[str, int] = {}
+    for r in results:
+        modes.setdefault(r.mode, len(modes))
+    return sorted(
+        results,
+        key=lambda r: (modes[r.mode], r.median is None, r.median or 0.0),
+    )
+
+
 def _describe(meta: dict[str, Any]) -> str:
     parts = []
     if meta.get("workers"):
@@ -268,7 +279,8 @@ def render_benchmarks(paths: list[Path], out_dir: Path, *, image_prefix: str) ->
         if description:
             sections.append(description[0].upper() + description[1:] + ".\n")
         titles = run.meta.get("workloads", {})
-        for workload, results in run.workloads.items():
+        for workload, unordered in run.workloads.items():
+            results = _ordered(unordered)
             title = titles.get(workload, {}).get("title", "") if isinstance(titles, dict) else ""
             heading = f"**{workload}**" + (f" — {title}" if title else "")
             svg_name = f"bench-{_slug(run.name)}-{_slug(workload)}.svg"
