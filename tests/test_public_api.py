@@ -112,3 +112,13 @@ def test_private_modules_are_private() -> None:
 def test_public_modules_import_cleanly() -> None:
     for name in ("parallelkit", "parallelkit.errors", "parallelkit.testing"):
         assert importlib.import_module(name).__doc__
+
+
+def test_result_iterators_come_from_imap_only() -> None:
+    # Its constructor would otherwise expose the engine's private types (pyright
+    # --verifytypes); imap_parallel and WorkerPool.imap make them.
+    with pytest.raises(TypeError, match="imap_parallel"):
+        parallelkit.ResultIterator()
+    with parallelkit.imap_parallel(abs, [-1, -2], backend="serial") as results:
+        assert isinstance(results, parallelkit.ResultIterator)
+        assert list(results) == [1, 2]
