@@ -194,7 +194,7 @@ def test_the_benchmark_renderer_reads_the_suite_format(tmp_path: Path) -> None:
 
 def test_the_api_page_documents_every_public_name() -> None:
     api = (DOCS / "api.md").read_text()
-    documented = set(re.findall(r"^\.\. auto\w+:: ([\w.]+)", api, re.MULTILINE))
+    documented = set(re.findall(r"^\.\. (?:auto\w+|data):: ([\w.]+)", api, re.MULTILINE))
     for name in parallelkit.__all__:
         if name != "errors":
             assert f"parallelkit.{name}" in documented, name
