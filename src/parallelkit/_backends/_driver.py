@@ -131,6 +131,14 @@ class ChunkEngine:
             )
             try:
                 handle = self.runner.submit(task)
+            except WorkerLostError as exc:
+                if self.running:
+                    # The backend broke under a chunk still in flight: that chunk's outcome
+                    # names the item that broke it.  This one ran nowhere; it waits.
+                    job.retries.appendleft(chunk)
+                    return
+                job.fail(exc.__cause__ if isinstance(exc.__cause__, Exception) else exc)
+                continue
             except Exception as exc:
                 job.fail(self._submit_error(chunk, exc))
                 continue
@@ -138,8 +146,6 @@ class ChunkEngine:
             self.running[handle] = (chunk, task)
 
     def _submit_error(self, chunk: Chunk, exc: Exception) -> BaseException:
-        if isinstance(exc, WorkerLostError):
-            return self._crash(chunk, exc)
         if isinstance(exc, SerializationError):
             return exc
         if isinstance(exc, pickle.PicklingError) or (
