@@ -39,6 +39,19 @@ def test_generator_input_and_explicit_chunksize(start_method: StartMethod) -> No
     assert got == [x * x for x in range(50)]
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("n", [9, 10, 11])
+def test_a_generator_found_empty_after_every_result_was_delivered(n: int) -> None:
+    # Item 0 is slow, so the other worker's results wait in the reorder buffer and fill the
+    # in-flight window (4 x 2 + 2 = 10 chunks of 1) before the input is found to be empty;
+    # when item 0 arrives everything is delivered, and only the next look at the input
+    # finishes the job.  That look happened right before a wait with no timeout, which
+    # then waited forever (seen as a rare hang in CI).
+    items = (x for x in range(n))
+    got = list(pk.imap_parallel(w.slow_zero, items, max_workers=2, chunksize=1))
+    assert got == list(range(n))
+
+
 def test_empty_input_starts_nothing() -> None:
     assert pk.run_parallel(w.square, []) == []
     assert list(pk.imap_parallel(w.square, [])) == []

@@ -114,6 +114,12 @@ def stubborn_sleep_on_2(x: int) -> int:
     return x
 
 
+def slow_zero(x: int) -> int:
+    if x == 0:
+        time.sleep(0.4)
+    return x
+
+
 def sleep_a_bit(x: int) -> int:
     time.sleep(0.2)
     return x

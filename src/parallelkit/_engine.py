@@ -50,7 +50,6 @@ from ._serialize import (
 from ._types import StartMethod
 from .errors import SerializationError, SerializedWhat, TaskTimeoutError, WorkerCrashedError
 
-LOST_WAKEUP_POLL: Final = 0.25  # seconds, at most, between two looks at the state
 PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
 STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
 STARTUP_DEATHS_SECONDS: Final = 0.5  # ...for at least this long, and the pool gives up
@@ -348,22 +347,24 @@ class Engine:
             best = left if best is None else min(best, left)
         return best
 
-    def step(self, timeout: float | None) -> None:
-        """Dispatch, wait once for any event (mutex released meanwhile), handle events."""
+    def step(self, timeout: float | None, done: Callable[[], bool] = lambda: False) -> None:
+        """Dispatch, wait once for any event (mutex released meanwhile), handle events.
+
+        The wait has no timeout of its own: every change of state that a waiter can be
+        waiting for is an event on a pipe, a sentinel or the wake-up pipe -- or happens
+        in the dispatch right before the wait, which is why ``done`` is asked again there.
+        """
         changes = self.changes
         self._dispatch()
-        if self.changes != changes or self.deferred:
-            return  # dispatching itself settled something (an item that cannot be sent)
+        if self.changes != changes or self.deferred or done():
+            return  # dispatching itself settled something (an item that cannot be sent,
+            # the input found empty after every result was in)
         deadline = self._next_deadline()
         if deadline is not None:
             timeout = max(0.0, deadline) if timeout is None else min(timeout, max(0.0, deadline))
         killing = [w for w in self.workers if w.killed_for is not None]
         if killing:
             timeout = 0.05 if timeout is None else min(timeout, 0.05)
-        # Never sleep longer than LOST_WAKEUP_POLL: an imap over a generator was seen to
-        # wait forever with work it could dispatch (a missed wake-up not yet found); a
-        # periodic re-check of the state recovers from it.  See the closing note.
-        timeout = LOST_WAKEUP_POLL if timeout is None else min(timeout, LOST_WAKEUP_POLL)
         objs = self._wait_objects()
         self.mutex.release()
         try:
@@ -693,7 +694,7 @@ class Engine:
                 if self.driver is None:
                     self.driver = threading.get_ident()
                     try:
-                        self.step(remaining)
+                        self.step(remaining, done)
                     except BaseException as exc:
                         self.driver = None
                         self._abort_locked(exc)

@@ -168,7 +168,11 @@ class Job:
                 return None
             stop = start + len(items)
             if not items:
+                # This may be what finishes the job (every result already delivered): say
+                # so, or a driver that dispatched before waiting would wait with nothing
+                # left to wait for.
                 self.exhausted = True
+                self.engine.changes += 1
                 return None
         self.next_start = stop
         if stop >= (self.length if self.length is not None else stop + 1):
