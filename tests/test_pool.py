@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import multiprocessing
 import os
 import threading
 import time
@@ -15,6 +17,7 @@ import pytest
 import parallelkit as pk
 import workers as w
 from parallelkit import _serialize
+from parallelkit import _worker as W
 from parallelkit._serialize import RemoteTraceback
 from parallelkit._types import StartMethod
 
@@ -192,12 +195,16 @@ def test_system_exit_is_the_tasks_exception(start_method: StartMethod) -> None:
     ],
     ids=["sigkill", "os_exit_3", "os_exit_0", "segfault"],
 )
+# chunksize 10: item 13 runs among the first items of its chunk, each noted as it starts;
+# chunksize 40: past the first few, tiny items run without being noted one by one, and the
+# chunk is run again, noting each, when its worker dies (see _worker._run_chunk)
+@pytest.mark.parametrize("chunksize", [10, 40])
 def test_worker_death_names_the_item(
-    start_method: StartMethod, fn: object, exitcode: int, signal: str | None
+    start_method: StartMethod, fn: object, exitcode: int, signal: str | None, chunksize: int
 ) -> None:
     started = time.monotonic()
     with pytest.raises(pk.WorkerCrashedError) as info:
-        pk.run_parallel(fn, range(40), start_method=start_method, chunksize=10)  # type: ignore[call-overload]
+        pk.run_parallel(fn, range(80), start_method=start_method, chunksize=chunksize)  # type: ignore[call-overload]
     assert time.monotonic() - started < 10
     err = info.value
     assert err.item_index == 13
@@ -205,6 +212,56 @@ def test_worker_death_names_the_item(
     assert err.signal == signal
     assert isinstance(err.pid, int)
     assert err.pid != os.getpid()
+
+
+def test_tiny_items_run_untracked_after_a_probe_and_tracked_when_asked() -> None:
+    progress = multiprocessing.RawArray(ctypes.c_int64, W.SLOT_WORDS)
+    words = memoryview(progress).cast("B").cast("q")
+    seen: list[int] = []
+
+    def note(x: int) -> int:
+        seen.append(words[W.POS])
+        return x * x
+
+    items = list(range(50))
+    try:
+        results, errors = W._run_chunk(note, items, 0, words, 0)
+        assert results == [x * x for x in items]
+        assert errors is None
+        assert seen[: W.PROBE_ITEMS] == list(range(W.PROBE_ITEMS))
+        assert set(seen[W.PROBE_ITEMS :]) == {W.POS_UNTRACKED}
+        seen.clear()
+        results, errors = W._run_chunk(note, items, W.TRACKED, words, 0)
+        assert results == [x * x for x in items]
+        assert errors is None
+        assert seen == list(range(50))
+    finally:
+        words.release()
+
+
+def test_exceptions_among_untracked_items_keep_their_positions(start_method: StartMethod) -> None:
+    got = pk.run_parallel(
+        w.fail_on_multiples_of_seven,
+        range(300),
+        start_method=start_method,
+        chunksize=150,
+        return_exceptions=True,
+    )
+    for i, value in enumerate(got):
+        if i % 7 == 0:
+            assert isinstance(value, ValueError)
+            assert str(value) == f"bad item {i}"
+            assert any(f"on item {i}" in note for note in value.__notes__)
+        else:
+            assert value == i
+    items = [x for x in range(1, 300) if x % 7 or x > 50]  # bad ones: 56, 63, ...
+    with pytest.raises(ValueError, match=r"bad item \d+") as info:  # fail fast: the first seen
+        pk.run_parallel(
+            w.fail_on_multiples_of_seven, items, start_method=start_method, chunksize=150
+        )
+    bad = int(str(info.value).split()[2])
+    assert bad >= 56
+    assert any(f"on item {items.index(bad)}" in note for note in info.value.__notes__)
 
 
 def test_crash_with_return_exceptions_fails_only_that_item(start_method: StartMethod) -> None:

@@ -253,7 +253,11 @@ class Engine:
             worker.fns[job.fn_id] = None
             if len(worker.fns) > W.FN_CACHE_SIZE:
                 del worker.fns[next(iter(worker.fns))]
-        flags = job.flags | (W.INHERITED_ITEMS if chunk.items is None else 0)
+        flags = (
+            job.flags
+            | (W.INHERITED_ITEMS if chunk.items is None else 0)
+            | (W.TRACKED if chunk.tracked else 0)
+        )
         header = W.HEADER.pack(
             W.TASK, chunk.cid, job.fn_id, flags, len(fn_payload), chunk.start, chunk.stop
         )
@@ -536,6 +540,12 @@ class Engine:
             self.retry(head)  # first: giving up below fails the jobs that are queued
             if w.tasks_done == 0:
                 self._startup_death(w, exitcode)
+            return
+        if pos == W.POS_UNTRACKED and not head.tracked:
+            # it died among tiny items run without noting each one: run the chunk again,
+            # noting each, so a crash names its item (an item that crashes every time does)
+            head.tracked = True
+            self.retry(head)
             return
         if pos in (W.POS_RECEIVING, W.POS_SENDING) and size > 1:
             # died unpickling the chunk or pickling its results: run its items one by one

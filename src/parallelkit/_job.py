@@ -56,7 +56,7 @@ class Driver(Protocol):
 
 
 class Chunk:
-    __slots__ = ("cid", "items", "job", "payload", "start", "stop")
+    __slots__ = ("cid", "items", "job", "payload", "start", "stop", "tracked")
 
     def __init__(self, job: Job, start: int, stop: int, items: Sequence[Any] | None) -> None:
         self.cid = next(_chunk_ids)
@@ -65,6 +65,7 @@ class Chunk:
         self.stop = stop
         self.items = items  # None: the worker inherited the input and slices it
         self.payload: bytes | None = None
+        self.tracked = False  # True: the worker must note every item (a re-run after a crash)
 
 
 class Job:
