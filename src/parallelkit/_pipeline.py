@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
 from ._checks import check_callable, check_positive_int
 from ._context import resolve_start_method
+from ._progress import PipelineProgress, ProgressOption, check_progress, total_of
 from ._router import PipelineStats, Run, Stage, StageStats
 from ._stage import FILTER, FLAT_MAP, KIND_NAMES, MAP
 from ._types import StartMethod
@@ -135,6 +136,12 @@ class Pipeline(Generic[T]):
         maxsize: at most this many source items are between the source and the consumer
             at any time (read from the source and not yet handed out).  ``None`` sizes it
             from the workers and the batch size.
+        progress: report how far each run (``run()`` or iteration) has got: ``True``
+            shows one tqdm bar counting source items through the whole pipeline, with
+            each stage's output count after it (``pip install 'parallelkit[progress]'``);
+            a callable receives a :class:`~parallelkit.Progress` whose ``stages`` hold
+            one :class:`~parallelkit.StageProgress` per stage, in the thread that runs
+            or iterates the pipeline, after each batch of results arrives.
 
     Raises:
         TypeError: ``source`` is not iterable.
@@ -149,7 +156,9 @@ class Pipeline(Generic[T]):
         *,
         start_method: StartMethod | None = None,
         maxsize: int | None = None,
+        progress: ProgressOption = False,
     ) -> None:
+        check_progress(progress)
         if not isinstance(source, Iterable):
             raise TypeError(f"a pipeline's source must be iterable, not {type(source).__name__}")
         if maxsize is not None:
@@ -157,6 +166,7 @@ class Pipeline(Generic[T]):
         self._source: Iterable[Any] = source
         self._start_method = resolve_start_method(start_method)
         self._maxsize = maxsize
+        self._progress = progress
         self._stages: tuple[Stage, ...] = ()
         self._last: Run | None = None
 
@@ -186,6 +196,7 @@ class Pipeline(Generic[T]):
         new._source = self._source
         new._start_method = self._start_method
         new._maxsize = self._maxsize
+        new._progress = self._progress
         new._stages = (*self._stages, Stage(kind, fn, max_workers, name, ordered))
         new._last = None
         return new
@@ -248,6 +259,9 @@ class Pipeline(Generic[T]):
     def _start(self) -> Run:
         run = Run(self._source, self._stages, self._start_method, self._maxsize)
         self._last = run
+        if self._progress is not False:
+            run.progress = PipelineProgress(self._progress, total_of(self._source))
+            run.report_progress()
         run.start()
         return run
 
@@ -274,7 +288,7 @@ class Pipeline(Generic[T]):
         if backend is not None and not (isinstance(backend, str) and backend == "process"):
             from ._backends._stages import run_stages  # noqa: PLC0415
 
-            return run_stages(self._source, self._stages, backend)
+            return run_stages(self._source, self._stages, backend, progress=self._progress)
         run = self._start()
         results: list[T] = []
         try:

@@ -48,6 +48,7 @@ from typing import Any, Final
 from . import _frames as frames
 from ._context import get_context
 from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
+from ._progress import PipelineProgress, StageProgress
 from ._serialize import dump_function, locate_unpicklable, rebuild_exception
 from ._stage import ERROR, STOP, TASK, stage_worker
 from ._types import StartMethod
@@ -228,6 +229,7 @@ class Run:
         self.writer = frames.Writer()
         self.poll: select.poll | None = None
         self.finalizer = weakref.finalize(self, _kill, self.workers, self.writer, self.wakeup)
+        self.progress: PipelineProgress | None = None  # progress=: reported by the router
 
     # -------------------------------------------------------------- start and stop
 
@@ -286,6 +288,8 @@ class Run:
         self.closed = True
         self._stop_source()
         self.finalizer()
+        if self.progress is not None:
+            self.progress.close()
 
     def _finish(self) -> None:
         """Every item is through: let the workers exit, then reap them."""
@@ -298,6 +302,9 @@ class Run:
             with contextlib.suppress(OSError):
                 self.writer.send(worker.conn, stop)
         self.writer.close()
+        if self.progress is not None:
+            self.report_progress()
+            self.progress.close()
         stop_processes(
             [w.process for w in self.workers], join_timeout=STOP_TIMEOUT, what="pipeline stage"
         )
@@ -397,6 +404,8 @@ class Run:
                     self._finish()
                     return
                 self._wait_and_receive()
+                if self.progress is not None:
+                    self.report_progress()
         except BaseException as exc:
             if self.error is None:
                 self.error = exc
@@ -683,6 +692,17 @@ class Run:
         return error
 
     # -------------------------------------------------------------- summary
+
+    def report_progress(self) -> None:
+        """Tell ``progress=`` how far the run has got (in the consumer's thread)."""
+        assert self.progress is not None
+        self.progress.update(
+            self.handed,
+            tuple(
+                StageProgress(stage.name, c.items_in, c.items_out)
+                for stage, c in zip(self.stages, self.counts, strict=True)
+            ),
+        )
 
     def stats(self) -> PipelineStats:
         return PipelineStats(
