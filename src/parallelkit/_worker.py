@@ -119,7 +119,9 @@ def arm_stack_dump() -> int:
         fd = os.memfd_create(STACK_FILE_NAME, os.MFD_CLOEXEC)
     except (AttributeError, OSError):  # not Linux
         return -1
-    faulthandler.register(signal.SIGUSR1, file=fd, all_threads=True)
+    # an initializer's own SIGUSR1 handler still runs, after the dump
+    chain = callable(signal.getsignal(signal.SIGUSR1))
+    faulthandler.register(signal.SIGUSR1, file=fd, all_threads=True, chain=chain)
     return fd
 
 
