@@ -49,7 +49,7 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 def contenders(method: str, items: int) -> list[h.Contender[Any]]:
-    import parallelkit as pk  # noqa: PLC0415 - after the re-exec
+    import parallelkit as pk
 
     ctx = multiprocessing.get_context(method)
     chunksize = -(-items // (4 * WORKERS))  # what run_parallel picks for a known length
@@ -120,7 +120,7 @@ def contenders(method: str, items: int) -> list[h.Contender[Any]]:
     for c in out:
         c.modes = ("one-shot",)
     try:
-        from tqdm.contrib.concurrent import process_map  # noqa: PLC0415
+        from tqdm.contrib.concurrent import process_map
     except ImportError:
         return out
 
