@@ -290,7 +290,7 @@ class StallWatch:
         self.next_report = time.monotonic() + self.stall_timeout  # at most one per period
         on_stall = self.on_stall
         if on_stall is None:
-            self.engine.defer(lambda: _to_stderr(report))
+            self.engine.defer(lambda: to_stderr(report))
         else:
             self.engine.defer(lambda: on_stall(report))
 
@@ -309,25 +309,48 @@ class StallWatch:
         if pos == W.POS_STARTING:
             return WorkerStack(pid, index, doing, "", "its stack dump is not armed yet")
         fd = self.engine.words[w.slot * W.SLOT_WORDS + W.DUMP_FD]
-        stack, note = self._dump(pid, fd)
+        stack, note = dump_stack(pid, fd)
         return WorkerStack(pid, index, doing, stack, note)
 
-    def _dump(self, pid: int | None, fd: int) -> tuple[str, str]:
-        if pid is None or fd < 0:
+
+def _find_stack_fd(pid: int) -> int:
+    """The fd of ``pid``'s stack-dump file (``_worker.arm_stack_dump``), or -1."""
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if W.STACK_FILE_NAME in os.readlink(f"/proc/{pid}/fd/{name}"):
+                    return int(name)
+    except OSError:
+        pass
+    return -1
+
+
+def dump_stack(pid: int | None, fd: int | None = None) -> tuple[str, str]:
+    """Have worker ``pid`` dump every thread's stack; ``(stack, "")`` or ``("", why not)``.
+
+    ``fd``: its stack-dump file descriptor if known, else it is looked up.
+    """
+    if pid is None:
+        return "", "the worker has no process id"
+    if fd is None:
+        fd = _find_stack_fd(pid)
+    if fd < 0:
+        if not os.path.isdir(f"/proc/{pid}/fd"):
             return "", "stack dumps need Linux (/proc and memfd_create)"
-        path = f"/proc/{pid}/fd/{fd}"
-        try:
-            if W.STACK_FILE_NAME not in os.readlink(path):
-                return "", "the worker has not armed its stack dump"
-            with open(path, "rb") as f:
-                offset = f.seek(0, os.SEEK_END)
-                os.kill(pid, signal.SIGUSR1)
-                text = _read_dump(f, offset)
-        except OSError as exc:
-            return "", f"could not read it ({type(exc).__name__}: {exc})"
-        if not text:
-            return "", f"the worker did not write it within {DUMP_WAIT:g} s (stopped?)"
-        return text, ""
+        return "", "the worker has not armed its stack dump yet"
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        if W.STACK_FILE_NAME not in os.readlink(path):
+            return "", "the worker has not armed its stack dump yet"
+        with open(path, "rb") as f:
+            offset = f.seek(0, os.SEEK_END)
+            os.kill(pid, signal.SIGUSR1)
+            text = _read_dump(f, offset)
+    except OSError as exc:
+        return "", f"could not read it ({type(exc).__name__}: {exc})"
+    if not text:
+        return "", f"the worker did not write it within {DUMP_WAIT:g} s (stopped?)"
+    return text, ""
 
 
 def _read_dump(f: BinaryIO, offset: int) -> str:
@@ -352,7 +375,8 @@ def _read_dump(f: BinaryIO, offset: int) -> str:
     return f.read(size - offset).decode("utf-8", "replace")
 
 
-def _to_stderr(report: StallReport) -> None:
+def to_stderr(report: StallReport) -> None:
+    """Where a stall report goes without ``on_stall``."""
     stream = sys.stderr
     if stream is not None:
         stream.write(str(report))

@@ -115,12 +115,16 @@ def arm_stack_dump() -> int:
     works while the worker blocks in C code or spins in Python.  Nothing is on disk and the
     file goes away with the process.
     """
+    previous = signal.getsignal(signal.SIGUSR1)
+    chain = callable(previous)  # an initializer's own handler still runs, after the dump
+    if not chain:  # until the dump is armed, a SIGUSR1 is dropped rather than fatal
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         fd = os.memfd_create(STACK_FILE_NAME, os.MFD_CLOEXEC)
     except (AttributeError, OSError):  # not Linux
+        if previous is not None:
+            signal.signal(signal.SIGUSR1, previous)
         return -1
-    # an initializer's own SIGUSR1 handler still runs, after the dump
-    chain = callable(signal.getsignal(signal.SIGUSR1))
     faulthandler.register(signal.SIGUSR1, file=fd, all_threads=True, chain=chain)
     return fd
 
