@@ -118,8 +118,12 @@ def test_tqdm_bar_counts_items_not_chunks(capsys: pytest.CaptureFixture[str]) ->
     assert _open_bars() == 0
 
 
-def test_bar_closes_when_the_loop_breaks(capsys: pytest.CaptureFixture[str]) -> None:
-    for value in pk.imap_parallel(wp.slow_square, range(1000), max_workers=2, progress=True):
+def test_bar_closes_when_the_loop_breaks(
+    start_method: StartMethod, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for value in pk.imap_parallel(
+        wp.slow_square, range(1000), max_workers=2, start_method=start_method, progress=True
+    ):
         assert value == 0
         break
     # the iterator was dropped with the loop: the work stopped and the bar closed
