@@ -112,3 +112,16 @@ def test_private_modules_are_private() -> None:
 def test_public_modules_import_cleanly() -> None:
     for name in ("parallelkit", "parallelkit.errors", "parallelkit.testing"):
         assert importlib.import_module(name).__doc__
+
+
+def test_the_progress_and_insights_api_is_public() -> None:
+    for name in (
+        "MapStats",
+        "Progress",
+        "StageProgress",
+        "StallReport",
+        "WorkerStack",
+        "WorkerStats",
+    ):
+        assert name in parallelkit.__all__
+        assert isinstance(getattr(parallelkit, name), type)

@@ -50,6 +50,7 @@ from ._serialize import (
 from ._types import StartMethod
 from .errors import SerializationError, SerializedWhat, TaskTimeoutError, WorkerCrashedError
 
+WATCH_POLL: Final = 0.25  # seconds, at most, between two calls of the watchers (stall checks)
 PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
 STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
 STARTUP_DEATHS_SECONDS: Final = 0.5  # ...for at least this long, and the pool gives up
@@ -58,6 +59,8 @@ _fn_ids = itertools.count(1)
 
 class _Worker:
     __slots__ = (
+        "born",
+        "busy",
         "chunks",
         "conn",
         "dead",
@@ -85,6 +88,8 @@ class _Worker:
         self.dead = False
         self.head_since = 0
         self.killed_for: BaseException | None = None  # a timeout we killed it for
+        self.busy = 0.0  # seconds it spent running chunks, as it measured them
+        self.born = time.monotonic()
 
 
 class Engine:
@@ -153,6 +158,10 @@ class Engine:
         self.deferred: list[Callable[[], object]] = []
         self.changes = 0  # bumped whenever a job gets a result or an error
         self.released = False
+        # parallelkit._insights: per-call checks run after each step (stall diagnosis), and
+        # (pid, items, busy seconds, lifetime seconds) of the workers that have exited
+        self.watchers: list[Callable[[], None]] = []
+        self.retired: list[tuple[int | None, int, float, float]] = []
 
     # ---------------------------------------------------------------- functions
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
@@ -369,6 +378,8 @@ class Engine:
         killing = [w for w in self.workers if w.killed_for is not None]
         if killing:
             timeout = 0.05 if timeout is None else min(timeout, 0.05)
+        if self.watchers:
+            timeout = WATCH_POLL if timeout is None else min(timeout, WATCH_POLL)
         objs = self._wait_objects()
         self.mutex.release()
         try:
@@ -393,6 +404,8 @@ class Engine:
             if w.sentinel in ready_fds:
                 self._on_exit(w)
         self._check_timeouts()
+        for watch in self.watchers:
+            watch()
         self._dispatch()
 
     def _drain(self, w: _Worker) -> None:
@@ -442,6 +455,7 @@ class Engine:
                 errors = [
                     (pos, self._rebuild(rec, chunk.start + pos, w.pid)) for pos, rec in records
                 ]
+            w.busy += seconds
             job._adapt(len(results), seconds)
             job.complete(chunk.start, results, errors)
         else:  # CHUNK_FAILED: the function or the items failed to unpickle in the worker
@@ -598,6 +612,7 @@ class Engine:
         if w in self.workers:
             self.workers.remove(w)
             self.free_slots.append(w.slot)
+            self.retired.append((w.pid, w.tasks_done, w.busy, time.monotonic() - w.born))
         w.conn.close()
         w.process.join(0)
         if w.process.exitcode is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import itertools
 import multiprocessing
 import multiprocessing.connection
@@ -57,6 +58,8 @@ POS_RECEIVING: Final = -2  # unpickling a chunk
 POS_SENDING: Final = -3  # pickling and sending a chunk's results
 POS_UNTRACKED: Final = -4  # running tiny items without noting each one (see _run_chunk)
 STARTED_NS: Final = 1  # time.monotonic_ns() when that item started (TIMED only)
+DUMP_FD: Final = 2  # the worker's stack-dump file descriptor (see arm_stack_dump), or -1
+STACK_FILE_NAME: Final = "parallelkit-stacks"
 FN_CACHE_SIZE: Final = 64
 # Tiny items: noting each item's position costs about as much as calling ``x*x``.  A chunk
 # runs its first PROBE_ITEMS items one by one; if they took under UNTRACKED_ITEM_NS each, the
@@ -113,6 +116,28 @@ def bootstrap(
         initializer(*initargs)
 
 
+def arm_stack_dump() -> int:
+    """Dump every thread's stack to an anonymous in-memory file on SIGUSR1; its fd, or -1.
+
+    The parent reads the file through ``/proc/<pid>/fd/<fd>`` when a run stalls (see
+    :mod:`parallelkit._insights`).  faulthandler writes from its C signal handler, so this
+    works while the worker blocks in C code or spins in Python.  Nothing is on disk and the
+    file goes away with the process.
+    """
+    previous = signal.getsignal(signal.SIGUSR1)
+    chain = callable(previous)  # an initializer's own handler still runs, after the dump
+    if not chain:  # until the dump is armed, a SIGUSR1 is dropped rather than fatal
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        fd = os.memfd_create(STACK_FILE_NAME, os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux
+        if previous is not None:
+            signal.signal(signal.SIGUSR1, previous)
+        return -1
+    faulthandler.register(signal.SIGUSR1, file=fd, all_threads=True, chain=chain)
+    return fd
+
+
 def refuse_to_start_in_bootstrap() -> NoReturn:
     """We are a spawn/forkserver child importing the parent's ``__main__``, which starts work.
 
@@ -160,6 +185,7 @@ def pool_worker(
         shared_items = inherited[1]
     words = memoryview(progress).cast("B").cast("q")
     base = slot * SLOT_WORDS
+    words[base + DUMP_FD] = arm_stack_dump()  # armed before POS leaves POS_STARTING
     try:
         _task_loop(conn, fns, shared_items, words, base)
     except (EOFError, OSError):

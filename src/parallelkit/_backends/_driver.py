@@ -51,6 +51,9 @@ class ChunkEngine:
         self.suspects: set[int] = set()  # ids of chunks to run alone (see the docstring)
         self.closed = False
         self._rr = 0
+        # parallelkit._insights: where chunks ran -> [items, busy seconds]
+        self.tally: dict[str, list[float]] = {}
+        self.started = time.monotonic()
 
     # ---------------------------------------------------------------- Driver contract
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
@@ -196,6 +199,9 @@ class ChunkEngine:
                 (pos, self._exception(exc, chunk.start + pos, outcome.where))
                 for pos, exc in outcome.errors
             ]
+        tally = self.tally.setdefault(outcome.where, [0, 0.0])
+        tally[0] += len(outcome.results)
+        tally[1] += outcome.seconds
         job._adapt(len(outcome.results), outcome.seconds)
         job.complete(chunk.start, outcome.results, errors)
 
