@@ -18,6 +18,7 @@ import parallelkit as pk
 import workers as w
 from parallelkit import _serialize
 from parallelkit import _worker as W
+from parallelkit._job import Job
 from parallelkit._serialize import RemoteTraceback
 from parallelkit._types import StartMethod
 
@@ -518,3 +519,60 @@ def test_pool_backend_refuses_options_that_belong_to_the_pool() -> None:
         with pytest.raises(ValueError, match="belong to the WorkerPool"):
             pk.imap_parallel(w.square, [1], backend=pool, start_method="spawn")
         assert pk.run_parallel(w.square, [3], backend=pool) == [9]
+
+
+# ------------------------------------------------------------------ chunk sizing
+
+
+class _StubDriver:
+    """Just enough of a driver for a Job to size chunks (nothing runs)."""
+
+    max_workers = 2
+    changes = 0
+    pickles_items = False
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+
+    def register_function(self, fn: object) -> tuple[int, bytes]:
+        return 1, b""
+
+    def abandon(self, job: object) -> None:
+        pass
+
+
+def _job(source: object, length: int | None, chunksize: int | None = None) -> Job:
+    return Job(
+        _StubDriver(),  # type: ignore[arg-type]
+        w.square,
+        source,  # type: ignore[arg-type]
+        length=length,
+        chunksize=chunksize,
+        ordered=True,
+        return_exceptions=False,
+        fail_fast=True,
+        timeout=None,
+    )
+
+
+def test_a_sized_input_of_long_items_goes_one_item_per_chunk() -> None:
+    job = _job(range(16), 16)
+    assert job.chunksize == 2  # 16 / (4 x 2 workers)
+    job._adapt(2, 0.2)  # 0.1 s per item
+    assert job.chunksize == 1
+    for _ in range(40):  # ... then tiny ones: back up (a moving average), never above 2
+        job._adapt(1000, 0.001)
+        assert job.chunksize <= 2
+    assert job.chunksize == 2
+
+
+def test_an_iterator_of_tiny_items_grows_its_chunks_and_an_explicit_size_stays() -> None:
+    job = _job(iter(range(10**6)), None)
+    assert job.chunksize == 1
+    for _ in range(10):
+        job._adapt(job.chunksize, job.chunksize * 1e-7)
+    assert job.chunksize == 1024  # doubling from 1, capped by the 20 ms target (200,000)
+    fixed = _job(range(100), 100, chunksize=7)
+    fixed._adapt(7, 7.0)
+    assert fixed.chunksize == 7
+    assert fixed.seconds_per_item == 1.0  # still measured (the engine's pipelining uses it)

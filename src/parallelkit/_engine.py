@@ -52,6 +52,7 @@ from .errors import SerializationError, SerializedWhat, TaskTimeoutError, Worker
 
 WATCH_POLL: Final = 0.25  # seconds, at most, between two calls of the watchers (stall checks)
 PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
+PIPELINE_SECONDS: Final = 0.005  # ... and if its chunk takes about this long or less
 STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
 STARTUP_DEATHS_SECONDS: Final = 0.5  # ...for at least this long, and the pool gives up
 _fn_ids = itertools.count(1)
@@ -290,7 +291,11 @@ class Engine:
             return True
         if len(worker.chunks) >= 2:
             return False
-        return len(worker.chunks[0].payload or b"") <= PIPELINE_LIMIT
+        head = worker.chunks[0]
+        per_item = head.job.seconds_per_item
+        if per_item is not None and per_item * (head.stop - head.start) > PIPELINE_SECONDS:
+            return False  # long chunks: hand out the next one when a worker is free
+        return len(head.payload or b"") <= PIPELINE_LIMIT
 
     def _next_chunk(self) -> Chunk | None:
         while self.future_queue:
