@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
+from pathlib import Path
 
 import pytest
 
@@ -263,6 +265,18 @@ def test_exceptions_among_untracked_items_keep_their_positions(start_method: Sta
     bad = int(str(info.value).split()[2])
     assert bad >= 56
     assert any(f"on item {items.index(bad)}" in note for note in info.value.__notes__)
+
+
+def test_a_worker_dying_among_untracked_items_is_run_again_after_the_other_stopped(
+    start_method: StartMethod, tmp_path: Path
+) -> None:
+    # Worker A dies (SIGKILL, once) among tiny items it ran without noting each one, after
+    # worker B finished the rest of the input and was told to exit; the chunk runs again,
+    # noting each item, on a new worker, and this time item 1500 succeeds.
+    fn = functools.partial(w.die_once_at_1500, str(tmp_path / "died"))
+    got = pk.run_parallel(fn, range(2000), start_method=start_method, chunksize=1000)
+    assert got == [x * x for x in range(2000)]
+    assert (tmp_path / "died").exists()
 
 
 def test_crash_with_return_exceptions_fails_only_that_item(start_method: StartMethod) -> None:

@@ -108,6 +108,7 @@ class Engine:
         initargs: tuple[object, ...],
         max_tasks_per_worker: int | None,
         inherit: tuple[Callable[..., object], Sequence[Any] | None] | None = None,
+        one_shot: bool = False,
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             W.refuse_to_start_in_bootstrap()
@@ -115,6 +116,9 @@ class Engine:
         self.start_method = start_method
         self.max_workers = max_workers
         self.max_tasks_per_worker = max_tasks_per_worker
+        # one_shot: the engine of one run_parallel / imap_parallel call; a worker with
+        # nothing left to run is told to exit at once (its exit overlaps the others' work)
+        self.one_shot = one_shot
         self.init_payload: bytes | None = None
         if initializer is not None:
             from ._serialize import dump_function  # noqa: PLC0415
@@ -317,6 +321,29 @@ class Engine:
         return None
 
     def _dispatch(self) -> None:
+        self._dispatch_chunks()
+        if self.one_shot:
+            self._stop_finished_workers()
+
+    def _stop_finished_workers(self) -> None:
+        """The input is used up: each worker with nothing left to run exits now.
+
+        (A chunk to run again after a crash, later, gets a new worker.)
+        """
+        if self.future_queue or self.broken is not None:
+            return
+        for job in self.jobs:
+            if not job.exhausted or job.retries:
+                return
+        for w in self.workers:
+            if not w.chunks and not w.stopping and not w.dead and w.killed_for is None:
+                w.stopping = True
+                try:
+                    w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
+                except OSError:
+                    pass
+
+    def _dispatch_chunks(self) -> None:
         if self.broken is not None:
             return
         # first, idle workers; then a second (small) chunk to busy ones to hide latency
@@ -844,7 +871,7 @@ class Engine:
             workers, self.workers = self.workers, []
             if graceful:
                 for w in workers:
-                    if w.chunks:
+                    if w.chunks or w.stopping:
                         continue
                     try:
                         w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))

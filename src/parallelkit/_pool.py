@@ -404,6 +404,7 @@ def run_parallel(
         initargs=initargs,
         max_tasks_per_worker=None,
         inherit=(fn, seq),
+        one_shot=True,
     )
     baseline = StatsBaseline()
     stats = None
@@ -669,6 +670,7 @@ def imap_parallel(
         initargs=initargs,
         max_tasks_per_worker=None,
         inherit=(fn, None),
+        one_shot=True,
     )
     watch = Watch.create(progress, stall_timeout, on_stall, total_of(items))
     baseline = StatsBaseline()
