@@ -185,8 +185,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     Dask clients leave process-wide state behind (imported C extensions, event-loop
     machinery) even after every thread they started is gone, and the rest of the suite
-    forks worker processes.  While developing the Dask backend, two of about twenty runs
-    of test_dask.py followed by fork-based map tests hung in a forked worker under heavy
-    machine load; the cause is not established, so the fork-based tests run first.
+    forks worker processes, which is best done from a process that has not run them.
+    (Hangs once blamed on this were an engine bug, fixed: see
+    test_a_generator_found_empty_after_every_result_was_delivered.)
     """
     items.sort(key=lambda item: item.path.name == "test_dask.py")  # stable: order kept

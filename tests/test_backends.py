@@ -351,6 +351,52 @@ def test_a_broken_process_executor_names_the_item() -> None:
     assert info.value.item_index == 13
 
 
+class _BreaksOnThirteen(cf.Executor):
+    """Runs calls on a thread; the call holding item 13 breaks it, as a dying process
+    breaks a ProcessPoolExecutor: that call's future fails a little later, and every
+    ``submit`` from the moment of the break raises ``BrokenExecutor`` at once."""
+
+    def __init__(self) -> None:
+        self.threads = cf.ThreadPoolExecutor(1)
+        self.broken = threading.Event()
+        self.refused: list[range] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        items = args[1]
+        if self.broken.is_set():
+            self.refused.append(items)
+            raise cf.BrokenExecutor("a worker died")
+        if 13 in items:
+            self.broken.set()
+            future: cf.Future[object] = cf.Future()
+
+            def fail_later() -> None:
+                self.broken.wait()
+                threading.Event().wait(0.3)  # the driver tries to submit more meanwhile
+                future.set_exception(cf.BrokenExecutor("a worker died"))
+
+            threading.Thread(target=fail_later).start()
+            return future
+        return self.threads.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.threads.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def test_an_executor_refusing_work_after_a_crash_still_names_the_item() -> None:
+    # Seen under load with a real ProcessPoolExecutor: the next chunk's submit() raised
+    # BrokenProcessPool before the crashed chunk's future was settled, and the map failed
+    # with the bare BrokenProcessPool.
+    ex = _BreaksOnThirteen()
+    try:
+        with pytest.raises(pk.WorkerCrashedError, match="item 13") as info:
+            pk.run_parallel(w.square, range(20), backend=ex, chunksize=1)
+        assert info.value.item_index == 13
+        assert ex.refused, "the driver never tried to submit after the break"
+    finally:
+        ex.shutdown()
+
+
 # ------------------------------------------------------------------ pipelines
 
 

@@ -230,6 +230,36 @@ def test_unreadable_v1_files_mean_no_quota(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ helpers
 
 
+@pytest.mark.parametrize("preload", ["1", "0"])
+def test_forkserver_workers_inherit_what_main_imported(preload: str) -> None:
+    # `python -c`: multiprocessing's forkserver then preloads nothing of the main module, so
+    # without parallelkit's preload every worker imports preload_probe itself.
+    script = (
+        "import multiprocessing.forkserver as fs\n"
+        "import preload_probe\n"
+        "import parallelkit as pk\n"
+        "here = pk.run_parallel(preload_probe.imported_here, range(4), max_workers=2,\n"
+        "                       start_method='forkserver', chunksize=1)\n"
+        "print(sorted(set(here)), 'parallelkit._worker' in fs._forkserver._preload_modules)\n"
+    )
+    env = _env_with_package()
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
+    env["PARALLELKIT_FORKSERVER_PRELOAD"] = preload
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    if preload == "1":
+        assert result.stdout.split() == ["[False]", "True"]  # imported once, in the server
+    else:
+        assert result.stdout.split() == ["[True]", "False"]  # each worker imported it
+
+
 def _env_with_package() -> dict[str, str]:
     """The environment for a child interpreter that must import this parallelkit."""
     env = dict(os.environ)

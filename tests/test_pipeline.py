@@ -159,7 +159,8 @@ def _trickle(produced: list[float], pause: float, n: int) -> Iterator[int]:
 def test_a_slow_trickle_is_not_held_back_for_a_batch(start_method: StartMethod) -> None:
     produced: list[float] = []
     received: list[float] = []
-    pipeline = pk.Pipeline(_trickle(produced, 0.1, 8), start_method=start_method)
+    # 0.25 s between items: room for two hops on a loaded 2-core machine (0.1 s was not)
+    pipeline = pk.Pipeline(_trickle(produced, 0.25, 8), start_method=start_method)
     with iter(pipeline.map(w.plus_one).map(w.square)) as results:
         for i, value in enumerate(results):
             received.append(time.monotonic())

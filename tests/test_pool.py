@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
+import multiprocessing
 import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
+from pathlib import Path
 
 import pytest
 
 import parallelkit as pk
 import workers as w
 from parallelkit import _serialize
+from parallelkit import _worker as W
+from parallelkit._job import Job
 from parallelkit._serialize import RemoteTraceback
 from parallelkit._types import StartMethod
 
@@ -37,6 +43,19 @@ def test_generator_input_and_explicit_chunksize(start_method: StartMethod) -> No
         w.square, (x for x in range(50)), start_method=start_method, chunksize=3, max_workers=2
     )
     assert got == [x * x for x in range(50)]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("n", [9, 10, 11])
+def test_a_generator_found_empty_after_every_result_was_delivered(n: int) -> None:
+    # Item 0 is slow, so the other worker's results wait in the reorder buffer and fill the
+    # in-flight window (4 x 2 + 2 = 10 chunks of 1) before the input is found to be empty;
+    # when item 0 arrives everything is delivered, and only the next look at the input
+    # finishes the job.  That look happened right before a wait with no timeout, which
+    # then waited forever (seen as a rare hang in CI).
+    items = (x for x in range(n))
+    got = list(pk.imap_parallel(w.slow_zero, items, max_workers=2, chunksize=1))
+    assert got == list(range(n))
 
 
 def test_empty_input_starts_nothing() -> None:
@@ -179,12 +198,16 @@ def test_system_exit_is_the_tasks_exception(start_method: StartMethod) -> None:
     ],
     ids=["sigkill", "os_exit_3", "os_exit_0", "segfault"],
 )
+# chunksize 10: item 13 runs among the first items of its chunk, each noted as it starts;
+# chunksize 40: past the first few, tiny items run without being noted one by one, and the
+# chunk is run again, noting each, when its worker dies (see _worker._run_chunk)
+@pytest.mark.parametrize("chunksize", [10, 40])
 def test_worker_death_names_the_item(
-    start_method: StartMethod, fn: object, exitcode: int, signal: str | None
+    start_method: StartMethod, fn: object, exitcode: int, signal: str | None, chunksize: int
 ) -> None:
     started = time.monotonic()
     with pytest.raises(pk.WorkerCrashedError) as info:
-        pk.run_parallel(fn, range(40), start_method=start_method, chunksize=10)  # type: ignore[call-overload]
+        pk.run_parallel(fn, range(80), start_method=start_method, chunksize=chunksize)  # type: ignore[call-overload]
     assert time.monotonic() - started < 10
     err = info.value
     assert err.item_index == 13
@@ -192,6 +215,68 @@ def test_worker_death_names_the_item(
     assert err.signal == signal
     assert isinstance(err.pid, int)
     assert err.pid != os.getpid()
+
+
+def test_tiny_items_run_untracked_after_a_probe_and_tracked_when_asked() -> None:
+    progress = multiprocessing.RawArray(ctypes.c_int64, W.SLOT_WORDS)
+    words = memoryview(progress).cast("B").cast("q")
+    seen: list[int] = []
+
+    def note(x: int) -> int:
+        seen.append(words[W.POS])
+        return x * x
+
+    items = list(range(50))
+    try:
+        results, errors = W._run_chunk(note, items, 0, words, 0)
+        assert results == [x * x for x in items]
+        assert errors is None
+        assert seen[: W.PROBE_ITEMS] == list(range(W.PROBE_ITEMS))
+        assert set(seen[W.PROBE_ITEMS :]) == {W.POS_UNTRACKED}
+        seen.clear()
+        results, errors = W._run_chunk(note, items, W.TRACKED, words, 0)
+        assert results == [x * x for x in items]
+        assert errors is None
+        assert seen == list(range(50))
+    finally:
+        words.release()
+
+
+def test_exceptions_among_untracked_items_keep_their_positions(start_method: StartMethod) -> None:
+    got = pk.run_parallel(
+        w.fail_on_multiples_of_seven,
+        range(300),
+        start_method=start_method,
+        chunksize=150,
+        return_exceptions=True,
+    )
+    for i, value in enumerate(got):
+        if i % 7 == 0:
+            assert isinstance(value, ValueError)
+            assert str(value) == f"bad item {i}"
+            assert any(f"on item {i}" in note for note in value.__notes__)
+        else:
+            assert value == i
+    items = [x for x in range(1, 300) if x % 7 or x > 50]  # bad ones: 56, 63, ...
+    with pytest.raises(ValueError, match=r"bad item \d+") as info:  # fail fast: the first seen
+        pk.run_parallel(
+            w.fail_on_multiples_of_seven, items, start_method=start_method, chunksize=150
+        )
+    bad = int(str(info.value).split()[2])
+    assert bad >= 56
+    assert any(f"on item {items.index(bad)}" in note for note in info.value.__notes__)
+
+
+def test_a_worker_dying_among_untracked_items_is_run_again_after_the_other_stopped(
+    start_method: StartMethod, tmp_path: Path
+) -> None:
+    # Worker A dies (SIGKILL, once) among tiny items it ran without noting each one, after
+    # worker B finished the rest of the input and was told to exit; the chunk runs again,
+    # noting each item, on a new worker, and this time item 1500 succeeds.
+    fn = functools.partial(w.die_once_at_1500, str(tmp_path / "died"))
+    got = pk.run_parallel(fn, range(2000), start_method=start_method, chunksize=1000)
+    assert got == [x * x for x in range(2000)]
+    assert (tmp_path / "died").exists()
 
 
 def test_crash_with_return_exceptions_fails_only_that_item(start_method: StartMethod) -> None:
@@ -448,3 +533,60 @@ def test_pool_backend_refuses_options_that_belong_to_the_pool() -> None:
         with pytest.raises(ValueError, match="belong to the WorkerPool"):
             pk.imap_parallel(w.square, [1], backend=pool, start_method="spawn")
         assert pk.run_parallel(w.square, [3], backend=pool) == [9]
+
+
+# ------------------------------------------------------------------ chunk sizing
+
+
+class _StubDriver:
+    """Just enough of a driver for a Job to size chunks (nothing runs)."""
+
+    max_workers = 2
+    changes = 0
+    pickles_items = False
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+
+    def register_function(self, fn: object) -> tuple[int, bytes]:
+        return 1, b""
+
+    def abandon(self, job: object) -> None:
+        pass
+
+
+def _job(source: object, length: int | None, chunksize: int | None = None) -> Job:
+    return Job(
+        _StubDriver(),  # type: ignore[arg-type]
+        w.square,
+        source,  # type: ignore[arg-type]
+        length=length,
+        chunksize=chunksize,
+        ordered=True,
+        return_exceptions=False,
+        fail_fast=True,
+        timeout=None,
+    )
+
+
+def test_a_sized_input_of_long_items_goes_one_item_per_chunk() -> None:
+    job = _job(range(16), 16)
+    assert job.chunksize == 2  # 16 / (4 x 2 workers)
+    job._adapt(2, 0.2)  # 0.1 s per item
+    assert job.chunksize == 1
+    for _ in range(40):  # ... then tiny ones: back up (a moving average), never above 2
+        job._adapt(1000, 0.001)
+        assert job.chunksize <= 2
+    assert job.chunksize == 2
+
+
+def test_an_iterator_of_tiny_items_grows_its_chunks_and_an_explicit_size_stays() -> None:
+    job = _job(iter(range(10**6)), None)
+    assert job.chunksize == 1
+    for _ in range(10):
+        job._adapt(job.chunksize, job.chunksize * 1e-7)
+    assert job.chunksize == 1024  # doubling from 1, capped by the 20 ms target (200,000)
+    fixed = _job(range(100), 100, chunksize=7)
+    fixed._adapt(7, 7.0)
+    assert fixed.chunksize == 7
+    assert fixed.seconds_per_item == 1.0  # still measured (the engine's pipelining uses it)

@@ -122,3 +122,16 @@ def test_result_iterators_come_from_imap_only() -> None:
     with parallelkit.imap_parallel(abs, [-1, -2], backend="serial") as results:
         assert isinstance(results, parallelkit.ResultIterator)
         assert list(results) == [1, 2]
+
+
+def test_the_progress_and_insights_api_is_public() -> None:
+    for name in (
+        "MapStats",
+        "Progress",
+        "StageProgress",
+        "StallReport",
+        "WorkerStack",
+        "WorkerStats",
+    ):
+        assert name in parallelkit.__all__
+        assert isinstance(getattr(parallelkit, name), type)

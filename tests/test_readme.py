@@ -72,3 +72,13 @@ def test_the_pipeline_example_runs(tmp_path: Path) -> None:
         ["filter(is_error)", "1", "9", "3"],
         ["flat_map(words)", "1", "3", "12"],
     ]
+
+
+def test_the_progress_example_runs(tmp_path: Path) -> None:
+    block = next(b for b in _blocks("python") if "stall_timeout" in b)
+    lines = _run(tmp_path, block)
+    assert lines[0] == "0 1000"  # the callable: first before any result...
+    assert lines[lines.index("1000 1000")] == "1000 1000"  # ...then up to the total
+    stats = lines[lines.index("1000 1000") + 1 :]
+    assert stats[0].split() == ["worker", "items", "busy", "s", "idle", "s", "busy", "%"]
+    assert re.fullmatch(r"1000 items on \d+ workers in .*", stats[-1])

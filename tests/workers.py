@@ -114,6 +114,22 @@ def stubborn_sleep_on_2(x: int) -> int:
     return x
 
 
+def slow_zero(x: int) -> int:
+    if x == 0:
+        time.sleep(0.4)
+    return x
+
+
+def die_once_at_1500(marker: str, x: int) -> int:
+    """SIGKILL this worker at item 1500 the first time (a marker file says it happened)."""
+    if x == 1500 and not os.path.exists(marker):
+        time.sleep(0.5)  # the other worker has finished its chunk by now
+        with open(marker, "w"):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+
 def sleep_a_bit(x: int) -> int:
     time.sleep(0.2)
     return x

@@ -56,6 +56,8 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 def _public_name(target: str) -> str | None:
     """``parallelkit._pool.WorkerPool`` -> ``parallelkit.WorkerPool``, for public names."""
+    if "." not in target and target in parallelkit.__all__:
+        return f"parallelkit.{target}"  # a string annotation: ``StallReport | None``
     if not target.startswith("parallelkit._"):
         return None
     head, _, rest = target.partition(".")
@@ -114,7 +116,7 @@ def _public_bases(app: Sphinx, name: str, obj: object, options: object, bases: l
 
 
 _TYPE_VARIABLES = _type_variable_names()
-_PRIVATE = frozenset({"Backend"})  # a TypeAlias of the accepted backends, spelled out in prose
+_PRIVATE = frozenset({"Backend", "ProgressOption"})  # type aliases, spelled out in the prose
 
 
 def setup(app: Sphinx) -> dict[str, object]:

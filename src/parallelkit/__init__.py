@@ -35,6 +35,10 @@ if typing.TYPE_CHECKING:
     from ._channel_process import ProcessChannel as ProcessChannel
     from ._channel_process import start_process as start_process
     from ._context import usable_cpu_count as usable_cpu_count
+    from ._insights import MapStats as MapStats
+    from ._insights import StallReport as StallReport
+    from ._insights import WorkerStack as WorkerStack
+    from ._insights import WorkerStats as WorkerStats
     from ._pipeline import Pipeline as Pipeline
     from ._pipeline import PipelineIterator as PipelineIterator
     from ._pipeline import PipelineStats as PipelineStats
@@ -43,6 +47,8 @@ if typing.TYPE_CHECKING:
     from ._pool import WorkerPool as WorkerPool
     from ._pool import imap_parallel as imap_parallel
     from ._pool import run_parallel as run_parallel
+    from ._progress import Progress as Progress
+    from ._progress import StageProgress as StageProgress
     from ._queue import Queue as Queue
     from ._shared import SharedAccumulator as SharedAccumulator
     from ._shared import SharedCounter as SharedCounter
@@ -69,6 +75,12 @@ _LAZY = {
     "SharedArray": "._shared_array",
     "SharedCounter": "._shared",
     "usable_cpu_count": "._context",
+    "MapStats": "._insights",
+    "StallReport": "._insights",
+    "WorkerStack": "._insights",
+    "WorkerStats": "._insights",
+    "Progress": "._progress",
+    "StageProgress": "._progress",
 }
 
 
@@ -89,12 +101,14 @@ __all__ = (
     "Channel",
     "ChannelClosedError",
     "ChannelListener",
+    "MapStats",
     "ParallelKitError",
     "Pipeline",
     "PipelineError",
     "PipelineIterator",
     "PipelineStats",
     "ProcessChannel",
+    "Progress",
     "Queue",
     "QueueClosedError",
     "RemoteError",
@@ -103,12 +117,16 @@ __all__ = (
     "SharedAccumulator",
     "SharedArray",
     "SharedCounter",
+    "StageProgress",
     "StageStats",
+    "StallReport",
     "StartMethod",
     "StartMethodError",
     "TaskTimeoutError",
     "WorkerCrashedError",
     "WorkerPool",
+    "WorkerStack",
+    "WorkerStats",
     "channel_pair",
     "errors",
     "imap_parallel",

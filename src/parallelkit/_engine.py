@@ -50,8 +50,9 @@ from ._serialize import (
 from ._types import StartMethod
 from .errors import SerializationError, SerializedWhat, TaskTimeoutError, WorkerCrashedError
 
-LOST_WAKEUP_POLL: Final = 0.25  # seconds, at most, between two looks at the state
+WATCH_POLL: Final = 0.25  # seconds, at most, between two calls of the watchers (stall checks)
 PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
+PIPELINE_SECONDS: Final = 0.005  # ... and if its chunk takes about this long or less
 STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
 STARTUP_DEATHS_SECONDS: Final = 0.5  # ...for at least this long, and the pool gives up
 _fn_ids = itertools.count(1)
@@ -59,6 +60,8 @@ _fn_ids = itertools.count(1)
 
 class _Worker:
     __slots__ = (
+        "born",
+        "busy",
         "chunks",
         "conn",
         "dead",
@@ -86,6 +89,8 @@ class _Worker:
         self.dead = False
         self.head_since = 0
         self.killed_for: BaseException | None = None  # a timeout we killed it for
+        self.busy = 0.0  # seconds it spent running chunks, as it measured them
+        self.born = time.monotonic()
 
 
 class Engine:
@@ -103,6 +108,7 @@ class Engine:
         initargs: tuple[object, ...],
         max_tasks_per_worker: int | None,
         inherit: tuple[Callable[..., object], Sequence[Any] | None] | None = None,
+        one_shot: bool = False,
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             W.refuse_to_start_in_bootstrap()
@@ -110,6 +116,9 @@ class Engine:
         self.start_method = start_method
         self.max_workers = max_workers
         self.max_tasks_per_worker = max_tasks_per_worker
+        # one_shot: the engine of one run_parallel / imap_parallel call; a worker with
+        # nothing left to run is told to exit at once (its exit overlaps the others' work)
+        self.one_shot = one_shot
         self.init_payload: bytes | None = None
         if initializer is not None:
             from ._serialize import dump_function  # noqa: PLC0415
@@ -154,6 +163,10 @@ class Engine:
         self.deferred: list[Callable[[], object]] = []
         self.changes = 0  # bumped whenever a job gets a result or an error
         self.released = False
+        # parallelkit._insights: per-call checks run after each step (stall diagnosis), and
+        # (pid, items, busy seconds, lifetime seconds) of the workers that have exited
+        self.watchers: list[Callable[[], None]] = []
+        self.retired: list[tuple[int | None, int, float, float]] = []
 
     # ---------------------------------------------------------------- functions
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
@@ -254,7 +267,11 @@ class Engine:
             worker.fns[job.fn_id] = None
             if len(worker.fns) > W.FN_CACHE_SIZE:
                 del worker.fns[next(iter(worker.fns))]
-        flags = job.flags | (W.INHERITED_ITEMS if chunk.items is None else 0)
+        flags = (
+            job.flags
+            | (W.INHERITED_ITEMS if chunk.items is None else 0)
+            | (W.TRACKED if chunk.tracked else 0)
+        )
         header = W.HEADER.pack(
             W.TASK, chunk.cid, job.fn_id, flags, len(fn_payload), chunk.start, chunk.stop
         )
@@ -278,7 +295,11 @@ class Engine:
             return True
         if len(worker.chunks) >= 2:
             return False
-        return len(worker.chunks[0].payload or b"") <= PIPELINE_LIMIT
+        head = worker.chunks[0]
+        per_item = head.job.seconds_per_item
+        if per_item is not None and per_item * (head.stop - head.start) > PIPELINE_SECONDS:
+            return False  # long chunks: hand out the next one when a worker is free
+        return len(head.payload or b"") <= PIPELINE_LIMIT
 
     def _next_chunk(self) -> Chunk | None:
         while self.future_queue:
@@ -300,6 +321,29 @@ class Engine:
         return None
 
     def _dispatch(self) -> None:
+        self._dispatch_chunks()
+        if self.one_shot:
+            self._stop_finished_workers()
+
+    def _stop_finished_workers(self) -> None:
+        """The input is used up: each worker with nothing left to run exits now.
+
+        (A chunk to run again after a crash, later, gets a new worker.)
+        """
+        if self.future_queue or self.broken is not None:
+            return
+        for job in self.jobs:
+            if not job.exhausted or job.retries:
+                return
+        for w in self.workers:
+            if not w.chunks and not w.stopping and not w.dead and w.killed_for is None:
+                w.stopping = True
+                try:
+                    w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
+                except OSError:
+                    pass
+
+    def _dispatch_chunks(self) -> None:
         if self.broken is not None:
             return
         # first, idle workers; then a second (small) chunk to busy ones to hide latency
@@ -348,22 +392,26 @@ class Engine:
             best = left if best is None else min(best, left)
         return best
 
-    def step(self, timeout: float | None) -> None:
-        """Dispatch, wait once for any event (mutex released meanwhile), handle events."""
+    def step(self, timeout: float | None, done: Callable[[], bool] = lambda: False) -> None:
+        """Dispatch, wait once for any event (mutex released meanwhile), handle events.
+
+        The wait has no timeout of its own: every change of state that a waiter can be
+        waiting for is an event on a pipe, a sentinel or the wake-up pipe -- or happens
+        in the dispatch right before the wait, which is why ``done`` is asked again there.
+        """
         changes = self.changes
         self._dispatch()
-        if self.changes != changes or self.deferred:
-            return  # dispatching itself settled something (an item that cannot be sent)
+        if self.changes != changes or self.deferred or done():
+            return  # dispatching itself settled something (an item that cannot be sent,
+            # the input found empty after every result was in)
         deadline = self._next_deadline()
         if deadline is not None:
             timeout = max(0.0, deadline) if timeout is None else min(timeout, max(0.0, deadline))
         killing = [w for w in self.workers if w.killed_for is not None]
         if killing:
             timeout = 0.05 if timeout is None else min(timeout, 0.05)
-        # Never sleep longer than LOST_WAKEUP_POLL: an imap over a generator was seen to
-        # wait forever with work it could dispatch (a missed wake-up not yet found); a
-        # periodic re-check of the state recovers from it.  See the closing note.
-        timeout = LOST_WAKEUP_POLL if timeout is None else min(timeout, LOST_WAKEUP_POLL)
+        if self.watchers:
+            timeout = WATCH_POLL if timeout is None else min(timeout, WATCH_POLL)
         objs = self._wait_objects()
         self.mutex.release()
         try:
@@ -388,6 +436,8 @@ class Engine:
             if w.sentinel in ready_fds:
                 self._on_exit(w)
         self._check_timeouts()
+        for watch in self.watchers:
+            watch()
         self._dispatch()
 
     def _drain(self, w: _Worker) -> None:
@@ -437,6 +487,7 @@ class Engine:
                 errors = [
                     (pos, self._rebuild(rec, chunk.start + pos, w.pid)) for pos, rec in records
                 ]
+            w.busy += seconds
             job._adapt(len(results), seconds)
             job.complete(chunk.start, results, errors)
         else:  # CHUNK_FAILED: the function or the items failed to unpickle in the worker
@@ -536,6 +587,12 @@ class Engine:
             if w.tasks_done == 0:
                 self._startup_death(w, exitcode)
             return
+        if pos == W.POS_UNTRACKED and not head.tracked:
+            # it died among tiny items run without noting each one: run the chunk again,
+            # noting each, so a crash names its item (an item that crashes every time does)
+            head.tracked = True
+            self.retry(head)
+            return
         if pos in (W.POS_RECEIVING, W.POS_SENDING) and size > 1:
             # died unpickling the chunk or pickling its results: run its items one by one
             # to find the culprit
@@ -587,6 +644,7 @@ class Engine:
         if w in self.workers:
             self.workers.remove(w)
             self.free_slots.append(w.slot)
+            self.retired.append((w.pid, w.tasks_done, w.busy, time.monotonic() - w.born))
         w.conn.close()
         w.process.join(0)
         if w.process.exitcode is not None:
@@ -693,7 +751,7 @@ class Engine:
                 if self.driver is None:
                     self.driver = threading.get_ident()
                     try:
-                        self.step(remaining)
+                        self.step(remaining, done)
                     except BaseException as exc:
                         self.driver = None
                         self._abort_locked(exc)
@@ -813,7 +871,7 @@ class Engine:
             workers, self.workers = self.workers, []
             if graceful:
                 for w in workers:
-                    if w.chunks:
+                    if w.chunks or w.stopping:
                         continue
                     try:
                         w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))

@@ -56,7 +56,7 @@ class Driver(Protocol):
 
 
 class Chunk:
-    __slots__ = ("cid", "items", "job", "payload", "start", "stop")
+    __slots__ = ("cid", "items", "job", "payload", "start", "stop", "tracked")
 
     def __init__(self, job: Job, start: int, stop: int, items: Sequence[Any] | None) -> None:
         self.cid = next(_chunk_ids)
@@ -65,6 +65,7 @@ class Chunk:
         self.stop = stop
         self.items = items  # None: the worker inherited the input and slices it
         self.payload: bytes | None = None
+        self.tracked = False  # True: the worker must note every item (a re-run after a crash)
 
 
 class Job:
@@ -95,6 +96,7 @@ class Job:
         self.length = length
         self.fixed_chunksize = chunksize
         self.chunksize = chunksize or self._initial_chunksize()
+        self.initial_chunksize = self.chunksize
         self.ordered = ordered
         self.return_exceptions = return_exceptions
         self.fail_fast = fail_fast
@@ -124,15 +126,26 @@ class Job:
         return max(1, -(-self.length // (4 * self.engine.max_workers)))
 
     def _adapt(self, items: int, seconds: float) -> None:
-        if self.fixed_chunksize is not None or self.length is not None or items == 0:
+        """A chunk of ``items`` took ``seconds`` in the worker: size the next chunks.
+
+        An iterator's chunks grow towards TARGET_CHUNK_SECONDS.  A sized input starts at
+        len / (4 x workers) and never goes above it, but shrinks for long items (0.1 s
+        each, say: one per chunk), so no worker waits at the end while another runs two.
+        """
+        if items == 0:
             return
         per_item = seconds / items
         if self.seconds_per_item is None:
             self.seconds_per_item = per_item
         else:
             self.seconds_per_item = 0.7 * self.seconds_per_item + 0.3 * per_item
-        ideal = TARGET_CHUNK_SECONDS / max(self.seconds_per_item, 1e-9)
-        self.chunksize = max(1, min(int(ideal), 2 * self.chunksize, MAX_ADAPTIVE_CHUNK))
+        if self.fixed_chunksize is not None:
+            return
+        ideal = int(TARGET_CHUNK_SECONDS / max(self.seconds_per_item, 1e-9))
+        if self.length is not None:
+            self.chunksize = max(1, min(ideal, self.initial_chunksize))
+        else:
+            self.chunksize = max(1, min(ideal, 2 * self.chunksize, MAX_ADAPTIVE_CHUNK))
 
     @property
     def finished(self) -> bool:
@@ -168,7 +181,11 @@ class Job:
                 return None
             stop = start + len(items)
             if not items:
+                # This may be what finishes the job (every result already delivered): say
+                # so, or a driver that dispatched before waiting would wait with nothing
+                # left to wait for.
                 self.exhausted = True
+                self.engine.changes += 1
                 return None
         self.next_start = stop
         if stop >= (self.length if self.length is not None else stop + 1):

@@ -7,6 +7,8 @@
 - :func:`bootstrap_options`: what :func:`parallelkit._worker.bootstrap` needs to know about
   the parent, for a given start method.
 - :func:`signal_name`: ``-9`` → ``"SIGKILL"``.
+- :func:`preload_forkserver`: before the forkserver starts, have it import parallelkit's
+  child code and what the main module imported, so that each forked child need not.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import multiprocessing.connection
 import multiprocessing.context
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -23,6 +26,53 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
+# What every parallelkit child imports first (the pool worker, the pipeline stage)
+CHILD_MODULES: Final = ("parallelkit._worker", "parallelkit._stage")
+_preload_checked = False
+
+
+def _modules_of_main() -> list[str]:
+    """The importable modules the main module imported (``import numpy as np``, or
+    ``from tasks import square``: numpy, tasks), in the order they appear."""
+    main = sys.modules.get("__main__")
+    names: dict[str, None] = {}
+    for value in list(vars(main).values()) if main is not None else ():
+        name = value.__name__ if isinstance(value, type(sys)) else None
+        if name is None and callable(value):
+            name = getattr(value, "__module__", None)
+        if not isinstance(name, str) or name in ("__main__", "__mp_main__", "builtins"):
+            continue
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__spec__", None) is not None:
+            names[name] = None
+    return list(names)
+
+
+def preload_forkserver() -> None:
+    """Before multiprocessing's forkserver starts, add parallelkit's child modules and the
+    modules the main module imported to what it imports once, for all its children.
+
+    By default the server imports only the main script (when it has a path: not under
+    ``python -m``), so every forkserver child imported parallelkit by itself (tens of ms
+    each).  A server already running is left as it is.  A module the server cannot import
+    is skipped by multiprocessing (ImportError); ``PARALLELKIT_FORKSERVER_PRELOAD=0`` turns
+    this off.
+    """
+    global _preload_checked
+    if _preload_checked:
+        return
+    _preload_checked = True
+    if os.environ.get("PARALLELKIT_FORKSERVER_PRELOAD", "1") == "0":
+        return
+    from multiprocessing import forkserver  # noqa: PLC0415
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is not None:
+        return  # running already (or a multiprocessing we do not know): leave it
+    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    wanted = [m for m in (*CHILD_MODULES, *_modules_of_main()) if m not in current]
+    if wanted:
+        forkserver.set_forkserver_preload(current + wanted)
 
 
 def bootstrap_options(start_method: str) -> dict[str, Any]:
@@ -62,6 +112,8 @@ def start_child(
     other threads are parallelkit's own, idle ones; silence Python 3.12's fork-with-threads
     warning.
     """
+    if start_method == "forkserver":
+        preload_forkserver()
     process: BaseProcess = context.Process(  # type: ignore[attr-defined]
         target=target, args=tuple(args), kwargs=dict(kwargs or {}), name=name, daemon=True
     )

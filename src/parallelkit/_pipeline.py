@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
 from ._checks import check_callable, check_positive_int
 from ._context import resolve_start_method
+from ._progress import PipelineProgress, ProgressOption, check_progress, total_of
 from ._router import PipelineStats, Run, Stage, StageStats
 from ._stage import FILTER, FLAT_MAP, KIND_NAMES, MAP
 from ._types import StartMethod
 
 if TYPE_CHECKING:
     from ._backends import Backend
+    from ._insights import StallReport
 
 __all__ = ("Pipeline", "PipelineIterator", "PipelineStats", "StageStats")
 
@@ -135,6 +137,18 @@ class Pipeline(Generic[T]):
         maxsize: at most this many source items are between the source and the consumer
             at any time (read from the source and not yet handed out).  ``None`` sizes it
             from the workers and the batch size.
+        progress: report how far each run (``run()`` or iteration) has got: ``True``
+            shows one tqdm bar counting source items through the whole pipeline, with
+            each stage's output count after it (``pip install 'parallelkit[progress]'``);
+            a callable receives a :class:`~parallelkit.Progress` whose ``stages`` hold
+            one :class:`~parallelkit.StageProgress` per stage, in the thread that runs
+            or iterates the pipeline, after each batch of results arrives.
+        stall_timeout: when no batch has come back from any stage for this many seconds
+            while stage workers hold batches, print each busy worker's Python stack (every
+            thread) and the source items it is on to stderr, or pass a
+            :class:`~parallelkit.StallReport` to ``on_stall``; at most once per period;
+            the run goes on.  Looked for while the consumer waits for results.
+        on_stall: receives the stall reports instead of stderr (in the consumer's thread).
 
     Raises:
         TypeError: ``source`` is not iterable.
@@ -149,7 +163,21 @@ class Pipeline(Generic[T]):
         *,
         start_method: StartMethod | None = None,
         maxsize: int | None = None,
+        progress: ProgressOption = False,
+        stall_timeout: float | None = None,
+        on_stall: Callable[[StallReport], object] | None = None,
     ) -> None:
+        check_progress(progress)
+        if stall_timeout is not None and (
+            isinstance(stall_timeout, bool)
+            or not isinstance(stall_timeout, int | float)
+            or not stall_timeout > 0
+        ):
+            raise ValueError(
+                f"stall_timeout must be a positive number of seconds or None, got {stall_timeout!r}"
+            )
+        if on_stall is not None:
+            check_callable(on_stall, "on_stall")
         if not isinstance(source, Iterable):
             raise TypeError(f"a pipeline's source must be iterable, not {type(source).__name__}")
         if maxsize is not None:
@@ -157,6 +185,8 @@ class Pipeline(Generic[T]):
         self._source: Iterable[Any] = source
         self._start_method = resolve_start_method(start_method)
         self._maxsize = maxsize
+        self._progress = progress
+        self._stall = (stall_timeout, on_stall)
         self._stages: tuple[Stage, ...] = ()
         self._last: Run | None = None
 
@@ -186,6 +216,8 @@ class Pipeline(Generic[T]):
         new._source = self._source
         new._start_method = self._start_method
         new._maxsize = self._maxsize
+        new._progress = self._progress
+        new._stall = self._stall
         new._stages = (*self._stages, Stage(kind, fn, max_workers, name, ordered))
         new._last = None
         return new
@@ -248,6 +280,10 @@ class Pipeline(Generic[T]):
     def _start(self) -> Run:
         run = Run(self._source, self._stages, self._start_method, self._maxsize)
         self._last = run
+        if self._progress is not False:
+            run.progress = PipelineProgress(self._progress, total_of(self._source))
+            run.report_progress()
+        run.stall_timeout, run.on_stall = self._stall
         run.start()
         return run
 
@@ -274,7 +310,13 @@ class Pipeline(Generic[T]):
         if backend is not None and not (isinstance(backend, str) and backend == "process"):
             from ._backends._stages import run_stages  # noqa: PLC0415
 
-            return run_stages(self._source, self._stages, backend)
+            if self._stall != (None, None):
+                raise ValueError(
+                    "stall_timeout and on_stall apply to the stages' own worker processes, "
+                    "not to backend="
+                )
+
+            return run_stages(self._source, self._stages, backend, progress=self._progress)
         run = self._start()
         results: list[T] = []
         try:

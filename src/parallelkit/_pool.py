@@ -19,7 +19,9 @@ from ._backends import ChunkEngine, RunnerFactory, check_backend
 from ._checks import check_callable
 from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine
+from ._insights import MapStats, StallReport, StatsBaseline, engine_stats
 from ._job import Job, PoolBrokenError, collect, iterate
+from ._progress import ProgressOption, Watch, check_progress, job_class, total_of
 from ._types import P, R, StartMethod, T
 
 if TYPE_CHECKING:
@@ -68,6 +70,36 @@ def _check_max_tasks(max_tasks: int | None) -> None:
         raise ValueError(f"max_tasks_per_worker must be a positive int or None, got {max_tasks!r}")
 
 
+def _check_watch_options(
+    progress: object,
+    stall_timeout: float | None,
+    on_stall: object,
+    on_stats: object,
+    on_processes: bool,
+) -> None:
+    """Validate ``progress``, ``stall_timeout``, ``on_stall`` and ``on_stats``."""
+    check_progress(progress)
+    _check_timeout(stall_timeout, "stall_timeout")
+    if on_stall is not None:
+        check_callable(on_stall, "on_stall")
+    if on_stats is not None:
+        check_callable(on_stats, "on_stats")
+    if not on_processes and (stall_timeout is not None or on_stall is not None):
+        raise ValueError(
+            "stall_timeout and on_stall apply to worker processes (the default backend or a "
+            "WorkerPool): they dump the stacks of the processes running the items"
+        )
+
+
+def _finish_stats(
+    engine: Engine | ChunkEngine,
+    baseline: StatsBaseline,
+    on_stats: Callable[[MapStats], object] | None,
+) -> MapStats | None:
+    """Snapshot the stats for ``on_stats`` (before the engine lets its workers go)."""
+    return None if on_stats is None else engine_stats(engine, baseline)
+
+
 def _check_map_options(
     fn: object,
     backend: object,
@@ -109,19 +141,25 @@ def _run_elsewhere(
     ordered: bool,
     timeout: float | None,
     return_exceptions: bool,
+    watch: Watch | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
 ) -> list[Any]:
     """``run_parallel`` on a backend other than processes (same Job, another driver)."""
     seq = _as_sequence(items)
     if len(seq) == 0:
+        if on_stats is not None:
+            on_stats(MapStats((), 0, 0.0))
         return []
     runner, tracked = factory(len(seq))
-    if chunksize is None and runner.in_caller:
+    if chunksize is None and runner.in_caller and watch is None:
         # nothing runs in parallel and nothing streams: one chunk is the cheapest
         chunksize = len(seq)
     engine = ChunkEngine(runner, tracked=tracked)
+    baseline = StatsBaseline()
+    stats = None
     ok = False
     try:
-        job = Job(
+        job = job_class(watch)(
             engine,
             fn,
             seq,
@@ -132,12 +170,21 @@ def _run_elsewhere(
             fail_fast=True,
             timeout=timeout,
         )
+        if watch is not None:
+            watch.attach(engine, job)
         engine.add_job(job)
         results = collect(engine, job)
         ok = True
         return results
     finally:
-        engine.shutdown(graceful=ok)
+        stats = _finish_stats(engine, baseline, on_stats)
+        try:
+            engine.shutdown(graceful=ok)
+        finally:
+            if watch is not None:
+                watch.close()
+        if on_stats is not None and stats is not None:
+            on_stats(stats)
 
 
 def _imap_elsewhere(
@@ -148,12 +195,14 @@ def _imap_elsewhere(
     ordered: bool,
     timeout: float | None,
     return_exceptions: bool,
+    watch: Watch | None = None,
 ) -> ResultIterator[Any]:
     length = len(items) if isinstance(items, list | tuple | range) else None
     runner, tracked = factory(length)
     engine = ChunkEngine(runner, tracked=tracked)
+    baseline = StatsBaseline()
     try:
-        job = Job(
+        job = job_class(watch)(
             engine,
             fn,
             items if length is not None else iter(items),  # type: ignore[arg-type]
@@ -164,11 +213,15 @@ def _imap_elsewhere(
             fail_fast=True,
             timeout=timeout,
         )
+        if watch is not None:
+            watch.attach(engine, job)
         engine.add_job(job)
     except BaseException:
         engine.shutdown(graceful=False)
+        if watch is not None:
+            watch.close()
         raise
-    return ResultIterator._start(engine, job, owns_engine=True)
+    return ResultIterator._start(engine, job, owns_engine=True, watch=watch, baseline=baseline)
 
 
 def _as_sequence(items: Iterable[T]) -> Sequence[T]:
@@ -195,6 +248,10 @@ def run_parallel(
     return_exceptions: Literal[False] = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
 ) -> list[R]: ...
 @overload
 def run_parallel(
@@ -211,6 +268,10 @@ def run_parallel(
     return_exceptions: Literal[True],
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
 ) -> list[R | BaseException]: ...
 @overload
 def run_parallel(
@@ -227,6 +288,10 @@ def run_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
 ) -> list[R] | list[R | BaseException]: ...
 def run_parallel(
     fn: Callable[[T], R],
@@ -242,6 +307,10 @@ def run_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
 ) -> list[R] | list[R | BaseException]:
     """Apply ``fn`` to every item in worker processes; the results as a list.
 
@@ -271,6 +340,19 @@ def run_parallel(
             the other items, instead of raising the first failure at once.
         initializer: called in each worker process once, before its first item.
         initargs: arguments for ``initializer``.
+        progress: ``True`` shows a tqdm progress bar that counts items
+            (``pip install 'parallelkit[progress]'``); a callable receives a
+            :class:`~parallelkit.Progress` each time chunks of results arrive, in the
+            thread that called ``run_parallel``.
+        stall_timeout: when no item has finished (and no worker has moved on to another
+            item) for this many seconds, print each busy worker's Python stack (every
+            thread) and the item it is on to stderr, or pass a
+            :class:`~parallelkit.StallReport` to ``on_stall``; at most once per period, and
+            the run goes on (``timeout`` is what stops items).  Worker processes only.
+        on_stall: receives the stall reports instead of stderr (in the calling thread).
+        on_stats: called once when the call ends (also when it fails) with the
+            :class:`~parallelkit.MapStats` of the run: items and busy/idle seconds per
+            worker.
 
     Returns:
         ``[fn(x) for x in items]``, in input order unless ``ordered=False``.
@@ -295,14 +377,24 @@ def run_parallel(
     pool = _check_map_options(
         fn, backend, chunksize, timeout, initializer, initargs, start_method, max_workers
     )
+    _check_watch_options(
+        progress, stall_timeout, on_stall, on_stats, pool is None or isinstance(pool, WorkerPool)
+    )
+    seq = _as_sequence(items)
+    watch = Watch.create(progress, stall_timeout, on_stall, len(seq))
     if isinstance(pool, WorkerPool):
-        return pool._run(fn, items, chunksize, ordered, timeout, return_exceptions)
+        return pool._run(
+            fn, seq, chunksize, ordered, timeout, return_exceptions, watch=watch, on_stats=on_stats
+        )
     if pool is not None:
-        return _run_elsewhere(pool, fn, items, chunksize, ordered, timeout, return_exceptions)
+        return _run_elsewhere(
+            pool, fn, seq, chunksize, ordered, timeout, return_exceptions, watch, on_stats
+        )
     workers = resolve_max_workers(max_workers)
     method = resolve_start_method(start_method)
-    seq = _as_sequence(items)
     if len(seq) == 0:
+        if on_stats is not None:
+            on_stats(MapStats((), 0, 0.0))
         return []
     engine = Engine(
         context=get_context(method),
@@ -312,10 +404,13 @@ def run_parallel(
         initargs=initargs,
         max_tasks_per_worker=None,
         inherit=(fn, seq),
+        one_shot=True,
     )
+    baseline = StatsBaseline()
+    stats = None
     ok = False
     try:
-        job = Job(
+        job = job_class(watch)(
             engine,
             fn,
             seq,
@@ -327,12 +422,21 @@ def run_parallel(
             timeout=timeout,
             inherited=engine.inherited_items is not None,
         )
+        if watch is not None:
+            watch.attach(engine, job)
         engine.add_job(job)
         results = collect(engine, job)
         ok = True
         return results
     finally:
-        engine.shutdown(graceful=ok)
+        stats = _finish_stats(engine, baseline, on_stats)
+        try:
+            engine.shutdown(graceful=ok)
+        finally:
+            if watch is not None:
+                watch.close()
+        if on_stats is not None and stats is not None:
+            on_stats(stats)
 
 
 class ResultIterator(Iterator[_Y]):
@@ -348,14 +452,23 @@ class ResultIterator(Iterator[_Y]):
     _engine: Engine | ChunkEngine
     _job: Job
     _closed: bool
+    _baseline: StatsBaseline
     _finalizer: weakref.finalize[..., ResultIterator[_Y]] | None
+    _watch: Watch | None
+    _stats: MapStats | None  # taken when the work stops
 
     def __init__(self) -> None:
         raise TypeError("a ResultIterator is made by imap_parallel() or WorkerPool.imap()")
 
     @classmethod
     def _start(
-        cls, engine: Engine | ChunkEngine, job: Job, *, owns_engine: bool
+        cls,
+        engine: Engine | ChunkEngine,
+        job: Job,
+        *,
+        owns_engine: bool,
+        watch: Watch | None = None,
+        baseline: StatsBaseline | None = None,
     ) -> ResultIterator[_Y]:
         # Not __init__: the engine and the job are private types, and a public constructor
         # taking them would put them in the public API (pyright --verifytypes).
@@ -365,9 +478,14 @@ class ResultIterator(Iterator[_Y]):
         self._engine = engine
         self._job = job
         self._closed = False
+        self._baseline = baseline or StatsBaseline(engine)
+        self._stats = None
         self._finalizer = (
             weakref.finalize(self, engine.shutdown, graceful=False) if owns_engine else None
         )
+        self._watch = watch
+        if watch is not None:
+            weakref.finalize(self, watch.close)  # dropped (a `for` loop left by `break`)
         return self
 
     def __iter__(self) -> Iterator[_Y]:
@@ -404,6 +522,17 @@ class ResultIterator(Iterator[_Y]):
             if not self._advance():
                 raise StopIteration
 
+    @property
+    def stats(self) -> MapStats:
+        """Items and busy/idle seconds per worker, for this map so far.
+
+        On a :class:`WorkerPool`, this counts what the pool's workers did while this
+        iterator ran (work submitted to the pool at the same time included).
+        """
+        if self._stats is not None:
+            return self._stats
+        return engine_stats(self._engine, self._baseline)
+
     def close(self) -> None:
         """Stop the work; idempotent."""
         if self._closed:
@@ -411,10 +540,15 @@ class ResultIterator(Iterator[_Y]):
         self._closed = True
         finished = self._job.finished and self._job.error is None
         self._current = iter(())
-        self._chunks.close()
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._engine.shutdown(graceful=finished)
+        self._stats = engine_stats(self._engine, self._baseline)
+        try:
+            self._chunks.close()
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._engine.shutdown(graceful=finished)
+        finally:
+            if self._watch is not None:
+                self._watch.close()
 
     def __enter__(self) -> Self:
         return self
@@ -440,6 +574,9 @@ def imap_parallel(
     return_exceptions: Literal[False] = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
 ) -> ResultIterator[R]: ...
 @overload
 def imap_parallel(
@@ -456,6 +593,9 @@ def imap_parallel(
     return_exceptions: Literal[True],
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
 ) -> ResultIterator[R | BaseException]: ...
 @overload
 def imap_parallel(
@@ -472,6 +612,9 @@ def imap_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
 ) -> ResultIterator[R] | ResultIterator[R | BaseException]: ...
 def imap_parallel(
     fn: Callable[[T], R],
@@ -487,6 +630,9 @@ def imap_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
 ) -> ResultIterator[R] | ResultIterator[R | BaseException]:
     """Like :func:`run_parallel`, but lazy: an iterator over the results.
 
@@ -496,6 +642,11 @@ def imap_parallel(
     promptly and leaves nothing running.  ``backend=`` as for :func:`run_parallel`; on Dask,
     at most twice the cluster's threads in tasks are in flight.
 
+    ``progress``, ``stall_timeout`` and ``on_stall`` as for :func:`run_parallel` (the bar
+    knows the total when ``items`` has a ``len()``; progress is reported, and stalls are
+    looked for, while the iterator is waiting for results, in the thread iterating).  The
+    iterator's :attr:`~ResultIterator.stats` give the per-worker statistics.
+
     Example:
         >>> with imap_parallel(abs, iter([-1, -2, 3]), max_workers=2) as results:
         ...     list(results)
@@ -504,8 +655,14 @@ def imap_parallel(
     pool = _check_map_options(
         fn, backend, chunksize, timeout, initializer, initargs, start_method, max_workers
     )
+    _check_watch_options(
+        progress, stall_timeout, on_stall, None, pool is None or isinstance(pool, WorkerPool)
+    )
     if pool is not None and not isinstance(pool, WorkerPool):
-        return _imap_elsewhere(pool, fn, items, chunksize, ordered, timeout, return_exceptions)
+        watch = Watch.create(progress, stall_timeout, on_stall, total_of(items))
+        return _imap_elsewhere(
+            pool, fn, items, chunksize, ordered, timeout, return_exceptions, watch
+        )
     if pool is not None:
         return pool.imap(
             fn,
@@ -514,6 +671,9 @@ def imap_parallel(
             ordered=ordered,
             timeout=timeout,
             return_exceptions=return_exceptions,
+            progress=progress,
+            stall_timeout=stall_timeout,
+            on_stall=on_stall,
         )
     workers = resolve_max_workers(max_workers)
     method = resolve_start_method(start_method)
@@ -528,9 +688,12 @@ def imap_parallel(
         initargs=initargs,
         max_tasks_per_worker=None,
         inherit=(fn, None),
+        one_shot=True,
     )
+    watch = Watch.create(progress, stall_timeout, on_stall, total_of(items))
+    baseline = StatsBaseline()
     try:
-        job = Job(
+        job = job_class(watch)(
             engine,
             fn,
             items if length is not None else iter(items),  # type: ignore[arg-type]
@@ -541,11 +704,15 @@ def imap_parallel(
             fail_fast=True,
             timeout=timeout,
         )
+        if watch is not None:
+            watch.attach(engine, job)
         engine.add_job(job)
     except BaseException:
         engine.shutdown(graceful=False)
+        if watch is not None:
+            watch.close()
         raise
-    return ResultIterator._start(engine, job, owns_engine=True)
+    return ResultIterator._start(engine, job, owns_engine=True, watch=watch, baseline=baseline)
 
 
 # ------------------------------------------------------------------ the reusable pool
@@ -687,6 +854,7 @@ class WorkerPool(Executor):
         )
         self._max_workers = workers
         self._start_method: StartMethod = method
+        self._baseline = StatsBaseline(self._engine)
         self._shutdown = False
         self._finalizer = weakref.finalize(self, _abandon, self._engine)
 
@@ -699,6 +867,12 @@ class WorkerPool(Executor):
     def start_method(self) -> StartMethod:
         """The start method of the workers."""
         return self._start_method
+
+    @property
+    def stats(self) -> MapStats:
+        """Items and busy/idle seconds per worker since the pool was created (every worker
+        it has had, including replaced ones)."""
+        return engine_stats(self._engine, self._baseline)
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -809,6 +983,9 @@ class WorkerPool(Executor):
         ordered: bool = True,
         timeout: float | None = None,
         return_exceptions: Literal[False] = False,
+        progress: ProgressOption = False,
+        stall_timeout: float | None = None,
+        on_stall: Callable[[StallReport], object] | None = None,
     ) -> ResultIterator[R]: ...
     @overload
     def imap(
@@ -821,6 +998,9 @@ class WorkerPool(Executor):
         ordered: bool = True,
         timeout: float | None = None,
         return_exceptions: Literal[True],
+        progress: ProgressOption = False,
+        stall_timeout: float | None = None,
+        on_stall: Callable[[StallReport], object] | None = None,
     ) -> ResultIterator[R | BaseException]: ...
     @overload
     def imap(
@@ -833,6 +1013,9 @@ class WorkerPool(Executor):
         ordered: bool = True,
         timeout: float | None = None,
         return_exceptions: bool = False,
+        progress: ProgressOption = False,
+        stall_timeout: float | None = None,
+        on_stall: Callable[[StallReport], object] | None = None,
     ) -> ResultIterator[R] | ResultIterator[R | BaseException]: ...
     def imap(
         self,
@@ -844,14 +1027,20 @@ class WorkerPool(Executor):
         ordered: bool = True,
         timeout: float | None = None,
         return_exceptions: bool = False,
+        progress: ProgressOption = False,
+        stall_timeout: float | None = None,
+        on_stall: Callable[[StallReport], object] | None = None,
     ) -> ResultIterator[R] | ResultIterator[R | BaseException]:
         """Stream ``fn(item)`` for each item, on this pool's workers (see ``imap_parallel``)."""
         check_callable(fn)
         _check_chunksize(chunksize)
         _check_timeout(timeout)
+        _check_watch_options(progress, stall_timeout, on_stall, None, True)
         self._check_open()
         length = len(items) if isinstance(items, list | tuple | range) else None
-        job = Job(
+        watch = Watch.create(progress, stall_timeout, on_stall, total_of(items))
+        baseline = StatsBaseline(self._engine)
+        job = job_class(watch)(
             self._engine,
             fn,
             items if length is not None else iter(items),  # type: ignore[arg-type]
@@ -862,8 +1051,17 @@ class WorkerPool(Executor):
             fail_fast=True,
             timeout=timeout,
         )
-        self._engine.add_job(job)
-        return ResultIterator._start(self._engine, job, owns_engine=False)
+        if watch is not None:
+            watch.attach(self._engine, job)
+        try:
+            self._engine.add_job(job)
+        except BaseException:
+            if watch is not None:
+                watch.close()
+            raise
+        return ResultIterator._start(
+            self._engine, job, owns_engine=False, watch=watch, baseline=baseline
+        )
 
     def _run(
         self,
@@ -873,10 +1071,14 @@ class WorkerPool(Executor):
         ordered: bool,
         timeout: float | None,
         return_exceptions: bool,
+        *,
+        watch: Watch | None = None,
+        on_stats: Callable[[MapStats], object] | None = None,
     ) -> list[R]:
         self._check_open()
         seq = _as_sequence(items)
-        job = Job(
+        baseline = StatsBaseline(self._engine)
+        job = job_class(watch)(
             self._engine,
             fn,
             seq,
@@ -887,12 +1089,18 @@ class WorkerPool(Executor):
             fail_fast=True,
             timeout=timeout,
         )
-        self._engine.add_job(job)
+        if watch is not None:
+            watch.attach(self._engine, job)
         try:
+            self._engine.add_job(job)
             return collect(self._engine, job)
         finally:
             with self._engine.mutex:
                 job.cancel()
+            if watch is not None:
+                watch.close()
+            if on_stats is not None:
+                on_stats(engine_stats(self._engine, baseline))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work and stop the workers.

@@ -43,15 +43,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from . import _frames as frames
 from ._context import get_context
 from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
+from ._progress import PipelineProgress, StageProgress
 from ._serialize import dump_function, locate_unpicklable, rebuild_exception
 from ._stage import ERROR, STOP, TASK, stage_worker
 from ._types import StartMethod
 from .errors import PipelineError, SerializationError, WorkerCrashedError
+
+if TYPE_CHECKING:
+    from ._insights import StallReport
 
 __all__ = ("PipelineStats", "Run", "Stage", "StageStats")
 
@@ -228,6 +232,12 @@ class Run:
         self.writer = frames.Writer()
         self.poll: select.poll | None = None
         self.finalizer = weakref.finalize(self, _kill, self.workers, self.writer, self.wakeup)
+        self.progress: PipelineProgress | None = None  # progress=: reported by the router
+        # stall_timeout= (see _check_stall)
+        self.stall_timeout: float | None = None
+        self.on_stall: Callable[[StallReport], object] | None = None
+        self.last_moved = time.monotonic()
+        self.next_stall_report = 0.0
 
     # -------------------------------------------------------------- start and stop
 
@@ -286,6 +296,8 @@ class Run:
         self.closed = True
         self._stop_source()
         self.finalizer()
+        if self.progress is not None:
+            self.progress.close()
 
     def _finish(self) -> None:
         """Every item is through: let the workers exit, then reap them."""
@@ -298,6 +310,9 @@ class Run:
             with contextlib.suppress(OSError):
                 self.writer.send(worker.conn, stop)
         self.writer.close()
+        if self.progress is not None:
+            self.report_progress()
+            self.progress.close()
         stop_processes(
             [w.process for w in self.workers], join_timeout=STOP_TIMEOUT, what="pipeline stage"
         )
@@ -397,6 +412,8 @@ class Run:
                     self._finish()
                     return
                 self._wait_and_receive()
+                if self.progress is not None:
+                    self.report_progress()
         except BaseException as exc:
             if self.error is None:
                 self.error = exc
@@ -551,8 +568,10 @@ class Run:
     def _wait_and_receive(self) -> None:
         poller = self._poller()
         began = time.perf_counter()
-        ready = {fd for fd, _ in poller.poll()}
+        ready = {fd for fd, _ in poller.poll(None if self.stall_timeout is None else 250)}
         self.consumer_waiting += time.perf_counter() - began
+        if self.stall_timeout is not None:
+            self._check_stall(bool(ready))
         if self.wakeup.fd in ready:
             self.wakeup.drain()
         dead: list[_Worker] = []
@@ -682,7 +701,53 @@ class Run:
         error.__cause__ = crash
         return error
 
+    def _check_stall(self, moving: bool) -> None:
+        """``stall_timeout``: no batch came back from any stage for that long, while
+        workers hold batches: report what each busy worker is doing (once a period)."""
+        now = time.monotonic()
+        busy = [w for w in self.workers if w.held]
+        if moving or not busy:
+            self.last_moved = now
+            self.next_stall_report = now + (self.stall_timeout or 0.0)
+            return
+        if now < self.next_stall_report:
+            return
+        from ._insights import StallReport, WorkerStack, dump_stack, to_stderr  # noqa: PLC0415
+
+        stacks = []
+        for worker in busy:
+            batch = worker.held[0]
+            stage = self.stages[worker.stage]
+            first, count = self.batch_span.get(batch, (0, 0))
+            stack, note = dump_stack(worker.process.pid)
+            stacks.append(
+                WorkerStack(
+                    pid=worker.process.pid,
+                    item_index=first if worker.stage == 0 and count == 1 else None,
+                    doing=f"stage {stage.name!r}, on {self._describe_batch(batch, worker.stage)}",
+                    stack=stack,
+                    note=note,
+                )
+            )
+        report = StallReport(now - self.last_moved, self.handed, tuple(stacks))
+        self.next_stall_report = time.monotonic() + (self.stall_timeout or 0.0)
+        if self.on_stall is None:
+            to_stderr(report)
+        else:
+            self.on_stall(report)
+
     # -------------------------------------------------------------- summary
+
+    def report_progress(self) -> None:
+        """Tell ``progress=`` how far the run has got (in the consumer's thread)."""
+        assert self.progress is not None
+        self.progress.update(
+            self.handed,
+            tuple(
+                StageProgress(stage.name, c.items_in, c.items_out)
+                for stage, c in zip(self.stages, self.counts, strict=True)
+            ),
+        )
 
     def stats(self) -> PipelineStats:
         return PipelineStats(

@@ -15,10 +15,8 @@ import contextlib
 import pickle
 import sys
 import threading
-import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from .errors import RemoteError, SerializationError, SerializedWhat
 
@@ -117,9 +115,12 @@ class RemoteTraceback(Exception):
         return self.tb
 
 
-@dataclass(frozen=True, slots=True)
-class ExceptionRecord:
-    """A picklable account of an exception raised in a worker."""
+class ExceptionRecord(NamedTuple):
+    """A picklable account of an exception raised in a worker.
+
+    (A NamedTuple, not a dataclass: every worker imports this module, and dataclasses
+    pulls in inspect and ast, milliseconds of start-up for each spawn worker.)
+    """
 
     type_name: str
     message: str
@@ -136,6 +137,8 @@ def _qualified_name(cls: type) -> str:
 
 def capture_exception(exc: BaseException) -> ExceptionRecord:
     """Record ``exc`` (and its traceback) so that the parent can rebuild it."""
+    import traceback  # noqa: PLC0415 - only when something failed: keeps worker start-up lean
+
     tb = "".join(traceback.format_exception(exc))
     try:
         message = str(exc)

@@ -54,6 +54,7 @@ def stage_worker(
 ) -> None:
     """The target of every stage process: apply ``fn`` to each batch it is sent."""
     _worker.bootstrap(parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=None, initargs=())
+    _worker.arm_stack_dump()  # for stall reports (see parallelkit._insights)
     if fn is None:
         assert fn_payload is not None
         fn = pickle.loads(fn_payload)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
+import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -41,6 +43,7 @@ STOP_ON_ERROR: Final = 1
 STAR_CALL: Final = 2  # items are (args, kwargs) pairs
 TIMED: Final = 4  # write each item's start time to the progress slot
 INHERITED_ITEMS: Final = 8  # no items payload: items = inherited[start:stop]
+TRACKED: Final = 16  # note every item's position, even tiny ones (a re-run after a crash)
 
 # worker -> parent: pickled tuples
 DONE: Final = 1  # (DONE, chunk id, results, errors | None, seconds)
@@ -53,8 +56,17 @@ POS: Final = 0  # position in the chunk of the item being run, or one of:
 POS_STARTING: Final = -1  # not yet ready for work (start-up, initializer)
 POS_RECEIVING: Final = -2  # unpickling a chunk
 POS_SENDING: Final = -3  # pickling and sending a chunk's results
+POS_UNTRACKED: Final = -4  # running tiny items without noting each one (see _run_chunk)
 STARTED_NS: Final = 1  # time.monotonic_ns() when that item started (TIMED only)
+DUMP_FD: Final = 2  # the worker's stack-dump file descriptor (see arm_stack_dump), or -1
+STACK_FILE_NAME: Final = "parallelkit-stacks"
 FN_CACHE_SIZE: Final = 64
+# Tiny items: noting each item's position costs about as much as calling ``x*x``.  A chunk
+# runs its first PROBE_ITEMS items one by one; if they took under UNTRACKED_ITEM_NS each, the
+# rest run in a C-level ``map`` with the slot saying "somewhere in this chunk".  A worker
+# that dies there has its chunk run again, tracked, so the culprit is still named exactly.
+PROBE_ITEMS: Final = 8
+UNTRACKED_ITEM_NS: Final = 5_000
 
 # exit codes of a worker that decided to stop
 EXIT_PARENT_DIED: Final = 70
@@ -104,6 +116,28 @@ def bootstrap(
         initializer(*initargs)
 
 
+def arm_stack_dump() -> int:
+    """Dump every thread's stack to an anonymous in-memory file on SIGUSR1; its fd, or -1.
+
+    The parent reads the file through ``/proc/<pid>/fd/<fd>`` when a run stalls (see
+    :mod:`parallelkit._insights`).  faulthandler writes from its C signal handler, so this
+    works while the worker blocks in C code or spins in Python.  Nothing is on disk and the
+    file goes away with the process.
+    """
+    previous = signal.getsignal(signal.SIGUSR1)
+    chain = callable(previous)  # an initializer's own handler still runs, after the dump
+    if not chain:  # until the dump is armed, a SIGUSR1 is dropped rather than fatal
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        fd = os.memfd_create(STACK_FILE_NAME, os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux
+        if previous is not None:
+            signal.signal(signal.SIGUSR1, previous)
+        return -1
+    faulthandler.register(signal.SIGUSR1, file=fd, all_threads=True, chain=chain)
+    return fd
+
+
 def refuse_to_start_in_bootstrap() -> NoReturn:
     """We are a spawn/forkserver child importing the parent's ``__main__``, which starts work.
 
@@ -151,6 +185,7 @@ def pool_worker(
         shared_items = inherited[1]
     words = memoryview(progress).cast("B").cast("q")
     base = slot * SLOT_WORDS
+    words[base + DUMP_FD] = arm_stack_dump()  # armed before POS leaves POS_STARTING
     try:
         _task_loop(conn, fns, shared_items, words, base)
     except (EOFError, OSError):
@@ -221,7 +256,16 @@ def _run_chunk(
     timed = flags & TIMED
     clock = time.monotonic_ns
     started = base + STARTED_NS
-    for pos, item in enumerate(items):
+    n = len(items)
+    probe = n if star or timed or flags & TRACKED or n <= PROBE_ITEMS else PROBE_ITEMS
+    t0 = clock()
+    pos = 0
+    while pos < n:
+        if pos == probe:
+            if clock() - t0 < probe * UNTRACKED_ITEM_NS:
+                break  # tiny items: the rest untracked, below
+            probe = n
+        item = items[pos]
         words[base] = pos
         if timed:
             words[started] = clock()
@@ -233,7 +277,23 @@ def _run_chunk(
                 errors = []
             errors.append((pos, capture_exception(exc)))
             if flags & STOP_ON_ERROR:
+                return results, errors
+        pos += 1
+    while pos < n:
+        words[base] = POS_UNTRACKED
+        try:
+            # extend() keeps what map produced before an exception: its position is known
+            results.extend(map(fn, itertools.islice(items, pos, None)))
+            break
+        except BaseException as exc:
+            pos = len(results)
+            append(None)
+            if errors is None:
+                errors = []
+            errors.append((pos, capture_exception(exc)))
+            if flags & STOP_ON_ERROR:
                 break
+            pos += 1
     return results, errors
 
 

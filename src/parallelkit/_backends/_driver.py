@@ -51,6 +51,9 @@ class ChunkEngine:
         self.suspects: set[int] = set()  # ids of chunks to run alone (see the docstring)
         self.closed = False
         self._rr = 0
+        # parallelkit._insights: where chunks ran -> [items, busy seconds]
+        self.tally: dict[str, list[float]] = {}
+        self.started = time.monotonic()
 
     # ---------------------------------------------------------------- Driver contract
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
@@ -131,6 +134,14 @@ class ChunkEngine:
             )
             try:
                 handle = self.runner.submit(task)
+            except WorkerLostError as exc:
+                if self.running:
+                    # The backend broke under a chunk still in flight: that chunk's outcome
+                    # names the item that broke it.  This one ran nowhere; it waits.
+                    job.retries.appendleft(chunk)
+                    return
+                job.fail(exc.__cause__ if isinstance(exc.__cause__, Exception) else exc)
+                continue
             except Exception as exc:
                 job.fail(self._submit_error(chunk, exc))
                 continue
@@ -138,8 +149,6 @@ class ChunkEngine:
             self.running[handle] = (chunk, task)
 
     def _submit_error(self, chunk: Chunk, exc: Exception) -> BaseException:
-        if isinstance(exc, WorkerLostError):
-            return self._crash(chunk, exc)
         if isinstance(exc, SerializationError):
             return exc
         if isinstance(exc, pickle.PicklingError) or (
@@ -190,6 +199,9 @@ class ChunkEngine:
                 (pos, self._exception(exc, chunk.start + pos, outcome.where))
                 for pos, exc in outcome.errors
             ]
+        tally = self.tally.setdefault(outcome.where, [0, 0.0])
+        tally[0] += len(outcome.results)
+        tally[1] += outcome.seconds
         job._adapt(len(outcome.results), outcome.seconds)
         job.complete(chunk.start, outcome.results, errors)
 

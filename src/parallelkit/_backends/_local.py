@@ -96,17 +96,22 @@ class ExecutorRunner:
             self.fn_payload = dump_function(fn, by_value=True)
 
     def submit(self, task: ChunkTask) -> cf.Future[ChunkOutcome]:
-        if self.local:
-            future = self.executor.submit(_run_in_thread, task)
-        else:
-            future = self.executor.submit(
-                _run_elsewhere,
-                self.fn_payload,
-                task.items,
-                task.start,
-                task.stop_on_error,
-                task.timeout,
-            )
+        try:
+            if self.local:
+                future = self.executor.submit(_run_in_thread, task)
+            else:
+                future = self.executor.submit(
+                    _run_elsewhere,
+                    self.fn_payload,
+                    task.items,
+                    task.start,
+                    task.stop_on_error,
+                    task.timeout,
+                )
+        except cf.BrokenExecutor as exc:  # broken by a chunk still in flight, or before us
+            raise WorkerLostError(
+                f"the executor broke ({type(exc).__name__}: {exc})", retryable=False
+            ) from exc
         self.futures.add(future)
         return future
 

@@ -129,7 +129,9 @@ class _GuardedSource:
             self.error = exc
 
 
-def run_stages(source: Iterable[Any], stages: Sequence[Stage], backend: object) -> list[Any]:
+def run_stages(
+    source: Iterable[Any], stages: Sequence[Stage], backend: object, *, progress: object = False
+) -> list[Any]:
     """``Pipeline(source)...run(backend=backend)``: every output, in source order."""
     from parallelkit._pool import run_parallel  # noqa: PLC0415 - built on the map API
 
@@ -137,7 +139,7 @@ def run_stages(source: Iterable[Any], stages: Sequence[Stage], backend: object) 
     items: Iterable[Any] = source if isinstance(source, list | tuple | range) else guarded
     names = " -> ".join(stage.name for stage in stages)
     try:
-        results = run_parallel(StageChain(stages), items, backend=backend)  # type: ignore[call-overload]
+        results = run_parallel(StageChain(stages), items, backend=backend, progress=progress)  # type: ignore[call-overload]
     except WorkerCrashedError as exc:
         error = PipelineError(
             f"a worker died running the stages {names} on source item {exc.item_index}: {exc}",
