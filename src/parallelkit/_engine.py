@@ -40,6 +40,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from . import _worker as W
+from ._arena import MAGIC, ArgArena, ResultReader, remove_leftovers
 from ._job import Chunk, Job, PoolBrokenError
 from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
 from ._serialize import (
@@ -67,6 +68,7 @@ class _Worker:
         "killed_for",
         "pid",
         "process",
+        "results",
         "sentinel",
         "slot",
         "stopping",
@@ -86,12 +88,14 @@ class _Worker:
         self.dead = False
         self.head_since = 0
         self.killed_for: BaseException | None = None  # a timeout we killed it for
+        self.results: ResultReader | None = None  # its result segments, once it sent some
 
 
 class Engine:
     """Owns the worker processes and runs jobs on them.  Not public: see ``WorkerPool``."""
 
     pickles_items = True
+    out_of_band = True  # jobs send large buffers through self.arena (_arena)
 
     def __init__(
         self,
@@ -154,6 +158,13 @@ class Engine:
         self.deferred: list[Callable[[], object]] = []
         self.changes = 0  # bumped whenever a job gets a result or an error
         self.released = False
+        self.arena: ArgArena | None = None  # made when a chunk first has a large buffer
+        if start_method == "fork":
+            # workers that create result segments register them with *our* tracker (so
+            # that they go if we are SIGKILLed), not with one each of them would start
+            from multiprocessing import resource_tracker  # noqa: PLC0415
+
+            resource_tracker.ensure_running()
 
     # ---------------------------------------------------------------- functions
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
@@ -203,6 +214,7 @@ class Engine:
 
     def _start_worker(self, slot: int) -> _Worker:
         self.words[slot * W.SLOT_WORDS + W.POS] = W.POS_STARTING
+        self.words[slot * W.SLOT_WORDS + W.RESULTS_TAKEN] = 0
         fork = self.start_method == "fork"
         inherited = None
         if fork and self.inherited_fn is not None:
@@ -246,8 +258,19 @@ class Engine:
         return self.helper_thread is not None and self.helper_thread.is_alive()
 
     # ---------------------------------------------------------------- dispatch
-    def _send(self, worker: _Worker, chunk: Chunk) -> None:
+    def _send(self, worker: _Worker, chunk: Chunk) -> bool:
+        """Send ``chunk``; False (and the chunk queued again) if the arena has no room
+        for its buffers until a worker answers."""
         job = chunk.job
+        arena_spec = b""
+        if chunk.buffers:
+            if self.arena is None:
+                self.arena = ArgArena(self.max_workers)
+            placed = self.arena.put(chunk.buffers)
+            if placed is None:
+                self.retry(chunk)
+                return False
+            arena_spec, chunk.region = placed
         fn_payload = b""
         if job.fn_id not in worker.fns:
             fn_payload = job.fn_payload
@@ -255,6 +278,8 @@ class Engine:
             if len(worker.fns) > W.FN_CACHE_SIZE:
                 del worker.fns[next(iter(worker.fns))]
         flags = job.flags | (W.INHERITED_ITEMS if chunk.items is None else 0)
+        if arena_spec:
+            flags |= W.ARENA
         header = W.HEADER.pack(
             W.TASK, chunk.cid, job.fn_id, flags, len(fn_payload), chunk.start, chunk.stop
         )
@@ -264,9 +289,10 @@ class Engine:
         worker.chunks.append(chunk)
         job.in_flight += 1
         try:
-            worker.conn.send_bytes(b"".join((header, fn_payload, payload)))
+            worker.conn.send_bytes(b"".join((header, fn_payload, arena_spec, payload)))
         except OSError:
             pass  # it died: its sentinel will tell, and the chunk is still attributed to it
+        return True
 
     def _capacity(self, worker: _Worker) -> bool:
         if worker.stopping or worker.dead or worker.killed_for is not None:
@@ -307,9 +333,8 @@ class Engine:
             for worker in list(self.workers):
                 while len(worker.chunks) <= depth and self._capacity(worker):
                     chunk = self._next_chunk()
-                    if chunk is None:
+                    if chunk is None or not self._send(worker, chunk):
                         return
-                    self._send(worker, chunk)
             while len(self.workers) < self.max_workers and depth == 0:
                 chunk = self._next_chunk()
                 if chunk is None:
@@ -323,7 +348,8 @@ class Engine:
                     if not chunk.job.cancelled and chunk.job.error is None:
                         self.retry(chunk)
                     return
-                self._send(spawned, chunk)
+                if not self._send(spawned, chunk):
+                    return
 
     # ---------------------------------------------------------------- events
     def _wait_objects(self) -> list[Any]:
@@ -402,7 +428,12 @@ class Engine:
     def _on_message(self, w: _Worker, data: bytes) -> None:
         chunk = w.chunks[0] if w.chunks else None
         try:
-            msg = pickle.loads(data)
+            if data[:4] == MAGIC:
+                msg = self._arena_message(w, chunk, data)
+            else:
+                if chunk is not None and chunk.region is not None:
+                    self._release_region(chunk, kept=False)
+                msg = pickle.loads(data)
         except (Exception, SystemExit) as exc:  # a result's __reduce__ may even sys.exit()
             if chunk is None:
                 return
@@ -453,6 +484,25 @@ class Engine:
             else:
                 self._blame_or_split(chunk, "argument", "cannot be unpickled in the worker", cause)
         self._maybe_retire(w)
+
+    def _arena_message(self, w: _Worker, chunk: Chunk | None, data: bytes) -> Any:
+        """A reply with result buffers in the worker's segment, or a kept flag: copy the
+        buffers out, tell the worker, let go of the chunk's region, then unpickle."""
+        if w.results is None:
+            w.results = ResultReader()
+        kept, payload, buffers = w.results.load(data)
+        if buffers:
+            self.words[w.slot * W.SLOT_WORDS + W.RESULTS_TAKEN] += 1
+        if chunk is not None and chunk.region is not None:
+            self._release_region(chunk, kept=kept)
+        return pickle.loads(payload, buffers=buffers)
+
+    def _release_region(self, chunk: Chunk, *, kept: bool) -> None:
+        region, chunk.region = chunk.region, None
+        if self.arena is not None:
+            self.arena.release(region, kept=kept)
+        if kept:
+            chunk.job.note_kept()
 
     def _blame_or_split(
         self, chunk: Chunk, what: SerializedWhat, problem: str, cause: BaseException
@@ -589,8 +639,21 @@ class Engine:
             self.free_slots.append(w.slot)
         w.conn.close()
         w.process.join(0)
-        if w.process.exitcode is not None:
+        gone = w.process.exitcode is not None
+        if gone:
             w.process.close()
+        for chunk in w.chunks:  # a dead worker holds nothing: its regions are free
+            if chunk.region is not None:
+                self._release_region(chunk, kept=False)
+        self._drop_segments(w, gone=gone)
+
+    def _drop_segments(self, w: _Worker, *, gone: bool) -> None:
+        """Unmap the worker's result segments; unlink any it left (it has exited)."""
+        if w.results is not None:
+            w.results.close()
+            w.results = None
+        if gone and w.pid is not None:
+            remove_leftovers(w.pid)
 
     def _check_timeouts(self) -> None:
         now = time.monotonic_ns()
@@ -798,6 +861,7 @@ class Engine:
         for w in workers:
             w.dead = True
             w.conn.close()
+            self._drop_segments(w, gone=True)
         self.progressed.notify_all()
 
     def shutdown(self, *, graceful: bool, join_timeout: float = 5.0) -> None:
@@ -829,6 +893,7 @@ class Engine:
         with self.mutex:
             for w in workers:
                 w.conn.close()
+                self._drop_segments(w, gone=True)
             if self.driver is None:
                 self._release_locked()
             self._run_deferred_locked()
@@ -838,6 +903,9 @@ class Engine:
         if self.released:
             return
         self.released = True
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)

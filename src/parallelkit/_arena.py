@@ -1,0 +1,551 @@
+"""Large buffers of a parallel map travel through reused shared memory, not the pipe.
+
+Pickle protocol 5 hands an object's large buffers (numpy arrays, ``pickle.PickleBuffer``;
+large top-level ``bytes`` / ``bytearray`` items are wrapped so that they go the same way)
+to a callback instead of copying them into the pickle.  Buffers of at least
+``MIN_BYTES`` are copied into shared memory; the message carries only where they are::
+
+    parent ── TASK: [ARENA spec: segment, (offset, size)...] + small pickle ──▶ worker
+      │  copies each argument buffer into the engine's arena          maps the arena once,
+      │  (one segment, reused across chunks and calls, grown when      unpickles onto views
+      │  it is too small), a region per chunk                           of it: zero copy
+    parent ◀── MAGIC + kept + result specs + small pickle ────────────── worker
+         copies each result buffer out of the worker's own        copies each large result
+         result arena, then counts it as taken (progress slot)    into its result arena
+
+- **Arguments** (:class:`ArgArena`, :class:`ArgReader`): a chunk's region is reused only
+  after its worker answered.  Before answering, the worker checks that nothing still
+  points into the region (releasing each view raises ``BufferError`` otherwise: the
+  function kept its argument).  It then reports the region as *kept*, and the parent never
+  writes to that segment again: it stops using it, frees (``MADV_REMOVE``) what is not
+  kept, and unlinks it once no region of it is in flight; the worker's mapping keeps the
+  kept memory alive for as long as the function's objects use it.
+- **Results** (:class:`ResultWriter`, :class:`ResultReader`): each worker owns a result
+  segment.  The parent copies every result buffer out at once (so the objects it hands
+  over own their memory) and then bumps a counter in the worker's progress slot; the
+  worker reuses a region only once the parent has counted the message that used it.
+  Copying out beats mapping a new segment per result by far: fresh shared-memory pages
+  cost about 1 ms per MiB to fault in on this kind of machine, a copy between warm pages
+  a fifth of that.
+- **Cleanup**: every segment is created by ``_shm.Segment`` (named ``pk_<pid>_<hex>``,
+  registered with multiprocessing's resource tracker, which unlinks it if its creator is
+  SIGKILLed together with the parent).  A worker unlinks its result segments when it
+  stops; the parent removes those of a worker that died (:func:`remove_leftovers`).
+- The parent's mappings are ``MADV_DONTFORK``: a worker forked later inherits none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import mmap
+import os
+import pickle
+import struct
+from collections import deque
+from collections.abc import Sequence
+from multiprocessing import resource_tracker
+from typing import Any, Final
+
+from ._shm import PREFIX, SHM_DIR, Segment
+from ._worker import ARENA_MIN_BYTES
+
+MIN_BYTES: Final = ARENA_MIN_BYTES  # buffers this large go through shared memory
+CHUNK_BYTES: Final = 4 * 1024 * 1024  # automatic chunks carry about this much at most
+KEPT_LIMIT: Final = 3  # after this many kept regions a job sends its buffers in band
+_MIN_SEGMENT: Final = 4 * 1024 * 1024
+_PAGE: Final = mmap.PAGESIZE
+_ALIGN: Final = 64  # each buffer starts on a cache line (numpy wants 16 at least)
+_SCAN_LIMIT: Final = 64  # look for large bytes items only in lists this short
+
+MAGIC: Final = b"PKA\x00"  # a reply with arena specs; a plain pickle starts with 0x80
+# parent -> worker (after the fn payload, when the ARENA flag is set)
+_ARG_HEAD: Final = struct.Struct("<qq")  # number of buffers, length of the segment name
+_ARG_SPEC: Final = struct.Struct("<qq")  # offset, size
+# worker -> parent
+_RES_HEAD: Final = struct.Struct("<4sqqq")  # magic, kept, number of buffers, names length
+_RES_SPEC: Final = struct.Struct("<qqqq")  # segment index, offset, size, readonly
+
+
+def _round(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+# ------------------------------------------------------------------ pickling
+class _LargeBytes:
+    """Stands for a large ``bytes`` / ``bytearray`` item, to send its data out of band."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        rebuild = _as_bytes if type(self.data) is bytes else _as_bytearray
+        return (rebuild, (pickle.PickleBuffer(self.data),))
+
+
+def _as_bytes(buffer: Any) -> bytes:
+    return buffer if type(buffer) is bytes else bytes(buffer)
+
+
+def _as_bytearray(buffer: Any) -> bytearray:
+    return buffer if type(buffer) is bytearray else bytearray(buffer)
+
+
+def _substitute(values: Sequence[Any]) -> Sequence[Any]:
+    """``values`` with large ``bytes``/``bytearray`` items wrapped (short lists only)."""
+    if len(values) > _SCAN_LIMIT:
+        return values
+    big = False
+    for x in values:
+        if (type(x) is bytes or type(x) is bytearray) and len(x) >= MIN_BYTES:
+            big = True
+            break
+    if not big:
+        return values
+    return [
+        _LargeBytes(x) if (type(x) is bytes or type(x) is bytearray) and len(x) >= MIN_BYTES else x
+        for x in values
+    ]
+
+
+def dump_items(items: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
+    """Pickle a chunk's items; buffers of at least ``MIN_BYTES`` are returned apart.
+
+    Returns:
+        The pickle and the large buffers (contiguous byte views of the items' memory,
+        not copies), in the order the unpickler wants them.
+    """
+    raws: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if raw.nbytes < MIN_BYTES:
+            return True
+        raws.append(raw)
+        return False
+
+    payload = pickle.dumps(_substitute(items), 5, buffer_callback=out_of_band)
+    return payload, raws
+
+
+# ------------------------------------------------------------------ space
+class _Space:
+    """First-fit allocation of page-aligned regions inside one segment."""
+
+    __slots__ = ("size", "used")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used: list[tuple[int, int]] = []  # sorted (start, end)
+
+    def alloc(self, n: int) -> int | None:
+        n = _round(max(n, 1), _PAGE)
+        pos = 0
+        for i, (start, end) in enumerate(self.used):
+            if start - pos >= n:
+                self.used.insert(i, (pos, pos + n))
+                return pos
+            pos = end
+        if self.size - pos >= n:
+            self.used.append((pos, pos + n))
+            return pos
+        return None
+
+    def free(self, offset: int) -> tuple[int, int]:
+        for i, (start, end) in enumerate(self.used):
+            if start == offset:
+                del self.used[i]
+                return start, end
+        raise KeyError(offset)  # pragma: no cover - a bug
+
+
+def _map_private(segment: Segment) -> None:
+    """A mapping that only this process uses: no fd kept, not inherited by fork."""
+    segment.drop_fd()
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        segment.mm.madvise(mmap.MADV_DONTFORK)
+
+
+class _ArgSegment:
+    __slots__ = ("kept", "live", "segment", "space", "view")
+
+    def __init__(self, size: int) -> None:
+        self.segment = Segment.create(size)
+        _map_private(self.segment)
+        self.view = memoryview(self.segment.mm)
+        self.space = _Space(self.segment.size)
+        self.live = 0  # regions in flight
+        self.kept: list[tuple[int, int]] = []  # regions a worker still uses
+
+    def destroy(self) -> None:
+        """Free every page no worker keeps, then unmap and unlink."""
+        pos = 0
+        mm = self.segment.mm
+        for start, end in [*sorted(self.kept), (self.segment.size, self.segment.size)]:
+            if start > pos:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    mm.madvise(mmap.MADV_REMOVE, pos, start - pos)
+            pos = max(pos, end)
+        self.segment.close((self.view,))
+
+
+class Region:
+    """Where one chunk's argument buffers are (owned by :class:`ArgArena`)."""
+
+    __slots__ = ("home", "offset")
+
+    def __init__(self, home: _ArgSegment, offset: int) -> None:
+        self.home = home
+        self.offset = offset
+
+
+class ArgArena:
+    """The parent's shared memory for argument buffers (see the module docstring)."""
+
+    def __init__(self, max_workers: int) -> None:
+        self.max_workers = max_workers
+        self.current: _ArgSegment | None = None
+        self.retired: list[_ArgSegment] = []
+        self.live = 0
+
+    def put(self, raws: list[memoryview]) -> tuple[bytes, Region] | None:
+        """Copy ``raws`` into one region; ``(spec, region)``, or ``None`` to wait for room.
+
+        Raises:
+            OSError: no room in ``/dev/shm`` for a segment (``errno.ENOSPC``).
+        """
+        sizes = [raw.nbytes for raw in raws]
+        need = sum(_round(n, _ALIGN) for n in sizes)
+        home = self.current
+        offset = None if home is None else home.space.alloc(need)
+        if offset is None:
+            if home is not None and self.live >= 2 * self.max_workers:
+                return None  # the regions in flight come back as their workers answer
+            size = max(_MIN_SEGMENT, 2 * self.max_workers * _round(need, _PAGE))
+            if home is not None:
+                size = max(size, 2 * home.segment.size)
+            self._retire_current()
+            home = self.current = _ArgSegment(_round(size, 1 << 20))
+            offset = home.space.alloc(need)
+            assert offset is not None
+        assert home is not None
+        name = home.segment.name.encode()
+        spec = bytearray(_ARG_HEAD.size + len(name) + _ARG_SPEC.size * len(raws))
+        _ARG_HEAD.pack_into(spec, 0, len(raws), len(name))
+        spec[_ARG_HEAD.size : _ARG_HEAD.size + len(name)] = name
+        at = _ARG_HEAD.size + len(name)
+        view = home.view
+        pos = offset
+        for raw, n in zip(raws, sizes, strict=True):
+            view[pos : pos + n] = raw
+            _ARG_SPEC.pack_into(spec, at, pos, n)
+            at += _ARG_SPEC.size
+            pos += _round(n, _ALIGN)
+        home.live += 1
+        self.live += 1
+        return bytes(spec), Region(home, offset)
+
+    def release(self, region: Region, *, kept: bool) -> None:
+        """The worker is done with ``region`` (``kept``: its objects still use it)."""
+        home = region.home
+        home.live -= 1
+        self.live -= 1
+        span = home.space.free(region.offset)
+        if kept:
+            home.kept.append(span)
+            if home is self.current:
+                self._retire_current()
+        if home is not self.current and home.live == 0 and home in self.retired:
+            self.retired.remove(home)
+            home.destroy()
+
+    def _retire_current(self) -> None:
+        home, self.current = self.current, None
+        if home is None:
+            return
+        if home.live == 0:
+            home.destroy()
+        else:
+            self.retired.append(home)
+
+    def close(self) -> None:
+        """Unmap and unlink every segment (workers still mapping one keep their memory)."""
+        homes = [*self.retired, *([self.current] if self.current is not None else [])]
+        self.current = None
+        self.retired = []
+        for home in homes:
+            home.destroy()
+
+
+class ArgReader:
+    """A worker's side of :class:`ArgArena`: the current segment, mapped once."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.segment: Segment | None = None
+        self.view: memoryview | None = None
+        self.held: list[memoryview] = []
+
+    def load(self, data: memoryview) -> Any:
+        """Unpickle a chunk's items onto views of the arena (no copy)."""
+        nbuf, name_len = _ARG_HEAD.unpack_from(data)
+        at = _ARG_HEAD.size
+        name = bytes(data[at : at + name_len]).decode()
+        at += name_len
+        if name != self.name:
+            self._switch(name)
+        view = self.view
+        assert view is not None
+        held = self.held
+        for _ in range(nbuf):
+            offset, n = _ARG_SPEC.unpack_from(data, at)
+            at += _ARG_SPEC.size
+            held.append(view[offset : offset + n])
+        # A PickleBuffer per region: what the objects built on it hold, so that a region
+        # still in use cannot be released (see release()).
+        return pickle.loads(data[at:], buffers=[pickle.PickleBuffer(v) for v in held])
+
+    def release(self) -> bool:
+        """Let go of the last chunk's regions; True if the function's objects kept one."""
+        held, self.held = self.held, []
+        kept = False
+        for attempt in (0, 1):
+            left = []
+            for view in held:
+                try:
+                    view.release()
+                except BufferError:
+                    left.append(view)
+            if not left:
+                return kept
+            held = left
+            kept = True
+            if attempt == 0:
+                gc.collect()  # a reference cycle (a traceback) may be all that holds it
+                kept = False
+        return True
+
+    def _switch(self, name: str) -> None:
+        self.close()  # the parent never writes to an older segment again
+        segment = Segment.attach(name)
+        segment.drop_fd()
+        self.segment, self.view, self.name = segment, memoryview(segment.mm), name
+
+    def close(self) -> None:
+        """Unmap (memory the function's objects still use stays until they go)."""
+        if self.segment is not None:
+            assert self.view is not None
+            self.segment.close((self.view,))
+        self.segment = self.view = None
+        self.name = ""
+
+
+# ------------------------------------------------------------------ results
+class _ResultSegment:
+    __slots__ = ("outstanding", "segment", "space", "view")
+
+    def __init__(self, size: int) -> None:
+        self.segment = Segment.create(size)
+        self.segment.drop_fd()
+        self.view = memoryview(self.segment.mm)
+        self.space = _Space(self.segment.size)
+        self.outstanding = 0
+
+
+class ResultWriter:
+    """A worker's result segment: large result buffers are copied in, the parent copies
+    them out and counts the message in ``words[taken_index]``."""
+
+    def __init__(self, words: memoryview, taken_index: int) -> None:
+        self.words = words
+        self.taken_index = taken_index
+        self.current: _ResultSegment | None = None
+        self.retired: list[_ResultSegment] = []
+        self.sent = 0  # messages with buffers sent so far
+        self.pending: deque[tuple[int, _ResultSegment, int]] = deque()  # (seq, home, offset)
+
+    def dump(
+        self, msg: tuple[Any, ...], results: list[Any]
+    ) -> tuple[bytes, list[tuple[_ResultSegment, int, int, bool]]]:
+        """Pickle ``msg`` (whose third field is ``results``), large buffers copied into
+        the result segment; give the pickle and the buffers' specs to :meth:`frame`.
+
+        Raises:
+            Exception: a result cannot be pickled (nothing is left allocated).
+        """
+        self._collect()
+        specs: list[tuple[_ResultSegment, int, int, bool]] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:
+                return True
+            n = raw.nbytes
+            if n < MIN_BYTES:
+                return True
+            home, offset = self._alloc(n)
+            home.view[offset : offset + n] = raw
+            home.outstanding += 1
+            specs.append((home, offset, n, raw.readonly))
+            return False
+
+        try:
+            payload = pickle.dumps(
+                (*msg[:2], _substitute(results), *msg[3:]), 5, buffer_callback=out_of_band
+            )
+        except BaseException:
+            for home, offset, _, _ in specs:
+                home.space.free(offset)
+                home.outstanding -= 1
+            raise
+        return payload, specs
+
+    def frame(
+        self,
+        payload: bytes,
+        specs: list[tuple[_ResultSegment, int, int, bool]],
+        kept: bool | None,
+    ) -> bytes:
+        """The reply: ``payload`` as it is when there is nothing to say out of band, else
+        ``MAGIC``, the kept flag (``None``: no arguments came through the arena), the
+        specs of the result buffers, then ``payload``."""
+        if not specs and kept is None:
+            return payload
+        return self._frame(payload, specs, bool(kept))
+
+    def _frame(
+        self, payload: bytes, specs: list[tuple[_ResultSegment, int, int, bool]], kept: bool
+    ) -> bytes:
+        homes: list[_ResultSegment] = []
+        for home, *_ in specs:
+            if home not in homes:
+                homes.append(home)
+        names = "\n".join(home.segment.name for home in homes).encode()
+        head = bytearray(_RES_HEAD.size + len(names) + _RES_SPEC.size * len(specs))
+        _RES_HEAD.pack_into(head, 0, MAGIC, int(kept), len(specs), len(names))
+        head[_RES_HEAD.size : _RES_HEAD.size + len(names)] = names
+        at = _RES_HEAD.size + len(names)
+        if specs:
+            self.sent += 1
+        for home, offset, n, readonly in specs:
+            _RES_SPEC.pack_into(head, at, homes.index(home), offset, n, int(readonly))
+            at += _RES_SPEC.size
+            self.pending.append((self.sent, home, offset))
+        head += payload
+        return bytes(head)
+
+    def _collect(self) -> None:
+        """Take back the regions of messages the parent has copied out."""
+        taken = self.words[self.taken_index]
+        pending = self.pending
+        while pending and pending[0][0] <= taken:
+            _, home, offset = pending.popleft()
+            home.space.free(offset)
+            home.outstanding -= 1
+            if home.outstanding == 0 and home in self.retired:
+                self.retired.remove(home)
+                home.segment.close((home.view,))
+
+    def _alloc(self, n: int) -> tuple[_ResultSegment, int]:
+        home = self.current
+        offset = None if home is None else home.space.alloc(n)
+        if offset is not None:
+            assert home is not None
+            return home, offset
+        size = max(_MIN_SEGMENT, 4 * _round(n, _PAGE))
+        if home is not None:
+            size = max(size, 2 * home.segment.size)
+            if home.outstanding:
+                self.retired.append(home)
+            else:
+                home.segment.close((home.view,))
+        home = self.current = _ResultSegment(_round(size, 1 << 20))
+        offset = home.space.alloc(n)
+        assert offset is not None
+        return home, offset
+
+    def close(self) -> None:
+        """Unlink every result segment (the worker is stopping)."""
+        homes = [*self.retired, *([self.current] if self.current is not None else [])]
+        self.current = None
+        self.retired = []
+        for home in homes:
+            home.segment.close((home.view,))
+
+
+class ResultReader:
+    """The parent's view of one worker's result segments."""
+
+    def __init__(self) -> None:
+        self.mapped: dict[str, tuple[Segment, memoryview]] = {}
+
+    def load(self, data: bytes) -> tuple[bool, bytes | memoryview, list[Any]]:
+        """``(kept, pickle, buffers)`` of a reply that starts with ``MAGIC``; the buffers
+        are copies that own their memory."""
+        _, kept, nbuf, names_len = _RES_HEAD.unpack_from(data)
+        at = _RES_HEAD.size
+        buffers: list[Any] = []
+        if nbuf:
+            names = bytes(data[at : at + names_len]).decode().split("\n")
+            views = [self._view(name) for name in names]
+            for stale in [name for name in self.mapped if name not in names]:
+                segment, view = self.mapped.pop(stale)  # the worker has moved on
+                segment.close((view,))
+            at += names_len
+            for _ in range(nbuf):
+                index, offset, n, readonly = _RES_SPEC.unpack_from(data, at)
+                at += _RES_SPEC.size
+                part = views[index][offset : offset + n]
+                buffers.append(bytes(part) if readonly else bytearray(part))
+                part.release()
+        else:
+            at += names_len
+        return bool(kept), memoryview(data)[at:], buffers
+
+    def _view(self, name: str) -> memoryview:
+        known = self.mapped.get(name)
+        if known is None:
+            segment = Segment.attach(name)
+            _map_private(segment)
+            known = self.mapped[name] = (segment, memoryview(segment.mm))
+        return known[1]
+
+    def close(self) -> None:
+        """Unmap every segment of this worker."""
+        mapped, self.mapped = self.mapped, {}
+        for segment, view in mapped.values():
+            segment.close((view,))
+
+
+class WorkerArena:
+    """What a worker needs: the parent's arena mapped, its own result segment."""
+
+    def __init__(self, words: memoryview, taken_index: int) -> None:
+        self.reader = ArgReader()
+        self.writer = ResultWriter(words, taken_index)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+
+
+def remove_leftovers(pid: int) -> None:
+    """Unlink the segments a worker (``pid``, gone now) created and did not remove."""
+    prefix = f"{PREFIX}{pid}_"
+    try:
+        names = [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(SHM_DIR / name)
+        except FileNotFoundError:
+            continue
+        with contextlib.suppress(Exception):
+            resource_tracker.unregister("/" + name, "shared_memory")
