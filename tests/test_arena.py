@@ -3,6 +3,7 @@ references, crashes, and no segment left behind."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import workers_arena as wa
-from parallelkit import _arena
+from parallelkit import _arena, _shm
 from parallelkit._job import Job
 from parallelkit._types import StartMethod
 
@@ -29,8 +30,14 @@ SHM = Path("/dev/shm")
 MIN = _arena.MIN_BYTES
 
 
-def _ours() -> set[str]:
-    return {name for name in os.listdir(SHM) if name.startswith("pk_")}
+def _ours(*pids: int | None) -> set[str]:
+    """Segments of these processes (other programs on the machine may have their own)."""
+    prefixes = tuple(f"pk_{pid}_" for pid in pids if pid is not None)
+    return {name for name in os.listdir(SHM) if name.startswith(prefixes)}
+
+
+def _pids(pool: pk.WorkerPool) -> list[int | None]:
+    return [os.getpid(), *(w.pid for w in pool._engine.workers)]
 
 
 def _digest(x: Any) -> str:
@@ -100,7 +107,7 @@ def test_small_buffers_do_not_use_the_arena(start_method: StartMethod) -> None:
             float(a.sum()) for a in small
         ]
         assert pool._engine.arena is None
-        assert not _ours()
+        assert not _ours(*_pids(pool))
 
 
 def test_a_kept_argument_stays_intact_while_new_chunks_run(start_method: StartMethod) -> None:
@@ -154,6 +161,7 @@ def test_sigkilled_worker_holding_regions(start_method: StartMethod) -> None:
     arrays[5][0] = -1.0
     with pk.WorkerPool(2, start_method=start_method) as pool:
         out = list(pool.imap(wa.sum_or_die, arrays, chunksize=1, return_exceptions=True))
+        pids = _pids(pool)
         crash = out[5]
         assert isinstance(crash, pk.WorkerCrashedError)
         assert crash.signal == "SIGKILL"
@@ -165,18 +173,17 @@ def test_sigkilled_worker_holding_regions(start_method: StartMethod) -> None:
         out2 = list(pool.imap(wa.big_result_or_die, [1, 2, 3, -1, 4], return_exceptions=True))
         crash2 = out2[3]
         assert isinstance(crash2, pk.WorkerCrashedError)
-        assert not [n for n in _ours() if n.startswith(f"pk_{crash2.pid}_")]
-        assert not [n for n in _ours() if n.startswith(f"pk_{crash.pid}_")]
+        assert not _ours(crash.pid, crash2.pid)
         assert [float(a[0]) for a in out2 if isinstance(a, np.ndarray)] == [1, 2, 3, 4]
         # the arena is still sound: later maps see exactly their own data
         again = pool._run(wa.describe_array, arrays, 1, True, None, False)
         assert again == [wa.describe_array(a) for a in arrays]
-    assert not _ours()
+        pids += _pids(pool)
+    assert not _ours(*pids)
 
 
 @pytest.mark.timeout(60)
 def test_sigkilled_parent_leaves_no_segment(start_method: StartMethod) -> None:
-    before = _ours()
     env = dict(os.environ)
     src = str(Path(pk.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
@@ -192,15 +199,16 @@ def test_sigkilled_parent_leaves_no_segment(start_method: StartMethod) -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith(b"SEGMENTS"), proc.stderr.read() if proc.stderr else ""
-        created = _ours() - before
-        assert any(n.startswith(f"pk_{proc.pid}_") for n in created)  # the arena
-        assert any(not n.startswith(f"pk_{proc.pid}_") for n in created)  # results
+        workers = [int(pid) for pid in line.split()[1:]]
+        created = _ours(proc.pid, *workers)
+        assert _ours(proc.pid)  # the arena
+        assert _ours(*workers)  # the workers' result segments
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
         deadline = time.monotonic() + 30
-        while created & _ours() and time.monotonic() < deadline:
+        while _ours(proc.pid, *workers) and time.monotonic() < deadline:
             time.sleep(0.05)  # the resource tracker unlinks them once every process is gone
-        assert not created & _ours()
+        assert not _ours(proc.pid, *workers), created
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -237,3 +245,22 @@ def test_buffer_sizes_around_the_threshold(start_method: StartMethod) -> None:
                     np.testing.assert_array_equal(a, b)
 
         round_trip()
+
+
+def test_no_room_in_dev_shm_sends_buffers_in_band(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_room(size: int) -> Any:
+        raise OSError(errno.ENOSPC, "no room (test)")
+
+    arrays = [np.full(100_000, float(i)) for i in range(6)]
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        # the parent cannot create its arena (nor, under fork, can the workers create
+        # result segments: they inherit the patch)
+        monkeypatch.setattr(_shm.Segment, "create", no_room)
+        back = list(pool.imap(wa.echo, arrays))
+        assert [wa.describe_array(a) for a in back] == [wa.describe_array(a) for a in arrays]
+        assert pool._run(wa.total, arrays, 1, True, None, False) == [float(a.sum()) for a in arrays]
+        arena = pool._engine.arena
+        assert arena is not None
+        assert arena.current is None

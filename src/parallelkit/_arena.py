@@ -10,8 +10,9 @@ to a callback instead of copying them into the pickle.  Buffers of at least
       │  (one segment, reused across chunks and calls, grown when      unpickles onto views
       │  it is too small), a region per chunk                           of it: zero copy
     parent ◀── MAGIC + kept + result specs + small pickle ────────────── worker
-         copies each result buffer out of the worker's own        copies each large result
-         result arena, then counts it as taken (progress slot)    into its result arena
+         maps each result region on its own and builds the result   copies each large result
+         on that mapping: zero copy; when the object is gone, the   into its result segment
+         region goes back to the worker (a flag word per page)      (reused, grown if full)
 
 - **Arguments** (:class:`ArgArena`, :class:`ArgReader`): a chunk's region is reused only
   after its worker answered.  Before answering, the worker checks that nothing still
@@ -19,19 +20,22 @@ to a callback instead of copying them into the pickle.  Buffers of at least
   function kept its argument).  It then reports the region as *kept*, and the parent never
   writes to that segment again: it stops using it, frees (``MADV_REMOVE``) what is not
   kept, and unlinks it once no region of it is in flight; the worker's mapping keeps the
-  kept memory alive for as long as the function's objects use it.
-- **Results** (:class:`ResultWriter`, :class:`ResultReader`): each worker owns a result
-  segment.  The parent copies every result buffer out at once (so the objects it hands
-  over own their memory) and then bumps a counter in the worker's progress slot; the
-  worker reuses a region only once the parent has counted the message that used it.
-  Copying out beats mapping a new segment per result by far: fresh shared-memory pages
-  cost about 1 ms per MiB to fault in on this kind of machine, a copy between warm pages
-  a fifth of that.
+  kept memory alive for as long as the function's objects use it.  After ``KEPT_LIMIT``
+  such reports a job sends its buffers in band.
+- **Results** (:class:`ResultWriter`, :class:`ResultReader`): each worker owns result
+  segments.  The parent maps each result region by itself (``mmap`` at its offset), so
+  the object built on it owns that mapping alone; a ``weakref.finalize`` on the mapping
+  clears the region's flag word in the segment's table when the object is gone, and the
+  worker then reuses the region.  Results a caller keeps make the worker grow into a new
+  segment instead.  (Measured against copying each result out in the parent: fresh
+  private pages cost about 1 ms per MiB to fault in on this kind of machine, which made
+  the parent the bottleneck; reused shared pages cost nothing more.)
 - **Cleanup**: every segment is created by ``_shm.Segment`` (named ``pk_<pid>_<hex>``,
   registered with multiprocessing's resource tracker, which unlinks it if its creator is
   SIGKILLed together with the parent).  A worker unlinks its result segments when it
-  stops; the parent removes those of a worker that died (:func:`remove_leftovers`).
-- The parent's mappings are ``MADV_DONTFORK``: a worker forked later inherits none.
+  stops (the parent's mappings stay valid); the parent removes those of a worker that
+  died (:func:`remove_leftovers`).  No room in ``/dev/shm``: buffers go in band.
+- The parent's arena mapping is ``MADV_DONTFORK``: a worker forked later inherits none.
 """
 
 from __future__ import annotations
@@ -42,12 +46,12 @@ import mmap
 import os
 import pickle
 import struct
-from collections import deque
+import weakref
 from collections.abc import Sequence
 from multiprocessing import resource_tracker
 from typing import Any, Final
 
-from ._shm import PREFIX, SHM_DIR, Segment
+from ._shm import NAME_RE, PREFIX, SHM_DIR, Segment
 from ._worker import ARENA_MIN_BYTES
 
 MIN_BYTES: Final = ARENA_MIN_BYTES  # buffers this large go through shared memory
@@ -347,33 +351,54 @@ class ArgReader:
 
 # ------------------------------------------------------------------ results
 class _ResultSegment:
-    __slots__ = ("outstanding", "segment", "space", "view")
+    """One of a worker's result segments: a table of flag words (one per page: 1 while
+    the parent's objects use the region that starts there; the parent writes 0 when they
+    are gone), then the regions."""
+
+    __slots__ = ("allocated", "segment", "space", "view", "words")
 
     def __init__(self, size: int) -> None:
-        self.segment = Segment.create(size)
+        table = _table_bytes(size)
+        self.segment = Segment.create(table + size)
         self.segment.drop_fd()
         self.view = memoryview(self.segment.mm)
+        self.words = self.view[:table].cast("q")
         self.space = _Space(self.segment.size)
-        self.outstanding = 0
+        self.space.used.append((0, table))
+        self.allocated: list[int] = []  # offsets of the regions the parent may hold
+
+    def collect(self) -> None:
+        """Take back the regions whose flag the parent has cleared."""
+        words = self.words
+        still = []
+        for offset in self.allocated:
+            if words[offset // _PAGE]:
+                still.append(offset)
+            else:
+                self.space.free(offset)
+        self.allocated = still
+
+    def close(self) -> None:
+        self.segment.close((self.words, self.view))
+
+
+def _table_bytes(size: int) -> int:
+    return _round(8 * (size // _PAGE + 2), _PAGE)
 
 
 class ResultWriter:
-    """A worker's result segment: large result buffers are copied in, the parent copies
-    them out and counts the message in ``words[taken_index]``."""
+    """A worker's result segments: large result buffers are copied in, and the parent's
+    objects are built on them without a copy (see the module docstring)."""
 
-    def __init__(self, words: memoryview, taken_index: int) -> None:
-        self.words = words
-        self.taken_index = taken_index
+    def __init__(self) -> None:
         self.current: _ResultSegment | None = None
         self.retired: list[_ResultSegment] = []
-        self.sent = 0  # messages with buffers sent so far
-        self.pending: deque[tuple[int, _ResultSegment, int]] = deque()  # (seq, home, offset)
 
     def dump(
         self, msg: tuple[Any, ...], results: list[Any]
     ) -> tuple[bytes, list[tuple[_ResultSegment, int, int, bool]]]:
         """Pickle ``msg`` (whose third field is ``results``), large buffers copied into
-        the result segment; give the pickle and the buffers' specs to :meth:`frame`.
+        a result segment; give the pickle and the buffers' specs to :meth:`frame`.
 
         Raises:
             Exception: a result cannot be pickled (nothing is left allocated).
@@ -389,9 +414,13 @@ class ResultWriter:
             n = raw.nbytes
             if n < MIN_BYTES:
                 return True
-            home, offset = self._alloc(n)
+            try:
+                home, offset = self._alloc(n)
+            except OSError:  # no room in /dev/shm: this one goes in band
+                return True
+            home.words[offset // _PAGE] = 1
+            home.allocated.append(offset)
             home.view[offset : offset + n] = raw
-            home.outstanding += 1
             specs.append((home, offset, n, raw.readonly))
             return False
 
@@ -401,8 +430,7 @@ class ResultWriter:
             )
         except BaseException:
             for home, offset, _, _ in specs:
-                home.space.free(offset)
-                home.outstanding -= 1
+                home.words[offset // _PAGE] = 0
             raise
         return payload, specs
 
@@ -417,40 +445,29 @@ class ResultWriter:
         specs of the result buffers, then ``payload``."""
         if not specs and kept is None:
             return payload
-        return self._frame(payload, specs, bool(kept))
-
-    def _frame(
-        self, payload: bytes, specs: list[tuple[_ResultSegment, int, int, bool]], kept: bool
-    ) -> bytes:
         homes: list[_ResultSegment] = []
         for home, *_ in specs:
             if home not in homes:
                 homes.append(home)
         names = "\n".join(home.segment.name for home in homes).encode()
         head = bytearray(_RES_HEAD.size + len(names) + _RES_SPEC.size * len(specs))
-        _RES_HEAD.pack_into(head, 0, MAGIC, int(kept), len(specs), len(names))
+        _RES_HEAD.pack_into(head, 0, MAGIC, int(bool(kept)), len(specs), len(names))
         head[_RES_HEAD.size : _RES_HEAD.size + len(names)] = names
         at = _RES_HEAD.size + len(names)
-        if specs:
-            self.sent += 1
         for home, offset, n, readonly in specs:
             _RES_SPEC.pack_into(head, at, homes.index(home), offset, n, int(readonly))
             at += _RES_SPEC.size
-            self.pending.append((self.sent, home, offset))
         head += payload
         return bytes(head)
 
     def _collect(self) -> None:
-        """Take back the regions of messages the parent has copied out."""
-        taken = self.words[self.taken_index]
-        pending = self.pending
-        while pending and pending[0][0] <= taken:
-            _, home, offset = pending.popleft()
-            home.space.free(offset)
-            home.outstanding -= 1
-            if home.outstanding == 0 and home in self.retired:
+        if self.current is not None:
+            self.current.collect()
+        for home in list(self.retired):
+            home.collect()
+            if not home.allocated:
                 self.retired.remove(home)
-                home.segment.close((home.view,))
+                home.close()
 
     def _alloc(self, n: int) -> tuple[_ResultSegment, int]:
         home = self.current
@@ -461,74 +478,114 @@ class ResultWriter:
         size = max(_MIN_SEGMENT, 4 * _round(n, _PAGE))
         if home is not None:
             size = max(size, 2 * home.segment.size)
-            if home.outstanding:
-                self.retired.append(home)
+        new = _ResultSegment(_round(size, 1 << 20))  # OSError: the caller sends in band
+        if home is not None:
+            if home.allocated:
+                self.retired.append(home)  # the parent still uses some of it
             else:
-                home.segment.close((home.view,))
-        home = self.current = _ResultSegment(_round(size, 1 << 20))
-        offset = home.space.alloc(n)
+                home.close()
+        self.current = new
+        offset = new.space.alloc(n)
         assert offset is not None
-        return home, offset
+        return new, offset
 
     def close(self) -> None:
-        """Unlink every result segment (the worker is stopping)."""
+        """Unlink every result segment (the worker is stopping; the parent's mappings
+        keep what its objects still use)."""
         homes = [*self.retired, *([self.current] if self.current is not None else [])]
         self.current = None
         self.retired = []
         for home in homes:
-            home.segment.close((home.view,))
+            home.close()
+
+
+def _free_region(owner: int, words: memoryview, index: int) -> None:
+    """The parent's objects built on a result region are gone: the worker may reuse it."""
+    if os.getpid() != owner:  # a forked child dropping its copy of them: not ours to free
+        return
+    with contextlib.suppress(ValueError, IndexError):
+        words[index] = 0
+
+
+class _Mapped:
+    """The parent's handle on one worker result segment: its file and its flag table."""
+
+    __slots__ = ("fd", "mm", "words")
+
+    def __init__(self, name: str) -> None:
+        if NAME_RE.fullmatch(name) is None:
+            raise ValueError(f"not a parallelkit shared-memory segment name: {name!r}")
+        self.fd = os.open(SHM_DIR / name, os.O_RDWR)
+        try:
+            table = _table_bytes(os.fstat(self.fd).st_size)
+            self.mm = mmap.mmap(self.fd, table)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        # the table is unmapped once every finalizer holding ``words`` has run
+        self.words = memoryview(self.mm).cast("B").cast("q")
+
+    def drop_fd(self) -> None:
+        """No more regions to map from this segment (the mappings stay valid)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class ResultReader:
     """The parent's view of one worker's result segments."""
 
     def __init__(self) -> None:
-        self.mapped: dict[str, tuple[Segment, memoryview]] = {}
+        self.mapped: dict[str, _Mapped] = {}
 
     def load(self, data: bytes) -> tuple[bool, bytes | memoryview, list[Any]]:
-        """``(kept, pickle, buffers)`` of a reply that starts with ``MAGIC``; the buffers
-        are copies that own their memory."""
+        """``(kept, pickle, buffers)`` of a reply that starts with ``MAGIC``.
+
+        Each buffer is a mapping of its own region of the worker's segment (no copy);
+        the region goes back to the worker when the mapping, and so every object built
+        on it, is gone.
+        """
         _, kept, nbuf, names_len = _RES_HEAD.unpack_from(data)
         at = _RES_HEAD.size
         buffers: list[Any] = []
         if nbuf:
             names = bytes(data[at : at + names_len]).decode().split("\n")
-            views = [self._view(name) for name in names]
+            homes = [self._map(name) for name in names]
             for stale in [name for name in self.mapped if name not in names]:
-                segment, view = self.mapped.pop(stale)  # the worker has moved on
-                segment.close((view,))
+                self.mapped.pop(stale).drop_fd()  # the worker has moved on
             at += names_len
+            me = os.getpid()
             for _ in range(nbuf):
-                index, offset, n, readonly = _RES_SPEC.unpack_from(data, at)
+                index, offset, n, _readonly = _RES_SPEC.unpack_from(data, at)
                 at += _RES_SPEC.size
-                part = views[index][offset : offset + n]
-                buffers.append(bytes(part) if readonly else bytearray(part))
-                part.release()
+                home = homes[index]
+                # Not MADV_DONTFORK: a child forked later may use the results mapped here.
+                part = mmap.mmap(home.fd, n, offset=offset)
+                weakref.finalize(part, _free_region, me, home.words, offset // _PAGE)
+                buffers.append(part)
         else:
             at += names_len
         return bool(kept), memoryview(data)[at:], buffers
 
-    def _view(self, name: str) -> memoryview:
+    def _map(self, name: str) -> _Mapped:
         known = self.mapped.get(name)
         if known is None:
-            segment = Segment.attach(name)
-            _map_private(segment)
-            known = self.mapped[name] = (segment, memoryview(segment.mm))
-        return known[1]
+            known = self.mapped[name] = _Mapped(name)
+        return known
 
     def close(self) -> None:
-        """Unmap every segment of this worker."""
+        """Forget the segments (each goes once no object built on it is left)."""
         mapped, self.mapped = self.mapped, {}
-        for segment, view in mapped.values():
-            segment.close((view,))
+        for home in mapped.values():
+            home.drop_fd()
 
 
 class WorkerArena:
     """What a worker needs: the parent's arena mapped, its own result segment."""
 
-    def __init__(self, words: memoryview, taken_index: int) -> None:
+    def __init__(self) -> None:
         self.reader = ArgReader()
-        self.writer = ResultWriter(words, taken_index)
+        self.writer = ResultWriter()
 
     def close(self) -> None:
         self.writer.close()

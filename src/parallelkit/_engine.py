@@ -214,7 +214,6 @@ class Engine:
 
     def _start_worker(self, slot: int) -> _Worker:
         self.words[slot * W.SLOT_WORDS + W.POS] = W.POS_STARTING
-        self.words[slot * W.SLOT_WORDS + W.RESULTS_TAKEN] = 0
         fork = self.start_method == "fork"
         inherited = None
         if fork and self.inherited_fn is not None:
@@ -266,11 +265,18 @@ class Engine:
         if chunk.buffers:
             if self.arena is None:
                 self.arena = ArgArena(self.max_workers)
-            placed = self.arena.put(chunk.buffers)
-            if placed is None:
-                self.retry(chunk)
-                return False
-            arena_spec, chunk.region = placed
+            try:
+                placed = self.arena.put(chunk.buffers)
+            except OSError:  # no room in /dev/shm: this job sends its buffers in band
+                placed = None
+                job.out_of_band = False
+                chunk.buffers = None
+                chunk.payload = job.dump_in_band(chunk)
+            if chunk.buffers is not None:
+                if placed is None:
+                    self.retry(chunk)
+                    return False
+                arena_spec, chunk.region = placed
         fn_payload = b""
         if job.fn_id not in worker.fns:
             fn_payload = job.fn_payload
@@ -486,13 +492,11 @@ class Engine:
         self._maybe_retire(w)
 
     def _arena_message(self, w: _Worker, chunk: Chunk | None, data: bytes) -> Any:
-        """A reply with result buffers in the worker's segment, or a kept flag: copy the
-        buffers out, tell the worker, let go of the chunk's region, then unpickle."""
+        """A reply with result buffers in the worker's segment, or a kept flag: let go of
+        the chunk's region, then unpickle onto views of the worker's segment."""
         if w.results is None:
             w.results = ResultReader()
         kept, payload, buffers = w.results.load(data)
-        if buffers:
-            self.words[w.slot * W.SLOT_WORDS + W.RESULTS_TAKEN] += 1
         if chunk is not None and chunk.region is not None:
             self._release_region(chunk, kept=kept)
         return pickle.loads(payload, buffers=buffers)

@@ -194,6 +194,10 @@ class Job:
                     return self.next_chunk()
         return chunk
 
+    def dump_in_band(self, chunk: Chunk) -> bytes:
+        """The chunk's items pickled with every buffer inside (it was pickled before)."""
+        return pickle.dumps(chunk.items, PROTOCOL) if chunk.items is not None else b""
+
     def note_kept(self) -> None:
         """A worker's function kept a reference into the arena: after a few, stop using it
         (each one retires a whole segment)."""

@@ -56,7 +56,6 @@ POS_STARTING: Final = -1  # not yet ready for work (start-up, initializer)
 POS_RECEIVING: Final = -2  # unpickling a chunk
 POS_SENDING: Final = -3  # pickling and sending a chunk's results
 STARTED_NS: Final = 1  # time.monotonic_ns() when that item started (TIMED only)
-RESULTS_TAKEN: Final = 2  # replies with result buffers the parent has copied out (_arena)
 FN_CACHE_SIZE: Final = 64
 
 # exit codes of a worker that decided to stop
@@ -188,11 +187,11 @@ def _has_large_bytes(values: list[object]) -> bool:
     return False
 
 
-def _worker_arena(arena: list[Any], words: memoryview, base: int) -> Any:
+def _worker_arena(arena: list[Any]) -> Any:
     if not arena:
         from ._arena import WorkerArena  # noqa: PLC0415 - only maps with large buffers
 
-        arena.append(WorkerArena(words, base + RESULTS_TAKEN))
+        arena.append(WorkerArena())
     return arena[0]
 
 
@@ -231,9 +230,7 @@ def _task_loop(
         else:
             try:
                 if from_arena:
-                    items = _worker_arena(arena, words, base).reader.load(
-                        memoryview(buf)[hsize + fn_len :]
-                    )
+                    items = _worker_arena(arena).reader.load(memoryview(buf)[hsize + fn_len :])
                 else:
                     items = pickle.loads(memoryview(buf)[hsize + fn_len :])
             except BaseException as exc:
@@ -260,7 +257,7 @@ def _task_loop(
         except BaseException:
             payload = _dump_results_one_by_one(cid, results, errors, elapsed)
         if payload is None:  # large buffers to send apart, or arguments to let go of
-            state = _worker_arena(arena, words, base)
+            state = _worker_arena(arena)
             specs: list[Any] = []
             try:
                 payload, specs = state.writer.dump(msg, results)

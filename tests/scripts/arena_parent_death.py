@@ -1,7 +1,7 @@
 """A parent in the middle of a map with large arguments and results: arena_parent_death.py METHOD
 
-Prints ``SEGMENTS`` once the arena and the workers' result segments exist, then blocks in
-the map until the test SIGKILLs it.
+Prints ``SEGMENTS <worker pids>`` once the arena and the workers' result segments exist,
+then blocks in the map until the test SIGKILLs it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def main() -> None:
     results = pool.imap(slow_echo, arrays, chunksize=1)
     for i in range(4):
         assert float(next(results)[0]) == i
-    print("SEGMENTS", flush=True)
+    pids = " ".join(str(w.pid) for w in pool._engine.workers)
+    print("SEGMENTS", pids, flush=True)
     for _ in results:  # blocks: items 4.. sleep
         pass
 
