@@ -62,6 +62,9 @@ _PAGE: Final = mmap.PAGESIZE
 _ALIGN: Final = 64  # each buffer starts on a cache line (numpy wants 16 at least)
 _SCAN_LIMIT: Final = 64  # look for large bytes items only in lists this short
 
+# a result mapping's page tables are filled at once: faulting 8 MB page by page when the
+# caller reads it costs several times more
+_RESULT_FLAGS: Final = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 MAGIC: Final = b"PKA\x00"  # a reply with arena specs; a plain pickle starts with 0x80
 # parent -> worker (after the fn payload, when the ARENA flag is set)
 _ARG_HEAD: Final = struct.Struct("<qq")  # number of buffers, length of the segment name
@@ -560,7 +563,7 @@ class ResultReader:
                 at += _RES_SPEC.size
                 home = homes[index]
                 # Not MADV_DONTFORK: a child forked later may use the results mapped here.
-                part = mmap.mmap(home.fd, n, offset=offset)
+                part = mmap.mmap(home.fd, n, flags=_RESULT_FLAGS, offset=offset)
                 weakref.finalize(part, _free_region, me, home.words, offset // _PAGE)
                 buffers.append(part)
         else:
