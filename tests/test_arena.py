@@ -27,7 +27,8 @@ from parallelkit._types import StartMethod
 
 TESTS = Path(__file__).resolve().parent
 SHM = Path("/dev/shm")
-MIN = _arena.MIN_BYTES
+MIN = _arena.MIN_BYTES  # results
+ARG = _arena.ARG_MIN_BYTES  # arguments
 
 
 def _ours(*pids: int | None) -> set[str]:
@@ -101,7 +102,7 @@ def test_large_results_round_trip_and_own_their_memory(start_method: StartMethod
 
 
 def test_small_buffers_do_not_use_the_arena(start_method: StartMethod) -> None:
-    small = [np.full(MIN // 8 - 1, i, dtype=np.float64) for i in range(8)]
+    small = [np.full(ARG // 8 - 1, i, dtype=np.float64) for i in range(8)]
     with pk.WorkerPool(2, start_method=start_method) as pool:
         assert pool._run(wa.total, small, None, True, None, False) == [
             float(a.sum()) for a in small
@@ -220,7 +221,11 @@ def test_sigkilled_parent_leaves_no_segment(start_method: StartMethod) -> None:
                 stream.close()
 
 
-_SIZES = st.integers(MIN - 3 * 4096, MIN + 3 * 4096) | st.integers(0, 2 * MIN)
+_SIZES = (
+    st.integers(ARG - 2 * 4096, ARG + 2 * 4096)
+    | st.integers(MIN - 2 * 4096, MIN + 2 * 4096)
+    | st.integers(0, 2 * MIN)
+)
 
 
 def test_buffer_sizes_around_the_threshold(start_method: StartMethod) -> None:

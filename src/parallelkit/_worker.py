@@ -42,7 +42,7 @@ STAR_CALL: Final = 2  # items are (args, kwargs) pairs
 TIMED: Final = 4  # write each item's start time to the progress slot
 INHERITED_ITEMS: Final = 8  # no items payload: items = inherited[start:stop]
 ARENA: Final = 16  # the items payload starts with where its large buffers are (_arena)
-ARENA_MIN_BYTES: Final = 256 * 1024  # buffers this large travel through shared memory
+ARENA_MIN_BYTES: Final = 64 * 1024  # result buffers this large go through shared memory
 
 # worker -> parent: pickled tuples
 DONE: Final = 1  # (DONE, chunk id, results, errors | None, seconds)
