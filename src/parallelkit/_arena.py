@@ -522,7 +522,7 @@ def _free_region(owner: int, words: memoryview, index: int) -> None:
 class _Mapped:
     """The parent's handle on one worker result segment: its file and its flag table."""
 
-    __slots__ = ("fd", "mm", "words")
+    __slots__ = ("__weakref__", "fd", "mm", "words")
 
     def __init__(self, name: str) -> None:
         if NAME_RE.fullmatch(name) is None:
@@ -536,12 +536,27 @@ class _Mapped:
             raise
         # the table is unmapped once every finalizer holding ``words`` has run
         self.words = memoryview(self.mm).cast("B").cast("q")
+        _OPEN.add(self)
 
     def drop_fd(self) -> None:
         """No more regions to map from this segment (the mappings stay valid)."""
+        _OPEN.discard(self)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# The parent's open result segments: a child forked from it closes its copies of their
+# descriptors, which would otherwise keep unlinked segments alive as long as it lives.
+_OPEN: weakref.WeakSet[_Mapped] = weakref.WeakSet()
+
+
+def _close_inherited() -> None:
+    for home in list(_OPEN):
+        home.drop_fd()
+
+
+os.register_at_fork(after_in_child=_close_inherited)
 
 
 class ResultReader:
