@@ -40,6 +40,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from . import _worker as W
+from ._arena import MAGIC, ArgArena, ResultReader, remove_leftovers
 from ._job import Chunk, Job, PoolBrokenError
 from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
 from ._serialize import (
@@ -70,6 +71,7 @@ class _Worker:
         "killed_for",
         "pid",
         "process",
+        "results",
         "sentinel",
         "slot",
         "stopping",
@@ -91,12 +93,14 @@ class _Worker:
         self.killed_for: BaseException | None = None  # a timeout we killed it for
         self.busy = 0.0  # seconds it spent running chunks, as it measured them
         self.born = time.monotonic()
+        self.results: ResultReader | None = None  # its result segments, once it sent some
 
 
 class Engine:
     """Owns the worker processes and runs jobs on them.  Not public: see ``WorkerPool``."""
 
     pickles_items = True
+    out_of_band = True  # jobs send large buffers through self.arena (_arena)
 
     def __init__(
         self,
@@ -167,6 +171,13 @@ class Engine:
         # (pid, items, busy seconds, lifetime seconds) of the workers that have exited
         self.watchers: list[Callable[[], None]] = []
         self.retired: list[tuple[int | None, int, float, float]] = []
+        self.arena: ArgArena | None = None  # made when a chunk first has a large buffer
+        if start_method == "fork":
+            # workers that create result segments register them with *our* tracker (so
+            # that they go if we are SIGKILLed), not with one each of them would start
+            from multiprocessing import resource_tracker  # noqa: PLC0415
+
+            resource_tracker.ensure_running()
 
     # ---------------------------------------------------------------- functions
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
@@ -259,8 +270,26 @@ class Engine:
         return self.helper_thread is not None and self.helper_thread.is_alive()
 
     # ---------------------------------------------------------------- dispatch
-    def _send(self, worker: _Worker, chunk: Chunk) -> None:
+    def _send(self, worker: _Worker, chunk: Chunk) -> bool:
+        """Send ``chunk``; False (and the chunk queued again) if the arena has no room
+        for its buffers until a worker answers."""
         job = chunk.job
+        arena_spec = b""
+        if chunk.buffers:
+            if self.arena is None:
+                self.arena = ArgArena(self.max_workers)
+            try:
+                placed = self.arena.put(chunk.buffers)
+            except OSError:  # no room in /dev/shm: this job sends its buffers in band
+                placed = None
+                job.out_of_band = False
+                chunk.buffers = None
+                chunk.payload = job.dump_in_band(chunk)
+            if chunk.buffers is not None:
+                if placed is None:
+                    self.retry(chunk)
+                    return False
+                arena_spec, chunk.region = placed
         fn_payload = b""
         if job.fn_id not in worker.fns:
             fn_payload = job.fn_payload
@@ -271,6 +300,7 @@ class Engine:
             job.flags
             | (W.INHERITED_ITEMS if chunk.items is None else 0)
             | (W.TRACKED if chunk.tracked else 0)
+            | (W.ARENA if arena_spec else 0)
         )
         header = W.HEADER.pack(
             W.TASK, chunk.cid, job.fn_id, flags, len(fn_payload), chunk.start, chunk.stop
@@ -281,9 +311,10 @@ class Engine:
         worker.chunks.append(chunk)
         job.in_flight += 1
         try:
-            worker.conn.send_bytes(b"".join((header, fn_payload, payload)))
+            worker.conn.send_bytes(b"".join((header, fn_payload, arena_spec, payload)))
         except OSError:
             pass  # it died: its sentinel will tell, and the chunk is still attributed to it
+        return True
 
     def _capacity(self, worker: _Worker) -> bool:
         if worker.stopping or worker.dead or worker.killed_for is not None:
@@ -351,9 +382,8 @@ class Engine:
             for worker in list(self.workers):
                 while len(worker.chunks) <= depth and self._capacity(worker):
                     chunk = self._next_chunk()
-                    if chunk is None:
+                    if chunk is None or not self._send(worker, chunk):
                         return
-                    self._send(worker, chunk)
             while len(self.workers) < self.max_workers and depth == 0:
                 chunk = self._next_chunk()
                 if chunk is None:
@@ -367,7 +397,8 @@ class Engine:
                     if not chunk.job.cancelled and chunk.job.error is None:
                         self.retry(chunk)
                     return
-                self._send(spawned, chunk)
+                if not self._send(spawned, chunk):
+                    return
 
     # ---------------------------------------------------------------- events
     def _wait_objects(self) -> list[Any]:
@@ -452,7 +483,12 @@ class Engine:
     def _on_message(self, w: _Worker, data: bytes) -> None:
         chunk = w.chunks[0] if w.chunks else None
         try:
-            msg = pickle.loads(data)
+            if data[:4] == MAGIC:
+                msg = self._arena_message(w, chunk, data)
+            else:
+                if chunk is not None and chunk.region is not None:
+                    self._release_region(chunk, kept=False)
+                msg = pickle.loads(data)
         except (Exception, SystemExit) as exc:  # a result's __reduce__ may even sys.exit()
             if chunk is None:
                 return
@@ -504,6 +540,23 @@ class Engine:
             else:
                 self._blame_or_split(chunk, "argument", "cannot be unpickled in the worker", cause)
         self._maybe_retire(w)
+
+    def _arena_message(self, w: _Worker, chunk: Chunk | None, data: bytes) -> Any:
+        """A reply with result buffers in the worker's segment, or a kept flag: let go of
+        the chunk's region, then unpickle onto views of the worker's segment."""
+        if w.results is None:
+            w.results = ResultReader()
+        kept, payload, buffers = w.results.load(data)
+        if chunk is not None and chunk.region is not None:
+            self._release_region(chunk, kept=kept)
+        return pickle.loads(payload, buffers=buffers)
+
+    def _release_region(self, chunk: Chunk, *, kept: bool) -> None:
+        region, chunk.region = chunk.region, None
+        if self.arena is not None:
+            self.arena.release(region, kept=kept)
+        if kept:
+            chunk.job.note_kept()
 
     def _blame_or_split(
         self, chunk: Chunk, what: SerializedWhat, problem: str, cause: BaseException
@@ -647,8 +700,21 @@ class Engine:
             self.retired.append((w.pid, w.tasks_done, w.busy, time.monotonic() - w.born))
         w.conn.close()
         w.process.join(0)
-        if w.process.exitcode is not None:
+        gone = w.process.exitcode is not None
+        if gone:
             w.process.close()
+        for chunk in w.chunks:  # a dead worker holds nothing: its regions are free
+            if chunk.region is not None:
+                self._release_region(chunk, kept=False)
+        self._drop_segments(w, gone=gone)
+
+    def _drop_segments(self, w: _Worker, *, gone: bool) -> None:
+        """Unmap the worker's result segments; unlink any it left (it has exited)."""
+        if w.results is not None:
+            w.results.close()
+            w.results = None
+        if gone and w.pid is not None:
+            remove_leftovers(w.pid)
 
     def _check_timeouts(self) -> None:
         now = time.monotonic_ns()
@@ -856,6 +922,7 @@ class Engine:
         for w in workers:
             w.dead = True
             w.conn.close()
+            self._drop_segments(w, gone=True)
         self.progressed.notify_all()
 
     def shutdown(self, *, graceful: bool, join_timeout: float = 5.0) -> None:
@@ -887,6 +954,7 @@ class Engine:
         with self.mutex:
             for w in workers:
                 w.conn.close()
+                self._drop_segments(w, gone=True)
             if self.driver is None:
                 self._release_locked()
             self._run_deferred_locked()
@@ -896,6 +964,9 @@ class Engine:
         if self.released:
             return
         self.released = True
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)

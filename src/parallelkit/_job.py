@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, Final, Protocol, cast
 
 from . import _worker as W
+from ._arena import CHUNK_BYTES, KEPT_LIMIT, dump_items
 from ._serialize import PROTOCOL, dumps, locate_unpicklable
 from .errors import SerializationError
 
@@ -56,7 +57,7 @@ class Driver(Protocol):
 
 
 class Chunk:
-    __slots__ = ("cid", "items", "job", "payload", "start", "stop", "tracked")
+    __slots__ = ("buffers", "cid", "items", "job", "payload", "region", "start", "stop", "tracked")
 
     def __init__(self, job: Job, start: int, stop: int, items: Sequence[Any] | None) -> None:
         self.cid = next(_chunk_ids)
@@ -66,6 +67,8 @@ class Chunk:
         self.items = items  # None: the worker inherited the input and slices it
         self.payload: bytes | None = None
         self.tracked = False  # True: the worker must note every item (a re-run after a crash)
+        self.buffers: list[memoryview] | None = None  # large ones, sent apart (_arena)
+        self.region: Any = None  # where they are while a worker has the chunk
 
 
 class Job:
@@ -118,6 +121,10 @@ class Job:
         self.cancelled = False
         self.seconds_per_item: float | None = None
         self.window = 4 * engine.max_workers + 2
+        # large buffers through shared memory (the process engine only; see _arena)
+        self.out_of_band: bool = getattr(engine, "out_of_band", False)
+        self.byte_cap = MAX_ADAPTIVE_CHUNK  # items per chunk that CHUNK_BYTES allows
+        self.kept = 0  # regions the function kept a reference to
 
     # ---------------------------------------------------------------- chunking
     def _initial_chunksize(self) -> int:
@@ -143,9 +150,9 @@ class Job:
             return
         ideal = int(TARGET_CHUNK_SECONDS / max(self.seconds_per_item, 1e-9))
         if self.length is not None:
-            self.chunksize = max(1, min(ideal, self.initial_chunksize))
+            self.chunksize = max(1, min(ideal, self.initial_chunksize, self.byte_cap))
         else:
-            self.chunksize = max(1, min(ideal, 2 * self.chunksize, MAX_ADAPTIVE_CHUNK))
+            self.chunksize = max(1, min(ideal, 2 * self.chunksize, self.byte_cap))
 
     @property
     def finished(self) -> bool:
@@ -193,7 +200,27 @@ class Job:
         chunk = Chunk(self, start, stop, items)
         if not self._prepare(chunk):
             return self.next_chunk()
+        if chunk.buffers and stop - start > 1 and self.fixed_chunksize is None:
+            nbytes = len(chunk.payload or b"") + sum(b.nbytes for b in chunk.buffers)
+            if nbytes > CHUNK_BYTES:  # fewer items per chunk, so that workers start early
+                self.byte_cap = max(1, (stop - start) * CHUNK_BYTES // nbytes)
+                self.chunksize = min(self.chunksize, self.byte_cap)
+                if self.length is not None:
+                    self.next_start = start
+                    self.exhausted = False
+                    return self.next_chunk()
         return chunk
+
+    def dump_in_band(self, chunk: Chunk) -> bytes:
+        """The chunk's items pickled with every buffer inside (it was pickled before)."""
+        return pickle.dumps(chunk.items, PROTOCOL) if chunk.items is not None else b""
+
+    def note_kept(self) -> None:
+        """A worker's function kept a reference into the arena: after a few, stop using it
+        (each one retires a whole segment)."""
+        self.kept += 1
+        if self.kept >= KEPT_LIMIT:
+            self.out_of_band = False
 
     def _prepare(self, chunk: Chunk) -> bool:
         """Pickle the chunk's items; on failure, report the item and split around it."""
@@ -201,10 +228,14 @@ class Job:
             chunk.payload = b""
             return True
         try:
-            chunk.payload = pickle.dumps(chunk.items, PROTOCOL)
+            if self.out_of_band:
+                chunk.payload, buffers = dump_items(chunk.items)
+                chunk.buffers = buffers or None
+            else:
+                chunk.payload = pickle.dumps(chunk.items, PROTOCOL)
             return True
         except Exception:
-            pass
+            chunk.buffers = None
         try:
             chunk.payload = dumps(chunk.items)
             return True

@@ -44,6 +44,8 @@ STAR_CALL: Final = 2  # items are (args, kwargs) pairs
 TIMED: Final = 4  # write each item's start time to the progress slot
 INHERITED_ITEMS: Final = 8  # no items payload: items = inherited[start:stop]
 TRACKED: Final = 16  # note every item's position, even tiny ones (a re-run after a crash)
+ARENA: Final = 32  # the items payload starts with where its large buffers are (_arena)
+ARENA_MIN_BYTES: Final = 64 * 1024  # result buffers this large go through shared memory
 
 # worker -> parent: pickled tuples
 DONE: Final = 1  # (DONE, chunk id, results, errors | None, seconds)
@@ -186,12 +188,46 @@ def pool_worker(
     words = memoryview(progress).cast("B").cast("q")
     base = slot * SLOT_WORDS
     words[base + DUMP_FD] = arm_stack_dump()  # armed before POS leaves POS_STARTING
+    arena: list[Any] = []  # the _arena.WorkerArena, once a chunk needs it
     try:
-        _task_loop(conn, fns, shared_items, words, base)
+        _task_loop(conn, fns, shared_items, words, base, arena)
     except (EOFError, OSError):
         pass  # the parent closed our pipe or went away: nothing left to do
     finally:
+        if arena:
+            arena[0].close()
         words.release()
+
+
+class _OutOfBand(Exception):
+    """Raised by the first pickling of a reply that has a large buffer to send apart."""
+
+
+def _in_band_unless_large(buffer: pickle.PickleBuffer) -> bool:
+    try:
+        raw = buffer.raw()
+    except BufferError:
+        return True
+    if raw.nbytes >= ARENA_MIN_BYTES:
+        raise _OutOfBand
+    return True
+
+
+def _has_large_bytes(values: list[object]) -> bool:
+    if len(values) > 64:  # as _arena._SCAN_LIMIT: long lists are not scanned
+        return False
+    for x in values:
+        if (type(x) is bytes or type(x) is bytearray) and len(x) >= ARENA_MIN_BYTES:
+            return True
+    return False
+
+
+def _worker_arena(arena: list[Any]) -> Any:
+    if not arena:
+        from ._arena import WorkerArena  # noqa: PLC0415 - only maps with large buffers
+
+        arena.append(WorkerArena())
+    return arena[0]
 
 
 def _task_loop(
@@ -200,6 +236,7 @@ def _task_loop(
     shared_items: Sequence[object] | None,
     words: memoryview,
     base: int,
+    arena: list[Any],
 ) -> None:
     recv, send = conn.recv_bytes, conn.send_bytes
     unpack = HEADER.unpack_from
@@ -221,24 +258,49 @@ def _task_loop(
                 del fns[next(iter(fns))]
             fns[fn_id] = fn
         items: Sequence[Any]
+        from_arena = flags & ARENA
         if flags & INHERITED_ITEMS:
             assert shared_items is not None
             items = shared_items[start:stop]
         else:
             try:
-                items = pickle.loads(memoryview(buf)[hsize + fn_len :])
+                if from_arena:
+                    items = _worker_arena(arena).reader.load(memoryview(buf)[hsize + fn_len :])
+                else:
+                    items = pickle.loads(memoryview(buf)[hsize + fn_len :])
             except BaseException as exc:
-                send(dumps((CHUNK_FAILED, cid, "argument", capture_exception(exc))))
+                reply = dumps((CHUNK_FAILED, cid, "argument", capture_exception(exc)))
+                del exc
+                if from_arena:
+                    state = arena[0]
+                    reply = state.writer.frame(reply, [], state.reader.release())
+                send(reply)
                 continue
         del buf
         t0 = time.perf_counter()
         results, errors = _run_chunk(fn, items, flags, words, base)
         elapsed = time.perf_counter() - t0
         words[base] = POS_SENDING
+        msg = (DONE, cid, results, errors, elapsed)
+        payload: bytes | None
         try:
-            payload = pickle.dumps((DONE, cid, results, errors, elapsed), PROTOCOL)
+            if from_arena or _has_large_bytes(results):
+                raise _OutOfBand
+            payload = pickle.dumps(msg, PROTOCOL, buffer_callback=_in_band_unless_large)
+        except _OutOfBand:
+            payload = None
         except BaseException:
             payload = _dump_results_one_by_one(cid, results, errors, elapsed)
+        if payload is None:  # large buffers to send apart, or arguments to let go of
+            state = _worker_arena(arena)
+            specs: list[Any] = []
+            try:
+                payload, specs = state.writer.dump(msg, results)
+            except BaseException:
+                payload = _dump_results_one_by_one(cid, results, errors, elapsed)
+            del msg, results, items  # before asking whether anything still uses the arena
+            kept = state.reader.release() if from_arena else None
+            payload = state.writer.frame(payload, specs, kept)
         send(payload)
 
 

@@ -1,0 +1,271 @@
+"""Large buffers through the shared-memory arena (``_arena``): exact round trips, kept
+references, crashes, and no segment left behind."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import parallelkit as pk
+import workers_arena as wa
+from parallelkit import _arena, _shm
+from parallelkit._job import Job
+from parallelkit._types import StartMethod
+
+TESTS = Path(__file__).resolve().parent
+SHM = Path("/dev/shm")
+MIN = _arena.MIN_BYTES  # results
+ARG = _arena.ARG_MIN_BYTES  # arguments
+
+
+def _ours(*pids: int | None) -> set[str]:
+    """Segments of these processes (other programs on the machine may have their own)."""
+    prefixes = tuple(f"pk_{pid}_" for pid in pids if pid is not None)
+    return {name for name in os.listdir(SHM) if name.startswith(prefixes)}
+
+
+def _pids(pool: pk.WorkerPool) -> list[int | None]:
+    return [os.getpid(), *(w.pid for w in pool._engine.workers)]
+
+
+def _digest(x: Any) -> str:
+    return hashlib.sha256(memoryview(x).cast("B")).hexdigest()
+
+
+def _arrays() -> list[np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(7)
+    readonly = rng.random(70_000)
+    readonly.flags.writeable = False
+    return [
+        rng.random(40_000),  # 320 KB, just above the threshold
+        rng.integers(0, 1 << 30, size=(300, 400), dtype=np.int32),
+        np.asfortranarray(rng.random((200, 300))),
+        readonly,
+        rng.random(10),  # small: in band
+        np.arange(1_000_000, dtype=np.uint8)[::2],  # not contiguous: in band
+    ]
+
+
+def test_numpy_arguments_and_results_round_trip(start_method: StartMethod) -> None:
+    arrays = _arrays()
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        seen = pool._run(wa.describe_array, arrays, 1, True, None, False)
+        assert seen == [wa.describe_array(a) for a in arrays]
+        back = list(pool.imap(wa.echo, arrays, chunksize=2))
+        assert pool._engine.arena is not None  # the large ones did go through it
+    for a, b in zip(arrays, back, strict=True):
+        assert wa.describe_array(b) == wa.describe_array(a)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bytes_bytearray_and_picklebuffer_round_trip(start_method: StartMethod) -> None:
+    data = bytes(range(256)) * (MIN // 256 + 3)
+    items: list[Any] = [data, bytearray(data[::-1]), b"small", pickle.PickleBuffer(bytearray(data))]
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        seen = pool._run(wa.describe, items, None, True, None, False)
+        echoed = list(pool.imap(wa.echo, items[:3]))
+        made = list(pool.imap(wa.make_buffer, [MIN + 17, 100]))
+    assert seen[0] == ("bytes", _digest(data), False)
+    assert seen[1] == ("bytearray", _digest(items[1]), True)
+    assert seen[2] == ("bytes", _digest(b"small"), False)
+    # protocol 5 hands the object the buffer it sent: a writable one, still writable
+    assert seen[3][1:] == (_digest(data), True)
+    assert [type(x) for x in echoed] == [bytes, bytearray, bytes]
+    assert echoed == items[:3]
+    expected = [bytearray(i % 251 for i in range(n)) for n in (MIN + 17, 100)]
+    assert [bytes(x) for x in made] == [bytes(x) for x in expected]
+
+
+def test_large_results_round_trip_and_own_their_memory(start_method: StartMethod) -> None:
+    n = MIN // 8 * 3
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        first = list(pool.imap(wa.make_array, [n] * 6, chunksize=1))
+        second = list(pool.imap(wa.make_array, [n + 1] * 6, chunksize=1))  # reuses regions
+    for a in first:
+        np.testing.assert_array_equal(a, np.arange(n))  # untouched by the second map
+        assert a.flags.writeable
+    for a in second:
+        np.testing.assert_array_equal(a, np.arange(n + 1))
+
+
+def test_small_buffers_do_not_use_the_arena(start_method: StartMethod) -> None:
+    small = [np.full(ARG // 8 - 1, i, dtype=np.float64) for i in range(8)]
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        assert pool._run(wa.total, small, None, True, None, False) == [
+            float(a.sum()) for a in small
+        ]
+        assert pool._engine.arena is None
+        assert not _ours(*_pids(pool))
+
+
+def test_a_kept_argument_stays_intact_while_new_chunks_run(start_method: StartMethod) -> None:
+    kept = [np.full(100_000, i, dtype=np.float64) for i in range(3)]
+    fresh = [np.full(100_000, -i, dtype=np.float64) for i in range(12)]
+    with pk.WorkerPool(1, start_method=start_method) as pool:
+        assert pool._run(wa.keep, kept[:1], 1, True, None, False) == [0.0]
+        engine = pool._engine
+        assert engine.arena is not None
+        # the region of the kept argument is never written again...
+        assert pool._run(wa.total, fresh, 1, True, None, False) == [float(a.sum()) for a in fresh]
+        assert pool._run(wa.keep, kept[1:], 1, True, None, False) == [1e5, 2e5]
+        assert pool._run(wa.total, fresh, 1, True, None, False) == [float(a.sum()) for a in fresh]
+        # ...so the worker still reads what it kept
+        assert pool.submit(wa.kept_sums, None).result() == [0.0, 1e5, 2e5]
+        # an argument referenced only by a passing traceback is not "kept"
+        arena = engine.arena
+        assert arena is not None
+        before = arena.current
+        failing = [np.full(100_000, v, dtype=np.float64) for v in (1.0, -1.0, 2.0)]
+        out = list(pool.imap(wa.fail_on_negative, failing, return_exceptions=True))
+        assert (out[0], out[2]) == (1e5, 2e5)
+        assert isinstance(out[1], ValueError)
+        assert arena.current is before is not None
+
+
+def test_chunks_are_sized_by_bytes_too(start_method: StartMethod) -> None:
+    arrays = [np.zeros(1 << 17) for _ in range(32)]  # 1 MiB each
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        job = Job(
+            pool._engine,
+            wa.total,
+            arrays,
+            length=32,
+            chunksize=None,
+            ordered=True,
+            return_exceptions=False,
+            fail_fast=True,
+            timeout=None,
+        )
+        chunk = job.next_chunk()
+        assert chunk is not None
+        size = chunk.stop - chunk.start
+        assert 1 < size <= _arena.CHUNK_BYTES // (1 << 20)  # not 32 // 8 = 4 MiB-plus chunks
+        assert size * (1 << 20) <= _arena.CHUNK_BYTES
+        job.cancel()
+
+
+def test_sigkilled_worker_holding_regions(start_method: StartMethod) -> None:
+    arrays = [np.full(100_000, float(i), dtype=np.float64) for i in range(10)]
+    arrays[5][0] = -1.0
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        out = list(pool.imap(wa.sum_or_die, arrays, chunksize=1, return_exceptions=True))
+        pids = _pids(pool)
+        crash = out[5]
+        assert isinstance(crash, pk.WorkerCrashedError)
+        assert crash.signal == "SIGKILL"
+        for i, value in enumerate(out):
+            if i != 5:
+                assert isinstance(value, tuple)
+                assert value[0] == float(arrays[i].sum())
+        # a worker that dies holding a result segment leaves nothing behind either
+        out2 = list(pool.imap(wa.big_result_or_die, [1, 2, 3, -1, 4], return_exceptions=True))
+        crash2 = out2[3]
+        assert isinstance(crash2, pk.WorkerCrashedError)
+        assert not _ours(crash.pid, crash2.pid)
+        assert [float(a[0]) for a in out2 if isinstance(a, np.ndarray)] == [1, 2, 3, 4]
+        # the arena is still sound: later maps see exactly their own data
+        again = pool._run(wa.describe_array, arrays, 1, True, None, False)
+        assert again == [wa.describe_array(a) for a in arrays]
+        pids += _pids(pool)
+    assert not _ours(*pids)
+
+
+@pytest.mark.timeout(60)
+def test_sigkilled_parent_leaves_no_segment(start_method: StartMethod) -> None:
+    env = dict(os.environ)
+    src = str(Path(pk.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "scripts" / "arena_parent_death.py"), start_method],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(b"SEGMENTS"), proc.stderr.read() if proc.stderr else ""
+        workers = [int(pid) for pid in line.split()[1:]]
+        created = _ours(proc.pid, *workers)
+        assert _ours(proc.pid)  # the arena
+        assert _ours(*workers)  # the workers' result segments
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while _ours(proc.pid, *workers) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the resource tracker unlinks them once every process is gone
+        assert not _ours(proc.pid, *workers), created
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait(timeout=10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+_SIZES = (
+    st.integers(ARG - 2 * 4096, ARG + 2 * 4096)
+    | st.integers(MIN - 2 * 4096, MIN + 2 * 4096)
+    | st.integers(0, 2 * MIN)
+)
+
+
+def test_buffer_sizes_around_the_threshold(start_method: StartMethod) -> None:
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+
+        @given(st.lists(st.tuples(_SIZES, st.sampled_from(["u1", "f8", "bytes"])), max_size=6))
+        def round_trip(specs: list[tuple[int, str]]) -> None:
+            items: list[Any] = []
+            for k, (n, kind) in enumerate(specs):
+                if kind == "bytes":
+                    items.append(bytes([k % 256]) * n)
+                else:
+                    items.append(np.full(n // np.dtype(kind).itemsize, k, dtype=kind))
+            back = list(pool.imap(wa.echo, items))
+            assert len(back) == len(items)
+            for a, b in zip(items, back, strict=True):
+                assert type(a) is type(b)
+                if isinstance(a, bytes):
+                    assert a == b
+                else:
+                    assert a.dtype == b.dtype
+                    np.testing.assert_array_equal(a, b)
+
+        round_trip()
+
+
+def test_no_room_in_dev_shm_sends_buffers_in_band(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_room(size: int) -> Any:
+        raise OSError(errno.ENOSPC, "no room (test)")
+
+    arrays = [np.full(100_000, float(i)) for i in range(6)]
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        # the parent cannot create its arena (nor, under fork, can the workers create
+        # result segments: they inherit the patch)
+        monkeypatch.setattr(_shm.Segment, "create", no_room)
+        back = list(pool.imap(wa.echo, arrays))
+        assert [wa.describe_array(a) for a in back] == [wa.describe_array(a) for a in arrays]
+        assert pool._run(wa.total, arrays, 1, True, None, False) == [float(a.sum()) for a in arrays]
+        arena = pool._engine.arena
+        assert arena is not None
+        assert arena.current is None

@@ -1,0 +1,75 @@
+"""Task functions for ``test_arena.py`` (module level, so spawn and forkserver can import them)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import signal
+from typing import Any
+
+import numpy as np
+
+_KEPT: list[Any] = []  # arguments a task keeps (in this worker process)
+
+
+def describe(x: Any) -> tuple[str, str, bool]:
+    """Type name, digest of the bytes and whether the argument is writable."""
+    view = memoryview(x)
+    return type(x).__name__, hashlib.sha256(view.cast("B")).hexdigest(), not view.readonly
+
+
+def describe_array(a: np.ndarray[Any, Any]) -> tuple[str, tuple[int, ...], str, bool, bool]:
+    return (
+        str(a.dtype),
+        a.shape,
+        hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest(),
+        bool(a.flags.writeable),
+        bool(a.flags.f_contiguous and not a.flags.c_contiguous),
+    )
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def make_buffer(n: int) -> pickle.PickleBuffer:
+    """A result that protocol 5 sends out of band as it is."""
+    return pickle.PickleBuffer(bytearray(i % 251 for i in range(n)))
+
+
+def make_array(n: int) -> np.ndarray[Any, Any]:
+    return np.arange(n, dtype=np.int64)
+
+
+def keep(a: np.ndarray[Any, Any]) -> float:
+    """Keep the argument itself (not a copy) in a global."""
+    _KEPT.append(a)
+    return float(a.sum())
+
+
+def kept_sums(_: object) -> list[float]:
+    return [float(a.sum()) for a in _KEPT]
+
+
+def total(a: np.ndarray[Any, Any]) -> float:
+    return float(a.sum())
+
+
+def fail_on_negative(a: np.ndarray[Any, Any]) -> float:
+    if a[0] < 0:
+        raise ValueError(f"negative: {a[0]}")  # the traceback holds the array for a while
+    return float(a.sum())
+
+
+def big_result_or_die(x: int) -> np.ndarray[Any, Any]:
+    """A large result, or SIGKILL this worker (x < 0) once it holds a result segment."""
+    if x < 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return np.full(200_000, x, dtype=np.float64)
+
+
+def sum_or_die(a: np.ndarray[Any, Any]) -> tuple[float, int]:
+    if a[0] < 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(a.sum()), os.getpid()
