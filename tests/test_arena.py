@@ -269,3 +269,34 @@ def test_no_room_in_dev_shm_sends_buffers_in_band(
         arena = pool._engine.arena
         assert arena is not None
         assert arena.current is None
+
+
+def test_results_are_copied_out_when_no_mapping_can_be_made(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller holding more than vm.max_map_count results would see mmap() fail with
+    # ENOMEM: each result is then copied out of the worker's segment, and its region is
+    # free for the worker again at once.
+    real_mmap = _arena.mmap.mmap
+    refused: list[int] = []
+
+    def no_result_mappings(fd: int, n: int, *args: Any, **kwargs: Any) -> Any:
+        if ("offset" in kwargs and kwargs["offset"] > 0) or kwargs.get(
+            "flags"
+        ) == _arena._RESULT_FLAGS:
+            refused.append(n)
+            raise OSError(errno.ENOMEM, "no more mappings (test)")
+        return real_mmap(fd, n, *args, **kwargs)
+
+    n = MIN // 8 * 3
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        list(pool.imap(wa.make_array, [n] * 2, chunksize=1))  # workers started, segments made
+        monkeypatch.setattr(_arena.mmap, "mmap", no_result_mappings)
+        first = list(pool.imap(wa.make_array, [n] * 6, chunksize=1))
+        second = list(pool.imap(wa.make_array, [n + 1] * 6, chunksize=1))  # reuses regions
+    assert len(refused) == 12
+    for a in first:
+        np.testing.assert_array_equal(a, np.arange(n))
+        assert a.flags.writeable
+    for a in second:
+        np.testing.assert_array_equal(a, np.arange(n + 1))

@@ -511,6 +511,19 @@ class ResultWriter:
             home.close()
 
 
+def _read_region(fd: int, n: int, offset: int) -> bytearray:
+    """``n`` bytes of the segment open as ``fd``, from ``offset``, copied into new memory."""
+    out = bytearray(n)
+    view = memoryview(out)
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"a result region ends early ({done} of {n} bytes)")
+        done += got
+    return out
+
+
 def _free_region(owner: int, words: memoryview, index: int) -> None:
     """The parent's objects built on a result region are gone: the worker may reuse it."""
     if os.getpid() != owner:  # a forked child dropping its copy of them: not ours to free
@@ -587,8 +600,15 @@ class ResultReader:
                 at += _RES_SPEC.size
                 home = homes[index]
                 # Not MADV_DONTFORK: a child forked later may use the results mapped here.
-                part = mmap.mmap(home.fd, n, flags=_RESULT_FLAGS, offset=offset)
-                weakref.finalize(part, _free_region, me, home.words, offset // _PAGE)
+                try:
+                    part: Any = mmap.mmap(home.fd, n, flags=_RESULT_FLAGS, offset=offset)
+                except OSError:
+                    # No mapping to be had (the caller keeps more than vm.max_map_count
+                    # results alive, or memory is short): copy this one out instead.
+                    part = _read_region(home.fd, n, offset)
+                    _free_region(me, home.words, offset // _PAGE)
+                else:
+                    weakref.finalize(part, _free_region, me, home.words, offset // _PAGE)
                 buffers.append(part)
         else:
             at += names_len
