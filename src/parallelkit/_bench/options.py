@@ -21,7 +21,7 @@ def add_arguments(ap: argparse.ArgumentParser, *, start_method: str, hide_sizes:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="smaller workloads, 3 rounds (about a minute on 2 cores)",
+        help="smaller workloads, 3 rounds, no warm-up round (under a minute on 2 cores)",
     )
     ap.add_argument("--start-method", choices=START_METHODS, default=start_method)
     ap.add_argument(
@@ -37,10 +37,10 @@ def add_arguments(ap: argparse.ArgumentParser, *, start_method: str, hide_sizes:
     ap.add_argument("--no-peers", action="store_true", help="stdlib and parallelkit only")
     ap.add_argument("--workers", type=int, help="default: the CPUs this process may use")
     ap.add_argument("--rounds", type=int, help=sized("timed rounds (5; --quick 3)"))
-    ap.add_argument("--warmup", type=int, default=1, help=sized("untimed rounds first (1)"))
-    ap.add_argument("--items", type=int, help=sized("tiny: items (200,000; --quick 20,000)"))
+    ap.add_argument("--warmup", type=int, help=sized("untimed rounds first (1; --quick 0)"))
+    ap.add_argument("--items", type=int, help=sized("tiny: items (200,000; --quick 10,000)"))
     ap.add_argument("--tasks", type=int, help=sized("cpu: tasks (16; --quick 4)"))
-    ap.add_argument("--task-seconds", type=float, help=sized("cpu: seconds a task (0.1; 0.05)"))
+    ap.add_argument("--task-seconds", type=float, help=sized("cpu: seconds (0.1; --quick 0.03)"))
     ap.add_argument("--arrays", type=int, help=sized("arrays: how many (32; --quick 4)"))
     ap.add_argument(
         "--elements", type=int, help=sized("arrays: float64 elements an array (1,000,000)")
@@ -52,7 +52,7 @@ def add_arguments(ap: argparse.ArgumentParser, *, start_method: str, hide_sizes:
     ap.add_argument(
         "--gate-seconds",
         type=float,
-        help=sized("before a sample, wait up to this long for a quiet CPU (1; --quick 0.1)"),
+        help=sized("before a sample, wait up to this long for a quiet CPU (1; --quick 0)"),
     )
     ap.add_argument(
         "--retries",

@@ -34,9 +34,9 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
-    items=20_000,
+    items=10_000,
     tasks=4,
-    task_seconds=0.05,
+    task_seconds=0.03,
     arrays=4,
     startup_workers=(2,),
     heavy_main=False,
@@ -85,7 +85,7 @@ def settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Sett
     )
     workers = args.workers or usable_cpus()
     numbers = (workers, sizes.rounds, sizes.items, sizes.tasks, sizes.arrays, sizes.elements)
-    if min(numbers) < 1 or not startup or min(startup) < 1 or args.warmup < 0:
+    if min(numbers) < 1 or not startup or min(startup) < 1 or (args.warmup or 0) < 0:
         ap.error(
             "--workers, --rounds, --items, --tasks, --arrays, --elements and "
             "--startup-workers must be positive"
@@ -94,11 +94,13 @@ def settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Sett
 
     retries = args.retries if args.retries is not None else 0 if args.quick else 1
 
-    # --quick must end within a minute even on a busy machine: a shorter wait for quiet,
-    # and no second try of a noisy sample (the noise column still shows it)
+    # --quick must end within a minute: no wait for a quiet machine (each wait takes 50 ms
+    # at least), no second try of a noisy sample (the noise column still shows it), no
+    # warm-up round (the median of 3 rounds drops a first round's one-time costs)
     gate = args.gate_seconds
     if gate is None:
-        gate = 0.1 if args.quick else 1.0
+        gate = 0.0 if args.quick else 1.0
+    warmup = args.warmup if args.warmup is not None else 0 if args.quick else 1
     return Settings(
         start_method=args.start_method,
         workers=workers,
@@ -108,7 +110,7 @@ def settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Sett
         only=args.only,
         run=RunOptions(
             rounds=sizes.rounds,
-            warmup=args.warmup,
+            warmup=warmup,
             gate_seconds=gate,
             retries=retries,
             sample_timeout=args.sample_timeout,

@@ -286,7 +286,8 @@ def peer_contenders(
         def mpire_map(pool: Any, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
             if items and isinstance(items[0], tuple | dict):  # mpire would unpack them
                 items = [(x,) for x in items]
-            return list(pool.map(fn, items))
+            # without the flag, mpire joins numpy results into one array
+            return list(pool.map(fn, items, concatenate_numpy_output=False))
 
         def mpire_close(pool: Any) -> None:
             pool.stop_and_join()
@@ -295,7 +296,8 @@ def peer_contenders(
             h.Contender(
                 "mpire.map",
                 "peer",
-                "mpire.WorkerPool(keep_alive=True).map, default chunk_size",
+                "mpire.WorkerPool(keep_alive=True).map(concatenate_numpy_output=False), "
+                "default chunk_size",
                 mpire_open,
                 mpire_map,
                 mpire_close,
