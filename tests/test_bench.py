@@ -33,7 +33,7 @@ TINY = [
     "--task-seconds", "0.005",
     "--arrays", "3",
     "--elements", "2000",
-    "--startup-workers", "2",
+    "--startup-workers", "1",
     "--rounds", "1",
     "--warmup", "0",
     "--gate-seconds", "0",
@@ -92,10 +92,10 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
         by_workload.setdefault(r["workload"], {})[r["contender"], r["mode"]] = r
     arrays = {"arrays", "arrays-results"}
     if HAVE_NUMPY:
-        assert set(by_workload) == {"tiny", "cpu", "startup-2"} | arrays
+        assert set(by_workload) == {"tiny", "cpu", "startup-1"} | arrays
         assert "skipped" not in meta
     else:  # CI installs numpy; a bare environment runs the rest and says what it skipped
-        assert set(by_workload) == {"tiny", "cpu", "startup-2"}
+        assert set(by_workload) == {"tiny", "cpu", "startup-1"}
         assert set(meta["skipped"]) == arrays
         for key in arrays:
             by_workload[key] = {}
@@ -111,11 +111,13 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
         assert {c for c, _ in by_workload["arrays-results"]} == (
             {"serial", "Pool.map(chunksize=1)"} | pools
         )
-    startup = by_workload["startup-2"]
+    startup = by_workload["startup-1"]
     assert {c for c, _ in startup} == {"Process"} | STDLIB | PARALLELKIT - {
         "parallelkit.WorkerPool.imap"
     } | INSTALLED_PEERS
     assert {m for _, m in startup} == {"one-shot"}
+    assert {r["workers"] for r in startup.values()} == {1}
+    assert meta["workloads"]["startup-1"]["workers"] == 1
     assert ("parallelkit.WorkerPool", "warm") in by_workload["tiny"]
     assert ("parallelkit.run_parallel", "one-shot") in by_workload["tiny"]
 
@@ -130,7 +132,7 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
         if r["kind"] != "baseline":
             assert _positive(r["x_best_peer"]), where
             assert _positive(r["x_pool_map"]), where
-    for key, reference in (("arrays", "shm_ideal"), ("startup-2", "Process")):
+    for key, reference in (("arrays", "shm_ideal"), ("startup-1", "Process")):
         for (name, _), r in by_workload[key].items():
             if name not in (reference, "serial"):
                 assert r["baseline"] == reference, (key, name)
@@ -144,7 +146,7 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
         saved = by_workload[row.workload][row.name, row.mode]
         assert row.x_best_peer == pytest.approx(saved["x_best_peer"])
         assert row.x_baseline == pytest.approx(saved["x_baseline"])
-    table = h.markdown_table(rows["startup-2"])
+    table = h.markdown_table(rows["startup-1"])
     assert "| x Process |" in table.splitlines()[0]
 
 

@@ -58,6 +58,7 @@ class Workload:
     check: h.Check
     ideal_speedup: int | None = None  # adds speed-up and efficiency columns
     baseline: str | None = None  # adds an "x <baseline>" column
+    workers: int | None = None  # when not the run's
     around: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
 
 
@@ -569,13 +570,16 @@ def arrays_results_workload(
     )
 
 
-def startup_workloads(settings: Settings, missing: dict[str, str]) -> Iterator[Workload]:
+def startup_workloads(
+    settings: Settings, missing: dict[str, str], meta: dict[str, Any]
+) -> Iterator[Workload]:
     sm = settings.start_method
     heavy = [False]
     if settings.sizes.heavy_main and sm == "spawn":
         if numpy_or_none() is not None:
             heavy.append(True)
         else:
+            meta.setdefault("skipped", {})["startup-W-heavy"] = "numpy is not installed"
             h.log("# startup-W-heavy: skipped, numpy is not installed")
     for w in settings.sizes.startup_workers:
         for is_heavy in heavy:
@@ -603,6 +607,7 @@ def startup_workloads(settings: Settings, missing: dict[str, str]) -> Iterator[W
                 contenders,
                 h.equals([x * x for x in items]),
                 baseline="Process",
+                workers=w,
                 around=heavy_main if is_heavy else contextlib.nullcontext,
             )
 
@@ -628,7 +633,7 @@ def workloads(
         if "arrays-results" in wanted:
             yield from arrays_results_workload(settings, missing, np)
     if "startup" in wanted:
-        yield from startup_workloads(settings, missing)
+        yield from startup_workloads(settings, missing, meta)
 
 
 # ------------------------------------------------------------------ a run
@@ -744,6 +749,7 @@ def run(
                 "items": len(wl.items),
                 "ideal_speedup": wl.ideal_speedup,
                 "baseline": wl.baseline,
+                "workers": wl.workers or settings.workers,
             }
             t0 = time.perf_counter()
             with wl.around():
@@ -760,7 +766,7 @@ def run(
             meta["workloads"][wl.key]["run_seconds"] = round(elapsed, 1)
             h.log(f"# {wl.key}: measured in {elapsed:.1f} s")
             rows = h.summarise(wl.key, entries, speedup_over=wl.ideal_speedup, baseline=wl.baseline)
-            report.lines += h.json_lines(rows, meta)
+            report.lines += h.json_lines(rows, {**meta, "workers": wl.workers or settings.workers})
             table = h.markdown_table(rows)
             report.sections.append((wl.key, wl.title, table))
             if on_table is not None:
