@@ -21,7 +21,7 @@ def add_arguments(ap: argparse.ArgumentParser, *, start_method: str, hide_sizes:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="smaller workloads, 3 rounds, no warm-up round (under a minute on 2 cores)",
+        help="smaller workloads, 3 rounds, no warm-up round (under a minute with fork on 2 cores)",
     )
     ap.add_argument("--start-method", choices=START_METHODS, default=start_method)
     ap.add_argument(
