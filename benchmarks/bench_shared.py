@@ -40,14 +40,13 @@ from typing import Any
 
 import _harness as h
 import _shared_tasks as t
-from bench_map import (
-    START_METHODS,
-    _cpu_model,
-    _git_revision,
-    _shutdown_joblib_executor,
-    _versions,
-    reexec_with_bytecode_cache,
-)
+
+from parallelkit._bench.options import START_METHODS
+from parallelkit._bench.suite import cpu_model as _cpu_model
+from parallelkit._bench.suite import git_revision as _git_revision
+from parallelkit._bench.suite import reexec_with_bytecode_cache
+from parallelkit._bench.suite import shutdown_joblib_executor as _shutdown_joblib_executor
+from parallelkit._bench.suite import versions as _versions
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"

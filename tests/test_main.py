@@ -74,7 +74,7 @@ def test_no_command_prints_usage_and_fails() -> None:
     result = _run(timeout=60)
     assert result.returncode == 2
     assert "usage: python -m parallelkit" in result.stderr
-    assert "{info,demo}" in result.stderr
+    assert "{info,demo,bench}" in result.stderr
 
 
 def test_unknown_start_method_is_refused_with_the_choices() -> None:

@@ -5,6 +5,9 @@
   are installed.
 - ``python -m parallelkit demo``: a CPU-bound map, serial versus parallel under each start
   method, then a worker that kills itself, reported as ``WorkerCrashedError``.
+- ``python -m parallelkit bench [--quick] [--json]``: parallel map, parallelkit side by side
+  with the standard library and the peer libraries that are installed (``pip install
+  'parallelkit[bench]'``): tiny items, CPU-bound tasks, large numpy arrays, worker start-up.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from . import __version__
+from ._bench.cli import add_bench_arguments
 from ._context import available_start_methods, default_start_method, usable_cpu_count
 from ._types import StartMethod
 
@@ -75,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--item-seconds", type=float, help="approximate CPU seconds per item (default: auto)"
     )
+    bench = commands.add_parser(
+        "bench",
+        help="parallel map against the stdlib and installed peers (--quick: about a minute)",
+        description="Parallel map: parallelkit side by side with multiprocessing.Pool, "
+        "ProcessPoolExecutor and, when installed, mpire, joblib, loky and pebble "
+        "(pip install 'parallelkit[bench]'); interleaved rounds, medians, ratios.",
+    )
+    add_bench_arguments(bench, start_method=default_start_method())
+    bench.set_defaults(parser=bench)
     return parser
 
 
@@ -83,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "info":
         return info(sys.stdout)
+    if args.command == "bench":
+        from ._bench.cli import run_bench
+
+        return run_bench(args.parser, args)
     from ._demo import DemoPlan, run_demo  # the demo imports the engine; info does not
 
     methods: list[StartMethod] = args.start_methods or list(available_start_methods())

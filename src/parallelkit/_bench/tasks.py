@@ -1,0 +1,66 @@
+"""Task functions for the benchmarks, in their own small module.
+
+Module-level and importable by name, so every start method (and every peer library) can send
+them to workers by reference.  Nothing is imported at the top: a spawn or forkserver child
+that unpickles a task pays for nothing but this module (numpy is imported by the array tasks
+when they first run, and only there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SEGMENTS: dict[str, Any] = {}  # worker side: shared-memory segments attached, by name
+
+
+def square(x: int) -> int:
+    """The tiny-item task: almost no work, so only the per-item overhead shows."""
+    return x * x
+
+
+def burn(loops: int) -> int:
+    """The CPU-bound task: a pure-Python loop (holds the GIL), ``loops`` iterations."""
+    acc = 0
+    for i in range(loops):
+        acc = (acc + i * i) & 0xFFFFFFFF
+    return acc
+
+
+def array_sum(a: Any) -> float:
+    """The large-arguments task: an 8 MB array in, one float out."""
+    return float(a.sum())
+
+
+def make_array(spec: tuple[int, int]) -> Any:
+    """The large-results task: ``(i, n)`` in, ``arange(n) + i`` (float64) out."""
+    import numpy as np
+
+    i, n = spec
+    out = np.arange(n, dtype=np.float64)
+    out += i
+    return out
+
+
+def shm_sum(spec: tuple[str, int, int, int]) -> float:
+    """``array_sum`` of row ``i`` of a ``(rows, n)`` float64 array in the segment ``name``.
+
+    The hand-written reference for large arguments: the data is already in shared memory
+    and a task carries only its coordinates.  A worker attaches each segment once.
+    """
+    import numpy as np
+
+    name, i, rows, n = spec
+    view = _SEGMENTS.get(name)
+    if view is None:
+        from multiprocessing import shared_memory
+
+        segment = shared_memory.SharedMemory(name=name)
+        view = (segment, np.ndarray((rows, n), dtype=np.float64, buffer=segment.buf))
+        _SEGMENTS[name] = view
+    return float(view[1][i].sum())
+
+
+def run_one(fn: Any, x: Any, conn: Any) -> None:
+    """The body of one bare ``multiprocessing.Process``: ``fn(x)``, sent back on ``conn``."""
+    conn.send(fn(x))
+    conn.close()
