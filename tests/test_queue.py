@@ -151,3 +151,31 @@ def test_bad_max_items_and_timeout() -> None:
         q.get_many(max_items=0)
     with pytest.raises(ValueError, match="timeout"):
         q.get(timeout=-1)
+
+
+def test_producers_sharing_a_small_bound_never_hold_room_for_each_other() -> None:
+    # Two producers each putting batches as large as the bound: when both took room item
+    # by item at once, each could hold part of what its batch needed and wait forever for
+    # the rest (seen as a hang in the docs' two-producer example).
+    ctx = get_context("fork")
+    for _ in range(10):
+        q: pk.Queue[int] = pk.Queue(maxsize=50, producers=2, start_method="fork")
+        producers = [
+            ctx.Process(target=w.produce, args=(q, 0, 200)),  # type: ignore[attr-defined]
+            ctx.Process(target=w.produce, args=(q, 200, 400)),  # type: ignore[attr-defined]
+        ]
+        for p in producers:
+            p.start()
+        got: list[int] = []
+        try:
+            while True:
+                got.extend(q.get_many(timeout=10))  # TimeoutError: the producers are stuck
+        except pk.QueueClosedError:
+            pass
+        finally:
+            for p in producers:
+                p.join(5)
+                if p.exitcode is None:
+                    p.kill()
+                    p.join()
+        assert sorted(got) == list(range(400))

@@ -88,6 +88,8 @@ class Queue(Generic[T]):
         self._read_lock = context.Lock()
         self._write_lock = context.Lock()
         self._room = context.BoundedSemaphore(maxsize) if maxsize else None
+        # one producer at a time takes room for a batch (see _send)
+        self._room_lock = context.Lock() if maxsize else None
         self._open = context.Value("q", producers)
         self._maxsize = maxsize
         self._local: deque[T] = deque()  # items of a batch this process took, not yet handed out
@@ -157,11 +159,21 @@ class Queue(Generic[T]):
             ) from cause
         taken = 0
         try:
-            if self._room is not None:
-                for _ in items:
-                    if not self._room.acquire(timeout=_left(deadline)):
-                        raise TimeoutError(f"no room in the queue (maxsize {self._maxsize})")
-                    taken += 1
+            if self._room is not None and self._room_lock is not None:
+                # Room for a batch is taken a slot at a time, by one producer at a time:
+                # two producers doing it together could each hold part of what its batch
+                # needs and wait for the rest forever, with nothing sent for a consumer to
+                # free.  (A batch is never larger than maxsize, so the holder always gets
+                # the rest as the consumer takes what was sent before.)
+                if not self._room_lock.acquire(timeout=_left(deadline)):
+                    raise TimeoutError(f"no room in the queue (maxsize {self._maxsize})")
+                try:
+                    for _ in items:
+                        if not self._room.acquire(timeout=_left(deadline)):
+                            raise TimeoutError(f"no room in the queue (maxsize {self._maxsize})")
+                        taken += 1
+                finally:
+                    self._room_lock.release()
             if not self._write_lock.acquire(timeout=_left(deadline)):
                 raise TimeoutError("another producer held the queue for the whole timeout")
             try:
