@@ -31,10 +31,12 @@ def is_long(steps: int) -> bool:
     return steps > 150
 
 
-def run(client: Client) -> None:
+NUMBERS = range(1, 20_001)
+
+
+def run(client: Client, here: list[int]) -> None:
     workers = len(client.scheduler_info()["workers"])
-    numbers = range(1, 20_001)
-    here = pk.run_parallel(collatz_steps, numbers)  # processes on this machine
+    numbers = NUMBERS
     there = pk.run_parallel(collatz_steps, numbers, backend=client)  # the cluster
     print(f"{workers} Dask workers; same results as local processes: {there == here}")
     print(f"longest: {max(there)} steps, for {numbers[there.index(max(there))]}")
@@ -43,9 +45,12 @@ def run(client: Client) -> None:
 
 
 def main(address: str | None) -> None:
+    # processes on this machine first: forking while the in-process cluster's threads run
+    # is best avoided
+    here = pk.run_parallel(collatz_steps, NUMBERS)
     if address is not None:
         with Client(address) as client:  # type: ignore[no-untyped-call]  # untyped library
-            run(client)
+            run(client, here)
         return
     with (
         LocalCluster(  # type: ignore[no-untyped-call]  # distributed is not typed
@@ -53,7 +58,7 @@ def main(address: str | None) -> None:
         ) as cluster,
         Client(cluster) as client,  # type: ignore[no-untyped-call]
     ):
-        run(client)
+        run(client, here)
 
 
 if __name__ == "__main__":
