@@ -8,6 +8,7 @@ machines); ``backend=client`` sends the work there.  Run it with
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from distributed import Client, LocalCluster
@@ -45,6 +46,9 @@ def run(client: Client, here: list[int]) -> None:
 
 
 def main(address: str | None) -> None:
+    # At shutdown Dask's background sender may log (at INFO, with a traceback) that its
+    # connection closed under it: expected there, and not worth a user's attention.
+    logging.getLogger("distributed.batched").setLevel(logging.WARNING)
     # processes on this machine first: forking while the in-process cluster's threads run
     # is best avoided
     here = pk.run_parallel(collatz_steps, NUMBERS)
