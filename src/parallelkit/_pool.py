@@ -91,13 +91,24 @@ def _check_watch_options(
         )
 
 
-def _finish_stats(
+def _end_call(
     engine: Engine | ChunkEngine,
     baseline: StatsBaseline,
     on_stats: Callable[[MapStats], object] | None,
-) -> MapStats | None:
-    """Snapshot the stats for ``on_stats`` (before the engine lets its workers go)."""
-    return None if on_stats is None else engine_stats(engine, baseline)
+    watch: Watch | None,
+    *,
+    graceful: bool,
+) -> None:
+    """The end of a one-call map, however it ends: stats (taken before the workers go),
+    shut the engine down, close the progress watch, then hand the stats to ``on_stats``."""
+    stats = None if on_stats is None else engine_stats(engine, baseline)
+    try:
+        engine.shutdown(graceful=graceful)
+    finally:
+        if watch is not None:
+            watch.close()
+    if on_stats is not None and stats is not None:
+        on_stats(stats)
 
 
 def _check_map_options(
@@ -156,7 +167,6 @@ def _run_elsewhere(
         chunksize = len(seq)
     engine = ChunkEngine(runner, tracked=tracked)
     baseline = StatsBaseline()
-    stats = None
     ok = False
     try:
         job = job_class(watch)(
@@ -177,14 +187,7 @@ def _run_elsewhere(
         ok = True
         return results
     finally:
-        stats = _finish_stats(engine, baseline, on_stats)
-        try:
-            engine.shutdown(graceful=ok)
-        finally:
-            if watch is not None:
-                watch.close()
-        if on_stats is not None and stats is not None:
-            on_stats(stats)
+        _end_call(engine, baseline, on_stats, watch, graceful=ok)
 
 
 def _imap_elsewhere(
@@ -407,7 +410,6 @@ def run_parallel(
         one_shot=True,
     )
     baseline = StatsBaseline()
-    stats = None
     ok = False
     try:
         job = job_class(watch)(
@@ -429,14 +431,7 @@ def run_parallel(
         ok = True
         return results
     finally:
-        stats = _finish_stats(engine, baseline, on_stats)
-        try:
-            engine.shutdown(graceful=ok)
-        finally:
-            if watch is not None:
-                watch.close()
-        if on_stats is not None and stats is not None:
-            on_stats(stats)
+        _end_call(engine, baseline, on_stats, watch, graceful=ok)
 
 
 class ResultIterator(Iterator[_Y]):
