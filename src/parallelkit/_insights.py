@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Final
 
@@ -47,6 +47,12 @@ DUMP_SETTLE: Final = 0.05  # ... the dump is complete once the file stops growin
 
 
 # ------------------------------------------------------------------ statistics
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """``rows`` (the first one a header) as left-aligned columns two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +122,7 @@ class MapStats:
                     f"{100 * w.utilisation:.0f}",
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
-        ]
+        lines = text_table(rows)
         lines.append(
             f"{self.items} items on {len(self.workers)} workers in {self.seconds:.3f} s "
             f"({100 * self.utilisation:.0f}% busy)"

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from . import _frames as frames
 from ._context import get_context
+from ._insights import text_table
 from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
 from ._progress import PipelineProgress, StageProgress
 from ._serialize import dump_function, locate_unpicklable, rebuild_exception
@@ -135,10 +136,7 @@ class PipelineStats:
                     f"{100 * s.utilisation:.0f}",
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
-        ]
+        lines = text_table(rows)
         lines.append(
             f"{self.source_items} items from the source, {self.items_out} out, in "
             f"{self.seconds:.3f} s (the consumer waited {self.consumer_waiting_seconds:.3f} s)"
