@@ -260,6 +260,63 @@ def test_forkserver_workers_inherit_what_main_imported(preload: str) -> None:
         assert result.stdout.split() == ["[True]", "False"]  # each worker imported it
 
 
+MAIN_RUNS_SCRIPT = """\
+import os, sys
+import parallelkit as pk
+
+with open(os.environ["RUNS_FILE"], "a") as runs:
+    runs.write(f"{__name__} {os.getpid()} {' '.join(sys.argv[1:])}\\n")
+
+
+def where(x):
+    return os.getpid()
+
+
+if __name__ == "__main__":
+    pids = pk.run_parallel(where, range(8), max_workers=2, start_method="forkserver",
+                           chunksize=1)
+    print(*sorted(set(pids)))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("preload", ["1", "0"])
+def test_forkserver_runs_the_main_script_once_not_in_every_worker(
+    preload: str, tmp_path: Path
+) -> None:
+    # CPython < 3.13.8 never preloads __main__ in the forkserver (gh-126631): every child
+    # ran the main script again.  parallelkit imports it in the server, once.
+    script = tmp_path / "main_runs.py"
+    script.write_text(MAIN_RUNS_SCRIPT)
+    runs = tmp_path / "runs.txt"
+    env = _env_with_package()
+    env["RUNS_FILE"] = str(runs)
+    env["PARALLELKIT_FORKSERVER_PRELOAD"] = preload
+    result = subprocess.run(
+        [sys.executable, str(script), "an-argument"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    workers = {int(pid) for pid in result.stdout.split()}
+    assert len(workers) == 2, result.stdout
+    lines = [line.split() for line in runs.read_text().splitlines()]
+    assert lines[0][0] == "__main__"
+    assert lines[0][2:] == ["an-argument"]
+    again = lines[1:]
+    assert all(name == "__mp_main__" and rest == ["an-argument"] for name, _, *rest in again)
+    ran_in = {int(pid) for _, pid, *_ in again}
+    if preload == "1":
+        assert len(again) == 1, lines  # once, in the server, with the script's argv
+        assert not ran_in & workers
+    else:
+        assert ran_in == workers, lines  # once in each worker
+        assert len(again) == 2, lines
+
+
 def _env_with_package() -> dict[str, str]:
     """The environment for a child interpreter that must import this parallelkit."""
     env = dict(os.environ)

@@ -28,6 +28,10 @@ from typing import Any, Final
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
 # What every parallelkit child imports first (the pool worker, the pipeline stage)
 CHILD_MODULES: Final = ("parallelkit._worker", "parallelkit._stage")
+# What a forkserver child imports to unpickle a worker (its progress slots are a RawArray)
+SERVER_MODULES: Final = ("multiprocessing.sharedctypes", "multiprocessing.popen_forkserver")
+# How the main module's path or name reaches the server (read by parallelkit._forkserver_main)
+FORKSERVER_MAIN_ENV: Final = "PARALLELKIT_FORKSERVER_MAIN"
 _preload_checked = False
 
 
@@ -49,14 +53,17 @@ def _modules_of_main() -> list[str]:
 
 
 def preload_forkserver() -> None:
-    """Before multiprocessing's forkserver starts, add parallelkit's child modules and the
-    modules the main module imported to what it imports once, for all its children.
+    """Before multiprocessing's forkserver starts, have it import, once for all its children,
+    parallelkit's child modules, what unpickling a worker needs, the modules the main module
+    imported -- and the main module itself.
 
-    By default the server imports only the main script (when it has a path: not under
-    ``python -m``), so every forkserver child imported parallelkit by itself (tens of ms
-    each).  A server already running is left as it is.  A module the server cannot import
-    is skipped by multiprocessing (ImportError); ``PARALLELKIT_FORKSERVER_PRELOAD=0`` turns
-    this off.
+    Without this every forkserver child imported parallelkit by itself (tens of ms each) and
+    ran the main script again: multiprocessing's own preload of ``"__main__"`` never works
+    before CPython 3.13.8 (see :mod:`parallelkit._forkserver_main`).  The main module is
+    preloaded only when ``"__main__"`` is in the server's preload list (the default).  A
+    server already running is left as it is.  A module the server cannot import is skipped
+    by multiprocessing (ImportError); ``PARALLELKIT_FORKSERVER_PRELOAD=0`` turns all of this
+    off.
     """
     global _preload_checked
     if _preload_checked:
@@ -64,13 +71,29 @@ def preload_forkserver() -> None:
     _preload_checked = True
     if os.environ.get("PARALLELKIT_FORKSERVER_PRELOAD", "1") == "0":
         return
-    from multiprocessing import forkserver  # noqa: PLC0415
+    from multiprocessing import forkserver, spawn  # noqa: PLC0415
 
     server = getattr(forkserver, "_forkserver", None)
     if server is None or getattr(server, "_forkserver_pid", None) is not None:
         return  # running already (or a multiprocessing we do not know): leave it
     current = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    wanted = [m for m in (*CHILD_MODULES, *_modules_of_main()) if m not in current]
+    wanted = [m for m in (*CHILD_MODULES, *SERVER_MODULES, *_modules_of_main()) if m not in current]
+    if "__main__" in current:
+        data = spawn.get_preparation_data("parallelkit-forkserver")
+        main = {
+            key: data[key]
+            for key in ("init_main_from_path", "init_main_from_name", "sys_argv")
+            if key in data
+        }
+        if len(main) > 1:  # a path or a name to import
+            import json  # noqa: PLC0415
+
+            try:
+                os.environ[FORKSERVER_MAIN_ENV] = json.dumps(main)
+            except (TypeError, ValueError):  # an argv that is not text: no main preload
+                pass
+            else:
+                wanted.append("parallelkit._forkserver_main")
     if wanted:
         forkserver.set_forkserver_preload(current + wanted)
 
@@ -113,7 +136,7 @@ def start_child(
     warning.
     """
     if start_method == "forkserver":
-        preload_forkserver()
+        preload_forkserver()  # sets FORKSERVER_MAIN_ENV if the server is about to start
     process: BaseProcess = context.Process(  # type: ignore[attr-defined]
         target=target, args=tuple(args), kwargs=dict(kwargs or {}), name=name, daemon=True
     )
@@ -132,6 +155,8 @@ def start_child(
         if on_started is not None:
             on_started(process)
     finally:
+        if start_method == "forkserver":  # read by the server as it started, if it did
+            os.environ.pop(FORKSERVER_MAIN_ENV, None)
         if block:
             # a Ctrl-C that arrived meanwhile is raised here, with the child known
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

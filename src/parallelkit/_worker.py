@@ -76,14 +76,28 @@ EXIT_INIT_FAILED: Final = 71
 EXIT_MAIN_GUARD: Final = 72
 
 
-def _set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL us when the thread that created us exits."""
+def _find_prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once, at import: fork children inherit it instead of each opening libc again.
+_prctl = _find_prctl()
+PR_SET_PDEATHSIG: Final = 1
+
+
+def _set_parent_death_signal() -> bool:
+    """Ask Linux to SIGKILL us when the thread that created us exits; False if it cannot."""
+    if _prctl is None:
+        return False
+    try:
+        return _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except Exception:  # a libc without prctl: the watcher thread does it
+        return False
 
 
 def _watch_parent(sentinel: int) -> None:
@@ -98,14 +112,19 @@ def bootstrap(
     initializer: Callable[..., object] | None,
     initargs: Sequence[object],
 ) -> None:
-    """Prepare a parallelkit child process; raises whatever the initializer raises."""
+    """Prepare a parallelkit child process; raises whatever the initializer raises.
+
+    When we are to die with our parent: ``PR_SET_PDEATHSIG`` where the kernel can tie us to
+    it (``parent_pid`` is our parent: fork and spawn, started from the main thread), and a
+    thread waiting on the parent's sentinel otherwise (forkserver, whose children's parent
+    is the server; other platforms).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # the parent blocked SIGINT while it started us (see Engine._start_worker)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    if pdeathsig:
-        _set_parent_death_signal()
+    tied = _set_parent_death_signal() if pdeathsig else False
     parent = multiprocessing.parent_process()
-    if parent is not None and parent.sentinel is not None:
+    if not (tied and parent_pid) and parent is not None and parent.sentinel is not None:
         threading.Thread(
             target=_watch_parent,
             args=(parent.sentinel,),
@@ -113,7 +132,7 @@ def bootstrap(
             daemon=True,
         ).start()
     if parent_pid and os.getppid() != parent_pid:
-        os._exit(EXIT_PARENT_DIED)  # the parent died before we got here
+        os._exit(EXIT_PARENT_DIED)  # the parent died before we got here (or before prctl)
     if initializer is not None:
         initializer(*initargs)
 
@@ -144,8 +163,13 @@ def refuse_to_start_in_bootstrap() -> NoReturn:
     """We are a spawn/forkserver child importing the parent's ``__main__``, which starts work.
 
     Starting processes here would fail (and each child would print a traceback); exit with a
-    code the parent recognises, after one line that says what to do.
+    code the parent recognises, after one line that says what to do.  In the forkserver,
+    importing the main module once for all its children (``_forkserver_main``), raise
+    instead: the server goes on, and each child meets the same code and exits here.
     """
+    server = sys.modules.get("parallelkit._forkserver_main")
+    if server is not None and getattr(server, "importing_main", False):
+        raise RuntimeError("parallel work started while the forkserver imports __main__")
     sys.stderr.write(
         "parallelkit: this process was started to run tasks, but importing the main module "
         'started parallel work again; guard it with `if __name__ == "__main__":`\n'
