@@ -357,9 +357,11 @@ class Engine:
             self._stop_finished_workers()
 
     def _stop_finished_workers(self) -> None:
-        """The input is used up: each worker with nothing left to run exits now.
+        """The input is used up: every worker is told to exit after the chunks it holds.
 
-        (A chunk to run again after a crash, later, gets a new worker.)
+        The STOP waits in the worker's pipe behind its chunks, so a busy worker exits as
+        soon as it has sent its last results, without waiting for us to answer them.  (A
+        chunk to run again after a crash, later, gets a new worker.)
         """
         if self.future_queue or self.broken is not None:
             return
@@ -367,7 +369,7 @@ class Engine:
             if not job.exhausted or job.retries:
                 return
         for w in self.workers:
-            if not w.chunks and not w.stopping and not w.dead and w.killed_for is None:
+            if not w.stopping and not w.dead and w.killed_for is None:
                 w.stopping = True
                 try:
                     w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
