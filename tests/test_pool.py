@@ -590,3 +590,44 @@ def test_an_iterator_of_tiny_items_grows_its_chunks_and_an_explicit_size_stays()
     fixed._adapt(7, 7.0)
     assert fixed.chunksize == 7
     assert fixed.seconds_per_item == 1.0  # still measured (the engine's pipelining uses it)
+
+
+# ------------------------------------------------------------------ chunks waiting in a pipe
+
+
+def test_pipe_room_is_what_a_socket_pair_takes_without_blocking() -> None:
+    import socket
+
+    from parallelkit._engine import PIPELINE_LIMIT, _pipe_room
+
+    parent_end, child_end = multiprocessing.Pipe(duplex=True)
+    try:
+        room = _pipe_room(parent_end)
+        assert room >= PIPELINE_LIMIT
+        # the bound is safe: that many bytes go into the pipe while nobody reads
+        sock = socket.fromfd(parent_end.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            block = b"x" * 65536
+            sent = 0
+            while sent < room:
+                sent += sock.send(block[: room - sent])  # BlockingIOError would fail the test
+        finally:
+            sock.close()
+    finally:
+        parent_end.close()
+        child_end.close()
+
+
+@pytest.mark.timeout(60)
+def test_large_in_band_chunks_both_ways_do_not_deadlock(start_method: StartMethod) -> None:
+    # 15 KB items stay in the pickle (below the arena's threshold): each chunk of 40 is
+    # 600 KB each way, so a 2nd chunk waiting in the pipe must not block the parent while
+    # the worker blocks sending its results
+    items = [bytes([i % 256]) * 15_000 for i in range(400)]
+    out = pk.run_parallel(w.identity, items, max_workers=2, start_method=start_method, chunksize=40)
+    assert out == items
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        assert list(pool.imap(w.identity, items, chunksize=40)) == items
+        # an iterator's chunks grow: a 2nd chunk larger than the 1st is checked again
+        assert list(pool.imap(w.identity, iter(items))) == items

@@ -30,6 +30,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -52,7 +54,12 @@ from ._types import StartMethod
 from .errors import SerializationError, SerializedWhat, TaskTimeoutError, WorkerCrashedError
 
 WATCH_POLL: Final = 0.25  # seconds, at most, between two calls of the watchers (stall checks)
-PIPELINE_LIMIT: Final = 32 * 1024  # a worker may hold a 2nd chunk only if it is this small
+# A worker may hold a 2nd chunk (sent while it runs the 1st) only if both fit in its pipe's
+# buffer together: a send that blocked while the worker blocks sending us its results would
+# deadlock.  The buffer is widened to PIPE_BUFFER where the kernel allows (Linux caps it at
+# net.core.wmem_max) and measured; PIPELINE_LIMIT where it cannot be.
+PIPELINE_LIMIT: Final = 32 * 1024
+PIPE_BUFFER: Final = 1024 * 1024
 PIPELINE_SECONDS: Final = 0.005  # ... and if its chunk takes about this long or less
 STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
 STARTUP_DEATHS_SECONDS: Final = 0.5  # ...for at least this long, and the pool gives up
@@ -70,6 +77,7 @@ class _Worker:
         "head_since",
         "killed_for",
         "pid",
+        "pipe_room",
         "process",
         "results",
         "sentinel",
@@ -94,6 +102,30 @@ class _Worker:
         self.busy = 0.0  # seconds it spent running chunks, as it measured them
         self.born = time.monotonic()
         self.results: ResultReader | None = None  # its result segments, once it sent some
+        self.pipe_room = _pipe_room(conn)  # bytes it may have unread without a send blocking
+
+
+def _pipe_room(conn: Connection) -> int:
+    """How many bytes we may send ``conn``'s reader ahead of it without ``send`` blocking.
+
+    A duplex ``Pipe`` is a Unix stream socket pair; on Linux, data waiting to be read counts
+    against the *sender's* SO_SNDBUF (the value read back is what the kernel accounts, the
+    bytes plus their bookkeeping), so half of it is a safe bound for payload bytes.
+    """
+    if not sys.platform.startswith("linux"):
+        return PIPELINE_LIMIT
+    try:
+        sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)  # a dup
+    except OSError:
+        return PIPELINE_LIMIT
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * PIPE_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_BUFFER)
+        return max(PIPELINE_LIMIT, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2)
+    except OSError:
+        return PIPELINE_LIMIT
+    finally:
+        sock.close()
 
 
 class Engine:
@@ -330,7 +362,14 @@ class Engine:
         per_item = head.job.seconds_per_item
         if per_item is not None and per_item * (head.stop - head.start) > PIPELINE_SECONDS:
             return False  # long chunks: hand out the next one when a worker is free
-        return len(head.payload or b"") <= PIPELINE_LIMIT
+        # the next chunk is about as large as this one (checked again in _dispatch_chunks)
+        return 2 * len(head.payload or b"") <= worker.pipe_room
+
+    @staticmethod
+    def _fits(worker: _Worker, chunk: Chunk) -> bool:
+        """Can ``chunk`` wait in ``worker``'s pipe behind the chunks it holds?"""
+        held = sum(len(c.payload or b"") for c in worker.chunks)
+        return held + len(chunk.payload or b"") + 4096 <= worker.pipe_room
 
     def _next_chunk(self) -> Chunk | None:
         while self.future_queue:
@@ -384,7 +423,12 @@ class Engine:
             for worker in list(self.workers):
                 while len(worker.chunks) <= depth and self._capacity(worker):
                     chunk = self._next_chunk()
-                    if chunk is None or not self._send(worker, chunk):
+                    if chunk is None:
+                        return
+                    if worker.chunks and not self._fits(worker, chunk):
+                        self.retry(chunk)  # the next idle worker takes it
+                        return
+                    if not self._send(worker, chunk):
                         return
             while len(self.workers) < self.max_workers and depth == 0:
                 chunk = self._next_chunk()
