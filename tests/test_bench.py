@@ -191,3 +191,21 @@ def test_heavy_main_makes_spawn_children_import_numpy() -> None:
         assert proc.exitcode == 0
     assert seen == [False, True]
     assert sys.modules["__main__"].__name__ == "__main__"
+
+
+def test_quick_leaves_out_the_large_results_unless_asked() -> None:
+    import argparse
+
+    from parallelkit._bench.options import QUICK_WORKLOADS, WORKLOADS, add_arguments
+    from parallelkit._bench.settings import settings_from
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap, start_method="fork", hide_sizes=False)
+    for argv, expected in [
+        (["--quick"], QUICK_WORKLOADS),
+        ([], WORKLOADS),
+        (["--quick", "--workloads", "arrays-results"], ("arrays-results",)),
+    ]:
+        assert settings_from(ap, ap.parse_args(argv)).workloads == expected, argv
+    assert "arrays-results" not in QUICK_WORKLOADS
+    assert set(QUICK_WORKLOADS) < set(WORKLOADS)

@@ -10,7 +10,7 @@ import os
 import typing
 from dataclasses import dataclass, replace
 
-from .options import WORKLOADS
+from .options import QUICK_WORKLOADS, WORKLOADS
 
 if typing.TYPE_CHECKING:
     from .harness import RunOptions
@@ -66,7 +66,8 @@ def usable_cpus() -> int:
 def settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
     """The :class:`Settings` that parsed options ask for (errors go through ``ap``)."""
     base = QUICK if args.quick else FULL
-    wanted = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+    chosen = args.workloads or ",".join(QUICK_WORKLOADS if args.quick else WORKLOADS)
+    wanted = tuple(w.strip() for w in chosen.split(",") if w.strip())
     unknown = sorted(set(wanted) - set(WORKLOADS))
     if unknown or not wanted:
         ap.error(f"--workloads: unknown {unknown}; choose from {', '.join(WORKLOADS)}")
