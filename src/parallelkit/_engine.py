@@ -75,6 +75,7 @@ class _Worker:
         "dead",
         "fns",
         "head_since",
+        "hung_up",
         "killed_for",
         "pid",
         "pipe_room",
@@ -98,6 +99,7 @@ class _Worker:
         self.stopping = False
         self.dead = False
         self.head_since = 0
+        self.hung_up = False  # its end of the pipe is closed: wait for its sentinel only
         self.killed_for: BaseException | None = None  # a timeout we killed it for
         self.busy = 0.0  # seconds it spent running chunks, as it measured them
         self.born = time.monotonic()
@@ -450,7 +452,8 @@ class Engine:
     def _wait_objects(self) -> list[Any]:
         objs: list[Any] = [self.wake_r]
         for w in self.workers:
-            objs.append(w.conn)
+            if not w.hung_up:
+                objs.append(w.conn)
             objs.append(w.sentinel)
         return objs
 
@@ -524,7 +527,11 @@ class Engine:
                 data = w.conn.recv_bytes()
                 self._on_message(w, data)
         except (EOFError, OSError):
-            pass  # closed: the sentinel reports the exit
+            # Closed (every message before the close was read): the sentinel reports the
+            # exit.  Under forkserver that comes a little later (the server reaps the
+            # worker and then writes it), and a closed pipe is always "ready": waiting on it
+            # meanwhile would spin.
+            w.hung_up = True
 
     def _on_message(self, w: _Worker, data: bytes) -> None:
         chunk = w.chunks[0] if w.chunks else None
