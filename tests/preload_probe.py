@@ -10,3 +10,10 @@ IMPORTED_IN = os.getpid()
 def imported_here(_: object) -> bool:
     """True if this process imported the module itself (it was not preloaded)."""
     return os.getpid() == IMPORTED_IN
+
+
+def loaded(names: list[str]) -> list[str]:
+    """Which of ``names`` this process has imported."""
+    import sys
+
+    return [name for name in names if name in sys.modules]

@@ -260,6 +260,30 @@ def test_forkserver_workers_inherit_what_main_imported(preload: str) -> None:
         assert result.stdout.split() == ["[True]", "False"]  # each worker imported it
 
 
+def test_a_spawn_worker_imports_neither_ctypes_nor_the_shared_ctypes_heap() -> None:
+    # its progress slots come as a memfd, and it watches its parent with a thread rather
+    # than loading ctypes for PR_SET_PDEATHSIG (each of those imports costs milliseconds)
+    heavy = ["ctypes", "multiprocessing.sharedctypes", "multiprocessing.heap"]
+    script = (
+        "import preload_probe, parallelkit as pk\n"
+        f"got = pk.run_parallel(preload_probe.loaded, [{heavy!r}] * 2, max_workers=2,\n"
+        "                      start_method='spawn', chunksize=1)\n"
+        "print(got)\n"
+    )
+    env = _env_with_package()
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[[], []]"
+
+
 MAIN_RUNS_SCRIPT = """\
 import os, sys
 import parallelkit as pk

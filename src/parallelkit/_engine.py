@@ -24,7 +24,6 @@ unless a user's future callback is running and holding one at that very moment.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import multiprocessing
 import multiprocessing.connection
@@ -177,8 +176,20 @@ class Engine:
             self.inherited_fn, self.inherited_items = inherit
             self.inherited_fn_id = next(_fn_ids)
         self.functions: dict[int, tuple[Callable[..., object], int, bytes]] = {}
-        self.progress: Any = context.RawArray(ctypes.c_int64, W.SLOT_WORDS * max_workers)
-        self.words = memoryview(self.progress).cast("B").cast("q")
+        # the progress slots: what each worker is passed, and our view of them
+        self.slots: W.ProgressSlots | None = None
+        self.progress: Any
+        if start_method == "fork" or hasattr(os, "memfd_create"):
+            self.slots = W.ProgressSlots(
+                W.SLOT_WORDS * max_workers, inherited=start_method == "fork"
+            )
+            self.progress = self.slots.for_child
+            self.words = memoryview(self.slots.mm).cast("B").cast("q")
+        else:  # no memfd (not Linux): a RawArray
+            import ctypes  # noqa: PLC0415
+
+            self.progress = context.RawArray(ctypes.c_int64, W.SLOT_WORDS * max_workers)
+            self.words = memoryview(self.progress).cast("B").cast("q")
         self.workers: list[_Worker] = []
         self.free_slots = list(range(max_workers - 1, -1, -1))
         self.jobs: list[Job] = []  # map jobs, asked for chunks in turn
@@ -1026,3 +1037,5 @@ class Engine:
             except OSError:
                 pass
         self.words.release()
+        if self.slots is not None:
+            self.slots.close()

@@ -28,8 +28,8 @@ from typing import Any, Final
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
 # What every parallelkit child imports first (the pool worker, the pipeline stage)
 CHILD_MODULES: Final = ("parallelkit._worker", "parallelkit._stage")
-# What a forkserver child imports to unpickle a worker (its progress slots are a RawArray)
-SERVER_MODULES: Final = ("multiprocessing.sharedctypes", "multiprocessing.popen_forkserver")
+# What a forkserver child imports to unpickle a worker
+SERVER_MODULES: Final = ("multiprocessing.popen_forkserver",)
 # How the main module's path or name reaches the server (read by parallelkit._forkserver_main)
 FORKSERVER_MAIN_ENV: Final = "PARALLELKIT_FORKSERVER_MAIN"
 _preload_checked = False

@@ -15,9 +15,9 @@ The progress slot lets the parent name the exact item a dead or late worker was 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import faulthandler
 import itertools
+import mmap
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -80,24 +80,76 @@ def _find_prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
+        import ctypes  # noqa: PLC0415 - see below
+
         return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):
         return None
 
 
-# Looked up once, at import: fork children inherit it instead of each opening libc again.
-_prctl = _find_prctl()
+# Looked up once, at import: fork and forkserver children inherit it instead of each opening
+# libc again.  Not in a spawn child (multiprocessing is unpickling what it runs when it
+# imports us): importing ctypes there costs more than the watcher thread that does the job.
+_prctl = None if getattr(multiprocessing.current_process(), "_inheriting", False) else _find_prctl()
 PR_SET_PDEATHSIG: Final = 1
 
 
 def _set_parent_death_signal() -> bool:
-    """Ask Linux to SIGKILL us when the thread that created us exits; False if it cannot."""
+    """Ask Linux to SIGKILL us when the thread that created us exits; False if we cannot
+    (or, in a spawn child, would rather not load ctypes for it)."""
     if _prctl is None:
         return False
     try:
         return _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
     except Exception:  # a libc without prctl: the watcher thread does it
         return False
+
+
+class ProgressSlots:
+    """The workers' progress slots: int64 words in memory shared with them.
+
+    Under fork, an anonymous shared mapping the workers inherit.  Otherwise a memfd: a child
+    receives a copy of its descriptor as it is started (pickled as multiprocessing's
+    ``DupFd``, as a ``RawArray``'s arena is) and maps it -- without the ctypes and
+    ``multiprocessing.heap`` imports a ``RawArray`` would cost each spawn worker.
+    :attr:`for_child` is what to pass a worker; :attr:`mm` is the parent's mapping.
+    """
+
+    def __init__(self, words: int, *, inherited: bool) -> None:
+        self.size = max(8 * words, mmap.PAGESIZE)
+        self.fd = -1
+        if inherited:
+            self.mm = mmap.mmap(-1, self.size)  # MAP_SHARED | MAP_ANONYMOUS
+        else:
+            self.fd = os.memfd_create("parallelkit-progress", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(self.fd, self.size)
+                self.mm = mmap.mmap(self.fd, self.size)
+            except BaseException:
+                os.close(self.fd)
+                raise
+        self.for_child: Any = self.mm if inherited else self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from multiprocessing import reduction  # noqa: PLC0415 - only while starting a child
+
+        return (_attach_slots, (reduction.DupFd(self.fd), self.size))
+
+    def close(self) -> None:
+        """Close the descriptor and the mapping (which holds a descriptor of its own)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(BufferError):  # a view still open: it goes with the view
+            self.mm.close()
+
+
+def _attach_slots(dup: Any, size: int) -> mmap.mmap:
+    fd = dup.detach()
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
 
 
 def _watch_parent(sentinel: int) -> None:
