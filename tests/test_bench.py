@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import multiprocessing
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 
 import parallelkit
 import workers_bench
+from child import package_env, run_python
 from parallelkit._bench import harness as h
 from parallelkit._bench.suite import heavy_main
 from parallelkit._context import default_start_method
@@ -52,18 +52,8 @@ HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 
 
 def _bench(*args: str, extra_path: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    root = str(Path(parallelkit.__file__).parent.parent)
-    paths = (extra_path, root, env.get("PYTHONPATH"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return subprocess.run(
-        [sys.executable, "-m", "parallelkit", "bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    env = package_env(*([extra_path] if extra_path else []))
+    return run_python("-m", "parallelkit", "bench", *args, timeout=60, env=env)
 
 
 def _positive(x: object) -> bool:

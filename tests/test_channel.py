@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ import pytest
 
 import parallelkit as pk
 import workers_channel as wc
+from child import run_python
 from parallelkit._types import StartMethod
 
 KEY = b"k" * 16 + os.urandom(16)
@@ -526,16 +526,6 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
     example = next(b for b in blocks if "start_process" in b)
     script = tmp_path / "channel_example.py"
     script.write_text(example)
-    env = dict(os.environ)
-    root = str(Path(pk.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    result = run_python("-W", "error", str(script), timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "HELLO!\n"

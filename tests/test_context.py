@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import parallelkit
+from child import TESTS, package_env, run_python
 from parallelkit import _context
 from parallelkit._context import (
     ALL_START_METHODS,
@@ -132,14 +131,7 @@ def test_usable_cpu_count_respects_cpu_affinity() -> None:
         "import parallelkit\n"
         "print(parallelkit.usable_cpu_count(), os.cpu_count())\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env_with_package(),
-        check=False,
-    )
+    result = run_python("-c", script, timeout=60)
     assert result.returncode == 0, result.stderr
     usable, machine = result.stdout.split()
     assert usable == "1"
@@ -242,17 +234,8 @@ def test_forkserver_workers_inherit_what_main_imported(preload: str) -> None:
         "                       start_method='forkserver', chunksize=1)\n"
         "print(sorted(set(here)), 'parallelkit._worker' in fs._forkserver._preload_modules)\n"
     )
-    env = _env_with_package()
-    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
-    env["PARALLELKIT_FORKSERVER_PRELOAD"] = preload
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    env = package_env(TESTS, PARALLELKIT_FORKSERVER_PRELOAD=preload)
+    result = run_python("-c", script, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     if preload == "1":
         assert result.stdout.split() == ["[False]", "True"]  # imported once, in the server
@@ -270,16 +253,7 @@ def test_a_spawn_worker_imports_neither_ctypes_nor_the_shared_ctypes_heap() -> N
         "                      start_method='spawn', chunksize=1)\n"
         "print(got)\n"
     )
-    env = _env_with_package()
-    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    result = run_python("-c", script, timeout=60, env=package_env(TESTS))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[[], []]"
 
@@ -313,17 +287,8 @@ def test_forkserver_runs_the_main_script_once_not_in_every_worker(
     script = tmp_path / "main_runs.py"
     script.write_text(MAIN_RUNS_SCRIPT)
     runs = tmp_path / "runs.txt"
-    env = _env_with_package()
-    env["RUNS_FILE"] = str(runs)
-    env["PARALLELKIT_FORKSERVER_PRELOAD"] = preload
-    result = subprocess.run(
-        [sys.executable, str(script), "an-argument"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    env = package_env(RUNS_FILE=str(runs), PARALLELKIT_FORKSERVER_PRELOAD=preload)
+    result = run_python(str(script), "an-argument", timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     workers = {int(pid) for pid in result.stdout.split()}
     assert len(workers) == 2, result.stdout
@@ -339,11 +304,3 @@ def test_forkserver_runs_the_main_script_once_not_in_every_worker(
     else:
         assert ran_in == workers, lines  # once in each worker
         assert len(again) == 2, lines
-
-
-def _env_with_package() -> dict[str, str]:
-    """The environment for a child interpreter that must import this parallelkit."""
-    env = dict(os.environ)
-    root = str(Path(parallelkit.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env

@@ -16,9 +16,7 @@ Sphinx itself (``-n -W`` and the doctest builder) runs in ``.ci/run``, not here.
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import pytest
 import parallelkit
 import parallelkit.errors
 import parallelkit.testing
+from child import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -95,18 +94,7 @@ def test_the_pages_have_programs_with_output() -> None:
 def test_a_docs_program_prints_what_the_page_shows(example: Example, tmp_path: Path) -> None:
     script = tmp_path / f"{example.page.replace('-', '_')}_{example.number}.py"
     script.write_text(example.code)
-    env = dict(os.environ)
-    root = str(Path(parallelkit.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-    )
+    result = run_python("-W", "error", str(script), timeout=100, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert example.expected is not None
     expected = example.expected.rstrip("\n").splitlines()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import parallelkit
+from child import run_python
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -18,17 +16,7 @@ pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="examples/ not bes
 
 
 def _run(name: str, *args: str) -> list[str]:
-    env = dict(os.environ)
-    root = str(Path(parallelkit.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(EXAMPLES / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=env,
-        check=False,
-    )
+    result = run_python("-W", "error", str(EXAMPLES / name), *args, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     for block in result.stderr.split("Traceback (most recent call last):")[1:]:
         # Dask's own shutdown may log a CommClosedError from its background sender (its

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import parallelkit
+from child import run_python
 from parallelkit.__main__ import main
 from parallelkit._context import available_start_methods, default_start_method, usable_cpu_count
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    root = str(Path(parallelkit.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "parallelkit", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    return run_python("-m", "parallelkit", *args, timeout=timeout)
 
 
 def test_info_reports_cpus_start_methods_and_extras() -> None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-import parallelkit
+from child import run_python
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -34,18 +31,7 @@ def _run(tmp_path: Path, code: str) -> list[str]:
     """Run a README example as a script (a file, so that spawn workers can import it)."""
     script = tmp_path / "example.py"
     script.write_text(code)
-    env = dict(os.environ)
-    root = str(Path(parallelkit.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    result = subprocess.run(
-        [sys.executable, "-W", "error", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-    )
+    result = run_python("-W", "error", str(script), timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 

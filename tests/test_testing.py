@@ -27,6 +27,7 @@ import pytest
 from hypothesis import given
 
 import parallelkit.testing
+from child import run_python
 from parallelkit._context import available_start_methods
 from parallelkit._types import StartMethod
 from parallelkit.testing import (
@@ -163,14 +164,7 @@ with check_no_leaks(grace=1.0):
     multiprocessing.forkserver.ensure_running()
 print("ok")
 """
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env_with_package(),
-        check=False,
-    )
+    result = run_python("-c", script, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
@@ -402,24 +396,9 @@ except LeakError as error:
     child.wait()
     print("ok")
 """
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env_with_package(),
-        check=False,
-    )
+    result = run_python("-c", script, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def _env_with_package() -> dict[str, str]:
-    """The environment for a child interpreter that must import this parallelkit."""
-    env = dict(os.environ)
-    root = str(Path(parallelkit.testing.__file__).parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env

@@ -1,0 +1,42 @@
+"""Run a child Python interpreter that imports this checkout's parallelkit (not whatever
+another ``parallelkit`` the environment may hold)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import parallelkit
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def package_env(*paths: str, **variables: str) -> dict[str, str]:
+    """This environment with parallelkit's source root (after ``paths``) on PYTHONPATH,
+    and ``variables`` set."""
+    env = dict(os.environ)
+    root = str(Path(parallelkit.__file__).parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (*paths, root, env.get("PYTHONPATH")) if p)
+    env.update(variables)
+    return env
+
+
+def run_python(
+    *args: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` to completion, its output captured as text; ``env`` defaults to
+    :func:`package_env`."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=package_env() if env is None else env,
+        cwd=cwd,
+        check=False,
+    )
