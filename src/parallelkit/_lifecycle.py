@@ -98,6 +98,19 @@ def preload_forkserver() -> None:
         forkserver.set_forkserver_preload(current + wanted)
 
 
+def start_forkserver() -> list[str]:
+    """Make sure multiprocessing's forkserver runs, started with parallelkit's preloads if it
+    was not running yet (see :func:`preload_forkserver`); the modules it preloads."""
+    from multiprocessing import forkserver  # noqa: PLC0415
+
+    preload_forkserver()
+    try:
+        forkserver.ensure_running()
+    finally:  # read by the server as it started, if it did
+        os.environ.pop(FORKSERVER_MAIN_ENV, None)
+    return list(getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", []))
+
+
 def bootstrap_options(start_method: str) -> dict[str, Any]:
     """``parent_pid`` and ``pdeathsig`` keyword arguments for ``_worker.bootstrap``.
 
@@ -136,7 +149,7 @@ def start_child(
     warning.
     """
     if start_method == "forkserver":
-        preload_forkserver()  # sets FORKSERVER_MAIN_ENV if the server is about to start
+        start_forkserver()
     process: BaseProcess = context.Process(  # type: ignore[attr-defined]
         target=target, args=tuple(args), kwargs=dict(kwargs or {}), name=name, daemon=True
     )
@@ -155,8 +168,6 @@ def start_child(
         if on_started is not None:
             on_started(process)
     finally:
-        if start_method == "forkserver":  # read by the server as it started, if it did
-            os.environ.pop(FORKSERVER_MAIN_ENV, None)
         if block:
             # a Ctrl-C that arrived meanwhile is raised here, with the child known
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

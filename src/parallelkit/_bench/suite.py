@@ -725,26 +725,6 @@ def new_meta(settings: Settings, *, benchmark: str, command: str) -> dict[str, A
     }
 
 
-def start_forkserver() -> list[str]:
-    """Start multiprocessing's forkserver as parallelkit does, before any contender opens.
-
-    The server is one per process, shared by every contender: whichever opened first would
-    decide what all of them inherit (parallelkit preloads its modules, the main module's
-    imports and the main module itself; a server started by a peer preloads nothing).
-    Started here, every contender's workers inherit the same preloads.  Returns the list.
-    """
-    from multiprocessing import forkserver
-
-    from parallelkit._lifecycle import FORKSERVER_MAIN_ENV, preload_forkserver
-
-    preload_forkserver()
-    try:
-        forkserver.ensure_running()
-    finally:
-        os.environ.pop(FORKSERVER_MAIN_ENV, None)
-    return list(getattr(forkserver._forkserver, "_preload_modules", []))
-
-
 def run(
     settings: Settings,
     meta: dict[str, Any],
@@ -762,6 +742,11 @@ def run(
         f"{settings.run.rounds} rounds; python {meta['python']}"
     )
     if settings.start_method == "forkserver":
+        # The server is one per process, shared by every contender: started here, as
+        # parallelkit starts it, every contender's workers inherit the same preloads
+        # (otherwise whichever contender opened first would decide for all of them).
+        from parallelkit._lifecycle import start_forkserver
+
         meta["forkserver_preload"] = start_forkserver()
     before = h.children()
     with contextlib.closing(workloads(settings, meta, missing)) as chosen:
