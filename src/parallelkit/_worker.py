@@ -74,6 +74,7 @@ UNTRACKED_ITEM_NS: Final = 5_000
 EXIT_PARENT_DIED: Final = 70
 EXIT_INIT_FAILED: Final = 71
 EXIT_MAIN_GUARD: Final = 72
+EXIT_INTERRUPTED: Final = 73  # a Ctrl-C reached us before we could ignore it (forkserver)
 
 
 def _find_prctl() -> Callable[..., int] | None:
@@ -253,6 +254,13 @@ def pool_worker(
             initargs=initargs,
         )
     except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is not (
+            signal.SIG_IGN
+        ):
+            # A Ctrl-C that came before bootstrap() ignored SIGINT (a forkserver child is
+            # not started with it blocked): not the initializer's failure.  Exit like a
+            # worker killed at start-up; the parent runs its chunk on another.
+            os._exit(EXIT_INTERRUPTED)
         with contextlib.suppress(OSError):
             conn.send_bytes(dumps((INIT_FAILED, capture_exception(exc))))
         os._exit(EXIT_INIT_FAILED)
