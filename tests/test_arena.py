@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import workers_arena as wa
-from parallelkit import _arena, _shm
+from parallelkit import _arena, _direct, _shm
 from parallelkit._job import Job
 from parallelkit._types import StartMethod
 
@@ -90,11 +90,23 @@ def test_bytes_bytearray_and_picklebuffer_round_trip(start_method: StartMethod) 
     assert [bytes(x) for x in made] == [bytes(x) for x in expected]
 
 
-def test_large_results_round_trip_and_own_their_memory(start_method: StartMethod) -> None:
+@pytest.fixture(params=["direct", "arena"])
+def result_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Large results copied out of the worker (``_direct``), or through its segments."""
+    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1" if request.param == "direct" else "0")
+    return str(request.param)
+
+
+def test_large_results_round_trip_and_own_their_memory(
+    start_method: StartMethod, result_path: str
+) -> None:
     n = MIN // 8 * 3
     with pk.WorkerPool(2, start_method=start_method) as pool:
         first = list(pool.imap(wa.make_array, [n] * 6, chunksize=1))
         second = list(pool.imap(wa.make_array, [n + 1] * 6, chunksize=1))  # reuses regions
+        assert pool._engine.direct is (result_path == "direct")
+        used_segments = [w.results is not None for w in pool._engine.workers]
+        assert any(used_segments) is (result_path == "arena")
     for a in first:
         np.testing.assert_array_equal(a, np.arange(n))  # untouched by the second map
         assert a.flags.writeable
@@ -288,6 +300,7 @@ def test_results_are_copied_out_when_no_mapping_can_be_made(
         return real_mmap(fd, n, *args, **kwargs)
 
     n = MIN // 8 * 3
+    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "0")  # results through the segments
     with pk.WorkerPool(2, start_method=start_method) as pool:
         list(pool.imap(wa.make_array, [n] * 2, chunksize=1))  # workers started, segments made
         monkeypatch.setattr(mmap, "mmap", no_result_mappings)  # the module _arena uses
@@ -299,3 +312,143 @@ def test_results_are_copied_out_when_no_mapping_can_be_made(
         assert a.flags.writeable
     for a in second:
         np.testing.assert_array_equal(a, np.arange(n + 1))
+
+
+# ------------------------------------------------------------------ _direct
+def _counting_reads(monkeypatch: pytest.MonkeyPatch, before: Any = None) -> list[int]:
+    """Count (and optionally precede) the parent's reads of worker memory."""
+    real = _direct.read
+    calls: list[int] = []
+
+    def read(pid: int, specs: Any) -> Any:
+        calls.append(pid)
+        if before is not None:
+            before(pid, len(calls))
+        return real(pid, specs)
+
+    monkeypatch.setattr(_direct, "read", read)
+    return calls
+
+
+def test_large_results_are_copied_straight_out_of_the_worker(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PARALLELKIT_DIRECT_RESULTS", raising=False)
+    calls = _counting_reads(monkeypatch)
+    n = MIN // 8 * 40  # 2.5 MiB: a huge-page mapping of its own in the parent
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        out = list(pool.map(wa.make_array, [n, MIN // 8, n + 1, MIN // 8 + 5] * 3, chunksize=2))
+        pids = _pids(pool)
+        assert pool._engine.direct
+        assert all(w.results is None for w in pool._engine.workers)  # no result segments
+        assert not _ours(*pids[1:])
+    assert len(calls) == 6  # one read per chunk, however many buffers it has
+    for a, size in zip(out, [n, MIN // 8, n + 1, MIN // 8 + 5] * 3, strict=True):
+        np.testing.assert_array_equal(a, np.arange(size))
+        assert a.flags.writeable
+
+
+def test_a_reused_output_buffer_is_read_before_the_next_task_runs(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker holds each reply's results as they are until the parent has copied them,
+    # even with a second chunk waiting in its pipe: a slow read here would otherwise see
+    # the buffer already refilled by the next task.
+    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1")
+    calls = _counting_reads(monkeypatch, before=lambda pid, k: time.sleep(0.05))
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        out = list(pool.imap(wa.fill_reused, range(12), chunksize=1))
+    assert len(calls) == 12
+    for i, a in enumerate(out):
+        assert a.min() == a.max() == i
+
+
+def test_no_permission_to_read_a_worker_sends_results_through_the_arena(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1")
+    calls: list[int] = []
+
+    def refused(pid: int, specs: Any) -> Any:
+        calls.append(pid)
+        raise _direct.Unreadable(errno.EPERM, "not allowed (test)")
+
+    monkeypatch.setattr(_direct, "read", refused)
+    n = MIN // 8 * 3
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        out = list(pool.imap(wa.make_array, [n] * 8, chunksize=1))
+        assert not pool._engine.direct  # asked once, refused: not again
+        assert any(w.results is not None for w in pool._engine.workers)
+        again = list(pool.map(wa.make_array, [n + 1] * 4, chunksize=1))
+    assert len(calls) == 1
+    for a in out:
+        np.testing.assert_array_equal(a, np.arange(n))
+    for a in again:
+        np.testing.assert_array_equal(a, np.arange(n + 1))
+
+
+def test_a_failed_read_is_answered_again_through_the_arena(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1")
+    real = _direct.read
+    calls: list[int] = []
+
+    def flaky(pid: int, specs: Any) -> Any:
+        calls.append(pid)
+        if len(calls) == 2:
+            raise _direct.Unreadable(errno.EFAULT, "bad address (test)")
+        return real(pid, specs)
+
+    monkeypatch.setattr(_direct, "read", flaky)
+    n = MIN // 8 * 3
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        out = list(pool.imap(wa.make_array, range(n, n + 6), chunksize=1))
+        assert pool._engine.direct  # a passing failure does not turn the feature off
+        assert sum(w.results is not None for w in pool._engine.workers) == 1
+    assert len(calls) == 6
+    for k, a in enumerate(out):
+        np.testing.assert_array_equal(a, np.arange(n + k))
+
+
+def _wait_until_dead(pid: int) -> None:
+    """Until ``pid`` has exited (a zombie or reaped): its memory is gone then."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return
+        if "\nState:\tZ" in status:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} still alive")
+
+
+def test_a_worker_killed_while_its_results_are_read(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1")
+
+    def kill_the_third(pid: int, k: int) -> None:
+        if k == 3:
+            os.kill(pid, signal.SIGKILL)
+            _wait_until_dead(pid)
+
+    calls = _counting_reads(monkeypatch, before=kill_the_third)
+    n = MIN // 8 * 3
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        out = list(pool.imap(wa.make_array, [n] * 6, chunksize=1, return_exceptions=True))
+        crashes = [x for x in out if isinstance(x, pk.WorkerCrashedError)]
+        assert len(crashes) == 1, out
+        crash = crashes[0]
+        assert crash.signal == "SIGKILL"
+        assert "while sending the result of item" in str(crash)
+        assert crash.pid == calls[2]
+        for x in out:
+            if not isinstance(x, pk.WorkerCrashedError):
+                np.testing.assert_array_equal(x, np.arange(n))
+        # the pool goes on
+        again = list(pool.map(wa.make_array, [n] * 4, chunksize=1))
+        assert all(np.array_equal(a, np.arange(n)) for a in again)
+        assert not _ours(crash.pid)

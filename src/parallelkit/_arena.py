@@ -23,7 +23,9 @@ the message carries only where they are::
   kept, and unlinks it once no region of it is in flight; the worker's mapping keeps the
   kept memory alive for as long as the function's objects use it.  After ``KEPT_LIMIT``
   such reports a job sends its buffers in band.
-- **Results** (:class:`ResultWriter`, :class:`ResultReader`): each worker owns result
+- **Results** (:class:`ResultWriter`, :class:`ResultReader`), when the parent cannot copy
+  them straight out of the worker (:mod:`._direct`, the usual way on Linux), or when the
+  chunk's arguments came through the arena: each worker owns result
   segments.  The parent maps each result region by itself (``mmap`` at its offset), so
   the object built on it owns that mapping alone; a ``weakref.finalize`` on the mapping
   clears the region's flag word in the segment's table when the object is gone, and the

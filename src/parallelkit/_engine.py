@@ -40,6 +40,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
+from . import _direct
 from . import _worker as W
 from ._arena import MAGIC, ArgArena, ResultReader, remove_leftovers
 from ._job import Chunk, Job, PoolBrokenError
@@ -217,6 +218,7 @@ class Engine:
         self.watchers: list[Callable[[], None]] = []
         self.retired: list[tuple[int | None, int, float, float]] = []
         self.arena: ArgArena | None = None  # made when a chunk first has a large buffer
+        self.direct = _direct.enabled()  # large results copied from the workers (_direct)
         if start_method == "fork":
             # workers that create result segments register them with *our* tracker (so
             # that they go if we are SIGKILLed), not with one each of them would start
@@ -346,6 +348,7 @@ class Engine:
             | (W.INHERITED_ITEMS if chunk.items is None else 0)
             | (W.TRACKED if chunk.tracked else 0)
             | (W.ARENA if arena_spec else 0)
+            | (W.DIRECT if self.direct and not arena_spec else 0)
         )
         header = W.HEADER.pack(
             W.TASK, chunk.cid, job.fn_id, flags, len(fn_payload), chunk.start, chunk.stop
@@ -547,7 +550,11 @@ class Engine:
     def _on_message(self, w: _Worker, data: bytes) -> None:
         chunk = w.chunks[0] if w.chunks else None
         try:
-            if data[:4] == MAGIC:
+            if data[:4] == _direct.MAGIC_DIRECT:
+                msg = self._direct_message(w, chunk, data)
+                if msg is None:
+                    return  # the worker answers again through the arena, or has died
+            elif data[:4] == MAGIC:
                 msg = self._arena_message(w, chunk, data)
             else:
                 if chunk is not None and chunk.region is not None:
@@ -612,6 +619,29 @@ class Engine:
             w.results = ResultReader()
         kept, payload, buffers = w.results.load(data)
         if chunk is not None and chunk.region is not None:
+            self._release_region(chunk, kept=kept)
+        return pickle.loads(payload, buffers=buffers)
+
+    def _direct_message(self, w: _Worker, chunk: Chunk | None, data: bytes) -> Any:
+        """A reply whose large buffers are still in the worker: copy them out, tell the
+        worker it may go on, unpickle onto the copies (``None``: asked to send it again
+        through the arena, or the worker is gone)."""
+        kept, specs, payload = _direct.parse(data)
+        buffers = None
+        if self.direct:
+            try:
+                buffers = _direct.read(w.pid or 0, specs)
+            except _direct.Unreadable as exc:
+                if exc.refused:  # no permission here: every later reply goes by the arena
+                    self.direct = False
+        try:
+            answer = _direct.ACK_OK if buffers is not None else _direct.ACK_RESEND
+            w.conn.send_bytes(W.HEADER.pack(W.ACK, 0, 0, answer, 0, 0, 0))
+        except OSError:
+            pass  # it died: we have its results, or its sentinel will tell
+        if buffers is None:
+            return None
+        if chunk is not None and chunk.region is not None and kept is not None:
             self._release_region(chunk, kept=kept)
         return pickle.loads(payload, buffers=buffers)
 

@@ -27,6 +27,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final, NoReturn
@@ -38,6 +39,7 @@ from ._serialize import PROTOCOL, capture_exception, dumps
 HEADER: Final = struct.Struct("<qqqqqqq")  # kind, chunk id, fn id, flags, fn len, start, stop
 TASK: Final = 1
 STOP: Final = 2
+ACK: Final = 3  # the parent has copied a DIRECT reply's buffers (flags: _direct.ACK_*)
 # flags
 STOP_ON_ERROR: Final = 1
 STAR_CALL: Final = 2  # items are (args, kwargs) pairs
@@ -45,6 +47,7 @@ TIMED: Final = 4  # write each item's start time to the progress slot
 INHERITED_ITEMS: Final = 8  # no items payload: items = inherited[start:stop]
 TRACKED: Final = 16  # note every item's position, even tiny ones (a re-run after a crash)
 ARENA: Final = 32  # the items payload starts with where its large buffers are (_arena)
+DIRECT: Final = 64  # the parent may copy large results out of our memory (_direct)
 ARENA_MIN_BYTES: Final = 64 * 1024  # result buffers this large go through shared memory
 
 # worker -> parent: pickled tuples
@@ -325,9 +328,10 @@ def _task_loop(
     recv, send = conn.recv_bytes, conn.send_bytes
     unpack = HEADER.unpack_from
     hsize = HEADER.size
+    backlog: deque[bytes] = deque()  # what came while we waited for an ACK
     while True:
         words[base] = POS_RECEIVING  # before recv(): a large chunk takes a while to arrive
-        buf = recv()
+        buf = backlog.popleft() if backlog else recv()
         kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
         if kind == STOP:
             return
@@ -375,6 +379,10 @@ def _task_loop(
             payload = None
         except BaseException:
             payload = _dump_results_one_by_one(cid, results, errors, elapsed)
+        if payload is None and flags & DIRECT and not from_arena:
+            # large results: the parent copies them out of our memory (see _direct)
+            if _reply_direct(conn, msg, results, backlog):
+                continue
         if payload is None:  # large buffers to send apart, or arguments to let go of
             state = _worker_arena(arena)
             specs: list[Any] = []
@@ -386,6 +394,31 @@ def _task_loop(
             kept = state.reader.release() if from_arena else None
             payload = state.writer.frame(payload, specs, kept)
         send(payload)
+
+
+def _reply_direct(
+    conn: Connection, msg: tuple[Any, ...], results: list[Any], backlog: deque[bytes]
+) -> bool:
+    """Send a DIRECT reply and hold the results as they are until the parent has copied
+    them; ``False``: send the reply through the arena instead (it could not be made, or
+    the parent could not read our memory)."""
+    from . import _direct  # noqa: PLC0415 - only maps with large results
+
+    try:
+        reply, raws = _direct.dump(msg, results, ARENA_MIN_BYTES)
+    except BaseException:
+        return False  # unpicklable (the arena path sorts it out) or no ctypes
+    try:
+        conn.send_bytes(reply)
+        del reply
+        while True:  # a second chunk or a STOP may come first: keep them for later
+            buf = conn.recv_bytes()
+            if HEADER.unpack_from(buf)[0] == ACK:
+                return HEADER.unpack_from(buf)[3] == _direct.ACK_OK
+            backlog.append(buf)
+    finally:
+        for raw in raws:
+            raw.release()
 
 
 def _run_chunk(
