@@ -379,10 +379,14 @@ def _task_loop(
             payload = None
         except BaseException:
             payload = _dump_results_one_by_one(cid, results, errors, elapsed)
-        if payload is None and flags & DIRECT and not from_arena:
-            # large results: the parent copies them out of our memory (see _direct)
-            if _reply_direct(conn, msg, results, backlog):
-                continue
+        # large results: the parent copies them out of our memory (see _direct)
+        if (
+            payload is None
+            and flags & DIRECT
+            and not from_arena
+            and _reply_direct(conn, msg, results, backlog)
+        ):
+            continue
         if payload is None:  # large buffers to send apart, or arguments to let go of
             state = _worker_arena(arena)
             specs: list[Any] = []
@@ -413,8 +417,9 @@ def _reply_direct(
         del reply
         while True:  # a second chunk or a STOP may come first: keep them for later
             buf = conn.recv_bytes()
-            if HEADER.unpack_from(buf)[0] == ACK:
-                return HEADER.unpack_from(buf)[3] == _direct.ACK_OK
+            kind, _, _, answer, _, _, _ = HEADER.unpack_from(buf)
+            if kind == ACK:
+                return bool(answer == _direct.ACK_OK)
             backlog.append(buf)
     finally:
         for raw in raws:
