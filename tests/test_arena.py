@@ -90,23 +90,24 @@ def test_bytes_bytearray_and_picklebuffer_round_trip(start_method: StartMethod) 
     assert [bytes(x) for x in made] == [bytes(x) for x in expected]
 
 
-@pytest.fixture(params=["direct", "arena"])
-def result_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Large results copied out of the worker (``_direct``), or through its segments."""
-    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1" if request.param == "direct" else "0")
-    return str(request.param)
+@pytest.fixture(params=["segments", "direct"])
+def result_path(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """WorkerPool options: large results through the worker's segments, or (/dev/shm full
+    in the worker) copied by the parent straight out of the worker's memory (``_direct``)."""
+    return {} if request.param == "segments" else {"initializer": wa.no_result_segments}
 
 
 def test_large_results_round_trip_and_own_their_memory(
-    start_method: StartMethod, result_path: str
+    start_method: StartMethod, result_path: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    calls = _counting_reads(monkeypatch)
     n = MIN // 8 * 3
-    with pk.WorkerPool(2, start_method=start_method) as pool:
+    with pk.WorkerPool(2, start_method=start_method, **result_path) as pool:
         first = list(pool.imap(wa.make_array, [n] * 6, chunksize=1))
         second = list(pool.imap(wa.make_array, [n + 1] * 6, chunksize=1))  # reuses regions
-        assert pool._engine.direct is (result_path == "direct")
         used_segments = [w.results is not None for w in pool._engine.workers]
-        assert any(used_segments) is (result_path == "arena")
+    assert any(used_segments) is (not result_path)
+    assert len(calls) == (12 if result_path else 0)
     for a in first:
         np.testing.assert_array_equal(a, np.arange(n))  # untouched by the second map
         assert a.flags.writeable
@@ -268,6 +269,8 @@ def test_buffer_sizes_around_the_threshold(start_method: StartMethod) -> None:
 def test_no_room_in_dev_shm_sends_buffers_in_band(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "0")  # see the _direct tests below
+
     def no_room(size: int) -> Any:
         raise OSError(errno.ENOSPC, "no room (test)")
 
@@ -300,7 +303,6 @@ def test_results_are_copied_out_when_no_mapping_can_be_made(
         return real_mmap(fd, n, *args, **kwargs)
 
     n = MIN // 8 * 3
-    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "0")  # results through the segments
     with pk.WorkerPool(2, start_method=start_method) as pool:
         list(pool.imap(wa.make_array, [n] * 2, chunksize=1))  # workers started, segments made
         monkeypatch.setattr(mmap, "mmap", no_result_mappings)  # the module _arena uses
@@ -315,6 +317,9 @@ def test_results_are_copied_out_when_no_mapping_can_be_made(
 
 
 # ------------------------------------------------------------------ _direct
+_FULL = {"initializer": wa.no_result_segments}  # /dev/shm full in the workers
+
+
 def _counting_reads(monkeypatch: pytest.MonkeyPatch, before: Any = None) -> list[int]:
     """Count (and optionally precede) the parent's reads of worker memory."""
     real = _direct.read
@@ -330,22 +335,36 @@ def _counting_reads(monkeypatch: pytest.MonkeyPatch, before: Any = None) -> list
     return calls
 
 
-def test_large_results_are_copied_straight_out_of_the_worker(
+def test_with_dev_shm_full_large_results_come_straight_out_of_the_worker(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PARALLELKIT_DIRECT_RESULTS", raising=False)
     calls = _counting_reads(monkeypatch)
     n = MIN // 8 * 40  # 2.5 MiB: a huge-page mapping of its own in the parent
-    with pk.WorkerPool(2, start_method=start_method) as pool:
-        out = list(pool.map(wa.make_array, [n, MIN // 8, n + 1, MIN // 8 + 5] * 3, chunksize=2))
+    sizes = [n, MIN // 8, n + 1, MIN // 8 + 5] * 3
+    with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
+        out = list(pool.map(wa.make_array, sizes, chunksize=2))
         pids = _pids(pool)
         assert pool._engine.direct
         assert all(w.results is None for w in pool._engine.workers)  # no result segments
         assert not _ours(*pids[1:])
     assert len(calls) == 6  # one read per chunk, however many buffers it has
-    for a, size in zip(out, [n, MIN // 8, n + 1, MIN // 8 + 5] * 3, strict=True):
+    for a, size in zip(out, sizes, strict=True):
         np.testing.assert_array_equal(a, np.arange(size))
         assert a.flags.writeable
+
+
+def test_with_dev_shm_full_and_direct_copies_off_results_go_in_band(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "0")
+    calls = _counting_reads(monkeypatch)
+    n = MIN // 8 * 3
+    with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
+        out = list(pool.imap(wa.make_array, [n] * 4, chunksize=1))
+        assert not pool._engine.direct
+    assert not calls
+    assert all(np.array_equal(a, np.arange(n)) for a in out)
 
 
 def test_a_reused_output_buffer_is_read_before_the_next_task_runs(
@@ -354,19 +373,17 @@ def test_a_reused_output_buffer_is_read_before_the_next_task_runs(
     # The worker holds each reply's results as they are until the parent has copied them,
     # even with a second chunk waiting in its pipe: a slow read here would otherwise see
     # the buffer already refilled by the next task.
-    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1")
     calls = _counting_reads(monkeypatch, before=lambda pid, k: time.sleep(0.05))
-    with pk.WorkerPool(2, start_method=start_method) as pool:
+    with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.imap(wa.fill_reused, range(12), chunksize=1))
     assert len(calls) == 12
     for i, a in enumerate(out):
         assert a.min() == a.max() == i
 
 
-def test_no_permission_to_read_a_worker_sends_results_through_the_arena(
+def test_no_permission_to_read_a_worker_sends_results_in_band(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1")
     calls: list[int] = []
 
     def refused(pid: int, specs: Any) -> Any:
@@ -375,10 +392,9 @@ def test_no_permission_to_read_a_worker_sends_results_through_the_arena(
 
     monkeypatch.setattr(_direct, "read", refused)
     n = MIN // 8 * 3
-    with pk.WorkerPool(2, start_method=start_method) as pool:
+    with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.imap(wa.make_array, [n] * 8, chunksize=1))
         assert not pool._engine.direct  # asked once, refused: not again
-        assert any(w.results is not None for w in pool._engine.workers)
         again = list(pool.map(wa.make_array, [n + 1] * 4, chunksize=1))
     assert len(calls) == 1
     for a in out:
@@ -387,10 +403,9 @@ def test_no_permission_to_read_a_worker_sends_results_through_the_arena(
         np.testing.assert_array_equal(a, np.arange(n + 1))
 
 
-def test_a_failed_read_is_answered_again_through_the_arena(
+def test_a_failed_read_is_answered_again_in_band(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1")
     real = _direct.read
     calls: list[int] = []
 
@@ -402,10 +417,33 @@ def test_a_failed_read_is_answered_again_through_the_arena(
 
     monkeypatch.setattr(_direct, "read", flaky)
     n = MIN // 8 * 3
-    with pk.WorkerPool(2, start_method=start_method) as pool:
+    with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.imap(wa.make_array, range(n, n + 6), chunksize=1))
         assert pool._engine.direct  # a passing failure does not turn the feature off
-        assert sum(w.results is not None for w in pool._engine.workers) == 1
+    assert len(calls) == 6
+    for k, a in enumerate(out):
+        np.testing.assert_array_equal(a, np.arange(n + k))
+
+
+def test_no_memory_for_the_copy_sends_that_reply_in_band(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = _direct.new_buffer
+    calls: list[int] = []
+
+    def short_of_memory(n: int) -> Any:
+        calls.append(n)
+        if len(calls) == 1:
+            raise MemoryError
+        if len(calls) == 2:
+            raise OSError(errno.ENOMEM, "no more mappings (test)")
+        return real(n)
+
+    monkeypatch.setattr(_direct, "new_buffer", short_of_memory)
+    n = MIN // 8 * 3
+    with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
+        out = list(pool.imap(wa.make_array, range(n, n + 6), chunksize=1))
+        assert pool._engine.direct
     assert len(calls) == 6
     for k, a in enumerate(out):
         np.testing.assert_array_equal(a, np.arange(n + k))
@@ -428,8 +466,6 @@ def _wait_until_dead(pid: int) -> None:
 def test_a_worker_killed_while_its_results_are_read(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PARALLELKIT_DIRECT_RESULTS", "1")
-
     def kill_the_third(pid: int, k: int) -> None:
         if k == 3:
             os.kill(pid, signal.SIGKILL)
@@ -437,7 +473,7 @@ def test_a_worker_killed_while_its_results_are_read(
 
     calls = _counting_reads(monkeypatch, before=kill_the_third)
     n = MIN // 8 * 3
-    with pk.WorkerPool(2, start_method=start_method) as pool:
+    with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.imap(wa.make_array, [n] * 6, chunksize=1, return_exceptions=True))
         crashes = [x for x in out if isinstance(x, pk.WorkerCrashedError)]
         assert len(crashes) == 1, out

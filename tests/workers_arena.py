@@ -86,3 +86,16 @@ def fill_reused(i: int) -> np.ndarray[Any, Any]:
     out = _REUSED[0]
     out[:] = i
     return out
+
+
+def no_result_segments() -> None:
+    """Initializer: this worker finds /dev/shm full whenever it makes a segment (as in a
+    container with a small /dev/shm); mapping the parent's arena still works."""
+    import errno
+
+    from parallelkit import _shm
+
+    def full(size: int) -> Any:
+        raise OSError(errno.ENOSPC, "no room in /dev/shm (test)")
+
+    _shm.Segment.create = full  # type: ignore[method-assign,assignment]

@@ -23,9 +23,7 @@ the message carries only where they are::
   kept, and unlinks it once no region of it is in flight; the worker's mapping keeps the
   kept memory alive for as long as the function's objects use it.  After ``KEPT_LIMIT``
   such reports a job sends its buffers in band.
-- **Results** (:class:`ResultWriter`, :class:`ResultReader`), when the parent cannot copy
-  them straight out of the worker (:mod:`._direct`, the usual way on Linux), or when the
-  chunk's arguments came through the arena: each worker owns result
+- **Results** (:class:`ResultWriter`, :class:`ResultReader`): each worker owns result
   segments.  The parent maps each result region by itself (``mmap`` at its offset), so
   the object built on it owns that mapping alone; a ``weakref.finalize`` on the mapping
   clears the region's flag word in the segment's table when the object is gone, and the
@@ -37,13 +35,16 @@ the message carries only where they are::
   registered with multiprocessing's resource tracker, which unlinks it if its creator is
   SIGKILLed together with the parent).  A worker unlinks its result segments when it
   stops (the parent's mappings stay valid); the parent removes those of a worker that
-  died (:func:`remove_leftovers`).  No room in ``/dev/shm``: buffers go in band.
+  died (:func:`remove_leftovers`).  No room in ``/dev/shm``: argument buffers go in band;
+  result buffers are copied by the parent out of the worker's memory (:mod:`._direct`)
+  where it may, else in band.
 - The parent's arena mapping is ``MADV_DONTFORK``: a worker forked later inherits none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import mmap
 import os
@@ -55,7 +56,7 @@ from multiprocessing import resource_tracker
 from typing import Any, Final
 
 from ._shm import NAME_RE, PREFIX, SHM_DIR, Segment
-from ._worker import ARENA_MIN_BYTES
+from ._worker import ARENA_MIN_BYTES, NoRoom
 
 # Buffers this large go through shared memory.  Measured (warm pools, 2 workers, fork):
 # an argument of 4 KiB already travels faster through the arena than in the pipe (0.38x
@@ -405,14 +406,18 @@ class ResultWriter:
     def __init__(self) -> None:
         self.current: _ResultSegment | None = None
         self.retired: list[_ResultSegment] = []
+        self.no_room = False  # /dev/shm was full once: no new segment is tried again
 
     def dump(
-        self, msg: tuple[Any, ...], results: list[Any]
+        self, msg: tuple[Any, ...], results: list[Any], *, strict: bool = False
     ) -> tuple[bytes, list[tuple[_ResultSegment, int, int, bool]]]:
         """Pickle ``msg`` (whose third field is ``results``), large buffers copied into
-        a result segment; give the pickle and the buffers' specs to :meth:`frame`.
+        a result segment; give the pickle and the buffers' specs to :meth:`frame`.  A
+        buffer with no room in shared memory goes in band, or with ``strict`` raises
+        :class:`NoRoom`.
 
         Raises:
+            NoRoom: ``strict`` and a buffer did not fit (nothing is left allocated).
             Exception: a result cannot be pickled (nothing is left allocated).
         """
         self._collect()
@@ -428,7 +433,9 @@ class ResultWriter:
                 return True
             try:
                 home, offset = self._alloc(n)
-            except OSError:  # no room in /dev/shm: this one goes in band
+            except OSError:  # no room in /dev/shm: this one goes in band (or directly)
+                if strict:
+                    raise NoRoom from None
                 return True
             home.words[offset // _PAGE] = 1
             home.allocated.append(offset)
@@ -489,10 +496,16 @@ class ResultWriter:
         if offset is not None:
             assert home is not None
             return home, offset
+        if self.no_room:
+            raise OSError(errno.ENOSPC, "no room in /dev/shm before")
         size = max(_MIN_SEGMENT, 4 * _round(n, _PAGE))
         if home is not None:
             size = max(size, 2 * home.segment.size)
-        new = _ResultSegment(_round(size, 1 << 20))  # OSError: the caller sends in band
+        try:
+            new = _ResultSegment(_round(size, 1 << 20))  # OSError: the caller sends in band
+        except OSError:
+            self.no_room = True
+            raise
         if home is not None:
             if home.allocated:
                 self.retired.append(home)  # the parent still uses some of it

@@ -1,27 +1,30 @@
-"""Large results copied straight out of the worker's memory (Linux ``process_vm_readv``).
+"""Large results copied straight out of a worker's memory, when shared memory runs out.
 
-A fresh shared-memory page is expensive to fault in: on our 2-core test VM a new
-``/dev/shm`` (tmpfs) page costs about 1.3-1.5 ms per MiB written, a private anonymous page
-0.9 ms, a private page in a transparent huge page 0.2 ms (measured with 64 MiB buffers,
-medians of 7; tmpfs here has ``shmem_enabled=never``, so no huge pages for it).  A
-one-shot map with large results copied them into fresh result segments: that page cost
-was most of its time.  So, where the kernel lets us, the parent copies each large result
-buffer from the worker's own memory into new private memory (huge pages when the buffer
-is large), with one ``process_vm_readv`` per reply -- one copy, no shared pages::
+Large results normally travel through the worker's shared-memory segments (:mod:`._arena`):
+zero copy in the parent, and the cost of fresh pages spread over the workers.  When
+``/dev/shm`` has no room left (Docker gives it 64 MiB by default), a result used to fall
+back to the pipe: pickled whole, copied three times.  Instead, where the kernel lets us
+(Linux ``process_vm_readv``), the parent copies each large buffer once from the worker's
+own memory into new private memory (huge pages asked for from 2 MiB)::
 
     worker: results pickled, large buffers left where they are (pickle protocol 5)
       ──▶ DIRECT reply: MAGIC_DIRECT, kept flag, (address, size) of each buffer, pickle
     parent: new private buffers, process_vm_readv(worker pid) into them, then
-      ──▶ ACK (ok, or "resend": the worker sends the same reply through the arena)
+      ──▶ ACK (ok, or "resend": the worker sends the same reply the old way)
     worker: waits for the ACK before it runs anything else, holding the results as they
             are (a function that reuses a buffer it returned cannot change it under us)
 
+Why not always: on our 2-core VM neither way was reliably faster for a one-shot map of 32
+results of 8 MB (direct took 0.7x the segments' time in one setting, 1.4x in another:
+fresh pages cost about the same wherever they are faulted in, and the parent faults these
+in alone, where the segments are faulted in by every worker at once), and the parent's
+copy is serial: with many workers it would become a bottleneck that zero copy is not.
+
 The parent may read a process it started, or one its forkserver started (a descendant),
 under Yama's default ``ptrace_scope=1``; where it may not (``ptrace_scope`` 2 or 3, a
-seccomp filter, another kernel), the first refusal turns the feature off for the pool
-and the reply goes through the shared-memory arena (:mod:`._arena`) as before.  A chunk
-whose arguments came through the arena answers through the arena too (its results may be
-views of those arguments, which the arena must know about before it reuses them).
+seccomp filter, another kernel), the first refusal turns this off for the pool.  A chunk
+whose arguments came through the arena never answers directly (its results may be views
+of those arguments, which the arena must know about before it reuses them).
 ``PARALLELKIT_DIRECT_RESULTS=0`` turns this off.
 """
 
@@ -49,11 +52,15 @@ _REFUSED: Final = frozenset({errno.EPERM, errno.EACCES, errno.ENOSYS})
 
 
 def enabled() -> bool:
-    """Whether this parent asks its workers for direct replies (Linux, not turned off)."""
+    """Whether a new pool lets its workers answer directly (Linux, not turned off).
+
+    ctypes is loaded at the first such reply, not here: a map whose results fit in shared
+    memory never pays for it; without ``process_vm_readv`` that first read is refused
+    (``ENOSYS``) and the pool stops asking.
+    """
     return (
         sys.platform.startswith("linux")
         and os.environ.get("PARALLELKIT_DIRECT_RESULTS", "1") != "0"
-        and _syscall() is not None
     )
 
 

@@ -626,19 +626,22 @@ class Engine:
         """A reply whose large buffers are still in the worker: copy them out, tell the
         worker it may go on, unpickle onto the copies (``None``: asked to send it again
         through the arena, or the worker is gone)."""
-        kept, specs, payload = _direct.parse(data)
         buffers = None
-        if self.direct:
-            try:
-                buffers = _direct.read(w.pid or 0, specs)
-            except _direct.Unreadable as exc:
-                if exc.refused:  # no permission here: every later reply goes by the arena
-                    self.direct = False
         try:
-            answer = _direct.ACK_OK if buffers is not None else _direct.ACK_RESEND
-            w.conn.send_bytes(W.HEADER.pack(W.ACK, 0, 0, answer, 0, 0, 0))
-        except OSError:
-            pass  # it died: we have its results, or its sentinel will tell
+            kept, specs, payload = _direct.parse(data)
+            if self.direct:
+                buffers = _direct.read(w.pid or 0, specs)
+        except _direct.Unreadable as exc:
+            if exc.refused:  # no permission here: every later reply goes by the arena
+                self.direct = False
+        except Exception:  # no memory for the copies (MemoryError, ENOMEM): the arena
+            buffers = None
+        finally:  # always answered: the worker waits for this before it does anything
+            try:
+                answer = _direct.ACK_OK if buffers is not None else _direct.ACK_RESEND
+                w.conn.send_bytes(W.HEADER.pack(W.ACK, 0, 0, answer, 0, 0, 0))
+            except OSError:
+                pass  # it died: we have its results, or its sentinel will tell
         if buffers is None:
             return None
         if chunk is not None and chunk.region is not None and kept is not None:

@@ -309,6 +309,10 @@ def _has_large_bytes(values: list[object]) -> bool:
     return False
 
 
+class NoRoom(Exception):
+    """A large result found no room in shared memory (``_arena.ResultWriter.dump``)."""
+
+
 def _worker_arena(arena: list[Any]) -> Any:
     if not arena:
         from ._arena import WorkerArena  # noqa: PLC0415 - only maps with large buffers
@@ -379,24 +383,28 @@ def _task_loop(
             payload = None
         except BaseException:
             payload = _dump_results_one_by_one(cid, results, errors, elapsed)
-        # large results: the parent copies them out of our memory (see _direct)
-        if (
-            payload is None
-            and flags & DIRECT
-            and not from_arena
-            and _reply_direct(conn, msg, results, backlog)
-        ):
-            continue
         if payload is None:  # large buffers to send apart, or arguments to let go of
             state = _worker_arena(arena)
+            writer = state.writer
+            # with no room in /dev/shm, the parent may copy them out of our memory instead
+            direct = bool(flags & DIRECT) and not from_arena
             specs: list[Any] = []
             try:
-                payload, specs = state.writer.dump(msg, results)
+                if direct and writer.no_room:
+                    raise NoRoom
+                payload, specs = writer.dump(msg, results, strict=direct)
+            except NoRoom:
+                if _reply_direct(conn, msg, results, backlog):
+                    continue
+                try:  # not this time: what finds no room goes in band
+                    payload, specs = writer.dump(msg, results)
+                except BaseException:
+                    payload = _dump_results_one_by_one(cid, results, errors, elapsed)
             except BaseException:
                 payload = _dump_results_one_by_one(cid, results, errors, elapsed)
             del msg, results, items  # before asking whether anything still uses the arena
             kept = state.reader.release() if from_arena else None
-            payload = state.writer.frame(payload, specs, kept)
+            payload = writer.frame(payload, specs, kept)
         send(payload)
 
 
@@ -404,8 +412,8 @@ def _reply_direct(
     conn: Connection, msg: tuple[Any, ...], results: list[Any], backlog: deque[bytes]
 ) -> bool:
     """Send a DIRECT reply and hold the results as they are until the parent has copied
-    them; ``False``: send the reply through the arena instead (it could not be made, or
-    the parent could not read our memory)."""
+    them; ``False``: send the reply the usual way instead (it could not be made, or the
+    parent could not read our memory)."""
     from . import _direct  # noqa: PLC0415 - only maps with large results
 
     try:
