@@ -717,7 +717,9 @@ def test_missing_main_guard_gives_one_clear_error(
 
 @pytest.mark.timeout(90)
 def test_out_of_file_descriptors(start_method: StartMethod, tmp_path: Path) -> None:
-    spares = [*range(15), 40]
+    # six workers: a window of spares wide enough that some start and the next cannot,
+    # whatever the jitter in what one start needs
+    spares = [*range(25), 60]
     with Script(tmp_path, "rlimit_nofile.py", start_method, *map(str, spares)) as script:
         code = script.wait(STARTUP)
         lines = script.rest(EXIT)

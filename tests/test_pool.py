@@ -631,3 +631,44 @@ def test_large_in_band_chunks_both_ways_do_not_deadlock(start_method: StartMetho
         assert list(pool.imap(w.identity, items, chunksize=40)) == items
         # an iterator's chunks grow: a 2nd chunk larger than the 1st is checked again
         assert list(pool.imap(w.identity, iter(items))) == items
+
+
+def test_a_worker_ends_as_a_process_of_its_start_method_does(
+    start_method: StartMethod, tmp_path: Path
+) -> None:
+    # A spawned worker skips the interpreter's teardown (10-20 ms) but not what a program
+    # relies on: non-daemon threads are joined, then its atexit handlers run.  fork and
+    # forkserver children never run atexit handlers in multiprocessing: neither do ours.
+    path = tmp_path / "notes"
+    with pk.WorkerPool(
+        2, start_method=start_method, initializer=w.note_exit_in, initargs=(str(path),)
+    ) as pool:
+        pids = set(pool.map(w.late_thread_noting, [str(path)] * 2, chunksize=1))
+    lines = path.read_text().splitlines()
+    for pid in pids:
+        assert f"thread {pid}" in lines  # joined before the worker ended
+        if start_method == "spawn":
+            assert lines.index(f"thread {pid}") < lines.index(f"atexit {pid}")
+        else:
+            assert f"atexit {pid}" not in lines
+
+
+def test_the_parents_atexit_handlers_never_run_in_a_forked_worker(tmp_path: Path) -> None:
+    import atexit
+
+    path = tmp_path / "ran"
+    me = os.getpid()
+
+    def parents_handler() -> None:
+        if os.getpid() != me:
+            with open(path, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+    atexit.register(parents_handler)
+    try:
+        assert pk.run_parallel(w.square, range(8), max_workers=2, start_method="fork") == [
+            x * x for x in range(8)
+        ]
+    finally:
+        atexit.unregister(parents_handler)
+    assert not path.exists()

@@ -176,3 +176,26 @@ def make_bad_result(x: int) -> object:
 
 def value_of(x: object) -> object:
     return getattr(x, "value", x)
+
+
+def note_exit_in(path: str) -> None:
+    """Initializer: this worker notes when its atexit handlers run."""
+    import atexit
+
+    def noted() -> None:
+        with open(path, "a") as f:
+            f.write(f"atexit {os.getpid()}\n")
+
+    atexit.register(noted)
+
+
+def late_thread_noting(path: str) -> int:
+    """Start a non-daemon thread that outlives the task and notes when it ends."""
+
+    def later() -> None:
+        time.sleep(0.2)
+        with open(path, "a") as f:
+            f.write(f"thread {os.getpid()}\n")
+
+    threading.Thread(target=later, daemon=False).start()
+    return os.getpid()

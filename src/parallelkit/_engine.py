@@ -297,6 +297,7 @@ class Engine:
                 kwargs={
                     **bootstrap_options(self.start_method),
                     "init_payload": self.init_payload,
+                    "fast_exit": self.start_method == "spawn",
                     "inherited": inherited,
                     "parent_end": parent_end if fork else None,
                 },

@@ -14,6 +14,7 @@ The progress slot lets the parent name the exact item a dead or late worker was 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import itertools
@@ -244,8 +245,10 @@ def pool_worker(
     init_payload: bytes | None,
     inherited: tuple[dict[int, Callable[..., object]], Sequence[object] | None] | None,
     parent_end: Connection | None,
+    fast_exit: bool = False,
 ) -> None:
-    """The target of every pool worker process."""
+    """The target of every pool worker process (``fast_exit``: a spawned one, see
+    :func:`_exit_without_teardown`)."""
     if parent_end is not None:  # fork: our copy of the parent's end of the pipe
         parent_end.close()
     try:
@@ -284,6 +287,36 @@ def pool_worker(
         if arena:
             arena[0].close()
         words.release()
+    if fast_exit:
+        _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+    """End a spawned worker the way the interpreter would, minus tearing down its modules.
+
+    A spawned worker that returns goes through ``sys.exit`` and the whole interpreter
+    finalization: measured 13-20 ms from its last message to its exit (a child that had
+    imported parallelkit), against 2.5 ms this way -- time every one-shot map under spawn
+    waited for.  What a program may rely on still happens, in the interpreter's order:
+    non-daemon threads are joined, ``atexit`` handlers run (multiprocessing's own
+    finalizers among them), standard streams are flushed.  (fork and forkserver children
+    already end with ``os._exit`` in multiprocessing, without running any of this; under
+    fork the handlers are the parent's, which must not run here.)
+    """
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if run_exitfuncs is None:  # pragma: no cover - another Python: exit the usual way
+        return
+    me = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not me and not thread.daemon:
+            with contextlib.suppress(RuntimeError):
+                thread.join()
+    run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    os._exit(0)
 
 
 class _OutOfBand(Exception):

@@ -62,14 +62,14 @@ def attempt(method: pk.StartMethod, spare: int) -> str:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (_limit_leaving(spare), hard))
     try:
-        got = pk.run_parallel(wf.square, range(6), start_method=method, max_workers=3, chunksize=1)
+        got = pk.run_parallel(wf.square, range(12), start_method=method, max_workers=6, chunksize=1)
     except OSError as exc:
         return f"OSError {exc.errno} {exc}"
     except Exception as exc:
         return f"OTHER {type(exc).__name__}: {exc}"
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return "ok" if got == [x * x for x in range(6)] else f"WRONG {got}"
+    return "ok" if got == [x * x for x in range(12)] else f"WRONG {got}"
 
 
 def main() -> None:
