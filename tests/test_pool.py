@@ -273,10 +273,26 @@ def test_a_worker_dying_among_untracked_items_is_run_again_after_the_other_stopp
     # Worker A dies (SIGKILL, once) among tiny items it ran without noting each one, after
     # worker B finished the rest of the input and was told to exit; the chunk runs again,
     # noting each item, on a new worker, and this time item 1500 succeeds.
-    fn = functools.partial(w.die_once_at_1500, str(tmp_path / "died"))
-    got = pk.run_parallel(fn, range(2000), start_method=start_method, chunksize=1000)
-    assert got == [x * x for x in range(2000)]
-    assert (tmp_path / "died").exists()
+    # Whether a chunk runs untracked is decided by timing its first 8 items: on a loaded
+    # machine they may look slow, the chunk stays tracked, and the crash is (rightly)
+    # reported on item 1500 instead.  So try a few times until the untracked case happens.
+    tracked_crashes = 0
+    for attempt in range(5):
+        marker = tmp_path / f"died-{attempt}"
+        fn = functools.partial(w.die_once_at_1500, str(marker))
+        got = pk.run_parallel(
+            fn, range(2000), start_method=start_method, chunksize=1000, return_exceptions=True
+        )
+        crash = got[1500]
+        if isinstance(crash, pk.WorkerCrashedError):  # tracked: named exactly, not run again
+            assert crash.signal == "SIGKILL"
+            assert got[:1500] + got[1501:] == [x * x for x in range(2000) if x != 1500]
+            tracked_crashes += 1
+            continue
+        assert got == [x * x for x in range(2000)]
+        assert marker.exists()
+        return
+    pytest.fail(f"the chunk never ran untracked ({tracked_crashes} tracked crashes)")
 
 
 def test_crash_with_return_exceptions_fails_only_that_item(start_method: StartMethod) -> None:

@@ -8,9 +8,9 @@ back to the pipe: pickled whole, copied three times.  Instead, where the kernel 
 own memory into new private memory (huge pages asked for from 2 MiB)::
 
     worker: results pickled, large buffers left where they are (pickle protocol 5)
-      ──▶ DIRECT reply: MAGIC_DIRECT, kept flag, (address, size) of each buffer, pickle
+      ──▶ DIRECT reply: MAGIC_DIRECT, (address, size) of each buffer, then the pickle
     parent: new private buffers, process_vm_readv(worker pid) into them, then
-      ──▶ ACK (ok, or "resend": the worker sends the same reply the old way)
+      ──▶ ACK (ok, or "resend": the worker sends the same reply in band)
     worker: waits for the ACK before it runs anything else, holding the results as they
             are (a function that reuses a buffer it returned cannot change it under us)
 
@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 MAGIC_DIRECT: Final = b"PKD\x00"  # a reply whose large buffers stay in the worker
-_HEAD: Final = struct.Struct("<4sqq")  # magic, kept (-1: no arguments in the arena), count
+_HEAD: Final = struct.Struct("<4sq")  # magic, number of buffers
 _SPEC: Final = struct.Struct("<QQ")  # address in the worker, size
 HUGE_MIN: Final = 2 * 1024 * 1024  # buffers this large get their own huge-page mapping
 _IOV_MAX: Final = 1024  # iovecs per call (Linux UIO_MAXIOV)
@@ -138,13 +138,13 @@ def dump(
     payload = pickle.dumps(
         (*msg[:2], _substitute(results, min_bytes), *msg[3:]), 5, buffer_callback=out_of_band
     )
-    return frame(payload, [(address_of(raw), raw.nbytes) for raw in raws], None), raws
+    return frame(payload, [(address_of(raw), raw.nbytes) for raw in raws]), raws
 
 
-def frame(payload: bytes, specs: Sequence[tuple[int, int]], kept: bool | None) -> bytes:
+def frame(payload: bytes, specs: Sequence[tuple[int, int]]) -> bytes:
     """A DIRECT reply: the head, each buffer's ``(address, size)``, then ``payload``."""
     head = bytearray(_HEAD.size + _SPEC.size * len(specs))
-    _HEAD.pack_into(head, 0, MAGIC_DIRECT, -1 if kept is None else int(kept), len(specs))
+    _HEAD.pack_into(head, 0, MAGIC_DIRECT, len(specs))
     at = _HEAD.size
     for address, n in specs:
         _SPEC.pack_into(head, at, address, n)
@@ -162,15 +162,15 @@ class Unreadable(OSError):
         self.refused = err in _REFUSED
 
 
-def parse(data: bytes) -> tuple[bool | None, list[tuple[int, int]], memoryview]:
-    """``(kept, specs, pickle)`` of a DIRECT reply."""
-    _, kept, count = _HEAD.unpack_from(data)
+def parse(data: bytes) -> tuple[list[tuple[int, int]], memoryview]:
+    """``(specs, pickle)`` of a DIRECT reply."""
+    _, count = _HEAD.unpack_from(data)
     at = _HEAD.size
     specs = []
     for _ in range(count):
         specs.append(_SPEC.unpack_from(data, at))
         at += _SPEC.size
-    return (None if kept < 0 else bool(kept)), specs, memoryview(data)[at:]
+    return specs, memoryview(data)[at:]
 
 
 def new_buffer(n: int) -> mmap.mmap | bytearray:

@@ -218,7 +218,7 @@ class Engine:
         self.watchers: list[Callable[[], None]] = []
         self.retired: list[tuple[int | None, int, float, float]] = []
         self.arena: ArgArena | None = None  # made when a chunk first has a large buffer
-        self.direct = _direct.enabled()  # large results copied from the workers (_direct)
+        self.direct = _direct.enabled()  # may copy results out of workers (_direct)
         if start_method == "fork":
             # workers that create result segments register them with *our* tracker (so
             # that they go if we are SIGKILLed), not with one each of them would start
@@ -554,7 +554,7 @@ class Engine:
             if data[:4] == _direct.MAGIC_DIRECT:
                 msg = self._direct_message(w, chunk, data)
                 if msg is None:
-                    return  # the worker answers again through the arena, or has died
+                    return  # the worker answers again in band, or has died
             elif data[:4] == MAGIC:
                 msg = self._arena_message(w, chunk, data)
             else:
@@ -624,18 +624,18 @@ class Engine:
         return pickle.loads(payload, buffers=buffers)
 
     def _direct_message(self, w: _Worker, chunk: Chunk | None, data: bytes) -> Any:
-        """A reply whose large buffers are still in the worker: copy them out, tell the
-        worker it may go on, unpickle onto the copies (``None``: asked to send it again
-        through the arena, or the worker is gone)."""
+        """A reply whose large buffers are still in the worker (no room in its shared
+        memory): copy them out, tell the worker it may go on, unpickle onto the copies
+        (``None``: the worker was asked to send it again in band, or is gone)."""
         buffers = None
         try:
-            kept, specs, payload = _direct.parse(data)
+            specs, payload = _direct.parse(data)
             if self.direct:
                 buffers = _direct.read(w.pid or 0, specs)
         except _direct.Unreadable as exc:
-            if exc.refused:  # no permission here: every later reply goes by the arena
+            if exc.refused:  # not allowed here: no more direct replies in this pool
                 self.direct = False
-        except Exception:  # no memory for the copies (MemoryError, ENOMEM): the arena
+        except Exception:  # no memory for the copies (MemoryError, ENOMEM): in band
             buffers = None
         finally:  # always answered: the worker waits for this before it does anything
             try:
@@ -645,8 +645,6 @@ class Engine:
                 pass  # it died: we have its results, or its sentinel will tell
         if buffers is None:
             return None
-        if chunk is not None and chunk.region is not None and kept is not None:
-            self._release_region(chunk, kept=kept)
         return pickle.loads(payload, buffers=buffers)
 
     def _release_region(self, chunk: Chunk, *, kept: bool) -> None:
