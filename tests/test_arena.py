@@ -317,7 +317,7 @@ def test_results_are_copied_out_when_no_mapping_can_be_made(
 
 
 # ------------------------------------------------------------------ _direct
-_FULL = {"initializer": wa.no_result_segments}  # /dev/shm full in the workers
+_FULL: dict[str, Any] = {"initializer": wa.no_result_segments}  # /dev/shm full in workers
 
 
 def _counting_reads(monkeypatch: pytest.MonkeyPatch, before: Any = None) -> list[int]:

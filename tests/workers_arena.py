@@ -83,7 +83,7 @@ def fill_reused(i: int) -> np.ndarray[Any, Any]:
     its output buffer): each result must still arrive as it was when returned."""
     if not _REUSED:
         _REUSED.append(np.empty(40_000, dtype=np.float64))  # 320 KB
-    out = _REUSED[0]
+    out: np.ndarray[Any, Any] = _REUSED[0]
     out[:] = i
     return out
 
@@ -98,4 +98,4 @@ def no_result_segments() -> None:
     def full(size: int) -> Any:
         raise OSError(errno.ENOSPC, "no room in /dev/shm (test)")
 
-    _shm.Segment.create = full  # type: ignore[method-assign,assignment]
+    _shm.Segment.create = full  # type: ignore[method-assign]
