@@ -300,8 +300,9 @@ def _exit_without_teardown() -> None:
     waited for.  What a program may rely on still happens, in the interpreter's order:
     non-daemon threads are joined, ``atexit`` handlers run (multiprocessing's own
     finalizers among them), standard streams are flushed.  (fork and forkserver children
-    already end with ``os._exit`` in multiprocessing, without running any of this; under
-    fork the handlers are the parent's, which must not run here.)
+    already end with ``os._exit`` in multiprocessing, which runs their own ``atexit``
+    handlers first from Python 3.13 (gh-83856) and none before; this is not for them:
+    before 3.13 a forked worker's handlers are the parent's, which must not run here.)
     """
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
     if run_exitfuncs is None:  # pragma: no cover - another Python: exit the usual way
