@@ -134,6 +134,12 @@ def dump_items(items: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
         The pickle and the large buffers (contiguous byte views of the items' memory,
         not copies), in the order the unpickler wants them.
     """
+    return dump_apart(_substitute(items, ARG_MIN_BYTES), ARG_MIN_BYTES)
+
+
+def dump_apart(obj: Any, limit: int) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` with protocol 5; contiguous buffers of ``limit`` bytes or more are left
+    out and returned (views of ``obj``'s own memory), in the unpickler's order."""
     raws: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -141,13 +147,12 @@ def dump_items(items: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
             raw = buffer.raw()
         except BufferError:  # not contiguous: in band
             return True
-        if raw.nbytes < ARG_MIN_BYTES:
+        if raw.nbytes < limit:
             return True
         raws.append(raw)
         return False
 
-    payload = pickle.dumps(_substitute(items, ARG_MIN_BYTES), 5, buffer_callback=out_of_band)
-    return payload, raws
+    return pickle.dumps(obj, 5, buffer_callback=out_of_band), raws
 
 
 # ------------------------------------------------------------------ space

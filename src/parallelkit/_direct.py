@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import pickle
 import struct
 import sys
 from collections.abc import Sequence
@@ -120,24 +119,10 @@ def dump(
         Exception: a result cannot be pickled, or ctypes is missing (the caller then
             answers through the arena).
     """
-    from ._arena import _substitute  # noqa: PLC0415 - large bytes go the same way
+    from ._arena import _substitute, dump_apart  # noqa: PLC0415 - large bytes go the same way
 
     address_of = _address_of()
-    raws: list[memoryview] = []
-
-    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:
-            return True
-        if raw.nbytes < min_bytes:
-            return True
-        raws.append(raw)
-        return False
-
-    payload = pickle.dumps(
-        (*msg[:2], _substitute(results, min_bytes), *msg[3:]), 5, buffer_callback=out_of_band
-    )
+    payload, raws = dump_apart((*msg[:2], _substitute(results, min_bytes), *msg[3:]), min_bytes)
     return frame(payload, [(address_of(raw), raw.nbytes) for raw in raws]), raws
 
 
@@ -211,44 +196,24 @@ def read(pid: int, specs: Sequence[tuple[int, int]]) -> list[mmap.mmap | bytearr
                 local[k].base, local[k].len = base, n
                 remote[k].base, remote[k].len = address, n
                 want += n
-            _read_all(readv, iovec, pid, local, remote, want)
+            _read_all(readv, pid, local, remote, want)
     finally:
         keep.clear()  # the ctypes views of the buffers: they pin them while alive
     return buffers
 
 
-def _read_all(readv: Any, iovec: Any, pid: int, local: Any, remote: Any, want: int) -> None:
+def _read_all(readv: Any, pid: int, local: Any, remote: Any, want: int) -> None:
     import ctypes  # noqa: PLC0415 - loaded by _syscall already
 
-    done = 0
     while True:
         got = readv(pid, local, len(local), remote, len(remote), 0)
-        if got < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                continue
-            raise Unreadable(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
-        done += got
-        if done >= want:
-            return
-        if got == 0:
-            raise Unreadable(errno.EFAULT, f"process_vm_readv from pid {pid} stopped short")
-        # a partial copy (it never splits an iovec, but be safe): go on after it
-        local, remote = _advance(iovec, local, got), _advance(iovec, remote, got)
-
-
-def _advance(iovec: Any, iovs: Any, n: int) -> Any:
-    rest = []
-    for v in iovs:
-        if n >= v.len:
-            n -= v.len
-            continue
-        rest.append((v.base + n, v.len - n))
-        n = 0
-    out = (iovec * len(rest))()
-    for k, (base, length) in enumerate(rest):
-        out[k].base, out[k].len = base, length
-    return out
+        if got >= 0 or ctypes.get_errno() != errno.EINTR:
+            break
+    if got < 0:
+        err = ctypes.get_errno()
+        raise Unreadable(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
+    if got != want:  # it stops short only where the next region cannot be read
+        raise Unreadable(errno.EFAULT, f"process_vm_readv from pid {pid} stopped short")
 
 
 _SYSCALL: Any = None
