@@ -199,3 +199,17 @@ def late_thread_noting(path: str) -> int:
 
     threading.Thread(target=later, daemon=False).start()
     return os.getpid()
+
+
+def close_descriptors_then_sleep(seconds: float) -> None:
+    """Close every descriptor above stderr (the process's sentinel among them), then run on.
+
+    Under fork and spawn the parent's sentinel of this process reads EOF at once, while
+    the process is neither exited nor reapable for ``seconds``."""
+    os.closerange(3, 65536)
+    time.sleep(seconds)
+
+
+def close_descriptors_then_exit(seconds: float) -> None:
+    close_descriptors_then_sleep(seconds)
+    os._exit(0)

@@ -44,7 +44,14 @@ from . import _direct
 from . import _worker as W
 from ._arena import MAGIC, ArgArena, ResultReader, remove_leftovers
 from ._job import Chunk, Job, PoolBrokenError
-from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
+from ._lifecycle import (
+    bootstrap_options,
+    describe_exit,
+    signal_name,
+    start_child,
+    stop_processes,
+    wait_reapable,
+)
 from ._serialize import (
     ExceptionRecord,
     dumps,
@@ -693,9 +700,12 @@ class Engine:
     def _on_exit(self, w: _Worker) -> None:
         """The worker's process has exited: attribute its chunks, then forget it."""
         self._drain(w)
-        # The sentinel fired, so this returns at once: a blocking waitpid, because
-        # WNOHANG may run before the kernel has made the exited child reapable.
-        w.process.join(5.0)
+        # The sentinel fired: the child is exiting, or closed its descriptors and runs on
+        # (then it is killed).  Not a blocking waitpid, which would wait for ever for that.
+        wait_reapable([w.process], time.monotonic() + 5.0)
+        if w.process.exitcode is None:
+            w.process.kill()
+            wait_reapable([w.process], time.monotonic() + 5.0)
         exitcode = w.process.exitcode
         self._forget(w)
         if self.broken is not None:

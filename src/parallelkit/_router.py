@@ -48,7 +48,14 @@ from typing import TYPE_CHECKING, Any, Final
 from . import _frames as frames
 from ._context import get_context
 from ._insights import text_table
-from ._lifecycle import bootstrap_options, describe_exit, signal_name, start_child, stop_processes
+from ._lifecycle import (
+    bootstrap_options,
+    describe_exit,
+    signal_name,
+    start_child,
+    stop_processes,
+    wait_exited,
+)
 from ._progress import PipelineProgress, StageProgress
 from ._serialize import dump_function, locate_unpicklable, rebuild_exception
 from ._stage import ERROR, STOP, TASK, stage_worker
@@ -543,7 +550,7 @@ class Run:
             self.writer.send(worker.conn, message)
         except OSError:
             # it died: its sentinel says how; wait a moment for the exit to be visible
-            worker.process.join(1.0)  # reaped: exitcode is known
+            wait_exited([worker.process], time.monotonic() + 1.0)  # exitcode is known
             error = self._crashed(worker)
             raise error from error.__cause__
 
@@ -588,7 +595,7 @@ class Run:
             if worker.conn.poll() if not worker.conn.closed else False:
                 with contextlib.suppress(EOFError, OSError):
                     self._receive(worker, frames.recv(worker.conn))
-            worker.process.join(1.0)  # reaped: exitcode is known
+            wait_exited([worker.process], time.monotonic() + 1.0)  # exitcode is known
             raise self._crashed(worker)
 
     def _receive(self, worker: _Worker, message: frames.Parts) -> None:

@@ -1,0 +1,100 @@
+"""How parallelkit waits for its child processes to end (``_lifecycle``).
+
+A fork or spawn child's sentinel reads EOF when its descriptors close, before the kernel
+has made it reapable; these tests make that window long on purpose (a child that closes
+its descriptors and runs on) and check the wait neither spins through it nor blocks past
+its deadline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import time
+from typing import Any
+
+import pytest
+
+import parallelkit as pk
+import workers
+from parallelkit import _lifecycle
+from parallelkit._types import StartMethod
+
+FORK_OR_SPAWN = [m for m in ("fork", "spawn") if m in multiprocessing.get_all_start_methods()]
+
+
+def _counting_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the timeout of every ``multiprocessing.connection.wait`` call."""
+    calls: list[float] = []
+    real = multiprocessing.connection.wait
+
+    def wait(objects: Any, timeout: float | None = None) -> list[Any]:
+        calls.append(-1.0 if timeout is None else timeout)
+        return real(objects, timeout)
+
+    monkeypatch.setattr(multiprocessing.connection, "wait", wait)
+    return calls
+
+
+@pytest.mark.timeout(60)
+def test_waiting_for_an_exiting_child_does_not_spin(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx: Any = multiprocessing.get_context(start_method)
+    process = ctx.Process(target=workers.close_descriptors_then_exit, args=(0.5,))
+    process.start()
+    try:
+        time.sleep(0.2)  # started, and (fork/spawn) its sentinel already reads EOF
+        calls = _counting_waits(monkeypatch)
+        started = time.monotonic()
+        alive = _lifecycle.wait_exited([process], time.monotonic() + 30.0)
+        elapsed = time.monotonic() - started
+        assert alive == []
+        assert process.exitcode == 0
+        # one wait on the sentinel, one on the pidfd (or, without pidfds, 1 ms sleeps);
+        # polling exitcode in the window made thousands of calls in these 0.3 s
+        assert len(calls) <= 3, f"{len(calls)} waits in {elapsed:.3f} s"
+    finally:
+        process.kill()
+        process.join()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("start_method", FORK_OR_SPAWN)
+def test_a_child_that_closed_its_descriptors_and_runs_on_is_stopped_at_the_deadline(
+    start_method: StartMethod,
+) -> None:
+    ctx: Any = multiprocessing.get_context(start_method)
+    process = ctx.Process(target=workers.close_descriptors_then_sleep, args=(120.0,))
+    process.start()
+    pid = process.pid
+    try:
+        time.sleep(0.2)
+        started = time.monotonic()
+        with pytest.warns(ResourceWarning, match="did not exit within 0.5 s"):
+            _lifecycle.stop_processes([process], join_timeout=0.5, close=False)
+        elapsed = time.monotonic() - started
+        # 0.5 s for it to exit, then SIGTERM ends it: a blocking waitpid would wait 120 s
+        assert elapsed < 10.0
+        assert process.exitcode == -15, f"pid {pid}: {process.exitcode}"
+    finally:
+        if process.exitcode is None:
+            process.kill()
+        process.join()
+        process.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", FORK_OR_SPAWN)
+def test_a_task_that_closes_its_workers_descriptors_fails_and_the_pool_goes_on(
+    start_method: StartMethod,
+) -> None:
+    with pk.WorkerPool(1, start_method=start_method) as pool:
+        future = pool.submit(workers.close_descriptors_then_sleep, 120.0)
+        started = time.monotonic()
+        with pytest.raises(pk.WorkerCrashedError) as info:
+            future.result(timeout=60)
+        # its pipe and sentinel closed, it ran on: killed after a 5 s grace to exit
+        assert time.monotonic() - started < 30.0
+        assert info.value.signal == "SIGKILL"
+        assert pool.submit(workers.square, 7).result(timeout=60) == 49
