@@ -7,10 +7,12 @@ import gc
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -453,3 +455,25 @@ def test_the_composition_property_under_other_start_methods(
     maxsize: int | None,
 ) -> None:
     _check_pipeline(start_method, items, as_iterator, stages, maxsize)
+
+
+@pytest.mark.timeout(120)
+def test_a_stage_ends_as_a_process_of_its_start_method_does(
+    start_method: StartMethod, tmp_path: Path
+) -> None:
+    # As a pool worker: a spawned stage skips the interpreter's teardown but joins its
+    # non-daemon threads and then runs its atexit handlers; fork and forkserver children
+    # run their own atexit handlers from Python 3.13 (gh-83856) and never before.
+    path = tmp_path / "notes"
+    pids = set(
+        pk.Pipeline([str(path)] * 4, start_method=start_method)
+        .map(w.note_exit_and_late_thread, max_workers=2)
+        .run()
+    )
+    lines = path.read_text().splitlines()
+    for pid in pids:
+        assert f"thread {pid}" in lines  # joined before the stage ended
+        if start_method == "spawn" or sys.version_info >= (3, 13):
+            assert lines.index(f"thread {pid}") < lines.index(f"atexit {pid}")
+        else:
+            assert f"atexit {pid}" not in lines

@@ -283,7 +283,10 @@ class Run:
                 self.start_method,
                 stage_worker,
                 args=(child_end, stage.kind, stage.fn if payload is None else None, payload),
-                kwargs=bootstrap_options(self.start_method),
+                kwargs={
+                    **bootstrap_options(self.start_method),
+                    "fast_exit": self.start_method == "spawn",
+                },
                 name=f"parallelkit-stage{index}-{number}",
                 on_started=record,
             )

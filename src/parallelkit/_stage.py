@@ -51,9 +51,21 @@ def stage_worker(
     *,
     parent_pid: int,
     pdeathsig: bool,
+    fast_exit: bool = False,
 ) -> None:
-    """The target of every stage process: apply ``fn`` to each batch it is sent."""
+    """The target of every stage process: apply ``fn`` to each batch it is sent.
+
+    ``fast_exit`` (a spawned stage): end as a spawned pool worker does, without the
+    interpreter's teardown (:func:`parallelkit._worker._exit_without_teardown`)."""
     _worker.bootstrap(parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=None, initargs=())
+    _serve(conn, kind, fn, fn_payload)
+    if fast_exit:
+        _worker._exit_without_teardown()
+
+
+def _serve(
+    conn: Connection, kind: int, fn: Callable[[Any], Any] | None, fn_payload: bytes | None
+) -> None:
     _worker.arm_stack_dump()  # for stall reports (see parallelkit._insights)
     if fn is None:
         assert fn_payload is not None
