@@ -354,6 +354,31 @@ def test_with_dev_shm_full_large_results_come_straight_out_of_the_worker(
         assert a.flags.writeable
 
 
+@pytest.mark.timeout(120)
+def test_a_reply_with_more_buffers_than_one_readv_takes_is_read_in_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Linux takes at most 1,024 iovecs per process_vm_readv: one reply of 1,100 large
+    # buffers is read in two calls, every buffer in its place.
+    monkeypatch.delenv("PARALLELKIT_DIRECT_RESULTS", raising=False)
+    batches: list[int] = []
+    real = _direct._read_all
+
+    def read_all(readv: Any, pid: int, local: Any, remote: Any, want: int) -> None:
+        batches.append(len(local))
+        real(readv, pid, local, remote, want)
+
+    monkeypatch.setattr(_direct, "_read_all", read_all)
+    count, n = _direct._IOV_MAX + 76, MIN // 8
+    with pk.WorkerPool(1, start_method="fork", **_FULL) as pool:
+        out = pool.submit(wa.many_arrays, count, n).result(timeout=60)
+        assert pool._engine.direct  # answered directly, not resent in band
+    assert batches == [_direct._IOV_MAX, 76]
+    assert len(out) == count
+    for i, a in enumerate(out):
+        np.testing.assert_array_equal(a, np.arange(n) + i)
+
+
 def test_with_dev_shm_full_and_direct_copies_off_results_go_in_band(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:

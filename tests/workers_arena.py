@@ -99,3 +99,8 @@ def no_result_segments() -> None:
         raise OSError(errno.ENOSPC, "no room in /dev/shm (test)")
 
     _shm.Segment.create = full  # type: ignore[method-assign]
+
+
+def many_arrays(count: int, n: int) -> list[np.ndarray[Any, Any]]:
+    """``count`` arrays of ``n`` int64, array ``i`` holding ``arange(n) + i``."""
+    return [np.arange(n, dtype=np.int64) + i for i in range(count)]
