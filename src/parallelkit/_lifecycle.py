@@ -2,6 +2,8 @@
 
 - :func:`stop_processes`: join → terminate → kill escalation for a group of processes, all
   waited on together through their sentinels, warning when it had to escalate.
+- :func:`wait_exited` / :func:`wait_reapable`: wait for processes to end and be reaped,
+  with a deadline, never spinning and never in a blocking ``waitpid``.
 - :func:`start_child`: start any parallelkit child process (pool worker, pipeline stage,
   channel server) with Ctrl-C held off until it ignores SIGINT itself.
 - :func:`bootstrap_options`: what :func:`parallelkit._worker.bootstrap` needs to know about
