@@ -392,6 +392,48 @@ def test_with_dev_shm_full_and_direct_copies_off_results_go_in_band(
     assert all(np.array_equal(a, np.arange(n)) for a in out)
 
 
+@pytest.mark.timeout(120)
+def test_a_worker_tries_result_segments_again_after_dev_shm_was_full(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /dev/shm full for two tries: the first result comes straight out of the worker, and
+    # so do the next while the worker waits (1 s after the first failure, 2 s after the
+    # second); once there is room, results go through a segment again.  The sleeps make
+    # "tried again" certain, and "not tried" after 1.3 s shows the wait doubled; "not
+    # tried yet" has 1 s and 0.7 s of slack for a slow machine.
+    monkeypatch.delenv("PARALLELKIT_DIRECT_RESULTS", raising=False)
+    calls = _counting_reads(monkeypatch)
+    n = MIN // 8 * 3
+    options: dict[str, Any] = {
+        "initializer": wa.result_segments_full_for,
+        "initargs": (2, 1.0),
+    }
+    with pk.WorkerPool(1, start_method=start_method, **options) as pool:
+
+        def one(i: int) -> None:
+            a = pool.submit(wa.make_array, n + i).result(timeout=60)
+            np.testing.assert_array_equal(a, np.arange(n + i))
+
+        one(0)  # first failure: retry in 1 s
+        (worker,) = pool._engine.workers
+        one(1)  # not tried: straight out
+        assert len(calls) == 2
+        assert worker.results is None
+        time.sleep(1.2)
+        one(2)  # second failure: retry in 2 s
+        assert len(calls) == 3
+        assert worker.results is None
+        time.sleep(1.3)
+        one(3)  # not tried: 1.3 s < 2 s
+        assert len(calls) == 4
+        assert worker.results is None
+        time.sleep(0.9)
+        one(4)  # room again: a segment
+        one(5)
+        assert len(calls) == 4
+        assert worker.results is not None
+
+
 def test_a_reused_output_buffer_is_read_before_the_next_task_runs(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -530,8 +530,10 @@ tiny_shm = pytest.mark.skipif(
 
 
 @tiny_shm
-def test_no_room_in_dev_shm_fails_at_creation_with_a_clear_error() -> None:
-    result = _json_line(_in_tiny_shm("no-room"))
+@pytest.mark.parametrize("mode", ["no-room", "no-room-fallocate"])
+def test_no_room_in_dev_shm_fails_at_creation_with_a_clear_error(mode: str) -> None:
+    # no-room: the free space seen before creating; no-room-fallocate: reserving the pages
+    result = _json_line(_in_tiny_shm(mode))
     errors = result["errors"]
     assert isinstance(errors, list)
     assert errors

@@ -104,3 +104,23 @@ def no_result_segments() -> None:
 def many_arrays(count: int, n: int) -> list[np.ndarray[Any, Any]]:
     """``count`` arrays of ``n`` int64, array ``i`` holding ``arange(n) + i``."""
     return [np.arange(n, dtype=np.int64) + i for i in range(count)]
+
+
+def result_segments_full_for(failures: int, retry: float) -> None:
+    """Initializer: this worker finds /dev/shm full for its first ``failures`` attempts to
+    make a segment, then has room again; it waits ``retry`` s after a failure to try again."""
+    import errno
+
+    from parallelkit import _arena, _shm
+
+    real = _shm.Segment.create
+    left = [failures]
+
+    def create(size: int) -> Any:
+        if left[0] > 0:
+            left[0] -= 1
+            raise OSError(errno.ENOSPC, "no room in /dev/shm (test)")
+        return real(size)
+
+    _shm.Segment.create = create  # type: ignore[method-assign]
+    _arena.NO_ROOM_RETRY = retry

@@ -50,6 +50,7 @@ import mmap
 import os
 import pickle
 import struct
+import time
 import weakref
 from collections.abc import Sequence
 from multiprocessing import resource_tracker
@@ -67,6 +68,11 @@ MIN_BYTES: Final = ARENA_MIN_BYTES  # results (the worker decides with the same 
 CHUNK_BYTES: Final = 4 * 1024 * 1024  # automatic chunks carry about this much at most
 KEPT_LIMIT: Final = 3  # after this many kept regions a job sends its buffers in band
 _MIN_SEGMENT: Final = 4 * 1024 * 1024
+# After /dev/shm had no room for a result segment, seconds before a worker tries again
+# (doubling while it stays full, up to NO_ROOM_RETRY_MAX); results meanwhile go directly
+# or in band.  Trying costs a statvfs while the space is short (see Segment.create).
+NO_ROOM_RETRY = 1.0
+NO_ROOM_RETRY_MAX = 60.0
 _PAGE: Final = mmap.PAGESIZE
 _ALIGN: Final = 64  # each buffer starts on a cache line (numpy wants 16 at least)
 _SCAN_LIMIT: Final = 64  # look for large bytes items only in lists this short
@@ -411,7 +417,13 @@ class ResultWriter:
     def __init__(self) -> None:
         self.current: _ResultSegment | None = None
         self.retired: list[_ResultSegment] = []
-        self.no_room = False  # /dev/shm was full once: no new segment is tried again
+        self.retry_at = 0.0  # /dev/shm was full: no new segment is tried before then
+        self.retry_after = NO_ROOM_RETRY
+
+    @property
+    def no_room(self) -> bool:
+        """``/dev/shm`` had no room for a new segment a moment ago: do not try yet."""
+        return self.retry_at > 0.0 and time.monotonic() < self.retry_at
 
     def dump(
         self, msg: tuple[Any, ...], results: list[Any], *, strict: bool = False
@@ -502,15 +514,18 @@ class ResultWriter:
             assert home is not None
             return home, offset
         if self.no_room:
-            raise OSError(errno.ENOSPC, "no room in /dev/shm before")
+            raise OSError(errno.ENOSPC, "no room in /dev/shm a moment ago")
         size = max(_MIN_SEGMENT, 4 * _round(n, _PAGE))
         if home is not None:
             size = max(size, 2 * home.segment.size)
         try:
             new = _ResultSegment(_round(size, 1 << 20))  # OSError: the caller sends in band
         except OSError:
-            self.no_room = True
+            if self.retry_at > 0.0:  # full again: wait longer before the next try
+                self.retry_after = min(2 * self.retry_after, NO_ROOM_RETRY_MAX)
+            self.retry_at = time.monotonic() + self.retry_after
             raise
+        self.retry_at, self.retry_after = 0.0, NO_ROOM_RETRY
         if home is not None:
             if home.allocated:
                 self.retired.append(home)  # the parent still uses some of it

@@ -66,6 +66,15 @@ def _describe_size(size: int) -> str:
     return f"{size} bytes"
 
 
+def _free_bytes() -> int | None:
+    """What ``/dev/shm`` has free, or ``None`` if it does not say (fallocate decides)."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize if stat.f_blocks else None
+
+
 def _no_room(size: int, cause: OSError) -> OSError:
     try:
         stat = os.statvfs(SHM_DIR)
@@ -109,6 +118,9 @@ class Segment:
                 there is no room for it; other errors from the operating system as they are.
         """
         size = max(size, mmap.PAGESIZE)
+        free = _free_bytes()  # short of it: fail now, not after fallocate filled the rest
+        if free is not None and free < size:
+            raise _no_room(size, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         while True:
             name = new_name()
             try:

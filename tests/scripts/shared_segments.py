@@ -13,6 +13,8 @@ Modes (each prints what it saw as one JSON line, or ``NAME <name>``):
 - ``no-room``: meant to run with a tiny ``/dev/shm``: try to create a 4 MiB segment (the
   low-level way, and as a ``SharedArray`` when numpy is installed) and report the error
   and what is left in ``/dev/shm``; a ``SharedCounter`` (16 KiB) must still work.
+- ``no-room-fallocate``: the same, with the free-space check before creation off, so that
+  reserving the pages (``posix_fallocate``) is what fails.
 - ``sigbus``: the standard library's way on a tiny ``/dev/shm``: creating a 4 MiB
   ``SharedMemory`` succeeds, and writing it kills this process with SIGBUS.
 """
@@ -100,6 +102,9 @@ def main() -> None:
     elif mode == "create":
         create()
     elif mode == "no-room":
+        no_room()
+    elif mode == "no-room-fallocate":
+        _shm._free_bytes = lambda: None  # as if statvfs said nothing: fallocate finds out
         no_room()
     elif mode == "sigbus":
         sigbus()
