@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import os
 import time
 from typing import Any
 
@@ -37,14 +38,25 @@ def _counting_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "no-pidfd"])
 def test_waiting_for_an_exiting_child_does_not_spin(
-    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+    start_method: StartMethod, pidfd: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctx: Any = multiprocessing.get_context(start_method)
     process = ctx.Process(target=workers.close_descriptors_then_exit, args=(0.5,))
     process.start()
     try:
         time.sleep(0.2)  # started, and (fork/spawn) its sentinel already reads EOF
+        if not pidfd:  # as on macOS or a kernel before 5.3: 1 ms sleeps between polls
+            monkeypatch.delattr(os, "pidfd_open", raising=False)
+        sleeps: list[float] = []
+        real_sleep = time.sleep
+
+        def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            real_sleep(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)
         calls = _counting_waits(monkeypatch)
         started = time.monotonic()
         alive = _lifecycle.wait_exited([process], time.monotonic() + 30.0)
@@ -54,6 +66,12 @@ def test_waiting_for_an_exiting_child_does_not_spin(
         # one wait on the sentinel, one on the pidfd (or, without pidfds, 1 ms sleeps);
         # polling exitcode in the window made thousands of calls in these 0.3 s
         assert len(calls) <= 3, f"{len(calls)} waits in {elapsed:.3f} s"
+        if pidfd or start_method == "forkserver":  # forkserver: the status is on the sentinel
+            assert sleeps == []
+        else:
+            assert sleeps
+            assert all(s <= 0.001 for s in sleeps)
+            assert len(sleeps) <= 1.2 * elapsed / 0.001 + 5  # no spinning between them
     finally:
         process.kill()
         process.join()
