@@ -420,11 +420,6 @@ class ResultWriter:
         self.retry_at = 0.0  # /dev/shm was full: no new segment is tried before then
         self.retry_after = NO_ROOM_RETRY
 
-    @property
-    def no_room(self) -> bool:
-        """``/dev/shm`` had no room for a new segment a moment ago: do not try yet."""
-        return self.retry_at > 0.0 and time.monotonic() < self.retry_at
-
     def dump(
         self, msg: tuple[Any, ...], results: list[Any], *, strict: bool = False
     ) -> tuple[bytes, list[tuple[_ResultSegment, int, int, bool]]]:
@@ -513,7 +508,7 @@ class ResultWriter:
         if offset is not None:
             assert home is not None
             return home, offset
-        if self.no_room:
+        if self.retry_at and time.monotonic() < self.retry_at:
             raise OSError(errno.ENOSPC, "no room in /dev/shm a moment ago")
         size = max(_MIN_SEGMENT, 4 * _round(n, _PAGE))
         if home is not None:
@@ -521,7 +516,7 @@ class ResultWriter:
         try:
             new = _ResultSegment(_round(size, 1 << 20))  # OSError: the caller sends in band
         except OSError:
-            if self.retry_at > 0.0:  # full again: wait longer before the next try
+            if self.retry_at:  # full again: wait longer before the next try
                 self.retry_after = min(2 * self.retry_after, NO_ROOM_RETRY_MAX)
             self.retry_at = time.monotonic() + self.retry_after
             raise

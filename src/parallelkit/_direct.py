@@ -117,7 +117,7 @@ def dump(
 
     Raises:
         Exception: a result cannot be pickled, or ctypes is missing (the caller then
-            answers through the arena).
+            answers the usual way).
     """
     from ._arena import _substitute, dump_apart  # noqa: PLC0415 - large bytes go the same way
 

@@ -424,8 +424,6 @@ def _task_loop(
             direct = bool(flags & DIRECT) and not from_arena
             specs: list[Any] = []
             try:
-                if direct and writer.no_room:
-                    raise NoRoom
                 payload, specs = writer.dump(msg, results, strict=direct)
             except NoRoom:
                 if _reply_direct(conn, msg, results, backlog):
@@ -453,7 +451,7 @@ def _reply_direct(
     try:
         reply, raws = _direct.dump(msg, results, ARENA_MIN_BYTES)
     except BaseException:
-        return False  # unpicklable (the arena path sorts it out) or no ctypes
+        return False  # unpicklable (the usual path reports it) or no ctypes
     try:
         conn.send_bytes(reply)
         del reply
