@@ -392,44 +392,42 @@ def test_with_dev_shm_full_and_direct_copies_off_results_go_in_band(
     assert all(np.array_equal(a, np.arange(n)) for a in out)
 
 
-@pytest.mark.timeout(120)
 def test_a_worker_tries_result_segments_again_after_dev_shm_was_full(
-    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # /dev/shm full for two tries: the first result comes straight out of the worker, and
     # so do the next while the worker waits (1 s after the first failure, 2 s after the
-    # second); once there is room, results go through a segment again.  The sleeps make
-    # "tried again" certain, and "not tried" after 1.3 s shows the wait doubled; "not
-    # tried yet" has 1 s and 0.7 s of slack for a slow machine.
+    # second); once there is room, results go through a segment again.  The worker's
+    # clock for this is the time written in a file, moved on by the test.
     monkeypatch.delenv("PARALLELKIT_DIRECT_RESULTS", raising=False)
     calls = _counting_reads(monkeypatch)
+    clock = tmp_path / "clock"
+    clock.write_text("100.0")
     n = MIN // 8 * 3
     options: dict[str, Any] = {
         "initializer": wa.result_segments_full_for,
-        "initargs": (2, 1.0),
+        "initargs": (2, str(clock)),
     }
     with pk.WorkerPool(1, start_method=start_method, **options) as pool:
 
-        def one(i: int) -> None:
+        def one(now: float, i: int) -> None:
+            clock.write_text(repr(now))
             a = pool.submit(wa.make_array, n + i).result(timeout=60)
             np.testing.assert_array_equal(a, np.arange(n + i))
 
-        one(0)  # first failure: retry in 1 s
+        one(100.0, 0)  # first failure: not again before 101
         (worker,) = pool._engine.workers
-        one(1)  # not tried: straight out
+        one(100.9, 1)  # not tried: straight out
         assert len(calls) == 2
         assert worker.results is None
-        time.sleep(1.2)
-        one(2)  # second failure: retry in 2 s
+        one(101.0, 2)  # second failure: not again before 103
         assert len(calls) == 3
         assert worker.results is None
-        time.sleep(1.3)
-        one(3)  # not tried: 1.3 s < 2 s
+        one(102.9, 3)  # not tried (a wait that did not double would have tried at 102)
         assert len(calls) == 4
         assert worker.results is None
-        time.sleep(0.9)
-        one(4)  # room again: a segment
-        one(5)
+        one(103.0, 4)  # room again: a segment
+        one(103.0, 5)
         assert len(calls) == 4
         assert worker.results is not None
 

@@ -46,7 +46,9 @@ def test_waiting_for_an_exiting_child_does_not_spin(
     process = ctx.Process(target=workers.close_descriptors_then_exit, args=(0.5,))
     process.start()
     try:
-        time.sleep(0.2)  # started, and (fork/spawn) its sentinel already reads EOF
+        if start_method != "forkserver":  # in the window: sentinel at EOF, not reapable
+            assert multiprocessing.connection.wait([process.sentinel], 30)
+            assert process.exitcode is None
         if not pidfd:  # as on macOS or a kernel before 5.3: 1 ms sleeps between polls
             monkeypatch.delattr(os, "pidfd_open", raising=False)
         sleeps: list[float] = []
@@ -58,20 +60,17 @@ def test_waiting_for_an_exiting_child_does_not_spin(
 
         monkeypatch.setattr(time, "sleep", sleep)
         calls = _counting_waits(monkeypatch)
-        started = time.monotonic()
         alive = _lifecycle.wait_exited([process], time.monotonic() + 30.0)
-        elapsed = time.monotonic() - started
         assert alive == []
         assert process.exitcode == 0
         # one wait on the sentinel, one on the pidfd (or, without pidfds, 1 ms sleeps);
-        # polling exitcode in the window made thousands of calls in these 0.3 s
-        assert len(calls) <= 3, f"{len(calls)} waits in {elapsed:.3f} s"
+        # polling exitcode in the window made thousands of calls
+        assert len(calls) <= 3, f"{len(calls)} waits"
         if pidfd or start_method == "forkserver":  # forkserver: the status is on the sentinel
             assert sleeps == []
         else:
             assert sleeps
-            assert all(s <= 0.001 for s in sleeps)
-            assert len(sleeps) <= 1.2 * elapsed / 0.001 + 5  # no spinning between them
+            assert all(0 < s <= 0.001 for s in sleeps)  # real sleeps: no spinning between
     finally:
         process.kill()
         process.join()
@@ -87,13 +86,12 @@ def test_a_child_that_closed_its_descriptors_and_runs_on_is_stopped_at_the_deadl
     process.start()
     pid = process.pid
     try:
-        time.sleep(0.2)
-        started = time.monotonic()
+        assert multiprocessing.connection.wait([process.sentinel], 30)  # its fds closed
+        assert process.exitcode is None
+        # 0.5 s for it to exit, then SIGTERM ends it (a blocking waitpid would wait the
+        # 120 s, past this test's timeout)
         with pytest.warns(ResourceWarning, match="did not exit within 0.5 s"):
             _lifecycle.stop_processes([process], join_timeout=0.5, close=False)
-        elapsed = time.monotonic() - started
-        # 0.5 s for it to exit, then SIGTERM ends it: a blocking waitpid would wait 120 s
-        assert elapsed < 10.0
         assert process.exitcode == -15, f"pid {pid}: {process.exitcode}"
     finally:
         if process.exitcode is None:
@@ -109,10 +107,9 @@ def test_a_task_that_closes_its_workers_descriptors_fails_and_the_pool_goes_on(
 ) -> None:
     with pk.WorkerPool(1, start_method=start_method) as pool:
         future = pool.submit(workers.close_descriptors_then_sleep, 120.0)
-        started = time.monotonic()
+        # its pipe and sentinel closed, it ran on: killed after a 5 s grace to exit (a
+        # blocking waitpid would wait the 120 s, past this timeout)
         with pytest.raises(pk.WorkerCrashedError) as info:
             future.result(timeout=60)
-        # its pipe and sentinel closed, it ran on: killed after a 5 s grace to exit
-        assert time.monotonic() - started < 30.0
         assert info.value.signal == "SIGKILL"
         assert pool.submit(workers.square, 7).result(timeout=60) == 49

@@ -7,7 +7,6 @@ import gc
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import parallelkit as pk
+import workers as pool_workers
 import workers_pipeline as w
 from conftest import START_METHODS
 from parallelkit._serialize import RemoteTraceback
@@ -461,19 +461,12 @@ def test_the_composition_property_under_other_start_methods(
 def test_a_stage_ends_as_a_process_of_its_start_method_does(
     start_method: StartMethod, tmp_path: Path
 ) -> None:
-    # As a pool worker: a spawned stage skips the interpreter's teardown but joins its
-    # non-daemon threads and then runs its atexit handlers; fork and forkserver children
-    # run their own atexit handlers from Python 3.13 (gh-83856) and never before.
-    path = tmp_path / "notes"
+    # As a pool worker (test_pool): a spawned stage skips the interpreter's teardown but
+    # still joins its non-daemon threads and then runs its atexit handlers.
+    path = str(tmp_path / "notes")
     pids = set(
-        pk.Pipeline([str(path)] * 4, start_method=start_method)
-        .map(w.note_exit_and_late_thread, max_workers=2)
+        pk.Pipeline([path] * 4, start_method=start_method)
+        .map(pool_workers.note_exit_once_and_late_thread, max_workers=2)
         .run()
     )
-    lines = path.read_text().splitlines()
-    for pid in pids:
-        assert f"thread {pid}" in lines  # joined before the stage ended
-        if start_method == "spawn" or sys.version_info >= (3, 13):
-            assert lines.index(f"thread {pid}") < lines.index(f"atexit {pid}")
-        else:
-            assert f"atexit {pid}" not in lines
+    pool_workers.check_exit_notes(path, pids, start_method)

@@ -7,7 +7,6 @@ import functools
 import itertools
 import multiprocessing
 import os
-import sys
 import threading
 import time
 from collections import Counter
@@ -657,18 +656,12 @@ def test_a_worker_ends_as_a_process_of_its_start_method_does(
     # relies on: non-daemon threads are joined, then its atexit handlers run.  fork and
     # forkserver children run their own atexit handlers in multiprocessing from Python 3.13
     # (gh-83856) and never before: ours do the same.
-    path = tmp_path / "notes"
+    path = str(tmp_path / "notes")
     with pk.WorkerPool(
-        2, start_method=start_method, initializer=w.note_exit_in, initargs=(str(path),)
+        2, start_method=start_method, initializer=w.note_exit_in, initargs=(path,)
     ) as pool:
-        pids = set(pool.map(w.late_thread_noting, [str(path)] * 2, chunksize=1))
-    lines = path.read_text().splitlines()
-    for pid in pids:
-        assert f"thread {pid}" in lines  # joined before the worker ended
-        if start_method == "spawn" or sys.version_info >= (3, 13):
-            assert lines.index(f"thread {pid}") < lines.index(f"atexit {pid}")
-        else:
-            assert f"atexit {pid}" not in lines
+        pids = set(pool.map(w.late_thread_noting, [path] * 2, chunksize=1))
+    w.check_exit_notes(path, pids, start_method)
 
 
 def test_the_parents_atexit_handlers_never_run_in_a_forked_worker(tmp_path: Path) -> None:

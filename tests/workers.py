@@ -201,6 +201,33 @@ def late_thread_noting(path: str) -> int:
     return os.getpid()
 
 
+_NOTING_EXIT: list[str] = []
+
+
+def note_exit_once_and_late_thread(path: str) -> int:
+    """``note_exit_in`` once per process (for a pipeline stage, which has no initializer),
+    then ``late_thread_noting``."""
+    if not _NOTING_EXIT:
+        _NOTING_EXIT.append(path)
+        note_exit_in(path)
+    return late_thread_noting(path)
+
+
+def check_exit_notes(path: str, pids: set[int], start_method: str) -> None:
+    """What ``note_exit_in`` and ``late_thread_noting`` wrote says each process ended as a
+    child of its start method does: its non-daemon threads joined; then its atexit
+    handlers run under spawn, and under fork and forkserver from Python 3.13 (gh-83856)
+    only -- never before."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for pid in pids:
+        assert f"thread {pid}" in lines  # joined before the process ended
+        if start_method == "spawn" or sys.version_info >= (3, 13):
+            assert lines.index(f"thread {pid}") < lines.index(f"atexit {pid}")
+        else:
+            assert f"atexit {pid}" not in lines
+
+
 def close_descriptors_then_sleep(seconds: float) -> None:
     """Close every descriptor above stderr (the process's sentinel among them), then run on.
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import signal
+import sys
 from typing import Any
 
 import numpy as np
@@ -91,14 +92,7 @@ def fill_reused(i: int) -> np.ndarray[Any, Any]:
 def no_result_segments() -> None:
     """Initializer: this worker finds /dev/shm full whenever it makes a segment (as in a
     container with a small /dev/shm); mapping the parent's arena still works."""
-    import errno
-
-    from parallelkit import _shm
-
-    def full(size: int) -> Any:
-        raise OSError(errno.ENOSPC, "no room in /dev/shm (test)")
-
-    _shm.Segment.create = full  # type: ignore[method-assign]
+    result_segments_full_for(sys.maxsize)
 
 
 def many_arrays(count: int, n: int) -> list[np.ndarray[Any, Any]]:
@@ -106,9 +100,10 @@ def many_arrays(count: int, n: int) -> list[np.ndarray[Any, Any]]:
     return [np.arange(n, dtype=np.int64) + i for i in range(count)]
 
 
-def result_segments_full_for(failures: int, retry: float) -> None:
+def result_segments_full_for(failures: int, clock_path: str | None = None) -> None:
     """Initializer: this worker finds /dev/shm full for its first ``failures`` attempts to
-    make a segment, then has room again; it waits ``retry`` s after a failure to try again."""
+    make a segment, then has room again.  With ``clock_path``, the result writer's clock
+    (when to try again) reads the time the test wrote in that file."""
     import errno
 
     from parallelkit import _arena, _shm
@@ -123,4 +118,13 @@ def result_segments_full_for(failures: int, retry: float) -> None:
         return real(size)
 
     _shm.Segment.create = create  # type: ignore[method-assign]
-    _arena.NO_ROOM_RETRY = retry
+    if clock_path is not None:
+        path = clock_path
+
+        class Clock:
+            @staticmethod
+            def monotonic() -> float:
+                with open(path) as f:
+                    return float(f.read())
+
+        _arena.time = Clock  # type: ignore[attr-defined,assignment]

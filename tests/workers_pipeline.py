@@ -105,30 +105,3 @@ def add_item(item: tuple[SharedCounter, int]) -> int:
     counter, x = item
     counter.add(x)
     return x
-
-
-_NOTING_EXIT: list[str] = []
-
-
-def note_exit_and_late_thread(path: str) -> int:
-    """Note in ``path`` when this process's atexit handlers run (registered once), and
-    start a non-daemon thread that outlives the item and notes when it ends."""
-    import atexit
-
-    pid = os.getpid()
-    if not _NOTING_EXIT:
-        _NOTING_EXIT.append(path)
-
-        def noted() -> None:
-            with open(path, "a") as f:
-                f.write(f"atexit {pid}\n")
-
-        atexit.register(noted)
-
-    def later() -> None:
-        time.sleep(0.2)
-        with open(path, "a") as f:
-            f.write(f"thread {pid}\n")
-
-    threading.Thread(target=later, daemon=False).start()
-    return pid
