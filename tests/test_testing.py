@@ -11,12 +11,16 @@ import gc
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import shared_memory
 from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
@@ -26,8 +30,10 @@ from typing import cast
 import pytest
 from hypothesis import given
 
+import parallelkit as pk
 import parallelkit.testing
-from child import run_python
+import workers
+from child import TESTS, package_env, run_python
 from parallelkit._context import available_start_methods
 from parallelkit._types import StartMethod
 from parallelkit.testing import (
@@ -268,6 +274,205 @@ def test_file_descriptors_are_watched_only_on_request(tmp_path: Path) -> None:
             second.close()
     finally:
         first.close()
+
+
+# ------------------------------------------------------------------------------ owners
+#
+# A pool created before a block and first used inside it starts its workers there: they are
+# the pool's, not the block's leaks (issue 23, item 2).  Each test uses the pool again after
+# the check: a check that killed its workers would make that fail.
+
+BIG = 1 << 20  # bytes: an argument that travels through the pool's shared-memory arena
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _our_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"pk_{os.getpid()}_")}
+
+
+def test_worker_pool_created_before_the_block_is_not_its_leak(start_method: StartMethod) -> None:
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        segments = _our_segments()
+        with check_no_leaks(grace=QUICK, kill=True):
+            pids = set(pool.map(workers.pid_of, range(4), chunksize=1))  # starts the workers
+            pids |= set(
+                pool.map(workers.pid_of, [pickle.PickleBuffer(bytearray(BIG))] * 4, chunksize=1)
+            )
+            pids.add(pool.submit(workers.pid_of, None).result())  # the futures thread
+            assert _our_segments() - segments  # the arena, made inside the block
+        assert all(_alive(pid) for pid in pids)
+        assert list(pool.map(workers.square, range(4))) == [0, 1, 4, 9]
+
+
+def test_thread_pool_executor_created_before_the_block_is_not_its_leak() -> None:
+    with ThreadPoolExecutor(2) as executor:
+        with check_no_leaks(grace=QUICK):
+            assert list(executor.map(abs, [-1, -2, -3])) == [1, 2, 3]
+        assert executor.submit(abs, -4).result() == 4
+
+
+def test_process_pool_executor_created_before_the_block_is_not_its_leak(
+    start_method: StartMethod,
+) -> None:
+    context = multiprocessing.get_context(start_method)
+    with ProcessPoolExecutor(2, mp_context=context) as executor:
+        with check_no_leaks(grace=QUICK, kill=True):
+            pids = set(executor.map(workers.pid_of, range(4)))
+        assert all(_alive(pid) for pid in pids)
+        assert executor.submit(workers.square, 5).result() == 25
+
+
+def test_multiprocessing_queue_created_before_the_block_is_not_its_leak(
+    start_method: StartMethod,
+) -> None:
+    queue = multiprocessing.get_context(start_method).Queue()
+    try:
+        with check_no_leaks(grace=QUICK):
+            queue.put("x")  # starts the queue's feeder thread
+        assert queue.get(timeout=10) == "x"
+    finally:
+        queue.close()
+        queue.join_thread()
+
+
+def test_worker_pool_created_inside_the_block_and_left_open_is_a_leak(
+    start_method: StartMethod,
+) -> None:
+    pools: list[pk.WorkerPool] = []
+    try:
+        with pytest.raises(LeakError) as info, check_no_leaks(grace=QUICK):
+            pids = _open_pool_and_use(start_method, pools)
+        assert set(info.value.processes) >= pids
+    finally:
+        for pool in pools:
+            pool.shutdown()
+
+
+def _open_pool_and_use(start_method: StartMethod, pools: list[pk.WorkerPool]) -> set[int]:
+    pool = pk.WorkerPool(2, start_method=start_method)
+    pools.append(pool)
+    return set(pool.map(workers.slow_pid, range(2), chunksize=1))
+
+
+def test_thread_pool_executor_created_inside_the_block_and_left_open_is_a_leak() -> None:
+    executors: list[ThreadPoolExecutor] = []
+    try:
+        with pytest.raises(LeakError) as info, check_no_leaks(grace=QUICK):
+            _open_executor_and_use(executors)
+        assert [t.name for t in info.value.threads] == ["left-open_0"]
+    finally:
+        for executor in executors:
+            executor.shutdown()
+
+
+def _open_executor_and_use(executors: list[ThreadPoolExecutor]) -> None:
+    executor = ThreadPoolExecutor(1, thread_name_prefix="left-open")
+    executors.append(executor)
+    assert executor.submit(abs, -1).result() == 1
+
+
+def test_process_leaked_beside_an_older_pool_is_caught_and_only_it_killed(
+    start_method: StartMethod,
+) -> None:
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        process = _process(start_method, time.sleep, 60)
+        try:
+            with pytest.raises(LeakError) as info, check_no_leaks(grace=QUICK, kill=True):
+                pids = _use_and_start(pool, process)
+            assert info.value.processes == (process.pid,)
+            assert "were killed" in str(info.value)
+        finally:
+            process.join(timeout=10)
+        assert process.exitcode == -signal.SIGKILL
+        assert all(_alive(pid) for pid in pids)
+        assert list(pool.map(workers.square, range(3))) == [0, 1, 4]
+
+
+def _use_and_start(pool: pk.WorkerPool, process: BaseProcess) -> set[int]:
+    pids = set(pool.map(workers.pid_of, range(4), chunksize=1))
+    process.start()
+    return pids
+
+
+def test_ownership_record_does_not_keep_a_pool_alive() -> None:
+    pool = pk.WorkerPool(1)
+    with check_no_leaks():
+        assert pool.submit(workers.square, 2).result() == 4
+        pool.shutdown()
+    ref = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.timeout(180)
+def test_session_pool_under_the_documented_autouse_check(
+    tmp_path: Path, start_method: StartMethod
+) -> None:
+    # The README's autouse fixture, with a WorkerPool and a ThreadPoolExecutor created by
+    # session-scoped fixtures (before any check ran), each first used inside a test.
+    (tmp_path / "conftest.py").write_text(
+        textwrap.dedent(
+            f"""
+            from concurrent.futures import ThreadPoolExecutor
+            import pytest
+            import parallelkit as pk
+            from parallelkit.testing import check_no_leaks
+
+            @pytest.fixture(scope="session")
+            def pool():
+                with pk.WorkerPool(2, start_method={start_method!r}) as pool:
+                    yield pool
+
+            @pytest.fixture(scope="session")
+            def executor():
+                with ThreadPoolExecutor(2) as executor:
+                    yield executor
+
+            @pytest.fixture(autouse=True)
+            def no_leaks():
+                with check_no_leaks(kill=True):
+                    yield
+            """
+        )
+    )
+    (tmp_path / "test_fanout.py").write_text(
+        textwrap.dedent(
+            """
+            import workers
+
+            def test_first_use(pool, executor):
+                assert list(pool.map(workers.square, range(6))) == [0, 1, 4, 9, 16, 25]
+                assert list(executor.map(abs, [-1, -2])) == [1, 2]
+
+            def test_next_use(pool, executor):
+                assert pool.submit(workers.square, 7).result() == 49
+                assert executor.submit(abs, -3).result() == 3
+            """
+        )
+    )
+    result = run_python(
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "error",
+        str(tmp_path),
+        timeout=150,
+        env=package_env(TESTS),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
 
 
 # ------------------------------------------------------------------------------ behaviour

@@ -21,6 +21,7 @@ from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine
 from ._insights import MapStats, StallReport, StatsBaseline, engine_stats
 from ._job import Job, PoolBrokenError, collect, iterate
+from ._owners import Owned, register
 from ._progress import ProgressOption, Watch, check_progress, job_class, total_of
 from ._types import P, R, StartMethod, T
 
@@ -807,6 +808,20 @@ def _abandon(engine: Engine) -> None:
         )
 
 
+def _owned_by(pool: WorkerPool) -> Owned:
+    """What a pool holds now (for the leak check): its workers, the futures helper thread
+    and the argument segments, all started or made on first use, not at creation."""
+    engine = pool._engine
+    arena = engine.arena
+    homes = [] if arena is None else [*arena.retired, arena.current]
+    thread = engine.helper_thread
+    return Owned(
+        pids=tuple(w.pid for w in list(engine.workers) if w.pid is not None),
+        threads=() if thread is None else (thread,),
+        segments=tuple(home.segment.name for home in homes if home is not None),
+    )
+
+
 class WorkerPool(Executor):
     """A reusable group of worker processes; a :class:`concurrent.futures.Executor`.
 
@@ -852,6 +867,7 @@ class WorkerPool(Executor):
         self._baseline = StatsBaseline(self._engine)
         self._shutdown = False
         self._finalizer = weakref.finalize(self, _abandon, self._engine)
+        register(self, _owned_by)  # lazily started workers are ours, not the caller's leak
 
     @property
     def max_workers(self) -> int:

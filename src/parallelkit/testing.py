@@ -2,9 +2,10 @@
 
 :func:`check_no_leaks` fails a block of code that leaves something behind: a child process
 (or any descendant), a Python thread, a POSIX semaphore or shared-memory segment in
-``/dev/shm``, or, on request, an open file descriptor.  It is what parallelkit's own test
-suite runs around every test, and it works for any multiprocessing code, not only
-parallelkit's::
+``/dev/shm``, or, on request, an open file descriptor.  What a pool created before the
+block starts inside it (workers started on first use) is the pool's, not a leak.  It is
+what parallelkit's own test suite runs around every test, and it works for any
+multiprocessing code, not only parallelkit's::
 
     import parallelkit as pk
     from parallelkit.testing import check_no_leaks
@@ -60,8 +61,9 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Final, ParamSpec, Self, TypeVar
 
+from . import _owners
 from ._context import available_start_methods
-from ._shm import remove_stale_segments
+from ._shm import NAME_RE, remove_stale_segments
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -149,6 +151,17 @@ class _Snapshot:
     threads: frozenset[threading.Thread]
     shm: frozenset[str]
     fds: dict[int, str]
+    owned: _owners.Owned  # what owners older than the block hold now
+
+    def owns_process(self, pid: int) -> bool:
+        return pid in self.owned.pids
+
+    def owns_segment(self, name: str) -> bool:
+        if name in self.owned.segments:
+            return True
+        # a worker's own segments carry its pid: pk_<pid>_<random>
+        match = NAME_RE.fullmatch(name)
+        return match is not None and int(match.group(1)) in self.owned.pids
 
 
 def _psutil() -> ModuleType | None:
@@ -286,12 +299,20 @@ def _open_fds() -> dict[int, str]:
     return fds
 
 
-def _snapshot(*, fds: bool) -> _Snapshot:
+def _snapshot(*, fds: bool, mark: int = 0) -> _Snapshot:
+    """What exists now; with ``mark``, also what owners registered before it hold."""
+    processes = _descendants()
+    threads = frozenset(threading.enumerate())
+    shm = _shm_entries()
+    # Owners last: a worker a pool starts meanwhile is then in the owner's list (or in
+    # neither), never among the processes alone.
+    owned = _owners.owned_before(mark) if mark else _owners.Owned()
     return _Snapshot(
-        processes=_descendants(),
-        threads=frozenset(threading.enumerate()),
-        shm=_shm_entries(),
+        processes=processes,
+        threads=threads,
+        shm=shm,
         fds=_open_fds() if fds else {},
+        owned=owned,
     )
 
 
@@ -321,12 +342,21 @@ class _Leaks:
 
 
 def _diff(before: _Snapshot, after: _Snapshot) -> _Leaks:
+    """What is in ``after`` but not ``before``, less what older owners hold in ``after``."""
+    owned_threads = set(after.owned.threads)
     return _Leaks(
         processes=tuple(
-            p for key, p in sorted(after.processes.items()) if key not in before.processes
+            p
+            for key, p in sorted(after.processes.items())
+            if key not in before.processes and not after.owns_process(p.pid)
         ),
-        threads=tuple(sorted(after.threads - before.threads, key=lambda t: (t.name, t.ident or 0))),
-        shm=tuple(sorted(after.shm - before.shm)),
+        threads=tuple(
+            sorted(
+                after.threads - before.threads - owned_threads,
+                key=lambda t: (t.name, t.ident or 0),
+            )
+        ),
+        shm=tuple(sorted(name for name in after.shm - before.shm if not after.owns_segment(name))),
         fds=tuple(
             (fd, target) for fd, target in sorted(after.fds.items()) if before.fds.get(fd) != target
         ),
@@ -334,24 +364,42 @@ def _diff(before: _Snapshot, after: _Snapshot) -> _Leaks:
 
 
 def _still_there(leaks: _Leaks, now: _Snapshot) -> _Leaks:
-    """What of ``leaks`` remains in ``now``; ignores whatever appeared since."""
+    """What of ``leaks`` remains in ``now`` (and no older owner holds); ignores whatever
+    appeared since."""
+    owned_threads = set(now.owned.threads)
     return _Leaks(
-        processes=tuple(now.processes[p.key] for p in leaks.processes if p.key in now.processes),
-        threads=tuple(t for t in leaks.threads if t in now.threads),
-        shm=tuple(name for name in leaks.shm if name in now.shm),
+        processes=tuple(
+            now.processes[p.key]
+            for p in leaks.processes
+            if p.key in now.processes and not now.owns_process(p.pid)
+        ),
+        threads=tuple(t for t in leaks.threads if t in now.threads and t not in owned_threads),
+        shm=tuple(name for name in leaks.shm if name in now.shm and not now.owns_segment(name)),
         fds=tuple((fd, target) for fd, target in leaks.fds if now.fds.get(fd) == target),
     )
 
 
-def _kill(processes: tuple[_Process, ...], *, timeout: float = 2.0) -> None:
-    """SIGKILL ``processes`` and reap those multiprocessing started."""
-    for process in processes:
+def _kill(processes: tuple[_Process, ...], mark: int, *, timeout: float = 2.0) -> list[_Process]:
+    """SIGKILL those of ``processes`` the block provably owns, reap them; those killed.
+
+    A process is killed only if it is still the one the block started (same pid *and*
+    start time, so a reused pid is spared) and no owner older than the block holds it.
+    """
+    now = _snapshot(fds=False, mark=mark)
+    doomed = [
+        p
+        for p in processes
+        if p.key in now.processes
+        and not now.processes[p.key].zombie
+        and not now.owns_process(p.pid)
+    ]
+    for process in doomed:
         try:
             os.kill(process.pid, signal.SIGKILL)
         except OSError:
             continue
     deadline = time.monotonic() + timeout
-    pending = {p.key for p in processes}
+    pending = {p.key for p in doomed}
     while pending and time.monotonic() < deadline:
         multiprocessing.active_children()  # reaps the ones multiprocessing owns
         alive = _descendants()
@@ -359,6 +407,82 @@ def _kill(processes: tuple[_Process, ...], *, timeout: float = 2.0) -> None:
         if pending:
             time.sleep(_FIRST_POLL)
     multiprocessing.active_children()
+    return doomed
+
+
+# ------------------------------------------------------------------------------ ownership
+#
+# A pool that starts its workers on first use, created before a checked block and first
+# used inside it: its workers are not the block's leaks.  parallelkit's own pools register
+# with ``_owners`` when they are created.  The standard library's lazily starting owners
+# (thread and process pool executors, multiprocessing queues and their feeder thread) are
+# stamped the same way from the first check on: their constructors are wrapped to register
+# each new instance, and those that existed already are found once, by one look at every
+# object the collector tracks.
+
+
+def _thread_pool_owned(executor: object) -> _owners.Owned:
+    return _owners.Owned(threads=tuple(getattr(executor, "_threads", None) or ()))
+
+
+def _process_pool_owned(executor: object) -> _owners.Owned:
+    processes = getattr(executor, "_processes", None) or {}
+    manager = getattr(executor, "_executor_manager_thread", None)
+    feeder = getattr(getattr(executor, "_call_queue", None), "_thread", None)
+    return _owners.Owned(
+        pids=tuple(pid for pid in list(processes) if isinstance(pid, int)),
+        threads=tuple(t for t in (manager, feeder) if isinstance(t, threading.Thread)),
+    )
+
+
+def _queue_owned(queue: object) -> _owners.Owned:
+    feeder = getattr(queue, "_thread", None)
+    return _owners.Owned(threads=(feeder,) if isinstance(feeder, threading.Thread) else ())
+
+
+_STAMPING_LOCK = threading.Lock()
+_stamping = False
+
+
+def _stamp_stdlib_owners() -> None:
+    """From now on, register every standard-library owner; register those there already."""
+    global _stamping
+    with _STAMPING_LOCK:
+        if _stamping:
+            return
+        import concurrent.futures.process  # noqa: PLC0415 - only once a check is used
+        import concurrent.futures.thread  # noqa: PLC0415
+        import multiprocessing.queues  # noqa: PLC0415
+
+        kinds: tuple[tuple[type, Callable[[object], _owners.Owned]], ...] = (
+            (concurrent.futures.thread.ThreadPoolExecutor, _thread_pool_owned),
+            (concurrent.futures.process.ProcessPoolExecutor, _process_pool_owned),
+            (multiprocessing.queues.Queue, _queue_owned),
+        )
+        for cls, owned in kinds:
+            _register_on_init(cls, owned)
+        # Type by type, never isinstance(): that asks a proxy for __class__, and a dead
+        # weakref.proxy raises.
+        kind_of: dict[type, Callable[[object], _owners.Owned] | None] = {}
+        for obj in gc.get_objects():
+            cls = type(obj)
+            if cls not in kind_of:
+                kind_of[cls] = next((o for k, o in kinds if issubclass(cls, k)), None)
+            owned_fn = kind_of[cls]
+            if owned_fn is not None:
+                _owners.register(obj, owned_fn)
+        _stamping = True
+
+
+def _register_on_init(cls: type, owned: Callable[[object], _owners.Owned]) -> None:
+    original = vars(cls)["__init__"]  # each of these classes defines its own
+
+    @functools.wraps(original)
+    def init(self: object, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        _owners.register(self, owned)
+
+    setattr(cls, "__init__", init)  # noqa: B010 - mypy forbids assigning a method directly
 
 
 class LeakCheck:
@@ -381,10 +505,13 @@ class LeakCheck:
         self.fds = fds
         self.kill = kill
         self._before: _Snapshot | None = None
+        self._mark = 0
 
     def __enter__(self) -> Self:
         if self._before is not None:
             raise RuntimeError("this LeakCheck is already in use; create one per block")
+        _stamp_stdlib_owners()
+        self._mark = _owners.mark()
         self._before = _snapshot(fds=self.fds)
         return self
 
@@ -404,8 +531,15 @@ class LeakCheck:
             return
         message = leaks.describe(self.grace)
         if self.kill and leaks.processes:
-            _kill(leaks.processes)
-            message += "\n(the leaked processes were killed)"
+            killed = _kill(leaks.processes, self._mark)
+            spared = len(leaks.processes) - len(killed)
+            if not spared:
+                message += "\n(the leaked processes were killed)"
+            else:
+                message += (
+                    f"\n({len(killed)} of the leaked processes killed; {spared} not: gone, "
+                    "pid reused, or taken over by a pool older than the block meanwhile)"
+                )
         if exc is not None:
             exc.add_note(f"parallelkit.testing: {message}")
             return
@@ -419,7 +553,7 @@ class LeakCheck:
 
     def _wait(self, before: _Snapshot) -> _Leaks:
         multiprocessing.active_children()  # joins (reaps) finished multiprocessing children
-        leaks = _diff(before, _snapshot(fds=self.fds))
+        leaks = _diff(before, _snapshot(fds=self.fds, mark=self._mark))
         deadline = time.monotonic() + self.grace
         pause = _FIRST_POLL
         while leaks and time.monotonic() < deadline:
@@ -429,7 +563,7 @@ class LeakCheck:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, _MAX_POLL)
             multiprocessing.active_children()
-            leaks = _still_there(leaks, _snapshot(fds=self.fds))
+            leaks = _still_there(leaks, _snapshot(fds=self.fds, mark=self._mark))
         return leaks
 
     def __call__(self, func: Callable[_P, _R]) -> Callable[_P, _R]:
@@ -457,6 +591,15 @@ def check_no_leaks(*, grace: float = 5.0, fds: bool = False, kill: bool = False)
       ``sem.mp-``, ``psm_`` or ``pk``;
     - with ``fds=True``, open file descriptors of this process.
 
+    What a pool created *before* the block starts inside it (its workers start on first
+    use) is not the block's: a process, thread or segment that, when the block ends,
+    belongs to a still-existing :class:`~parallelkit.WorkerPool`,
+    :class:`concurrent.futures.ThreadPoolExecutor`,
+    :class:`concurrent.futures.ProcessPoolExecutor` or :mod:`multiprocessing` queue created
+    before the block is left out.  (To know when the standard library's were created, the
+    first check wraps their constructors and looks once for the instances already there.)
+    One created inside the block and left open is a leak like any other.
+
     Cleanup that takes a moment (a worker that is still exiting, a finalizer that has not
     run) gets ``grace`` seconds; the check polls until everything is gone or time is up.
 
@@ -466,6 +609,8 @@ def check_no_leaks(*, grace: float = 5.0, fds: bool = False, kill: bool = False)
             logging open files of their own while a test runs.
         kill: after reporting leaked processes, SIGKILL them (and reap what
             multiprocessing started), so that one leaking test does not disturb the next.
+            Only processes the block provably started are killed: the same process (pid
+            and start time) as the one reported, held by no pool older than the block.
 
     Returns:
         A context manager, also usable as a decorator.
