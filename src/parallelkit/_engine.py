@@ -54,6 +54,7 @@ from ._lifecycle import (
 )
 from ._serialize import (
     ExceptionRecord,
+    FunctionCache,
     dumps,
     rebuild_exception,
 )
@@ -183,7 +184,8 @@ class Engine:
         if inherit is not None and start_method == "fork":
             self.inherited_fn, self.inherited_items = inherit
             self.inherited_fn_id = next(_fn_ids)
-        self.functions: dict[int, tuple[Callable[..., object], int, bytes]] = {}
+        # (id, payload) of each function sent, for as long as the function lives (weakly)
+        self.functions: FunctionCache[tuple[int, bytes]] = FunctionCache()
         # the progress slots: what each worker is passed, and our view of them
         self.slots: W.ProgressSlots | None = None
         self.progress: Any
@@ -237,17 +239,14 @@ class Engine:
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
         if fn is self.inherited_fn:
             return self.inherited_fn_id, b""
-        key = id(fn)
-        known = self.functions.get(key)
-        if known is not None and known[0] is fn:
-            return known[1], known[2]
+        known = self.functions.get(fn)
+        if known is not None:
+            return known
         from ._serialize import dump_function  # noqa: PLC0415
 
         payload = dump_function(fn, by_value=self.start_method != "fork")
         fn_id = next(_fn_ids)
-        if len(self.functions) >= 256:
-            del self.functions[next(iter(self.functions))]
-        self.functions[key] = (fn, fn_id, payload)
+        self.functions.put(fn, (fn_id, payload))
         return fn_id, payload
 
     # ---------------------------------------------------------------- workers
@@ -1070,6 +1069,7 @@ class Engine:
         if self.released:
             return
         self.released = True
+        self.inherited_fn = self.inherited_items = None  # the caller's: not ours to keep
         if self.arena is not None:
             self.arena.close()
             self.arena = None

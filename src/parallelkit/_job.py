@@ -28,6 +28,10 @@ MAX_ADAPTIVE_CHUNK: Final = 100_000
 _chunk_ids = itertools.count(1)
 
 
+def _released(*args: object, **kwargs: object) -> object:
+    raise RuntimeError("internal: a released job's function was called")
+
+
 class Failure:
     """A failed item's slot in a result list (only where errors are raised on delivery)."""
 
@@ -311,6 +315,14 @@ class Job:
             self.error = exc
         self.engine.abandon(self)
 
+    def release(self) -> None:
+        """Its caller is done with it: let go of the function and the input, which may be
+        large or hold other objects (a closed iterator kept by its caller holds us)."""
+        self.fn = _released
+        self.source = ()
+        self.iterator = None
+        self.error = None if self.cancelled else self.error  # raised already, if at all
+
     def cancel(self) -> None:
         """Stop making chunks; results still in flight are dropped when they arrive."""
         if not self.cancelled:
@@ -352,6 +364,14 @@ def collect(engine: Driver, job: Job) -> list[Any]:
         if job.finished:
             engine.abandon(job)
             return out
+
+
+def handed_out(results: list[Any]) -> Iterator[Any]:
+    """Iterate over ``results``, emptying the list as it goes: a value handed out is no
+    longer held by us, so a caller that drops it frees it (CPython gh-14406).  C-level
+    calls only: no Python frame per item."""
+    results.reverse()
+    return map(list.pop, itertools.repeat(results, len(results)))
 
 
 def iterate(engine: Driver, job: Job) -> Generator[list[Any], None, None]:

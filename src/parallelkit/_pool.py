@@ -20,7 +20,7 @@ from ._checks import check_callable
 from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine
 from ._insights import MapStats, StallReport, StatsBaseline, engine_stats
-from ._job import Job, PoolBrokenError, collect, iterate
+from ._job import Job, PoolBrokenError, collect, handed_out, iterate
 from ._owners import Owned, register
 from ._progress import ProgressOption, Watch, check_progress, job_class, total_of
 from ._types import P, R, StartMethod, T
@@ -502,7 +502,7 @@ class ResultIterator(Iterator[_Y]):
         if self._closed:
             return False
         try:
-            self._current = iter(next(self._chunks))
+            self._current = handed_out(next(self._chunks))
         except StopIteration:
             self.close()
             return False
@@ -539,6 +539,7 @@ class ResultIterator(Iterator[_Y]):
         self._stats = engine_stats(self._engine, self._baseline)
         try:
             self._chunks.close()
+            self._job.release()
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._engine.shutdown(graceful=finished)
@@ -979,9 +980,10 @@ class WorkerPool(Executor):
                     results = next(chunks)
                 except StopIteration:
                     return
-                yield from results
+                yield from handed_out(results)
         finally:
             chunks.close()
+            job.release()
 
     @overload
     def imap(
@@ -1108,6 +1110,7 @@ class WorkerPool(Executor):
         finally:
             with self._engine.mutex:
                 job.cancel()
+                job.release()
             if watch is not None:
                 watch.close()
             if on_stats is not None:
@@ -1118,7 +1121,10 @@ class WorkerPool(Executor):
 
         Args:
             wait: wait for pending futures to finish, then for the workers to exit.
-            cancel_futures: cancel futures that have not started running.
+            cancel_futures: cancel futures that have not started running: every call not
+                yet handed to a worker.  ``submit`` returns before it hands the call out,
+                so right after ``submit`` this may cancel all of them (unlike
+                ``ProcessPoolExecutor``, which runs the few already queued for its workers).
         """
         engine = self._engine
         self._shutdown = True

@@ -15,12 +15,16 @@ import contextlib
 import pickle
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any, Final, NamedTuple
+import types
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from .errors import RemoteError, SerializationError, SerializedWhat
 
 PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+FUNCTION_CACHE_SIZE: Final = 256  # callables whose pickle a FunctionCache keeps, at most
+_V = TypeVar("_V")
 
 _CLOUDPICKLE_HINT = (
     "install cloudpickle (pip install 'parallelkit[cloudpickle]') to send it by value, "
@@ -99,6 +103,59 @@ def dump_function(
             f"{type(exc).__name__}: {exc}",
             what=what,
         ) from exc
+
+
+class FunctionCache(Generic[_V]):
+    """What was made of each callable (its pickle), for as long as the callable lives.
+
+    It holds no strong reference to a callable: an entry goes when what it was made from is
+    collected, so a pool that served a function does not keep it (or anything it refers
+    to) alive.  A bound method is a new object each time ``obj.method`` is read: its entry
+    is keyed by ``obj`` and the function, both weakly, so reading it again finds the entry
+    and the entry does not keep ``obj`` alive.  Callables that cannot be referenced weakly
+    (``operator.itemgetter(1)``) are not cached: they are pickled again for each call.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, ...], tuple[tuple[weakref.ref[Any], ...], _V]] = {}
+
+    @staticmethod
+    def _parts(fn: Callable[..., object]) -> tuple[object, ...]:
+        if isinstance(fn, types.MethodType):
+            return (fn.__self__, fn.__func__)
+        return (fn,)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, fn: Callable[..., object]) -> _V | None:
+        parts = self._parts(fn)
+        entry = self._entries.get(tuple(map(id, parts)))
+        if entry is None:
+            return None
+        refs, value = entry
+        if all(ref() is part for ref, part in zip(refs, parts, strict=True)):
+            return value
+        return None
+
+    def put(self, fn: Callable[..., object], value: _V) -> None:
+        parts = self._parts(fn)
+        key = tuple(map(id, parts))
+        entries = self._entries
+
+        def forget(ref: weakref.ref[Any]) -> None:
+            # runs when a part is collected (any thread); its id may be reused afterwards
+            entry = entries.get(key)
+            if entry is not None and any(r is ref for r in entry[0]):
+                entries.pop(key, None)
+
+        try:
+            refs = tuple(weakref.ref(part, forget) for part in parts)
+        except TypeError:
+            return
+        if len(entries) >= FUNCTION_CACHE_SIZE:
+            entries.pop(next(iter(entries)), None)
+        entries[key] = (refs, value)
 
 
 # ---------------------------------------------------------------- exceptions across processes

@@ -427,6 +427,7 @@ def _task_loop(
                 payload, specs = writer.dump(msg, results, strict=direct)
             except NoRoom:
                 if _reply_direct(conn, msg, results, backlog):
+                    del msg, results, items, errors  # the parent has its copy
                     continue
                 try:  # not this time: what finds no room goes in band
                     payload, specs = writer.dump(msg, results)
@@ -434,9 +435,13 @@ def _task_loop(
                     payload = _dump_results_one_by_one(cid, results, errors, elapsed)
             except BaseException:
                 payload = _dump_results_one_by_one(cid, results, errors, elapsed)
-            del msg, results, items  # before asking whether anything still uses the arena
+            del msg, results, items, errors  # before asking whether anything uses the arena
             kept = state.reader.release() if from_arena else None
             payload = writer.frame(payload, specs, kept)
+        else:
+            # sent: hold no argument or result while waiting for the next task (they may
+            # be the caller's objects: a Manager proxy, say, whose collection it waits for)
+            del msg, results, items, errors
         send(payload)
 
 
