@@ -57,6 +57,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Generic, Self, overload
 
 from . import _handshake
+from ._checks import check_timeout
 from ._serialize import ExceptionRecord, check_single_host, rebuild_exception
 from .errors import ChannelClosedError, SerializationError
 
@@ -233,6 +234,7 @@ class Channel(Generic[SendT, RecvT]):
                 middle of a message), or this end was closed.
             SerializationError: the message arrived but cannot be unpickled here.
         """
+        timeout = check_timeout(timeout, zero_ok=True)
         if timeout is None:
             with self._recv_lock:
                 return self._recv(None)  # type: ignore[return-value]  # what the peer sent
@@ -250,6 +252,7 @@ class Channel(Generic[SendT, RecvT]):
         Args:
             timeout: seconds to wait for one; ``None`` waits forever, ``0`` not at all.
         """
+        timeout = check_timeout(timeout, zero_ok=True)
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
         if self._rend > self._rpos or self._broken is not None or self._eof:

@@ -15,6 +15,7 @@ from typing import Generic, Self
 
 from . import _handshake
 from ._channel import Channel, RecvT, SendT, _check_max, _format_address, _ms
+from ._checks import check_timeout
 from .errors import ChannelClosedError
 
 __all__ = ("ChannelListener", "connect")
@@ -32,7 +33,7 @@ def connect(
     key = _handshake.check_authkey(authkey)
     handshake_timeout = _handshake.check_timeout(handshake_timeout, "handshake_timeout")
     _check_max(max_message_bytes)
-    sock = socket.create_connection(address, timeout=timeout)
+    sock = socket.create_connection(address, timeout=check_timeout(timeout))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = _format_address(sock.getpeername())
@@ -88,6 +89,7 @@ class ChannelListener(Generic[SendT, RecvT]):
                 disconnected; call ``accept`` again for the next client).
             ChannelClosedError: the listener is closed.
         """
+        timeout = check_timeout(timeout, zero_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)

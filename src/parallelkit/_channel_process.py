@@ -17,6 +17,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Final, TypeVarTuple
 
 from ._channel import A, B, Channel, RecvT, SendT
+from ._checks import check_timeout
 from ._context import get_context, resolve_start_method
 from ._lifecycle import bootstrap_options, describe_exit, start_child, stop_processes
 from ._serialize import capture_exception, dump_function
@@ -70,6 +71,7 @@ class ProcessChannel(Channel[SendT, RecvT]):
 
     def join(self, timeout: float | None = None) -> None:
         """Wait (up to ``timeout`` seconds) for the child to exit."""
+        timeout = check_timeout(timeout, zero_ok=True)
         if not self._stopped:
             self._process.join(timeout)
 

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import threading
+from typing import Final
+
+# Seconds: a timeout this long or longer (infinity too) means no limit.  The longest wait
+# the platform's locks and selectors take (about 292 years on Linux); beyond it they raise
+# OverflowError.
+NO_LIMIT_FROM: Final = threading.TIMEOUT_MAX
+
 
 def check_callable(fn: object, what: str = "fn") -> None:
     """Raise ``TypeError`` unless ``fn`` is callable."""
@@ -21,3 +30,28 @@ def check_positive_int(value: object, what: str, *, none_means: str | None = Non
         raise TypeError(f"{what} must be {choices}, not {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{what} must be {choices}, got {value}")
+
+
+def check_bool(value: object, what: str) -> None:
+    """Raise ``TypeError`` unless ``value`` is ``True`` or ``False`` (``None`` is neither)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, not {value!r}")
+
+
+def check_timeout(value: object, what: str = "timeout", *, zero_ok: bool = False) -> float | None:
+    """A timeout in seconds, validated; ``None`` for no limit.
+
+    ``None``, infinity and anything of :data:`NO_LIMIT_FROM` seconds or more mean no limit.
+    ``zero_ok``: ``0`` is allowed (do not wait); otherwise a timeout must be positive.
+    NaN, negatives, bools and non-numbers raise.
+    """
+    if value is None:
+        return None
+    choices = f"a {'non-negative' if zero_ok else 'positive'} number of seconds or None"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be {choices}, not {type(value).__name__}")
+    if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{what} must be {choices} (no limit), got {value}")
+    if value >= NO_LIMIT_FROM:
+        return None
+    return float(value)

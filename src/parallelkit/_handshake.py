@@ -22,6 +22,8 @@ import time
 from multiprocessing import AuthenticationError
 from typing import Final
 
+from ._checks import NO_LIMIT_FROM
+
 MIN_AUTHKEY_BYTES: Final = 16
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
 MAGIC: Final = b"parallelkit-channel-1\n"
@@ -52,8 +54,12 @@ def check_authkey(authkey: object) -> bytes:
 
 
 def check_timeout(timeout: float, what: str) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"{what} must be a positive number of seconds, got {timeout!r}")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < NO_LIMIT_FROM  # a handshake always has a limit
+    ):
+        raise ValueError(f"{what} must be a positive, finite number of seconds, got {timeout!r}")
     return float(timeout)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
-from ._checks import check_callable, check_positive_int
+from ._checks import check_callable, check_positive_int, check_timeout
 from ._context import resolve_start_method
 from ._progress import PipelineProgress, ProgressOption, check_progress, total_of
 from ._router import PipelineStats, Run, Stage, StageStats
@@ -168,14 +168,7 @@ class Pipeline(Generic[T]):
         on_stall: Callable[[StallReport], object] | None = None,
     ) -> None:
         check_progress(progress)
-        if stall_timeout is not None and (
-            isinstance(stall_timeout, bool)
-            or not isinstance(stall_timeout, int | float)
-            or not stall_timeout > 0
-        ):
-            raise ValueError(
-                f"stall_timeout must be a positive number of seconds or None, got {stall_timeout!r}"
-            )
+        stall_timeout = check_timeout(stall_timeout, "stall_timeout")
         if on_stall is not None:
             check_callable(on_stall, "on_stall")
         if not isinstance(source, Iterable):

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, overload
 
 from ._backends import ChunkEngine, RunnerFactory, check_backend
-from ._checks import check_callable
+from ._checks import check_bool, check_callable, check_timeout
 from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine
 from ._insights import MapStats, StallReport, StatsBaseline, engine_stats
@@ -47,12 +47,7 @@ def _check_chunksize(chunksize: int | None) -> None:
 
 
 def _check_timeout(timeout: float | None, what: str = "timeout") -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"{what} must be a number of seconds or None, not {type(timeout).__name__}")
-    if not timeout > 0:
-        raise ValueError(f"{what} must be a positive number of seconds or None, got {timeout}")
+    check_timeout(timeout, what)
 
 
 def _check_initializer(
@@ -381,6 +376,10 @@ def run_parallel(
     pool = _check_map_options(
         fn, backend, chunksize, timeout, initializer, initargs, start_method, max_workers
     )
+    check_bool(ordered, "ordered")
+    check_bool(return_exceptions, "return_exceptions")
+    timeout = check_timeout(timeout)
+    stall_timeout = check_timeout(stall_timeout, "stall_timeout")
     _check_watch_options(
         progress, stall_timeout, on_stall, on_stats, pool is None or isinstance(pool, WorkerPool)
     )
@@ -652,6 +651,10 @@ def imap_parallel(
     pool = _check_map_options(
         fn, backend, chunksize, timeout, initializer, initargs, start_method, max_workers
     )
+    check_bool(ordered, "ordered")
+    check_bool(return_exceptions, "return_exceptions")
+    timeout = check_timeout(timeout)
+    stall_timeout = check_timeout(stall_timeout, "stall_timeout")
     _check_watch_options(
         progress, stall_timeout, on_stall, None, pool is None or isinstance(pool, WorkerPool)
     )
@@ -943,7 +946,7 @@ class WorkerPool(Executor):
         """
         check_callable(fn)
         _check_chunksize(chunksize)
-        _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         self._check_open()
         items: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
             (args, {}) for args in zip(*iterables, strict=False)
@@ -1047,8 +1050,11 @@ class WorkerPool(Executor):
         """Stream ``fn(item)`` for each item, on this pool's workers (see ``imap_parallel``)."""
         check_callable(fn)
         _check_chunksize(chunksize)
-        _check_timeout(timeout)
         _check_watch_options(progress, stall_timeout, on_stall, None, True)
+        check_bool(ordered, "ordered")
+        check_bool(return_exceptions, "return_exceptions")
+        timeout = check_timeout(timeout)
+        stall_timeout = check_timeout(stall_timeout, "stall_timeout")
         self._check_open()
         length = len(items) if isinstance(items, list | tuple | range) else None
         watch = Watch.create(progress, stall_timeout, on_stall, total_of(items))

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Final, Generic, TypeVar
 
 from . import _frames as frames
-from ._checks import check_positive_int
+from ._checks import check_positive_int, check_timeout
 from ._context import get_context
 from ._serialize import check_single_host, locate_unpicklable
 from ._types import StartMethod
@@ -43,10 +43,9 @@ PUT_MANY_BATCH: Final = 1024  # items per message, at most, from put_many
 
 
 def _deadline(timeout: float | None) -> float | None:
+    timeout = check_timeout(timeout, zero_ok=True)
     if timeout is None:
         return None
-    if timeout < 0:
-        raise ValueError(f"timeout must be a non-negative number of seconds or None, got {timeout}")
     return time.monotonic() + timeout
 
 
