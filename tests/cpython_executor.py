@@ -146,12 +146,19 @@ def main(argv: list[str]) -> int:
     util = importlib.import_module("test.test_concurrent_futures.util")
     util.setup_module()
     verbosity = 2 if "-v" in argv else 1
+    support: Any = importlib.import_module("test.support")
+    support.verbose = verbosity > 1  # no per-test timings
     suite = load_suite()
     if "-k" in argv:
         pattern = argv[argv.index("-k") + 1]
         suite = unittest.TestSuite(t for t in _flatten(suite) if pattern in t.id())
     result = unittest.TextTestRunner(verbosity=verbosity).run(suite)
     unittest.case.doModuleCleanups()
+    reasons: dict[str, int] = {}
+    for _, reason in result.skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items()):
+        print(f"skipped {count:2d}: {reason}")
     return 0 if result.wasSuccessful() and result.testsRun > 0 else 1
 
 
