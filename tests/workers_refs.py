@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import AsyncIterator
 
 # the copies of Tracked objects this worker has unpickled (weakly)
 _SEEN: list[weakref.ref[Tracked]] = []
@@ -60,3 +61,16 @@ def copies_alive_here(_: object = None) -> int:
     """How many Tracked copies this worker still holds (after a collection)."""
     gc.collect()
     return sum(1 for ref in _SEEN if ref() is not None)
+
+
+async def async_double(x: int) -> int:
+    return 2 * x
+
+
+async def async_numbers(x: int) -> AsyncIterator[int]:
+    yield x
+
+
+class AsyncCallable:
+    async def __call__(self, x: int) -> int:
+        return x

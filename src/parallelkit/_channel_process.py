@@ -17,7 +17,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Final, TypeVarTuple
 
 from ._channel import A, B, Channel, RecvT, SendT
-from ._checks import check_timeout
+from ._checks import check_callable, check_timeout
 from ._context import get_context, resolve_start_method
 from ._lifecycle import bootstrap_options, describe_exit, start_child, stop_processes
 from ._serialize import capture_exception, dump_function
@@ -139,8 +139,7 @@ def start_process(
             with start_process(shout, "!") as child:   # ProcessChannel[str, str]
                 assert child.request("hi", timeout=5) == "HI!"
     """
-    if not callable(target):
-        raise TypeError(f"target must be callable, not {type(target).__name__}")
+    check_callable(target, "target")
     method = resolve_start_method(start_method)
     context = get_context(method)
     fork = method == "fork"

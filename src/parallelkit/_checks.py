@@ -13,9 +13,32 @@ NO_LIMIT_FROM: Final = threading.TIMEOUT_MAX
 
 
 def check_callable(fn: object, what: str = "fn") -> None:
-    """Raise ``TypeError`` unless ``fn`` is callable."""
+    """Raise ``TypeError`` unless ``fn`` is callable, and not an ``async def`` function.
+
+    A coroutine function called in a worker (or a thread) returns a coroutine that nobody
+    awaits: refused up front, the same way on every backend.
+    """
     if not callable(fn):
         raise TypeError(f"{what} must be callable, got {type(fn).__name__}: {fn!r}")
+    import inspect  # noqa: PLC0415 - only the caller's process checks this
+
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - an object whose __call__ is async
+    if (
+        inspect.iscoroutinefunction(fn)
+        or inspect.isasyncgenfunction(fn)
+        or (
+            not inspect.isroutine(fn)
+            and not isinstance(fn, type)
+            and (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call))
+        )
+    ):
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        raise TypeError(
+            f"{what} {name!r} is an async function: parallelkit calls it in worker processes "
+            "or threads, which would get a coroutine to await, not a result. Pass a plain "
+            f"function that runs it, defined at the top level of a module: "
+            f"`def run(x): return asyncio.run({getattr(fn, '__name__', 'fn')}(x))`"
+        )
 
 
 def check_positive_int(value: object, what: str, *, none_means: str | None = None) -> None:

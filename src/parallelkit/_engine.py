@@ -46,6 +46,7 @@ from ._arena import MAGIC, ArgArena, ResultReader, remove_leftovers
 from ._job import Chunk, Job, PoolBrokenError
 from ._lifecycle import (
     bootstrap_options,
+    check_main_importable,
     describe_exit,
     signal_name,
     start_child,
@@ -158,6 +159,7 @@ class Engine:
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             W.refuse_to_start_in_bootstrap()
+        check_main_importable(start_method)  # before anything: no child could start
         self.context = context
         self.start_method = start_method
         self.max_workers = max_workers

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing.connection
 import multiprocessing.context
+import multiprocessing.process
 import os
 import signal
 import sys
@@ -26,6 +27,8 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
+
+from .errors import StartMethodError
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
 # What every parallelkit child imports first (the pool worker, the pipeline stage)
@@ -128,6 +131,39 @@ def bootstrap_options(start_method: str) -> dict[str, Any]:
     }
 
 
+def check_main_importable(start_method: str) -> None:
+    """Refuse, before any child starts, a start method whose children cannot start here.
+
+    Under spawn and forkserver, multiprocessing has each child run the main script again
+    from its file.  A script piped to ``python -`` names the file ``<stdin>``: every child
+    would die printing a ``FileNotFoundError`` traceback.  (``python -c`` and interactive
+    sessions have no file, and children do not run them: those work.)
+
+    Raises:
+        StartMethodError: what to do instead.
+    """
+    if start_method == "fork":
+        return
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None)
+    if getattr(spec, "name", None) is not None or not isinstance(path, str):
+        return  # run with -m (imported by name), or no file to run again (-c, a REPL)
+    original = getattr(multiprocessing.process, "ORIGINAL_DIR", None)
+    if not os.path.isabs(path) and original is not None:
+        path = os.path.join(original, path)
+    if os.path.isfile(path):
+        return
+    raise StartMethodError(
+        f"{start_method!r} worker processes cannot start here: each one runs the main "
+        f"script again from its file, and the main module's file {main.__file__!r} does "  # type: ignore[union-attr]
+        "not exist (a script piped to `python -`?). Save the script to a file and run "
+        "that; or put the task functions in a module and start the work with `python -c` "
+        "or `python -m` (functions defined in __main__ then travel by value, with "
+        "cloudpickle); or use start_method='fork'"
+    )
+
+
 def start_child(
     context: multiprocessing.context.BaseContext,
     start_method: str,
@@ -150,6 +186,7 @@ def start_child(
     other threads are parallelkit's own, idle ones; silence Python 3.12's fork-with-threads
     warning.
     """
+    check_main_importable(start_method)
     if start_method == "forkserver":
         start_forkserver()
     process: BaseProcess = context.Process(  # type: ignore[attr-defined]

@@ -1,0 +1,119 @@
+"""Bad input gets one clear error, not a flood (issue 17 §4): a main module the workers
+cannot import, coroutine functions, arguments that only fork could pass."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import parallelkit as pk
+from parallelkit._types import StartMethod
+from workers_refs import AsyncCallable, async_double, async_numbers
+
+TESTS = Path(__file__).parent
+
+# Run as `python - METHOD API` (the script on stdin) or `python -c SCRIPT METHOD API`; the
+# task functions come from modules (abs, tests/workers_channel.py).
+SCRIPT = """
+import sys
+import parallelkit as pk
+import workers_channel as wc
+
+method, api = sys.argv[1], sys.argv[2]
+if api == "run_parallel":
+    assert pk.run_parallel(abs, [-1, -2], max_workers=2, start_method=method) == [1, 2]
+elif api == "imap_parallel":
+    assert list(pk.imap_parallel(abs, [-1], max_workers=1, start_method=method)) == [1]
+elif api == "submit":
+    with pk.WorkerPool(2, start_method=method) as pool:
+        assert pool.submit(abs, -1).result() == 1
+elif api == "pipeline":
+    assert pk.Pipeline([-1], start_method=method).map(abs).run() == [1]
+elif api == "start_process":
+    with pk.start_process(wc.echo, start_method=method) as child:
+        assert child.request("hi", timeout=30) == "hi"
+print("DONE")
+"""
+APIS = ["run_parallel", "imap_parallel", "submit", "pipeline", "start_process"]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    return subprocess.run(
+        [sys.executable, *args],
+        input=SCRIPT if args[0] == "-" else None,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+        cwd=TESTS,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("api", APIS)
+def test_script_on_stdin_gets_one_clear_error(start_method: StartMethod, api: str) -> None:
+    done = _run(["-", start_method, api])
+    if start_method == "fork":  # the workers never import the main module
+        assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["DONE"], "")
+        return
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("Traceback") == 1, done.stderr  # ours: none from a child
+    assert "FileNotFoundError" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("parallelkit.errors.StartMethodError:"), done.stderr
+    assert "'<stdin>' does not exist" in last
+    assert "start_method='fork'" in last
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("api", APIS)
+def test_script_given_with_dash_c_works(start_method: StartMethod, api: str) -> None:
+    # no file to run again: the workers do not import the main module at all
+    done = _run(["-c", SCRIPT, start_method, api])
+    assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["DONE"], "")
+
+
+ASYNC_FUNCTIONS = [
+    async_double,
+    functools.partial(async_double),
+    async_numbers,
+    AsyncCallable(),
+]
+
+
+@pytest.mark.parametrize("fn", ASYNC_FUNCTIONS, ids=["async-def", "partial", "async-gen", "object"])
+def test_async_functions_are_refused_on_every_backend(fn: Any) -> None:
+    message = "is an async function"
+    for backend in (None, "serial", "thread"):
+        with pytest.raises(TypeError, match=message):
+            pk.run_parallel(fn, [1], backend=backend)
+        with pytest.raises(TypeError, match=message):
+            pk.imap_parallel(fn, [1], backend=backend)
+    with ThreadPoolExecutor(1) as executor, pytest.raises(TypeError, match=message):
+        pk.run_parallel(fn, [1], backend=executor)
+    with pk.WorkerPool(1) as pool:
+        for call in (
+            lambda: pool.submit(fn, 1),
+            lambda: pool.map(fn, [1]),
+            lambda: pool.imap(fn, [1]),
+            lambda: pk.run_parallel(fn, [1], backend=pool),
+        ):
+            with pytest.raises(TypeError, match=message):
+                call()
+    with pytest.raises(TypeError, match=message):
+        pk.Pipeline([1]).map(fn)
+    with pytest.raises(TypeError, match=message):
+        pk.start_process(fn)
+    with pytest.raises(TypeError, match=message):
+        pk.run_parallel(abs, [1], initializer=fn)
