@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import mmap
+import multiprocessing.connection
 import os
 import pickle
 import signal
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import workers_arena as wa
+from child import package_env, run_python
 from parallelkit import _arena, _direct, _shm
 from parallelkit._job import Job
 from parallelkit._types import StartMethod
@@ -553,3 +555,51 @@ def test_a_worker_killed_while_its_results_are_read(
         again = list(pool.map(wa.make_array, [n] * 4, chunksize=1))
         assert all(np.array_equal(a, np.arange(n)) for a in again)
         assert not _ours(crash.pid)
+
+
+# ------------------------------------------------------------------ issue 17 §1: segment life
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_read_after_its_worker_exited_still_finds_its_segment(
+    start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-shot map tells a worker to stop as soon as the input is used up: the worker
+    sends its last reply (naming a segment the parent has never mapped) and exits.  The
+    parent is held back here until that worker has exited before it reads the reply; the
+    reply must still be readable (the segment's end is not the worker's to decide)."""
+    from parallelkit._engine import Engine
+
+    original = Engine._on_message
+    held: list[int | None] = []
+
+    def late(self: Engine, w: Any, data: bytes) -> None:
+        if data[:4] == _arena.MAGIC and w.stopping:
+            # the hold: the worker was told to stop after this reply; wait for its exit
+            ready = multiprocessing.connection.wait([w.sentinel], timeout=30)
+            assert ready, "the worker did not exit after its last reply"
+            held.append(w.pid)
+        original(self, w, data)
+
+    monkeypatch.setattr(Engine, "_on_message", late)
+    n = MIN // 8 * 2
+    got = pk.run_parallel(wa.make_array, [n], max_workers=1, start_method=start_method)
+    assert held, "no reply came through a result segment"
+    np.testing.assert_array_equal(got[0], np.arange(n))
+    assert not _ours(*held)
+
+
+@pytest.mark.timeout(120)
+def test_the_resource_tracker_sees_each_segment_registered_and_unregistered_once(
+    start_method: StartMethod,
+) -> None:
+    """Workers SIGKILLed between making a result segment and registering it, and between
+    unregistering a retired one and unlinking it: the parent removes what they left, and
+    the tracker (whose stderr is the script's) never prints a KeyError or a leak."""
+    script = str(TESTS / "scripts" / "tracker_once.py")
+    env = package_env(str(TESTS))
+    env.pop("PYTHONWARNINGS", None)
+    proc = run_python(script, start_method, timeout=100, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["DONE"], proc.stdout
+    assert proc.stderr == "", proc.stderr

@@ -432,6 +432,46 @@ def _two_worker_pids(pool: pk.WorkerPool) -> tuple[int, int]:
     pytest.fail("could not see two different workers")
 
 
+def _sigkill_and_wait(pids: Iterable[int | None]) -> None:
+    """SIGKILL each process and wait until it has exited (a pidfd reads ready then; our
+    own children stay unreaped zombies, for the pool to notice)."""
+    for pid in pids:
+        assert pid is not None
+        pidfd = os.pidfd_open(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            assert select.select([pidfd], [], [], 30)[0], f"pid {pid} did not die"
+        finally:
+            os.close(pidfd)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("api", ["map", "imap", "submit"])
+def test_idle_workers_that_die_are_replaced_and_blame_no_item(
+    start_method: StartMethod, api: str
+) -> None:
+    """Issue 23 §1: workers SIGKILLed between two calls (the OOM killer) are replaced
+    silently; the chunks sent to them before their deaths were noticed run elsewhere."""
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        assert list(pool.map(wf.square, range(4))) == [0, 1, 4, 9]
+        for _ in range(2):  # twice: the replacements may die idle as well
+            _sigkill_and_wait([w.pid for w in pool._engine.workers])
+            if api == "map":
+                assert list(pool.map(wf.square, range(4))) == [0, 1, 4, 9]
+            elif api == "imap":
+                got = list(pool.imap(wf.square, range(40), chunksize=3, ordered=False))
+                assert sorted(got) == [x * x for x in range(40)]
+            else:
+                assert [pool.submit(wf.square, x).result(timeout=RESULT) for x in (3, 4)] == [
+                    9,
+                    16,
+                ]
+        # a worker that crashes on an item is still blamed for it, after all that
+        crash = pool.submit(wf.die, 0).exception(timeout=RESULT)
+        assert crash is not None
+        _crash(crash, 0)
+
+
 @pytest.mark.timeout(60)
 def test_a_worker_kills_its_sibling(start_method: StartMethod, tmp_path: Path) -> None:
     with pk.WorkerPool(2, start_method=start_method) as pool:

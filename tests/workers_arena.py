@@ -111,11 +111,11 @@ def result_segments_full_for(failures: int, clock_path: str | None = None) -> No
     real = _shm.Segment.create
     left = [failures]
 
-    def create(size: int) -> Any:
+    def create(size: int, **options: Any) -> Any:
         if left[0] > 0:
             left[0] -= 1
             raise OSError(errno.ENOSPC, "no room in /dev/shm (test)")
-        return real(size)
+        return real(size, **options)
 
     _shm.Segment.create = create  # type: ignore[method-assign]
     if clock_path is not None:
@@ -128,3 +128,29 @@ def result_segments_full_for(failures: int, clock_path: str | None = None) -> No
                     return float(f.read())
 
         _arena.time = Clock  # type: ignore[attr-defined,assignment]
+
+
+def die_before_registering(n: int) -> np.ndarray[Any, Any]:
+    """A large result; this worker is SIGKILLed once it has made the result's segment and
+    before it registers the segment with the resource tracker."""
+    from multiprocessing import resource_tracker
+
+    def register(name: object, rtype: str) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    resource_tracker.register = register
+    return np.arange(n, dtype=np.int64)
+
+
+def die_before_unlinking(n: int) -> np.ndarray[Any, Any]:
+    """A large result that needs a larger segment: this worker is SIGKILLed as it retires
+    its old segment, after unregistering it and before unlinking it."""
+    real = os.unlink
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if "pk_" in str(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, *args, **kwargs)
+
+    os.unlink = unlink
+    return np.arange(n, dtype=np.int64)

@@ -33,11 +33,14 @@ the message carries only where they are::
   the parent the bottleneck; reused shared pages cost nothing more.)
 - **Cleanup**: every segment is created by ``_shm.Segment`` (named ``pk_<pid>_<hex>``,
   registered with multiprocessing's resource tracker, which unlinks it if its creator is
-  SIGKILLed together with the parent).  A worker unlinks its result segments when it
-  stops (the parent's mappings stay valid); the parent removes those of a worker that
-  died (:func:`remove_leftovers`).  No room in ``/dev/shm``: argument buffers go in band;
-  result buffers are copied by the parent out of the worker's memory (:mod:`._direct`)
-  where it may, else in band.
+  SIGKILLed together with the parent).  A result segment has one owner of its end at a
+  time: while the worker lives, the worker, which unlinks it only once the parent has
+  given back every region in it (so the parent has read every reply that named it); when
+  the worker exits, for whatever reason, the parent, which first reads every reply the
+  worker sent and then removes what the worker left (:func:`remove_leftovers`).  A
+  stopping worker never unlinks: a reply it sent just before may not be read yet.
+- **No room** in ``/dev/shm``: argument buffers go in band; result buffers are copied by
+  the parent out of the worker's memory (:mod:`._direct`) where it may, else in band.
 - The parent's arena mapping is ``MADV_DONTFORK``: a worker forked later inherits none.
 """
 
@@ -53,10 +56,10 @@ import struct
 import time
 import weakref
 from collections.abc import Sequence
-from multiprocessing import resource_tracker
 from typing import Any, Final
 
-from ._shm import NAME_RE, PREFIX, SHM_DIR, Segment
+from . import _fuzz
+from ._shm import NAME_RE, SHM_DIR, Segment, remove_segments_of
 from ._worker import ARENA_MIN_BYTES, NoRoom
 
 # Buffers this large go through shared memory.  Measured (warm pools, 2 workers, fork):
@@ -383,7 +386,7 @@ class _ResultSegment:
 
     def __init__(self, size: int) -> None:
         table = _table_bytes(size)
-        self.segment = Segment.create(table + size)
+        self.segment = Segment.create(table + size, heir=True)  # the parent is the heir
         self.segment.drop_fd()
         self.view = memoryview(self.segment.mm)
         self.words = self.view[:table].cast("q")
@@ -402,8 +405,8 @@ class _ResultSegment:
                 self.space.free(offset)
         self.allocated = still
 
-    def close(self) -> None:
-        self.segment.close((self.words, self.view))
+    def close(self, *, unlink: bool = True) -> None:
+        self.segment.close((self.words, self.view), unlink=unlink)
 
 
 def _table_bytes(size: int) -> int:
@@ -532,13 +535,13 @@ class ResultWriter:
         return new, offset
 
     def close(self) -> None:
-        """Unlink every result segment (the worker is stopping; the parent's mappings
-        keep what its objects still use)."""
+        """The worker is stopping: unmap every result segment, and leave them to the
+        parent, which may not have read our last replies yet (see the module docstring)."""
         homes = [*self.retired, *([self.current] if self.current is not None else [])]
         self.current = None
         self.retired = []
         for home in homes:
-            home.close()
+            home.close(unlink=False)
 
 
 def _read_region(fd: int, n: int, offset: int) -> bytearray:
@@ -570,6 +573,8 @@ class _Mapped:
     def __init__(self, name: str) -> None:
         if NAME_RE.fullmatch(name) is None:
             raise ValueError(f"not a parallelkit shared-memory segment name: {name!r}")
+        if _fuzz.ENABLED:
+            _fuzz.point("arena.before_map")
         self.fd = os.open(SHM_DIR / name, os.O_RDWR)
         try:
             table = _table_bytes(os.fstat(self.fd).st_size)
@@ -670,16 +675,6 @@ class WorkerArena:
 
 
 def remove_leftovers(pid: int) -> None:
-    """Unlink the segments a worker (``pid``, gone now) created and did not remove."""
-    prefix = f"{PREFIX}{pid}_"
-    try:
-        names = [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.unlink(SHM_DIR / name)
-        except FileNotFoundError:
-            continue
-        with contextlib.suppress(Exception):
-            resource_tracker.unregister("/" + name, "shared_memory")
+    """Unlink the segments a worker (``pid``, exited) left; call it only after every reply
+    of that worker has been read."""
+    remove_segments_of(pid)

@@ -40,7 +40,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
-from . import _direct
+from . import _direct, _fuzz
 from . import _worker as W
 from ._arena import MAGIC, ArgArena, ResultReader, remove_leftovers
 from ._job import Chunk, Job, PoolBrokenError
@@ -72,6 +72,7 @@ PIPE_BUFFER: Final = 1024 * 1024
 PIPELINE_SECONDS: Final = 0.005  # ... and if its chunk takes about this long or less
 STARTUP_DEATHS_LIMIT: Final = 5  # workers dying before any result, per worker slot...
 STARTUP_DEATHS_SECONDS: Final = 0.5  # ...for at least this long, and the pool gives up
+UNTAKEN_RETRIES: Final = 3  # times a chunk is sent again after workers died before taking it
 _fn_ids = itertools.count(1)
 
 
@@ -282,6 +283,7 @@ class Engine:
 
     def _start_worker(self, slot: int) -> _Worker:
         self.words[slot * W.SLOT_WORDS + W.POS] = W.POS_STARTING
+        self.words[slot * W.SLOT_WORDS + W.TAKEN] = 0
         fork = self.start_method == "fork"
         inherited = None
         if fork and self.inherited_fn is not None:
@@ -435,10 +437,14 @@ class Engine:
         for w in self.workers:
             if not w.stopping and not w.dead and w.killed_for is None:
                 w.stopping = True
+                if _fuzz.ENABLED:
+                    _fuzz.point("engine.before_stop")
                 try:
                     w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
                 except OSError:
                     pass
+                if _fuzz.ENABLED:
+                    _fuzz.point("engine.after_stop")
 
     def _dispatch_chunks(self) -> None:
         if self.broken is not None:
@@ -547,6 +553,8 @@ class Engine:
         """Read every message the worker has sent."""
         try:
             while not w.dead and w.conn.poll():
+                if _fuzz.ENABLED:
+                    _fuzz.point("engine.before_read")
                 data = w.conn.recv_bytes()
                 self._on_message(w, data)
         except (EOFError, OSError):
@@ -700,6 +708,8 @@ class Engine:
 
     def _on_exit(self, w: _Worker) -> None:
         """The worker's process has exited: attribute its chunks, then forget it."""
+        if _fuzz.ENABLED:
+            _fuzz.point("engine.sentinel_before_messages")
         self._drain(w)
         # The sentinel fired: the child is exiting, or closed its descriptors and runs on
         # (then it is killed).  Not a blocking waitpid, which would wait for ever for that.
@@ -741,12 +751,21 @@ class Engine:
         if w.killed_for is not None:
             job.split_around(head, max(0, min(pos, size - 1)), w.killed_for)
             return
-        if pos == W.POS_STARTING or pos >= size:
-            # died before it took the chunk (start-up, initializer): the chunk is blameless
+        taken = self.words[w.slot * W.SLOT_WORDS + W.TAKEN] == head.cid
+        starting = pos == W.POS_STARTING
+        if not taken and (starting or head.untaken < UNTAKEN_RETRIES):
+            # It died before it had the chunk whole (at start-up, or idle: killed between
+            # two calls): the chunk is blameless and runs elsewhere.  (Deaths at start-up
+            # are counted below; a chunk that keeps killing workers as they read it, too
+            # large for memory, is blamed after a few.)
             self.retry(head)  # first: giving up below fails the jobs that are queued
-            if w.tasks_done == 0:
+            if not starting:
+                head.untaken += 1
+            elif w.tasks_done == 0:
                 self._startup_death(w, exitcode)
             return
+        if not taken:
+            pos = W.POS_RECEIVING  # what the slot says is about an earlier chunk
         if pos == W.POS_UNTRACKED and not head.tracked:
             # it died among tiny items run without noting each one: run the chunk again,
             # noting each, so a crash names its item (an item that crashes every time does)

@@ -23,7 +23,6 @@ point, occurrence, milliseconds) to ``PATH``, to see which schedule a failure ra
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -84,6 +83,8 @@ def delay_for(
     percent: float = DEFAULT_PERCENT,
 ) -> float:
     """Seconds to sleep at this passing of a point (0.0: none); deterministic."""
+    import hashlib  # noqa: PLC0415 - only when fuzzing: a spawned worker imports this module
+
     key = f"{seed}|{process}|{thread}|{name}|{occurrence}".encode()
     digest = hashlib.blake2b(key, digest_size=8).digest()
     draw = int.from_bytes(digest[:4], "little") / 2**32  # uniform in [0, 1)

@@ -61,7 +61,18 @@ class Driver(Protocol):
 
 
 class Chunk:
-    __slots__ = ("buffers", "cid", "items", "job", "payload", "region", "start", "stop", "tracked")
+    __slots__ = (
+        "buffers",
+        "cid",
+        "items",
+        "job",
+        "payload",
+        "region",
+        "start",
+        "stop",
+        "tracked",
+        "untaken",
+    )
 
     def __init__(self, job: Job, start: int, stop: int, items: Sequence[Any] | None) -> None:
         self.cid = next(_chunk_ids)
@@ -73,6 +84,7 @@ class Chunk:
         self.tracked = False  # True: the worker must note every item (a re-run after a crash)
         self.buffers: list[memoryview] | None = None  # large ones, sent apart (_arena)
         self.region: Any = None  # where they are while a worker has the chunk
+        self.untaken = 0  # workers that died before they had received it whole
 
 
 class Job:

@@ -13,6 +13,13 @@ out what is inside it.
   resource tracker, which unlinks it if the creator dies without closing it (unless the
   tracker dies too, say when a whole process group is SIGKILLed: then
   :func:`remove_stale_segments` is the way out).
+- A segment created with an *heir* (a pool worker's, whose parent cleans up after it) may
+  outlive its creator: the creator leaves it with ``close(unlink=False)``, and the heir
+  removes what the creator left, once the creator has exited, with
+  :func:`remove_segments_of`.  Such a segment's file exists whenever the tracker holds
+  its name (the file is made before the name is registered, and the name unregistered
+  before the file is unlinked), so the heir settles the tracker exactly whatever moment
+  the creator died at: each name is registered and unregistered once, never twice.
 - Attaching opens the file itself and never talks to the resource tracker: on Python
   3.11 and 3.12 an attaching :class:`multiprocessing.shared_memory.SharedMemory`
   registers the segment, and its tracker unlinks the creator's segment when the
@@ -40,6 +47,8 @@ from collections.abc import Iterator
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Final
+
+from . import _fuzz
 
 SHM_DIR: Final = Path("/dev/shm")
 PREFIX: Final = "pk_"
@@ -97,10 +106,23 @@ class Segment:
     Not thread-safe by itself: the handles in ``_shared`` serialise what needs it.
     """
 
-    __slots__ = ("__weakref__", "_fd_pid", "closed", "fd", "mm", "name", "owner_pid", "size")
+    __slots__ = (
+        "__weakref__",
+        "_fd_pid",
+        "closed",
+        "fd",
+        "heir",
+        "mm",
+        "name",
+        "owner_pid",
+        "size",
+    )
 
-    def __init__(self, name: str, fd: int, mm: mmap.mmap, size: int, owner_pid: int) -> None:
+    def __init__(
+        self, name: str, fd: int, mm: mmap.mmap, size: int, owner_pid: int, *, heir: bool = False
+    ) -> None:
         self.name = name
+        self.heir = heir  # another process removes what we leave (see the module doc)
         self.fd = fd
         self._fd_pid = os.getpid()
         self.mm = mm
@@ -110,8 +132,11 @@ class Segment:
         _LIVE.add(self)
 
     @classmethod
-    def create(cls, size: int) -> Segment:
+    def create(cls, size: int, *, heir: bool = False) -> Segment:
         """Create a new zero-filled segment of ``size`` bytes, all of it reserved now.
+
+        ``heir``: another process (a pool worker's parent) removes the segment if this one
+        leaves it (see the module docstring).
 
         Raises:
             OSError: ``errno.ENOSPC`` with a message naming ``/dev/shm`` and the size when
@@ -121,6 +146,8 @@ class Segment:
         free = _free_bytes()  # short of it: fail now, not after fallocate filled the rest
         if free is not None and free < size:
             raise _no_room(size, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        if _fuzz.ENABLED:
+            _fuzz.point("shm.before_create")
         while True:
             name = new_name()
             try:
@@ -143,8 +170,11 @@ class Segment:
             with contextlib.suppress(OSError):
                 os.unlink(_path(name))
             raise
+        if _fuzz.ENABLED:
+            _fuzz.point("shm.before_register")
+        # after the file exists: a creator killed in between leaves a file its heir finds
         resource_tracker.register("/" + name, _TRACKER_KIND)
-        return cls(name, fd, mm, size, owner_pid=os.getpid())
+        return cls(name, fd, mm, size, owner_pid=os.getpid(), heir=heir)
 
     @classmethod
     def attach(cls, name: str) -> Segment:
@@ -205,11 +235,13 @@ class Segment:
             with contextlib.suppress(OSError):  # gone: the handle finds out when it locks
                 self.fd = os.open(_path(self.name), os.O_RDWR)
 
-    def close(self, views: tuple[memoryview, ...] = ()) -> None:
+    def close(self, views: tuple[memoryview, ...] = (), *, unlink: bool = True) -> None:
         """Unmap (and, in the creator's process, unlink); idempotent.
 
         ``views`` are released first.  Memory that numpy arrays still point into stays
         mapped until they are gone (unmapping it under them would crash the process).
+        ``unlink=False`` (a segment with an heir only): leave the name and its
+        registration to the heir, which may still have to read what is in it.
         """
         if self.closed:
             return
@@ -221,12 +253,21 @@ class Segment:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self.owner_pid and self.owner_pid == os.getpid():
-            self.owner_pid = 0
-            try:
-                os.unlink(_path(self.name))
-            except FileNotFoundError:
-                pass  # removed by somebody else (remove_stale_segments, a user)
+        if not (self.owner_pid and self.owner_pid == os.getpid()):
+            return
+        self.owner_pid = 0
+        if not unlink:
+            assert self.heir, "only a segment with an heir may be left behind"
+            return
+        if _fuzz.ENABLED:
+            _fuzz.point("shm.before_unlink")
+        if self.heir:  # the tracker lets go first: the file, if we die now, is the heir's
+            resource_tracker.unregister("/" + self.name, _TRACKER_KIND)
+        try:
+            os.unlink(_path(self.name))
+        except FileNotFoundError:
+            pass  # removed by somebody else (remove_stale_segments, a user)
+        if not self.heir:  # the tracker, our only heir, holds the name until it is gone
             resource_tracker.unregister("/" + self.name, _TRACKER_KIND)
 
 
@@ -251,6 +292,36 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # somebody else's process
     return True
+
+
+def remove_segments_of(pid: int) -> list[str]:
+    """As the heir of the exited process ``pid``: remove the segments it left; their names.
+
+    Each name is registered with the resource tracker again before it is unregistered:
+    the creator may have died before registering it or after unregistering it (the
+    tracker keeps a set, so registering a name it holds changes nothing), and either way
+    the tracker ends with the name registered and unregistered exactly once.
+    """
+    prefix = f"{PREFIX}{pid}_"
+    try:
+        names = [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        if NAME_RE.fullmatch(name) is None:
+            continue
+        if _fuzz.ENABLED:
+            _fuzz.point("shm.before_unlink_leftover")
+        resource_tracker.register("/" + name, _TRACKER_KIND)
+        try:
+            os.unlink(_path(name))
+        except FileNotFoundError:
+            pass
+        else:
+            removed.append(name)
+        resource_tracker.unregister("/" + name, _TRACKER_KIND)
+    return removed
 
 
 def stale_segments() -> list[str]:

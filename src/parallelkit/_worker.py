@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final, NoReturn
 
+from . import _fuzz
 from ._serialize import PROTOCOL, capture_exception, dumps
 
 # ------------------------------------------------------------------ wire format
@@ -65,6 +66,9 @@ POS_SENDING: Final = -3  # pickling and sending a chunk's results
 POS_UNTRACKED: Final = -4  # running tiny items without noting each one (see _run_chunk)
 STARTED_NS: Final = 1  # time.monotonic_ns() when that item started (TIMED only)
 DUMP_FD: Final = 2  # the worker's stack-dump file descriptor (see arm_stack_dump), or -1
+# the id of the last chunk the worker has received whole (0: none yet): a worker that dies
+# before its chunk's id is here never had it, and the chunk is not to blame
+TAKEN: Final = 3
 STACK_FILE_NAME: Final = "parallelkit-stacks"
 FN_CACHE_SIZE: Final = 64
 # Tiny items: noting each item's position costs about as much as calling ``x*x``.  A chunk
@@ -371,7 +375,11 @@ def _task_loop(
         words[base] = POS_RECEIVING  # before recv(): a large chunk takes a while to arrive
         buf = backlog.popleft() if backlog else recv()
         kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
-        if kind == STOP:
+        if kind == TASK:
+            words[base + TAKEN] = cid
+        elif kind == STOP:
+            if _fuzz.ENABLED:
+                _fuzz.point("worker.stop_received")
             return
         fn = fns.get(fn_id)
         if fn is None:
@@ -443,6 +451,8 @@ def _task_loop(
             # be the caller's objects: a Manager proxy, say, whose collection it waits for)
             del msg, results, items, errors
         send(payload)
+        if _fuzz.ENABLED:
+            _fuzz.point("worker.after_send")
 
 
 def _reply_direct(
