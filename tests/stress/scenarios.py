@@ -1,0 +1,445 @@
+"""One round of the stress run: a scenario, a start method and a seed, in this interpreter.
+
+Run by tests/stress/test_stress.py in a child interpreter with ``PARALLELKIT_FUZZ`` set
+(the schedule fuzzer reads it at import), or by hand to replay a round::
+
+    PYTHONPATH=src:tests PARALLELKIT_FUZZ=SEED:MAX_MS:PERCENT \\
+        python tests/stress/scenarios.py SCENARIO START_METHOD SEED
+
+Every choice a scenario makes (API, sizes, worker counts, when to kill a worker) is drawn
+from ``random.Random(SEED)`` and printed as a ``params`` line first, so the same command
+makes the same choices.  The round checks every result exactly and runs the leak check
+around the whole scenario; any failure is a traceback and exit status 1.  ``SIGUSR1``
+dumps every thread's stack (the driver sends it to a round that hangs).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import faulthandler
+import json
+import os
+import random
+import signal
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+HERE: Final = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent)]  # tests/: workers_stress, importable by every child too
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+import parallelkit as pk  # noqa: E402
+import workers_stress as w  # noqa: E402
+from parallelkit.testing import check_no_leaks  # noqa: E402
+
+RESULT_WAIT: Final = 120.0  # seconds: a future's result or a child's reply (hangs: the driver)
+LEAK_GRACE: Final = 10.0  # seconds for workers to exit and segments to go after a round
+
+
+class Round:
+    """The seeded choices of one round, recorded as they are made."""
+
+    def __init__(self, scenario: str, method: str, seed: int) -> None:
+        self.scenario = scenario
+        self.method: Any = method
+        self.seed = seed
+        self.rng = random.Random(f"{scenario}|{method}|{seed}")
+        self.params: dict[str, object] = {}
+
+    def pick(self, name: str, choices: Sequence[Any]) -> Any:
+        value = self.rng.choice(choices)
+        self.params[name] = value
+        return value
+
+    def between(self, name: str, low: int, high: int) -> int:
+        value = self.rng.randint(low, high)
+        self.params[name] = value
+        return value
+
+    def chance(self, name: str, p: float) -> bool:
+        value = self.rng.random() < p
+        self.params[name] = value
+        return value
+
+    def show(self) -> None:
+        print("params", json.dumps(self.params, default=repr), flush=True)
+
+
+# ------------------------------------------------------------------------------ checking
+
+
+def same(got: object, want: object) -> bool:
+    """Exact equality that also compares numpy arrays (dtype, shape and every element)."""
+    if isinstance(want, np.ndarray) or isinstance(got, np.ndarray):
+        return (
+            isinstance(got, np.ndarray)
+            and isinstance(want, np.ndarray)
+            and got.dtype == want.dtype
+            and got.shape == want.shape
+            and bool(np.array_equal(got, want))
+        )
+    if isinstance(want, tuple | list):
+        return (
+            type(got) is type(want)
+            and len(got) == len(want)
+            and all(same(g, x) for g, x in zip(got, want, strict=False))
+        )
+    return type(got) is type(want) and got == want
+
+
+def expect_same(got: object, want: object, what: str) -> None:
+    if not same(got, want):
+        raise AssertionError(f"{what}: got {_short(got)}, expected {_short(want)}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) < 300 else text[:300] + f"... ({len(text)} characters)"
+
+
+def expected_of(item: tuple[int, object]) -> tuple[int, object] | BaseException:
+    """What :func:`workers_stress.tagged` gives for ``item``: its result or its exception."""
+    try:
+        return w.tagged(item)
+    except w.StressTaskError as exc:
+        return exc
+
+
+# ------------------------------------------------------------------------------ payloads
+
+
+def make_items(r: Round, *, allow_fail: bool = True) -> list[tuple[int, object]]:
+    """``(index, payload)`` pairs: small values, large arrays, or views of an image."""
+    kind = r.pick("payload", ["small", "small", "large", "views", "mixed"])
+    rng = np.random.default_rng(r.seed)
+    payloads: list[object] = []
+    if kind in ("small", "mixed"):
+        n = r.between("small_items", 0, 1500)
+        for i in range(n):
+            payloads.append([i, f"s{i}", bytes([i % 256]) * (i % 40), (i, -i)][i % 4])
+    if kind in ("large", "mixed"):
+        for i in range(r.between("large_items", 1, 8)):
+            megabytes = r.pick(f"large_{i}_mb", [1, 2, 4, 6])
+            if i % 3 == 2:
+                payloads.append(rng.bytes(megabytes << 20))
+            else:
+                payloads.append(rng.random(megabytes << 17))  # float64: 8 bytes each
+    if kind in ("views", "mixed"):
+        side = r.pick("image_side", [600, 1200, 2000])
+        tiles = r.pick("tiles", [2, 4, 8])
+        image = rng.random((side, side))
+        step = side // tiles
+        for i in range(tiles):
+            for j in range(tiles):
+                view = image[i * step : (i + 1) * step, j * step : (j + 1) * step]
+                payloads.append(("view", view) if (i + j) % 2 else view)
+    items = list(enumerate(payloads))
+    if allow_fail and items and r.chance("some_fail", 0.2):
+        for index in r.rng.sample(range(len(items)), k=min(len(items), 3)):
+            items[index] = (index, ("fail", index))
+    return items
+
+
+# ------------------------------------------------------------------------------ killing
+
+
+def helper_pids() -> set[int]:
+    """multiprocessing's resource tracker and forkserver: not workers."""
+    from multiprocessing import forkserver, resource_tracker
+
+    pids = {
+        getattr(resource_tracker._resource_tracker, "_pid", None),
+        getattr(forkserver._forkserver, "_forkserver_pid", None),
+    }
+    return {pid for pid in pids if isinstance(pid, int)}
+
+
+def worker_pids(exclude: set[int] | None = None) -> list[int]:
+    """The running descendants of this process, helpers (and ``exclude``) left out."""
+    skip = helper_pids() | (exclude or set())
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in skip and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return sorted(found)
+
+
+class Killer:
+    """SIGKILLs one worker (a random descendant) at a random moment, unless told to stop
+    first; ``killed`` is its pid, or ``None``."""
+
+    def __init__(self, r: Round, *, within: float, exclude: set[int] | None = None) -> None:
+        self.delay = r.rng.random() * within
+        self.choice = r.rng.random()
+        self.exclude = exclude
+        self.killed: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stress-killer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self._stop.wait(self.delay):
+            return
+        while not self._stop.is_set():
+            pids = worker_pids(self.exclude)
+            if pids:
+                pid = pids[int(self.choice * len(pids))]
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                self.killed = pid
+                print(f"killed worker {pid} after {self.delay:.3f} s", flush=True)
+                return
+            self._stop.wait(0.002)  # no worker yet: the pool is still starting them
+
+    def stop(self) -> int | None:
+        self._stop.set()
+        self._thread.join(RESULT_WAIT)
+        return self.killed
+
+
+def is_our_crash(exc: BaseException, killer: Killer | None) -> bool:
+    """``exc`` is the WorkerCrashedError that the killer's SIGKILL must give."""
+    if killer is None or killer.killed is None:
+        return False
+    cause = exc.__cause__ if isinstance(exc, pk.PipelineError) else exc
+    return (
+        isinstance(cause, pk.WorkerCrashedError)
+        and cause.pid == killer.killed
+        and cause.signal == "SIGKILL"
+    )
+
+
+# ------------------------------------------------------------------------------ pools
+
+
+def scenario_submit_storm(r: Round) -> None:
+    """Threads submitting to one WorkerPool at once; futures kept, dropped or cancelled."""
+    workers = r.pick("workers", [1, 2, 3])
+    threads = r.pick("threads", [1, 2, 4])
+    per_thread = r.between("per_thread", 10, 150)
+    large = r.chance("large", 0.3)
+    cancel_futures = r.chance("shutdown_cancel_futures", 0.3)
+    seeds = [r.rng.random() for _ in range(threads)]
+    r.show()
+    errors: list[BaseException] = []
+    kept: list[tuple[tuple[int, object], cf.Future[Any], bool]] = []
+    lock = threading.Lock()
+    pool = pk.WorkerPool(workers, start_method=r.method)
+
+    def storm(t: int) -> None:
+        rng = random.Random(seeds[t])
+        try:
+            for k in range(per_thread):
+                index = t * per_thread + k
+                payload: object = index
+                if large and rng.random() < 0.1:
+                    payload = np.full(rng.choice([1, 3]) << 17, float(index))
+                elif rng.random() < 0.05:
+                    payload = ("fail", index)
+                item = (index, payload)
+                future = pool.submit(w.tagged, item)
+                what = rng.random()
+                if what < 0.4:  # dropped: nobody looks at it
+                    del future
+                    continue
+                cancelled = what < 0.5 and future.cancel()
+                with lock:
+                    kept.append((item, future, cancelled))
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        pool_threads = [threading.Thread(target=storm, args=(t,)) for t in range(threads)]
+        for thread in pool_threads:
+            thread.start()
+        for thread in pool_threads:
+            thread.join(RESULT_WAIT)
+        if errors:
+            raise errors[0]
+        if cancel_futures:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for item, future, cancelled in kept:
+            if cancelled or (cancel_futures and future.cancelled()):
+                if not future.cancelled():
+                    raise AssertionError(f"item {item[0]}: cancel() said yes, yet it ran")
+                continue
+            want = expected_of(item)
+            if isinstance(want, BaseException):
+                exc = future.exception(timeout=RESULT_WAIT)
+                if not isinstance(exc, w.StressTaskError) or str(exc) != str(want):
+                    raise AssertionError(f"item {item[0]}: got {exc!r}, expected {want!r}")
+            else:
+                expect_same(future.result(timeout=RESULT_WAIT), want, f"item {item[0]}")
+        if not cancel_futures:
+            small = [(i, i) for i in range(40)]
+            expect_same(list(pool.map(w.tagged, small)), [w.tagged(x) for x in small], "after")
+    finally:
+        pool.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------------ pipelines
+
+
+def expected_pipeline(items: list[tuple[int, object]]) -> list[object]:
+    """What the pipeline of :func:`scenario_pipeline` gives, computed in this process."""
+    out: list[object] = []
+    for item in items:
+        mapped = w.tagged(item)
+        if w.keep(mapped):
+            out.extend(w.split(mapped))
+    return out
+
+
+def scenario_pipeline(r: Round) -> None:
+    """map -> filter -> flat_map over every payload kind; run() or a consumer that stops
+    early; ordered or not; with a worker SIGKILLed sometimes."""
+    maxsize = r.pick("maxsize", [None, 1, 4, 32])
+    workers = [r.pick(f"workers_{s}", [1, 2, 3]) for s in range(3)]
+    ordered = r.pick("ordered", [True, False])
+    consumer = r.pick("consumer", ["run", "iterate", "stop_early"])
+    stop_after = r.between("stop_after", 0, 20)
+    kill = r.chance("kill", 0.25)
+    kill_window = r.pick("kill_within_s", [0.05, 0.3, 1.0]) if kill else 0.0
+    items = make_items(r)
+    r.show()
+    failing = any(isinstance(expected_of(item), BaseException) for item in items)
+    want = [] if failing else expected_pipeline(items)
+    pipeline = (
+        pk.Pipeline(iter(items), start_method=r.method, maxsize=maxsize)
+        .map(w.tagged, max_workers=workers[0], ordered=ordered, name="tagged")
+        .filter(w.keep, max_workers=workers[1])
+        .flat_map(w.split, max_workers=workers[2])
+    )
+    killer = Killer(r, within=kill_window) if kill else None
+    got: list[Any] = []
+    try:
+        if consumer == "run":
+            got = pipeline.run()
+        else:
+            iterator = iter(pipeline)
+            for result in iterator:
+                got.append(result)
+                if consumer == "stop_early" and len(got) >= stop_after:
+                    break
+            iterator.close()
+    except pk.PipelineError as exc:
+        if killer is not None:
+            killer.stop()
+        if is_our_crash(exc, killer):
+            return
+        if failing and isinstance(exc.__cause__, w.StressTaskError) and exc.stage == "tagged":
+            return
+        raise
+    finally:
+        if killer is not None:
+            killer.stop()
+    if failing and not (consumer == "stop_early" and len(got) >= stop_after):
+        raise AssertionError("an item fails in stage 'tagged', yet nothing was raised")
+    if failing:
+        return  # stopped before the failing item came out
+    if consumer == "stop_early":
+        if len(got) != min(stop_after, len(want)) and not (stop_after == 0 and len(got) == 1):
+            raise AssertionError(f"stopped with {len(got)} results, asked for {stop_after}")
+        if ordered:
+            expect_same(got, want[: len(got)], "first results")
+        else:
+            keys = Counter(w.key_of(x) for x in want)
+            for one in got:
+                if keys[w.key_of(one)] <= 0:
+                    raise AssertionError(f"unexpected result {_short(one)}")
+                keys[w.key_of(one)] -= 1
+        return
+    if ordered:
+        expect_same(got, want, "results")
+    else:
+        expect_same(sorted(got, key=w.key_of), sorted(want, key=w.key_of), "results (sorted)")
+
+
+# ------------------------------------------------------------------------------ shared
+
+
+def scenario_shared(r: Round) -> None:
+    """SharedCounter, SharedAccumulator and SharedArray written by workers and by threads
+    of this process at once: every add counted, every row written."""
+    workers = r.pick("workers", [1, 2, 3])
+    tasks = r.between("tasks", 1, 40)
+    per_task = r.between("adds_per_task", 1, 3000)
+    chunksize = r.pick("chunksize", [None, 1, 4])
+    rows = r.between("rows", 1, 300)
+    r.show()
+    values = [
+        [r.rng.randint(-1000, 1000) for _ in range(r.rng.randint(0, 50))] for _ in range(tasks)
+    ]
+    with (
+        pk.SharedCounter() as counter,
+        pk.SharedCounter() as by_value,
+        pk.SharedAccumulator("sum", dtype=int) as total,
+        pk.SharedAccumulator("max", dtype=float) as largest,
+        pk.SharedArray.zeros((rows, 64)) as shared,
+    ):
+        local = threading.Thread(target=w.count, args=((counter, per_task),))
+        local.start()
+        done = pk.run_parallel(
+            w.count,
+            [(counter, per_task)] * tasks,
+            max_workers=workers,
+            start_method=r.method,
+            chunksize=chunksize,
+        )
+        local.join(RESULT_WAIT)
+        expect_same(done, [per_task] * tasks, "counts")
+        expect_same(counter.value, per_task * (tasks + 1), "counter")
+        lengths = pk.run_parallel(
+            w.accumulate,
+            [(total, largest, by_value, v) for v in values],
+            max_workers=workers,
+            start_method=r.method,
+        )
+        expect_same(lengths, [len(v) for v in values], "lengths")
+        flat = [x for v in values for x in v]
+        expect_same(total.value, sum(flat), "sum")
+        expect_same(by_value.value, sum(flat), "counter by value")
+        if flat:
+            expect_same(largest.value, max(flat) / 2, "max")
+        step = max(1, rows // (workers * 2))
+        spans = [(shared, s, min(rows, s + step), 0.5) for s in range(0, rows, step)]
+        expect_same(
+            sum(pk.run_parallel(w.write_rows, spans, max_workers=workers, start_method=r.method)),
+            rows,
+            "rows written",
+        )
+        want = np.repeat((np.arange(rows) * 0.5)[:, None], 64, axis=1)
+        expect_same(shared.array.copy(), want, "shared array")
+
+
+SCENARIOS: Final[dict[str, Callable[[Round], None]]] = {
+    "submit_storm": scenario_submit_storm,
+    "pipeline": scenario_pipeline,
+    "shared": scenario_shared,
+}
+
+
+def main(argv: list[str]) -> int:
+    scenario, method, seed = argv[1], argv[2], int(argv[3])
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    r = Round(scenario, method, seed)
+    print(f"round {scenario} {method} {seed} fuzz={os.environ.get('PARALLELKIT_FUZZ')}")
+    with check_no_leaks(grace=LEAK_GRACE):
+        SCENARIOS[scenario](r)
+    print("ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
