@@ -14,6 +14,7 @@ import doctest
 import errno
 import gc
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -142,6 +143,51 @@ def test_default_dtype_is_float_and_float_sum_uses_fsum() -> None:
         assert acc.value == 1.0  # math.fsum of the partial sums
 
 
+IEEE_SUMS = [
+    pytest.param([[1e308], [1e308]], math.inf, id="overflow"),
+    pytest.param([[-1e308], [-1e308]], -math.inf, id="negative-overflow"),
+    pytest.param([[math.inf], [-math.inf]], math.nan, id="inf-minus-inf"),
+    pytest.param([[1e308], [1e308], [math.inf]], math.inf, id="overflow-and-inf"),
+    pytest.param([[math.nan], [1.0]], math.nan, id="nan"),
+]
+
+
+def _same_float(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+@pytest.mark.parametrize(("shares", "expected"), IEEE_SUMS)
+def test_a_float_sum_is_what_ieee_gives_however_the_adds_are_spread(
+    start_method: StartMethod, shares: list[list[float]], expected: float
+) -> None:
+    ctx = get_context(start_method)
+    with pk.SharedAccumulator("sum") as spread, pk.SharedAccumulator("sum") as one:
+        procs = [ctx.Process(target=ws.add_values_target, args=(spread, share)) for share in shares]  # type: ignore[attr-defined]
+        for p in procs:
+            p.start()
+        _join_all(procs)
+        for share in shares:
+            for value in share:
+                one.add(value)
+        assert spread._words[_shared.W_HWM] == len(shares) + 1  # a slot per writer
+        assert _same_float(spread.value, expected)
+        assert _same_float(one.value, expected)
+        assert _same_float(sum(v for share in shares for v in share), expected)
+
+
+def test_a_float_sum_back_in_range_is_exact() -> None:
+    # The partial sums' running total overflows, but the total does not: fsum gives up on
+    # the way, exact arithmetic does not.
+    ctx = get_context("fork")
+    with pk.SharedAccumulator("sum") as acc:
+        for value in (1e308, 1e308, -1e308, 5.0):  # one writer after the other: slots 1..4
+            writer = ctx.Process(target=ws.add_values_target, args=(acc, [value]))  # type: ignore[attr-defined]
+            writer.start()
+            _join_all([writer])
+        assert acc._partials() == [1e308, 1e308, -1e308, 5.0]
+        assert acc.value == 1e308  # 1e308 + 5.0 rounds to 1e308
+
+
 def test_empty_sum_is_zero_and_empty_min_max_raise() -> None:
     with pk.SharedAccumulator("sum", dtype=int) as total:
         assert total.value == 0
@@ -176,9 +222,118 @@ def test_wrong_value_type_leaves_the_total_alone() -> None:
 def test_int64_overflow_of_a_writer_is_an_error_not_a_wrap() -> None:
     with pk.SharedCounter() as counter:
         counter.add(2**63 - 1)
-        with pytest.raises(ValueError, match="invalid value"):
-            counter.add(1)
+        with pytest.raises(
+            ValueError,
+            match=r"^SharedCounter.add\(1\): this writer's total would leave int64 "
+            r"\(its total 9223372036854775807 \+ 1 is outside -2\*\*63..2\*\*63-1\); "
+            "nothing was added",
+        ):
+            counter.add(1)  # the hot path
         assert counter.value == 2**63 - 1
+    with pk.SharedCounter() as counter:
+        with pytest.raises(ValueError, match=r"would leave int64 \(9223372036854775808 is outside"):
+            counter.add(2**63)  # a first add: the slot claim
+        counter.add(-(2**63))
+        with pytest.raises(ValueError, match=r"its total -9223372036854775808 \+ -1 is outside"):
+            counter.add(-1)
+        assert counter.value == -(2**63)
+
+
+class _Index:
+    """An integer that is not an int (like numpy's): it has ``__index__``."""
+
+    def __index__(self) -> int:
+        return 5
+
+
+@pytest.mark.parametrize("bad", [1.5, True, "1", None], ids=repr)
+def test_a_counter_takes_ints_only_and_says_so(bad: object) -> None:
+    expected = rf"^SharedCounter.add\(\) takes an int; got {re.escape(repr(bad))} of type "
+    with pk.SharedCounter() as counter:
+        with pytest.raises(TypeError, match=expected + type(bad).__name__):
+            counter.add(bad)  # type: ignore[arg-type]  # a first add: the slot claim
+        counter.add(2)
+        counter.add(_Index())  # type: ignore[arg-type]  # what typeshed cannot say: SupportsIndex
+        with pytest.raises(TypeError, match=expected):
+            counter.add(bad)  # type: ignore[arg-type]  # the hot path
+        assert counter.value == 7
+
+
+def test_a_counters_errors_read_the_same_in_a_worker(start_method: StartMethod) -> None:
+    with pk.SharedCounter() as counter:
+        with pytest.raises(ValueError, match=r"this writer's total would leave int64 \(its total"):
+            pk.run_parallel(
+                ws.add_each, [(counter, [2**63 - 1, 1])], start_method=start_method, max_workers=1
+            )
+        with pytest.raises(TypeError, match=r"takes an int; got 0.5 of type float"):
+            pk.run_parallel(
+                ws.add_each, [(counter, [0.5])], start_method=start_method, max_workers=1
+            )
+        assert counter.value == 2**63 - 1
+
+
+def test_an_int_accumulator_says_what_it_takes() -> None:
+    with pk.SharedAccumulator("max", dtype=int) as highest:
+        with pytest.raises(
+            TypeError, match=r"^SharedAccumulator.add\(\) takes int values; got 1.5 of type float"
+        ):
+            highest.add(1.5)  # type: ignore[arg-type]
+        highest.add(3)
+        with pytest.raises(TypeError, match="takes int values; got 'x' of type str"):
+            highest.add("x")  # type: ignore[arg-type]
+        assert highest.value == 3
+
+
+# ------------------------------------------------------------------ file descriptors
+
+RLIMIT_SCRIPT = TESTS / "scripts" / "shared_rlimit.py"
+
+
+def test_a_counter_holds_one_descriptor_in_each_process_that_has_it(
+    start_method: StartMethod,
+) -> None:
+    # Python's mmap keeps a duplicate of the file's descriptor: one each is the least a
+    # mapping made by mmap.mmap() can hold.  The segment's own descriptor is closed once
+    # mapped; the claim lock opens the file for the moment it is held.
+    counters = [pk.SharedCounter() for _ in range(20)]
+    try:
+        assert ws.descriptors_after_adding(counters) == [1] * 20
+        with pk.WorkerPool(1, start_method=start_method) as pool:
+            in_worker = pool.submit(ws.descriptors_after_adding, counters).result()
+        # under fork the worker also inherits the parent's: a second one, not its own
+        assert in_worker == [2 if start_method == "fork" else 1] * 20
+        assert sum(counter.value for counter in counters) == 40
+    finally:
+        for counter in counters:
+            counter.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_out_of_descriptors_says_which_limit_and_what_to_do(start_method: StartMethod) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(RLIMIT_SCRIPT), start_method, "12"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_script_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "CLEAN"
+    phases = {entry["phase"]: entry for entry in map(json.loads, lines[:-1])}
+    # One descriptor each, and a second one for a moment while one is made (the file's,
+    # closed once mapped): 11 in 12 spare descriptors (6 when each kept 2).
+    assert phases["create"]["made"] == 11
+    for phase in ("create", "claim", "attach"):
+        entry = phases[phase]
+        assert entry["errno"] == errno.EMFILE, entry
+        message = str(entry["message"])
+        doing = "claim a slot in this SharedCounter" if phase == "claim" else "map another"
+        assert f"cannot {doing}" in message, message
+        assert "RLIMIT_NOFILE" in message, message
+        assert "ulimit -n" in message, message
+    assert re.search(r"this process's limit of \d+ open files", phases["create"]["message"])
 
 
 def test_closed_objects_refuse_to_work() -> None:

@@ -7,7 +7,10 @@ under fork) and is used as a user would use it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import resource
 import sys
 import threading
 import time
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 from parallelkit import SharedAccumulator, SharedArray, SharedCounter
+from parallelkit._shared import _locked
 
 Accumulator = SharedAccumulator[int] | SharedAccumulator[float]
 
@@ -66,9 +70,70 @@ def add_forever(counter: SharedCounter, step: int) -> None:
 
 def hold_the_claim_lock(counter: SharedCounter, conn: Connection) -> None:
     """Take the lock a first ``add`` claims its slot under, say so, and wait to be killed."""
-    with counter._segment.locked():
+    with _locked(counter._segment, "SharedCounter"):
         conn.send("locked")
         time.sleep(60)
+
+
+def add_each(item: tuple[SharedCounter, Sequence[object]]) -> None:
+    """A task: add each of ``values`` to the counter, in this one writer."""
+    counter, values = item
+    for value in values:
+        counter.add(value)  # type: ignore[arg-type]  # wrong types on purpose
+
+
+def open_fds() -> set[int]:
+    """This process's open file descriptors."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.fstat(int(name))
+        except OSError:  # the descriptor listdir used, closed by now
+            continue
+        fds.add(int(name))
+    return fds
+
+
+def descriptors_of(counters: Sequence[SharedCounter]) -> list[int]:
+    """How many of this process's descriptors are open on each counter's segment."""
+    targets: list[str] = []
+    for fd in open_fds():
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return [targets.count(f"/dev/shm/{counter.name}") for counter in counters]
+
+
+def descriptors_after_adding(counters: Sequence[SharedCounter]) -> list[int]:
+    """A task: add to each counter received (a slot claim each), then count as above."""
+    for counter in counters:
+        counter.add()
+    return descriptors_of(counters)
+
+
+def limit_leaving(spare: int) -> int:
+    """The RLIMIT_NOFILE soft limit under which exactly ``spare`` more descriptors fit."""
+    taken = open_fds()
+    limit = free = 0
+    while free < spare or limit in taken:
+        if limit not in taken:
+            free += 1
+        limit += 1
+    return limit
+
+
+def attach_with_no_descriptor_left(payload: bytes, conn: Connection) -> None:
+    """Receive a pickled counter with no descriptor to spare; send back what was raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(0), hard))
+    try:
+        pickle.loads(payload)
+    except OSError as exc:
+        outcome = (exc.errno, str(exc))
+    else:
+        outcome = (0, "attached")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    conn.send(outcome)
 
 
 def write_rows(item: tuple[SharedArray, int, int]) -> int:

@@ -13,14 +13,18 @@ is in ``_shared_array``).  One writer per slot, no lock on the hot path::
   and no cache line shared with another writer.
 - A thread's first ``add`` claims a slot, once per process and thread, under the
   segment's ``flock`` lock (released by the kernel if the claimer dies, so a killed
-  claimer cannot deadlock anyone).  The claimer takes back the slot it already had
-  (same pid and thread), else a free one, else one whose owner process has died: its
-  value stays in, the new owner keeps adding to it, which is right for sum, min and max.
+  claimer cannot deadlock anyone), on a descriptor opened for that hold only: an object
+  keeps no descriptor of its own beyond its mapping's, so many counters fit in a small
+  ``RLIMIT_NOFILE`` (once the creator has unlinked the segment, no new writer can join).
+  The claimer takes back the slot it already had (same pid and thread), else a free
+  one, else one whose owner process has died: its value stays in, the new owner keeps
+  adding to it, which is right for sum, min and max.
   With every slot taken by a living writer, adds go to the overflow slot under the lock:
   slower, still exact.
 - ``value`` reduces the claimed slots (up to the high-water mark): ``sum`` (ints
-  exactly, floats with :func:`math.fsum` of the per-slot partial sums), ``min`` or
-  ``max``.  It may be read at any time; once the writers are done it is exact.
+  exactly, floats correctly rounded from the per-slot partial sums, ``inf`` / ``nan``
+  where IEEE arithmetic gives them), ``min`` or ``max``.  It may be read at any time; once
+  the writers are done it is exact.
 - 8-byte aligned stores are atomic on the platforms we support, so a writer killed in
   the middle of ``add`` loses at most that one add and never blocks the others.
 - A forked child gets new slots (an ``os.register_at_fork`` hook forgets the cached
@@ -34,12 +38,17 @@ attached only unmaps.  After ``close()``, using the object raises :class:`ValueE
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import math
+import operator
 import os
 import threading
 import weakref
 from _thread import get_ident as _get_ident
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from fractions import Fraction
 from types import TracebackType
 from typing import (
     Any,
@@ -52,8 +61,9 @@ from typing import (
     overload,
 )
 
+from . import _fuzz
 from ._serialize import check_single_host
-from ._shm import Segment, pid_alive
+from ._shm import SHM_DIR, Segment, pid_alive
 
 __all__ = ("SharedAccumulator", "SharedCounter")
 
@@ -99,6 +109,78 @@ def _release(segment: Segment, views: list[memoryview[Any]]) -> None:
     views.clear()
 
 
+def _out_of_descriptors(exc: OSError, doing: str) -> OSError:
+    """``EMFILE`` / ``ENFILE`` in words: which limit, and what to do about it."""
+    if exc.errno == errno.ENFILE:
+        limit = "the system-wide limit on open files (fs.file-max)"
+    else:
+        try:
+            import resource  # noqa: PLC0415 - POSIX only, and only on this error path
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            limit = f"this process's limit of {soft} open files (RLIMIT_NOFILE)"
+        except (ImportError, OSError, ValueError):  # pragma: no cover - not POSIX
+            limit = "this process's limit on open files (RLIMIT_NOFILE)"
+    return OSError(
+        exc.errno,
+        f"cannot {doing}: {limit} is reached ({exc.strerror}). Each shared "
+        "object holds one file descriptor in every process that maps it, for as long as "
+        "it is open there. Close the ones you no longer need, use fewer of them (one "
+        "SharedArray instead of many counters, say), or raise the limit "
+        "(ulimit -n, resource.setrlimit(resource.RLIMIT_NOFILE, ...))",
+    )
+
+
+@contextlib.contextmanager
+def _locked(segment: Segment, kind: str) -> Iterator[None]:
+    """The segment's cross-process claim lock, on a descriptor opened for this hold only.
+
+    ``flock`` on the segment's file, released by the kernel if the holder dies (so a killed
+    claimer cannot deadlock anyone).  Opening the file anew for each hold, rather than
+    keeping a descriptor per object, costs a few system calls per claim (once per thread
+    and object) and saves a descriptor for every object in every process; each hold has
+    its own open file description, so holds exclude each other in every case.
+    """
+    try:
+        fd = os.open(SHM_DIR / segment.name, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"shared-memory segment {segment.name!r} no longer exists: its creator closed "
+            f"it or exited, so no new writer can join this {kind} (keep the creating "
+            "object open while other processes use it)",
+        ) from None
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _out_of_descriptors(exc, f"claim a slot in this {kind} (a first add)") from exc
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _float_sum(parts: list[float]) -> float:
+    """The sum of float partial sums: as IEEE arithmetic gives it, exact where finite.
+
+    ``math.fsum`` alone raises where ``+`` gives ``inf`` or ``nan``, which would make the
+    result depend on how the adds were spread over writers: one writer's own slot holds
+    ``inf`` where two writers' partial sums overflow only when added.
+    """
+    special = [p for p in parts if not math.isfinite(p)]
+    if special:
+        return float(sum(special))  # inf + -inf, or any nan, is nan; else that inf
+    try:
+        return math.fsum(parts)
+    except OverflowError:  # the running total left the float range: add exactly
+        exact = sum(map(Fraction, parts), Fraction(0))
+        try:
+            return float(exact)  # back in range, correctly rounded
+        except OverflowError:
+            return math.inf if exact > 0 else -math.inf
+
+
 # ------------------------------------------------------------------ counters and accumulators
 
 
@@ -126,7 +208,12 @@ class _Slots:
     _views: list[memoryview[Any]]  # released by close()
 
     def _create(self, op: int, dtype: int) -> None:
-        segment = Segment.create((SLOTS + 1) * LINE * 8)
+        try:
+            segment = Segment.create((SLOTS + 1) * LINE * 8)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_descriptors(exc, f"map another {type(self).__name__}") from exc
+            raise
         words = memoryview(segment.mm).cast("q")
         words[W_OP], words[W_DTYPE], words[W_SLOTS], words[W_HWM] = op, dtype, SLOTS, 1
         words[W_KIND] = KIND_SLOTS
@@ -134,7 +221,12 @@ class _Slots:
         self._setup(segment, words)
 
     def _attach(self, name: str) -> None:
-        segment = Segment.attach(name)
+        try:
+            segment = Segment.attach(name)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _out_of_descriptors(exc, f"map another {type(self).__name__}") from exc
+            raise
         words = memoryview(segment.mm).cast("q")
         if len(words) < LINE or words[W_MAGIC] != MAGIC or words[W_KIND] != KIND_SLOTS:
             words.release()
@@ -143,6 +235,7 @@ class _Slots:
         self._setup(segment, words)
 
     def _setup(self, segment: Segment, words: memoryview[int]) -> None:
+        segment.drop_fd()  # the mapping is all we keep: _locked() opens the file when needed
         self._segment = segment
         self._words = words
         self._op = words[W_OP]
@@ -223,19 +316,45 @@ class _Slots:
 
     def _apply(self, cell: Cell, x: float) -> None:
         op = self._op
-        if op == OP_SUM:
-            cell[0] += x
-        elif op == OP_MIN:
-            if x < cell[0]:  # noqa: PLR1730 - no call, and no store when nothing changes
+        try:
+            if op == OP_SUM:
+                cell[0] += x
+            elif op == OP_MIN:
+                if x < cell[0]:  # noqa: PLR1730 - no call, and no store when nothing changes
+                    cell[0] = x
+            elif x > cell[0]:
                 cell[0] = x
-        elif x > cell[0]:
-            cell[0] = x
+        except (TypeError, ValueError) as exc:
+            raise self._add_error(cell, x, exc) from None
+
+    def _add_error(self, cell: Cell | None, x: object, exc: Exception) -> Exception:
+        """What went wrong with ``add(x)``, in our words (memoryview's speak of formats)."""
+        if self._segment.closed:
+            return _closed_error(self)
+        name = type(self).__name__
+        if isinstance(exc, TypeError):
+            held = "int" if self._dtype == DT_INT else "float"
+            return TypeError(
+                f"{name}.add() takes {held} values; got {x!r} of type {type(x).__name__}"
+            )
+        if self._dtype != DT_INT:
+            return exc
+        total = "" if cell is None else f"its total {cell[0]} + "
+        return ValueError(
+            f"{name}.add({x!r}): this writer's total would leave int64 "
+            f"({total}{x!r} is outside -2**63..2**63-1); nothing was added. Each process "
+            "and thread keeps its own total in an int64 slot (value adds them up as a "
+            "Python int): spread large amounts over more writers, or, where an inexact "
+            'total will do, use SharedAccumulator("sum", dtype=float)'
+        )
 
     def _claim(self, tid: int, x: float) -> tuple[Cell | None, bool]:
         """Find this thread a slot; ``(cell or None for overflow, whether x was added)``."""
         words, values = self._words, self._values
         pid, key = os.getpid(), _thread_key(tid)
-        with self._segment.locked():
+        with _locked(self._segment, type(self).__name__):
+            if _fuzz.ENABLED:
+                _fuzz.point("shared.claim")  # another claimer waits on the lock meanwhile
             slots, hwm = words[W_SLOTS], words[W_HWM]
             free = dead = None
             checked: dict[int, bool] = {}
@@ -257,8 +376,13 @@ class _Slots:
                 free = hwm
             if free is not None:
                 base = _base(free)
-                values[base + S_VALUE] = x  # first: a bad x leaves the slot free
+                try:
+                    values[base + S_VALUE] = x  # first: a bad x leaves the slot free
+                except (TypeError, ValueError) as exc:
+                    raise self._add_error(None, x, exc) from None
                 words[base + S_TID] = key
+                if _fuzz.ENABLED:
+                    _fuzz.point("shared.claim.publish")  # readers see the value, not the pid
                 words[base + S_PID] = pid  # last: now the slot counts
                 words[W_HWM] = max(hwm, free + 1)
                 return self._cell_of(free), True
@@ -277,9 +401,14 @@ class _Slots:
 
     def _add_overflow(self, x: float) -> None:
         words, values, base = self._words, self._values, _base(0)
-        with self._lock, self._segment.locked():
+        with self._lock, _locked(self._segment, type(self).__name__):
+            if _fuzz.ENABLED:
+                _fuzz.point("shared.overflow")
             if words[base + S_PID] == 0:
-                values[base + S_VALUE] = x
+                try:
+                    values[base + S_VALUE] = x
+                except (TypeError, ValueError) as exc:
+                    raise self._add_error(None, x, exc) from None
                 words[base + S_PID] = OVERFLOW_OWNER
             else:
                 self._apply(values[base : base + 1], x)
@@ -300,7 +429,7 @@ class _Slots:
         parts = self._partials()
         op = self._op
         if op == OP_SUM:
-            return sum(parts) if self._dtype == DT_INT else math.fsum(parts)
+            return sum(parts) if self._dtype == DT_INT else _float_sum(parts)
         if not parts:
             name = OPS[op]
             raise ValueError(f"the {name} of no values: nothing was added to this accumulator")
@@ -335,6 +464,16 @@ def _attach_slots(cls: type[_Slots], name: str) -> _Slots:
     return obj
 
 
+def _count(n: object) -> int:
+    """``n`` as an int for a counter; TypeError for a float, a bool or a non-integer."""
+    if isinstance(n, bool) or not hasattr(type(n), "__index__"):
+        raise TypeError(
+            f"SharedCounter.add() takes an int; got {n!r} of type {type(n).__name__}"
+            + (" (use SharedAccumulator for floats)" if isinstance(n, float) else "")
+        )
+    return operator.index(n)  # type: ignore[arg-type]  # has __index__, checked above
+
+
 class SharedCounter(_Slots):
     """An int64 counter in shared memory, exact under any number of concurrent writers.
 
@@ -345,8 +484,10 @@ class SharedCounter(_Slots):
     much as adding to a local variable.
 
     The process that creates it owns the shared memory: :meth:`close` or ``with`` free
-    it.  Each writer's own total must stay within int64; :attr:`value` adds them up as a
-    Python int.
+    it.  Each writer's own total (each process and thread has its own slot) must stay
+    within int64; :attr:`value` adds them up as a Python int.  It holds one file
+    descriptor in each process that has it (running out is an :class:`OSError` with
+    ``errno.EMFILE`` that names the limit).
 
     Example:
         >>> import parallelkit as pk
@@ -368,13 +509,19 @@ class SharedCounter(_Slots):
         """Add ``n`` (default 1).
 
         Raises:
-            ValueError: the counter is closed, or this writer's slot would leave int64.
-            TypeError: ``n`` is not an int.
+            ValueError: the counter is closed, or this writer's total would leave int64
+                (then nothing is added).
+            TypeError: ``n`` is not an int (a float, a bool, a string...).
+            OSError: ``errno.EMFILE``: this thread's first add found no file descriptor
+                to spare for the claim lock.
         """
-        if _get_ident() == self._tid:
-            self._cell[0] += n
+        if _get_ident() == self._tid and type(n) is int:
+            try:
+                self._cell[0] += n
+            except ValueError as exc:  # leaving int64; or released by close() meanwhile
+                raise self._add_error(self._cell, n, exc) from None
         else:
-            self._add_slow(n)
+            self._add_slow(_count(n))
 
     @property
     def value(self) -> int:
@@ -393,9 +540,12 @@ class SharedAccumulator(_Slots, Generic[N]):
     Like :class:`SharedCounter` (pickled by reference, no lock on the hot path, freed by
     its creator's :meth:`close`), over ``int`` (int64) or ``float`` (float64) values.
 
-    A float sum is computed as :func:`math.fsum` of each writer's partial sum: as exact as
+    A float sum is the correctly rounded sum of each writer's partial sum: as exact as
     floating point allows, but the partial sums depend on which writer added what, so the
-    last bits may differ from a sequential ``sum`` over the same values.  ``min`` and
+    last bits may differ from a sequential ``sum`` over the same values.  Where IEEE
+    arithmetic gives ``inf`` or ``nan``, so does :attr:`value`, however the adds were
+    spread: a total beyond the float range is ``inf`` or ``-inf``; ``+inf`` with ``-inf``,
+    or any NaN, is ``nan``.  ``min`` and
     ``max`` compare with ``<`` and ``>``, so, as with the builtins, NaN gives no
     meaningful result; leave it out.
 
@@ -454,13 +604,16 @@ class SharedAccumulator(_Slots, Generic[N]):
         if _get_ident() == self._tid:
             cell = self._cell
             op = self._op
-            if op == OP_SUM:
-                cell[0] += x
-            elif op == OP_MIN:
-                if x < cell[0]:  # noqa: PLR1730 - no call, and no store when nothing changes
+            try:
+                if op == OP_SUM:
+                    cell[0] += x
+                elif op == OP_MIN:
+                    if x < cell[0]:  # noqa: PLR1730 - no call, and no store when nothing changes
+                        cell[0] = x
+                elif x > cell[0]:
                     cell[0] = x
-            elif x > cell[0]:
-                cell[0] = x
+            except (TypeError, ValueError) as exc:
+                raise self._add_error(cell, x, exc) from None
         else:
             self._add_slow(x)
 

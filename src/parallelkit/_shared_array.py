@@ -12,15 +12,16 @@ against the header's size.  numpy is an optional extra, imported when first need
 
 from __future__ import annotations
 
+import errno
 import math
 import operator
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, SupportsIndex
+from typing import TYPE_CHECKING, Any, Final, Self, SupportsIndex, TypeVar
 
 from ._serialize import check_single_host
-from ._shared import KIND_ARRAY, MAGIC, W_KIND, W_MAGIC, _closed_error
+from ._shared import KIND_ARRAY, MAGIC, W_KIND, W_MAGIC, _closed_error, _out_of_descriptors
 from ._shm import Segment
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = ("SharedArray",)
 
 W_NBYTES: Final = 2  # header word: the data's size in bytes
 ARRAY_OFFSET: Final = 64  # bytes before the data: one cache line, aligned for any dtype
+_A = TypeVar("_A")
 
 
 def _numpy() -> ModuleType:
@@ -45,6 +47,16 @@ def _numpy() -> ModuleType:
         ) from exc
     module: ModuleType = numpy
     return module
+
+
+def _map(how: Callable[[_A], Segment], arg: _A) -> Segment:
+    """``how(arg)``, with running out of file descriptors said in words."""
+    try:
+        return how(arg)
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise _out_of_descriptors(exc, "map another SharedArray") from exc
+        raise
 
 
 class SharedArray:
@@ -91,7 +103,8 @@ class SharedArray:
             ImportError: numpy is not installed.
             ValueError: ``dtype`` holds Python objects (they cannot be shared).
             OSError: no room in ``/dev/shm`` (``errno.ENOSPC``; the message says how much
-                was asked for and how much is free).
+                was asked for and how much is free); no file descriptor to spare
+                (``errno.EMFILE``; the message names the limit).
         """
         np = _numpy()
         dt = np.dtype(dtype)
@@ -105,7 +118,7 @@ class SharedArray:
         if any(d < 0 for d in dims):
             raise ValueError(f"negative dimensions are not allowed: {dims}")
         nbytes = math.prod(dims) * dt.itemsize
-        segment = Segment.create(ARRAY_OFFSET + nbytes)
+        segment = _map(Segment.create, ARRAY_OFFSET + nbytes)
         words = memoryview(segment.mm).cast("q")
         words[W_KIND], words[W_NBYTES], words[W_MAGIC] = KIND_ARRAY, nbytes, MAGIC
         words.release()
@@ -196,7 +209,7 @@ class SharedArray:
 
 def _attach_array(name: str, shape: tuple[int, ...], dtype: Any) -> SharedArray:
     np = _numpy()
-    segment = Segment.attach(name)
+    segment = _map(Segment.attach, name)
     words = memoryview(segment.mm).cast("q")
     try:
         ok = words[W_MAGIC] == MAGIC and words[W_KIND] == KIND_ARRAY
