@@ -7,6 +7,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 import parallelkit as pk
 from parallelkit._types import StartMethod
-from workers_refs import AsyncCallable, async_double, async_numbers
+from workers_refs import AsyncCallable, async_double, async_numbers, value_of
 
 TESTS = Path(__file__).parent
 
@@ -23,6 +24,7 @@ TESTS = Path(__file__).parent
 # task functions come from modules (abs, tests/workers_channel.py).
 SCRIPT = """
 import sys
+import threading
 import parallelkit as pk
 import workers_channel as wc
 
@@ -117,3 +119,21 @@ def test_async_functions_are_refused_on_every_backend(fn: Any) -> None:
         pk.start_process(fn)
     with pytest.raises(TypeError, match=message):
         pk.run_parallel(abs, [1], initializer=fn)
+
+
+def test_unpicklable_argument_fails_the_same_under_every_start_method(
+    start_method: StartMethod,
+) -> None:
+    # Under fork the workers inherit the list and nothing needs pickling; the item still
+    # fails there, as it must under forkserver and spawn (found out before moving)
+    items: list[object] = [1, threading.Lock(), 3]
+    with pytest.raises(pk.SerializationError) as caught:
+        pk.run_parallel(value_of, items, max_workers=2, start_method=start_method)
+    assert (caught.value.what, caught.value.item_index) == ("argument", 1)
+    results = pk.run_parallel(
+        value_of, items, max_workers=2, start_method=start_method, return_exceptions=True
+    )
+    assert results[0] == 1
+    assert results[2] == 3
+    assert isinstance(results[1], pk.SerializationError)
+    assert results[1].item_index == 1

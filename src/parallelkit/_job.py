@@ -28,6 +28,17 @@ MAX_ADAPTIVE_CHUNK: Final = 100_000
 _chunk_ids = itertools.count(1)
 
 
+# Types whose every value pickles (not subclasses: their state may not).  A chunk made
+# of these alone is not pickled to check it: bytes would be copied in band.
+_ALWAYS_PICKLABLE: Final = frozenset(
+    {int, float, complex, bool, str, bytes, bytearray, type(None), range, slice}
+)
+
+
+def _out_of_band(buffer: pickle.PickleBuffer) -> bool:
+    return False  # leave it out of the pickle: checked, not copied
+
+
 def _released(*args: object, **kwargs: object) -> object:
     raise RuntimeError("internal: a released job's function was called")
 
@@ -240,7 +251,10 @@ class Job:
 
     def _prepare(self, chunk: Chunk) -> bool:
         """Pickle the chunk's items; on failure, report the item and split around it."""
-        if chunk.items is None or not self.engine.pickles_items:
+        if chunk.items is None:
+            chunk.payload = b""
+            return self._check_inherited(chunk)
+        if not self.engine.pickles_items:
             chunk.payload = b""
             return True
         try:
@@ -259,7 +273,34 @@ class Job:
             located = locate_unpicklable(chunk.items)
             if located is None:
                 raise
-        pos, cause = located
+        self._unpicklable(chunk, *located)
+        return False
+
+    def _check_inherited(self, chunk: Chunk) -> bool:
+        """fork: the workers inherit the input and slice it themselves, so nothing needs
+        pickling -- but an item that cannot be pickled fails under forkserver and spawn, so
+        it fails here too: one rule for every start method, found out under fork.  Large
+        buffers are left out of band (not copied): only the structure is pickled."""
+        items = cast("Sequence[Any]", self.source)[chunk.start : chunk.stop]
+        if set(map(type, items)) <= _ALWAYS_PICKLABLE:  # C-level scan: the common case
+            return True
+        try:
+            pickle.dumps(items, PROTOCOL, buffer_callback=_out_of_band)
+            return True
+        except Exception:
+            pass
+        try:
+            dumps(items)  # cloudpickle, if installed, sends what pickle cannot
+            return True
+        except Exception:
+            located = locate_unpicklable(items)
+            if located is None:
+                raise
+        self._unpicklable(chunk, *located)
+        return False
+
+    def _unpicklable(self, chunk: Chunk, pos: int, cause: Exception) -> None:
+        """The chunk's item ``pos`` cannot be pickled: fail it, queue the rest again."""
         index = chunk.start + pos
         error = SerializationError(
             f"item {index} cannot be pickled to send it to a worker: "
@@ -269,7 +310,6 @@ class Job:
         )
         error.__cause__ = cause
         self.split_around(chunk, pos, error)
-        return False
 
     def split_around(self, chunk: Chunk, pos: int, error: BaseException | None) -> None:
         """Record ``error`` for the chunk's item ``pos``; queue the rest of the chunk again.
