@@ -96,3 +96,36 @@ def test_a_peer_that_hangs_up_mid_message_is_an_eof() -> None:
     with pytest.raises(EOFError):
         frames.recv(reader)
     reader.close()
+
+
+# ------------------------------------------------------------------ what a reader keeps
+
+
+def _scratch_after(item: bytes) -> tuple[int, bool]:
+    """Receive ``[item]`` in a fresh thread: that thread's kept read buffer, and whether
+    the item arrived intact."""
+    out: list[tuple[int, bool]] = []
+
+    def receive() -> None:
+        _, value = _roundtrip([item])
+        out.append((len(getattr(frames._scratch, "buffer", b"")), value == [item]))
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    thread.join(60)
+    return out[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_does_not_keep_a_large_message_buffer() -> None:
+    big = b"x" * (64 << 20)
+    kept, intact = _scratch_after(big)
+    assert intact
+    assert kept < len(big) // 2
+
+
+def test_a_reader_keeps_its_buffer_for_messages_up_to_the_cap() -> None:
+    # the fast path: a buffer reused from one message to the next
+    kept, intact = _scratch_after(b"y" * (3 << 20))
+    assert intact
+    assert kept == 3 << 20

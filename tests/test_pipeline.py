@@ -22,6 +22,7 @@ import parallelkit as pk
 import workers as pool_workers
 import workers_pipeline as w
 from conftest import START_METHODS
+from parallelkit import _frames
 from parallelkit._serialize import RemoteTraceback
 from parallelkit._types import StartMethod
 from parallelkit.testing import worker_counts
@@ -470,3 +471,72 @@ def test_a_stage_ends_as_a_process_of_its_start_method_does(
         .run()
     )
     pool_workers.check_exit_notes(path, pids, start_method)
+
+
+# ------------------------------------------------------------------ after a failure
+
+
+def test_next_after_a_stage_error_is_the_end(start_method: StartMethod) -> None:
+    results = iter(pk.Pipeline(range(30), start_method=start_method, maxsize=1).map(w.fail_on_13))
+    got = [next(results) for _ in range(13)]
+    assert got == list(range(13))
+    with pytest.raises(pk.PipelineError, match="unlucky 13"):
+        next(results)
+    # raised once; the iterator is finished from then on, as imap_parallel's is
+    with pytest.raises(StopIteration):
+        next(results)
+    assert list(results) == []
+    assert _children() == []
+
+
+def test_next_after_a_crashed_worker_is_the_end(start_method: StartMethod) -> None:
+    results = iter(pk.Pipeline(range(30), start_method=start_method).map(w.crash_on_5))
+    with pytest.raises(pk.PipelineError):
+        list(results)
+    with pytest.raises(StopIteration):
+        next(results)
+
+
+def test_next_after_ctrl_c_is_the_end(start_method: StartMethod) -> None:
+    calls = [0]
+
+    def press_ctrl_c(progress: pk.Progress) -> None:
+        # called in the consumer's thread while next() routes; the first call is at start
+        calls[0] += 1
+        if calls[0] == 3:
+            signal.raise_signal(signal.SIGINT)  # a real SIGINT: the default handler raises
+
+    pipeline = pk.Pipeline(range(1000), start_method=start_method, progress=press_ctrl_c)
+    results = iter(pipeline.map(w.plus_one))
+    with pytest.raises(KeyboardInterrupt):
+        list(results)
+    with pytest.raises(StopIteration):
+        next(results)
+    assert _children() == []
+
+
+# ------------------------------------------------------------------ memory kept after a run
+
+
+@pytest.mark.timeout(120)
+def test_a_large_item_is_not_kept_after_the_run(start_method: StartMethod) -> None:
+    size = 128 << 20
+    big = b"x" * size
+    pipeline = pk.Pipeline([0, big, 0], start_method=start_method, maxsize=1)
+    pipeline = pipeline.map(w.rss_or_same)
+    gc.collect()
+    before = w.rss_bytes()
+    results = pipeline.run()
+    # one item per batch (maxsize=1): the stage answered the last 0 after the large item
+    # had come and gone; it holds nothing of it
+    first, through, last = results
+    assert through == big
+    assert isinstance(first, int)
+    assert isinstance(last, int)
+    assert last - first < size // 3, f"the stage worker kept {(last - first) >> 20} MiB"
+    del results, through
+    gc.collect()
+    grown = w.rss_bytes() - before
+    assert len(getattr(_frames._scratch, "buffer", b"")) < size // 4  # not the item's size
+    assert grown < size // 3, f"the consumer kept {grown >> 20} MiB"
+    assert pipeline.stats is not None  # the run is kept for its stats, not its results

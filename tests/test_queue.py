@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import Counter
@@ -9,7 +10,9 @@ from collections import Counter
 import pytest
 
 import parallelkit as pk
+import workers_pipeline
 import workers_queue as w
+from parallelkit import _frames
 from parallelkit._context import get_context
 from parallelkit._types import StartMethod
 
@@ -179,3 +182,21 @@ def test_producers_sharing_a_small_bound_never_hold_room_for_each_other() -> Non
                     p.kill()
                     p.join()
         assert sorted(got) == list(range(400))
+
+
+@pytest.mark.timeout(60)
+def test_a_large_item_is_not_kept_by_the_consumer_after_it_is_dropped() -> None:
+    size = 160 << 20
+    q: pk.Queue[bytes] = pk.Queue()
+    producer = threading.Thread(target=lambda: q.put(b"z" * size))  # blocks until read
+    before = workers_pipeline.rss_bytes()
+    producer.start()
+    item = q.get(timeout=30)
+    producer.join(30)
+    assert len(item) == size
+    del item
+    gc.collect()
+    grown = workers_pipeline.rss_bytes() - before
+    assert len(getattr(_frames._scratch, "buffer", b"")) < size // 4  # not the item's size
+    assert grown < size // 3, f"the consumer kept {grown >> 20} MiB"
+    q.close()

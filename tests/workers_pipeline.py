@@ -105,3 +105,14 @@ def add_item(item: tuple[SharedCounter, int]) -> int:
     counter, x = item
     counter.add(x)
     return x
+
+
+def rss_bytes() -> int:
+    """This process's resident memory, in bytes (from /proc: Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_or_same(x: object) -> object:
+    """``bytes`` pass through; anything else is answered with this worker's RSS."""
+    return x if isinstance(x, bytes) else rss_bytes()

@@ -13,7 +13,9 @@ by the kernel and nowhere else::
   writable).  The stdlib's ``recv_bytes`` would copy each chunk twice on the way.
 - ``bytes`` items of a list (a batch) are sent out of band too (the standard pickle copies
   ``bytes`` in band, and protocol 5 has no hook for exact ``bytes``); they are read into a
-  reused buffer and copied once into a new ``bytes``.
+  reused buffer and copied once into a new ``bytes``.  The reused buffer is kept only up to
+  ``SCRATCH_KEEP`` bytes: a larger item is read into a buffer of its own, freed at once, so
+  that a reader does not hold its largest message's size for ever.
 - Buffers under ``OUT_OF_BAND_MIN`` stay in the pickle: one message beats several.
 
 The header's four fields are the caller's (a batch number, a count, timings...).
@@ -38,6 +40,8 @@ HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffer
 SPEC: Final = struct.Struct("<qq")  # size, writable
 OUT_OF_BAND_MIN: Final = 64 * 1024
 _SCAN_LIMIT: Final = 64  # look for big bytes items only in lists this short
+SCRATCH_MIN: Final = 1 << 20  # bytes: the smallest reused read buffer
+SCRATCH_KEEP: Final = 16 << 20  # bytes: the largest read buffer a thread keeps between messages
 
 Parts = list[Any]  # bytes-like objects: part 0, then the buffers
 
@@ -168,12 +172,18 @@ _scratch = threading.local()
 
 def _read_bytes(fd: int, nbytes: int) -> bytes:
     """``nbytes`` from ``fd`` as ``bytes``: read into this thread's reused scratch buffer,
-    then one copy.  (Reading into a fresh buffer and copying it to a fresh ``bytes`` runs
-    at under 1 GB/s: two large allocations at once defeat malloc's reuse, and every page is
-    faulted in anew.)"""
+    then one copy.  (Reading into a fresh buffer and copying it to a fresh ``bytes`` is
+    several times slower: two large allocations at once defeat malloc's reuse, and every
+    page is faulted in anew.)  Above ``SCRATCH_KEEP`` the buffer is the message's own and
+    is freed on return: past that size the page faults of the copy dominate anyway, and a
+    reader must not keep a rare huge message's memory."""
     buffer: bytearray | None = getattr(_scratch, "buffer", None)
+    if nbytes > SCRATCH_KEEP:
+        own = bytearray(nbytes)
+        _read_into(fd, memoryview(own))
+        return bytes(own)
     if buffer is None or len(buffer) < nbytes:
-        buffer = _scratch.buffer = bytearray(max(nbytes, 1 << 20))
+        buffer = _scratch.buffer = bytearray(max(nbytes, SCRATCH_MIN))
     view = memoryview(buffer)[:nbytes]
     _read_into(fd, view)
     return bytes(view)
@@ -247,6 +257,8 @@ class Writer:
             conn, parts = item
             with contextlib.suppress(OSError, ValueError):  # a dead peer; a closed conn
                 send(conn, parts)
+            # not held while waiting for the next one (it may be a large batch)
+            del item, conn, parts
 
     def close(self, timeout: float = 5.0) -> None:
         """Let queued messages go out (waiting up to ``timeout``), then stop the thread."""

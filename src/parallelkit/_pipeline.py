@@ -52,6 +52,10 @@ class PipelineIterator(Iterator[_Y]):
 
     Breaking out of a ``for`` loop over it drops it; the run is then cancelled when it is
     garbage-collected.  Call :meth:`close` (or use ``with``) to cancel at a known point.
+
+    A run that fails (:class:`~parallelkit.PipelineError`, or ``KeyboardInterrupt`` while
+    ``next()`` waits) raises that error once and stops its processes; from then on, as
+    after the last result or :meth:`close`, ``next()`` raises ``StopIteration``.
     """
 
     def __init__(self, run: _RunLike) -> None:
@@ -67,6 +71,21 @@ class PipelineIterator(Iterator[_Y]):
         return self
 
     def __next__(self) -> _Y:
+        for value in self._current:
+            return value
+        if self._closed:
+            raise StopIteration
+        try:
+            return self._next_batch()
+        except StopIteration:
+            raise
+        except BaseException:
+            # a failed run (a stage's error, a dead worker, Ctrl-C) is over: the error is
+            # raised once, and the iterator is finished from then on
+            self.close()
+            raise
+
+    def _next_batch(self) -> _Y:
         while True:
             for value in self._current:
                 return value
@@ -316,6 +335,7 @@ class Pipeline(Generic[T]):
             run.drive(until_output=False)
             for batch in run.outputs:
                 results.extend(batch)
+            run.outputs.clear()  # the run is kept for its stats: not its results
             return results
         finally:
             run.abort()

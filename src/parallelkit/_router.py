@@ -411,6 +411,8 @@ class Run:
 
     def drive(self, *, until_output: bool) -> None:
         """Route batches until the run ends (or, with ``until_output``, results are ready)."""
+        if self.closed:
+            return  # stopped (finished, failed or cancelled): nothing left to route
         try:
             while not self.finished:
                 if until_output and self.outputs:

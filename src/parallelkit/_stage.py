@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from . import _frames as frames
-from . import _worker
+from . import _fuzz, _worker
 from ._serialize import capture_exception, dumps, locate_unpicklable
 from .errors import SerializationError
 
@@ -81,44 +81,58 @@ def _serve(
         message = inbox.get()
         if message is None:
             return  # the parent is gone, hung up or said STOP
-        start = clock()
-        head = frames.header(message)
-        batch = head[1]
-        items = frames.decode(message)
-        del message
-        out: list[Any] = []
-        append = out.append
-        position = 0
-        try:
-            if kind == MAP:
-                for item in items:
-                    append(fn(item))
-            elif kind == FILTER:
-                for position, item in enumerate(items):  # noqa: B007 - read on failure
-                    if fn(item):
-                        append(item)
-            else:
-                for position, item in enumerate(items):  # noqa: B007 - read on failure
-                    out.extend(fn(item))
-        except BaseException as exc:
-            if kind == MAP:
-                position = len(out)
-            _send_error(conn, batch, position, items[position], exc)
-            idle_since = clock()
-            continue
-        try:
-            parts = frames.encode(out, DONE)
-        except Exception as exc:
-            _send_unpicklable(conn, batch, kind, items, out, exc)
-            idle_since = clock()
-            continue
-        end = clock()
-        frames.set_header(parts, DONE, batch, len(out), end - start, start - idle_since)
-        try:
-            frames.send(conn, parts)
-        except OSError:
+        if _fuzz.ENABLED:
+            _fuzz.point("stage.before_work")
+        # in a function of its own, so that nothing of the batch (its items, its outputs,
+        # its message) is held while waiting for the next one
+        if not _work(conn, kind, fn, message, idle_since):
             return
-        idle_since = end
+        del message
+        idle_since = clock()
+
+
+def _work(
+    conn: Connection, kind: int, fn: Callable[[Any], Any], message: frames.Parts, idle_since: int
+) -> bool:
+    """Run one batch and send its outcome; False when the parent hung up."""
+    clock = time.perf_counter_ns
+    start = clock()
+    batch = frames.header(message)[1]
+    items = frames.decode(message)
+    del message
+    out: list[Any] = []
+    append = out.append
+    position = 0
+    try:
+        if kind == MAP:
+            for item in items:
+                append(fn(item))
+        elif kind == FILTER:
+            for position, item in enumerate(items):  # noqa: B007 - read on failure
+                if fn(item):
+                    append(item)
+        else:
+            for position, item in enumerate(items):  # noqa: B007 - read on failure
+                out.extend(fn(item))
+    except BaseException as exc:
+        if kind == MAP:
+            position = len(out)
+        _send_error(conn, batch, position, items[position], exc)
+        return True
+    try:
+        parts = frames.encode(out, DONE)
+    except Exception as exc:
+        _send_unpicklable(conn, batch, kind, items, out, exc)
+        return True
+    end = clock()
+    frames.set_header(parts, DONE, batch, len(out), end - start, start - idle_since)
+    if _fuzz.ENABLED:
+        _fuzz.point("stage.before_send")
+    try:
+        frames.send(conn, parts)
+    except OSError:
+        return False
+    return True
 
 
 def _read(conn: Connection, inbox: queue.SimpleQueue[frames.Parts | None]) -> None:
@@ -130,6 +144,8 @@ def _read(conn: Connection, inbox: queue.SimpleQueue[frames.Parts | None]) -> No
     batches ahead.
     """
     while True:
+        if _fuzz.ENABLED:
+            _fuzz.point("stage.before_read")
         try:
             message = frames.recv(conn)
         except (EOFError, OSError):
@@ -139,6 +155,7 @@ def _read(conn: Connection, inbox: queue.SimpleQueue[frames.Parts | None]) -> No
             inbox.put(None)
             return
         inbox.put(message)
+        del message  # not held while waiting for the next one
 
 
 def _send_error(
