@@ -120,6 +120,51 @@ def test_stats_count_items_per_stage() -> None:
     assert "filter(is_even)" in table
 
 
+@pytest.mark.parametrize("backend", ["thread", "serial"])
+def test_stats_describe_the_last_run_whatever_its_backend(backend: str) -> None:
+    pipeline = pk.Pipeline(range(100)).map(w.square, max_workers=2).filter(w.is_even)
+    assert pipeline.run(backend=backend) == [x * x for x in range(100) if x % 2 == 0]  # type: ignore[arg-type]
+    stats = pipeline.stats
+    assert stats is not None
+    assert [(s.name, s.items_in, s.items_out) for s in stats.stages] == [
+        ("map(square)", 100, 100),
+        ("filter(is_even)", 100, 50),
+    ]
+    assert (stats.source_items, stats.items_out) == (100, 50)
+    assert stats.stages[0].workers >= 1
+    pipeline.run()  # the stages' own processes: their stats
+    process_stats = pipeline.stats
+    assert process_stats is not None
+    assert process_stats.stages[0].workers == 2
+    failing = pk.Pipeline(range(30)).map(w.fail_on_13, name="fails")
+    with pytest.raises(pk.PipelineError):
+        failing.run(backend=backend)  # type: ignore[arg-type]
+    failed_stats = failing.stats
+    assert failed_stats is not None
+    assert failed_stats.stages[0].items_in == 30  # every item ran; item 13 failed
+    assert failed_stats.items_out == 0  # the consumer got nothing
+
+
+def test_stats_count_the_items_the_consumer_took(start_method: StartMethod) -> None:
+    pipeline = pk.Pipeline(range(100_000), start_method=start_method).map(w.plus_one)
+    with iter(pipeline) as results:
+        assert [next(results), next(results)] == [1, 2]
+        stats = pipeline.stats
+        assert stats is not None
+        assert stats.items_out == 2  # not what is ready for the consumer
+        assert results.stats.items_out == 2
+        assert stats.source_items >= 2
+    assert list(pk.Pipeline(iter(range(5)))) == [0, 1, 2, 3, 4]
+    bare = pk.Pipeline(iter(range(5)))
+    with iter(bare) as values:
+        next(values)
+        assert values.stats.items_out == 1
+        assert values.stats.source_items == 1
+    bare.run()
+    assert bare.stats is not None
+    assert bare.stats.items_out == 4  # what the iterator left
+
+
 def test_the_slow_stage_shows_as_the_bottleneck() -> None:
     pipeline = pk.Pipeline(range(5)).map(w.square).map(w.sleepy, name="slow")
     pipeline.run()

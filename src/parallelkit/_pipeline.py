@@ -7,6 +7,9 @@ them, and stops them when it ends.
 
 from __future__ import annotations
 
+import functools
+import operator
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +42,8 @@ class _RunLike(Protocol):
     held_counts: deque[int]
     finished: bool
     streaming: bool
+    items_out: int  # items in the lists the consumer took from outputs
+    unread: Callable[[], int]  # ... of which it has not read yet
 
     def release(self, count: int) -> None: ...
 
@@ -66,6 +71,7 @@ class PipelineIterator(Iterator[_Y]):
         self._closed = False
         # the source thread holds the run, not this iterator: dropping it cancels the run
         self._finalizer = weakref.finalize(self, run.abort)
+        run.unread = functools.partial(_unread, weakref.ref(self))
 
     def __iter__(self) -> Self:
         return self
@@ -103,7 +109,10 @@ class PipelineIterator(Iterator[_Y]):
                 if not run.outputs:
                     self.close()
                     raise StopIteration
-            self._current = iter(run.outputs.popleft())
+            batch = run.outputs.popleft()
+            run.items_out += len(batch)
+            self._current = iter(batch)
+            del batch
             self._holding = run.held_counts.popleft() if run.held_counts else 0
 
     @property
@@ -124,6 +133,12 @@ class PipelineIterator(Iterator[_Y]):
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _unread(ref: weakref.ref[PipelineIterator[Any]]) -> int:
+    """Values of the batch the iterator is on that it has not handed out yet."""
+    iterator = ref()
+    return 0 if iterator is None else operator.length_hint(iterator._current)
 
 
 def _check_name(name: str | None) -> None:
@@ -200,7 +215,7 @@ class Pipeline(Generic[T]):
         self._progress = progress
         self._stall = (stall_timeout, on_stall)
         self._stages: tuple[Stage, ...] = ()
-        self._last: Run | None = None
+        self._last: _StatsSource | None = None
 
     def _then(
         self,
@@ -286,7 +301,13 @@ class Pipeline(Generic[T]):
 
     @property
     def stats(self) -> PipelineStats | None:
-        """The per-stage summary of the most recent run of this pipeline object."""
+        """The per-stage summary of the most recent run of this pipeline object (whatever
+        its backend; so far, while it goes on), or ``None`` before the first run.
+
+        ``items_out`` counts the results the consumer has received.  On a backend other
+        than the stages' own processes every stage runs in the backend's workers: each
+        stage's ``workers`` is theirs, and its ``waiting_seconds`` their idle time.
+        """
         return None if self._last is None else self._last.stats()
 
     def _start(self) -> Run:
@@ -318,7 +339,11 @@ class Pipeline(Generic[T]):
             SerializationError: a stage's function cannot be sent to its workers.
         """
         if not self._stages:
-            return list(self._source)
+            began = time.perf_counter()
+            items = list(self._source)
+            stats = PipelineStats((), len(items), len(items), time.perf_counter() - began, 0.0)
+            self._last = _Finished(stats)
+            return items
         if backend is not None and not (isinstance(backend, str) and backend == "process"):
             from ._backends._stages import run_stages  # noqa: PLC0415
 
@@ -328,7 +353,15 @@ class Pipeline(Generic[T]):
                     "not to backend="
                 )
 
-            return run_stages(self._source, self._stages, backend, progress=self._progress)
+            done = _Finished(None)
+            self._last = done
+            return run_stages(
+                self._source,
+                self._stages,
+                backend,
+                progress=self._progress,
+                on_stats=done.set,
+            )
         run = self._start()
         results: list[T] = []
         try:
@@ -336,6 +369,7 @@ class Pipeline(Generic[T]):
             for batch in run.outputs:
                 results.extend(batch)
             run.outputs.clear()  # the run is kept for its stats: not its results
+            run.items_out = len(results)
             return results
         finally:
             run.abort()
@@ -343,12 +377,32 @@ class Pipeline(Generic[T]):
     def __iter__(self) -> PipelineIterator[T]:
         """Start the pipeline and stream its results; close the iterator to cancel."""
         if not self._stages:
-            return PipelineIterator(_PassThrough(self._source))
+            passing = _PassThrough(self._source)
+            self._last = passing
+            return PipelineIterator(passing)
         return PipelineIterator(self._start())
 
     def __repr__(self) -> str:
         stages = " -> ".join(self.stages) or "no stages"
         return f"<Pipeline {stages}>"
+
+
+class _StatsSource(Protocol):
+    def stats(self) -> PipelineStats: ...
+
+
+class _Finished:
+    """The stats of a run on another backend (see ``run_stages``)."""
+
+    def __init__(self, stats: PipelineStats | None) -> None:
+        self._stats = stats
+
+    def set(self, stats: PipelineStats) -> None:
+        self._stats = stats
+
+    def stats(self) -> PipelineStats:
+        assert self._stats is not None  # set when the run starts
+        return self._stats
 
 
 class _PassThrough:
@@ -360,6 +414,10 @@ class _PassThrough:
         self.held_counts: deque[int] = deque()
         self.finished = False
         self.streaming = True
+        self.items_out = 0
+        self.unread: Callable[[], int] = lambda: 0
+        self.pulled = 0
+        self.started = time.perf_counter()
 
     def release(self, count: int) -> None:
         return
@@ -367,6 +425,7 @@ class _PassThrough:
     def drive(self, *, until_output: bool) -> None:
         for item in self.iterator:
             self.outputs.append([item])
+            self.pulled += 1
             return
         self.finished = True
 
@@ -375,4 +434,5 @@ class _PassThrough:
         self.finished = True
 
     def stats(self) -> PipelineStats:
-        return PipelineStats((), 0, 0, 0.0, 0.0)
+        out = self.items_out - self.unread()
+        return PipelineStats((), self.pulled, out, time.perf_counter() - self.started, 0.0)

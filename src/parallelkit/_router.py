@@ -113,7 +113,8 @@ class PipelineStats:
     Attributes:
         stages: one :class:`StageStats` per stage, in order.
         source_items: items read from the source.
-        items_out: items handed to the consumer.
+        items_out: items the consumer has received (not those ready for it and not yet
+            taken).
         seconds: wall time of the run so far.
         consumer_waiting_seconds: time the consumer spent waiting for results.
     """
@@ -212,7 +213,8 @@ class Run:
         self.next_out = 0  # the batch to hand out next (ordered)
         self.outputs: deque[list[Any]] = deque()
         self.held_counts: deque[int] = deque()  # source items behind each list in outputs
-        self.items_out = 0
+        self.items_out = 0  # items the consumer took (in lists from outputs) ...
+        self.unread: Callable[[], int] = _none  # ... less those it has not read yet
         self.started = time.perf_counter()
         self.consumer_waiting = 0.0
         self.closed = False
@@ -637,7 +639,6 @@ class Run:
         self.handed += count
         if results:
             self.outputs.append(results)
-            self.items_out += len(results)
             self.held_counts.append(count)
         if not (self.streaming and results):
             self.release(count)
@@ -773,10 +774,14 @@ class Run:
                 for stage, c in zip(self.stages, self.counts, strict=True)
             ),
             source_items=self.pulled if self.sequence is None else self.taken,
-            items_out=self.items_out,
+            items_out=self.items_out - self.unread(),
             seconds=time.perf_counter() - self.started,
             consumer_waiting_seconds=self.consumer_waiting,
         )
+
+
+def _none() -> int:
+    return 0
 
 
 def _kill(workers: list[_Worker], writer: frames.Writer, wakeup: _WakeUp) -> None:

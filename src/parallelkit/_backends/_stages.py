@@ -14,13 +14,17 @@ backend's workers run every stage.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from parallelkit._router import Stage
+from parallelkit._router import PipelineStats, Stage, StageStats
 from parallelkit._serialize import ExceptionRecord, capture_exception, dumps, rebuild_exception
 from parallelkit._stage import FILTER, MAP
 from parallelkit.errors import PipelineError, WorkerCrashedError
+
+if TYPE_CHECKING:
+    from parallelkit._insights import MapStats
 
 
 def _shown(item: object) -> str:
@@ -84,7 +88,12 @@ class StageFailure:
 
 
 class StageChain:
-    """Runs every stage on one source item: the list of its outputs, or a StageFailure."""
+    """Runs every stage on one source item.
+
+    Returns ``(outcome, counts)``: the outcome is the list of the item's outputs, or a
+    :class:`StageFailure`; ``counts`` holds, for each stage the item reached, the items
+    the stage passed on and the nanoseconds it spent (the run's statistics).
+    """
 
     def __init__(self, stages: Sequence[Stage]) -> None:
         self.steps = tuple((stage.kind, stage.fn) for stage in stages)
@@ -94,10 +103,13 @@ class StageChain:
         """The stages' functions (the Dask backend sends their modules by value)."""
         return tuple(fn for _, fn in self.steps)
 
-    def __call__(self, item: object) -> list[object] | StageFailure:
+    def __call__(self, item: object) -> tuple[list[object] | StageFailure, tuple[int, ...]]:
+        clock = time.perf_counter_ns
+        counts: list[int] = []
         values = [item]
         for number, (kind, fn) in enumerate(self.steps):
             out: list[object] = []
+            began = clock()
             for value in values:
                 try:
                     if kind == MAP:
@@ -110,9 +122,59 @@ class StageChain:
                 except KeyboardInterrupt:
                     raise
                 except BaseException as exc:
-                    return StageFailure(number, exc, value, _shown(value))
+                    counts += (len(out), clock() - began)
+                    return StageFailure(number, exc, value, _shown(value)), tuple(counts)
+            counts += (len(out), clock() - began)
             values = out
-        return values
+            if not values:
+                break
+        return values, tuple(counts)
+
+
+class _Tally:
+    """Adds up the per-item counts of a run's :class:`StageChain` into its stats."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = stages
+        self.items_in = [0] * len(stages)
+        self.items_out = [0] * len(stages)
+        self.busy = [0] * len(stages)
+        self.source_items = 0
+        self.items_out_total = 0
+        self.map_stats: MapStats | None = None
+        self.started = time.perf_counter()
+
+    def add(self, counts: tuple[int, ...]) -> None:
+        self.source_items += 1
+        passed = 1
+        for stage in range(len(counts) // 2):
+            self.items_in[stage] += passed
+            passed = counts[2 * stage]
+            self.items_out[stage] += passed
+            self.busy[stage] += counts[2 * stage + 1]
+
+    def stats(self) -> PipelineStats:
+        workers = 0 if self.map_stats is None else len(self.map_stats.workers)
+        idle = (
+            0.0 if self.map_stats is None else sum(w.idle_seconds for w in self.map_stats.workers)
+        )
+        return PipelineStats(
+            stages=tuple(
+                StageStats(
+                    name=stage.name,
+                    workers=workers,
+                    items_in=self.items_in[i],
+                    items_out=self.items_out[i],
+                    busy_seconds=self.busy[i] / 1e9,
+                    waiting_seconds=idle,
+                )
+                for i, stage in enumerate(self.stages)
+            ),
+            source_items=self.source_items,
+            items_out=self.items_out_total,
+            seconds=time.perf_counter() - self.started,
+            consumer_waiting_seconds=0.0,
+        )
 
 
 class _GuardedSource:
@@ -130,16 +192,33 @@ class _GuardedSource:
 
 
 def run_stages(
-    source: Iterable[Any], stages: Sequence[Stage], backend: object, *, progress: object = False
+    source: Iterable[Any],
+    stages: Sequence[Stage],
+    backend: object,
+    *,
+    progress: object = False,
+    on_stats: Callable[[PipelineStats], object] | None = None,
 ) -> list[Any]:
-    """``Pipeline(source)...run(backend=backend)``: every output, in source order."""
+    """``Pipeline(source)...run(backend=backend)``: every output, in source order.
+
+    ``on_stats`` receives the run's statistics however it ends (before its error is
+    raised).  Every stage runs in the backend's workers, so each stage's ``workers`` is
+    the backend's and its ``waiting_seconds`` is their idle time.
+    """
     from parallelkit._pool import run_parallel  # noqa: PLC0415 - built on the map API
 
     guarded = _GuardedSource(source)
     items: Iterable[Any] = source if isinstance(source, list | tuple | range) else guarded
     names = " -> ".join(stage.name for stage in stages)
+    tally = _Tally(stages)
+
+    def keep(stats: MapStats) -> None:
+        tally.map_stats = stats
+
     try:
-        results = run_parallel(StageChain(stages), items, backend=backend, progress=progress)  # type: ignore[call-overload]
+        results = run_parallel(  # type: ignore[call-overload]
+            StageChain(stages), items, backend=backend, progress=progress, on_stats=keep
+        )
     except WorkerCrashedError as exc:
         error = PipelineError(
             f"a worker died running the stages {names} on source item {exc.item_index}: {exc}",
@@ -147,15 +226,27 @@ def run_stages(
             item_index=exc.item_index,
         )
         raise error from exc
+    finally:
+        if on_stats is not None:
+            on_stats(tally.stats())  # so far; completed below when the results are in
+    out: list[Any] = []
+    failure: PipelineError | None = None
+    for index, (result, counts) in enumerate(results):
+        tally.add(counts)
+        if failure is None:
+            if type(result) is StageFailure:
+                failure = result.error(stages, index)
+            else:
+                out.extend(result)
+    tally.items_out_total = len(out) if failure is None else 0
+    if on_stats is not None:
+        on_stats(tally.stats())
     if guarded.error is not None:
         error = PipelineError(
             f"the pipeline's source raised {type(guarded.error).__name__}: {guarded.error}",
             stage="source",
         )
         raise error from guarded.error
-    out: list[Any] = []
-    for index, result in enumerate(results):
-        if type(result) is StageFailure:
-            raise result.error(stages, index)
-        out.extend(result)
+    if failure is not None:
+        raise failure
     return out
