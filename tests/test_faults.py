@@ -613,6 +613,45 @@ def test_ctrl_c_interrupts_promptly_and_cleanly(
         assert "KeyboardInterrupt" not in stderr, stderr
 
 
+def _blocked_signals(native_id: int) -> set[int]:
+    """The signals thread ``native_id`` of this process blocks (``SigBlk`` in /proc)."""
+    status = Path(f"/proc/self/task/{native_id}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+    mask = int(line.split()[1], 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+@pytest.mark.timeout(60)
+def test_the_futures_thread_never_takes_a_ctrl_c_from_the_main_thread(
+    start_method: StartMethod, tmp_path: Path
+) -> None:
+    """Issue 17 §5: the kernel may give a process-directed SIGINT to any thread that does
+    not block it.  Given to the pool's futures thread, Python noted it, but the main
+    thread, asleep in ``Future.result()``, was not woken to raise KeyboardInterrupt until
+    a task finished (30 s in the Ctrl-C test).  Our thread blocks every asynchronous
+    signal; a worker it starts (a replacement) unblocks them."""
+    release = tmp_path / "release"
+    with pk.WorkerPool(1, start_method=start_method) as pool:
+        future = pool.submit(wf.wait_for_file, str(release))
+        try:
+            helper = next(t for t in threading.enumerate() if t.name == "parallelkit-futures")
+            assert helper.native_id is not None
+            blocked = _blocked_signals(helper.native_id)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+                assert sig in blocked, (sig, blocked)
+            assert signal.SIGINT not in _blocked_signals(threading.get_native_id())
+        finally:
+            release.touch()
+        first = future.result(timeout=RESULT)
+        # a worker started by that thread (after a crash) takes these signals again
+        assert isinstance(pool.submit(wf.die, 0).exception(timeout=RESULT), pk.WorkerCrashedError)
+        again = pool.submit(wf.wait_for_file, str(release)).result(timeout=RESULT)
+        assert again != first
+        status = Path(f"/proc/{again}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("SigBlk:"))
+        assert int(line.split()[1], 16) == 0, line
+
+
 @pytest.mark.timeout(90)
 def test_ctrl_c_during_worker_start_up_prints_no_tracebacks(
     start_method: StartMethod, tmp_path: Path

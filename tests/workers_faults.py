@@ -306,3 +306,10 @@ def length(data: str) -> int:
 
 def big_result(nbytes: int) -> str:
     return "x" * nbytes
+
+
+def wait_for_file(path: str) -> int:
+    """Run until the test creates ``path``; returns this worker's pid."""
+    while not Path(path).exists():
+        time.sleep(0.01)
+    return os.getpid()

@@ -29,6 +29,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -990,7 +991,13 @@ class Engine:
                 target=self._complete_futures, name="parallelkit-futures", daemon=True
             )
             self.helper_thread = thread
-            thread.start()
+            # the thread inherits our mask: it never takes a Ctrl-C from the main thread
+            # (see W.THREAD_BLOCKED); one that came meanwhile is raised as we restore ours
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, W.THREAD_BLOCKED)
+            try:
+                thread.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def future_done(self, job: Job) -> None:
         self.pending_futures -= 1

@@ -108,11 +108,20 @@ def start_forkserver() -> list[str]:
     was not running yet (see :func:`preload_forkserver`); the modules it preloads."""
     from multiprocessing import forkserver  # noqa: PLC0415
 
+    from ._worker import THREAD_BLOCKED  # noqa: PLC0415
+
     preload_forkserver()
+    # From a thread of ours (which blocks signals: see THREAD_BLOCKED), a server started
+    # now would keep that mask for good and hand it to every process it forks, the
+    # user's own too: it gets the signals unblocked.
+    ours = threading.current_thread() is not threading.main_thread()
+    old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, THREAD_BLOCKED) if ours else None
     try:
         forkserver.ensure_running()
     finally:  # read by the server as it started, if it did
         os.environ.pop(FORKSERVER_MAIN_ENV, None)
+        if old_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return list(getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", []))
 
 

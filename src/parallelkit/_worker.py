@@ -78,6 +78,25 @@ FN_CACHE_SIZE: Final = 64
 PROBE_ITEMS: Final = 8
 UNTRACKED_ITEM_NS: Final = 5_000
 
+# Asynchronous signals, which Python handles in the main thread only.  A thread of ours
+# blocks them all (see Engine.submit_future): a process-directed SIGINT that the kernel
+# gave to it would be noted, but the main thread, asleep in a lock, would not wake to
+# raise KeyboardInterrupt until something else woke it.  Children it starts inherit the
+# mask (across exec too): bootstrap() unblocks them.
+THREAD_BLOCKED: Final = frozenset(signal.valid_signals()) - {
+    signal.SIGKILL,
+    signal.SIGSTOP,
+    # synchronous: raised by the faulting thread itself, must stay deliverable
+    signal.SIGSEGV,
+    signal.SIGBUS,
+    signal.SIGFPE,
+    signal.SIGILL,
+    signal.SIGTRAP,
+    signal.SIGSYS,
+    signal.SIGABRT,
+    signal.SIGPIPE,
+}
+
 # exit codes of a worker that decided to stop
 EXIT_PARENT_DIED: Final = 70
 EXIT_INIT_FAILED: Final = 71
@@ -181,8 +200,9 @@ def bootstrap(
     is the server; other platforms).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # the parent blocked SIGINT while it started us (see Engine._start_worker)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # the parent blocked SIGINT while it started us (see Engine._start_worker), or more
+    # (a thread of ours started us: see THREAD_BLOCKED)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, THREAD_BLOCKED)
     tied = _set_parent_death_signal() if pdeathsig else False
     parent = multiprocessing.parent_process()
     if not (tied and parent_pid) and parent is not None and parent.sentinel is not None:
