@@ -34,6 +34,7 @@ import parallelkit as pk
 import parallelkit.testing
 import workers
 from child import TESTS, package_env, run_python
+from parallelkit import _owners
 from parallelkit._context import available_start_methods
 from parallelkit._types import StartMethod
 from parallelkit.testing import (
@@ -399,6 +400,30 @@ def _use_and_start(pool: pk.WorkerPool, process: BaseProcess) -> set[int]:
     pids = set(pool.map(workers.pid_of, range(4), chunksize=1))
     process.start()
     return pids
+
+
+class _Unsure:
+    """An owner that cannot say what it holds."""
+
+    def holds(self) -> _owners.Owned:
+        raise RuntimeError("cannot tell")
+
+
+def test_kill_kills_nothing_when_an_older_owner_cannot_say_what_it_holds() -> None:
+    unsure = _Unsure()
+    _owners.register(unsure, _Unsure.holds)
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        with pytest.raises(LeakError) as info, check_no_leaks(grace=QUICK, kill=True):
+            child = _blocked_child()
+        assert child is not None
+        assert info.value.processes == (child.pid,)
+        assert "0 of the leaked processes killed; 1 not" in str(info.value)
+        assert child.poll() is None  # spared
+    finally:
+        del unsure
+        if child is not None:
+            _finish(child)
 
 
 def test_ownership_record_does_not_keep_a_pool_alive() -> None:

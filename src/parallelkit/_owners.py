@@ -26,11 +26,16 @@ _O = TypeVar("_O")
 
 @dataclass(frozen=True, slots=True)
 class Owned:
-    """What one owner holds now: process ids, threads, ``/dev/shm`` segment names."""
+    """What one owner holds now: process ids, threads, ``/dev/shm`` segment names.
+
+    ``complete`` is false when an owner could not say (it raised): then nobody may act on
+    the assumption that what is not listed is not owned.
+    """
 
     pids: tuple[int, ...] = ()
     threads: tuple[threading.Thread, ...] = ()
     segments: tuple[str, ...] = ()
+    complete: bool = True
 
 
 _Entry = tuple["weakref.ref[Any]", int, Callable[[Any], Owned]]
@@ -69,15 +74,17 @@ def owned_before(serial: int) -> Owned:
     pids: list[int] = []
     threads: list[threading.Thread] = []
     segments: list[str] = []
+    complete = True
     for ref, registered, resources in entries:
         owner = ref()
         if owner is None or registered >= serial:
             continue
         try:
             owned = resources(owner)
-        except Exception:  # an owner in the middle of its teardown: it owns nothing then
+        except Exception:  # whatever it was, what it owns is unknown
+            complete = False
             continue
         pids += owned.pids
         threads += owned.threads
         segments += owned.segments
-    return Owned(tuple(pids), tuple(threads), tuple(segments))
+    return Owned(tuple(pids), tuple(threads), tuple(segments), complete)

@@ -386,6 +386,8 @@ def _kill(processes: tuple[_Process, ...], mark: int, *, timeout: float = 2.0) -
     start time, so a reused pid is spared) and no owner older than the block holds it.
     """
     now = _snapshot(fds=False, mark=mark)
+    if not now.owned.complete:  # an older pool could not say what it holds: kill nothing
+        return []
     doomed = [
         p
         for p in processes
