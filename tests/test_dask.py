@@ -31,6 +31,7 @@ distributed = pytest.importorskip("distributed", reason="Dask is not installed (
 
 import dask  # noqa: E402
 
+import child  # noqa: E402
 import parallelkit as pk  # noqa: E402
 import workers as w  # noqa: E402
 import workers_pipeline as wp  # noqa: E402
@@ -327,6 +328,82 @@ def test_missing_dask_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_backend_dask_uses_the_current_client(inproc_client: Client) -> None:
     with inproc_client.as_current():
         assert pk.run_parallel(w.square, range(10), backend="dask") == [x * x for x in range(10)]
+
+
+# ------------------------------------------------------------------ errors in our words
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("call", ["pipeline", "run_parallel", "imap_parallel"])
+def test_closing_the_client_during_a_call_is_a_clear_error(
+    inproc_client: Client, call: str
+) -> None:
+    # a client of its own on the module's cluster, closed by the caller half-way through
+    client = distributed.Client(inproc_client.scheduler.address)
+
+    def close_client(progress: pk.Progress) -> None:  # the caller's thread, mid-call
+        if progress.done >= 1 and client.status == "running":
+            client.close()
+
+    def run() -> None:
+        items = range(12)
+        if call == "pipeline":
+            pk.Pipeline(items, progress=close_client).map(wp.sleepy).run(backend=client)
+        elif call == "run_parallel":
+            pk.run_parallel(w.sleep_a_bit, items, backend=client, progress=close_client)
+        else:
+            for value in pk.imap_parallel(w.sleep_a_bit, items, backend=client, chunksize=1):
+                if value == 0:
+                    client.close()
+
+    with pytest.raises(pk.ParallelKitError, match="Dask client was closed") as caught:
+        run()
+    assert type(caught.value) is pk.ParallelKitError  # not Dask's own error ...
+    assert caught.value.__cause__ is not None  # ... which is its cause
+    client.close()
+    assert pk.run_parallel(w.square, range(3), backend=inproc_client) == [0, 1, 4]
+
+
+_MAIN_MODULE_ERROR = """
+import sys
+import distributed
+import parallelkit as pk
+
+class MyErr(Exception):
+    pass
+
+def fail_on_3(x):
+    if x == 3:
+        raise MyErr(f"bad {x}")
+    return x
+
+if __name__ == "__main__":
+    with distributed.Client(
+        processes=True, n_workers=1, threads_per_worker=1, dashboard_address=None
+    ) as client:
+        for backend in ("fork", "spawn", "thread", "serial", client):
+            options = {"start_method": backend} if backend in ("fork", "spawn") else {}
+            run = {} if backend in ("fork", "spawn") else {"backend": backend}
+            try:
+                pk.Pipeline(range(6), **options).map(fail_on_3).run(**run)
+            except pk.PipelineError as exc:
+                print("pipeline", str(exc))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_an_exception_class_of_the_main_module_is_named_alike_everywhere(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "main_error.py"
+    script.write_text(_MAIN_MODULE_ERROR)
+    done = child.run_python(str(script), timeout=150, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    pipeline = [line for line in lines if line.startswith("pipeline ")]
+    assert len(pipeline) == 5, done.stdout
+    # the Dask workers import the script as __mp_main__; it is MyErr there too
+    assert set(pipeline) == {"pipeline stage 'map(fail_on_3)' failed on item 3: MyErr: bad 3"}
 
 
 # ------------------------------------------------------------------ conformance

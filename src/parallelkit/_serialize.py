@@ -187,7 +187,9 @@ class ExceptionRecord(NamedTuple):
 
 def _qualified_name(cls: type) -> str:
     module = cls.__module__
-    if module in ("builtins", "__main__", None):
+    # __mp_main__: the user's main module in a spawned child (a spawn worker, a Dask
+    # worker process): the same class the caller knows as __main__'s
+    if module in ("builtins", "__main__", "__mp_main__", None):
         return cls.__qualname__
     return f"{module}.{cls.__qualname__}"
 

@@ -14,6 +14,8 @@ Imported only when a Dask backend is used (``pip install 'parallelkit[dask]'``).
   item that kills workers fails with :class:`~parallelkit.WorkerCrashedError`.
 - A running Dask task cannot be stopped: ``timeout=`` fails an item that ran too long when it
   finishes (on the worker), like the serial backend.
+- A client closed (or our tasks cancelled) while a call runs fails the call with a
+  :class:`~parallelkit.ParallelKitError` that says so, not with Dask's own errors.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import sys
 import sysconfig
 import uuid
 from collections.abc import Callable, Collection
+from concurrent.futures import CancelledError
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from parallelkit._serialize import dump_function, dumps, pickling_for_another_host
+from parallelkit.errors import ParallelKitError
 
 from ._protocol import ChunkOutcome, ChunkTask, WorkerLostError, run_chunk
 
@@ -173,16 +177,19 @@ class DaskRunner:
         # now with a clear error, and Dask never looks inside the items for tasks or keys.
         with pickling_for_another_host(DESTINATION):
             items = dumps(task.items if isinstance(task.items, list) else list(task.items))
-        future = self.client.submit(
-            _run_on_worker,
-            self.fn_future,
-            items,
-            task.start,
-            task.stop_on_error,
-            task.timeout,
-            key=f"parallelkit-{self.name}-{self.token}-{next(_keys)}",
-            pure=False,
-        )
+        try:
+            future = self.client.submit(
+                _run_on_worker,
+                self.fn_future,
+                items,
+                task.start,
+                task.stop_on_error,
+                task.timeout,
+                key=f"parallelkit-{self.name}-{self.token}-{next(_keys)}",
+                pure=False,
+            )
+        except Exception as exc:
+            raise self._lost(exc) from exc
         self.futures.add(future)
         return future
 
@@ -193,10 +200,10 @@ class DaskRunner:
             ).done
         except TimeoutError:
             return ()
-        except Exception:  # cancelled futures (FuturesCancelledError): outcome() reports them
+        except Exception as exc:  # cancelled futures (FuturesCancelledError): outcome() says
             done = [h for h in handles if h.done()]
             if not done:
-                raise
+                raise self._lost(exc) from exc
             return done
 
     def outcome(self, handle: Any) -> ChunkOutcome:
@@ -206,8 +213,26 @@ class DaskRunner:
             if isinstance(exc, self.distributed.KilledWorker):
                 raise WorkerLostError(str(exc), retryable=True) from exc
             raise exc
-        result: ChunkOutcome = handle.result()
+        try:
+            result: ChunkOutcome = handle.result()
+        except Exception as exc:  # cancelled (the client closed), or the client is gone
+            raise self._lost(exc) from exc
         return result
+
+    def _lost(self, exc: Exception) -> Exception:
+        """Dask's error, or ours when the client was closed or our tasks were cancelled
+        under the call (Dask then says ``ClosedClientError``, ``FutureCancelledError``)."""
+        status = str(getattr(self.client, "status", ""))
+        if status in ("closing", "closed"):
+            what = "the Dask client was closed while parallelkit was running work on it"
+        elif isinstance(exc, CancelledError):  # Dask's FutureCancelledError and kin
+            what = "a Dask task of this call was cancelled outside parallelkit"
+        else:
+            return exc
+        return ParallelKitError(
+            f"{what} ({type(exc).__name__}: {exc}); keep the client open, and its tasks "
+            "running, until the call returns"
+        )
 
     def close(self, *, wait: bool) -> None:
         futures = [f for f in self.futures if not f.done()]
