@@ -472,6 +472,30 @@ def test_idle_workers_that_die_are_replaced_and_blame_no_item(
         _crash(crash, 0)
 
 
+@pytest.mark.timeout(90)
+def test_a_worker_that_does_not_read_never_blocks_the_pool(start_method: StartMethod) -> None:
+    """Issue 17 §2: the parent wrote a large message to a worker that was not reading (it
+    was itself blocked writing to the parent, in the issue) and blocked for ever; no
+    other worker's result was read meanwhile.  Here the worker is SIGSTOPped for real (a
+    debugger, a machine swapping): the other worker's tasks must complete meanwhile."""
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        _two_worker_pids(pool)
+        stopped = pool._engine.workers[0].pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            big = "x" * (16 << 20)  # in band, far more than a pipe holds
+            slow = pool.submit(wf.length, big)  # the first idle worker: the stopped one
+            small = [pool.submit(wf.square, i) for i in range(8)]
+            assert [f.result(timeout=RESULT) for f in small] == [i * i for i in range(8)]
+            assert not slow.done()
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert slow.result(timeout=RESULT) == len(big)
+        got = list(pool.map(wf.length, [big, "y", big], chunksize=1))
+        assert got == [len(big), 1, len(big)]
+
+
 @pytest.mark.timeout(60)
 def test_a_worker_kills_its_sibling(start_method: StartMethod, tmp_path: Path) -> None:
     with pk.WorkerPool(2, start_method=start_method) as pool:

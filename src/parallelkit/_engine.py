@@ -24,13 +24,17 @@ unless a user's future callback is running and holding one at that very moment.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -65,9 +69,10 @@ from .errors import SerializationError, SerializedWhat, TaskTimeoutError, Worker
 
 WATCH_POLL: Final = 0.25  # seconds, at most, between two calls of the watchers (stall checks)
 # A worker may hold a 2nd chunk (sent while it runs the 1st) only if both fit in its pipe's
-# buffer together: a send that blocked while the worker blocks sending us its results would
-# deadlock.  The buffer is widened to PIPE_BUFFER where the kernel allows (Linux caps it at
-# net.core.wmem_max) and measured; PIPELINE_LIMIT where it cannot be.
+# buffer together, so that the 2nd waits in the pipe rather than in our outbox.  (Not for
+# safety: no send ever blocks us, see Engine._post.)  The buffer is widened to PIPE_BUFFER
+# where the kernel allows (Linux caps it at net.core.wmem_max) and measured;
+# PIPELINE_LIMIT where it cannot be.
 PIPELINE_LIMIT: Final = 32 * 1024
 PIPE_BUFFER: Final = 1024 * 1024
 PIPELINE_SECONDS: Final = 0.005  # ... and if its chunk takes about this long or less
@@ -88,12 +93,14 @@ class _Worker:
         "head_since",
         "hung_up",
         "killed_for",
+        "out",
         "pid",
         "pipe_room",
         "process",
         "results",
         "sentinel",
         "slot",
+        "sock",
         "stopping",
         "tasks_done",
     )
@@ -115,21 +122,30 @@ class _Worker:
         self.busy = 0.0  # seconds it spent running chunks, as it measured them
         self.born = time.monotonic()
         self.results: ResultReader | None = None  # its result segments, once it sent some
-        self.pipe_room = _pipe_room(conn)  # bytes it may have unread without a send blocking
+        # what we send it goes through `sock` (a dup of our end), never blocking: `out`
+        # holds what the pipe did not take yet (see Engine._post)
+        self.sock: socket.socket | None = None
+        with contextlib.suppress(OSError):  # not a socket (another platform): blocking sends
+            self.sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        self.out: deque[memoryview] = deque()
+        self.pipe_room = _pipe_room(self.sock)  # bytes it may have unread in the pipe
+
+    def close(self) -> None:
+        """Close our end of its pipe; drop what we had not sent it yet."""
+        self.out.clear()
+        if self.sock is not None:
+            self.sock.close()
+        self.conn.close()
 
 
-def _pipe_room(conn: Connection) -> int:
-    """How many bytes we may send ``conn``'s reader ahead of it without ``send`` blocking.
+def _pipe_room(sock: socket.socket | None) -> int:
+    """How many bytes we may send ``sock``'s reader ahead of it before the pipe is full.
 
     A duplex ``Pipe`` is a Unix stream socket pair; on Linux, data waiting to be read counts
     against the *sender's* SO_SNDBUF (the value read back is what the kernel accounts, the
     bytes plus their bookkeeping), so half of it is a safe bound for payload bytes.
     """
-    if not sys.platform.startswith("linux"):
-        return PIPELINE_LIMIT
-    try:
-        sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)  # a dup
-    except OSError:
+    if sock is None or not sys.platform.startswith("linux"):
         return PIPELINE_LIMIT
     try:
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * PIPE_BUFFER:
@@ -137,8 +153,39 @@ def _pipe_room(conn: Connection) -> int:
         return max(PIPELINE_LIMIT, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2)
     except OSError:
         return PIPELINE_LIMIT
-    finally:
-        sock.close()
+
+
+# multiprocessing.Connection's framing: a 4-byte big-endian length, or -1 and 8 bytes
+_LEN: Final = struct.Struct("!i")
+_LONG_LEN: Final = struct.Struct("!iQ")
+_SEND_FLAGS: Final = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+_SMALL: Final = 16 * 1024  # a message this small goes out with its header in one piece
+_READABLE: Final = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def _wait(
+    objs: list[Any], writers: list[_Worker], timeout: float | None
+) -> tuple[list[Any], list[_Worker]]:
+    """Wait until one of ``objs`` (connections, file descriptors) is ready to read or the
+    pipe of one of ``writers`` has room; ``(readable objs, writable writers)``."""
+    if not writers:
+        return multiprocessing.connection.wait(objs, timeout), []
+    poller = select.poll()
+    by_fd: dict[int, Any] = {}
+    for obj in objs:
+        fd = obj if isinstance(obj, int) else obj.fileno()
+        by_fd[fd] = obj
+        poller.register(fd, select.POLLIN)
+    writer_fds: dict[int, _Worker] = {}
+    for w in writers:
+        fd = w.conn.fileno()
+        writer_fds[fd] = w
+        poller.register(fd, select.POLLOUT | (select.POLLIN if fd in by_fd else 0))
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    events = poller.poll(ms)
+    readable = [by_fd[fd] for fd, ev in events if fd in by_fd and ev & _READABLE]
+    writable = [writer_fds[fd] for fd, ev in events if fd in writer_fds]
+    return readable, writable
 
 
 class Engine:
@@ -370,11 +417,46 @@ class Engine:
             worker.head_since = time.monotonic_ns()
         worker.chunks.append(chunk)
         job.in_flight += 1
-        try:
-            worker.conn.send_bytes(b"".join((header, fn_payload, arena_spec, payload)))
-        except OSError:
-            pass  # it died: its sentinel will tell, and the chunk is still attributed to it
+        # if it has died, its sentinel tells, and the chunk (not taken) runs elsewhere
+        self._post(worker, b"".join((header, fn_payload, arena_spec, payload)))
         return True
+
+    def _post(self, w: _Worker, data: bytes) -> None:
+        """Send ``data`` to ``w`` as one message, without ever blocking: what its pipe does
+        not take now waits in ``w.out``, written as the pipe drains (:meth:`step` waits
+        for that as well).  A blocking send could wait for ever on a worker that is not
+        reading -- itself blocked sending us a large result -- while we did not read."""
+        n = len(data)
+        if w.sock is None:  # pragma: no cover - not Linux: the old blocking way
+            with contextlib.suppress(OSError):
+                w.conn.send_bytes(data)
+            return
+        head = _LEN.pack(n) if n <= 0x7FFFFFFF else _LONG_LEN.pack(-1, n)
+        if n <= _SMALL:
+            w.out.append(memoryview(head + data))
+        else:
+            w.out.append(memoryview(head))
+            w.out.append(memoryview(data))
+        if len(w.out) <= 2:  # nothing older waits: try now
+            self._flush(w)
+
+    def _flush(self, w: _Worker) -> None:
+        """Write what the pipe to ``w`` takes now of what waits in ``w.out``."""
+        out, sock = w.out, w.sock
+        assert sock is not None
+        while out:
+            view = out[0]
+            try:
+                sent = sock.send(view, _SEND_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # it has died: its sentinel tells
+                out.clear()
+                return
+            if sent < len(view):
+                out[0] = view[sent:]
+                return  # the pipe is full
+            out.popleft()
 
     def _capacity(self, worker: _Worker) -> bool:
         if worker.stopping or worker.dead or worker.killed_for is not None:
@@ -440,10 +522,7 @@ class Engine:
                 w.stopping = True
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.before_stop")
-                try:
-                    w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
-                except OSError:
-                    pass
+                self._post(w, W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.after_stop")
 
@@ -523,11 +602,15 @@ class Engine:
         if self.watchers:
             timeout = WATCH_POLL if timeout is None else min(timeout, WATCH_POLL)
         objs = self._wait_objects()
+        writers = [w for w in self.workers if w.out and not w.hung_up]
         self.mutex.release()
         try:
-            ready = multiprocessing.connection.wait(objs, timeout)
+            ready, writable = _wait(objs, writers, timeout)
         finally:
             self.mutex.acquire()
+        for w in writable:
+            if not w.dead:
+                self._flush(w)
         if self.closed:  # shut down by another thread while we waited
             self._release_locked()
             return
@@ -655,11 +738,8 @@ class Engine:
         except Exception:  # no memory for the copies (MemoryError, ENOMEM): in band
             buffers = None
         finally:  # always answered: the worker waits for this before it does anything
-            try:
-                answer = _direct.ACK_OK if buffers is not None else _direct.ACK_RESEND
-                w.conn.send_bytes(W.HEADER.pack(W.ACK, 0, 0, answer, 0, 0, 0))
-            except OSError:
-                pass  # it died: we have its results, or its sentinel will tell
+            answer = _direct.ACK_OK if buffers is not None else _direct.ACK_RESEND
+            self._post(w, W.HEADER.pack(W.ACK, 0, 0, answer, 0, 0, 0))
         if buffers is None:
             return None
         return pickle.loads(payload, buffers=buffers)
@@ -702,10 +782,7 @@ class Engine:
         limit = self.max_tasks_per_worker
         if limit is not None and w.tasks_done >= limit and not w.chunks and not w.stopping:
             w.stopping = True
-            try:
-                w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
-            except OSError:
-                pass
+            self._post(w, W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
 
     def _on_exit(self, w: _Worker) -> None:
         """The worker's process has exited: attribute its chunks, then forget it."""
@@ -825,7 +902,7 @@ class Engine:
             self.workers.remove(w)
             self.free_slots.append(w.slot)
             self.retired.append((w.pid, w.tasks_done, w.busy, time.monotonic() - w.born))
-        w.conn.close()
+        w.close()
         w.process.join(0)
         gone = w.process.exitcode is not None
         if gone:
@@ -1054,7 +1131,7 @@ class Engine:
         stop_processes([w.process for w in workers], join_timeout=0)
         for w in workers:
             w.dead = True
-            w.conn.close()
+            w.close()
             self._drop_segments(w, gone=True)
         self.progressed.notify_all()
 
@@ -1071,14 +1148,12 @@ class Engine:
             workers, self.workers = self.workers, []
             if graceful:
                 for w in workers:
-                    if w.chunks or w.stopping:
+                    if w.chunks or w.stopping or w.out:
                         continue
-                    try:
-                        w.conn.send_bytes(W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
-                    except OSError:
-                        pass
-            busy = [w for w in workers if w.chunks]
-            idle = [w for w in workers if not w.chunks]
+                    self._post(w, W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0))
+            # busy: running a chunk, or not reading what we sent it (not even the STOP)
+            busy = [w for w in workers if w.chunks or w.out]
+            idle = [w for w in workers if not (w.chunks or w.out)]
             for w in workers:
                 w.dead = True
             self.wake()
@@ -1086,7 +1161,7 @@ class Engine:
         stop_processes([w.process for w in idle], join_timeout=join_timeout if graceful else 0)
         with self.mutex:
             for w in workers:
-                w.conn.close()
+                w.close()
                 self._drop_segments(w, gone=True)
             if self.driver is None:
                 self._release_locked()
