@@ -585,3 +585,51 @@ def test_a_large_item_is_not_kept_after_the_run(start_method: StartMethod) -> No
     assert len(getattr(_frames._scratch, "buffer", b"")) < size // 4  # not the item's size
     assert grown < size // 3, f"the consumer kept {grown >> 20} MiB"
     assert pipeline.stats is not None  # the run is kept for its stats, not its results
+
+
+# ------------------------------------------------------------------ the default bound
+
+
+def _large_items(n: int, size: int, stats: dict[str, int], consumed: list[int]) -> Iterator[bytes]:
+    """``n`` distinct items of ``size`` bytes; notes the most items ever taken from it and
+    not yet received by the consumer."""
+    for i in range(n):
+        stats["max"] = max(stats.get("max", 0), i + 1 - consumed[0])
+        yield bytes([i]) * size
+
+
+@pytest.mark.timeout(180)
+def test_the_default_bound_counts_bytes(start_method: StartMethod) -> None:
+    # 12 items of 50 MB through two stages of two workers: by count alone, all 12 were let
+    # into flight at once (2 x 4 workers + 4); the default bound weighs them
+    size = 50 << 20
+    stats: dict[str, int] = {}
+    consumed = [0]
+    pipeline = (
+        pk.Pipeline(_large_items(12, size, stats, consumed), start_method=start_method)
+        .map(w.identity, max_workers=2)
+        .map(w.length, max_workers=2)
+    )
+    with iter(pipeline) as results:
+        for got in results:
+            assert got == size
+            consumed[0] += 1
+    assert consumed[0] == 12
+    # the byte budget (64 MiB) is spent by two items; the source thread may hold one more
+    assert stats["max"] <= 3, stats
+
+
+@pytest.mark.timeout(180)
+def test_the_default_bound_counts_bytes_inside_the_stages(start_method: StartMethod) -> None:
+    size = 50 << 20
+    with pk.SharedCounter() as inside:
+        source = ((inside, bytes([i]) * size) for i in range(12))
+        results = (
+            pk.Pipeline(source, start_method=start_method)
+            .map(w.count_in, max_workers=2)
+            .map(w.count_out, max_workers=2)
+            .run()
+        )
+    assert [length for length, _ in results] == [size] * 12
+    # items between the first stage's start and the last stage's end, as each came in
+    assert max(seen for _, seen in results) <= 2, results

@@ -116,3 +116,17 @@ def rss_bytes() -> int:
 def rss_or_same(x: object) -> object:
     """``bytes`` pass through; anything else is answered with this worker's RSS."""
     return x if isinstance(x, bytes) else rss_bytes()
+
+
+def count_in(item: tuple[SharedCounter, bytes]) -> tuple[SharedCounter, bytes, int]:
+    """A first stage: counts the items inside the stages, and notes how many there are."""
+    counter, data = item
+    counter.add(1)
+    return counter, data, counter.value
+
+
+def count_out(item: tuple[SharedCounter, bytes, int]) -> tuple[int, int]:
+    """A last stage: counts the item out; ``(its size, items inside when it came in)``."""
+    counter, data, seen = item
+    counter.add(-1)
+    return len(data), seen

@@ -169,8 +169,12 @@ class Pipeline(Generic[T]):
         start_method: ``"fork"``, ``"forkserver"`` or ``"spawn"``; ``None`` is the
             platform default.
         maxsize: at most this many source items are between the source and the consumer
-            at any time (read from the source and not yet handed out).  ``None`` sizes it
-            from the workers and the batch size.
+            at any time (read from the source and not yet handed out), whatever their
+            size.  ``None`` (the default) sizes it from the workers and the batch size, and
+            also weighs the items: once about 64 MiB of pickled items (a batch weighs its
+            largest message at any stage) are between the source and the consumer, no
+            more are read, so large items are not multiplied by stages and workers; at
+            least two items are always let in, so that the stages overlap.
         progress: report how far each run (``run()`` or iteration) has got: ``True``
             shows one tqdm bar counting source items through the whole pipeline, with
             each stage's output count after it (``pip install 'parallelkit[progress]'``);

@@ -18,6 +18,8 @@ worker of the next stage without unpickling them.  Compared with workers sharing
 - backpressure is exact: at most ``maxsize`` source items are between the source and the
   consumer (taken from the source and not yet handed out), however slow any stage or the
   consumer is; the source is read by a helper thread that stops when that budget is spent;
+  without ``maxsize`` the budget counts bytes too (``BYTES_IN_FLIGHT``: a batch weighs its
+  largest message so far), so that large items are not multiplied by stages and workers;
 - batching adapts: a batch holds whatever the source has ready, up to a size set by the
   pickled bytes per item and the stages' speed, so a fast source moves thousands of small
   items per message while a slow trickle is sent one item at a time, at once;
@@ -72,6 +74,11 @@ BATCH_BYTES: Final = 256 * 1024  # aim for messages about this size
 BATCH_SECONDS: Final = 0.005  # ... and for batches that keep the slowest stage this busy
 CHUNK_SECONDS: Final = 0.001  # the source thread passes on what it read at least this often
 STOP_TIMEOUT: Final = 5.0  # seconds finished workers get to exit before being terminated
+# maxsize=None: besides the items bound, at most about this many bytes (the largest pickled
+# message of each batch) between the source and the consumer, however many stages and
+# workers there are; never fewer than MIN_IN_FLIGHT items, so that the stages overlap
+BYTES_IN_FLIGHT: Final = 64 << 20
+MIN_IN_FLIGHT: Final = 2  # items
 
 # ------------------------------------------------------------------ statistics
 
@@ -213,6 +220,10 @@ class Run:
         self.next_out = 0  # the batch to hand out next (ordered)
         self.outputs: deque[list[Any]] = deque()
         self.held_counts: deque[int] = deque()  # source items behind each list in outputs
+        self.held_bytes: deque[int] = deque()  # ... and their bytes, while the consumer has them
+        self.batch_bytes: dict[int, int] = {}  # batch -> its largest message so far
+        self.bytes_in_flight = 0  # the sum of batch_bytes, and of held_bytes
+        self.item_bytes: int | None = None  # pickled bytes per item of the last batch taken
         self.items_out = 0  # items the consumer took (in lists from outputs) ...
         self.unread: Callable[[], int] = _none  # ... less those it has not read yet
         self.started = time.perf_counter()
@@ -405,9 +416,13 @@ class Run:
             self.wakeup.wake()
 
     def _cap(self) -> int:
+        """Source items allowed between the source and the consumer."""
         if self.maxsize is not None:
             return self.maxsize
-        return self.batch_size * (2 * len(self.workers) + 4)
+        items = self.batch_size * (2 * len(self.workers) + 4)
+        if self.item_bytes is None:  # no item measured yet: it may be a large one
+            return min(items, MIN_IN_FLIGHT)
+        return max(MIN_IN_FLIGHT, min(items, BYTES_IN_FLIGHT // max(1, self.item_bytes)))
 
     # -------------------------------------------------------------- the router
 
@@ -479,10 +494,17 @@ class Run:
         return best
 
     def _take_batch(self) -> tuple[int, frames.Parts] | None:
-        room = self._cap() - (self.taken - self.released)
+        in_flight = self.taken - self.released
+        room = self._cap() - in_flight
         limit = min(self.batch_size, room)
         if limit <= 0:
             return None
+        if (
+            self.maxsize is None
+            and self.bytes_in_flight >= BYTES_IN_FLIGHT
+            and in_flight >= MIN_IN_FLIGHT
+        ):
+            return None  # the byte budget is spent; a batch coming back frees it
         start = self.taken
         items: Sequence[Any]
         if self.sequence is not None:
@@ -509,7 +531,11 @@ class Run:
         self.taken += count
         self.batch_span[number] = (start, count)
         self.counts[0].items_in += count
-        self._resize(frames.size(message), count)
+        nbytes = frames.size(message)
+        self.batch_bytes[number] = nbytes
+        self.bytes_in_flight += nbytes
+        self.item_bytes = nbytes // count
+        self._resize(nbytes, count)
         if self.thread_waiting:
             with self.budget:
                 self.budget.notify()
@@ -615,6 +641,11 @@ class Run:
         counts.items_out += n
         counts.busy += busy
         counts.waiting += waiting
+        nbytes = frames.size(message)
+        grown = nbytes - self.batch_bytes.get(batch, nbytes)
+        if grown > 0:  # a stage's outputs larger than its inputs weigh what they weigh
+            self.batch_bytes[batch] = nbytes
+            self.bytes_in_flight += grown
         if stage + 1 < len(self.stages) and n > 0:
             self.counts[stage + 1].items_in += n
             self.pending[stage + 1].append((batch, message))
@@ -636,20 +667,28 @@ class Run:
 
     def _hand_out(self, batch: int, results: list[Any]) -> None:
         _, count = self.batch_span.pop(batch)
+        nbytes = self.batch_bytes.pop(batch, 0)
         self.handed += count
         if results:
             self.outputs.append(results)
             self.held_counts.append(count)
-        if not (self.streaming and results):
-            self.release(count)
+        if self.streaming and results:
+            self.held_bytes.append(nbytes)
+        else:
+            self._release(count, nbytes)
 
     def release(self, count: int) -> None:
-        """The consumer is done with ``count`` source items' results: they leave the budget.
+        """The consumer is done with the next batch it took (``count`` source items' results):
+        it leaves the budget.
 
         A streaming consumer releases a batch when it moves on to the next one, so that what
-        it holds counts against ``maxsize`` too.
+        it holds counts against ``maxsize`` (and the byte budget) too.
         """
+        self._release(count, self.held_bytes.popleft() if self.held_bytes else 0)
+
+    def _release(self, count: int, nbytes: int) -> None:
         self.released += count
+        self.bytes_in_flight -= nbytes
         if self.thread_waiting:
             with self.budget:
                 self.budget.notify()
