@@ -23,8 +23,9 @@ import random
 import signal
 import sys
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -146,6 +147,14 @@ def make_items(r: Round, *, allow_fail: bool = True) -> list[tuple[int, object]]
     return items
 
 
+def recycle_choices(r: Round) -> list[int | None]:
+    """``max_tasks_per_worker`` values: small ones only where starting a worker is cheap
+    (every retired worker is replaced; under spawn each replacement is an interpreter)."""
+    return {"fork": [None, None, 1, 4, 50], "forkserver": [None, None, 10, 50]}.get(
+        r.method, [None, None, 100]
+    )
+
+
 # ------------------------------------------------------------------------------ killing
 
 
@@ -160,17 +169,44 @@ def helper_pids() -> set[int]:
     return {pid for pid in pids if isinstance(pid, int)}
 
 
+HELPER_MAINS: Final = ("multiprocessing.forkserver import main", "resource_tracker import main")
+
+
 def worker_pids(exclude: set[int] | None = None) -> list[int]:
-    """The running descendants of this process, helpers (and ``exclude``) left out."""
+    """The running descendants of this process, helpers (and ``exclude``) left out.
+
+    A helper (a child of ours) is known by its command line too: multiprocessing records
+    its pid only once it has started.  (The forkserver's children, workers, share its
+    command line.)
+    """
     skip = helper_pids() | (exclude or set())
+    me = os.getpid()
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if child.pid not in skip and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child.pid)
-        except psutil.NoSuchProcess:
+            if child.pid in skip or child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            helper = child.ppid() == me and any(
+                main in " ".join(child.cmdline()) for main in HELPER_MAINS
+            )
+        except psutil.Error:  # gone meanwhile
             continue
+        if not helper:
+            found.append(child.pid)
     return sorted(found)
+
+
+def wait_gone(pid: int) -> None:
+    """Until ``pid`` is no longer a running process (exited, perhaps not reaped yet)."""
+    deadline = time.monotonic() + RESULT_WAIT
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} still runs {RESULT_WAIT} s after SIGKILL")
 
 
 class Killer:
@@ -220,22 +256,175 @@ def is_our_crash(exc: BaseException, killer: Killer | None) -> bool:
     )
 
 
+# ------------------------------------------------------------------------------ maps
+
+
+def check_results(
+    got: list[object],
+    items: list[tuple[int, object]],
+    *,
+    ordered: bool,
+    complete: bool,
+    killer: Killer | None = None,
+) -> None:
+    """Each result is its item's (or, with ``return_exceptions``, its exception).
+
+    ``ordered``: result k belongs to item k; otherwise results carry their item's index.
+    ``complete``: every item has its result (else a prefix, for ordered, or a subset).
+    """
+    if complete and len(got) != len(items):
+        raise AssertionError(f"{len(got)} results for {len(items)} items")
+    seen: set[int] = set()
+    for position, result in enumerate(got):
+        if isinstance(result, BaseException):
+            if is_our_crash(result, killer):
+                index = getattr(result, "item_index", None)
+                if ordered and index != position:
+                    raise AssertionError(f"crash of item {index} in slot {position}")
+                if index is None:
+                    raise AssertionError(f"crash without an item index: {result!r}")
+                seen.add(index)
+                continue
+            if not isinstance(result, w.StressTaskError):
+                raise AssertionError(f"slot {position}: unexpected {result!r}") from result
+            index = int(str(result).split()[1])
+        else:
+            index = result[0]  # type: ignore[index]  # a (index, value) pair
+        if ordered and index != position:
+            raise AssertionError(f"slot {position} holds the result of item {index}")
+        if index in seen:
+            raise AssertionError(f"item {index} has two results")
+        seen.add(index)
+        want = expected_of(items[index])
+        if isinstance(want, BaseException):
+            if not isinstance(result, w.StressTaskError) or str(result) != str(want):
+                raise AssertionError(f"item {index}: got {_short(result)}, expected {want!r}")
+        else:
+            expect_same(result, want, f"item {index}")
+
+
+def scenario_map(r: Round, *, kill: bool = False) -> None:
+    """run_parallel, imap_parallel, WorkerPool.map and .imap over every payload kind."""
+    api = r.pick("api", ["run_parallel", "imap_parallel", "pool.map", "pool.imap"])
+    workers = r.pick("workers", [1, 2, 2, 3])
+    chunksize = r.pick("chunksize", [None, None, 1, 2, 5, 16])
+    ordered = api == "pool.map" or r.pick("ordered", [True, False])
+    return_exceptions = api != "pool.map" and r.pick("return_exceptions", [False, True])
+    repeat = r.between("repeat", 1, 3)
+    keep = r.pick("results", ["kept", "dropped"])
+    kill_window = r.pick("kill_within_s", [0.05, 0.3, 1.0]) if kill else 0.0
+    items = make_items(r)
+    r.show()
+    failing = {i for i, payload in items if isinstance(expected_of((i, payload)), BaseException)}
+    recycle = r.pick("max_tasks_per_worker", recycle_choices(r))
+    pool = (
+        pk.WorkerPool(workers, start_method=r.method, max_tasks_per_worker=recycle)
+        if api.startswith("pool")
+        else None
+    )
+    try:
+        for _ in range(repeat):
+            killer = Killer(r, within=kill_window) if kill else None
+            options: dict[str, Any] = {"chunksize": chunksize}
+            got: list[object] = []
+            try:
+                if api == "run_parallel":
+                    got = pk.run_parallel(
+                        w.tagged,
+                        items,
+                        max_workers=workers,
+                        start_method=r.method,
+                        ordered=ordered,
+                        return_exceptions=return_exceptions,
+                        **options,
+                    )
+                else:
+                    if api == "imap_parallel":
+                        iterator: Iterator[object] = pk.imap_parallel(
+                            w.tagged,
+                            iter(items),
+                            max_workers=workers,
+                            start_method=r.method,
+                            ordered=ordered,
+                            return_exceptions=return_exceptions,
+                            **options,
+                        )
+                    elif api == "pool.map":
+                        assert pool is not None
+                        iterator = pool.map(w.tagged, items, **options)
+                    else:
+                        assert pool is not None
+                        iterator = pool.imap(
+                            w.tagged,
+                            items,
+                            ordered=ordered,
+                            return_exceptions=return_exceptions,
+                            **options,
+                        )
+                    for result in iterator:
+                        if keep == "kept":
+                            got.append(result)
+                        else:  # check it and let it go at once
+                            check_results(
+                                [result], items, ordered=False, complete=False, killer=killer
+                            )
+                            got.append(None)
+                    del iterator
+            except w.StressTaskError as exc:
+                if return_exceptions or not failing:
+                    raise
+                if int(str(exc).split()[1]) not in failing:
+                    raise AssertionError(f"raised for the wrong item: {exc}") from exc
+                if keep == "kept":
+                    check_results(got, items, ordered=ordered, complete=False, killer=killer)
+                continue
+            except pk.WorkerCrashedError as exc:
+                if killer is not None:
+                    killer.stop()
+                if not is_our_crash(exc, killer):
+                    raise
+                continue
+            finally:
+                if killer is not None:
+                    killer.stop()
+            if failing and not return_exceptions and (killer is None or killer.killed is None):
+                raise AssertionError(f"items {sorted(failing)} fail, yet nothing was raised")
+            if keep == "kept":
+                check_results(got, items, ordered=ordered, complete=True, killer=killer)
+            elif len(got) != len(items):
+                raise AssertionError(f"{len(got)} results for {len(items)} items")
+        if pool is not None:  # the pool still works, whatever happened to its workers
+            small = [(i, i) for i in range(50)]
+            expect_same(list(pool.map(w.tagged, small)), [w.tagged(x) for x in small], "after")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def scenario_map_kill(r: Round) -> None:
+    """As scenario_map, with one worker SIGKILLed at a random moment of each call."""
+    scenario_map(r, kill=True)
+
+
 # ------------------------------------------------------------------------------ pools
 
 
 def scenario_submit_storm(r: Round) -> None:
-    """Threads submitting to one WorkerPool at once; futures kept, dropped or cancelled."""
+    """Threads submitting to one WorkerPool at once (and running maps on it); futures kept,
+    dropped or cancelled; workers retired after a few tasks, sometimes."""
     workers = r.pick("workers", [1, 2, 3])
     threads = r.pick("threads", [1, 2, 4])
     per_thread = r.between("per_thread", 10, 150)
     large = r.chance("large", 0.3)
     cancel_futures = r.chance("shutdown_cancel_futures", 0.3)
+    recycle = r.pick("max_tasks_per_worker", recycle_choices(r))
+    maps = r.pick("share_of_maps", [0.0, 0.05])
     seeds = [r.rng.random() for _ in range(threads)]
     r.show()
     errors: list[BaseException] = []
     kept: list[tuple[tuple[int, object], cf.Future[Any], bool]] = []
     lock = threading.Lock()
-    pool = pk.WorkerPool(workers, start_method=r.method)
+    pool = pk.WorkerPool(workers, start_method=r.method, max_tasks_per_worker=recycle)
 
     def storm(t: int) -> None:
         rng = random.Random(seeds[t])
@@ -248,6 +437,15 @@ def scenario_submit_storm(r: Round) -> None:
                 elif rng.random() < 0.05:
                     payload = ("fail", index)
                 item = (index, payload)
+                if rng.random() < maps:  # a whole map from this thread, among the submits
+                    batch = [(index, i) for i in range(rng.randint(0, 30))]
+                    if rng.random() < 0.5:
+                        got = list(pool.map(w.tagged, batch, chunksize=rng.choice([1, 4])))
+                    else:
+                        got = list(pool.imap(w.tagged, batch, ordered=False))
+                        got.sort()
+                    expect_same(got, [w.tagged(x) for x in batch], f"map in thread {t}")
+                    continue
                 future = pool.submit(w.tagged, item)
                 what = rng.random()
                 if what < 0.4:  # dropped: nobody looks at it
@@ -286,6 +484,49 @@ def scenario_submit_storm(r: Round) -> None:
             expect_same(list(pool.map(w.tagged, small)), [w.tagged(x) for x in small], "after")
     finally:
         pool.shutdown(wait=True)
+
+
+def scenario_idle_death(r: Round) -> None:
+    """An idle worker SIGKILLed between two maps (issue 23 §1): the next map is exact."""
+    workers = r.pick("workers", [1, 2, 3])
+    rounds = r.between("kills", 1, 3)
+    small = [(i, i) for i in range(r.pick("items", [1, 2, 4, 10, 200]))]
+    r.show()
+    want = [w.tagged(x) for x in small]
+    with pk.WorkerPool(workers, start_method=r.method) as pool:
+        expect_same(list(pool.map(w.tagged, small)), want, "before")
+        for k in range(rounds):
+            pids = worker_pids()
+            if not pids:
+                raise AssertionError("no worker found after a map")
+            victim = pids[r.rng.randrange(len(pids))]
+            os.kill(victim, signal.SIGKILL)
+            wait_gone(victim)
+            expect_same(list(pool.map(w.tagged, small)), want, f"after kill {k}")
+
+
+def scenario_leakcheck_pool(r: Round) -> None:
+    """A leak-checked block around a WorkerPool (and a thread pool) created before it
+    (issue 23 §2): no leak reported, nothing killed; both work after the block."""
+    workers = r.pick("workers", [1, 2])
+    warm = r.chance("used_before", 0.5)
+    threads = r.chance("thread_pool_too", 0.5)
+    r.show()
+    small = [(i, i) for i in range(60)]
+    want = [w.tagged(x) for x in small]
+    with pk.WorkerPool(workers, start_method=r.method) as pool:
+        executor = cf.ThreadPoolExecutor(2) if threads else None
+        try:
+            if warm:
+                expect_same(list(pool.map(w.tagged, small)), want, "before the block")
+            with check_no_leaks(kill=True, grace=2.0):
+                expect_same(list(pool.map(w.tagged, small)), want, "in the block")
+                if executor is not None:
+                    expect_same(list(executor.map(w.tagged, small)), want, "threads")
+            expect_same(list(pool.map(w.tagged, small)), want, "after the block")
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------------ pipelines
@@ -424,7 +665,11 @@ def scenario_shared(r: Round) -> None:
 
 
 SCENARIOS: Final[dict[str, Callable[[Round], None]]] = {
+    "map": scenario_map,
+    "map_kill": scenario_map_kill,
     "submit_storm": scenario_submit_storm,
+    "idle_death": scenario_idle_death,
+    "leakcheck_pool": scenario_leakcheck_pool,
     "pipeline": scenario_pipeline,
     "shared": scenario_shared,
 }
@@ -433,6 +678,8 @@ SCENARIOS: Final[dict[str, Callable[[Round], None]]] = {
 def main(argv: list[str]) -> int:
     scenario, method, seed = argv[1], argv[2], int(argv[3])
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if os.getpgrp() != os.getpid():  # run by hand: Ctrl-C rounds signal our group only
+        os.setpgid(0, 0)
     r = Round(scenario, method, seed)
     print(f"round {scenario} {method} {seed} fuzz={os.environ.get('PARALLELKIT_FUZZ')}")
     with check_no_leaks(grace=LEAK_GRACE):

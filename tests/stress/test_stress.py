@@ -44,7 +44,15 @@ from parallelkit.testing import remove_stale_segments
 
 HERE: Final = Path(__file__).resolve().parent
 SCRIPT: Final = HERE / "scenarios.py"
-SCENARIOS: Final = ("submit_storm", "pipeline", "shared")
+SCENARIOS: Final = (
+    "map",
+    "map_kill",
+    "submit_storm",
+    "idle_death",
+    "leakcheck_pool",
+    "pipeline",
+    "shared",
+)
 SECONDS: Final = float(os.environ.get("PARALLELKIT_STRESS_SECONDS", "180"))
 ROUND_TIMEOUT: Final = 150.0  # seconds before a round counts as hung
 DUMP_WAIT: Final = 5.0  # seconds for a hung round to write its stacks after SIGUSR1
