@@ -16,16 +16,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 __all__ = ("Owned", "mark", "owned_before", "register")
 
 _O = TypeVar("_O")
 
 
-@dataclass(frozen=True, slots=True)
-class Owned:
+class Owned(NamedTuple):
     """What one owner holds now: process ids, threads, ``/dev/shm`` segment names.
 
     ``complete`` is false when an owner could not say (it raised): then nobody may act on
