@@ -55,6 +55,7 @@ from ._lifecycle import (
     describe_exit,
     signal_name,
     start_child,
+    start_forkserver,
     stop_processes,
     wait_reapable,
 )
@@ -1063,6 +1064,8 @@ class Engine:
                 # fork every worker now, before our thread exists (see the module docstring)
                 while len(self.workers) < self.max_workers:
                     self._spawn()  # never None: that is only for forkserver
+            elif self.start_method == "forkserver":
+                start_forkserver()  # from this thread, with its signal mask (see below)
             self.helper_running = True
             thread = threading.Thread(
                 target=self._complete_futures, name="parallelkit-futures", daemon=True

@@ -111,11 +111,16 @@ def start_forkserver() -> list[str]:
     from ._worker import THREAD_BLOCKED  # noqa: PLC0415
 
     preload_forkserver()
-    # From a thread of ours (which blocks signals: see THREAD_BLOCKED), a server started
-    # now would keep that mask for good and hand it to every process it forks, the
-    # user's own too: it gets the signals unblocked.
+    # Started from a thread of ours (which blocks signals: see THREAD_BLOCKED), the server
+    # would keep that mask for good and hand it to every process it forks, the user's own
+    # too: the signals are unblocked while it starts (only then: the thread must not take
+    # a Ctrl-C meant for the main thread each time it starts a worker).
+    server = getattr(forkserver, "_forkserver", None)
+    starting = getattr(server, "_forkserver_pid", None) is None
     ours = threading.current_thread() is not threading.main_thread()
-    old_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, THREAD_BLOCKED) if ours else None
+    old_mask = (
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, THREAD_BLOCKED) if ours and starting else None
+    )
     try:
         forkserver.ensure_running()
     finally:  # read by the server as it started, if it did
