@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import pickle
@@ -253,6 +254,53 @@ def test_request_response_server(start_method: StartMethod) -> None:
         assert [child.request(i, timeout=10) for i in range(50)] == list(range(50))
         assert child.request({"a": [1, 2]}, timeout=10) == {"a": [1, 2]}
     assert child.exitcode == 0  # the child's loop ended when the channel closed
+
+
+def test_after_a_request_times_out_each_request_gets_its_own_reply(
+    start_method: StartMethod,
+) -> None:
+    release = multiprocessing.get_context(start_method).Event()
+    with pk.start_process(wc.answer_held, release, start_method=start_method) as child:
+        with pytest.raises(TimeoutError, match="no reply"):
+            child.request("slow", timeout=0.2)
+        release.set()  # the late reply is sent now, before the next one
+        assert child.request("fast", timeout=10) == "reply to fast"
+        assert child.request("next", timeout=10) == "reply to next"
+        with pytest.raises(TimeoutError):
+            child.recv(timeout=0.2)  # the late reply was discarded, not kept for recv
+        child.send("plain")  # a message sent with send(): its answer is for recv()
+        assert child.recv(timeout=10) == "reply to plain"
+
+
+def test_threads_requesting_on_one_channel_each_get_their_own_reply(
+    start_method: StartMethod,
+) -> None:
+    release = multiprocessing.get_context(start_method).Event()
+    with pk.start_process(wc.answer_in_two_threads, release, start_method=start_method) as child:
+        slow, slow_out = _in_thread(lambda: child.request("slow", timeout=30))
+        # the server holds "slow" in one thread; the other answers these meanwhile
+        fast = [_in_thread(functools.partial(child.request, i, timeout=30)) for i in range(20)]
+        for thread, _ in fast:
+            thread.join(30)
+        assert [out for _, out in fast] == [[("answer", i)] for i in range(20)]
+        release.set()
+        slow.join(30)
+        assert slow_out == [("answer", "slow")]
+
+
+def test_a_late_reply_never_reaches_another_threads_request() -> None:
+    client, server = pk.channel_pair()
+    with client, server:
+        first, first_out = _in_thread(lambda: client.request("a", timeout=0.2))
+        first.join(10)
+        assert isinstance(first_out[0], TimeoutError)
+        assert server.recv(timeout=10) == "a"
+        second, second_out = _in_thread(lambda: client.request("b", timeout=10))
+        assert server.recv(timeout=10) == "b"  # two requests received, in order
+        server.send("answer to a")  # late: discarded
+        server.send("answer to b")
+        second.join(10)
+        assert second_out == ["answer to b"]
 
 
 def test_iteration_ends_when_the_child_closes(start_method: StartMethod) -> None:

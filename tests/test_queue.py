@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +18,7 @@ import workers_pipeline
 import workers_queue as w
 from parallelkit import _frames
 from parallelkit._context import get_context
+from parallelkit._queue import UNBOUNDED_LARGE_BYTES
 from parallelkit._types import StartMethod
 
 
@@ -200,3 +205,230 @@ def test_a_large_item_is_not_kept_by_the_consumer_after_it_is_dropped() -> None:
     assert len(getattr(_frames._scratch, "buffer", b"")) < size // 4  # not the item's size
     assert grown < size // 3, f"the consumer kept {grown >> 20} MiB"
     q.close()
+# ------------------------------------------------------------------ no item hoarded or lost
+
+
+def test_a_consumer_that_takes_one_item_leaves_the_rest_of_the_batch(
+    start_method: StartMethod,
+) -> None:
+    ctx = get_context(start_method)
+    q: pk.Queue[int] = pk.Queue(start_method=start_method)
+    q.put_many(range(10))  # one message
+    q.close()
+    out, theirs = ctx.Pipe(duplex=False)
+    consumer = ctx.Process(target=w.take_one, args=(q, theirs))  # type: ignore[attr-defined]
+    consumer.start()
+    theirs.close()
+    assert out.recv() == 0
+    consumer.join(10)
+    assert consumer.exitcode == 0
+    assert list(q) == list(range(1, 10))  # the rest stayed in the queue
+    out.close()
+
+
+def test_two_consumers_taking_one_at_a_time_share_one_batch(start_method: StartMethod) -> None:
+    ctx = get_context(start_method)
+    q: pk.Queue[int] = pk.Queue(start_method=start_method)
+    q.put_many(range(200))  # one message of 200 items
+    q.close()
+    barrier = ctx.Barrier(2)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(2)]
+    consumers = [
+        ctx.Process(target=w.take_one_then_all, args=(q, barrier, theirs))  # type: ignore[attr-defined]
+        for _, theirs in pipes
+    ]
+    for p in consumers:
+        p.start()
+    for _, theirs in pipes:
+        theirs.close()
+    parts: list[list[int]] = [mine.recv() for mine, _ in pipes]
+    for p in consumers:
+        p.join(10)
+        assert p.exitcode == 0
+    assert all(parts)  # both got some
+    assert Counter(x for part in parts for x in part) == Counter(range(200))  # each once
+    for part in parts:
+        assert part == sorted(part)  # in the order they were put
+    for mine, _ in pipes:
+        mine.close()
+
+
+def test_get_many_takes_at_most_max_items_and_get_one() -> None:
+    q: pk.Queue[int] = pk.Queue()
+    q.put_many(range(10))
+    assert q.get_many(3, timeout=1) == [0, 1, 2]
+    assert q.get(timeout=1) == 3
+    assert q.get_many(100, timeout=1) == [4, 5, 6, 7, 8, 9]
+    with pytest.raises(TimeoutError):
+        q.get(timeout=0.01)
+
+
+def test_threads_taking_one_at_a_time_get_every_item_once() -> None:
+    q: pk.Queue[int] = pk.Queue()
+    q.put_many(range(5000))
+    q.close()
+    got: list[list[int]] = [[], [], []]
+
+    def take(into: list[int]) -> None:
+        while True:
+            try:
+                into.append(q.get(timeout=10))
+            except pk.QueueClosedError:
+                return
+
+    threads = [threading.Thread(target=take, args=(part,)) for part in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert Counter(x for part in got for x in part) == Counter(range(5000))
+
+
+@pytest.mark.parametrize("point", ["queue.get.locked", "queue.get.before_commit"])
+def test_a_consumer_killed_in_the_middle_of_taking_loses_nothing_it_did_not_get(
+    start_method: StartMethod, point: str
+) -> None:
+    ctx = get_context(start_method)
+    q: pk.Queue[int] = pk.Queue(maxsize=20, start_method=start_method)
+    q.put_many(range(10))
+    q.close()
+    consumer = ctx.Process(target=w.take_dying_at, args=(q, point, 3))  # type: ignore[attr-defined]
+    consumer.start()
+    consumer.join(30)
+    assert consumer.exitcode == -signal.SIGKILL
+    # it died holding the read lock, before it had any item: all are still there
+    assert q.get_many(5, timeout=10) == [0, 1, 2, 3, 4]
+    assert list(q) == [5, 6, 7, 8, 9]
+
+
+# ------------------------------------------------------------------ put with a timeout
+
+
+def _put_until_no_room(q: pk.Queue[bytes], item: Callable[[int], bytes]) -> tuple[int, Exception]:
+    """Put ``item(0)``, ``item(1)``... with a timeout until one fails: (how many, the error)."""
+    put = 0
+    while True:
+        try:
+            q.put(item(put), timeout=0.2)
+        except TimeoutError as exc:
+            return put, exc
+        put += 1
+
+
+@pytest.mark.parametrize(("size", "maxsize"), [(1024, 50), (8192, 10), (1024, 0)])
+def test_a_put_with_a_timeout_never_hangs_in_a_write(size: int, maxsize: int) -> None:
+    q: pk.Queue[bytes] = pk.Queue(maxsize=maxsize)
+    put, error = _put_until_no_room(q, lambda i: bytes([i % 251]) * size)  # nobody reads
+    assert "no room" in str(error)
+    if maxsize:
+        assert put == maxsize
+        assert f"maxsize {maxsize}" in str(error)
+    q.close()
+    got = list(q)  # what was put arrives whole and in order; nothing of the failed put
+    assert [(len(x), x[0]) for x in got] == [(size, i % 251) for i in range(put)]
+
+
+def test_a_4_mib_put_with_a_timeout_and_no_consumer_returns() -> None:
+    q: pk.Queue[bytes] = pk.Queue()
+    blob = os.urandom(4 << 20)
+    q.put(blob, timeout=1.0)  # a message larger than any pipe or socket buffer
+    bounded: pk.Queue[bytes] = pk.Queue(maxsize=1)
+    bounded.put(blob, timeout=1.0)
+    with pytest.raises(TimeoutError, match="maxsize 1"):
+        bounded.put(blob, timeout=0.2)
+    q.close()
+    bounded.close()
+    assert list(q) == [blob]
+    assert list(bounded) == [blob]
+
+
+def test_an_unbounded_queue_holds_a_bounded_amount_of_large_items() -> None:
+    q: pk.Queue[bytes] = pk.Queue()
+    blob = bytes(4 << 20)
+    put, error = _put_until_no_room(q, lambda i: blob)
+    assert "no room" in str(error)
+    assert put * len(blob) <= UNBOUNDED_LARGE_BYTES
+    assert q.get(timeout=1) == blob
+    q.put(blob, timeout=10)  # room again once one was taken
+
+
+def test_put_many_with_a_timeout_says_how_many_were_put() -> None:
+    q: pk.Queue[int] = pk.Queue(maxsize=4)
+    with pytest.raises(TimeoutError) as caught:
+        q.put_many(range(10), timeout=0.2)
+    assert "the first 4 items were put" in str(caught.value.__notes__)
+    assert q.get_many(timeout=1) == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------ killed while waiting
+
+
+def _wait_blocked(pid: int) -> None:
+    """Wait until process ``pid`` sleeps in a system call that waits (poll or a futex)."""
+    waits = {"x86_64": {"7", "271", "202"}, "aarch64": {"73", "98"}}[os.uname().machine]
+    while True:
+        try:
+            number = Path(f"/proc/{pid}/syscall").read_text().split()[0]
+        except (OSError, IndexError):
+            number = ""
+        if number in waits:
+            return
+        time.sleep(0.001)
+
+
+def test_a_consumer_killed_while_waiting_in_get_leaves_the_queue_usable(
+    start_method: StartMethod,
+) -> None:
+    ctx = get_context(start_method)
+    q: pk.Queue[int] = pk.Queue(start_method=start_method)
+    ready, theirs = ctx.Pipe(duplex=False)
+    consumer = ctx.Process(target=w.announce_then_get, args=(q, theirs))  # type: ignore[attr-defined]
+    consumer.start()
+    theirs.close()
+    assert ready.recv() == "waiting"
+    _wait_blocked(consumer.pid or 0)  # idle in get(): the queue is empty
+    consumer.kill()
+    consumer.join(10)
+    q.put(1)
+    assert q.get(timeout=10) == 1
+    q.put(2)
+    assert q.get() == 2  # no timeout: would hang on a lock the dead consumer kept
+    ready.close()
+
+
+def test_a_producer_killed_while_waiting_for_room_leaves_the_room(
+    start_method: StartMethod,
+) -> None:
+    ctx = get_context(start_method)
+    q: pk.Queue[int] = pk.Queue(maxsize=2, producers=2, start_method=start_method)
+    q.put_many([1, 2])  # full
+    ready, theirs = ctx.Pipe(duplex=False)
+    producer = ctx.Process(target=w.announce_then_put, args=(q, theirs, 3))  # type: ignore[attr-defined]
+    producer.start()
+    theirs.close()
+    assert ready.recv() == "waiting"
+    _wait_blocked(producer.pid or 0)
+    producer.kill()
+    producer.join(10)
+    assert q.get_many(timeout=10) == [1, 2]
+    q.put(4, timeout=10)  # the queue is empty: there is room
+    q.put(5, timeout=10)
+    with pytest.raises(TimeoutError, match="maxsize 2"):
+        q.put(6, timeout=0.1)
+    assert q.get(timeout=10) == 4
+    assert q.get(timeout=10) == 5
+    ready.close()
+
+
+@pytest.mark.parametrize("point", ["queue.put.before_send"])
+def test_a_producer_killed_in_the_middle_of_a_put_leaves_the_queue_usable(
+    start_method: StartMethod, point: str
+) -> None:
+    ctx = get_context(start_method)
+    q: pk.Queue[int] = pk.Queue(maxsize=1, producers=2, start_method=start_method)
+    producer = ctx.Process(target=w.put_dying_at, args=(q, point, 1))  # type: ignore[attr-defined]
+    producer.start()
+    producer.join(30)
+    assert producer.exitcode == -signal.SIGKILL
+    q.put(2, timeout=10)  # it held the counters' lock when it died
+    assert q.get(timeout=10) == 2

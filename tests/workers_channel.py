@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
 import time
+from multiprocessing.synchronize import Event
 
 from parallelkit import Channel
 
@@ -105,3 +107,28 @@ def connect_and_echo(channel: Channel[str, object], address: tuple[str, int], ke
         channel.send("connected")
         for message in remote:
             remote.send(message)
+
+
+def answer_held(channel: Channel[object, object], release: Event) -> None:
+    """Answer every message; hold the answer to ``"slow"`` until ``release`` is set."""
+    for message in channel:
+        if message == "slow":
+            release.wait(60)
+        channel.send(f"reply to {message}")
+
+
+def answer_in_two_threads(channel: Channel[object, object], release: Event) -> None:
+    """Two threads each receive and answer (the one that gets ``"slow"`` waits for
+    ``release`` first): the replies leave in another order than the requests came."""
+
+    def serve() -> None:
+        for message in channel:
+            if message == "slow":
+                release.wait(60)
+            channel.send(("answer", message))
+
+    threads = [threading.Thread(target=serve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

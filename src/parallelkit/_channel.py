@@ -43,6 +43,7 @@ tunnel it (SSH, WireGuard, stunnel).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import pickle
@@ -52,11 +53,12 @@ import struct
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Generic, Self, overload
 
-from . import _handshake
+from . import _fuzz, _handshake
 from ._checks import check_timeout
 from ._serialize import ExceptionRecord, check_single_host, rebuild_exception
 from .errors import ChannelClosedError, SerializationError
@@ -92,6 +94,11 @@ BYTES: Final = 2  # a top-level bytes: one buffer, no pickle
 BYTEARRAY: Final = 3  # a top-level bytearray: one buffer, no pickle
 FAILED: Final = 4  # a start_process target raised: a pickled ExceptionRecord
 KINDS: Final = frozenset((MESSAGE, BYTES, BYTEARRAY, FAILED))
+# Tags on the kind byte: the frame carries a request id (8 bytes after HEAD).
+REQUEST: Final = 0x40  # sent by request(): the receiving thread's next send answers it
+REPLY: Final = 0x80  # the answer to the request with that id
+TAGS: Final = REQUEST | REPLY
+ID: Final = struct.Struct("<Q")
 MAX_BUFFERS: Final = 1 << 16
 
 BUFFER_SIZE: Final = 256 * 1024  # the reused receive buffer
@@ -108,11 +115,15 @@ DEFAULT_ADDRESS: Final = ("127.0.0.1", 0)
 class _Incoming:
     """A large message being received: its parts fill in place, across ``recv`` calls."""
 
-    __slots__ = ("index", "kind", "offset", "parts")
+    __slots__ = ("index", "kind", "offset", "parts", "request_id", "tag")
 
-    def __init__(self, kind: int, parts: list[bytearray | memoryview]) -> None:
+    def __init__(
+        self, kind: int, parts: list[bytearray | memoryview], tag: int, request_id: int
+    ) -> None:
         self.kind = kind
         self.parts = parts
+        self.tag = tag
+        self.request_id = request_id
         self.index = 0
         self.offset = 0
 
@@ -161,8 +172,19 @@ class Channel(Generic[SendT, RecvT]):
         self._sock = sock
         self._fd = sock.fileno()
         self._send_lock = threading.Lock()
-        self._recv_lock = threading.Lock()
-        self._request_lock = threading.Lock()
+        self._recv_lock = threading.Lock()  # the bytes: whoever reads or drains them
+        # Messages by who asked: one thread at a time reads frames (the reader) and files
+        # them; plain ones in _inbox for recv(), replies in _replies for their request.
+        self._cond = threading.Condition(threading.Lock())
+        self._inbox: deque[tuple[object, int]] = deque()  # (message, request id or 0)
+        self._replies: dict[int, object] = {}
+        self._waiting: set[int] = set()  # requests waiting for their reply
+        self._reading = False
+        self._sleepers = 0
+        self._request_ids = itertools.count(1)
+        self._local = threading.local()  # .pending: requests this thread received, unanswered
+        self._tag = 0  # tag and request id of the frame _recv just returned
+        self._tag_id = 0
         self._rbuf = bytearray(BUFFER_SIZE)
         self._rview = memoryview(self._rbuf)
         self._scratch = bytearray()  # where a large top-level bytes is received
@@ -197,13 +219,24 @@ class Channel(Generic[SendT, RecvT]):
             ChannelClosedError: the other end is gone, or this end was closed.
             SerializationError: ``obj`` cannot be pickled (nothing was sent).
         """
+        pending: deque[int] | None = getattr(self._local, "pending", None)
+        if pending:
+            # the answer to the oldest request this thread received and did not answer
+            self._send(obj, REPLY, pending[0])
+            pending.popleft()
+        else:
+            self._send(obj, 0, 0)
+
+    def _send(self, obj: object, tag: int, request_id: int) -> None:
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
         cls = type(obj)
+        tagged = ID.pack(request_id) if tag else b""
         if (cls is bytes or cls is bytearray) and len(obj) >= RAW_MIN:  # type: ignore[arg-type]
             kind = BYTES if cls is bytes else BYTEARRAY
             size = len(obj)  # type: ignore[arg-type]
-            self._write([HEAD.pack(kind, 1, 0) + LEN.pack(size), obj])  # type: ignore[list-item]
+            head = HEAD.pack(kind | tag, 1, 0) + tagged + LEN.pack(size)
+            self._write([head, obj])  # type: ignore[list-item]
             return
         buffers: list[pickle.PickleBuffer] = []
         try:
@@ -213,14 +246,16 @@ class Channel(Generic[SendT, RecvT]):
             data = _dumps_fallback(obj)
         if buffers:
             views = [_raw(b) for b in buffers]
-            head = HEAD.pack(MESSAGE, len(views), len(data)) + struct.pack(
-                f"<{len(views)}Q", *(v.nbytes for v in views)
+            head = (
+                HEAD.pack(MESSAGE | tag, len(views), len(data))
+                + tagged
+                + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views))
             )
             self._write([head, data, *views])
         elif len(data) <= SMALL:
-            self._write_one(HEAD.pack(MESSAGE, 0, len(data)) + data)
+            self._write_one(HEAD.pack(MESSAGE | tag, 0, len(data)) + tagged + data)
         else:
-            self._write([HEAD.pack(MESSAGE, 0, len(data)), data])
+            self._write([HEAD.pack(MESSAGE | tag, 0, len(data)) + tagged, data])
 
     def recv(self, timeout: float | None = None) -> RecvT:
         """Receive the next object.
@@ -235,16 +270,8 @@ class Channel(Generic[SendT, RecvT]):
             SerializationError: the message arrived but cannot be unpickled here.
         """
         timeout = check_timeout(timeout, zero_ok=True)
-        if timeout is None:
-            with self._recv_lock:
-                return self._recv(None)  # type: ignore[return-value]  # what the peer sent
-        deadline = time.monotonic() + timeout
-        if not self._recv_lock.acquire(timeout=max(0.0, timeout)):
-            raise TimeoutError(f"no message within {timeout:g} s")
-        try:
-            return self._recv(deadline)  # type: ignore[return-value]  # what the peer sent
-        finally:
-            self._recv_lock.release()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._wait(0, deadline)  # type: ignore[return-value]  # what the peer sent
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """Whether :meth:`recv` would not block: a message or the end is there.
@@ -255,7 +282,7 @@ class Channel(Generic[SendT, RecvT]):
         timeout = check_timeout(timeout, zero_ok=True)
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
-        if self._rend > self._rpos or self._broken is not None or self._eof:
+        if self._inbox or self._rend > self._rpos or self._broken is not None or self._eof:
             return True
         try:
             return bool(self._poller.poll(-1 if timeout is None else _ms(timeout)))
@@ -263,20 +290,130 @@ class Channel(Generic[SendT, RecvT]):
             return True  # the socket broke: recv() will say so
 
     def request(self, obj: SendT, timeout: float | None = None) -> RecvT:
-        """Send ``obj`` and receive the reply: a request/response round trip.
+        """Send ``obj`` and receive the reply to it: a request/response round trip.
 
-        Concurrent ``request`` calls on one channel are serialized, so each gets the reply
-        to its own request from a server that answers in order.  After a
-        :class:`TimeoutError` the late reply is still on its way: the next ``recv`` gets
-        it.
+        The request carries an id, and the other end's reply carries it back: the reply
+        is what the thread that received the request (with ``recv`` or by iterating) sends
+        next on that end -- so a server written as ``for x in channel: channel.send(f(x))``
+        answers correctly, in one thread or in several that each receive and answer.
+        Therefore:
+
+        - each ``request`` returns the reply to *its* request, also when several threads
+          make requests on one channel at once (they are not serialized), and ``recv``
+          never returns a reply;
+        - after :class:`TimeoutError`, the request stays sent (the other end may still
+          answer it), and its late reply is discarded when it arrives: it is never
+          returned to another request nor to ``recv``; the channel stays usable.
+
+        ``timeout`` bounds the wait for the reply; sending the request waits, as
+        :meth:`send` does, only while the other end reads nothing and the socket buffer is
+        full.
 
         Raises:
             TimeoutError: no reply within ``timeout`` seconds.
             ChannelClosedError: the other end is gone.
         """
-        with self._request_lock:
-            self.send(obj)
-            return self.recv(timeout)
+        timeout = check_timeout(timeout, zero_ok=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request_id = next(self._request_ids)
+        with self._cond:
+            self._waiting.add(request_id)
+        try:
+            if _fuzz.ENABLED:
+                _fuzz.point("channel.request.before_send")
+            self._send(obj, REQUEST, request_id)
+            return self._wait(request_id, deadline)  # type: ignore[return-value]
+        finally:
+            with self._cond:
+                self._waiting.discard(request_id)
+                self._replies.pop(request_id, None)
+
+    def _wait(self, request_id: int, deadline: float | None) -> object:
+        """The reply to ``request_id``, or (0) the next message that is not a reply.
+
+        One thread at a time reads frames and files each where it belongs; the others
+        wait for theirs on the condition, or take over reading when it is free.
+        """
+        cond = self._cond
+        while True:
+            with cond:
+                while True:
+                    if request_id:
+                        if request_id in self._replies:
+                            return self._replies.pop(request_id)
+                    elif self._inbox:
+                        message, asked = self._inbox.popleft()
+                        if asked:
+                            self._received_request(asked)
+                        return message
+                    if not self._reading:
+                        self._reading = True
+                        break
+                    if deadline is None:
+                        self._sleepers += 1
+                        cond.wait()
+                        self._sleepers -= 1
+                    else:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError(_timeout_message(request_id))
+                        self._sleepers += 1
+                        cond.wait(left)
+                        self._sleepers -= 1
+            try:
+                message = self._read_one(deadline, request_id)
+            except BaseException:
+                with cond:
+                    self._reading = False
+                    if self._sleepers:
+                        cond.notify_all()
+                raise
+            tag, tag_id = self._tag, self._tag_id
+            with cond:
+                self._reading = False
+                mine = False
+                if tag == REPLY:
+                    if tag_id == request_id:
+                        mine = True
+                    elif tag_id in self._waiting:
+                        self._replies[tag_id] = message
+                    # else: the reply to a request that gave up: discarded
+                    elif _fuzz.ENABLED:
+                        _fuzz.point("channel.late_reply_dropped")
+                elif not request_id and not self._inbox:
+                    mine = True
+                else:
+                    self._inbox.append((message, tag_id if tag == REQUEST else 0))
+                if self._sleepers:
+                    cond.notify_all()
+            if mine:
+                if tag == REQUEST:
+                    self._received_request(tag_id)
+                return message
+
+    def _read_one(self, deadline: float | None, request_id: int) -> object:
+        """Read one frame (as the reader); its tag is left in ``_tag`` / ``_tag_id``."""
+        if deadline is None:
+            self._recv_lock.acquire()
+        elif not self._recv_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(_timeout_message(request_id))
+        try:
+            if _fuzz.ENABLED:
+                _fuzz.point("channel.read_one")
+            return self._recv(deadline)
+        except TimeoutError:
+            if request_id:
+                raise TimeoutError(_timeout_message(request_id)) from None
+            raise
+        finally:
+            self._recv_lock.release()
+
+    def _received_request(self, request_id: int) -> None:
+        """This thread got a request: its next ``send`` on this end is the reply."""
+        pending: deque[int] | None = getattr(self._local, "pending", None)
+        if pending is None:
+            pending = self._local.pending = deque()
+        pending.append(request_id)
 
     def close(self) -> None:
         """Close this end; the other end's ``recv`` then raises ChannelClosedError.
@@ -546,23 +683,36 @@ class Channel(Generic[SendT, RecvT]):
                 if self._rend - self._rpos < HEAD_SIZE:
                     self._fill(HEAD_SIZE, deadline)
                 kind, nbufs, plen = HEAD.unpack_from(self._rbuf, self._rpos)
+                head = HEAD_SIZE
+                tag = kind & TAGS
+                request_id = 0
+                if tag:
+                    kind ^= tag
+                    if tag == TAGS:
+                        self._protocol_error(f"an invalid frame header (kind {kind | tag})")
+                    head += ID.size
+                    if self._rend - self._rpos < head:
+                        self._fill(head, deadline)
+                    (request_id,) = ID.unpack_from(self._rbuf, self._rpos + HEAD_SIZE)
                 if kind == MESSAGE and nbufs == 0 and plen <= SMALL:
                     if self._max is not None and plen > self._max:
                         self._too_large(plen)
-                    end = self._rpos + HEAD_SIZE + plen
+                    end = self._rpos + head + plen
                     if self._rend < end:
-                        self._fill(HEAD_SIZE + plen, deadline)
-                        end = self._rpos + HEAD_SIZE + plen
-                    start, self._rpos = self._rpos + HEAD_SIZE, end
+                        self._fill(head + plen, deadline)
+                        end = self._rpos + head + plen
+                    start, self._rpos = self._rpos + head, end
+                    self._tag, self._tag_id = tag, request_id
                     with self._rview[start:end] as data:
                         return self._loads(data, None)
-                self._begin_large(kind, nbufs, plen, deadline)
+                self._begin_large(kind, nbufs, plen, deadline, head, tag, request_id)
             incoming = self._incoming
             assert incoming is not None
             self._fill_parts(incoming, deadline)
         except _EOF as eof:
             raise self._gone_error(eof.__cause__) from eof.__cause__
         self._incoming = None
+        self._tag, self._tag_id = incoming.tag, incoming.request_id
         parts = incoming.parts
         if incoming.kind == MESSAGE:
             return self._loads(parts[0], parts[1:])  # type: ignore[arg-type]  # bytearrays
@@ -577,14 +727,23 @@ class Channel(Generic[SendT, RecvT]):
         record = pickle.loads(parts[0])  # FAILED
         raise self._target_failed(record)
 
-    def _begin_large(self, kind: int, nbufs: int, plen: int, deadline: float | None) -> None:
+    def _begin_large(
+        self,
+        kind: int,
+        nbufs: int,
+        plen: int,
+        deadline: float | None,
+        fixed: int,
+        tag: int,
+        request_id: int,
+    ) -> None:
         raw = kind in (BYTES, BYTEARRAY)
         if kind not in KINDS or nbufs > MAX_BUFFERS or (raw and (nbufs != 1 or plen)):
             self._protocol_error(f"an invalid frame header (kind {kind}, {nbufs} buffers)")
-        head = HEAD_SIZE + 8 * nbufs
+        head = fixed + 8 * nbufs
         if self._rend - self._rpos < head:
             self._fill(head, deadline)
-        lengths = struct.unpack_from(f"<{nbufs}Q", self._rbuf, self._rpos + HEAD_SIZE)
+        lengths = struct.unpack_from(f"<{nbufs}Q", self._rbuf, self._rpos + fixed)
         if self._max is not None and plen + sum(lengths) > self._max:
             self._too_large(plen + sum(lengths))
         self._rpos += head
@@ -598,7 +757,7 @@ class Channel(Generic[SendT, RecvT]):
             parts = [bytearray(), memoryview(self._scratch)[: lengths[0]]]
         else:
             parts = [bytearray(plen), *map(bytearray, lengths)]
-        self._incoming = _Incoming(kind, parts)
+        self._incoming = _Incoming(kind, parts, tag, request_id)
 
     def _fill_parts(self, incoming: _Incoming, deadline: float | None) -> None:
         parts = incoming.parts
@@ -701,6 +860,12 @@ def _dumps_fallback(obj: object) -> bytes:
             f"cannot send a {type(obj).__name__} over a channel: {type(exc).__name__}: {exc}",
             what="argument",
         ) from exc
+
+
+def _timeout_message(request_id: int) -> str:
+    if request_id:
+        return "no reply arrived in time (a late reply to this request will be discarded)"
+    return "no message arrived in time"
 
 
 def _format_address(address: object) -> str:

@@ -26,7 +26,9 @@ from ._checks import NO_LIMIT_FROM
 
 MIN_AUTHKEY_BYTES: Final = 16
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
-MAGIC: Final = b"parallelkit-channel-1\n"
+# The protocol's version is in the greeting: 2 tags requests and replies with an id.
+MAGIC_PREFIX: Final = b"parallelkit-channel-"
+MAGIC: Final = MAGIC_PREFIX + b"2\n"
 NONCE_BYTES: Final = 32
 DIGEST_BYTES: Final = 32
 OK: Final = b"OK\x00\x00"
@@ -133,6 +135,13 @@ def client_handshake(sock: socket.socket, key: bytes, timeout: float, peer: str)
     try:
         hello = _recv_exact(sock, len(MAGIC) + NONCE_BYTES, deadline, timeout)
         if not hello.startswith(MAGIC):
+            if hello.startswith(MAGIC_PREFIX):
+                version = hello[len(MAGIC_PREFIX) :].split(b"\n")[0].decode("ascii", "replace")
+                raise AuthenticationError(
+                    f"{what} speaks version {version} of the channel protocol, we speak "
+                    f"{MAGIC[len(MAGIC_PREFIX) :].strip().decode()}: use the same parallelkit "
+                    "version on both ends"
+                )
             raise AuthenticationError(f"{what} is not a parallelkit channel listener")
         nonce = os.urandom(NONCE_BYTES)
         sock.settimeout(max(0.1, deadline - time.monotonic()))

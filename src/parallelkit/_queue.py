@@ -1,32 +1,78 @@
 """Queue: a typed, closable, batched queue between processes, for hand-made pipelines.
 
-Built on a pipe and two locks, like ``multiprocessing.Queue``, with three differences:
+What it promises (and how)::
 
-- ``put`` pickles and writes in the caller (there is no feeder thread): an item that cannot
-  be pickled raises *there*, and an item ``put`` returned from is in the pipe, not in a
-  buffer a process may exit without flushing.
-- batches: ``put_many`` sends a list of items as one message and ``get_many`` takes a
-  message's worth at once; messages use the out-of-band framing of ``_frames``.
-- closing: the queue knows how many producers it has; each calls ``close()`` when it is
-  done, and once all have, consumers drain what is left and then see the end
-  (:class:`~parallelkit.errors.QueueClosedError` from ``get``, the end of a ``for`` loop),
-  with no sentinel values to count.
+    producers ──put / put_many──▶ datagram socket ──get / get_many──▶ consumers
+                  │  (one message = one datagram,             ▲  (take items of the
+                  │   written whole or not at all)            │   head message under
+                  └── large message: the datagram carries ────┘   a record lock)
+                      an anonymous file holding it
+
+- **Every item reaches exactly one consumer that asks for it, or stays in the queue.**
+  ``put_many`` sends many items per message, but ``get`` takes one item and
+  ``get_many(n)`` at most ``n``: the rest of a message stays *in the socket*, at its
+  head, with the number of its items already taken kept in shared memory (the *cursor*).
+  The next consumer, whichever process it is, takes the next items of that message.  A
+  handle keeps the items it decoded, so a consumer that takes one item at a time decodes
+  each message once while nobody else takes from it; a handle's copy is only ever a cache:
+  an item counts as taken when the shared cursor says so.
+- **A put with a timeout returns or raises within it, whatever the item size.**  Messages
+  travel as datagrams of a ``socketpair(AF_UNIX, SOCK_DGRAM)``: the kernel takes a datagram
+  whole or not at all, and never blocks a non-blocking send.  A message larger than a
+  quarter of the socket's buffer (or ``INLINE_MAX``) is written to an anonymous file
+  (``memfd``) first, and the datagram carries the file's descriptor.  So ``put`` never
+  leaves half a message behind: on :class:`TimeoutError` nothing of it was sent.
+- **No lock is held while waiting, and a lock holder's death releases it.**  Consumers
+  wait for data with ``poll`` and producers for room on a doorbell pipe, holding nothing.
+  The two locks (consumers' ``READ``, counters' ``COUNT``) are POSIX record locks on the
+  shared state file, held for a few system calls at a time; the kernel releases them when
+  their holder dies, however it dies.
+- Room: with ``maxsize`` the queue counts items put and taken in shared memory; without,
+  producers wait only while the socket's buffer is full or more than
+  ``UNBOUNDED_LARGE_BYTES`` of large messages wait for consumers.
+
+The state file (one page, mapped by every process)::
+
+    word 0  head id        the message whose items are partly taken (0: none)
+    word 1  head cursor    how many of its items are taken
+    word 2  open           producers that have not closed yet
+    word 3  ended          1 once the last producer closed
+    word 4  sent           items put (counted with maxsize only)
+    word 5  taken          items taken (counted with maxsize only)
+    word 6  waiters        producers waiting for room (they want the doorbell rung)
+    word 7  large          bytes of large messages in the queue
+
+A process that dies in the middle of an update errs on the side of room: counters are
+advanced before the socket operation they stand for, so a consumer killed between the two
+leaves the queue with a little more room than ``maxsize``, never less.
 
 Like ``multiprocessing.Queue``, a ``Queue`` is shared by passing it to a process when the
-process starts (``Process`` arguments, ``start_process``, an ``initializer``).  A consumer
-killed in the middle of receiving a message leaves the stream unreadable for the others;
-they get ``TimeoutError`` from ``get(timeout=...)`` rather than hang.  For stages of
-workers that survive a crash, use :class:`~parallelkit.Pipeline`.
+process starts (``Process`` arguments, ``start_process``, an ``initializer``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import itertools
+import mmap
+import os
+import select
+import socket
+import struct
+import sys
+import tempfile
+import threading
 import time
-from collections import deque
+import weakref
 from collections.abc import Iterable, Iterator
+from multiprocessing import reduction
+from multiprocessing.context import assert_spawning
 from typing import Any, Final, Generic, TypeVar
 
 from . import _frames as frames
+from . import _fuzz
 from ._checks import check_positive_int, check_timeout
 from ._context import get_context
 from ._serialize import check_single_host, locate_unpicklable
@@ -39,7 +85,35 @@ T = TypeVar("T")
 
 ITEMS: Final = 1
 END: Final = 2
+HAS_FD: Final = 1  # flag: the body is in the file whose descriptor the datagram carries
 PUT_MANY_BATCH: Final = 1024  # items per message, at most, from put_many
+BATCH_BYTES: Final = 1 << 20  # a message of several items is split above this many bytes
+INLINE_MAX: Final = 16 << 20  # bytes: a larger message travels in an anonymous file
+SOCKET_BUFFER: Final = 4 << 20  # bytes asked for (the kernel caps it at wmem_max)
+UNBOUNDED_LARGE_BYTES: Final = 64 << 20  # bytes of large messages an unbounded queue holds
+ROOM_RECHECK: Final = 0.05  # seconds: a producer waiting for room looks again at least this often
+LOCK_BACKOFF_MAX: Final = 0.002  # seconds between tries of a busy lock, at most
+
+# The datagram: kind, flags, number of parts, number of items, message id, body bytes; then
+# the body (inline) or nothing (HAS_FD).  The body: a length per part, then the parts.
+QHEAD: Final = struct.Struct("<BBHIqQ")
+SIZE: Final = struct.Struct("<Q")
+
+W_HEAD_ID, W_HEAD_CURSOR, W_OPEN, W_ENDED, W_SENT, W_TAKEN, W_WAITERS, W_LARGE = range(8)
+STATE_BYTES: Final = mmap.PAGESIZE
+READ_LOCK: Final = 0  # byte of the state file: consumers taking from the head
+COUNT_LOCK: Final = 1  # byte of the state file: the counters and the producers' room
+
+_SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_FD_SPACE: Final = socket.CMSG_SPACE(4)
+_CLOSED: Final = "every producer closed the queue, and it is empty"
+
+# Message ids: unique per queue (the pid keeps forked children apart).
+_ids = itertools.count(1)
+
+
+def _next_id() -> int:
+    return (os.getpid() << 32) | (next(_ids) & 0xFFFFFFFF)
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -53,13 +127,153 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+def _poll_ms(seconds: float | None) -> int:
+    return -1 if seconds is None else max(0, int(seconds * 1000 + 0.999))
+
+
+def _anonymous_file() -> int:
+    """A file in memory with no name: freed when the last descriptor to it closes."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None:
+        fd: int = memfd_create("parallelkit-queue", os.MFD_CLOEXEC)
+        return fd
+    with tempfile.TemporaryFile() as f:  # portable: an unlinked file
+        return os.dup(f.fileno())
+
+
+class _RecordLock:
+    """One byte of the state file as a lock between processes, and between threads.
+
+    A POSIX record lock (``lockf``): the kernel releases it when its holder dies.  Record
+    locks belong to a process, so a thread lock keeps this process's threads apart.  Held
+    only for a few system calls at a time, so a blocking wait is short; with a deadline,
+    a busy lock is tried again after short sleeps.
+    """
+
+    def __init__(self, fd: int, byte: int) -> None:
+        self.fd = fd
+        self.byte = byte
+        self.thread_lock = threading.Lock()
+
+    def acquire(self, deadline: float | None) -> bool:
+        if deadline is None:
+            self.thread_lock.acquire()
+        elif not self.thread_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            if self._try():
+                return True
+            if deadline is None:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.byte)
+                return True
+            pause = 0.00005
+            while time.monotonic() < deadline:
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                if self._try():
+                    return True
+                pause = min(pause * 2, LOCK_BACKOFF_MAX)
+        except BaseException:
+            self.thread_lock.release()
+            raise
+        self.thread_lock.release()
+        return False
+
+    def _try(self) -> bool:
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.byte)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, self.byte)
+        self.thread_lock.release()
+
+    def after_fork(self) -> None:
+        # the child holds no record lock, and no other thread: the thread lock is free
+        self.thread_lock = threading.Lock()
+
+
+class _Cache:
+    """Items of the head message this handle decoded, from ``next`` on not yet handed out."""
+
+    __slots__ = ("count", "id", "items", "next")
+
+    def __init__(self, message_id: int, count: int, items: list[Any], next_index: int) -> None:
+        self.id = message_id
+        self.count = count
+        self.items = items
+        self.next = next_index
+
+
+class _Taken:
+    """What a consumer took under the read lock, decoded after releasing it."""
+
+    __slots__ = ("body", "count", "id", "nparts", "start", "stop")
+
+    def __init__(
+        self, body: Any, nparts: int, message_id: int, count: int, start: int, stop: int
+    ) -> None:
+        self.body = body
+        self.nparts = nparts
+        self.id = message_id
+        self.count = count
+        self.start = start
+        self.stop = stop
+
+
+def _release(
+    views: list[memoryview], state: mmap.mmap, fd: int, sockets: tuple[socket.socket, ...]
+) -> None:
+    """The finalizer: holds what to free, never the handle."""
+    for sock in sockets:
+        sock.close()
+    for view in views:
+        view.release()
+    views.clear()
+    with contextlib.suppress(BufferError, ValueError):
+        state.close()
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+_HANDLES: weakref.WeakSet[Queue[Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handle in list(_HANDLES):
+        handle._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Queue(Generic[T]):
     """A queue between processes: typed, batched, and closed by its producers.
 
+    Guarantees:
+
+    - An item put into the queue reaches exactly one consumer that asks for it, or stays
+      in the queue.  :meth:`get` takes one item, :meth:`get_many` at most ``max_items``;
+      the other items of a batch stay in the queue for every consumer, even when the
+      consumer that took the first of them stops or is killed.
+    - :meth:`put` with a ``timeout`` returns or raises :class:`TimeoutError` within that
+      timeout, whatever the item's size and whatever the consumers do (the time it takes
+      to pickle the item aside); after the error, nothing of the item is in the queue.
+    - :meth:`get` with a ``timeout`` returns an item or raises :class:`TimeoutError`
+      within that timeout, and then took nothing.
+    - A consumer or producer killed at any moment (waiting, or in the middle of a call)
+      leaves the queue usable by the others: no lock is held while waiting, and the locks
+      held for a moment are released by the kernel when their holder dies.  An item a
+      consumer was taking when it was killed is lost with it.
+
     Args:
         maxsize: at most this many items are in the queue; ``put`` waits for room.  ``0``
-            (the default): only the pipe's buffer bounds it (a writer waits when the pipe
-            is full).
+            (the default): no limit on the number of items; producers wait only while
+            the socket's buffer is full, or while more than 64 MiB of large items wait
+            for consumers.
         producers: how many producers will call :meth:`close`; the queue ends for its
             consumers once all of them have.
         start_method: the start method of the processes that will share it (``None``: the
@@ -83,31 +297,64 @@ class Queue(Generic[T]):
             raise ValueError(f"maxsize must be an int >= 0 (0: no limit), got {maxsize!r}")
         check_positive_int(producers, "producers")
         context = get_context(start_method)
-        self._reader, self._writer = context.Pipe(duplex=False)
-        self._read_lock = context.Lock()
-        self._write_lock = context.Lock()
-        self._room = context.BoundedSemaphore(maxsize) if maxsize else None
-        # one producer at a time takes room for a batch (see _send)
-        self._room_lock = context.Lock() if maxsize else None
-        self._open = context.Value("q", producers)
+        # producers send on _peer, consumers receive on _sock
+        self._sock, self._peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError):
+            self._peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        buffer = self._peer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self._inline_max = max(4096, min(INLINE_MAX, buffer // 4))
+        self._bell_r, self._bell_w = context.Pipe(duplex=False)
+        os.set_blocking(self._bell_r.fileno(), False)
+        os.set_blocking(self._bell_w.fileno(), False)
+        fd = _anonymous_file()
+        os.ftruncate(fd, STATE_BYTES)
         self._maxsize = maxsize
-        self._local: deque[T] = deque()  # items of a batch this process took, not yet handed out
+        self._setup(fd)
+        self._words[W_OPEN] = producers
+
+    def _setup(self, fd: int) -> None:
+        self._fd = fd
+        self._state = mmap.mmap(fd, STATE_BYTES)
+        self._words = memoryview(self._state).cast("q")
+        self._views = [self._words]
+        self._read_lock = _RecordLock(fd, READ_LOCK)
+        self._count_lock = _RecordLock(fd, COUNT_LOCK)
+        self._cache: _Cache | None = None
         self._closed = False
         self._ended = False
+        self._finalizer = weakref.finalize(
+            self, _release, self._views, self._state, fd, (self._sock, self._peer)
+        )
+        _HANDLES.add(self)
+
+    def _after_fork(self) -> None:
+        self._read_lock.after_fork()
+        self._count_lock.after_fork()
 
     # -------------------------------------------------------------- sharing
 
     def __getstate__(self) -> dict[str, Any]:
-        # multiprocessing's objects refuse to be pickled except while a process starts
+        # like multiprocessing's queues: shared while a process starts, never pickled later
+        assert_spawning(self)
         check_single_host(self)
-        state = dict(self.__dict__)
-        state["_local"] = deque()
-        state["_closed"] = False
-        state["_ended"] = False
-        return state
+        return {
+            "sock": self._sock,
+            "peer": self._peer,
+            "bell_r": self._bell_r,
+            "bell_w": self._bell_w,
+            "fd": reduction.DupFd(self._fd),
+            "maxsize": self._maxsize,
+            "inline_max": self._inline_max,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self._sock = state["sock"]
+        self._peer = state["peer"]
+        self._bell_r = state["bell_r"]
+        self._bell_w = state["bell_w"]
+        self._maxsize = state["maxsize"]
+        self._inline_max = state["inline_max"]
+        self._setup(state["fd"].detach())
 
     # -------------------------------------------------------------- producing
 
@@ -116,7 +363,7 @@ class Queue(Generic[T]):
 
         Raises:
             SerializationError: ``item`` cannot be pickled (nothing was sent).
-            TimeoutError: no room within ``timeout``.
+            TimeoutError: no room within ``timeout``; nothing of ``item`` was put.
             ValueError: this handle has closed the queue.
         """
         self._send([item], _deadline(timeout))
@@ -127,20 +374,29 @@ class Queue(Generic[T]):
         Raises:
             SerializationError: an item cannot be pickled; the items of the batches before
                 the one holding it were sent, and the error's ``item_index`` says which.
-            TimeoutError: no room within ``timeout`` (as for :meth:`put`).
+            TimeoutError: no room within ``timeout`` (as for :meth:`put`); the items of
+                the batches sent before were put, and the message says how many.
         """
         deadline = _deadline(timeout)
         limit = min(PUT_MANY_BATCH, self._maxsize or PUT_MANY_BATCH)
         batch: list[T] = []
+        guess = 0  # bytes of the batch, roughly (a cheap guess: sizes of the objects alone)
         sent = 0
-        for item in items:
-            batch.append(item)
-            if len(batch) >= limit:
+        try:
+            for item in items:
+                batch.append(item)
+                guess += sys.getsizeof(item)
+                if len(batch) >= limit or guess >= BATCH_BYTES:
+                    self._send(batch, deadline, first_index=sent)
+                    sent += len(batch)
+                    batch = []
+                    guess = 0
+            if batch:
                 self._send(batch, deadline, first_index=sent)
-                sent += len(batch)
-                batch = []
-        if batch:
-            self._send(batch, deadline, first_index=sent)
+        except TimeoutError as exc:
+            if sent:
+                exc.add_note(f"the first {sent} items were put before the timeout")
+            raise
 
     def _send(self, items: list[T], deadline: float | None, first_index: int = 0) -> None:
         if self._closed:
@@ -156,54 +412,175 @@ class Queue(Generic[T]):
                 what="argument",
                 item_index=index,
             ) from cause
-        taken = 0
+        size = frames.size(parts)
+        if len(items) > 1 and size > BATCH_BYTES:
+            # A partly taken message is read again by other consumers: keep those small.
+            # (put_many guessed the size too low: split once, by the measured size.)
+            step = max(1, min(len(items) // 2, len(items) * BATCH_BYTES // size))
+            for start in range(0, len(items), step):
+                self._send(items[start : start + step], deadline, first_index + start)
+            return
+        self._deliver(parts, len(items), deadline)
+
+    def _deliver(self, parts: frames.Parts, count: int, deadline: float | None) -> None:
+        sizes = b"".join(SIZE.pack(memoryview(p).nbytes) for p in parts)
+        body = len(sizes) + frames.size(parts)
+        fd: int | None = None
+        if QHEAD.size + body <= self._inline_max:
+            buffers: list[Any] = [None, sizes, *parts]
+        else:
+            fd = _anonymous_file()
+            buffers = [None]
         try:
-            if self._room is not None and self._room_lock is not None:
-                # Room for a batch is taken a slot at a time, by one producer at a time:
-                # two producers doing it together could each hold part of what its batch
-                # needs and wait for the rest forever, with nothing sent for a consumer to
-                # free.  (A batch is never larger than maxsize, so the holder always gets
-                # the rest as the consumer takes what was sent before.)
-                if not self._room_lock.acquire(timeout=_left(deadline)):
-                    raise TimeoutError(f"no room in the queue (maxsize {self._maxsize})")
+            if fd is not None:
+                _write_all(fd, [sizes, *parts])
+            buffers[0] = QHEAD.pack(
+                ITEMS, 0 if fd is None else HAS_FD, len(parts), count, _next_id(), body
+            )
+            if fd is not None:
+                self._put_message(buffers, fd, count, body, deadline)
+            else:
                 try:
-                    for _ in items:
-                        if not self._room.acquire(timeout=_left(deadline)):
-                            raise TimeoutError(f"no room in the queue (maxsize {self._maxsize})")
-                        taken += 1
+                    self._put_message(buffers, None, count, 0, deadline)
+                except OSError as exc:
+                    if exc.errno != errno.EMSGSIZE:
+                        raise
+                    # the system's datagrams are smaller than we thought: go by file
+                    self._inline_max = QHEAD.size
+                    self._deliver(parts, count, deadline)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _put_message(
+        self, buffers: list[Any], fd: int | None, count: int, large: int, deadline: float | None
+    ) -> None:
+        """Send one datagram when there is room; ``large``: bytes of its file (0: none)."""
+        ancillary = (
+            [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
+        )
+        counted = self._maxsize > 0 or large > 0
+        words = self._words
+        waiting = False
+        while True:
+            full = False
+            if counted:
+                if not self._count_lock.acquire(deadline):
+                    if waiting:
+                        self._stop_waiting()
+                    raise TimeoutError(self._no_room())
+                try:
+                    if waiting:
+                        words[W_WAITERS] = max(0, words[W_WAITERS] - 1)
+                        waiting = False
+                    if self._has_room(count, large):
+                        if _fuzz.ENABLED:
+                            _fuzz.point("queue.put.before_send")
+                        if self._try_send(buffers, ancillary):
+                            # after the send: a producer killed in between leaves more room
+                            if self._maxsize:
+                                words[W_SENT] += count
+                            if large:
+                                words[W_LARGE] += large
+                            return
+                    else:
+                        full = True
+                        words[W_WAITERS] += 1
+                        waiting = True
                 finally:
-                    self._room_lock.release()
-            if not self._write_lock.acquire(timeout=_left(deadline)):
-                raise TimeoutError("another producer held the queue for the whole timeout")
-            try:
-                frames.send(self._writer, parts)
-            finally:
-                self._write_lock.release()
-        except BaseException:
-            if self._room is not None:
-                for _ in range(taken):
-                    self._room.release()
+                    self._count_lock.release()
+            else:
+                if _fuzz.ENABLED:
+                    _fuzz.point("queue.put.before_send")
+                if self._try_send(buffers, ancillary):
+                    return
+            left = _left(deadline)
+            if left == 0:
+                if waiting:
+                    self._stop_waiting()
+                raise TimeoutError(self._no_room())
+            if full:
+                if _fuzz.ENABLED:
+                    _fuzz.point("queue.put.wait_room")
+                self._wait_for_bell(left)
+            else:
+                poller = select.poll()
+                poller.register(self._peer.fileno(), select.POLLOUT)
+                # the socket says "writable" only below a quarter of its buffer; look again
+                # now and then in case a datagram that fits would already go
+                poller.poll(_poll_ms(ROOM_RECHECK if left is None else min(left, ROOM_RECHECK)))
+
+    def _try_send(self, buffers: list[Any], ancillary: list[Any]) -> bool:
+        try:
+            self._peer.sendmsg(buffers, ancillary, _SEND_FLAGS)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # some systems say so for a full buffer
+                return False
             raise
+        return True
+
+    def _has_room(self, count: int, large: int) -> bool:
+        words = self._words
+        if self._maxsize:  # the bound the user chose; large items count as one each
+            return max(0, words[W_SENT] - words[W_TAKEN]) + count <= self._maxsize
+        held = words[W_LARGE]
+        return not large or held <= 0 or held + large <= UNBOUNDED_LARGE_BYTES
+
+    def _no_room(self) -> str:
+        if self._maxsize:
+            return f"no room in the queue within the timeout (maxsize {self._maxsize})"
+        return "no room in the queue within the timeout (its buffer is full)"
+
+    def _wait_for_bell(self, left: float | None) -> None:
+        poller = select.poll()
+        poller.register(self._bell_r.fileno(), select.POLLIN)
+        # a ring meant for another waiter may be taken by this one: look again now and then
+        if poller.poll(_poll_ms(ROOM_RECHECK if left is None else min(left, ROOM_RECHECK))):
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._bell_r.fileno(), 64)
+
+    def _stop_waiting(self) -> None:
+        self._count_lock.acquire(None)
+        try:
+            self._words[W_WAITERS] = max(0, self._words[W_WAITERS] - 1)
+        finally:
+            self._count_lock.release()
 
     def close(self) -> None:
         """This producer is done; once every producer has closed, consumers see the end.
 
-        Idempotent for one handle.  A process that only consumes need not call it.
+        Idempotent for one handle.  A process that only consumes need not call it.  Never
+        waits for a consumer.
 
         Raises:
             ValueError: more closes than the ``producers`` the queue was made for.
         """
         if self._closed:
             return
-        with self._open.get_lock():
-            if self._open.value <= 0:
+        words = self._words
+        self._count_lock.acquire(None)
+        try:
+            if words[W_OPEN] <= 0:
                 raise ValueError("every producer of this queue has closed it already")
-            self._open.value -= 1
-            last = self._open.value == 0
+            words[W_OPEN] -= 1
+            last = words[W_OPEN] == 0
+            if last:
+                words[W_ENDED] = 1
+        finally:
+            self._count_lock.release()
         self._closed = True
         if last:
-            with self._write_lock:
-                frames.send(self._writer, frames.encode(None, END))
+            if _fuzz.ENABLED:
+                _fuzz.point("queue.close.before_end")
+            self._post_end()
+
+    def _post_end(self) -> None:
+        # Best effort: a full socket has data to wake the consumers, and the last of them
+        # to find it empty posts the end again (see _take_locked).
+        with contextlib.suppress(OSError):
+            self._peer.send(QHEAD.pack(END, 0, 0, 0, 0, 0), _SEND_FLAGS)
 
     # -------------------------------------------------------------- consuming
 
@@ -212,49 +589,201 @@ class Queue(Generic[T]):
 
         Raises:
             QueueClosedError: every producer closed the queue and it is empty.
-            TimeoutError: nothing arrived within ``timeout``.
+            TimeoutError: nothing arrived within ``timeout``; nothing was taken.
         """
-        if not self._local:
-            self._receive(_deadline(timeout))
-        return self._local.popleft()
+        item: T = self._take(1, _deadline(timeout))[0]
+        return item
 
     def get_many(self, max_items: int | None = None, timeout: float | None = None) -> list[T]:
-        """Take at least one and at most ``max_items`` items (all of a batch by default).
+        """Take at least one and at most ``max_items`` items (``None``: the rest of a batch).
 
         Raises:
             QueueClosedError: every producer closed the queue and it is empty.
-            TimeoutError: nothing arrived within ``timeout``.
+            TimeoutError: nothing arrived within ``timeout``; nothing was taken.
         """
         if max_items is not None:
             check_positive_int(max_items, "max_items")
-        if not self._local:
-            self._receive(_deadline(timeout))
-        local = self._local
-        count = len(local) if max_items is None else min(max_items, len(local))
-        return [local.popleft() for _ in range(count)]
+        return self._take(max_items, _deadline(timeout))
 
-    def _receive(self, deadline: float | None) -> None:
+    def _take(self, limit: int | None, deadline: float | None) -> list[T]:
         if self._ended:
-            raise QueueClosedError("every producer closed the queue, and it is empty")
-        if not self._read_lock.acquire(timeout=_left(deadline)):
-            raise TimeoutError("another consumer held the queue for the whole timeout")
-        try:
-            if not self._reader.poll(_left(deadline)):
+            raise QueueClosedError(_CLOSED)
+        while True:
+            if not self._read_lock.acquire(deadline):
+                raise TimeoutError("nothing could be taken from the queue within the timeout")
+            try:
+                if _fuzz.ENABLED:
+                    _fuzz.point("queue.get.locked")
+                taken = self._take_locked(limit)
+            finally:
+                self._read_lock.release()
+            if isinstance(taken, list):
+                return taken
+            if taken is not None:
+                return self._decode(taken)
+            left = _left(deadline)
+            if left == 0:
                 raise TimeoutError("nothing arrived on the queue within the timeout")
-            parts = frames.recv(self._reader)
-            if frames.header(parts)[0] == END:
-                # leave the end marker for the other consumers
-                with self._write_lock:
-                    frames.send(self._writer, parts)
+            if _fuzz.ENABLED:
+                _fuzz.point("queue.get.wait")
+            poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+            poller.poll(_poll_ms(left))
+
+    def _take_locked(self, limit: int | None) -> list[T] | _Taken | None:
+        """Take up to ``limit`` items of the head message (the read lock held).
+
+        Returns the items (from this handle's cache), what to decode, or ``None`` when
+        the queue is empty.
+        """
+        words = self._words
+        cache = self._cache
+        head_id, cursor = words[W_HEAD_ID], words[W_HEAD_CURSOR]
+        if cache is not None:
+            if cache.id == head_id and cache.next == cursor:
+                stop = cache.count if limit is None else min(cache.count, cursor + limit)
+                self._commit(head_id, cache.count, stop)
+                items = cache.items[cursor:stop]
+                cache.next = stop
+                if stop == cache.count:
+                    self._cache = None
+                return items
+            self._cache = None
+        ended = words[W_ENDED]  # before looking: all items were sent before it was set
+        while True:
+            try:
+                head = self._sock.recv(QHEAD.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if ended:
+                    self._post_end()  # for consumers still waiting
+                    self._ended = True
+                    raise QueueClosedError(
+                        "every producer closed the queue, and it is empty"
+                    ) from None
+                return None
+            kind, flags, nparts, count, message_id, body = QHEAD.unpack(head)
+            if kind == END:  # left in the socket for every other consumer
                 self._ended = True
-                raise QueueClosedError("every producer closed the queue, and it is empty")
+                raise QueueClosedError(_CLOSED)
+            start = cursor if message_id == head_id else 0
+            if start >= count:  # taken whole by a consumer that died before removing it
+                self._remove(flags, body)
+                words[W_HEAD_ID] = 0
+                head_id = 0
+                continue
+            stop = count if limit is None else min(count, start + limit)
+            if start == 0 and stop == count:
+                data = self._receive(flags, body, account=count)
+                return _Taken(data, nparts, message_id, count, 0, count)
+            data = self._receive(flags, body, peek=True)
+            if _fuzz.ENABLED:
+                _fuzz.point("queue.get.before_commit")
+            self._commit(message_id, count, stop, flags=flags, body=body)
+            return _Taken(data, nparts, message_id, count, start, stop)
+
+    def _commit(
+        self,
+        message_id: int,
+        count: int,
+        stop: int,
+        *,
+        flags: int | None = None,
+        body: int = 0,
+    ) -> None:
+        """Mark items up to ``stop`` of the head message taken; remove it once all are."""
+        words = self._words
+        start = words[W_HEAD_CURSOR] if words[W_HEAD_ID] == message_id else 0
+        if stop == count:
+            if flags is None:  # from the cache: what the socket holds, look again
+                head = self._sock.recv(QHEAD.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                _, flags, _, _, _, body = QHEAD.unpack(head)
+            self._account(stop - start, body if flags & HAS_FD else 0)
+            words[W_HEAD_CURSOR] = count  # a consumer killed now leaves it taken, not lost
+            words[W_HEAD_ID] = message_id
+            self._remove(flags, body)
+            words[W_HEAD_ID] = 0
+        else:
+            self._account(stop - start, 0)
+            words[W_HEAD_CURSOR] = stop
+            words[W_HEAD_ID] = message_id  # last: the cursor belongs to this message
+
+    def _account(self, count: int, large: int) -> None:
+        """Free room for ``count`` items and ``large`` bytes; ring for waiting producers."""
+        if not (self._maxsize or large):
+            return
+        words = self._words
+        self._count_lock.acquire(None)
+        try:
+            if self._maxsize:
+                words[W_TAKEN] += count
+            if large:
+                words[W_LARGE] = max(0, words[W_LARGE] - large)
+            waiters = words[W_WAITERS]
+            if waiters:
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._bell_w.fileno(), b"\0" * min(waiters, 64))
         finally:
-            self._read_lock.release()
+            self._count_lock.release()
+
+    def _receive(self, flags: int, body: int, *, account: int = 0, peek: bool = False) -> Any:
+        """The head message's body (removed from the socket unless ``peek``)."""
+        if not peek:
+            self._account(account, body if flags & HAS_FD else 0)
+        how = socket.MSG_DONTWAIT | (socket.MSG_PEEK if peek else 0)
+        if not flags & HAS_FD:
+            # into this thread's reused buffer (a fresh one per message costs page faults);
+            # _decode copies out what outlives it
+            scratch = _scratch(QHEAD.size + body)
+            self._sock.recvmsg_into([scratch], 0, how)
+            return scratch[QHEAD.size : QHEAD.size + body]
+        _, ancillary, _, _ = self._sock.recvmsg(QHEAD.size, _FD_SPACE, how)
+        fds = _fds(ancillary)
+        if not fds:
+            raise OSError(
+                errno.EMFILE,
+                "a large message of the queue could not be received: this process has too "
+                f"many open files{'' if peek else ' (the message is lost)'}",
+            )
+        try:
+            buffer = bytearray(body)
+            _read_all(fds[0], memoryview(buffer))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return memoryview(buffer)
+
+    def _remove(self, flags: int, body: int) -> None:
+        """Drop the head datagram (its items are all taken)."""
+        ancillary_space = _FD_SPACE if flags & HAS_FD else 0
+        _, ancillary, _, _ = self._sock.recvmsg(1, ancillary_space, socket.MSG_DONTWAIT)
+        for fd in _fds(ancillary):
+            os.close(fd)
+
+    def _decode(self, taken: _Taken) -> list[T]:
+        body = taken.body
+        sizes = struct.unpack_from(f"<{taken.nparts}Q", body)
+        offset = SIZE.size * taken.nparts
+        parts = []
+        for size in sizes:
+            parts.append(body[offset : offset + size])
+            offset += size
+        if isinstance(body.obj, bytearray) and body.obj is getattr(_scratch_local, "buffer", None):
+            # the buffers an object is rebuilt on must be its own, not the reused buffer's
+            nbuf = frames.HEAD.unpack_from(parts[0])[5]
+            first = 1 if nbuf >= 0 else 2
+            nbuf = nbuf if nbuf >= 0 else -1 - nbuf
+            for i in range(nbuf):
+                _, writable = frames.SPEC.unpack_from(
+                    parts[0], frames.HEAD.size + frames.SPEC.size * i
+                )
+                raw = parts[first + i]
+                parts[first + i] = bytearray(raw) if writable else bytes(raw)
         items: list[T] = frames.decode(parts)
-        if self._room is not None:
-            for _ in items:
-                self._room.release()
-        self._local.extend(items)
+        if taken.stop < taken.count:
+            self._cache = _Cache(taken.id, taken.count, items, taken.stop)
+        if taken.start == 0 and taken.stop == len(items):
+            return items
+        return items[taken.start : taken.stop]
 
     def __iter__(self) -> Iterator[T]:
         """The items, until every producer has closed the queue and it is empty."""
@@ -267,4 +796,48 @@ class Queue(Generic[T]):
 
     def __repr__(self) -> str:
         bound = f"maxsize={self._maxsize}" if self._maxsize else "unbounded"
-        return f"<parallelkit.Queue {bound}, {self._open.value} producer(s) open>"
+        return f"<parallelkit.Queue {bound}, {self._words[W_OPEN]} producer(s) open>"
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(nbytes: int) -> memoryview:
+    """This thread's reused receive buffer, at least ``nbytes`` long."""
+    buffer: bytearray | None = getattr(_scratch_local, "buffer", None)
+    if buffer is None or len(buffer) < nbytes:
+        buffer = _scratch_local.buffer = bytearray(max(nbytes, 256 * 1024))
+    return memoryview(buffer)
+
+
+def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+    return fds
+
+
+def _write_all(fd: int, buffers: list[Any]) -> None:
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        n = os.writev(fd, views[:512])
+        while n:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                del views[0]
+            else:
+                views[0] = views[0][n:]
+                n = 0
+        while views and not len(views[0]):
+            del views[0]
+
+
+def _read_all(fd: int, view: memoryview) -> None:
+    offset = 0
+    while offset < len(view):
+        n = os.preadv(fd, [view[offset:]], offset)
+        if n == 0:
+            raise EOFError("a large message of the queue ended early")
+        offset += n
