@@ -46,8 +46,11 @@ def test_queue_and_channel_timeouts_without_limit(timeout: float) -> None:
         left.send("x")
         assert right.poll(timeout)
         assert right.recv(timeout=timeout) == "x"
-        left.send("y")
-        assert right.request("ignored", timeout=timeout) == "y"
+        # the reply is what the thread that received the request sends next
+        answer = threading.Thread(target=lambda: left.send(("y", left.recv(timeout=30))))
+        answer.start()
+        assert right.request("q", timeout=timeout) == ("y", "q")
+        answer.join(30)
 
 
 @pytest.mark.parametrize("timeout", NO_LIMITS)

@@ -205,6 +205,8 @@ def test_a_large_item_is_not_kept_by_the_consumer_after_it_is_dropped() -> None:
     assert len(getattr(_frames._scratch, "buffer", b"")) < size // 4  # not the item's size
     assert grown < size // 3, f"the consumer kept {grown >> 20} MiB"
     q.close()
+
+
 # ------------------------------------------------------------------ no item hoarded or lost
 
 
