@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import multiprocessing
 import os
 import signal
@@ -551,7 +552,8 @@ def test_next_after_ctrl_c_is_the_end(start_method: StartMethod) -> None:
         if calls[0] == 3:
             signal.raise_signal(signal.SIGINT)  # a real SIGINT: the default handler raises
 
-    pipeline = pk.Pipeline(range(1000), start_method=start_method, progress=press_ctrl_c)
+    # an endless source: the run cannot end before the third call
+    pipeline = pk.Pipeline(itertools.count(), start_method=start_method, progress=press_ctrl_c)
     results = iter(pipeline.map(w.plus_one))
     with pytest.raises(KeyboardInterrupt):
         list(results)

@@ -34,6 +34,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
+from . import _fuzz
 from ._serialize import dumps
 
 HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
@@ -255,6 +256,8 @@ class Writer:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             conn, parts = item
+            if _fuzz.ENABLED:
+                _fuzz.point("frames.writer_send")  # the router goes on, or closes the conn
             with contextlib.suppress(OSError, ValueError):  # a dead peer; a closed conn
                 send(conn, parts)
             # not held while waiting for the next one (it may be a large batch)

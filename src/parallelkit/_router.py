@@ -48,6 +48,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _frames as frames
+from . import _fuzz
 from ._context import get_context
 from ._insights import text_table
 from ._lifecycle import (
@@ -315,6 +316,8 @@ class Run:
         if self.closed:
             return
         self.closed = True
+        if _fuzz.ENABLED:
+            _fuzz.point("router.abort")  # the source thread may be inside next() or waking us
         self._stop_source()
         self.finalizer()
         if self.progress is not None:
@@ -326,11 +329,15 @@ class Run:
             return
         self.closed = True
         self.finished = True
+        if _fuzz.ENABLED:
+            _fuzz.point("router.finish")
         stop = frames.encode(None, STOP)
         for worker in self.workers:
             with contextlib.suppress(OSError):
                 self.writer.send(worker.conn, stop)
         self.writer.close()
+        if _fuzz.ENABLED:
+            _fuzz.point("router.finish_stopped")  # the workers are exiting
         if self.progress is not None:
             self.report_progress()
             self.progress.close()
@@ -385,6 +392,8 @@ class Run:
                 took = clock() - began
                 count = len(chunk)
                 if count:
+                    if _fuzz.ENABLED:
+                        _fuzz.point("router.source_chunk")
                     chunks.append(chunk)
                     self.pulled += count
                     chunk = []
@@ -579,6 +588,8 @@ class Run:
 
     def _send(self, worker: _Worker, batch: int, message: frames.Parts) -> None:
         worker.held.append(batch)
+        if _fuzz.ENABLED:
+            _fuzz.point("router.before_send")
         try:
             self.writer.send(worker.conn, message)
         except OSError:
@@ -612,6 +623,8 @@ class Run:
             self._check_stall(bool(ready))
         if self.wakeup.fd in ready:
             self.wakeup.drain()
+        if _fuzz.ENABLED:
+            _fuzz.point("router.before_receive")  # a worker may die or send more meanwhile
         dead: list[_Worker] = []
         for worker in self.workers:
             if worker.conn.fileno() in ready:
