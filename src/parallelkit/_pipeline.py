@@ -405,7 +405,8 @@ class _Finished:
         self._stats = stats
 
     def stats(self) -> PipelineStats:
-        assert self._stats is not None  # set when the run starts
+        if self._stats is None:  # the run failed before it started
+            return PipelineStats((), 0, 0, 0.0, 0.0)
         return self._stats
 
 
