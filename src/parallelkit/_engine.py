@@ -58,6 +58,7 @@ from ._lifecycle import (
     start_forkserver,
     stop_processes,
     wait_reapable,
+    waiting_on_children,
 )
 from ._serialize import (
     ExceptionRecord,
@@ -606,7 +607,8 @@ class Engine:
         writers = [w for w in self.workers if w.out and not w.hung_up]
         self.mutex.release()
         try:
-            ready, writable = _wait(objs, writers, timeout)
+            with waiting_on_children():
+                ready, writable = _wait(objs, writers, timeout)
         finally:
             self.mutex.acquire()
         for w in writable:

@@ -15,15 +15,18 @@
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.process
+import multiprocessing.util  # registers its exit handler: ours must come after (runs before)
 import os
 import signal
 import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
@@ -37,7 +40,92 @@ CHILD_MODULES: Final = ("parallelkit._worker", "parallelkit._stage")
 SERVER_MODULES: Final = ("multiprocessing.popen_forkserver",)
 # How the main module's path or name reaches the server (read by parallelkit._forkserver_main)
 FORKSERVER_MAIN_ENV: Final = "PARALLELKIT_FORKSERVER_MAIN"
+EXIT_JOIN_SECONDS: Final = 2.0  # at interpreter exit, how long threads get to leave our calls
 _preload_checked = False
+# Interpreter exit (see _quiet_exit): set once the main thread has returned
+_exiting = False
+_drivers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # threads that waited on children
+_waiting: dict[threading.Thread, int] = {}  # ... and how many waits each is in right now
+
+
+class _WaitingOnChildren:
+    """Around every blocking wait on our children's pipes and sentinels (the map engine,
+    a pipeline run): lets interpreter exit stop a thread that is inside one, quietly.
+
+    Leaving it raises ``SystemExit`` once the interpreter is exiting, in a daemon thread
+    (see :func:`_quiet_exit`); ``threading`` ends the thread without printing it.
+    (A class, not a generator: it runs once per step of the engine.)
+    """
+
+    def __enter__(self) -> None:
+        thread = threading.current_thread()
+        _drivers.add(thread)
+        _waiting[thread] = _waiting.get(thread, 0) + 1
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        thread = threading.current_thread()
+        left = _waiting.pop(thread, 1) - 1
+        if left:
+            _waiting[thread] = left
+        if et is None:
+            leave_if_exiting()
+
+
+def leave_if_exiting() -> None:
+    """Raise ``SystemExit`` if the interpreter is exiting and this is a daemon thread (see
+    :func:`_quiet_exit`): a thread whose workers were stopped for the exit leaves quietly."""
+    if _exiting and _user_daemon(threading.current_thread()):
+        raise SystemExit
+
+
+def _user_daemon(thread: threading.Thread) -> bool:
+    # parallelkit's own threads ("parallelkit-futures", ...) are ended by their owners'
+    # finalizers, which also warn about work left pending
+    return thread.daemon and not thread.name.startswith("parallelkit-")
+
+
+def _quiet_exit() -> None:
+    """At interpreter exit, before multiprocessing's own exit handler: stop the parallel
+    work that daemon threads are still running, so that nothing is printed.
+
+    multiprocessing's handler terminates every daemonic child and then joins them.  A
+    daemon thread running ``run_parallel`` or ``Pipeline.run`` meanwhile saw its workers
+    killed and raised (a traceback from the thread), closed processes the handler was
+    about to join (``ValueError: process object is closed`` from the handler), or started
+    replacements that died unpickling their start-up data (a traceback each).  Instead,
+    such threads leave their wait with ``SystemExit`` (silent in a thread), start nothing
+    more, and get a moment to unwind before multiprocessing's handler runs.
+    """
+    global _exiting
+    _exiting = True
+    me = threading.current_thread()
+    busy = [t for t in _waiting if t is not me and t.is_alive() and _user_daemon(t)]
+    if not busy:
+        return
+    for process in multiprocessing.active_children():
+        if process.name.startswith("parallelkit-"):
+            try:
+                process.kill()  # wakes the waiting threads: a sentinel fires
+            except (OSError, ValueError):
+                pass
+    deadline = time.monotonic() + EXIT_JOIN_SECONDS
+    for thread in [t for t in _drivers if t is not me and _user_daemon(t)]:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+_WAITING_ON_CHILDREN: Final = _WaitingOnChildren()
+
+
+def waiting_on_children() -> _WaitingOnChildren:
+    """The context manager to wait on children in (see :class:`_WaitingOnChildren`)."""
+    return _WAITING_ON_CHILDREN
+
+
+# Exit handlers run last registered, first run.  multiprocessing's is registered (imported
+# above); weakref.finalize registers its own on first use, and the finalizers of our pools
+# and pipelines kill their processes: make it register now, so that ours runs before both.
+weakref.finalize(_quiet_exit, int)
+atexit.register(_quiet_exit)
 
 
 def _modules_of_main() -> list[str]:
@@ -200,30 +288,33 @@ def start_child(
     other threads are parallelkit's own, idle ones; silence Python 3.12's fork-with-threads
     warning.
     """
-    check_main_importable(start_method)
-    if start_method == "forkserver":
-        start_forkserver()
-    process: BaseProcess = context.Process(  # type: ignore[attr-defined]
-        target=target, args=tuple(args), kwargs=dict(kwargs or {}), name=name, daemon=True
-    )
-    block = start_method != "forkserver"
-    if block:
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        if threads_ok and start_method == "fork":
-            with warnings.catch_warnings():
-                warnings.filterwarnings(
-                    "ignore", message=r".*multi-threaded.*fork", category=DeprecationWarning
-                )
-                process.start()
-        else:
-            process.start()
-        if on_started is not None:
-            on_started(process)
-    finally:
+    # counted as busy by _quiet_exit: a child half started at exit would die noisily
+    with _WAITING_ON_CHILDREN:
+        leave_if_exiting()  # no new child once the interpreter exits
+        check_main_importable(start_method)
+        if start_method == "forkserver":
+            start_forkserver()
+        process: BaseProcess = context.Process(  # type: ignore[attr-defined]
+            target=target, args=tuple(args), kwargs=dict(kwargs or {}), name=name, daemon=True
+        )
+        block = start_method != "forkserver"
         if block:
-            # a Ctrl-C that arrived meanwhile is raised here, with the child known
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            if threads_ok and start_method == "fork":
+                with warnings.catch_warnings():
+                    warnings.filterwarnings(
+                        "ignore", message=r".*multi-threaded.*fork", category=DeprecationWarning
+                    )
+                    process.start()
+            else:
+                process.start()
+            if on_started is not None:
+                on_started(process)
+        finally:
+            if block:
+                # a Ctrl-C that arrived meanwhile is raised here, with the child known
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return process
 
 

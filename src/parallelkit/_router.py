@@ -54,10 +54,12 @@ from ._insights import text_table
 from ._lifecycle import (
     bootstrap_options,
     describe_exit,
+    leave_if_exiting,
     signal_name,
     start_child,
     stop_processes,
     wait_exited,
+    waiting_on_children,
 )
 from ._progress import PipelineProgress, StageProgress
 from ._serialize import dump_function, locate_unpicklable, rebuild_exception
@@ -593,6 +595,7 @@ class Run:
         try:
             self.writer.send(worker.conn, message)
         except OSError:
+            leave_if_exiting()  # killed at interpreter exit (_lifecycle._quiet_exit): quietly
             # it died: its sentinel says how; wait a moment for the exit to be visible
             wait_exited([worker.process], time.monotonic() + 1.0)  # exitcode is known
             error = self._crashed(worker)
@@ -617,7 +620,8 @@ class Run:
     def _wait_and_receive(self) -> None:
         poller = self._poller()
         began = time.perf_counter()
-        ready = {fd for fd, _ in poller.poll(None if self.stall_timeout is None else 250)}
+        with waiting_on_children():
+            ready = {fd for fd, _ in poller.poll(None if self.stall_timeout is None else 250)}
         self.consumer_waiting += time.perf_counter() - began
         if self.stall_timeout is not None:
             self._check_stall(bool(ready))
@@ -638,6 +642,7 @@ class Run:
             elif worker.process.sentinel in ready:
                 dead.append(worker)
         for worker in dead:
+            leave_if_exiting()  # killed at interpreter exit (_lifecycle._quiet_exit): quietly
             if worker.conn.poll() if not worker.conn.closed else False:
                 with contextlib.suppress(EOFError, OSError):
                     self._receive(worker, frames.recv(worker.conn))
