@@ -70,6 +70,25 @@ def key_of(result: Any) -> tuple[int, int]:
     return result[0], result[1]
 
 
+class Holder:
+    """An object whose bound method travels by value (``payload`` is large)."""
+
+    def __init__(self, size: int) -> None:
+        self.payload = bytearray(size)
+
+    def size_plus(self, x: int = 0) -> int:
+        return len(self.payload) + x
+
+
+def make_holder(size: int) -> Holder:
+    """A large result: an object holding ``size`` bytes."""
+    return Holder(size)
+
+
+def holder_size(holder: Holder) -> int:
+    return len(holder.payload)
+
+
 def count(item: tuple[pk.SharedCounter, int]) -> int:
     """Add 1 to the counter ``n`` times, one add at a time."""
     counter, n = item

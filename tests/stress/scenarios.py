@@ -486,6 +486,25 @@ def scenario_submit_storm(r: Round) -> None:
         pool.shutdown(wait=True)
 
 
+def scenario_pool_big(r: Round) -> None:
+    """Large functions and results through a WorkerPool (issue 17 §2): a bound method of
+    a large object, a large argument, large results of a map left after the first."""
+    workers = r.pick("workers", [1, 2])
+    size = r.pick("megabytes", [1, 5, 20]) << 20
+    r.show()
+    with pk.WorkerPool(max_workers=workers, start_method=r.method) as pool:
+        holder = w.Holder(size)
+        expect_same(pool.submit(holder.size_plus).result(RESULT_WAIT), size, "bound method")
+        expect_same(pool.submit(w.holder_size, w.Holder(size)).result(RESULT_WAIT), size, "arg")
+        made = pool.submit(w.make_holder, size).result(RESULT_WAIT)
+        expect_same(len(made.payload), size, "result")
+        for obj in pool.map(w.make_holder, [size] * 6):
+            expect_same(len(obj.payload), size, "first of a map")
+            break
+        other = w.Holder(size)
+        expect_same(list(pool.imap(other.size_plus, range(10))), [size + i for i in range(10)], "")
+
+
 def scenario_idle_death(r: Round) -> None:
     """An idle worker SIGKILLed between two maps (issue 23 §1): the next map is exact."""
     workers = r.pick("workers", [1, 2, 3])
@@ -668,6 +687,7 @@ SCENARIOS: Final[dict[str, Callable[[Round], None]]] = {
     "map": scenario_map,
     "map_kill": scenario_map_kill,
     "submit_storm": scenario_submit_storm,
+    "pool_big": scenario_pool_big,
     "idle_death": scenario_idle_death,
     "leakcheck_pool": scenario_leakcheck_pool,
     "pipeline": scenario_pipeline,

@@ -48,6 +48,7 @@ SCENARIOS: Final = (
     "map",
     "map_kill",
     "submit_storm",
+    "pool_big",
     "idle_death",
     "leakcheck_pool",
     "pipeline",
