@@ -530,6 +530,51 @@ def test_a_silent_client_is_dropped_after_the_handshake_timeout() -> None:
         listener.accept(timeout=5)
 
 
+@pytest.mark.timeout(90)
+def test_silent_and_garbage_clients_do_not_lock_good_clients_out() -> None:
+    # The listener gives each client 30 s; the good clients allow the listener 3 s: a
+    # listener that served one handshake at a time would keep them behind a silent one.
+    with pk.Channel.listen(authkey=KEY, handshake_timeout=30) as listener:
+        silent = [socket.create_connection(listener.address, timeout=5) for _ in range(4)]
+        garbage = [socket.create_connection(listener.address, timeout=5) for _ in range(3)]
+        for raw in garbage:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+        good = [
+            _in_thread(
+                functools.partial(
+                    pk.Channel[object, object].connect,
+                    listener.address,
+                    authkey=KEY,
+                    timeout=5,
+                    handshake_timeout=3,
+                )
+            )
+            for _ in range(4)
+        ]
+        accepted: list[pk.Channel[object, object]] = []
+        refused: list[Exception] = []
+        while len(accepted) < len(good):
+            try:
+                accepted.append(listener.accept(timeout=60))
+            except multiprocessing.AuthenticationError as exc:
+                refused.append(exc)
+        for thread, _ in good:
+            thread.join(10)
+        clients = [out[0] for _, out in good]
+        assert all(isinstance(c, pk.Channel) for c in clients), clients
+        assert len(refused) <= len(garbage)  # the silent ones have 30 s left
+        assert all("did not prove" in str(exc) for exc in refused)
+        for i, client in enumerate(clients):
+            assert isinstance(client, pk.Channel)
+            client.send(i)
+        assert {end.recv(timeout=10) for end in accepted} == set(range(len(good)))
+        for channel in [*accepted, *clients]:
+            assert isinstance(channel, pk.Channel)
+            channel.close()
+        for raw in silent + garbage:
+            raw.close()
+
+
 def test_connecting_to_a_listener_without_our_handshake_fails_in_time() -> None:
     with Listener(("127.0.0.1", 0)) as stdlib_listener:  # no authkey: it waits for pickles
         thread, out = _in_thread(stdlib_listener.accept)

@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 import weakref
 from types import TracebackType
-from typing import Generic, Self
+from typing import Final, Generic, Self
 
-from . import _handshake
+from . import _fuzz, _handshake
 from ._channel import Channel, RecvT, SendT, _check_max, _format_address, _ms
 from ._checks import check_timeout
 from .errors import ChannelClosedError
 
 __all__ = ("ChannelListener", "connect")
+
+MAX_PENDING_HANDSHAKES: Final = 256  # clients in the middle of a handshake, at most
+MAX_ACCEPTS_AT_ONCE: Final = 64  # connections taken per wake-up of the listening socket
+
+
+def _close_all(sock: socket.socket, pending: dict[int, _handshake.ServerHandshake]) -> None:
+    sock.close()
+    for shake in pending.values():
+        shake.sock.close()
+    pending.clear()
 
 
 def connect(
@@ -65,8 +76,13 @@ class ChannelListener(Generic[SendT, RecvT]):
         self._handshake_timeout = _handshake.check_timeout(handshake_timeout, "handshake_timeout")
         self._max = _check_max(max_message_bytes)
         self._sock = socket.create_server(address, backlog=backlog)
+        self._sock.setblocking(False)
         self._closed = False
-        self._finalizer = weakref.finalize(self, self._sock.close)
+        # clients whose handshake is under way, by file descriptor: accept() moves all of
+        # them on at once, so a silent or slow one holds up nobody else
+        self._pending: dict[int, _handshake.ServerHandshake] = {}
+        self._lock = threading.Lock()  # one thread at a time drives the handshakes
+        self._finalizer = weakref.finalize(self, _close_all, self._sock, self._pending)
         host, port = self._sock.getsockname()[:2]
         self._address: tuple[str, int] = (str(host), int(port))
 
@@ -78,44 +94,104 @@ class ChannelListener(Generic[SendT, RecvT]):
     def accept(self, timeout: float | None = None) -> Channel[SendT, RecvT]:
         """Wait for a client and authenticate it.
 
+        Handshakes run side by side: while ``accept`` waits, it accepts every client that
+        connects and moves all their handshakes on at once, so a client that stays silent
+        or speaks slowly holds up no other client, and each client's
+        ``handshake_timeout`` measures only what the listener does for it.  Clients whose
+        handshake is still under way when ``accept`` returns carry on in the next call.
+
         Args:
-            timeout: seconds to wait for a client to connect (``None``: forever).  The
-                handshake itself is bounded by ``handshake_timeout``.
+            timeout: seconds to wait for an authenticated client (``None``: forever).
+                Each client's handshake is bounded by ``handshake_timeout`` on its own.
 
         Raises:
-            TimeoutError: no client connected in time.
-            multiprocessing.AuthenticationError: the client that connected has another key,
+            TimeoutError: no client completed the handshake in time.
+            multiprocessing.AuthenticationError: a client that connected has another key,
                 sent garbage, or stayed silent past ``handshake_timeout`` (it is
-                disconnected; call ``accept`` again for the next client).
+                disconnected; the others carry on: call ``accept`` again).
             ChannelClosedError: the listener is closed.
         """
         timeout = check_timeout(timeout, zero_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLIN)
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"no client connected within {timeout:g} s")
+        try:
+            return self._accept(deadline, timeout)
+        finally:
+            self._lock.release()
+
+    def _accept(self, deadline: float | None, timeout: float | None) -> Channel[SendT, RecvT]:
+        pending = self._pending
         while True:
             if self._closed:
                 raise ChannelClosedError("the listener is closed")
-            wait = 100 if deadline is None else min(100, _ms(deadline - time.monotonic()))
-            if poller.poll(wait):
+            now = time.monotonic()
+            for fd, shake in list(pending.items()):  # silent past their own deadline
+                if shake.deadline <= now:
+                    del pending[fd]
+                    shake.sock.close()
+                    raise shake.timed_out()
+            wake = min((s.deadline for s in pending.values()), default=now + 0.1)
+            wake = min(wake, now + 0.1)  # and look at _closed now and then
+            if deadline is not None:
+                wake = min(wake, deadline)
+            poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+            for fd, shake in pending.items():
+                poller.register(fd, select.POLLOUT if shake.wants_write else select.POLLIN)
+            if _fuzz.ENABLED:
+                _fuzz.point("listener.poll")
+            ready = [fd for fd, _ in poller.poll(_ms(wake - now))]
+            if self._sock.fileno() in ready:
+                ready.remove(self._sock.fileno())
+                ready.extend(self._take_new_clients())  # greet them now
+            for fd in ready:
+                shake = pending[fd]
                 try:
-                    conn, address = self._sock.accept()
-                except BlockingIOError:  # another thread took it
-                    continue
-                break
+                    done = shake.step()
+                except BaseException:
+                    del pending[fd]
+                    shake.sock.close()
+                    raise
+                if done:
+                    del pending[fd]
+                    conn = shake.sock
+                    conn.setblocking(True)
+                    return Channel(
+                        conn, max_message_bytes=self._max, peer=f"the client at {shake.peer}"
+                    )
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no client connected within {timeout:g} s")
-        peer = _format_address(address)
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _handshake.server_handshake(conn, self._key, self._handshake_timeout, peer)
-        except BaseException:
-            conn.close()
-            raise
-        return Channel(conn, max_message_bytes=self._max, peer=f"the client at {peer}")
+
+    def _take_new_clients(self) -> list[int]:
+        """Accept the clients that connected; their file descriptors."""
+        new: list[int] = []
+        for _ in range(MAX_ACCEPTS_AT_ONCE):
+            if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+                break  # the others wait in the kernel's backlog
+            try:
+                conn, address = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # e.g. the connection was reset before we took it
+                continue
+            try:
+                conn.setblocking(False)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                address_text = _format_address(address)
+            except OSError:
+                conn.close()
+                continue
+            shake = _handshake.ServerHandshake(
+                conn, self._key, self._handshake_timeout, address_text
+            )
+            self._pending[conn.fileno()] = shake
+            new.append(conn.fileno())
+        return new
 
     def close(self) -> None:
-        """Stop listening; idempotent.  Channels already accepted stay open."""
+        """Stop listening; idempotent.  Channels already accepted stay open; clients in
+        the middle of their handshake are disconnected."""
         self._closed = True
         self._finalizer()
 

@@ -15,6 +15,7 @@ sent, but nothing is encrypted: the connection itself can be read by anyone on t
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import socket
@@ -121,6 +122,73 @@ def server_handshake(sock: socket.socket, key: bytes, timeout: float, peer: str)
     except OSError as exc:
         raise _failed(f"the client {peer}", timeout, exc) from None
     sock.settimeout(None)
+
+
+class ServerHandshake:
+    """The listener's side of the handshake with one client, on a non-blocking socket.
+
+    :meth:`step` moves it on as far as the socket allows without waiting, so that one
+    thread can run the handshakes of many clients side by side (see ``ChannelListener``).
+    """
+
+    def __init__(self, sock: socket.socket, key: bytes, timeout: float, peer: str) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.deadline = time.monotonic() + timeout
+        self._key = key
+        self._timeout = timeout
+        self._nonce = os.urandom(NONCE_BYTES)
+        self._out = bytearray(MAGIC + self._nonce)
+        self._answer = bytearray()
+        self._accepted = False
+
+    @property
+    def wants_write(self) -> bool:
+        """Whether what we send is not all out yet (wait for room, not for data)."""
+        return bool(self._out)
+
+    def step(self) -> bool:
+        """Send and receive what can be, without waiting; True once the client is in.
+
+        Raises:
+            multiprocessing.AuthenticationError: a wrong key, garbage, or the client left.
+        """
+        what = f"the client {self.peer}"
+        try:
+            if self._out:
+                del self._out[: self.sock.send(self._out)]
+                if self._out:
+                    return False
+                if self._accepted:
+                    return True
+            need = DIGEST_BYTES + NONCE_BYTES - len(self._answer)
+            chunk = self.sock.recv(need)
+            if not chunk:
+                raise EOFError
+            self._answer += chunk
+        except BlockingIOError:
+            return False
+        except (OSError, EOFError) as exc:
+            raise _failed(what, self._timeout, exc) from None
+        if len(self._answer) < DIGEST_BYTES + NONCE_BYTES:
+            return False
+        answer = bytes(self._answer)
+        if not hmac.compare_digest(
+            answer[:DIGEST_BYTES], _digest(self._key, b"client", self._nonce)
+        ):
+            with contextlib.suppress(OSError):
+                self.sock.send(FAIL)
+            raise AuthenticationError(
+                f"{what} did not prove that it holds the key (a wrong authkey, or not "
+                "a parallelkit channel client); connection refused"
+            )
+        self._accepted = True
+        self._out = bytearray(OK + _digest(self._key, b"server", answer[DIGEST_BYTES:]))
+        return self.step()
+
+    def timed_out(self) -> AuthenticationError:
+        """The error for a client that did not complete the handshake in time."""
+        return _failed(f"the client {self.peer}", self._timeout, TimeoutError())
 
 
 def client_handshake(sock: socket.socket, key: bytes, timeout: float, peer: str) -> None:
