@@ -112,3 +112,9 @@ def test_boolean_options_take_bools_only(option: str, value: object) -> None:
             pk.imap_parallel(abs, [1], backend=backend, **kwargs)  # type: ignore[call-overload]
     with pk.WorkerPool(1) as pool, pytest.raises(TypeError, match=message):
         pool.imap(abs, [1], **kwargs)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("value", [None, 0, "yes"])
+def test_pipeline_ordered_takes_bools_only(value: Any) -> None:
+    with pytest.raises(TypeError, match="ordered must be True or False"):
+        pk.Pipeline([1]).map(abs, ordered=value)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
-from ._checks import check_callable, check_positive_int, check_timeout
+from ._checks import check_bool, check_callable, check_positive_int, check_timeout
 from ._context import resolve_start_method
 from ._progress import PipelineProgress, ProgressOption, check_progress, total_of
 from ._router import PipelineStats, Run, Stage, StageStats
@@ -146,11 +146,6 @@ def _check_name(name: str | None) -> None:
         raise TypeError(f"name must be a str or None, not {type(name).__name__}")
 
 
-def _check_bool(value: object, what: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{what} must be True or False, not {value!r}")
-
-
 class Pipeline(Generic[T]):
     """Stages of worker processes joined by bounded, batched buffers.
 
@@ -232,7 +227,7 @@ class Pipeline(Generic[T]):
         check_callable(fn, "fn" if kind != FILTER else "pred")
         check_positive_int(max_workers, "max_workers")
         _check_name(name)
-        _check_bool(ordered, "ordered")
+        check_bool(ordered, "ordered")
         taken = {stage.name for stage in self._stages}
         if name is None:
             label = getattr(fn, "__qualname__", None) or type(fn).__name__
