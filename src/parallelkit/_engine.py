@@ -13,7 +13,10 @@ chunks to idle workers, then waits on every pipe and every process sentinel at o
 complete futures nobody is waiting on; it exits when no future is pending.  Because the
 engine always knows which chunk each worker holds, and the worker writes the position of the
 item it is running into its progress slot, a worker that dies or overruns its timeout is
-pinned to the exact item, stopped, and replaced.
+pinned to the exact item, stopped, and replaced; one that dies before it has taken its chunk
+(the slot names the last chunk it received whole) blames nothing, and the chunk runs
+elsewhere.  No send blocks the engine: what a worker's pipe does not take waits in that
+worker's outbox and is written as the pipe drains, while every pipe is still read.
 
 Fork and threads: a child forked while another thread runs inherits whatever locks that
 thread held (CPython 3.12+ warns about it).  So under fork the futures helper starts only
