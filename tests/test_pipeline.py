@@ -544,6 +544,15 @@ def test_next_after_a_crashed_worker_is_the_end(start_method: StartMethod) -> No
 
 
 def test_next_after_ctrl_c_is_the_end(start_method: StartMethod) -> None:
+    # Python's own handler, even where SIGINT came in ignored (a background job of a shell)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_then_next(start_method)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_then_next(start_method: StartMethod) -> None:
     calls = [0]
 
     def press_ctrl_c(progress: pk.Progress) -> None:
