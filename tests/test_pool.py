@@ -325,6 +325,22 @@ def test_timeout_kills_a_task_that_ignores_sigterm(start_method: StartMethod) ->
     assert info.value.item_index == 2
 
 
+def test_timeout_does_not_count_worker_start_up(start_method: StartMethod) -> None:
+    # Every worker spends 1 s in its initializer, longer than the items' timeout: the chunks
+    # sent meanwhile wait, and no item is late (a spawned worker's start-up under load made
+    # the first item "time out" before it ran).
+    got = pk.run_parallel(
+        w.square,
+        range(6),
+        start_method=start_method,
+        max_workers=2,
+        timeout=0.3,
+        initializer=w.sleep_for,
+        initargs=(1.0,),
+    )
+    assert got == [x * x for x in range(6)]
+
+
 # ------------------------------------------------------------------ serialization
 
 

@@ -936,14 +936,19 @@ class Engine:
                 continue
             if not w.chunks:
                 continue
-            job = w.chunks[0].job
+            head = w.chunks[0]
+            job = head.job
             if job.timeout is None:
                 continue
-            started = max(self.words[w.slot * W.SLOT_WORDS + W.STARTED_NS], w.head_since)
+            slot = w.slot * W.SLOT_WORDS
+            if self.words[slot + W.TAKEN] != head.cid:
+                # not received yet (the worker is starting, in its initializer, or still
+                # reading an earlier chunk): no item of it runs, none is late
+                continue
+            started = max(self.words[slot + W.STARTED_NS], w.head_since)
             if (now - started) / 1e9 < job.timeout:
                 continue
-            pos = self.words[w.slot * W.SLOT_WORDS + W.POS]
-            head = w.chunks[0]
+            pos = self.words[slot + W.POS]
             index = head.start + max(pos, 0)
             w.killed_for = TaskTimeoutError(
                 f"item {index} ran longer than its timeout of {job.timeout:g} s; "

@@ -330,7 +330,8 @@ def run_parallel(
             ``initializer`` apply only to processes this call starts.
         chunksize: items per message to a worker; ``None`` sizes chunks automatically.
         ordered: results in input order (``True``) or in completion order.
-        timeout: seconds each item may run; a late item fails with
+        timeout: seconds each item may run (from when its worker takes it: start-up and
+            the initializer do not count); a late item fails with
             :class:`~parallelkit.TaskTimeoutError`.  On processes its worker is stopped
             and replaced at the deadline; a thread cannot be stopped (the error comes at
             the deadline, the thread finishes the item in the background); the serial

@@ -64,7 +64,7 @@ POS_STARTING: Final = -1  # not yet ready for work (start-up, initializer)
 POS_RECEIVING: Final = -2  # unpickling a chunk
 POS_SENDING: Final = -3  # pickling and sending a chunk's results
 POS_UNTRACKED: Final = -4  # running tiny items without noting each one (see _run_chunk)
-STARTED_NS: Final = 1  # time.monotonic_ns() when that item started (TIMED only)
+STARTED_NS: Final = 1  # time.monotonic_ns() when the chunk was taken, then (TIMED) each item
 DUMP_FD: Final = 2  # the worker's stack-dump file descriptor (see arm_stack_dump), or -1
 # the id of the last chunk the worker has received whole (0: none yet): a worker that dies
 # before its chunk's id is here never had it, and the chunk is not to blame
@@ -396,6 +396,9 @@ def _task_loop(
         buf = backlog.popleft() if backlog else recv()
         kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
         if kind == TASK:
+            # the time first, then the id: a parent that sees the id sees when we took it
+            # (a per-item timeout counts from then, never our start-up or initializer)
+            words[base + STARTED_NS] = time.monotonic_ns()
             words[base + TAKEN] = cid
         elif kind == STOP:
             if _fuzz.ENABLED:
