@@ -645,6 +645,43 @@ def _blocked_signals(native_id: int) -> set[int]:
     return {n for n in range(1, 65) if mask >> (n - 1) & 1}
 
 
+def _held_source(release: threading.Event) -> Iterator[bytes]:
+    """A pipeline source: one large item (the router's writer thread sends it), then it
+    waits, so the source thread is still there while the test looks at it."""
+    yield bytes(4 << 20)
+    release.wait(RESULT)
+
+
+@pytest.mark.timeout(60)
+def test_a_pipelines_threads_never_take_a_ctrl_c_from_the_main_thread(
+    start_method: StartMethod,
+) -> None:
+    """The threads a pipeline starts in the caller's process (the source thread, the
+    writer thread for large messages) block every asynchronous signal, as the pool's
+    futures thread does: a process-directed SIGINT the kernel gave one of them would not
+    wake the main thread."""
+    release = threading.Event()
+    pipeline = pk.Pipeline(_held_source(release), start_method=start_method).map(len)
+    iterator = iter(pipeline)
+    try:
+        assert next(iterator) == 4 << 20
+        ours = {
+            t.name: t
+            for t in threading.enumerate()
+            if t.name in ("parallelkit-pipeline-source", "parallelkit-writer")
+        }
+        assert set(ours) == {"parallelkit-pipeline-source", "parallelkit-writer"}
+        for thread in ours.values():
+            assert thread.native_id is not None
+            blocked = _blocked_signals(thread.native_id)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+                assert sig in blocked, (thread.name, sig, blocked)
+        assert signal.SIGINT not in _blocked_signals(threading.get_native_id())
+    finally:
+        release.set()
+        assert list(iterator) == []
+
+
 @pytest.mark.timeout(60)
 def test_the_futures_thread_never_takes_a_ctrl_c_from_the_main_thread(
     start_method: StartMethod, tmp_path: Path

@@ -35,7 +35,6 @@ import multiprocessing.connection
 import os
 import pickle
 import select
-import signal
 import socket
 import struct
 import sys
@@ -1081,13 +1080,7 @@ class Engine:
                 target=self._complete_futures, name="parallelkit-futures", daemon=True
             )
             self.helper_thread = thread
-            # the thread inherits our mask: it never takes a Ctrl-C from the main thread
-            # (see W.THREAD_BLOCKED); one that came meanwhile is raised as we restore ours
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, W.THREAD_BLOCKED)
-            try:
-                thread.start()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            W.start_thread(thread)  # it never takes a Ctrl-C meant for the main thread
 
     def future_done(self, job: Job) -> None:
         self.pending_futures -= 1

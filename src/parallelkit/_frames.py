@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from . import _fuzz
 from ._serialize import dumps
+from ._worker import start_thread
 
 HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
 SPEC: Final = struct.Struct("<qq")  # size, writable
@@ -250,7 +251,7 @@ class Writer:
             self._thread = threading.Thread(
                 target=self._run, name="parallelkit-writer", daemon=True
             )
-            self._thread.start()
+            start_thread(self._thread)  # never takes a Ctrl-C meant for the main thread
         self._queue.put((conn, parts))
 
     def _run(self) -> None:

@@ -65,6 +65,7 @@ from ._progress import PipelineProgress, StageProgress
 from ._serialize import dump_function, locate_unpicklable, rebuild_exception
 from ._stage import ERROR, STOP, TASK, stage_worker
 from ._types import StartMethod
+from ._worker import start_thread
 from .errors import PipelineError, SerializationError, WorkerCrashedError
 
 if TYPE_CHECKING:
@@ -279,7 +280,7 @@ class Run:
             self.thread = threading.Thread(
                 target=self._pull, name="parallelkit-pipeline-source", daemon=True
             )
-            self.thread.start()
+            start_thread(self.thread)  # never takes a Ctrl-C meant for the main thread
 
     def _start_worker(
         self, context: Any, index: int, stage: Stage, payload: bytes | None, number: int

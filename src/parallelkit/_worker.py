@@ -97,6 +97,18 @@ THREAD_BLOCKED: Final = frozenset(signal.valid_signals()) - {
     signal.SIGPIPE,
 }
 
+
+def start_thread(thread: threading.Thread) -> None:
+    """Start a thread of ours that never takes an asynchronous signal (see THREAD_BLOCKED):
+    it inherits the mask we hold while it starts; a signal that came meanwhile is raised
+    here as we restore ours."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, THREAD_BLOCKED)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
 # exit codes of a worker that decided to stop
 EXIT_PARENT_DIED: Final = 70
 EXIT_INIT_FAILED: Final = 71
