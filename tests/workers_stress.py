@@ -7,6 +7,7 @@ by calling the same function in its own process.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import parallelkit as pk
@@ -49,6 +50,12 @@ def tagged(item: tuple[int, object]) -> tuple[int, object]:
     """``(index, payload)`` -> ``(index, transform(payload))``: a result names its item."""
     index: int = item[0]
     return index, transform(item[1])
+
+
+def nap(item: tuple[int, float]) -> int:
+    """Sleep ``item[1]`` seconds, then give the index back."""
+    time.sleep(item[1])
+    return item[0]
 
 
 def keep(item: tuple[int, object]) -> bool:

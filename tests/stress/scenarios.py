@@ -486,6 +486,69 @@ def scenario_submit_storm(r: Round) -> None:
         pool.shutdown(wait=True)
 
 
+def scenario_map_timeout(r: Round) -> None:
+    """Per-item timeouts: the late items (and only they) fail with TaskTimeoutError, their
+    workers are replaced, every other item is exact; a pool works afterwards."""
+    api = r.pick("api", ["run_parallel", "imap_parallel", "pool.imap"])
+    workers = r.pick("workers", [1, 2, 3])
+    chunksize = r.pick("chunksize", [None, 1, 4])
+    ordered = r.pick("ordered", [True, False])
+    n = r.between("items", 1, 60)
+    late = set(r.rng.sample(range(n), k=min(n, r.pick("late", [1, 1, 2]))))
+    r.params["late_items"] = sorted(late)
+    r.show()
+    timeout = 2.0  # seconds: far beyond an on-time item, far below a late one
+    items = [(i, 600.0 if i in late else 0.0) for i in range(n)]
+    pool = pk.WorkerPool(workers, start_method=r.method) if api == "pool.imap" else None
+    options: dict[str, Any] = {
+        "chunksize": chunksize,
+        "ordered": ordered,
+        "timeout": timeout,
+        "return_exceptions": True,
+    }
+    try:
+        if api == "run_parallel":
+            got: list[object] = pk.run_parallel(
+                w.nap, items, max_workers=workers, start_method=r.method, **options
+            )
+        elif api == "imap_parallel":
+            got = list(
+                pk.imap_parallel(
+                    w.nap, items, max_workers=workers, start_method=r.method, **options
+                )
+            )
+        else:
+            assert pool is not None
+            got = list(pool.imap(w.nap, items, **options))
+        if len(got) != n:
+            raise AssertionError(f"{len(got)} results for {n} items")
+        seen: set[int] = set()
+        for position, result in enumerate(got):
+            if isinstance(result, pk.TaskTimeoutError):
+                index = result.item_index
+                if index not in late:
+                    raise AssertionError(f"item {index} timed out, yet it does not sleep")
+                if result.timeout != timeout:
+                    raise AssertionError(f"timeout {result.timeout}, expected {timeout}")
+            elif isinstance(result, int):
+                index = result
+                if index in late:
+                    raise AssertionError(f"late item {index} returned a result")
+            else:
+                raise AssertionError(f"slot {position}: unexpected {result!r}")
+            if ordered and index != position:
+                raise AssertionError(f"slot {position} holds item {index}")
+            if index is None or index in seen:
+                raise AssertionError(f"slot {position}: item {index} twice or unnamed")
+            seen.add(index)
+        if pool is not None:
+            small = [(i, i) for i in range(30)]
+            expect_same(list(pool.map(w.tagged, small)), [w.tagged(x) for x in small], "after")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
 def scenario_pool_big(r: Round) -> None:
     """Large functions and results through a WorkerPool (issue 17 §2): a bound method of
     a large object, a large argument, large results of a map left after the first."""
@@ -686,6 +749,7 @@ def scenario_shared(r: Round) -> None:
 SCENARIOS: Final[dict[str, Callable[[Round], None]]] = {
     "map": scenario_map,
     "map_kill": scenario_map_kill,
+    "map_timeout": scenario_map_timeout,
     "submit_storm": scenario_submit_storm,
     "pool_big": scenario_pool_big,
     "idle_death": scenario_idle_death,

@@ -47,6 +47,7 @@ SCRIPT: Final = HERE / "scenarios.py"
 SCENARIOS: Final = (
     "map",
     "map_kill",
+    "map_timeout",
     "submit_storm",
     "pool_big",
     "idle_death",
