@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import parallelkit as pk
+from parallelkit import Channel
 
 
 class StressTaskError(ValueError):
@@ -77,6 +78,11 @@ def key_of(result: Any) -> tuple[int, int]:
     return result[0], result[1]
 
 
+def blob_of(i: int, size: int) -> bytes:
+    """The payload of item ``i`` of a queue round with ``size``-byte payloads."""
+    return bytes([i % 251]) * size
+
+
 class Holder:
     """An object whose bound method travels by value (``payload`` is large)."""
 
@@ -125,3 +131,58 @@ def write_rows(item: tuple[pk.SharedArray, int, int, float]) -> int:
     for row in range(start, stop):
         array[row, :] = row * scale
     return stop - start
+
+
+# ------------------------------------------------------------------ processes over channels
+
+
+def produce(
+    channel: Channel[object, object],
+    q: pk.Queue[tuple[object, ...]],
+    producer: int,
+    plan: list[int],
+    blob: int,
+) -> None:
+    """Put ``(producer, i)`` (and ``blob_of(i, blob)`` if ``blob``) for ``i`` in order;
+    ``plan`` holds batch sizes (1: ``put``, more: ``put_many``)."""
+
+    def item(i: int) -> tuple[object, ...]:
+        return (producer, i, blob_of(i, blob)) if blob else (producer, i)
+
+    i = 0
+    for size in plan:
+        if size == 1:
+            q.put(item(i))
+        else:
+            q.put_many([item(i + k) for k in range(size)])
+        i += size
+    q.close()
+    channel.send(i)
+
+
+def consume(
+    channel: Channel[object, object], q: pk.Queue[tuple[object, ...]], limit: int, batch: int
+) -> None:
+    """Take up to ``limit`` items (``-1``: until the end), one ``get`` at a time or in
+    ``get_many`` batches of at most ``batch``, then send them to the parent and stop."""
+    taken: list[tuple[object, ...]] = []
+    try:
+        while limit < 0 or len(taken) < limit:
+            if batch == 1:
+                taken.append(q.get())
+            else:
+                want = batch if limit < 0 else min(batch, limit - len(taken))
+                taken.extend(q.get_many(want))
+    except pk.QueueClosedError:
+        pass
+    channel.send(taken)
+
+
+def serve(channel: Channel[object, Any]) -> None:
+    """Answer ``(request id, delay in ms, payload)`` with ``(request id, transform(payload))``
+    after the delay, until the parent closes its end."""
+    for request in channel:
+        ident, delay_ms, payload = request
+        if delay_ms:
+            time.sleep(delay_ms / 1000)
+        channel.send((ident, transform(payload)))

@@ -689,6 +689,121 @@ def scenario_pipeline(r: Round) -> None:
         expect_same(sorted(got, key=w.key_of), sorted(want, key=w.key_of), "results (sorted)")
 
 
+# ------------------------------------------------------------------------------ queues
+
+
+def scenario_queue(r: Round) -> None:
+    """Several producer and consumer processes on one Queue; some consumers stop early.
+    Every item put reaches exactly one consumer or stays in the queue (drained at the end);
+    a consumer sees each producer's items in the order they were put."""
+    producers = r.between("producers", 1, 3)
+    consumers = r.between("consumers", 1, 3)
+    maxsize = r.pick("maxsize", [0, 0, 8, 100])
+    blob = r.pick("blob_bytes", [0, 0, 100, 100_000])
+    plans = [
+        [r.rng.choice([1, 1, 5, 50, 2000]) for _ in range(r.rng.randint(1, 20))]
+        for _ in range(producers)
+    ]
+    if maxsize:  # a put_many of more than maxsize items cannot fit
+        plans = [[min(size, maxsize) for size in plan] for plan in plans]
+    limits = [r.rng.choice([-1, -1, 0, 1, 7, 500]) for _ in range(consumers)]
+    batches = [r.rng.choice([1, 1, 10, 1000]) for _ in range(consumers)]
+    r.params.update(plans=plans, limits=limits, batches=batches)
+    r.show()
+    q: pk.Queue[Any] = pk.Queue(maxsize, producers=producers, start_method=r.method)
+    started: list[Any] = []
+    try:
+        for c in range(consumers):
+            started.append(
+                pk.start_process(w.consume, q, limits[c], batches[c], start_method=r.method)
+            )
+        for p in range(producers):
+            started.append(pk.start_process(w.produce, q, p, plans[p], blob, start_method=r.method))
+        taken = [started[c].recv(timeout=RESULT_WAIT) for c in range(consumers)]
+        rest = list(q)  # the parent drains what the consumers left; ends after all closed
+        sent = [started[consumers + p].recv(timeout=RESULT_WAIT) for p in range(producers)]
+    finally:
+        for child in started:
+            child.close()
+    for p, count_sent in enumerate(sent):
+        if count_sent != sum(plans[p]):
+            raise AssertionError(f"producer {p} sent {count_sent}, planned {sum(plans[p])}")
+    for c, got in enumerate(taken):
+        if limits[c] >= 0 and len(got) > limits[c]:
+            raise AssertionError(f"consumer {c} took {len(got)} items, limit {limits[c]}")
+        last: dict[int, int] = {}
+        for item in got:
+            p, i = item[0], item[1]
+            if last.get(p, -1) >= i:
+                raise AssertionError(f"consumer {c}: item {i} of producer {p} after {last[p]}")
+            last[p] = i
+            if blob and item[2] != w.blob_of(i, blob):
+                raise AssertionError(f"consumer {c}: item {(p, i)} has the wrong payload")
+    everything = [item[:2] for got in taken for item in got] + [item[:2] for item in rest]
+    expected = [(p, i) for p in range(producers) for i in range(sum(plans[p]))]
+    counts = Counter(everything)
+    duplicated = [key for key, n in counts.items() if n > 1]
+    missing = [key for key in expected if key not in counts]
+    if duplicated or missing or len(counts) != len(expected):
+        raise AssertionError(
+            f"{len(missing)} items lost (first {missing[:5]}), {len(duplicated)} duplicated "
+            f"(first {duplicated[:5]}); consumers took {[len(t) for t in taken]}, "
+            f"{len(rest)} left in the queue"
+        )
+
+
+# ------------------------------------------------------------------------------ channels
+
+
+def scenario_channel(r: Round) -> None:
+    """Several threads sending requests on one channel to a serving process, some with
+    timeouts that expire: every reply that arrives answers its own request."""
+    threads = r.pick("threads", [1, 2, 4])
+    per_thread = r.between("requests", 5, 60)
+    large = r.chance("large", 0.3)
+    seeds = [r.rng.random() for _ in range(threads)]
+    r.show()
+    errors: list[BaseException] = []
+    outcomes = Counter[str]()
+    lock = threading.Lock()
+    with pk.start_process(w.serve, start_method=r.method) as server:
+
+        def client(t: int) -> None:
+            rng = random.Random(seeds[t])
+            try:
+                for k in range(per_thread):
+                    ident = t * 1_000_000 + k
+                    payload: object = ident
+                    if large and rng.random() < 0.2:
+                        payload = np.full(rng.choice([1, 4]) << 17, float(k))
+                    delay = rng.choice([0, 0, 1, 5, 20])
+                    timeout = rng.choice([None, None, 0.002, 0.01, 0.05, 1.0])
+                    try:
+                        reply = server.request((ident, delay, payload), timeout=timeout)
+                    except TimeoutError:
+                        if timeout is None:
+                            raise
+                        with lock:
+                            outcomes["timed out"] += 1
+                        continue
+                    expect_same(reply, (ident, w.transform(payload)), f"reply to {ident}")
+                    with lock:
+                        outcomes["answered"] += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+        clients = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(RESULT_WAIT)
+        if errors:
+            raise errors[0]
+        # the channel still works for a request without a timeout
+        expect_same(server.request((-1, 0, 5), timeout=None), (-1, 26), "last reply")
+    print("outcomes", dict(outcomes), flush=True)
+
+
 # ------------------------------------------------------------------------------ shared
 
 
@@ -755,6 +870,8 @@ SCENARIOS: Final[dict[str, Callable[[Round], None]]] = {
     "idle_death": scenario_idle_death,
     "leakcheck_pool": scenario_leakcheck_pool,
     "pipeline": scenario_pipeline,
+    "queue": scenario_queue,
+    "channel": scenario_channel,
     "shared": scenario_shared,
 }
 

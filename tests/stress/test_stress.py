@@ -53,6 +53,8 @@ SCENARIOS: Final = (
     "idle_death",
     "leakcheck_pool",
     "pipeline",
+    "queue",
+    "channel",
     "shared",
 )
 SECONDS: Final = float(os.environ.get("PARALLELKIT_STRESS_SECONDS", "180"))
