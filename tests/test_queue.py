@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -434,3 +435,48 @@ def test_a_producer_killed_in_the_middle_of_a_put_leaves_the_queue_usable(
     assert producer.exitcode == -signal.SIGKILL
     q.put(2, timeout=10)  # it held the counters' lock when it died
     assert q.get(timeout=10) == 2
+
+
+def test_a_thread_waiting_for_a_lock_another_thread_of_ours_holds_is_no_deadlock() -> None:
+    # Record locks belong to processes: a child holding the read lock and waiting for the
+    # counters' lock, which a thread of ours holds, while another thread of ours asks for
+    # the read lock, looks to the kernel like a deadlock (EDEADLK); it is none.
+    ctx = get_context("fork")
+    q: pk.Queue[int] = pk.Queue(start_method="fork")
+    assert q._count_lock.acquire(None)  # "thread 2" of this process
+    ready, theirs = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=w.hold_read_then_wait_for_count, args=(q._fd, theirs))  # type: ignore[attr-defined]
+    child.start()
+    theirs.close()
+    assert ready.recv() == "holding"
+    _wait_blocked_in_fcntl(child.pid or 0)
+    got: list[object] = []
+    taker = threading.Thread(target=lambda: got.append(q._read_lock.acquire(None)))
+    taker.start()  # asks for the read lock: the cycle the kernel sees
+    _wait_thread_blocked(taker)
+    q._count_lock.release()  # the child goes on, then lets go of the read lock
+    taker.join(30)
+    child.join(30)
+    assert got == [True]
+    q._read_lock.release()
+    q.put(1)
+    assert q.get(timeout=10) == 1
+    ready.close()
+
+
+def _wait_blocked_in_fcntl(pid: int) -> None:
+    number = {"x86_64": "72", "aarch64": "25"}[os.uname().machine]
+    while Path(f"/proc/{pid}/syscall").read_text().split()[0] != number:
+        time.sleep(0.001)
+
+
+def _wait_thread_blocked(thread: threading.Thread) -> None:
+    """Wait until ``thread`` asked for the lock: it waits in fcntl, or sleeps between
+    tries, or it ended (with the answer or an error)."""
+    waits = {"x86_64": {"72", "35", "230"}, "aarch64": {"25", "101", "115"}}[os.uname().machine]
+    task = Path(f"/proc/self/task/{thread.native_id}/syscall")
+    while thread.is_alive():
+        with contextlib.suppress(OSError, IndexError):
+            if task.read_text().split()[0] in waits:
+                return
+        time.sleep(0.001)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 from multiprocessing.connection import Connection
@@ -9,6 +10,7 @@ from threading import Barrier
 
 import parallelkit as pk
 from parallelkit import _fuzz
+from parallelkit._queue import COUNT_LOCK, READ_LOCK
 
 
 def produce(q: pk.Queue[int], start: int, stop: int) -> None:
@@ -81,3 +83,13 @@ def put_dying_at(q: pk.Queue[int], point: str, item: int) -> None:
     die_at(point)
     q.put(item, timeout=30)
     raise AssertionError(f"never reached {point}")
+
+
+def hold_read_then_wait_for_count(fd: int, ready: Connection) -> None:
+    """Take the queue's read lock, say so, then wait for its counters' lock (in a cycle
+    with the test's process, which holds the latter and asks for the former)."""
+    fcntl.lockf(fd, fcntl.LOCK_EX, 1, READ_LOCK)
+    ready.send("holding")
+    fcntl.lockf(fd, fcntl.LOCK_EX, 1, COUNT_LOCK)  # blocks until the test releases it
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, COUNT_LOCK)
+    fcntl.lockf(fd, fcntl.LOCK_UN, 1, READ_LOCK)

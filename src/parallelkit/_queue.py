@@ -164,11 +164,18 @@ class _RecordLock:
             if self._try():
                 return True
             if deadline is None:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.byte)
-                return True
+                try:
+                    fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.byte)
+                    return True
+                except OSError as exc:
+                    # The kernel sees lock owners as processes: one thread of ours holding
+                    # the other lock can look like a cycle that is none.  Try again below.
+                    if exc.errno != errno.EDEADLK:
+                        raise
             pause = 0.00005
-            while time.monotonic() < deadline:
-                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            while deadline is None or time.monotonic() < deadline:
+                left = pause if deadline is None else deadline - time.monotonic()
+                time.sleep(max(0.0, min(pause, left)))
                 if self._try():
                     return True
                 pause = min(pause * 2, LOCK_BACKOFF_MAX)
