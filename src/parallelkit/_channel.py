@@ -175,7 +175,8 @@ class Channel(Generic[SendT, RecvT]):
         self._recv_lock = threading.Lock()  # the bytes: whoever reads or drains them
         # Messages by who asked: one thread at a time reads frames (the reader) and files
         # them; plain ones in _inbox for recv(), replies in _replies for their request.
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()  # `with` on it directly: cheaper than the condition's
+        self._cond = threading.Condition(self._mutex)
         self._inbox: deque[tuple[object, int]] = deque()  # (message, request id or 0)
         self._replies: dict[int, object] = {}
         self._waiting: set[int] = set()  # requests waiting for their reply
@@ -316,7 +317,7 @@ class Channel(Generic[SendT, RecvT]):
         timeout = check_timeout(timeout, zero_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         request_id = next(self._request_ids)
-        with self._cond:
+        with self._mutex:
             self._waiting.add(request_id)
         try:
             if _fuzz.ENABLED:
@@ -324,7 +325,7 @@ class Channel(Generic[SendT, RecvT]):
             self._send(obj, REQUEST, request_id)
             return self._wait(request_id, deadline)  # type: ignore[return-value]
         finally:
-            with self._cond:
+            with self._mutex:
                 self._waiting.discard(request_id)
                 self._replies.pop(request_id, None)
 
@@ -334,9 +335,9 @@ class Channel(Generic[SendT, RecvT]):
         One thread at a time reads frames and files each where it belongs; the others
         wait for theirs on the condition, or take over reading when it is free.
         """
-        cond = self._cond
+        cond, mutex = self._cond, self._mutex
         while True:
-            with cond:
+            with mutex:
                 while True:
                     if request_id:
                         if request_id in self._replies:
@@ -363,13 +364,13 @@ class Channel(Generic[SendT, RecvT]):
             try:
                 message = self._read_one(deadline, request_id)
             except BaseException:
-                with cond:
+                with mutex:
                     self._reading = False
                     if self._sleepers:
                         cond.notify_all()
                 raise
             tag, tag_id = self._tag, self._tag_id
-            with cond:
+            with mutex:
                 self._reading = False
                 mine = False
                 if tag == REPLY:
