@@ -430,6 +430,8 @@ class Channel(Generic[SendT, RecvT]):
             # in the parent, and shutdown() would end the parent's connection too.
             self._finalizer()
             return
+        if _fuzz.ENABLED:
+            _fuzz.point("channel.close")
         busy = self._recv_lock.locked() or self._send_lock.locked()
         if busy:  # wake them (this shuts the socket down for every process holding it)
             with contextlib.suppress(OSError):
