@@ -14,6 +14,7 @@ leaves a worker, a thread, a semaphore or a ``/dev/shm`` segment behind fails.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import gc
 import os
@@ -650,6 +651,58 @@ def _held_source(release: threading.Event) -> Iterator[bytes]:
     waits, so the source thread is still there while the test looks at it."""
     yield bytes(4 << 20)
     release.wait(RESULT)
+
+
+def _submit_or_pipeline(api: str, start_method: StartMethod) -> None:
+    if api == "submit":
+        with pk.WorkerPool(2, start_method=start_method) as pool:
+            assert pool.submit(abs, -1).result(timeout=RESULT) == 1
+            assert pool.submit(abs, -2).result(timeout=RESULT) == 2
+    else:
+        release = threading.Event()
+        release.set()
+        pipeline = pk.Pipeline(_held_source(release), start_method=start_method).map(len)
+        assert pipeline.run() == [4 << 20]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("api", ["submit", "pipeline"])
+def test_a_ctrl_c_at_any_change_of_the_callers_signal_mask_leaves_it_as_it_was(
+    start_method: StartMethod, api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the stress run (ctrl_c, fork, seed 402790661): a Ctrl-C raised just as the
+    pool blocked signals in the calling thread (to start its futures thread) skipped the
+    restore; the main thread kept every signal blocked and the next future never
+    completed.  A KeyboardInterrupt is raised here right after each call that changes the
+    main thread's mask, one place per run: the mask must end as it began, and the next
+    run must work."""
+    real = signal.pthread_sigmask
+    main = threading.get_ident()
+    before = real(signal.SIG_BLOCK, ())
+    seen = 0
+    target = 0
+
+    def pthread_sigmask(how: int, mask: Iterable[int]) -> set[int | signal.Signals]:
+        nonlocal seen
+        mask = set(mask)
+        old = real(how, mask)
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        ours = caller.startswith("parallelkit.")  # not the stdlib's (its resource tracker)
+        if ours and threading.get_ident() == main and (how != signal.SIG_BLOCK or mask):
+            seen += 1
+            if seen == target:
+                raise KeyboardInterrupt  # a Ctrl-C, raised as the call returns
+        return old
+
+    for target in range(1, 5):
+        seen = 0
+
+        monkeypatch.setattr(signal, "pthread_sigmask", pthread_sigmask)
+        with contextlib.suppress(KeyboardInterrupt):
+            _submit_or_pipeline(api, start_method)
+        monkeypatch.undo()
+        assert real(signal.SIG_BLOCK, ()) == before, (target, seen)
+    _submit_or_pipeline(api, start_method)
 
 
 @pytest.mark.timeout(60)

@@ -699,3 +699,19 @@ def test_the_parents_atexit_handlers_never_run_in_a_forked_worker(tmp_path: Path
     finally:
         atexit.unregister(parents_handler)
     assert not path.exists()
+
+
+@pytest.mark.timeout(60)
+def test_an_imap_closed_before_its_first_result_leaves_the_pool_working(
+    start_method: StartMethod,
+) -> None:
+    # Found by the stress run (imap_close, forkserver, seed 669711682): closing a
+    # WorkerPool.imap iterator over a lazy input before its first next() left its job in
+    # the engine with its input released, and the next imap failed in Job.next_chunk.
+    with pk.WorkerPool(2, start_method=start_method) as pool:
+        first = pool.imap(abs, itertools.count(), chunksize=1)
+        first.close()
+        second = pool.imap(abs, itertools.count(), chunksize=1)
+        assert [next(second) for _ in range(3)] == [0, 1, 2]
+        second.close()
+        assert list(pool.map(abs, range(-3, 0))) == [3, 2, 1]

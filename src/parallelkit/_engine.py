@@ -1075,12 +1075,13 @@ class Engine:
                     self._spawn()  # never None: that is only for forkserver
             elif self.start_method == "forkserver":
                 start_forkserver()  # from this thread, with its signal mask (see below)
-            self.helper_running = True
-            thread = threading.Thread(
-                target=self._complete_futures, name="parallelkit-futures", daemon=True
-            )
+            # it never takes a Ctrl-C meant for the main thread (see W.THREAD_BLOCKED)
+            thread = W.quiet_thread(self._complete_futures, name="parallelkit-futures")
             self.helper_thread = thread
-            W.start_thread(thread)  # it never takes a Ctrl-C meant for the main thread
+            try:
+                thread.start()
+            finally:  # even if a Ctrl-C comes now: running if and only if started
+                self.helper_running = thread.ident is not None
 
     def future_done(self, job: Job) -> None:
         self.pending_futures -= 1

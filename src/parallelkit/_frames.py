@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from . import _fuzz
 from ._serialize import dumps
-from ._worker import start_thread
+from ._worker import quiet_thread
 
 HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
 SPEC: Final = struct.Struct("<qq")  # size, writable
@@ -248,10 +248,9 @@ class Writer:
             if size(parts) < self.LARGE:
                 send(conn, parts)
                 return
-            self._thread = threading.Thread(
-                target=self._run, name="parallelkit-writer", daemon=True
-            )
-            start_thread(self._thread)  # never takes a Ctrl-C meant for the main thread
+            # it never takes a Ctrl-C meant for the main thread
+            self._thread = quiet_thread(self._run, name="parallelkit-writer")
+            self._thread.start()
         self._queue.put((conn, parts))
 
     def _run(self) -> None:

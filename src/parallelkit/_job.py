@@ -453,14 +453,20 @@ def iterate(engine: Driver, job: Job) -> Generator[list[Any], None, None]:
                 return
             engine.drive(ready)
     finally:
-        if not job.finished:
-            job.cancelled = True  # seen by the driver even if we cannot take the mutex
-        # This may run from garbage collection, inside any code: never block on the mutex.
-        if engine.mutex.acquire(blocking=False):
-            try:
-                if job.cancelled or job.error is not None:
-                    job.cancelled = False
-                    job.cancel()
-                engine.abandon(job)
-            finally:
-                engine.mutex.release()
+        stop(engine, job)
+
+
+def stop(engine: Driver, job: Job) -> None:
+    """Its caller is done with ``job`` (finished, failed, or left early): cancel what is not
+    done and forget it.  Idempotent.  It may run from garbage collection, inside any code:
+    it never blocks on the mutex."""
+    if not job.finished:
+        job.cancelled = True  # seen by the driver even if we cannot take the mutex
+    if engine.mutex.acquire(blocking=False):
+        try:
+            if job.cancelled or job.error is not None:
+                job.cancelled = False
+                job.cancel()
+            engine.abandon(job)
+        finally:
+            engine.mutex.release()

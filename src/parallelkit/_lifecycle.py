@@ -297,10 +297,13 @@ def start_child(
         process: BaseProcess = context.Process(  # type: ignore[attr-defined]
             target=target, args=tuple(args), kwargs=dict(kwargs or {}), name=name, daemon=True
         )
-        block = start_method != "forkserver"
-        if block:
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # SIGINT held off while the child starts (not under forkserver: the server forks
+        # it).  The mask to restore is read before it changes, and the change made inside
+        # the try: a Ctrl-C raised at any point here cannot leave SIGINT blocked.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
         try:
+            if start_method != "forkserver":
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             if threads_ok and start_method == "fork":
                 with warnings.catch_warnings():
                     warnings.filterwarnings(
@@ -312,9 +315,8 @@ def start_child(
             if on_started is not None:
                 on_started(process)
         finally:
-            if block:
-                # a Ctrl-C that arrived meanwhile is raised here, with the child known
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            # a Ctrl-C that arrived meanwhile is raised here, with the child known
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return process
 
 

@@ -20,7 +20,7 @@ from ._checks import check_bool, check_callable, check_timeout
 from ._context import get_context, resolve_max_workers, resolve_start_method
 from ._engine import Engine
 from ._insights import MapStats, StallReport, StatsBaseline, engine_stats
-from ._job import Job, PoolBrokenError, collect, handed_out, iterate
+from ._job import Job, PoolBrokenError, collect, handed_out, iterate, stop
 from ._owners import Owned, register
 from ._progress import ProgressOption, Watch, check_progress, job_class, total_of
 from ._types import P, R, StartMethod, T
@@ -539,6 +539,8 @@ class ResultIterator(Iterator[_Y]):
         self._stats = engine_stats(self._engine, self._baseline)
         try:
             self._chunks.close()
+            # a generator closed before it started runs no finally: stop the job here too
+            stop(self._engine, self._job)
             self._job.release()
             if self._finalizer is not None:
                 self._finalizer.detach()

@@ -65,7 +65,7 @@ from ._progress import PipelineProgress, StageProgress
 from ._serialize import dump_function, locate_unpicklable, rebuild_exception
 from ._stage import ERROR, STOP, TASK, stage_worker
 from ._types import StartMethod
-from ._worker import start_thread
+from ._worker import quiet_thread
 from .errors import PipelineError, SerializationError, WorkerCrashedError
 
 if TYPE_CHECKING:
@@ -277,10 +277,9 @@ class Run:
             self.abort()
             raise
         if self.iterator is not None:
-            self.thread = threading.Thread(
-                target=self._pull, name="parallelkit-pipeline-source", daemon=True
-            )
-            start_thread(self.thread)  # never takes a Ctrl-C meant for the main thread
+            # it never takes a Ctrl-C meant for the main thread
+            self.thread = quiet_thread(self._pull, name="parallelkit-pipeline-source")
+            self.thread.start()
 
     def _start_worker(
         self, context: Any, index: int, stage: Stage, payload: bytes | None, number: int

@@ -98,15 +98,18 @@ THREAD_BLOCKED: Final = frozenset(signal.valid_signals()) - {
 }
 
 
-def start_thread(thread: threading.Thread) -> None:
-    """Start a thread of ours that never takes an asynchronous signal (see THREAD_BLOCKED):
-    it inherits the mask we hold while it starts; a signal that came meanwhile is raised
-    here as we restore ours."""
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, THREAD_BLOCKED)
-    try:
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+def quiet_thread(
+    target: Callable[..., object], *, name: str, args: tuple[object, ...] = ()
+) -> threading.Thread:
+    """A daemon thread of ours (not started) that first blocks every asynchronous signal
+    (see THREAD_BLOCKED).  It blocks them itself: the starting thread's mask is never
+    touched, so a Ctrl-C at any moment cannot leave the main thread with signals blocked."""
+
+    def run() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, THREAD_BLOCKED)
+        target(*args)
+
+    return threading.Thread(target=run, name=name, daemon=True)
 
 
 # exit codes of a worker that decided to stop
