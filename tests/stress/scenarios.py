@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import faulthandler
+import gc
 import json
 import os
 import random
@@ -404,6 +405,93 @@ def scenario_map(r: Round, *, kill: bool = False) -> None:
 def scenario_map_kill(r: Round) -> None:
     """As scenario_map, with one worker SIGKILLed at a random moment of each call."""
     scenario_map(r, kill=True)
+
+
+def endless(items: list[tuple[int, object]]) -> Iterator[tuple[int, object]]:
+    """The items, then more small ones for ever (the consumer closes the iterator)."""
+    yield from items
+    i = len(items)
+    while True:
+        yield (i, i)
+        i += 1
+
+
+def scenario_imap_close(r: Round) -> None:
+    """imap over a finite or endless input, closed early in several ways; two iterators
+    open at once on one pool; the pool works afterwards."""
+    api = r.pick("api", ["imap_parallel", "pool.imap"])
+    workers = r.pick("workers", [1, 2, 3])
+    chunksize = r.pick("chunksize", [None, 1, 3, 10])
+    ordered = r.pick("ordered", [True, False])
+    how = r.pick("close", ["close", "del", "with", "exhaust_one"])
+    take = r.between("take", 0, 30)
+    source = r.pick("source", ["finite", "endless"])
+    items = make_items(r, allow_fail=False)
+    r.show()
+    extended = items + [(i, i) for i in range(len(items), len(items) + take + 1000)]
+
+    def values() -> Iterator[tuple[int, object]]:
+        return endless(items) if source == "endless" else iter(items)
+
+    def open_one(pool: pk.WorkerPool | None) -> Any:
+        if pool is None:
+            return pk.imap_parallel(
+                w.tagged,
+                values(),
+                max_workers=workers,
+                start_method=r.method,
+                chunksize=chunksize,
+                ordered=ordered,
+            )
+        return pool.imap(w.tagged, values(), chunksize=chunksize, ordered=ordered)
+
+    handed: dict[int, int] = {}  # id(iterator) -> results it gave so far
+
+    def consume(iterator: Any, n: int) -> None:
+        for _ in range(n):
+            k = handed.get(id(iterator), 0)
+            try:
+                result = next(iterator)
+            except StopIteration:
+                if source == "endless" or k < len(items):
+                    raise AssertionError(f"ended after {k} results") from None
+                return
+            handed[id(iterator)] = k + 1
+            index = result[0] if not ordered else k
+            if ordered and result[0] != k:
+                raise AssertionError(f"result {k} is of item {result[0]}")
+            expect_same(result, w.tagged(extended[index]), f"item {index}")
+
+    pool = pk.WorkerPool(workers, start_method=r.method) if api == "pool.imap" else None
+    try:
+        first = open_one(pool)
+        second = open_one(pool) if pool is not None and r.chance("two_open", 0.5) else None
+        consume(first, take)
+        if second is not None:
+            consume(second, take // 2)
+        if how == "close":
+            first.close()
+        elif how == "del":
+            del first
+            gc.collect()
+        elif how == "with":
+            with first:
+                consume(first, 1)
+        else:  # a finite input, consumed to the end
+            if source == "finite":
+                consume(first, len(items) + 1)
+                if handed.get(id(first), 0) != len(items):
+                    raise AssertionError(f"{handed.get(id(first))} results of {len(items)}")
+            first.close()
+        if second is not None:
+            consume(second, 3 if source == "endless" else 0)
+            second.close()
+        if pool is not None:
+            small = [(i, i) for i in range(40)]
+            expect_same(list(pool.map(w.tagged, small)), [w.tagged(x) for x in small], "after")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 # ------------------------------------------------------------------------------ pools
@@ -865,6 +953,7 @@ SCENARIOS: Final[dict[str, Callable[[Round], None]]] = {
     "map": scenario_map,
     "map_kill": scenario_map_kill,
     "map_timeout": scenario_map_timeout,
+    "imap_close": scenario_imap_close,
     "submit_storm": scenario_submit_storm,
     "pool_big": scenario_pool_big,
     "idle_death": scenario_idle_death,

@@ -48,6 +48,7 @@ SCENARIOS: Final = (
     "map",
     "map_kill",
     "map_timeout",
+    "imap_close",
     "submit_storm",
     "pool_big",
     "idle_death",
