@@ -59,7 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Final, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, Self, TypeVar
 
 from . import _owners
 from ._context import available_start_methods
@@ -194,6 +194,15 @@ def _helper_pids() -> set[int]:
     return pids
 
 
+def _start_time(process: Any) -> float:
+    """When a psutil process started, as a value that never changes.  psutil's
+    ``create_time()`` is wall-clock time: it adds the boot time, read again each time, and
+    that moves whenever the system clock is adjusted, so one process could look like two
+    (and be called a leak, and killed).  Where ``/proc`` says, the clock ticks since boot."""
+    info = _read_proc_stat(int(process.pid))
+    return info[1] if info is not None else float(process.create_time())
+
+
 def _descendants_psutil(psutil: ModuleType) -> list[_Process]:
     found: list[_Process] = []
     for child in psutil.Process().children(recursive=True):
@@ -207,7 +216,7 @@ def _descendants_psutil(psutil: ModuleType) -> list[_Process]:
                 found.append(
                     _Process(
                         pid=int(child.pid),
-                        started=float(child.create_time()),
+                        started=_start_time(child),
                         ppid=int(child.ppid()),
                         zombie=zombie,
                         command=command or str(child.name()),
