@@ -6,7 +6,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import NoReturn
 
-from parallelkit._serialize import capture_exception
+from parallelkit._wire.codec import capture_exception
 
 
 def double(x: int) -> int:

@@ -24,9 +24,11 @@ from hypothesis import strategies as st
 import parallelkit as pk
 import workers_arena as wa
 from child import package_env, run_python
-from parallelkit import _arena, _direct, _shm
-from parallelkit._job import Job
-from parallelkit._types import StartMethod
+from parallelkit._map.job import Job
+from parallelkit._util.types import StartMethod
+from parallelkit._wire import arena as _arena
+from parallelkit._wire import direct as _direct
+from parallelkit._wire import shm as _shm
 
 TESTS = Path(__file__).resolve().parent
 SHM = Path("/dev/shm")
@@ -568,7 +570,7 @@ def test_a_reply_read_after_its_worker_exited_still_finds_its_segment(
     sends its last reply (naming a segment the parent has never mapped) and exits.  The
     parent is held back here until that worker has exited before it reads the reply; the
     reply must still be readable (the segment's end is not the worker's to decide)."""
-    from parallelkit._engine import Engine
+    from parallelkit._map.engine import Engine
 
     original = Engine._on_message
     held: list[int | None] = []

@@ -25,7 +25,7 @@ import workers_bench
 from child import package_env, run_python
 from parallelkit._bench import harness as h
 from parallelkit._bench.suite import heavy_main
-from parallelkit._context import default_start_method
+from parallelkit._util.context import default_start_method
 
 TINY = [
     "--items", "3000",

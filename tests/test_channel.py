@@ -25,7 +25,7 @@ import pytest
 import parallelkit as pk
 import workers_channel as wc
 from child import run_python
-from parallelkit._types import StartMethod
+from parallelkit._util.types import StartMethod
 
 KEY = b"k" * 16 + os.urandom(16)
 MB = 1 << 20

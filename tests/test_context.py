@@ -10,8 +10,8 @@ import pytest
 
 import parallelkit
 from child import TESTS, package_env, run_python
-from parallelkit import _context
-from parallelkit._context import (
+from parallelkit._util import context as _context
+from parallelkit._util.context import (
     ALL_START_METHODS,
     _cgroup_cpu_quota,
     available_start_methods,
@@ -21,7 +21,7 @@ from parallelkit._context import (
     resolve_start_method,
     usable_cpu_count,
 )
-from parallelkit._types import StartMethod
+from parallelkit._util.types import StartMethod
 from parallelkit.errors import StartMethodError
 
 # ------------------------------------------------------------------------------ start methods
@@ -232,7 +232,7 @@ def test_forkserver_workers_inherit_what_main_imported(preload: str) -> None:
         "import parallelkit as pk\n"
         "here = pk.run_parallel(preload_probe.imported_here, range(4), max_workers=2,\n"
         "                       start_method='forkserver', chunksize=1)\n"
-        "print(sorted(set(here)), 'parallelkit._worker' in fs._forkserver._preload_modules)\n"
+        "print(sorted(set(here)), 'parallelkit._map.worker' in fs._forkserver._preload_modules)\n"
     )
     env = package_env(TESTS, PARALLELKIT_FORKSERVER_PRELOAD=preload)
     result = run_python("-c", script, timeout=60, env=env)

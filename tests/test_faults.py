@@ -36,7 +36,7 @@ import pytest
 
 import parallelkit as pk
 import workers_faults as wf
-from parallelkit._types import StartMethod
+from parallelkit._util.types import StartMethod
 
 TESTS: Final = Path(__file__).resolve().parent
 SCRIPTS: Final = TESTS / "scripts"

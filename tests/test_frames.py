@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from parallelkit import _frames as frames
+from parallelkit._wire import frames
 
 
 def _roundtrip(obj: object, *fields: int) -> tuple[frames.Parts, Any]:

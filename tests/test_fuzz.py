@@ -1,4 +1,4 @@
-"""The schedule fuzzer (``parallelkit._fuzz``): off by default, deterministic when on."""
+"""The schedule fuzzer (``parallelkit._util.fuzz``): off by default, deterministic when on."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from child import package_env, run_python
-from parallelkit import _fuzz
+from parallelkit._util import fuzz as _fuzz
 
 _PROGRAM = """
-from parallelkit import _fuzz
+from parallelkit._util import fuzz as _fuzz
 assert _fuzz.ENABLED
 for _ in range(200):
     _fuzz.point("a")

@@ -10,7 +10,11 @@ import pytest
 import parallelkit
 from child import run_python
 from parallelkit.__main__ import main
-from parallelkit._context import available_start_methods, default_start_method, usable_cpu_count
+from parallelkit._util.context import (
+    available_start_methods,
+    default_start_method,
+    usable_cpu_count,
+)
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

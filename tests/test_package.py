@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import venv
@@ -122,3 +123,44 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(tmp_path: Path) 
     assert "speed-up" in out
     assert "WorkerCrashedError" in out
     assert out.rstrip().endswith("All good.")
+
+
+_LINT = (
+    "import sys\n"
+    "from importlinter.cli import lint_imports\n"
+    "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))\n"
+)
+
+
+def _lint_imports(package_parent: Path) -> subprocess.CompletedProcess[str]:
+    """import-linter's layer contract (pyproject.toml) over the package under ``package_parent``."""
+    env = {**_clean_env(), "PYTHONPATH": str(package_parent)}
+    return subprocess.run(
+        [sys.executable, "-c", _LINT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(180)
+def test_the_layers_import_only_downwards() -> None:
+    result = _lint_imports(ROOT / "src")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Layers: imports go only downwards KEPT" in result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_the_layer_contract_catches_an_upward_import(tmp_path: Path) -> None:
+    copy = tmp_path / "parallelkit"
+    shutil.copytree(
+        ROOT / "src" / "parallelkit", copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    codec = copy / "_wire" / "codec.py"
+    codec.write_text(codec.read_text() + "\nfrom parallelkit._map import pool as _pool\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "parallelkit._wire is not allowed to import parallelkit._map" in result.stdout

@@ -23,9 +23,9 @@ import parallelkit as pk
 import workers as pool_workers
 import workers_pipeline as w
 from conftest import START_METHODS
-from parallelkit import _frames
-from parallelkit._serialize import RemoteTraceback
-from parallelkit._types import StartMethod
+from parallelkit._util.types import StartMethod
+from parallelkit._wire import frames as _frames
+from parallelkit._wire.codec import RemoteTraceback
 from parallelkit.testing import worker_counts
 
 # ------------------------------------------------------------------ results

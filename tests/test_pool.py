@@ -18,11 +18,12 @@ import pytest
 
 import parallelkit as pk
 import workers as w
-from parallelkit import _serialize
-from parallelkit import _worker as W
-from parallelkit._job import Job
-from parallelkit._serialize import RemoteTraceback
-from parallelkit._types import StartMethod
+from parallelkit._map import worker as W
+from parallelkit._map.job import Job
+from parallelkit._proc import slots
+from parallelkit._util.types import StartMethod
+from parallelkit._wire import codec as _serialize
+from parallelkit._wire.codec import RemoteTraceback
 
 # ------------------------------------------------------------------ results and ordering
 
@@ -216,12 +217,12 @@ def test_worker_death_names_the_item(
 
 
 def test_tiny_items_run_untracked_after_a_probe_and_tracked_when_asked() -> None:
-    progress = multiprocessing.RawArray(ctypes.c_int64, W.SLOT_WORDS)
+    progress = multiprocessing.RawArray(ctypes.c_int64, slots.SLOT_WORDS)
     words = memoryview(progress).cast("B").cast("q")
     seen: list[int] = []
 
     def note(x: int) -> int:
-        seen.append(words[W.POS])
+        seen.append(words[slots.POS])
         return x * x
 
     items = list(range(50))
@@ -230,7 +231,7 @@ def test_tiny_items_run_untracked_after_a_probe_and_tracked_when_asked() -> None
         assert results == [x * x for x in items]
         assert errors is None
         assert seen[: W.PROBE_ITEMS] == list(range(W.PROBE_ITEMS))
-        assert set(seen[W.PROBE_ITEMS :]) == {W.POS_UNTRACKED}
+        assert set(seen[W.PROBE_ITEMS :]) == {slots.POS_UNTRACKED}
         seen.clear()
         results, errors = W._run_chunk(note, items, W.TRACKED, words, 0)
         assert results == [x * x for x in items]
@@ -630,7 +631,7 @@ def test_an_iterator_of_tiny_items_grows_its_chunks_and_an_explicit_size_stays()
 def test_pipe_room_is_what_a_socket_pair_takes_without_blocking() -> None:
     import socket
 
-    from parallelkit._engine import PIPELINE_LIMIT, _pipe_room
+    from parallelkit._map.engine import PIPELINE_LIMIT, _pipe_room
 
     parent_end, child_end = multiprocessing.Pipe(duplex=True)
     try:

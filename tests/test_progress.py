@@ -14,7 +14,7 @@ import tqdm
 
 import parallelkit as pk
 import workers_progress as wp
-from parallelkit._types import StartMethod
+from parallelkit._util.types import StartMethod
 
 
 def _open_bars() -> int:

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import parallelkit as pk
-from parallelkit._serialize import RemoteTraceback
+from parallelkit._wire.codec import RemoteTraceback
 from parallelkit.testing import chunksizes, worker_counts
 from workers_props import FAILING_KINDS, KINDS, ItemError, Task, run_task, square
 

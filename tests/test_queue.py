@@ -17,10 +17,10 @@ import pytest
 import parallelkit as pk
 import workers_pipeline
 import workers_queue as w
-from parallelkit import _frames
-from parallelkit._context import get_context
 from parallelkit._queue import UNBOUNDED_LARGE_BYTES
-from parallelkit._types import StartMethod
+from parallelkit._util.context import get_context
+from parallelkit._util.types import StartMethod
+from parallelkit._wire import frames as _frames
 
 
 def test_put_get_in_order() -> None:

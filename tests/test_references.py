@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import parallelkit as pk
-from parallelkit._types import StartMethod
+from parallelkit._util.types import StartMethod
 from workers_refs import (
     CountOnArrival,
     Tracked,

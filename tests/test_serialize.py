@@ -13,9 +13,10 @@ from typing import cast
 import pytest
 
 import serialize_helpers as helpers
-from parallelkit import _serialize
-from parallelkit._context import get_context
-from parallelkit._serialize import (
+from parallelkit._util.context import get_context
+from parallelkit._util.types import StartMethod
+from parallelkit._wire import codec as _serialize
+from parallelkit._wire.codec import (
     ExceptionRecord,
     RemoteTraceback,
     capture_exception,
@@ -24,7 +25,6 @@ from parallelkit._serialize import (
     locate_unpicklable,
     rebuild_exception,
 )
-from parallelkit._types import StartMethod
 from parallelkit.errors import RemoteError, SerializationError
 
 

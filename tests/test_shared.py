@@ -36,9 +36,11 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import workers_shared as ws
-from parallelkit import _shared, _shared_array, _shm
-from parallelkit._context import get_context
-from parallelkit._types import StartMethod
+from parallelkit._shared import array as _shared_array
+from parallelkit._shared import counters as _shared
+from parallelkit._util.context import get_context
+from parallelkit._util.types import StartMethod
+from parallelkit._wire import shm as _shm
 from parallelkit.testing import remove_stale_segments
 
 TESTS = Path(__file__).resolve().parent

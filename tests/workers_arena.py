@@ -106,7 +106,8 @@ def result_segments_full_for(failures: int, clock_path: str | None = None) -> No
     (when to try again) reads the time the test wrote in that file."""
     import errno
 
-    from parallelkit import _arena, _shm
+    from parallelkit._wire import arena as _arena
+    from parallelkit._wire import shm as _shm
 
     real = _shm.Segment.create
     left = [failures]

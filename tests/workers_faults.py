@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Final, Literal, NoReturn, TypeAlias
 
 from parallelkit import StartMethod
-from parallelkit._context import available_start_methods
+from parallelkit._util.context import available_start_methods
 
 Mode: TypeAlias = Literal["raise", "exit", "crash"]
 Phase: TypeAlias = Literal["task", "result-pickle", "result-unpickle", "exc-pickle", "exc-rebuild"]

@@ -9,8 +9,8 @@ from multiprocessing.connection import Connection
 from threading import Barrier
 
 import parallelkit as pk
-from parallelkit import _fuzz
 from parallelkit._queue import COUNT_LOCK, READ_LOCK
+from parallelkit._util import fuzz as _fuzz
 
 
 def produce(q: pk.Queue[int], start: int, stop: int) -> None:

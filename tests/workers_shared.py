@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
 from parallelkit import SharedAccumulator, SharedArray, SharedCounter
-from parallelkit._shared import _locked
+from parallelkit._shared.counters import _locked
 
 Accumulator = SharedAccumulator[int] | SharedAccumulator[float]
 

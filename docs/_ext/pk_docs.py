@@ -5,7 +5,7 @@ At ``builder-inited`` it writes into ``docs/_generated/`` (not in git):
 - ``exception-tree.txt``, drawn from :mod:`parallelkit.errors`;
 - ``benchmarks.md`` and its SVG charts, from ``benchmarks/results/*.jsonl``.
 
-And it resolves references to private modules (``parallelkit._pool.WorkerPool``, as they
+And it resolves references to private modules (``parallelkit._map.pool.WorkerPool``, as they
 appear in signatures) to the public name (``parallelkit.WorkerPool``).
 """
 
@@ -55,7 +55,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def _public_name(target: str) -> str | None:
-    """``parallelkit._pool.WorkerPool`` -> ``parallelkit.WorkerPool``, for public names."""
+    """``parallelkit._map.pool.WorkerPool`` -> ``parallelkit.WorkerPool``, for public names."""
     if "." not in target and target in parallelkit.__all__:
         return f"parallelkit.{target}"  # a string annotation: ``StallReport | None``
     if not target.startswith("parallelkit._"):
@@ -87,9 +87,9 @@ def _missing_reference(
 ) -> nodes.Element | None:
     """Resolve what signatures name in private modules, or show it as plain text.
 
-    ``parallelkit._pool.WorkerPool`` links to ``parallelkit.WorkerPool``;
+    ``parallelkit._map.pool.WorkerPool`` links to ``parallelkit.WorkerPool``;
     ``concurrent.futures._base.Future`` to ``concurrent.futures.Future``; type variables
-    (``T``, ``parallelkit._types.R``) and private helpers (``Backend``, ``_Slots``) have no
+    (``T``, ``parallelkit._util.types.R``) and private helpers (``Backend``, ``_Slots``) have no
     page of their own and stay plain text.  Anything else is left to fail the build.
     """
     if node.get("refdomain") != "py":

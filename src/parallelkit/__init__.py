@@ -14,73 +14,73 @@ from __future__ import annotations
 import importlib
 import typing
 
-from . import errors as errors
-from ._types import StartMethod as StartMethod
-from .errors import ChannelClosedError as ChannelClosedError
-from .errors import ParallelKitError as ParallelKitError
-from .errors import PipelineError as PipelineError
-from .errors import QueueClosedError as QueueClosedError
-from .errors import RemoteError as RemoteError
-from .errors import SerializationError as SerializationError
-from .errors import StartMethodError as StartMethodError
-from .errors import TaskTimeoutError as TaskTimeoutError
-from .errors import WorkerCrashedError as WorkerCrashedError
+from parallelkit import errors as errors
+from parallelkit._util.types import StartMethod as StartMethod
+from parallelkit.errors import ChannelClosedError as ChannelClosedError
+from parallelkit.errors import ParallelKitError as ParallelKitError
+from parallelkit.errors import PipelineError as PipelineError
+from parallelkit.errors import QueueClosedError as QueueClosedError
+from parallelkit.errors import RemoteError as RemoteError
+from parallelkit.errors import SerializationError as SerializationError
+from parallelkit.errors import StartMethodError as StartMethodError
+from parallelkit.errors import TaskTimeoutError as TaskTimeoutError
+from parallelkit.errors import WorkerCrashedError as WorkerCrashedError
 
 __version__ = "0.1.0.dev0"
 
 if typing.TYPE_CHECKING:
-    from ._channel import Channel as Channel
-    from ._channel import channel_pair as channel_pair
-    from ._channel_net import ChannelListener as ChannelListener
-    from ._channel_process import ProcessChannel as ProcessChannel
-    from ._channel_process import start_process as start_process
-    from ._context import usable_cpu_count as usable_cpu_count
-    from ._insights import MapStats as MapStats
-    from ._insights import StallReport as StallReport
-    from ._insights import WorkerStack as WorkerStack
-    from ._insights import WorkerStats as WorkerStats
-    from ._pipeline import Pipeline as Pipeline
-    from ._pipeline import PipelineIterator as PipelineIterator
-    from ._pipeline import PipelineStats as PipelineStats
-    from ._pipeline import StageStats as StageStats
-    from ._pool import ResultIterator as ResultIterator
-    from ._pool import WorkerPool as WorkerPool
-    from ._pool import imap_parallel as imap_parallel
-    from ._pool import run_parallel as run_parallel
-    from ._progress import Progress as Progress
-    from ._progress import StageProgress as StageProgress
-    from ._queue import Queue as Queue
-    from ._shared import SharedAccumulator as SharedAccumulator
-    from ._shared import SharedCounter as SharedCounter
-    from ._shared_array import SharedArray as SharedArray
+    from parallelkit._channel.channel import Channel as Channel
+    from parallelkit._channel.channel import channel_pair as channel_pair
+    from parallelkit._channel.net import ChannelListener as ChannelListener
+    from parallelkit._channel.process import ProcessChannel as ProcessChannel
+    from parallelkit._channel.process import start_process as start_process
+    from parallelkit._map.pool import ResultIterator as ResultIterator
+    from parallelkit._map.pool import WorkerPool as WorkerPool
+    from parallelkit._map.pool import imap_parallel as imap_parallel
+    from parallelkit._map.pool import run_parallel as run_parallel
+    from parallelkit._map.progress import Progress as Progress
+    from parallelkit._map.progress import StageProgress as StageProgress
+    from parallelkit._map.stats import MapStats as MapStats
+    from parallelkit._map.stats import StallReport as StallReport
+    from parallelkit._map.stats import WorkerStack as WorkerStack
+    from parallelkit._map.stats import WorkerStats as WorkerStats
+    from parallelkit._pipeline.builder import Pipeline as Pipeline
+    from parallelkit._pipeline.builder import PipelineIterator as PipelineIterator
+    from parallelkit._pipeline.builder import PipelineStats as PipelineStats
+    from parallelkit._pipeline.builder import StageStats as StageStats
+    from parallelkit._queue import Queue as Queue
+    from parallelkit._shared.array import SharedArray as SharedArray
+    from parallelkit._shared.counters import SharedAccumulator as SharedAccumulator
+    from parallelkit._shared.counters import SharedCounter as SharedCounter
+    from parallelkit._util.context import usable_cpu_count as usable_cpu_count
 
 # Imported on first use (PEP 562), so that a spawn or forkserver worker, which imports only
 # the modules it runs, does not pay for the whole API at start-up.
 _LAZY = {
-    "Pipeline": "._pipeline",
-    "PipelineIterator": "._pipeline",
-    "PipelineStats": "._pipeline",
-    "StageStats": "._pipeline",
+    "Pipeline": "._pipeline.builder",
+    "PipelineIterator": "._pipeline.builder",
+    "PipelineStats": "._pipeline.builder",
+    "StageStats": "._pipeline.builder",
     "Queue": "._queue",
-    "Channel": "._channel",
-    "ChannelListener": "._channel_net",
-    "ProcessChannel": "._channel_process",
-    "channel_pair": "._channel",
-    "start_process": "._channel_process",
-    "ResultIterator": "._pool",
-    "WorkerPool": "._pool",
-    "imap_parallel": "._pool",
-    "run_parallel": "._pool",
-    "SharedAccumulator": "._shared",
-    "SharedArray": "._shared_array",
-    "SharedCounter": "._shared",
-    "usable_cpu_count": "._context",
-    "MapStats": "._insights",
-    "StallReport": "._insights",
-    "WorkerStack": "._insights",
-    "WorkerStats": "._insights",
-    "Progress": "._progress",
-    "StageProgress": "._progress",
+    "Channel": "._channel.channel",
+    "ChannelListener": "._channel.net",
+    "ProcessChannel": "._channel.process",
+    "channel_pair": "._channel.channel",
+    "start_process": "._channel.process",
+    "ResultIterator": "._map.pool",
+    "WorkerPool": "._map.pool",
+    "imap_parallel": "._map.pool",
+    "run_parallel": "._map.pool",
+    "SharedAccumulator": "._shared.counters",
+    "SharedArray": "._shared.array",
+    "SharedCounter": "._shared.counters",
+    "usable_cpu_count": "._util.context",
+    "MapStats": "._map.stats",
+    "StallReport": "._map.stats",
+    "WorkerStack": "._map.stats",
+    "WorkerStats": "._map.stats",
+    "Progress": "._map.progress",
+    "StageProgress": "._map.progress",
 }
 
 

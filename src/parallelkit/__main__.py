@@ -21,10 +21,14 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from . import __version__
-from ._bench.cli import add_bench_arguments
-from ._context import available_start_methods, default_start_method, usable_cpu_count
-from ._types import StartMethod
+from parallelkit import __version__
+from parallelkit._bench.cli import add_bench_arguments
+from parallelkit._util.context import (
+    available_start_methods,
+    default_start_method,
+    usable_cpu_count,
+)
+from parallelkit._util.types import StartMethod
 
 
 def _optional(distribution: str) -> str:
@@ -97,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "info":
         return info(sys.stdout)
     if args.command == "bench":
-        from ._bench.cli import run_bench
+        from parallelkit._bench.cli import run_bench
 
         return run_bench(args.parser, args)
-    from ._demo import DemoPlan, run_demo  # the demo imports the engine; info does not
+    from parallelkit._demo import DemoPlan, run_demo  # the demo imports the engine; info does not
 
     methods: list[StartMethod] = args.start_methods or list(available_start_methods())
     plan = DemoPlan.for_this_machine(usable_cpu_count())

@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from ._context import usable_cpu_count
-from ._pool import run_parallel
-from ._types import StartMethod
-from .errors import WorkerCrashedError
+from parallelkit._map.pool import run_parallel
+from parallelkit._util.context import usable_cpu_count
+from parallelkit._util.types import StartMethod
+from parallelkit.errors import WorkerCrashedError
 
 CRASHING_ITEM = 5
 """The item on which :func:`crash_on_five` kills its own worker."""

@@ -71,13 +71,13 @@ from multiprocessing import reduction
 from multiprocessing.context import assert_spawning
 from typing import Any, Final, Generic, TypeVar
 
-from . import _frames as frames
-from . import _fuzz
-from ._checks import check_positive_int, check_timeout
-from ._context import get_context
-from ._serialize import check_single_host, locate_unpicklable
-from ._types import StartMethod
-from .errors import QueueClosedError, SerializationError
+from parallelkit._util import fuzz as _fuzz
+from parallelkit._util.checks import check_positive_int, check_timeout
+from parallelkit._util.context import get_context
+from parallelkit._util.types import StartMethod
+from parallelkit._wire import frames
+from parallelkit._wire.codec import check_single_host, locate_unpicklable
+from parallelkit.errors import QueueClosedError, SerializationError
 
 __all__ = ("Queue",)
 

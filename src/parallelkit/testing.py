@@ -61,14 +61,14 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, Self, TypeVar
 
-from . import _owners
-from ._context import available_start_methods
-from ._shm import NAME_RE, remove_stale_segments
+from parallelkit._util import owners as _owners
+from parallelkit._util.context import available_start_methods
+from parallelkit._wire.shm import NAME_RE, remove_stale_segments
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
-    from ._types import StartMethod
+    from parallelkit._util.types import StartMethod
 
 __all__ = (
     "LeakCheck",

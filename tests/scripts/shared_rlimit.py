@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import parallelkit as pk
 import workers_shared as ws
-from parallelkit._context import get_context
+from parallelkit._util.context import get_context
 from parallelkit.testing import check_no_leaks
 
 

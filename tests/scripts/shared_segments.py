@@ -29,7 +29,7 @@ import time
 from multiprocessing import resource_tracker, shared_memory
 
 import parallelkit as pk
-from parallelkit import _shm
+from parallelkit._wire import shm as _shm
 
 FOUR_MIB = 4 << 20
 

@@ -15,7 +15,7 @@ import numpy as np
 import parallelkit as pk
 import workers_arena as wa
 import workers_faults as wf
-from parallelkit import _arena
+from parallelkit._wire import arena as _arena
 from parallelkit.testing import check_no_leaks
 
 N = _arena.MIN_BYTES // 8 * 2  # a result that goes through a result segment

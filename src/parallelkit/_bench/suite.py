@@ -43,7 +43,7 @@ from .settings import PEERS, Settings, usable_cpus
 from .tasks import array_sum, burn, make_array, run_one, shm_sum, square
 
 if TYPE_CHECKING:
-    from parallelkit._types import StartMethod
+    from parallelkit._util.types import StartMethod
 
 
 @dataclass
@@ -745,7 +745,7 @@ def run(
         # The server is one per process, shared by every contender: started here, as
         # parallelkit starts it, every contender's workers inherit the same preloads
         # (otherwise whichever contender opened first would decide for all of them).
-        from parallelkit._lifecycle import start_forkserver
+        from parallelkit._proc.lifecycle import start_forkserver
 
         meta["forkserver_preload"] = start_forkserver()
     before = h.children()

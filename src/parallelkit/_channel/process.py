@@ -1,0 +1,215 @@
+"""Processes that serve a channel: :func:`start_process` and :class:`ProcessChannel`.
+
+Built on :mod:`._channel` (the parent's end is a :class:`Channel` that also owns the
+child).  The child starts like every parallelkit worker (``_lifecycle.start_child`` and
+``_proc.child.bootstrap``: SIGINT ignored, dies with its parent), runs
+``target(channel, *args)``, and reports an exception from it as a FAILED frame that the
+parent's ``recv`` turns into :class:`ChannelClosedError` caused by that exception.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.util
+import pickle
+import socket
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Final, TypeVarTuple
+
+from parallelkit._channel.channel import A, B, Channel, RecvT, SendT
+from parallelkit._proc.lifecycle import (
+    bootstrap_options,
+    describe_exit,
+    start_child,
+    stop_processes,
+)
+from parallelkit._util.checks import check_callable, check_timeout
+from parallelkit._util.context import get_context, resolve_start_method
+from parallelkit._wire.codec import capture_exception, dump_function
+from parallelkit.errors import ChannelClosedError, SerializationError
+
+if TYPE_CHECKING:
+    from parallelkit._util.types import StartMethod
+
+__all__ = ("ProcessChannel", "start_process")
+
+Ts = TypeVarTuple("Ts")
+CLOSE_TIMEOUT: Final = 3.0  # seconds a start_process child gets to exit after close()
+
+
+class ProcessChannel(Channel[SendT, RecvT]):
+    """The parent's channel to a process started by :func:`start_process`.
+
+    Closing it (or leaving its ``with`` block) closes the channel, which the child sees as
+    the end of its messages, then waits up to ``timeout`` seconds for the child to exit
+    before terminating it (SIGTERM, then SIGKILL, with a :class:`ResourceWarning`).
+
+    If the target raises, its exception reaches the parent: once the messages sent before
+    it are received, ``recv()`` (and iteration) raise :class:`ChannelClosedError` whose
+    ``__cause__`` is the target's exception with its own type (the child's traceback as
+    *its* ``__cause__``), and :attr:`exitcode` is 1.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, sock: socket.socket, process: BaseProcess) -> None:
+        super().__init__(sock, peer=f"the child process (pid {process.pid})")
+        self._process = process
+        self._pid: int = process.pid  # type: ignore[assignment]
+        self._exitcode: int | None = None
+        self._stopped = False
+        # fork: children started later must not keep our end open, or this child would
+        # never see the end of its messages
+        multiprocessing.util.register_after_fork(self, ProcessChannel._close_in_fork_child)
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The child's exit code, ``None`` while it runs (minus the signal number if killed)."""
+        if self._stopped:
+            return self._exitcode
+        return self._process.exitcode
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait (up to ``timeout`` seconds) for the child to exit."""
+        timeout = check_timeout(timeout, zero_ok=True)
+        if not self._stopped:
+            self._process.join(timeout)
+
+    def close(self, *, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close the channel and end the child: wait ``timeout`` s, then SIGTERM, SIGKILL.
+
+        Idempotent.  Warns with :class:`ResourceWarning` when it had to terminate.
+        """
+        super().close()
+        if self._stopped:
+            return
+        self._stopped = True
+        process = self._process
+        stop_processes([process], join_timeout=timeout, what="channel", close=False)
+        self._exitcode = process.exitcode
+        if self._exitcode is not None:
+            process.close()
+
+    def _exit_note(self) -> str:
+        if self._stopped:
+            return f", {describe_exit(self._exitcode)}"
+        self._process.join(0.2)
+        return f", {describe_exit(self._process.exitcode)}"
+
+    @staticmethod
+    def _close_in_fork_child(channel: ProcessChannel[SendT, RecvT]) -> None:
+        channel._closed = True
+        channel._stopped = True
+        channel._finalizer()
+
+
+def start_process(
+    target: Callable[[Channel[B, A], *Ts], object],
+    *args: *Ts,
+    start_method: StartMethod | None = None,
+) -> ProcessChannel[A, B]:
+    """Run ``target(channel, *args)`` in a new process; return the parent's end.
+
+    The child starts like every parallelkit worker: it ignores SIGINT (the parent handles
+    Ctrl-C) and exits when the parent dies.  ``target`` may be a lambda or a closure under
+    every start method when cloudpickle is installed; ``args`` travel as
+    :class:`multiprocessing.Process` arguments do (so locks and queues may be passed).
+
+    Args:
+        target: called in the child with its end of the channel, then ``args``.
+        *args: further arguments for ``target``.
+        start_method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None`` (default).
+
+    Returns:
+        The parent's end; also ``.pid``, ``.exitcode`` and ``.join()``; closing it ends the
+        child (see :class:`ProcessChannel`).
+
+    Raises:
+        StartMethodError: an unknown start method.
+        SerializationError: ``target`` or ``args`` cannot be sent to the child.
+
+    Example:
+        A server that answers until the parent closes its end (``shout`` must be
+        importable by the child under spawn and forkserver, or cloudpickle installed)::
+
+            def shout(channel: Channel[str, str], suffix: str) -> None:
+                for text in channel:
+                    channel.send(text.upper() + suffix)
+
+            with start_process(shout, "!") as child:   # ProcessChannel[str, str]
+                assert child.request("hi", timeout=5) == "HI!"
+    """
+    check_callable(target, "target")
+    method = resolve_start_method(start_method)
+    context = get_context(method)
+    fork = method == "fork"
+    payload = None if fork else dump_function(target, what="function", by_value=True)
+    parent_sock, child_sock = socket.socketpair()
+    started: list[BaseProcess] = []
+    try:
+        start_child(
+            context,
+            method,
+            _child_main,
+            args=(child_sock, payload, target if fork else None, args),
+            kwargs={**bootstrap_options(method), "parent_end": parent_sock if fork else None},
+            name=f"parallelkit-channel-{getattr(target, '__name__', 'target')}",
+            on_started=started.append,
+        )
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        parent_sock.close()
+        raise SerializationError(
+            f"cannot send the arguments of {getattr(target, '__qualname__', target)!r} to "
+            f"the child process: {type(exc).__name__}: {exc}",
+            what="argument",
+        ) from exc
+    except BaseException:
+        if not started:
+            parent_sock.close()
+        raise
+    finally:
+        child_sock.close()
+    return ProcessChannel(parent_sock, started[0])
+
+
+def _child_main(
+    sock: socket.socket,
+    payload: bytes | None,
+    target: Callable[..., object] | None,
+    args: tuple[object, ...],
+    *,
+    parent_pid: int,
+    pdeathsig: bool,
+    parent_end: socket.socket | None,
+) -> None:
+    """What a :func:`start_process` child runs."""
+    from parallelkit._proc.child import bootstrap  # noqa: PLC0415 - child side only
+
+    if parent_end is not None:  # fork: our copy of the parent's end; close, don't shut down
+        parent_end.close()
+    bootstrap(parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=None, initargs=())
+    channel: Channel[object, object] = Channel(sock, peer="the parent process")
+    try:
+        fn = target if payload is None else pickle.loads(payload)
+        assert fn is not None
+        fn(channel, *args)
+    except SystemExit:
+        channel.close()
+        raise
+    except ChannelClosedError:
+        if not (channel._eof or channel._broken is not None):
+            raise
+        # the parent closed the channel (or died) while the target used it: a normal end
+    except BaseException as exc:
+        try:
+            channel._send_failure(capture_exception(exc))
+        except (ChannelClosedError, OSError):
+            pass  # the parent is gone or closed its end: nobody to tell
+        channel.close()
+        raise SystemExit(1) from None
+    channel.close()

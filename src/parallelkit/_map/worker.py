@@ -1,0 +1,364 @@
+"""The pool worker: the target of the map engine's processes, and its task loop.
+
+After the child main (:func:`parallelkit._proc.child.bootstrap`), :func:`pool_worker`
+serves chunks until the parent says STOP::
+
+    parent ──TASK(chunk, fn id, [fn], items)──▶ worker: for each item, note its position in
+                                                 the shared progress slot, call fn(item)
+    parent ◀──DONE(chunk, results, errors, s)── worker (errors: per item, as records)
+
+The progress slot (:mod:`parallelkit._proc.slots`) lets the parent name the exact item a
+dead or late worker was on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pickle
+import signal
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, Final
+
+from parallelkit._proc.child import (
+    EXIT_INIT_FAILED,
+    EXIT_INTERRUPTED,
+    arm_stack_dump,
+    bootstrap,
+    exit_without_teardown,
+)
+from parallelkit._proc.slots import (
+    DUMP_FD,
+    POS_RECEIVING,
+    POS_SENDING,
+    POS_UNTRACKED,
+    SLOT_WORDS,
+    STARTED_NS,
+    TAKEN,
+)
+from parallelkit._util import fuzz as _fuzz
+from parallelkit._wire.codec import ARENA_MIN_BYTES, PROTOCOL, NoRoom, capture_exception, dumps
+
+# ------------------------------------------------------------------ wire format
+# parent -> worker: HEADER + fn payload + items payload, in one message
+HEADER: Final = struct.Struct("<qqqqqqq")  # kind, chunk id, fn id, flags, fn len, start, stop
+TASK: Final = 1
+STOP: Final = 2
+ACK: Final = 3  # the parent has copied a DIRECT reply's buffers (flags: _direct.ACK_*)
+# flags
+STOP_ON_ERROR: Final = 1
+STAR_CALL: Final = 2  # items are (args, kwargs) pairs
+TIMED: Final = 4  # write each item's start time to the progress slot
+INHERITED_ITEMS: Final = 8  # no items payload: items = inherited[start:stop]
+TRACKED: Final = 16  # note every item's position, even tiny ones (a re-run after a crash)
+ARENA: Final = 32  # the items payload starts with where its large buffers are (_arena)
+DIRECT: Final = 64  # the parent may copy large results out of our memory (_direct)
+
+# worker -> parent: pickled tuples
+DONE: Final = 1  # (DONE, chunk id, results, errors | None, seconds)
+CHUNK_FAILED: Final = 2  # (CHUNK_FAILED, chunk id, what, record)
+INIT_FAILED: Final = 3  # (INIT_FAILED, record)
+
+FN_CACHE_SIZE: Final = 64
+# Tiny items: noting each item's position costs about as much as calling ``x*x``.  A chunk
+# runs its first PROBE_ITEMS items one by one; if they took under UNTRACKED_ITEM_NS each, the
+# rest run in a C-level ``map`` with the slot saying "somewhere in this chunk".  A worker
+# that dies there has its chunk run again, tracked, so the culprit is still named exactly.
+PROBE_ITEMS: Final = 8
+UNTRACKED_ITEM_NS: Final = 5_000
+
+
+def pool_worker(
+    conn: Connection,
+    progress: Any,
+    slot: int,
+    *,
+    parent_pid: int,
+    pdeathsig: bool,
+    init_payload: bytes | None,
+    inherited: tuple[dict[int, Callable[..., object]], Sequence[object] | None] | None,
+    parent_end: Connection | None,
+    fast_exit: bool = False,
+) -> None:
+    """The target of every pool worker process (``fast_exit``: a spawned one, see
+    :func:`exit_without_teardown`)."""
+    if parent_end is not None:  # fork: our copy of the parent's end of the pipe
+        parent_end.close()
+    try:
+        initializer, initargs = (None, ()) if init_payload is None else pickle.loads(init_payload)
+        bootstrap(
+            parent_pid=parent_pid,
+            pdeathsig=pdeathsig,
+            initializer=initializer,
+            initargs=initargs,
+        )
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is not (
+            signal.SIG_IGN
+        ):
+            # A Ctrl-C that came before bootstrap() ignored SIGINT (a forkserver child is
+            # not started with it blocked): not the initializer's failure.  Exit like a
+            # worker killed at start-up; the parent runs its chunk on another.
+            os._exit(EXIT_INTERRUPTED)
+        with contextlib.suppress(OSError):
+            conn.send_bytes(dumps((INIT_FAILED, capture_exception(exc))))
+        os._exit(EXIT_INIT_FAILED)
+    fns: dict[int, Callable[..., object]] = {}
+    shared_items: Sequence[object] | None = None
+    if inherited is not None:
+        fns.update(inherited[0])
+        shared_items = inherited[1]
+    words = memoryview(progress).cast("B").cast("q")
+    base = slot * SLOT_WORDS
+    words[base + DUMP_FD] = arm_stack_dump()  # armed before POS leaves POS_STARTING
+    arena: list[Any] = []  # the _arena.WorkerArena, once a chunk needs it
+    try:
+        _task_loop(conn, fns, shared_items, words, base, arena)
+    except (EOFError, OSError):
+        pass  # the parent closed our pipe or went away: nothing left to do
+    finally:
+        if arena:
+            arena[0].close()
+        words.release()
+    if fast_exit:
+        exit_without_teardown()
+
+
+class _OutOfBand(Exception):
+    """Raised by the first pickling of a reply that has a large buffer to send apart."""
+
+
+def _in_band_unless_large(buffer: pickle.PickleBuffer) -> bool:
+    try:
+        raw = buffer.raw()
+    except BufferError:
+        return True
+    if raw.nbytes >= ARENA_MIN_BYTES:
+        raise _OutOfBand
+    return True
+
+
+def _has_large_bytes(values: list[object]) -> bool:
+    if len(values) > 64:  # as _arena._SCAN_LIMIT: long lists are not scanned
+        return False
+    for x in values:
+        if (type(x) is bytes or type(x) is bytearray) and len(x) >= ARENA_MIN_BYTES:
+            return True
+    return False
+
+
+def _worker_arena(arena: list[Any]) -> Any:
+    if not arena:
+        from parallelkit._wire.arena import WorkerArena  # noqa: PLC0415 - only maps with large buffers
+
+        arena.append(WorkerArena())
+    return arena[0]
+
+
+def _task_loop(
+    conn: Connection,
+    fns: dict[int, Callable[..., object]],
+    shared_items: Sequence[object] | None,
+    words: memoryview,
+    base: int,
+    arena: list[Any],
+) -> None:
+    recv, send = conn.recv_bytes, conn.send_bytes
+    unpack = HEADER.unpack_from
+    hsize = HEADER.size
+    backlog: deque[bytes] = deque()  # what came while we waited for an ACK
+    while True:
+        words[base] = POS_RECEIVING  # before recv(): a large chunk takes a while to arrive
+        buf = backlog.popleft() if backlog else recv()
+        kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
+        if kind == TASK:
+            # the time first, then the id: a parent that sees the id sees when we took it
+            # (a per-item timeout counts from then, never our start-up or initializer)
+            words[base + STARTED_NS] = time.monotonic_ns()
+            words[base + TAKEN] = cid
+        elif kind == STOP:
+            if _fuzz.ENABLED:
+                _fuzz.point("worker.stop_received")
+            return
+        fn = fns.get(fn_id)
+        if fn is None:
+            try:
+                fn = pickle.loads(buf[hsize : hsize + fn_len])
+            except BaseException as exc:
+                send(dumps((CHUNK_FAILED, cid, "function", capture_exception(exc))))
+                continue
+            if len(fns) >= FN_CACHE_SIZE:  # the parent mirrors this FIFO eviction
+                del fns[next(iter(fns))]
+            fns[fn_id] = fn
+        items: Sequence[Any]
+        from_arena = flags & ARENA
+        if flags & INHERITED_ITEMS:
+            assert shared_items is not None
+            items = shared_items[start:stop]
+        else:
+            try:
+                if from_arena:
+                    items = _worker_arena(arena).reader.load(memoryview(buf)[hsize + fn_len :])
+                else:
+                    items = pickle.loads(memoryview(buf)[hsize + fn_len :])
+            except BaseException as exc:
+                reply = dumps((CHUNK_FAILED, cid, "argument", capture_exception(exc)))
+                del exc
+                if from_arena:
+                    state = arena[0]
+                    reply = state.writer.frame(reply, [], state.reader.release())
+                send(reply)
+                continue
+        del buf
+        t0 = time.perf_counter()
+        results, errors = _run_chunk(fn, items, flags, words, base)
+        elapsed = time.perf_counter() - t0
+        words[base] = POS_SENDING
+        msg = (DONE, cid, results, errors, elapsed)
+        payload: bytes | None
+        try:
+            if from_arena or _has_large_bytes(results):
+                raise _OutOfBand
+            payload = pickle.dumps(msg, PROTOCOL, buffer_callback=_in_band_unless_large)
+        except _OutOfBand:
+            payload = None
+        except BaseException:
+            payload = _dump_results_one_by_one(cid, results, errors, elapsed)
+        if payload is None:  # large buffers to send apart, or arguments to let go of
+            state = _worker_arena(arena)
+            writer = state.writer
+            # with no room in /dev/shm, the parent may copy them out of our memory instead
+            direct = bool(flags & DIRECT) and not from_arena
+            specs: list[Any] = []
+            try:
+                payload, specs = writer.dump(msg, results, strict=direct)
+            except NoRoom:
+                if _reply_direct(conn, msg, results, backlog):
+                    del msg, results, items, errors  # the parent has its copy
+                    continue
+                try:  # not this time: what finds no room goes in band
+                    payload, specs = writer.dump(msg, results)
+                except BaseException:
+                    payload = _dump_results_one_by_one(cid, results, errors, elapsed)
+            except BaseException:
+                payload = _dump_results_one_by_one(cid, results, errors, elapsed)
+            del msg, results, items, errors  # before asking whether anything uses the arena
+            kept = state.reader.release() if from_arena else None
+            payload = writer.frame(payload, specs, kept)
+        else:
+            # sent: hold no argument or result while waiting for the next task (they may
+            # be the caller's objects: a Manager proxy, say, whose collection it waits for)
+            del msg, results, items, errors
+        send(payload)
+        if _fuzz.ENABLED:
+            _fuzz.point("worker.after_send")
+
+
+def _reply_direct(
+    conn: Connection, msg: tuple[Any, ...], results: list[Any], backlog: deque[bytes]
+) -> bool:
+    """Send a DIRECT reply and hold the results as they are until the parent has copied
+    them; ``False``: send the reply the usual way instead (it could not be made, or the
+    parent could not read our memory)."""
+    from parallelkit._wire import direct as _direct  # noqa: PLC0415 - only maps with large results
+
+    try:
+        reply, raws = _direct.dump(msg, results, ARENA_MIN_BYTES)
+    except BaseException:
+        return False  # unpicklable (the usual path reports it) or no ctypes
+    try:
+        conn.send_bytes(reply)
+        del reply
+        while True:  # a second chunk or a STOP may come first: keep them for later
+            buf = conn.recv_bytes()
+            kind, _, _, answer, _, _, _ = HEADER.unpack_from(buf)
+            if kind == ACK:
+                return bool(answer == _direct.ACK_OK)
+            backlog.append(buf)
+    finally:
+        for raw in raws:
+            raw.release()
+
+
+def _run_chunk(
+    fn: Callable[..., object],
+    items: Sequence[Any],
+    flags: int,
+    words: memoryview,
+    base: int,
+) -> tuple[list[object], list[tuple[int, Any]] | None]:
+    results: list[object] = []
+    append = results.append
+    errors: list[tuple[int, Any]] | None = None
+    star = flags & STAR_CALL
+    timed = flags & TIMED
+    clock = time.monotonic_ns
+    started = base + STARTED_NS
+    n = len(items)
+    probe = n if star or timed or flags & TRACKED or n <= PROBE_ITEMS else PROBE_ITEMS
+    t0 = clock()
+    pos = 0
+    while pos < n:
+        if pos == probe:
+            if clock() - t0 < probe * UNTRACKED_ITEM_NS:
+                break  # tiny items: the rest untracked, below
+            probe = n
+        item = items[pos]
+        words[base] = pos
+        if timed:
+            words[started] = clock()
+        try:
+            append(fn(*item[0], **item[1]) if star else fn(item))
+        except BaseException as exc:  # SystemExit too: it is this task's exception
+            append(None)
+            if errors is None:
+                errors = []
+            errors.append((pos, capture_exception(exc)))
+            if flags & STOP_ON_ERROR:
+                return results, errors
+        pos += 1
+    while pos < n:
+        words[base] = POS_UNTRACKED
+        try:
+            # extend() keeps what map produced before an exception: its position is known
+            results.extend(map(fn, itertools.islice(items, pos, None)))
+            break
+        except BaseException as exc:
+            pos = len(results)
+            append(None)
+            if errors is None:
+                errors = []
+            errors.append((pos, capture_exception(exc)))
+            if flags & STOP_ON_ERROR:
+                break
+            pos += 1
+    return results, errors
+
+
+def _dump_results_one_by_one(
+    cid: int, results: list[object], errors: list[tuple[int, Any]] | None, elapsed: float
+) -> bytes:
+    """Some result cannot be pickled: replace each such result with an error record."""
+    from parallelkit.errors import SerializationError  # noqa: PLC0415 - failure path only
+
+    errors = list(errors or [])
+    for pos, value in enumerate(results):
+        try:
+            pickle.dumps(value, PROTOCOL)
+        except BaseException:
+            try:
+                dumps(value)  # cloudpickle may manage it
+            except BaseException as exc:
+                results[pos] = None
+                error = SerializationError(
+                    f"the result of the task cannot be pickled: {type(exc).__name__}: {exc}",
+                    what="result",
+                )
+                errors.append((pos, capture_exception(error)))
+    errors.sort(key=lambda e: e[0])
+    return dumps((DONE, cid, results, errors or None, elapsed))

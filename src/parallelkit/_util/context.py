@@ -1,0 +1,124 @@
+"""Start methods, the default worker count and multiprocessing contexts.
+
+parallelkit never changes global multiprocessing state: every process it starts comes from
+an explicit context returned by :func:`get_context`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import os
+from pathlib import Path
+from typing import cast, get_args
+
+from parallelkit._util.types import StartMethod
+from parallelkit.errors import StartMethodError
+
+ALL_START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
+
+
+def available_start_methods() -> tuple[StartMethod, ...]:
+    """The start methods this platform offers, in the standard library's order."""
+    offered = multiprocessing.get_all_start_methods()
+    return tuple(m for m in ALL_START_METHODS if m in offered)
+
+
+def default_start_method() -> StartMethod:
+    """The running Python's platform default (fork on Linux up to 3.13)."""
+    # get_start_method(allow_none=True) would report a method a user set globally;
+    # the platform default is what a fresh DefaultContext would pick.
+    name: str = multiprocessing.get_context().get_start_method()
+    return cast(StartMethod, name)
+
+
+def resolve_start_method(start_method: str | None) -> StartMethod:
+    """Validate ``start_method``; ``None`` means the platform default.
+
+    Raises:
+        StartMethodError: the name is unknown, or this platform does not offer it.
+    """
+    if start_method is None:
+        return default_start_method()
+    valid = available_start_methods()
+    if start_method not in valid:
+        kind = "unknown" if start_method not in ALL_START_METHODS else "unavailable"
+        raise StartMethodError(
+            f"{kind} start method {start_method!r}; valid choices here: "
+            + ", ".join(repr(m) for m in valid)
+            + " (or None for the platform default)"
+        )
+    return start_method
+
+
+def get_context(start_method: str | None) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context for ``start_method`` (validated)."""
+    return multiprocessing.get_context(resolve_start_method(start_method))
+
+
+def usable_cpu_count() -> int:
+    """The number of CPUs this process may actually use.
+
+    The smaller of the CPU affinity mask and the cgroup CPU quota (cgroup v2
+    ``cpu.max``, or v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), rounded up, and never
+    less than 1.  ``os.cpu_count()`` counts the machine's CPUs, which a container or a
+    ``taskset`` may not let us use.
+    """
+    if hasattr(os, "process_cpu_count"):  # Python 3.13+: affinity-aware
+        count = os.process_cpu_count() or 1
+    elif hasattr(os, "sched_getaffinity"):
+        count = len(os.sched_getaffinity(0)) or 1
+    else:  # pragma: no cover - non-Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, quota)
+    return max(1, count)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs allowed by the cgroup quota of this process, or ``None`` when unlimited."""
+    try:
+        cpu_max = (root / "cpu.max").read_text().split()
+    except OSError:
+        cpu_max = []
+    if len(cpu_max) == 2 and cpu_max[0] != "max":
+        try:
+            return _ceil_quota(int(cpu_max[0]), int(cpu_max[1]))
+        except ValueError:
+            return None  # unreadable: no quota we can honour
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    if quota <= 0:
+        return None
+    return _ceil_quota(quota, period)
+
+
+def _ceil_quota(quota: int, period: int) -> int | None:
+    if period <= 0:
+        return None
+    return max(1, -(-quota // period))
+
+
+def resolve_max_workers(max_workers: int | None) -> int:
+    """Validate ``max_workers``; ``None`` means :func:`usable_cpu_count`.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: zero or negative.
+    """
+    if max_workers is None:
+        return usable_cpu_count()
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+        raise TypeError(
+            f"max_workers must be a positive int or None, not {type(max_workers).__name__}"
+        )
+    if max_workers <= 0:
+        raise ValueError(
+            f"max_workers must be a positive int or None (the usable CPU count, "
+            f"{usable_cpu_count()} here), got {max_workers}"
+        )
+    return max_workers

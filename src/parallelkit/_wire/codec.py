@@ -1,0 +1,313 @@
+"""Everything that crosses a process boundary goes through here.
+
+- :func:`dumps` pickles with the highest protocol and falls back to cloudpickle (when
+  installed) for what the standard pickle cannot send: lambdas, closures, local classes.
+- :func:`dump_function` is the pre-flight check of a task's function, run in the caller
+  before any worker starts; it raises :class:`SerializationError` that says how to fix it.
+- :class:`ExceptionRecord` carries a task's exception and its traceback text from a
+  worker to the parent, where :func:`rebuild_exception` restores it with its own type
+  (or as :class:`RemoteError` when that is impossible).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import sys
+import threading
+import types
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, Generic, NamedTuple, TypeVar
+
+from parallelkit.errors import RemoteError, SerializationError, SerializedWhat
+
+PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
+# The one rule for what travels out of band: buffers this large go through shared memory
+# (or are read from the peer) instead of through the pipe.
+ARENA_MIN_BYTES: Final = 64 * 1024
+
+
+class NoRoom(Exception):
+    """A large buffer found no room in shared memory (``_wire.arena.ResultWriter.dump``)."""
+
+
+FUNCTION_CACHE_SIZE: Final = 256  # callables whose pickle a FunctionCache keeps, at most
+_V = TypeVar("_V")
+
+_CLOUDPICKLE_HINT = (
+    "install cloudpickle (pip install 'parallelkit[cloudpickle]') to send it by value, "
+    "or define it at the top level of an importable module"
+)
+
+
+def _cloudpickle() -> Any | None:
+    try:
+        import cloudpickle  # noqa: PLC0415 - optional extra, imported lazily
+    except ImportError:
+        return None
+    return cloudpickle
+
+
+def dumps(obj: object) -> bytes:
+    """Pickle ``obj``; fall back to cloudpickle for what plain pickle refuses.
+
+    Raises:
+        Exception: whatever pickling raised when neither serializer can send ``obj``.
+    """
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        cp = _cloudpickle()
+        if cp is None:
+            raise
+        return bytes(cp.dumps(obj, PROTOCOL))
+
+
+def _main_is_importable() -> bool:
+    main = sys.modules.get("__main__")
+    return bool(getattr(main, "__file__", None)) or bool(getattr(main, "__spec__", None))
+
+
+def dump_function(
+    fn: object, *, what: SerializedWhat = "function", by_value: bool = False
+) -> bytes:
+    """Pickle a task's callable for the workers, or say clearly why it cannot be sent.
+
+    Args:
+        fn: the callable.
+        what: how the error names it (``"function"`` or ``"initializer"``).
+        by_value: the workers cannot import ``__main__`` (spawn or forkserver from an
+            interactive session), so a ``__main__`` function must travel by value.
+
+    Raises:
+        SerializationError: ``fn`` cannot be pickled (with a hint to fix it).
+    """
+    module = getattr(fn, "__module__", None)
+    needs_value = by_value and module == "__main__" and not _main_is_importable()
+    if not needs_value:
+        try:
+            return pickle.dumps(fn, PROTOCOL)
+        except Exception as exc:
+            first_error: Exception | None = exc
+    else:
+        first_error = None
+    cp = _cloudpickle()
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    if cp is None:
+        reason = (
+            f"{type(first_error).__name__}: {first_error}"
+            if first_error is not None
+            else "it is defined in __main__, which the worker processes cannot import"
+        )
+        raise SerializationError(
+            f"cannot send the {what} {name!r} to worker processes: {reason}; {_CLOUDPICKLE_HINT}",
+            what=what,
+        ) from first_error
+    try:
+        return bytes(cp.dumps(fn, PROTOCOL))
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot send the {what} {name!r} to worker processes, even with cloudpickle: "
+            f"{type(exc).__name__}: {exc}",
+            what=what,
+        ) from exc
+
+
+class FunctionCache(Generic[_V]):
+    """What was made of each callable (its pickle), for as long as the callable lives.
+
+    It holds no strong reference to a callable: an entry goes when what it was made from is
+    collected, so a pool that served a function does not keep it (or anything it refers
+    to) alive.  A bound method is a new object each time ``obj.method`` is read: its entry
+    is keyed by ``obj`` and the function, both weakly, so reading it again finds the entry
+    and the entry does not keep ``obj`` alive.  Callables that cannot be referenced weakly
+    (``operator.itemgetter(1)``) are not cached: they are pickled again for each call.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, ...], tuple[tuple[weakref.ref[Any], ...], _V]] = {}
+
+    @staticmethod
+    def _parts(fn: Callable[..., object]) -> tuple[object, ...]:
+        if isinstance(fn, types.MethodType):
+            return (fn.__self__, fn.__func__)
+        return (fn,)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, fn: Callable[..., object]) -> _V | None:
+        parts = self._parts(fn)
+        entry = self._entries.get(tuple(map(id, parts)))
+        if entry is None:
+            return None
+        refs, value = entry
+        if all(ref() is part for ref, part in zip(refs, parts, strict=True)):
+            return value
+        return None
+
+    def put(self, fn: Callable[..., object], value: _V) -> None:
+        parts = self._parts(fn)
+        key = tuple(map(id, parts))
+        entries = self._entries
+
+        def forget(ref: weakref.ref[Any]) -> None:
+            # runs when a part is collected (any thread); its id may be reused afterwards
+            entry = entries.get(key)
+            if entry is not None and any(r is ref for r in entry[0]):
+                entries.pop(key, None)
+
+        try:
+            refs = tuple(weakref.ref(part, forget) for part in parts)
+        except TypeError:
+            return
+        if len(entries) >= FUNCTION_CACHE_SIZE:
+            entries.pop(next(iter(entries)), None)
+        entries[key] = (refs, value)
+
+
+# ---------------------------------------------------------------- exceptions across processes
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in another process (set as ``__cause__``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class ExceptionRecord(NamedTuple):
+    """A picklable account of an exception raised in a worker.
+
+    (A NamedTuple, not a dataclass: every worker imports this module, and dataclasses
+    pulls in inspect and ast, milliseconds of start-up for each spawn worker.)
+    """
+
+    type_name: str
+    message: str
+    traceback: str
+    payload: bytes | None  # dumps((cls, args, state, notes)), or None if it cannot be sent
+
+
+def _qualified_name(cls: type) -> str:
+    module = cls.__module__
+    # __mp_main__: the user's main module in a spawned child (a spawn worker, a Dask
+    # worker process): the same class the caller knows as __main__'s
+    if module in ("builtins", "__main__", "__mp_main__", None):
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+def capture_exception(exc: BaseException) -> ExceptionRecord:
+    """Record ``exc`` (and its traceback) so that the parent can rebuild it."""
+    import traceback  # noqa: PLC0415 - only when something failed: keeps worker start-up lean
+
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not break error reporting
+        message = f"<{type(exc).__name__}: str() failed>"
+    payload: bytes | None
+    try:
+        state = dict(getattr(exc, "__dict__", {}))
+        notes = state.pop("__notes__", None)
+        payload = dumps((type(exc), exc.args, state, notes))
+        # Prove it can be rebuilt here, so that the parent does not fail on it.
+        _rebuild_from_payload(payload)
+    except Exception:
+        payload = None
+    return ExceptionRecord(_qualified_name(type(exc)), message, tb, payload)
+
+
+def _rebuild_from_payload(payload: bytes) -> BaseException:
+    cls, args, state, notes = pickle.loads(payload)
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        raise TypeError("not an exception class")
+    exc: BaseException
+    try:
+        exc = cls(*args)  # as pickle would: keeps C-level fields (SystemExit.code, errno)
+    except Exception:
+        # A constructor that takes other arguments than .args (a common pattern): create
+        # the exception without calling __init__, then restore its attributes.
+        exc = cls.__new__(cls, *args)
+    exc.args = tuple(args)
+    if state:
+        exc.__dict__.update(state)
+    if notes:
+        for note in notes:
+            exc.add_note(note)
+    return exc
+
+
+def rebuild_exception(record: ExceptionRecord, *, where: str) -> BaseException:
+    """The worker's exception, with its own type, remote traceback as ``__cause__``.
+
+    Args:
+        record: what the worker captured.
+        where: a note to add, such as ``"in worker pid 123 on item 7"``.
+    """
+    exc: BaseException
+    try:
+        if record.payload is None:
+            raise ValueError("not sendable")
+        exc = _rebuild_from_payload(record.payload)
+    except Exception:
+        exc = RemoteError(
+            f"{record.type_name}: {record.message}",
+            type_name=record.type_name,
+            remote_traceback=record.traceback,
+        )
+    exc.__cause__ = RemoteTraceback(record.traceback)
+    exc.add_note(f"parallelkit: raised {where}")
+    return exc
+
+
+def locate_unpicklable(items: Sequence[Any]) -> tuple[int, Exception] | None:
+    """The position of the first item that cannot be pickled, and why; ``None`` if all can."""
+    for position, item in enumerate(items):
+        try:
+            dumps(item)
+        except Exception as exc:
+            return position, exc
+    return None
+
+
+# ---------------------------------------------------------------- single-host objects
+
+_destination = threading.local()
+
+
+@contextlib.contextmanager
+def pickling_for_another_host(where: str) -> Iterator[None]:
+    """While active in this thread, single-host objects refuse to be pickled.
+
+    Args:
+        where: names the destination in the error, such as ``"a Dask cluster"``.
+    """
+    previous = getattr(_destination, "where", None)
+    _destination.where = where
+    try:
+        yield
+    finally:
+        _destination.where = previous
+
+
+def check_single_host(obj: object) -> None:
+    """Called by the ``__reduce__`` of objects that live in this machine's memory.
+
+    Raises:
+        SerializationError: ``obj`` is being pickled for another host.
+    """
+    where = getattr(_destination, "where", None)
+    if where is not None:
+        raise SerializationError(
+            f"a {type(obj).__name__} lives in this machine's memory and cannot be sent to "
+            f"{where}; use it with processes, threads or the serial backend (or send plain "
+            "values and combine the results)",
+            what="argument",
+        )
