@@ -4,9 +4,10 @@ A :class:`Job` makes chunks lazily (from a sequence by slicing, or from an itera
 adaptive chunk sizes), keeps a bounded number of them in flight, puts results through a
 reorder buffer, and decides what a failed item means (raise at once, a slot holding the
 exception, or an error raised when the item is reached).  :func:`collect` and
-:func:`iterate` drive a :class:`Driver` until a job is done.  Two drivers exist: the process
+:func:`iterate` drive a :class:`Driver` until a job is done. Two drivers exist: the process
 :class:`~parallelkit._map.engine.Engine`, and
-:class:`~parallelkit._map.backends.driver.ChunkEngine`, which runs the same jobs on any other backend (serial, threads, an Executor, Dask).
+:class:`~parallelkit._map.backends.driver.ChunkEngine`, which runs the same jobs on any
+other backend (serial, threads, an Executor, Dask).
 """
 
 from __future__ import annotations

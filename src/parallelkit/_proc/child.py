@@ -145,12 +145,13 @@ def exit_without_teardown() -> None:
 
     A spawned worker that returns goes through ``sys.exit`` and the whole interpreter
     finalization, several times slower from its last message to its exit than this way
-    (``docs/performance.md``) -- time every one-shot map under spawn waits for.  What a program may rely on still happens, in the interpreter's order:
-    non-daemon threads are joined, ``atexit`` handlers run (multiprocessing's own
-    finalizers among them), standard streams are flushed.  (fork and forkserver children
-    already end with ``os._exit`` in multiprocessing, which runs their own ``atexit``
-    handlers first from Python 3.13 (gh-83856) and none before; this is not for them:
-    before 3.13 a forked worker's handlers are the parent's, which must not run here.)
+    (``docs/performance.md``) -- time every one-shot map under spawn waits for. What a
+    program may rely on still happens, in the interpreter's order: non-daemon threads are
+    joined, ``atexit`` handlers run (multiprocessing's own finalizers among them), standard
+    streams are flushed.  (fork and forkserver children already end with ``os._exit`` in
+    multiprocessing, which runs their own ``atexit`` handlers first from Python 3.13
+    (gh-83856) and none before; this is not for them: before 3.13 a forked worker's
+    handlers are the parent's, which must not run here.)
     """
     run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
     if run_exitfuncs is None:  # pragma: no cover - another Python: exit the usual way
