@@ -38,12 +38,12 @@ if typing.TYPE_CHECKING:
     from parallelkit._map.pool import WorkerPool as WorkerPool
     from parallelkit._map.pool import imap_parallel as imap_parallel
     from parallelkit._map.pool import run_parallel as run_parallel
-    from parallelkit._map.progress import Progress as Progress
-    from parallelkit._map.progress import StageProgress as StageProgress
-    from parallelkit._map.stats import MapStats as MapStats
-    from parallelkit._map.stats import StallReport as StallReport
-    from parallelkit._map.stats import WorkerStack as WorkerStack
-    from parallelkit._map.stats import WorkerStats as WorkerStats
+    from parallelkit._observe.progress import Progress as Progress
+    from parallelkit._observe.progress import StageProgress as StageProgress
+    from parallelkit._observe.stalls import StallReport as StallReport
+    from parallelkit._observe.stalls import WorkerStack as WorkerStack
+    from parallelkit._observe.stats import MapStats as MapStats
+    from parallelkit._observe.stats import WorkerStats as WorkerStats
     from parallelkit._pipeline.builder import Pipeline as Pipeline
     from parallelkit._pipeline.builder import PipelineIterator as PipelineIterator
     from parallelkit._pipeline.builder import PipelineStats as PipelineStats
@@ -75,12 +75,12 @@ _LAZY = {
     "SharedArray": "._shared.array",
     "SharedCounter": "._shared.counters",
     "usable_cpu_count": "._util.context",
-    "MapStats": "._map.stats",
-    "StallReport": "._map.stats",
-    "WorkerStack": "._map.stats",
-    "WorkerStats": "._map.stats",
-    "Progress": "._map.progress",
-    "StageProgress": "._map.progress",
+    "MapStats": "._observe.stats",
+    "StallReport": "._observe.stalls",
+    "WorkerStack": "._observe.stalls",
+    "WorkerStats": "._observe.stats",
+    "Progress": "._observe.progress",
+    "StageProgress": "._observe.progress",
 }
 
 

@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, overload
 from parallelkit._map.backends.choose import ChunkEngine, RunnerFactory, check_backend
 from parallelkit._map.engine import Engine
 from parallelkit._map.job import Job, PoolBrokenError, collect, handed_out, iterate, stop
-from parallelkit._map.progress import ProgressOption, Watch, check_progress, job_class, total_of
-from parallelkit._map.stats import MapStats, StallReport, StatsBaseline, engine_stats
+from parallelkit._map.progress import Watch, job_class
+from parallelkit._map.stats import StatsBaseline, engine_stats
+from parallelkit._observe.progress import ProgressOption, check_progress, total_of
+from parallelkit._observe.stalls import StallReport
+from parallelkit._observe.stats import MapStats
 from parallelkit._util.checks import check_bool, check_callable, check_timeout
 from parallelkit._util.context import get_context, resolve_max_workers, resolve_start_method
 from parallelkit._util.owners import Owned, register

@@ -24,7 +24,7 @@ from parallelkit._wire.codec import ExceptionRecord, capture_exception, dumps, r
 from parallelkit.errors import PipelineError, WorkerCrashedError
 
 if TYPE_CHECKING:
-    from parallelkit._map.stats import MapStats
+    from parallelkit._observe.stats import MapStats
 
 
 def _shown(item: object) -> str:

@@ -16,7 +16,12 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
-from parallelkit._map.progress import PipelineProgress, ProgressOption, check_progress, total_of
+from parallelkit._observe.progress import (
+    PipelineProgress,
+    ProgressOption,
+    check_progress,
+    total_of,
+)
 from parallelkit._pipeline.run import PipelineStats, Run, Stage, StageStats
 from parallelkit._pipeline.stage import FILTER, FLAT_MAP, KIND_NAMES, MAP
 from parallelkit._util.checks import check_bool, check_callable, check_positive_int, check_timeout
@@ -25,7 +30,7 @@ from parallelkit._util.types import StartMethod
 
 if TYPE_CHECKING:
     from parallelkit._map.backends.choose import Backend
-    from parallelkit._map.stats import StallReport
+    from parallelkit._observe.stalls import StallReport
 
 __all__ = ("Pipeline", "PipelineIterator", "PipelineStats", "StageStats")
 

@@ -47,8 +47,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final
 
-from parallelkit._map.progress import PipelineProgress, StageProgress
-from parallelkit._map.stats import text_table
+from parallelkit._observe.progress import PipelineProgress, StageProgress
+from parallelkit._observe.table import text_table
 from parallelkit._pipeline.stage import ERROR, STOP, TASK, stage_worker
 from parallelkit._proc.lifecycle import (
     bootstrap_options,
@@ -69,7 +69,7 @@ from parallelkit._wire.codec import dump_function, locate_unpicklable, rebuild_e
 from parallelkit.errors import PipelineError, SerializationError, WorkerCrashedError
 
 if TYPE_CHECKING:
-    from parallelkit._map.stats import StallReport
+    from parallelkit._observe.stalls import StallReport
 
 __all__ = ("PipelineStats", "Run", "Stage", "StageStats")
 
@@ -780,7 +780,12 @@ class Run:
             return
         if now < self.next_stall_report:
             return
-        from parallelkit._map.stats import StallReport, WorkerStack, dump_stack, to_stderr  # noqa: PLC0415
+        from parallelkit._observe.stalls import (  # noqa: PLC0415
+            StallReport,
+            WorkerStack,
+            dump_stack,
+            to_stderr,
+        )
 
         stacks = []
         for worker in busy:

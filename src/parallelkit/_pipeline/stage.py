@@ -67,7 +67,7 @@ def stage_worker(
 def _serve(
     conn: Connection, kind: int, fn: Callable[[Any], Any] | None, fn_payload: bytes | None
 ) -> None:
-    child.arm_stack_dump()  # for stall reports (see parallelkit._map.stats)
+    child.arm_stack_dump()  # for stall reports (see parallelkit._observe.stalls)
     if fn is None:
         assert fn_payload is not None
         fn = pickle.loads(fn_payload)

@@ -103,7 +103,7 @@ def arm_stack_dump() -> int:
     """Dump every thread's stack to an anonymous in-memory file on SIGUSR1; its fd, or -1.
 
     The parent reads the file through ``/proc/<pid>/fd/<fd>`` when a run stalls (see
-    :mod:`parallelkit._map.stats`).  faulthandler writes from its C signal handler, so this
+    :mod:`parallelkit._observe.stalls`).  faulthandler writes from its C signal handler, so this
     works while the worker blocks in C code or spins in Python.  Nothing is on disk and the
     file goes away with the process.
     """
