@@ -1,32 +1,32 @@
 """Duplex channels: typed connections between two processes, on one host or across hosts.
 
-This module owns the transport (:class:`Channel`, :func:`channel_pair`);
-``_channel_process.py`` adds processes that serve a channel (:func:`start_process`),
-``_channel_net.py`` listeners and connections across hosts, ``_handshake.py`` their
-authentication.
+This module owns the public end (:class:`Channel`, :func:`channel_pair`): what a message
+is, request/reply correlation, timeouts and the closed-state errors.  The bytes on the
+socket -- framing, sending that cannot deadlock, receive buffering -- are the wire's
+(``_wire/stream.py``).  ``process.py`` adds processes that serve a channel
+(:func:`start_process`), ``net.py`` listeners and connections across hosts,
+``_wire/handshake.py`` their authentication.
 
 A :class:`Channel` is one end of a stream socket (a ``socketpair`` between processes of
-one host, TCP across hosts) carrying framed messages::
+one host, TCP across hosts).  Each message is one frame of the stream, whose kind says
+what it carries::
 
-    frame = kind (1 B) | pad (3 B) | n out-of-band buffers (4 B) | pickle length (8 B)
-            | n buffer lengths (8 B each) | pickle bytes | buffer 1 | ... | buffer n
+    MESSAGE     the pickle (protocol 5) as the body, its out-of-band buffers as buffers
+    BYTES       a top-level bytes of 64 KiB or more: no body, itself as the one buffer
+    BYTEARRAY   the same for a bytearray
+    FAILED      a start_process target raised: a pickled ExceptionRecord
 
-Speed.  Objects are pickled with protocol 5; what pickle hands out of band (numpy arrays,
-``PickleBuffer``) and a top-level ``bytes`` or ``bytearray`` of 64 KiB or more are written
-straight from their own memory with one ``sendmsg`` (no concatenation), and received
-with ``recv_into`` straight into their final buffer (a ``bytes``, which cannot be written
-into, into a reused one, then copied once).  Small messages go out in one ``send`` and
-come in through a reused 256 KiB buffer, usually one ``recv`` each.
+and whose id flags say REQUEST (sent by ``request``, the id is the request's) or REPLY
+(the id of the request it answers).
 
-No deadlock when both ends send large messages at once.  Writes never block in the
-kernel (``MSG_DONTWAIT``).  When the socket buffer is full the peer is not reading, maybe
-because it is itself stuck writing to us, so while we wait for room we *drain* whatever
-it sends into our receive buffer (which grows as needed); its send completes, it reads,
-and so does ours.  ``recv`` later takes the drained messages from that buffer.  (If
-another thread of ours is receiving meanwhile, it does the draining.)
+Speed.  What pickle hands out of band (numpy arrays, ``PickleBuffer``) and large top-level
+``bytes`` or ``bytearray`` are written straight from their own memory and received
+straight into their final buffer (a ``bytes``, which cannot be written into, into a
+reused one, then copied once); small messages are one ``send`` and usually one ``recv``.
 
-Threads.  One lock per direction keeps frames whole with several senders or receivers.
-``close()`` from another thread wakes a thread blocked in ``recv``.
+Threads.  One thread at a time reads frames and files each where it belongs (``recv``'s
+inbox, or the waiting request's reply); ``close()`` from another thread wakes a thread
+blocked in ``recv`` or ``send``.
 
 The other end gone, however it went (closed, exited, killed in the middle of a message),
 is :class:`~parallelkit.errors.ChannelClosedError`; a timeout is :class:`TimeoutError`
@@ -36,32 +36,25 @@ next ``recv``).
 Security.  A channel unpickles what the other end sends: whoever can send to it can run
 code in this process.  ``Channel.listen`` / ``Channel.connect`` therefore require a key
 of at least 16 bytes, and nothing is unpickled before both ends proved they hold it (see
-``_handshake.py``).  The traffic is *not* encrypted: use it on trusted networks, or
+``_wire/handshake.py``).  The traffic is *not* encrypted: use it on trusted networks, or
 tunnel it (SSH, WireGuard, stunnel).
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import math
-import os
 import pickle
-import select
 import socket
-import struct
-import threading
 import time
-import weakref
-from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Generic, Self, overload
+from typing import TYPE_CHECKING, Final, Generic, NoReturn, Self, overload
 
+from parallelkit._channel.mailbox import REPLY, REQUEST, Mailbox, timeout_message
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.checks import check_timeout
 from parallelkit._wire import handshake as _handshake
 from parallelkit._wire.codec import ExceptionRecord, check_single_host, rebuild_exception
+from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd, ms
 from parallelkit.errors import ChannelClosedError, SerializationError
 
 if TYPE_CHECKING:
@@ -86,51 +79,21 @@ else:
     A = TypeVar("A")
     B = TypeVar("B")
 
-# ------------------------------------------------------------------ wire format
-HEAD: Final = struct.Struct("<BxxxIQ")  # kind, number of out-of-band buffers, pickle length
-HEAD_SIZE: Final = HEAD.size
-LEN: Final = struct.Struct("<Q")
+# ------------------------------------------------------------------ frame kinds
 MESSAGE: Final = 1  # pickle + out-of-band buffers
 BYTES: Final = 2  # a top-level bytes: one buffer, no pickle
 BYTEARRAY: Final = 3  # a top-level bytearray: one buffer, no pickle
 FAILED: Final = 4  # a start_process target raised: a pickled ExceptionRecord
-KINDS: Final = frozenset((MESSAGE, BYTES, BYTEARRAY, FAILED))
-# Tags on the kind byte: the frame carries a request id (8 bytes after HEAD).
-REQUEST: Final = 0x40  # sent by request(): the receiving thread's next send answers it
-REPLY: Final = 0x80  # the answer to the request with that id
 TAGS: Final = REQUEST | REPLY
-ID: Final = struct.Struct("<Q")
-MAX_BUFFERS: Final = 1 << 16
+KINDS: Final = frozenset(
+    kind | tag for kind in (MESSAGE, BYTES, BYTEARRAY, FAILED) for tag in (0, REQUEST, REPLY)
+)
 
-BUFFER_SIZE: Final = 256 * 1024  # the reused receive buffer
-RAW_MIN: Final = 64 * 1024  # a top-level bytes/bytearray this large goes without pickle
-SMALL: Final = 64 * 1024  # a pickle this small goes out in one send with its header
-SCRATCH_MAX: Final = 16 * 1024 * 1024  # a top-level bytes up to this size: a reused buffer
-IOV_MAX: Final = 512
+RAW_MIN: Final = 64 * 1024  # bytes: a top-level bytes/bytearray this large goes without pickle
+SCRATCH_MAX: Final = 16 * 1024 * 1024  # bytes: a top-level bytes up to this size: a reused buffer
 PROTOCOL: Final = 5
-_SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _CLOSED_HERE: Final = "this end of the channel is closed (close() was called on it)"
 DEFAULT_ADDRESS: Final = ("127.0.0.1", 0)
-
-
-class _Incoming:
-    """A large message being received: its parts fill in place, across ``recv`` calls."""
-
-    __slots__ = ("index", "kind", "offset", "parts", "request_id", "tag")
-
-    def __init__(
-        self, kind: int, parts: list[bytearray | memoryview], tag: int, request_id: int
-    ) -> None:
-        self.kind = kind
-        self.parts = parts
-        self.tag = tag
-        self.request_id = request_id
-        self.index = 0
-        self.offset = 0
-
-
-class _EOF(Exception):
-    """The socket reached end of file (internal)."""
 
 
 def _raw(buffer: pickle.PickleBuffer) -> memoryview:
@@ -138,10 +101,6 @@ def _raw(buffer: pickle.PickleBuffer) -> memoryview:
         return buffer.raw()
     except BufferError:  # not contiguous: one copy
         return memoryview(memoryview(buffer).tobytes())
-
-
-def _ms(seconds: float) -> int:
-    return max(0, math.ceil(seconds * 1000))
 
 
 class Channel(Generic[SendT, RecvT]):
@@ -169,40 +128,14 @@ class Channel(Generic[SendT, RecvT]):
         peer: str = "the other end",
     ) -> None:
         """Wrap a connected stream socket (internal: use the functions above)."""
-        sock.setblocking(True)
-        self._sock = sock
-        self._fd = sock.fileno()
-        self._send_lock = threading.Lock()
-        self._recv_lock = threading.Lock()  # the bytes: whoever reads or drains them
-        # Messages by who asked: one thread at a time reads frames (the reader) and files
-        # them; plain ones in _inbox for recv(), replies in _replies for their request.
-        self._mutex = threading.Lock()  # `with` on it directly: cheaper than the condition's
-        self._cond = threading.Condition(self._mutex)
-        self._inbox: deque[tuple[object, int]] = deque()  # (message, request id or 0)
-        self._replies: dict[int, object] = {}
-        self._waiting: set[int] = set()  # requests waiting for their reply
-        self._reading = False
-        self._sleepers = 0
-        self._request_ids = itertools.count(1)
-        self._local = threading.local()  # .pending: requests this thread received, unanswered
-        self._tag = 0  # tag and request id of the frame _recv just returned
-        self._tag_id = 0
-        self._rbuf = bytearray(BUFFER_SIZE)
-        self._rview = memoryview(self._rbuf)
+        self._max = _check_max(max_message_bytes)
+        self._stream = FrameStream(sock, kinds=KINDS, max_frame_bytes=self._max)
+        self._mailbox = Mailbox()
         self._scratch = bytearray()  # where a large top-level bytes is received
-        self._rpos = 0
-        self._rend = 0
-        self._incoming: _Incoming | None = None
-        self._poller = select.poll()
-        self._poller.register(self._fd, select.POLLIN)
         self._closed = False
         self._eof = False  # the other end closed between two messages
-        self._drained_eof = False
         self._broken: tuple[str, BaseException | None] | None = None
-        self._max = _check_max(max_message_bytes)
         self._peer = peer
-        self._finalizer = weakref.finalize(self, sock.close)
-        self._owner = os.getpid()  # a forked child's copy must never shut the socket down
 
     # ------------------------------------------------------------------ public API
     @property
@@ -221,7 +154,7 @@ class Channel(Generic[SendT, RecvT]):
             ChannelClosedError: the other end is gone, or this end was closed.
             SerializationError: ``obj`` cannot be pickled (nothing was sent).
         """
-        pending: deque[int] | None = getattr(self._local, "pending", None)
+        pending = self._mailbox.unanswered()
         if pending:
             # the answer to the oldest request this thread received and did not answer
             self._send(obj, REPLY, pending[0])
@@ -233,31 +166,20 @@ class Channel(Generic[SendT, RecvT]):
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
         cls = type(obj)
-        tagged = ID.pack(request_id) if tag else b""
-        if (cls is bytes or cls is bytearray) and len(obj) >= RAW_MIN:  # type: ignore[arg-type]
-            kind = BYTES if cls is bytes else BYTEARRAY
-            size = len(obj)  # type: ignore[arg-type]
-            head = HEAD.pack(kind | tag, 1, 0) + tagged + LEN.pack(size)
-            self._write([head, obj])  # type: ignore[list-item]
-            return
-        buffers: list[pickle.PickleBuffer] = []
         try:
-            data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffers.append)
-        except Exception:
-            buffers = []
-            data = _dumps_fallback(obj)
-        if buffers:
-            views = [_raw(b) for b in buffers]
-            head = (
-                HEAD.pack(MESSAGE | tag, len(views), len(data))
-                + tagged
-                + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views))
-            )
-            self._write([head, data, *views])
-        elif len(data) <= SMALL:
-            self._write_one(HEAD.pack(MESSAGE | tag, 0, len(data)) + tagged + data)
-        else:
-            self._write([HEAD.pack(MESSAGE | tag, 0, len(data)) + tagged, data])
+            if (cls is bytes or cls is bytearray) and len(obj) >= RAW_MIN:  # type: ignore[arg-type]
+                kind = BYTES if cls is bytes else BYTEARRAY
+                self._stream.send(kind | tag, request_id, b"", (obj,))  # type: ignore[arg-type]
+                return
+            buffers: list[pickle.PickleBuffer] = []
+            try:
+                data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffers.append)
+            except Exception:
+                buffers = []
+                data = _dumps_fallback(obj)
+            self._stream.send(MESSAGE | tag, request_id, data, [_raw(b) for b in buffers])
+        except StreamEnd as end:
+            raise self._gone_error(end.__cause__) from end.__cause__
 
     def recv(self, timeout: float | None = None) -> RecvT:
         """Receive the next object.
@@ -273,7 +195,7 @@ class Channel(Generic[SendT, RecvT]):
         """
         timeout = check_timeout(timeout, zero_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._wait(0, deadline)  # type: ignore[return-value]  # what the peer sent
+        return self._mailbox.wait(0, deadline, self._read_one)  # type: ignore[return-value]
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """Whether :meth:`recv` would not block: a message or the end is there.
@@ -284,12 +206,9 @@ class Channel(Generic[SendT, RecvT]):
         timeout = check_timeout(timeout, zero_ok=True)
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
-        if self._inbox or self._rend > self._rpos or self._broken is not None or self._eof:
+        if self._mailbox.has_mail() or self._broken is not None or self._eof:
             return True
-        try:
-            return bool(self._poller.poll(-1 if timeout is None else _ms(timeout)))
-        except OSError:
-            return True  # the socket broke: recv() will say so
+        return self._stream.ready(-1 if timeout is None else ms(timeout))
 
     def request(self, obj: SendT, timeout: float | None = None) -> RecvT:
         """Send ``obj`` and receive the reply to it: a request/response round trip.
@@ -317,105 +236,31 @@ class Channel(Generic[SendT, RecvT]):
         """
         timeout = check_timeout(timeout, zero_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
-        request_id = next(self._request_ids)
-        with self._mutex:
-            self._waiting.add(request_id)
+        mailbox = self._mailbox
+        request_id = mailbox.new_request()
         try:
             if _fuzz.ENABLED:
                 _fuzz.point("channel.request.before_send")
             self._send(obj, REQUEST, request_id)
-            return self._wait(request_id, deadline)  # type: ignore[return-value]
+            return mailbox.wait(request_id, deadline, self._read_one)  # type: ignore[return-value]
         finally:
-            with self._mutex:
-                self._waiting.discard(request_id)
-                self._replies.pop(request_id, None)
+            mailbox.forget(request_id)
 
-    def _wait(self, request_id: int, deadline: float | None) -> object:
-        """The reply to ``request_id``, or (0) the next message that is not a reply.
-
-        One thread at a time reads frames and files each where it belongs; the others
-        wait for theirs on the condition, or take over reading when it is free.
-        """
-        cond, mutex = self._cond, self._mutex
-        while True:
-            with mutex:
-                while True:
-                    if request_id:
-                        if request_id in self._replies:
-                            return self._replies.pop(request_id)
-                    elif self._inbox:
-                        message, asked = self._inbox.popleft()
-                        if asked:
-                            self._received_request(asked)
-                        return message
-                    if not self._reading:
-                        self._reading = True
-                        break
-                    if deadline is None:
-                        self._sleepers += 1
-                        cond.wait()
-                        self._sleepers -= 1
-                    else:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise TimeoutError(_timeout_message(request_id))
-                        self._sleepers += 1
-                        cond.wait(left)
-                        self._sleepers -= 1
-            try:
-                message = self._read_one(deadline, request_id)
-            except BaseException:
-                with mutex:
-                    self._reading = False
-                    if self._sleepers:
-                        cond.notify_all()
-                raise
-            tag, tag_id = self._tag, self._tag_id
-            with mutex:
-                self._reading = False
-                mine = False
-                if tag == REPLY:
-                    if tag_id == request_id:
-                        mine = True
-                    elif tag_id in self._waiting:
-                        self._replies[tag_id] = message
-                    # else: the reply to a request that gave up: discarded
-                    elif _fuzz.ENABLED:
-                        _fuzz.point("channel.late_reply_dropped")
-                elif not request_id and not self._inbox:
-                    mine = True
-                else:
-                    self._inbox.append((message, tag_id if tag == REQUEST else 0))
-                if self._sleepers:
-                    cond.notify_all()
-            if mine:
-                if tag == REQUEST:
-                    self._received_request(tag_id)
-                return message
-
-    def _read_one(self, deadline: float | None, request_id: int) -> object:
-        """Read one frame (as the reader); its tag is left in ``_tag`` / ``_tag_id``."""
+    def _read_one(self, deadline: float | None, request_id: int) -> tuple[object, int, int]:
+        """Read one frame as the mailbox's reader: the message, its tag and request id."""
+        lock = self._stream.recv_lock
         if deadline is None:
-            self._recv_lock.acquire()
-        elif not self._recv_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise TimeoutError(_timeout_message(request_id))
+            lock.acquire()
+        elif not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(timeout_message(request_id))
         try:
             if _fuzz.ENABLED:
                 _fuzz.point("channel.read_one")
             return self._recv(deadline)
         except TimeoutError:
-            if request_id:
-                raise TimeoutError(_timeout_message(request_id)) from None
-            raise
+            raise TimeoutError(timeout_message(request_id)) from None
         finally:
-            self._recv_lock.release()
-
-    def _received_request(self, request_id: int) -> None:
-        """This thread got a request: its next ``send`` on this end is the reply."""
-        pending: deque[int] | None = getattr(self._local, "pending", None)
-        if pending is None:
-            pending = self._local.pending = deque()
-        pending.append(request_id)
+            lock.release()
 
     def close(self) -> None:
         """Close this end; the other end's ``recv`` then raises ChannelClosedError.
@@ -426,27 +271,7 @@ class Channel(Generic[SendT, RecvT]):
         if self._closed:
             return
         self._closed = True
-        if os.getpid() != self._owner:
-            # An inherited copy (fork): its locks may be held by threads that exist only
-            # in the parent, and shutdown() would end the parent's connection too.
-            self._finalizer()
-            return
-        if _fuzz.ENABLED:
-            _fuzz.point("channel.close")
-        busy = self._recv_lock.locked() or self._send_lock.locked()
-        if busy:  # wake them (this shuts the socket down for every process holding it)
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-        got_recv = self._recv_lock.acquire(timeout=1.0)
-        got_send = self._send_lock.acquire(timeout=1.0)
-        try:
-            self._finalizer()
-            self._poller = select.poll()
-        finally:
-            if got_send:
-                self._send_lock.release()
-            if got_recv:
-                self._recv_lock.release()
+        self._stream.close()
 
     def __enter__(self) -> Self:
         return self
@@ -479,7 +304,7 @@ class Channel(Generic[SendT, RecvT]):
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
         check_single_host(self)
-        return (_rebuild, (self._sock, self._max, self._peer))
+        return (_rebuild, (self._stream.sock, self._max, self._peer))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -556,233 +381,58 @@ class Channel(Generic[SendT, RecvT]):
             handshake_timeout=handshake_timeout,
         )
 
-    # ------------------------------------------------------------------ sending
-    def _write_one(self, data: bytes) -> None:
-        with self._send_lock:
-            try:
-                n = self._sock.send(data, _SEND_FLAGS)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                raise self._gone_error(exc) from exc
-            if n < len(data):
-                self._write_locked([memoryview(data)[n:]])
-
-    def _write(self, parts: list[bytes | memoryview]) -> None:
-        with self._send_lock:
-            self._write_locked(parts)
-
-    def _write_locked(self, parts: list[bytes | memoryview]) -> None:
-        sock = self._sock
-        while parts:
-            if self._closed:
-                raise ChannelClosedError(_CLOSED_HERE)
-            try:
-                n = sock.sendmsg(parts[:IOV_MAX], (), _SEND_FLAGS)
-            except BlockingIOError:
-                self._wait_writable()
-                continue
-            except OSError as exc:
-                raise self._gone_error(exc) from exc
-            while n:
-                size = len(parts[0])
-                if n >= size:
-                    n -= size
-                    del parts[0]
-                else:
-                    parts[0] = memoryview(parts[0])[n:]
-                    n = 0
-            while parts and not len(parts[0]):
-                del parts[0]
-
-    def _wait_writable(self) -> None:
-        """Wait for room in the socket buffer, draining what the peer sends meanwhile.
-
-        The receive lock is held only while draining, never while waiting, so that a
-        thread of ours that wants to receive is not kept out.
-        """
-        poller = select.poll()
-        poller.register(self._fd, select.POLLOUT | (0 if self._drained_eof else select.POLLIN))
-        ready = poller.poll(200)
-        if not ready or not ready[0][1] & select.POLLIN:
-            return
-        if self._recv_lock.acquire(blocking=False):
-            try:
-                self._drain()
-            finally:
-                self._recv_lock.release()
-        elif not ready[0][1] & select.POLLOUT:
-            # A thread of ours holds the receive lock: it reads, we only wait for room.
-            poller.modify(self._fd, select.POLLOUT)
-            poller.poll(20)
-
-    def _drain(self) -> None:
-        while True:
-            if self._rend == len(self._rbuf):
-                self._make_room(len(self._rbuf))
-            try:
-                n = self._sock.recv_into(self._rview[self._rend :], 0, socket.MSG_DONTWAIT)
-            except OSError:  # BlockingIOError: all drained; else: send() will report it
-                return
-            if n == 0:
-                self._drained_eof = True
-                return
-            self._rend += n
-
     # ------------------------------------------------------------------ receiving
-    def _make_room(self, need: int) -> None:
-        """Make at least ``need`` bytes free after the buffered data."""
-        if len(self._rbuf) - self._rend >= need:
-            return
-        size = self._rend - self._rpos
-        if size + need <= len(self._rbuf):
-            self._rview[:size] = self._rview[self._rpos : self._rend]  # memmove
-        else:
-            grown = bytearray(max(size + need, 2 * len(self._rbuf)))
-            grown[:size] = self._rview[self._rpos : self._rend]
-            self._rview.release()
-            self._rbuf = grown
-            self._rview = memoryview(grown)
-        self._rpos, self._rend = 0, size
-
-    def _read_into(self, view: memoryview, deadline: float | None) -> int:
-        if deadline is not None:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._poller.poll(_ms(remaining)):
-                    if deadline - time.monotonic() <= 0:
-                        raise TimeoutError("no message arrived in time")
-                    continue
-                break
-        try:
-            n = self._sock.recv_into(view)
-        except OSError as exc:
-            if self._closed:
-                raise ChannelClosedError(_CLOSED_HERE) from None
-            raise _EOF from exc
-        if n == 0:
-            raise _EOF
-        return n
-
-    def _fill(self, size: int, deadline: float | None) -> None:
-        """Buffer at least ``size`` bytes of the current message."""
-        while self._rend - self._rpos < size:
-            if self._rend == self._rpos:
-                self._rpos = self._rend = 0
-                if len(self._rbuf) > BUFFER_SIZE:  # shrink after a drained burst
-                    self._rview.release()
-                    self._rbuf = bytearray(BUFFER_SIZE)
-                    self._rview = memoryview(self._rbuf)
-            self._make_room(size - (self._rend - self._rpos))
-            self._rend += self._read_into(self._rview[self._rend :], deadline)
-
-    def _recv(self, deadline: float | None) -> object:
+    def _recv(self, deadline: float | None) -> tuple[object, int, int]:
+        """Read and decode one frame (holding the receive lock), with its tag and id."""
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
         if self._broken is not None:
             message, cause = self._broken
             raise ChannelClosedError(message) from cause
         try:
-            if self._incoming is None:
-                if self._rend - self._rpos < HEAD_SIZE:
-                    self._fill(HEAD_SIZE, deadline)
-                kind, nbufs, plen = HEAD.unpack_from(self._rbuf, self._rpos)
-                head = HEAD_SIZE
-                tag = kind & TAGS
-                request_id = 0
-                if tag:
-                    kind ^= tag
-                    if tag == TAGS:
-                        self._protocol_error(f"an invalid frame header (kind {kind | tag})")
-                    head += ID.size
-                    if self._rend - self._rpos < head:
-                        self._fill(head, deadline)
-                    (request_id,) = ID.unpack_from(self._rbuf, self._rpos + HEAD_SIZE)
-                if kind == MESSAGE and nbufs == 0 and plen <= SMALL:
-                    if self._max is not None and plen > self._max:
-                        self._too_large(plen)
-                    end = self._rpos + head + plen
-                    if self._rend < end:
-                        self._fill(head + plen, deadline)
-                        end = self._rpos + head + plen
-                    start, self._rpos = self._rpos + head, end
-                    self._tag, self._tag_id = tag, request_id
-                    with self._rview[start:end] as data:
-                        return self._loads(data, None)
-                self._begin_large(kind, nbufs, plen, deadline, head, tag, request_id)
-            incoming = self._incoming
-            assert incoming is not None
-            self._fill_parts(incoming, deadline)
-        except _EOF as eof:
-            raise self._gone_error(eof.__cause__) from eof.__cause__
-        self._incoming = None
-        self._tag, self._tag_id = incoming.tag, incoming.request_id
-        parts = incoming.parts
-        if incoming.kind == MESSAGE:
-            return self._loads(parts[0], parts[1:])  # type: ignore[arg-type]  # bytearrays
-        if incoming.kind == BYTES:
-            received = parts[1]
+            kind, request_id, body, buffers = self._stream.read(deadline, self._allocate)
+        except StreamEnd as end:
+            raise self._gone_error(end.__cause__) from end.__cause__
+        except FrameError as refused:
+            if refused.size is not None:
+                self._too_large(refused.size)
+            self._protocol_error(str(refused))
+        tag = kind & TAGS
+        kind ^= tag
+        if buffers is None:  # a small frame: a view of the stream's buffer
+            with body:  # type: ignore[union-attr]  # a memoryview when buffers is None
+                if kind == MESSAGE:
+                    return self._loads(body, None), tag, request_id
+                if kind == FAILED:
+                    raise self._target_failed(pickle.loads(body))
+            self._protocol_error(f"an invalid frame header (kind {kind}, 0 buffers)")
+        if kind == MESSAGE:
+            return self._loads(body, buffers), tag, request_id  # type: ignore[arg-type]
+        if kind == BYTES:
+            received = buffers[0]
             result = bytes(received)
             if isinstance(received, memoryview):
                 received.release()  # of the scratch buffer
-            return result
-        if incoming.kind == BYTEARRAY:
-            return parts[1]
-        record = pickle.loads(parts[0])  # FAILED
-        raise self._target_failed(record)
+            return result, tag, request_id
+        if kind == BYTEARRAY:
+            return buffers[0], tag, request_id
+        raise self._target_failed(pickle.loads(body))  # FAILED
 
-    def _begin_large(
-        self,
-        kind: int,
-        nbufs: int,
-        plen: int,
-        deadline: float | None,
-        fixed: int,
-        tag: int,
-        request_id: int,
-    ) -> None:
-        raw = kind in (BYTES, BYTEARRAY)
-        if kind not in KINDS or nbufs > MAX_BUFFERS or (raw and (nbufs != 1 or plen)):
-            self._protocol_error(f"an invalid frame header (kind {kind}, {nbufs} buffers)")
-        head = fixed + 8 * nbufs
-        if self._rend - self._rpos < head:
-            self._fill(head, deadline)
-        lengths = struct.unpack_from(f"<{nbufs}Q", self._rbuf, self._rpos + fixed)
-        if self._max is not None and plen + sum(lengths) > self._max:
-            self._too_large(plen + sum(lengths))
-        self._rpos += head
-        parts: list[bytearray | memoryview]
+    def _allocate(
+        self, kind: int, plen: int, lengths: Sequence[int]
+    ) -> list[bytearray | memoryview]:
+        """Where a large frame is received (called by the stream once its header is in)."""
+        kind &= ~TAGS
+        if kind in (BYTES, BYTEARRAY) and (len(lengths) != 1 or plen):
+            raise FrameError(f"an invalid frame header (kind {kind}, {len(lengths)} buffers)")
         if kind == BYTES and lengths[0] <= SCRATCH_MAX:
             # The bytes object is made by one copy at the end, so receive into a buffer
             # kept for the purpose: allocating (and page-faulting) a fresh one per message
             # costs more than the copy.
             if len(self._scratch) < lengths[0]:
                 self._scratch = bytearray(lengths[0])
-            parts = [bytearray(), memoryview(self._scratch)[: lengths[0]]]
-        else:
-            parts = [bytearray(plen), *map(bytearray, lengths)]
-        self._incoming = _Incoming(kind, parts, tag, request_id)
-
-    def _fill_parts(self, incoming: _Incoming, deadline: float | None) -> None:
-        parts = incoming.parts
-        while incoming.index < len(parts):
-            part = parts[incoming.index]
-            need = len(part) - incoming.offset
-            if need == 0:
-                incoming.index += 1
-                incoming.offset = 0
-                continue
-            buffered = self._rend - self._rpos
-            if buffered:
-                n = min(buffered, need)
-                part[incoming.offset : incoming.offset + n] = self._rview[
-                    self._rpos : self._rpos + n
-                ]
-                self._rpos += n
-                incoming.offset += n
-                continue
-            with memoryview(part) as whole, whole[incoming.offset :] as target:
-                incoming.offset += self._read_into(target, deadline)
+            return [bytearray(), memoryview(self._scratch)[: lengths[0]]]
+        return [bytearray(plen), *map(bytearray, lengths)]
 
     def _loads(self, data: memoryview | bytearray, buffers: list[bytearray] | None) -> object:
         try:
@@ -798,8 +448,7 @@ class Channel(Generic[SendT, RecvT]):
     def _gone_error(self, cause: BaseException | None) -> ChannelClosedError:
         if self._closed:
             return ChannelClosedError(_CLOSED_HERE)
-        mid = self._incoming is not None or self._rend > self._rpos
-        if mid:
+        if self._stream.mid_frame:
             message = f"{self._peer} went away in the middle of a message{self._exit_note()}"
             self._broken = (message, cause)
         else:
@@ -822,18 +471,25 @@ class Channel(Generic[SendT, RecvT]):
         error.__cause__ = cause
         return error
 
-    def _too_large(self, size: int) -> None:
+    def _too_large(self, size: int) -> NoReturn:
         self._protocol_error(f"a message of {size} bytes, more than max_message_bytes={self._max}")
 
-    def _protocol_error(self, what: str) -> None:
+    def _protocol_error(self, what: str) -> NoReturn:
         message = f"{self._peer} sent {what}; the channel is closed"
-        self._finalizer()  # the sender sees ChannelClosedError instead of blocking
         self._closed = True
+        self._stream.abort()  # the sender sees ChannelClosedError instead of blocking
         raise ChannelClosedError(message)
 
     def _send_failure(self, record: ExceptionRecord) -> None:
-        data = pickle.dumps(record, PROTOCOL)
-        self._write([HEAD.pack(FAILED, 0, len(data)), data])
+        """Tell the parent that the target raised (``start_process``'s child).
+
+        Raises:
+            ChannelClosedError: the parent is gone.
+        """
+        try:
+            self._stream.send(FAILED, 0, pickle.dumps(record, PROTOCOL))
+        except StreamEnd as end:
+            raise self._gone_error(end.__cause__) from end.__cause__
 
 
 def _rebuild(
@@ -864,12 +520,6 @@ def _dumps_fallback(obj: object) -> bytes:
             f"cannot send a {type(obj).__name__} over a channel: {type(exc).__name__}: {exc}",
             what="argument",
         ) from exc
-
-
-def _timeout_message(request_id: int) -> str:
-    if request_id:
-        return "no reply arrived in time (a late reply to this request will be discarded)"
-    return "no message arrived in time"
 
 
 def _format_address(address: object) -> str:

@@ -1,7 +1,7 @@
 """Channels across hosts: :class:`ChannelListener` and :func:`connect` over TCP.
 
-Built on :mod:`._channel` (an accepted or connected socket becomes a :class:`Channel`) and
-:mod:`._handshake` (both ends prove they hold the key before anything is unpickled).
+Built on ``channel.py`` (an accepted or connected socket becomes a :class:`Channel`) and
+``_wire/handshake.py`` (both ends prove they hold the key before anything is unpickled).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import weakref
 from types import TracebackType
 from typing import Final, Generic, Self
 
-from parallelkit._channel.channel import Channel, RecvT, SendT, _check_max, _format_address, _ms
+from parallelkit._channel.channel import Channel, RecvT, SendT, _check_max, _format_address
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.checks import check_timeout
 from parallelkit._wire import handshake as _handshake
+from parallelkit._wire.stream import ms
 from parallelkit.errors import ChannelClosedError
 
 __all__ = ("ChannelListener", "connect")
@@ -142,7 +143,7 @@ class ChannelListener(Generic[SendT, RecvT]):
                 poller.register(fd, select.POLLOUT if shake.wants_write else select.POLLIN)
             if _fuzz.ENABLED:
                 _fuzz.point("listener.poll")
-            ready = [fd for fd, _ in poller.poll(_ms(wake - now))]
+            ready = [fd for fd, _ in poller.poll(ms(wake - now))]
             if self._sock.fileno() in ready:
                 ready.remove(self._sock.fileno())
                 ready.extend(self._take_new_clients())  # greet them now

@@ -105,7 +105,7 @@ class ProcessChannel(Channel[SendT, RecvT]):
     def _close_in_fork_child(channel: ProcessChannel[SendT, RecvT]) -> None:
         channel._closed = True
         channel._stopped = True
-        channel._finalizer()
+        channel._stream.abort()
 
 
 def start_process(
