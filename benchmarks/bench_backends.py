@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Backends: what ``backend="serial"`` and a Dask ``backend=client`` cost, side by side.
 
-Two workloads, every contender interleaved in one process (see ``_harness.py``):
+Two workloads, every contender interleaved in one process (see ``harness.py``):
 
 * ``serial``: 200,000 items of ``x*x`` in this process -- ``run_parallel(...,
   backend="serial")`` against a plain ``list(map(fn, items))`` (the claim: <= 1.2x);
@@ -30,10 +30,13 @@ import platform
 import statistics
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-import _harness as h
-import _tasks as t
+# Run as a file, this folder heads sys.path; the package imports from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness as h
+from benchmarks import tasks as t
 
 
 def _chunked_map(client: Any, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:

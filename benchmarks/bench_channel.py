@@ -2,7 +2,7 @@
 """Channels: parallelkit's Channel side by side with the standard library's Pipe.
 
 Two workloads, every contender interleaved in one process (the order rotates each round;
-medians over rounds; ratios are paired round by round, see ``_harness.paired_ratios``):
+medians over rounds; ratios are paired round by round, see ``harness.paired_ratios``):
 
 * ``latency``: request/response round trips of a small message (an int) to an echo
   server process: ``Channel.request`` against a duplex ``Pipe`` with ``send``/``recv``
@@ -36,9 +36,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import _harness as h
+# Run as a file, this folder heads sys.path; the package imports from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness as h
 
 MB = 1 << 20
 

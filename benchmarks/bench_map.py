@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Parallel map: parallelkit side by side with the standard library and peer libraries.
 
-The workloads, contenders and runner live in the package (``parallelkit._bench``), so that
-``python -m parallelkit bench`` runs the same comparison from an installed wheel; this
-script is their front end for the project: full sizes, JSON lines files, README tables.
+The front end of ``python -m benchmarks``: the workloads and contenders are in
+:mod:`benchmarks.suite`, the runner in :mod:`benchmarks.harness`.  Run from a checkout
+(``pip install -e '.[bench]'`` installs the peers, numpy and psutil).
 
 * ``tiny``: 200,000 items of ``x*x`` -- nothing but per-item overhead;
 * ``cpu``: 16 pure-Python tasks of ~0.1 s each -- speed-up over serial and efficiency;
@@ -18,8 +18,10 @@ Every contender runs interleaved in one process, one-shot (create, map, shut dow
 (on a pool created before timing); peers (mpire, joblib, loky, pebble) join when
 importable, numpy workloads are skipped without numpy.  Every result is checked.
 
-Usage::
+Usage (``python -m benchmarks`` and ``python benchmarks/bench_map.py`` are the same)::
 
+    python -m benchmarks                               # everything, full sizes, fork
+    python -m benchmarks --quick                       # smaller sizes, 3 rounds
     python benchmarks/bench_map.py                     # everything, full sizes, fork
     python benchmarks/bench_map.py --quick             # smaller sizes, 3 rounds
     python benchmarks/bench_map.py --start-method spawn --json spawn.jsonl
@@ -41,13 +43,14 @@ README = HERE / "README.md"
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    from parallelkit._bench.options import add_arguments
+    from benchmarks.settings import add_arguments
 
     ap = argparse.ArgumentParser(
+        prog="python -m benchmarks",
         description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(ap, start_method="fork", hide_sizes=False)
+    add_arguments(ap, start_method="fork")
     ap.add_argument("--json", metavar="PATH", help="write JSON lines here ('-': stdout)")
     ap.add_argument(
         "--render",
@@ -86,8 +89,8 @@ def _shown_command(argv: Sequence[str]) -> str:
 
 def render_saved(path: str, *, update_readme: bool) -> int:
     """``--render PATH``: tables from saved JSON lines, without measuring again."""
-    from parallelkit._bench import harness as h
-    from parallelkit._bench.suite import render
+    from benchmarks import harness as h
+    from benchmarks.suite import render
 
     meta, rows = h.rows_from_json(Path(path).read_text().splitlines())
     if not meta:
@@ -107,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap, args = parse_args(argv)
     if args.render:
         return render_saved(args.render, update_readme=args.update_readme)
-    from parallelkit._bench import harness as h
-    from parallelkit._bench import suite
-    from parallelkit._bench.settings import settings_from
+    from benchmarks import harness as h
+    from benchmarks import suite
+    from benchmarks.settings import settings_from
 
     settings = settings_from(ap, args)
     if not args.keep_dont_write_bytecode:
@@ -117,10 +120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _shown_command(sys.argv[1:] if argv is None else argv)
     meta = suite.new_meta(settings, benchmark="bench_map", command=command)
 
+    # with --json -, stdout carries the JSON lines alone (the tables go to stderr)
+    tables = sys.stderr if args.json == "-" else sys.stdout
+
     def show(key: str, title: str, table: str) -> None:
-        print(f"\n**{key}** — {title}\n\n{table}\n", flush=True)
+        print(f"\n**{key}** — {title}\n\n{table}\n", file=tables, flush=True)
 
     report = suite.run(settings, meta, on_table=show)
+    for key, why in sorted((meta.get("skipped") or {}).items()):
+        print(f"\n**{key}** — skipped: {why}.", file=tables)
+    absent = sorted(meta.get("peers_missing") or {})
+    if absent:
+        print(
+            f"\nNot installed, so not compared: {', '.join(absent)} (pip install -e '.[bench]')",
+            file=tables,
+        )
     if args.json:
         text = suite.json_text(report)
         if args.json == "-":
@@ -137,4 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a file, this folder heads sys.path; the package imports from the repository root
+    # (spawn children re-import this script, which imports nothing of the package at the top)
+    sys.path.insert(0, str(HERE.parent))
     sys.exit(main())

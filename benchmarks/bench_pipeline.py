@@ -33,8 +33,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as h
+# Run as a file, this folder heads sys.path; the package imports from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness as h
 
 README = Path(__file__).resolve().parent / "README.md"
 MB = 1 << 20

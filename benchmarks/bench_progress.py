@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What progress, statistics and stall checks cost: parallelkit with and without them.
 
-One workload, every contender interleaved in one process (see ``_harness.py``): ``--items``
+One workload, every contender interleaved in one process (see ``harness.py``): ``--items``
 tiny items (``x*x``, nothing but per-item overhead, where any per-item cost would show),
 each contender one-shot (start the workers, map, stop them):
 
@@ -27,11 +27,15 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-import _harness as h
-from _tasks import square
-from bench_map import START_METHODS, reexec_with_bytecode_cache
+# Run as a file, this folder heads sys.path; the package imports from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness as h
+from benchmarks.settings import START_METHODS
+from benchmarks.suite import reexec_with_bytecode_cache
+from benchmarks.tasks import square
 
 WORKERS = 2
 

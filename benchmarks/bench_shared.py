@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Shared memory: parallelkit's shared objects side by side with the stdlib and peers.
 
-Two workloads, every contender interleaved in one process (see ``_harness.py``):
+Two workloads, every contender interleaved in one process (see ``harness.py``):
 
 * ``counter``: two worker processes each add 1 to one shared counter, ``--adds`` times, in
   a tight loop: ``SharedCounter.add(1)`` against the idiomatic exact stdlib way,
@@ -38,15 +38,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import _harness as h
-import _shared_tasks as t
-
-from parallelkit._bench.options import START_METHODS
-from parallelkit._bench.suite import cpu_model as _cpu_model
-from parallelkit._bench.suite import git_revision as _git_revision
-from parallelkit._bench.suite import reexec_with_bytecode_cache
-from parallelkit._bench.suite import shutdown_joblib_executor as _shutdown_joblib_executor
-from parallelkit._bench.suite import versions as _versions
+# Run as a file, this folder heads sys.path; the package imports from the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness as h
+from benchmarks import shared_tasks as t
+from benchmarks.settings import START_METHODS
+from benchmarks.suite import cpu_model as _cpu_model
+from benchmarks.suite import git_revision as _git_revision
+from benchmarks.suite import reexec_with_bytecode_cache
+from benchmarks.suite import shutdown_joblib_executor as _shutdown_joblib_executor
+from benchmarks.suite import versions as _versions
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"

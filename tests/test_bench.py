@@ -1,63 +1,33 @@
-"""``python -m parallelkit bench``: run for real, at a tiny size, in a fresh interpreter.
+"""``python -m parallelkit bench``: the quick comparison with the standard library's pools.
 
-The runs check what a user relies on: every contender of every workload is measured (the
-stdlib, parallelkit, the bare-process and shared-memory references, and whichever peers are
-installed here), every result was verified (a wrong one is reported as an error), and the
-ratios are numbers that the saved JSON lines reproduce.
+Run for real in a fresh interpreter at a tiny size (every workload and contender measured,
+every result checked, the ratios there), and its runner in this process where a test needs
+to control what a contender does.  ``tests/test_package.py`` runs it from the installed
+wheel in an environment with nothing else installed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import math
-import multiprocessing
 import subprocess
-import sys
-from pathlib import Path
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
 import parallelkit
-import workers_bench
-from child import package_env, run_python
-from parallelkit._bench import harness as h
-from parallelkit._bench.suite import heavy_main
-from parallelkit._util.context import default_start_method
+from child import run_python
+from parallelkit import _bench
+from parallelkit._util.types import StartMethod
 
-TINY = [
-    "--items", "3000",
-    "--tasks", "2",
-    "--task-seconds", "0.005",
-    "--arrays", "3",
-    "--elements", "2000",
-    "--startup-workers", "1",
-    "--rounds", "1",
-    "--warmup", "0",
-    "--gate-seconds", "0",
-    "--retries", "0",
-]  # fmt: skip
-STDLIB = {"Pool.map", "PPE.map"}
-PARALLELKIT = {"parallelkit.run_parallel", "parallelkit.WorkerPool", "parallelkit.WorkerPool.imap"}
-PEERS = {
-    "loky": "loky.map",
-    "joblib": "joblib",
-    "mpire": "mpire.map",
-    "pebble": "pebble.map",
-}
-INSTALLED_PEERS = {name for lib, name in PEERS.items() if importlib.util.find_spec(lib)}
-HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
+TINY = ["--items", "300", "--tasks", "2", "--task-seconds", "0.005", "--rounds", "2"]
+POOLS = {"Pool.map", "PPE.map", "parallelkit.run_parallel", "parallelkit.WorkerPool"}
 
 
-def _bench(*args: str, extra_path: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = package_env(*([extra_path] if extra_path else []))
-    return run_python("-m", "parallelkit", "bench", *args, timeout=60, env=env)
-
-
-def _positive(x: object) -> bool:
-    return isinstance(x, float) and math.isfinite(x) and x > 0
+def _bench_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_python("-m", "parallelkit", "bench", *args, timeout=90)
 
 
 def _records(stdout: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -68,134 +38,168 @@ def _records(stdout: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return records[0], records[1:]
 
 
-def test_every_workload_and_contender_is_measured_and_checked() -> None:
-    result = _bench("--json", *TINY)
+def _positive(x: object) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def test_every_workload_and_contender_is_measured_and_checked(start_method: StartMethod) -> None:
+    result = _bench_cli("--json", "--start-method", start_method, "--workers", "2", *TINY)
     assert result.returncode == 0, result.stderr
     meta, records = _records(result.stdout)
-    assert meta["start_method"] == default_start_method()
+    assert meta["start_method"] == start_method
     assert meta["parallelkit"] == parallelkit.__version__
-    assert meta["rounds"] == 1
-    assert meta["leftover_processes_at_exit"] == []  # needs psutil (a test dependency)
-    seconds = [r for r in records if r["metric"] == "seconds"]
-    by_workload: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
-    for r in seconds:
-        by_workload.setdefault(r["workload"], {})[r["contender"], r["mode"]] = r
-    arrays = {"arrays", "arrays-results"}
-    if HAVE_NUMPY:
-        assert set(by_workload) == {"tiny", "cpu", "startup-1"} | arrays
-        assert "skipped" not in meta
-    else:  # CI installs numpy; a bare environment runs the rest and says what it skipped
-        assert set(by_workload) == {"tiny", "cpu", "startup-1"}
-        assert set(meta["skipped"]) == arrays
-        for key in arrays:
-            by_workload[key] = {}
-    assert set(meta["workloads"]) == set(by_workload) - set(meta.get("skipped", ()))
-
-    pools = STDLIB | PARALLELKIT | INSTALLED_PEERS
-    assert {c for c, _ in by_workload["tiny"]} == {"serial"} | pools
-    assert {c for c, _ in by_workload["cpu"]} == {"serial"} | pools
-    if HAVE_NUMPY:
-        assert {c for c, _ in by_workload["arrays"]} == (
-            {"serial", "Pool.map(chunksize=1)", "shm_ideal"} | pools
-        )
-        assert {c for c, _ in by_workload["arrays-results"]} == (
-            {"serial", "Pool.map(chunksize=1)"} | pools
-        )
-    startup = by_workload["startup-1"]
-    assert {c for c, _ in startup} == {"Process"} | STDLIB | PARALLELKIT - {
-        "parallelkit.WorkerPool.imap"
-    } | INSTALLED_PEERS
-    assert {m for _, m in startup} == {"one-shot"}
-    assert {r["workers"] for r in startup.values()} == {1}
-    assert meta["workloads"]["startup-1"]["workers"] == 1
-    assert ("parallelkit.WorkerPool", "warm") in by_workload["tiny"]
-    assert ("parallelkit.run_parallel", "one-shot") in by_workload["tiny"]
-
-    for r in seconds:
+    assert (meta["rounds"], meta["warmup"], meta["workers"]) == (2, 1, 2)
+    assert meta["full_suite"] == "python -m benchmarks"
+    assert set(meta["workloads"]) == {"tiny", "cpu", "startup-2"}
+    seen: dict[str, set[tuple[str, str]]] = {}
+    for r in records:
+        seen.setdefault(r["workload"], set()).add((r["contender"], r["mode"]))
         where = f"{r['workload']}: {r['contender']} [{r['mode']}]"
         # a wrong result, a failure or a hang would have left an error and no samples
         assert "error" not in r, where
-        assert len(r["samples"]) == 1, where
+        assert len(r["samples"]) == 2, where
         assert all(s > 0 for s in r["samples"]), where
         assert r["min"] <= r["median"] <= r["max"], where
-        assert r["leftover_processes"] == [], where
-        if r["kind"] != "baseline":
-            assert _positive(r["x_best_peer"]), where
-            assert _positive(r["x_pool_map"]), where
-    for key, reference in (("arrays", "shm_ideal"), ("startup-1", "Process")):
-        for (name, _), r in by_workload[key].items():
-            if name not in (reference, "serial"):
-                assert r["baseline"] == reference, (key, name)
-                assert _positive(r["x_baseline"]), (key, name)
-    cpu_metrics = {r["metric"] for r in records if r["workload"] == "cpu"}
-    assert cpu_metrics == {"seconds", "speedup", "efficiency"}
-
-    # the saved lines give the same ratios again (that is how the README is re-rendered)
-    _, rows = h.rows_from_json(result.stdout.splitlines())
-    for row in (row for group in rows.values() for row in group):
-        saved = by_workload[row.workload][row.name, row.mode]
-        assert row.x_best_peer == pytest.approx(saved["x_best_peer"])
-        assert row.x_baseline == pytest.approx(saved["x_baseline"])
-    table = h.markdown_table(rows["startup-1"])
-    assert "| x Process |" in table.splitlines()[0]
+        if r["kind"] == "baseline":
+            assert r["x_best_stdlib"] is None, where
+        else:
+            assert _positive(r["x_best_stdlib"]), where
+        assert (r["speedup"] is not None) == (r["workload"] == "cpu" and r["kind"] != "baseline")
+        assert (r["x_baseline"] is not None) == (
+            r["workload"] == "startup-2" and r["kind"] != "baseline"
+        ), where
+    both = {("Pool.map", m) for m in ("one-shot", "warm")} | {
+        ("PPE.map", m) for m in ("one-shot", "warm")
+    }
+    mapped = {("serial", "serial"), ("parallelkit.run_parallel", "one-shot")}
+    mapped |= both | {("parallelkit.WorkerPool", "warm")}
+    assert seen["tiny"] == mapped
+    assert seen["cpu"] == mapped
+    assert seen["startup-2"] == {("Process", "one-shot")} | {(c, "one-shot") for c in POOLS}
 
 
-def test_tables_and_a_missing_numpy(tmp_path: Path) -> None:
-    # A numpy that cannot be imported, first on the path: the array workloads say so.
-    (tmp_path / "numpy").mkdir()
-    (tmp_path / "numpy" / "__init__.py").write_text("raise ImportError('numpy hidden')\n")
-    result = _bench(
-        "--workloads", "tiny,arrays,arrays-results", "--no-peers", *TINY,
-        extra_path=str(tmp_path),
-    )  # fmt: skip
+def test_tables_point_to_the_full_suite() -> None:
+    result = _bench_cli("--workloads", "tiny,startup", "--workers", "1", *TINY)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "**tiny** — 3,000 items" in out
-    assert "| contender | mode | median ms | min-max ms | x best peer | x Pool.map |" in out
+    assert "**tiny** — 300 items of `x*x`" in out
+    assert "| contender | mode | median ms | min-max ms | x best stdlib |" in out
+    assert "| contender | mode | median ms | min-max ms | x best stdlib | x Process |" in out
     assert "| **parallelkit.run_parallel** | one-shot |" in out
-    assert "**arrays** — skipped: numpy is not installed." in out
-    assert "**arrays-results** — skipped: numpy is not installed." in out
-    assert "# arrays: skipped, numpy is not installed" in result.stderr
-    assert "mpire" not in out  # --no-peers: nothing to install is suggested
+    assert "**cpu**" not in out
+    assert "`python -m benchmarks` in a checkout" in out
+    assert "# tiny: measured in" in result.stderr
+
+
+def test_quick_sizes() -> None:
+    result = _bench_cli("--quick", "--json", "--workloads", "tiny", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    meta, records = _records(result.stdout)
+    assert (meta["rounds"], meta["warmup"]) == (_bench.QUICK.rounds, _bench.QUICK.warmup)
+    assert meta["workloads"]["tiny"]["items"] == _bench.QUICK.items
+    assert {len(r["samples"]) for r in records} == {_bench.QUICK.rounds}
 
 
 def test_bad_options_are_refused() -> None:
-    result = _bench("--workloads", "tiny,nope")
+    result = _bench_cli("--workloads", "tiny,arrays")
     assert result.returncode == 2
-    assert "--workloads: unknown ['nope']" in result.stderr
+    assert "--workloads: unknown ['arrays']" in result.stderr
+    result = _bench_cli("--start-method", "frok")
+    assert result.returncode == 2
+    assert "invalid choice: 'frok'" in result.stderr
 
 
-def test_heavy_main_makes_spawn_children_import_numpy() -> None:
-    pytest.importorskip("numpy")  # the test environment has numpy; CI installs it
-    ctx = multiprocessing.get_context("spawn")
-    seen = []
-    for heavy in (False, True):
-        recv, send = ctx.Pipe(duplex=False)
-        with heavy_main() if heavy else contextlib.nullcontext():
-            proc = ctx.Process(target=workers_bench.report_numpy, args=(send,))
-            proc.start()
-        send.close()
-        seen.append(recv.recv())
-        recv.close()
-        proc.join()
-        assert proc.exitcode == 0
-    assert seen == [False, True]
-    assert sys.modules["__main__"].__name__ == "__main__"
+# ------------------------------------------------------------------ the runner, in-process
+
+PAUSE_S = 0.05
 
 
-def test_quick_leaves_out_the_large_results_unless_asked() -> None:
-    import argparse
+def _sleepy(seconds: float, result: Callable[[Sequence[Any]], list[Any]]) -> _bench.MapFn:
+    def map_(_: Any, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        time.sleep(seconds)  # the work being timed, not a wait for something
+        return result(items)
 
-    from parallelkit._bench.options import QUICK_WORKLOADS, WORKLOADS, add_arguments
-    from parallelkit._bench.settings import settings_from
+    return map_
 
-    ap = argparse.ArgumentParser()
-    add_arguments(ap, start_method="fork", hide_sizes=False)
-    for argv, expected in [
-        (["--quick"], QUICK_WORKLOADS),
-        ([], WORKLOADS),
-        (["--quick", "--workloads", "arrays-results"], ("arrays-results",)),
-    ]:
-        assert settings_from(ap, ap.parse_args(argv)).workloads == expected, argv
-    assert "arrays-results" not in QUICK_WORKLOADS
-    assert set(QUICK_WORKLOADS) < set(WORKLOADS)
+
+def _right(items: Sequence[Any]) -> list[Any]:
+    return [x * x for x in items]
+
+
+def test_a_sample_times_the_map_in_both_modes_and_the_pool_one_shot() -> None:
+    opened: list[object] = []
+
+    def open_() -> object:
+        time.sleep(PAUSE_S)  # a slow start, timed in one-shot and not in warm
+        opened.append(object())
+        return opened[-1]
+
+    slow = _bench.Contender("slow", "stdlib", ("one-shot", "warm"), _sleepy(PAUSE_S, _right), open_)
+    sizes = _bench.Sizes(items=3, tasks=1, task_seconds=0.0, rounds=3, warmup=1)
+    logged: list[str] = []
+    one_shot, warm = _bench.run_interleaved(
+        [slow], _bench.square, [1, 2, 3], sizes, log=logged.append
+    )
+    assert (one_shot.mode, warm.mode) == ("one-shot", "warm")
+    assert one_shot.errors == warm.errors == logged == []
+    assert len(one_shot.samples) == len(warm.samples) == 3
+    assert min(warm.samples) >= PAUSE_S
+    assert min(one_shot.samples) >= 2 * PAUSE_S
+    assert len(opened) == 1 + 4  # one warm pool, a pool for each one-shot sample (+ warm-up)
+    assert warm.handle == []  # closed at the end
+
+
+def test_a_wrong_or_failing_contender_is_dropped_and_the_others_go_on() -> None:
+    def boom(_: Any, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        raise RuntimeError("boom")
+
+    def no_pool() -> object:
+        raise OSError("no pool")
+
+    closed: list[object] = []
+    good = _bench.Contender(
+        "good", "stdlib", ("one-shot", "warm"), _sleepy(0, _right), object, closed.append
+    )
+    wrong = _bench.Contender("wrong", "parallelkit", ("one-shot",), _sleepy(0, list))
+    failing = _bench.Contender("failing", "parallelkit", ("one-shot",), boom)
+    unopened = _bench.Contender("unopened", "parallelkit", ("warm",), _sleepy(0, _right), no_pool)
+    logged: list[str] = []
+    sizes = _bench.Sizes(items=3, tasks=1, task_seconds=0.0, rounds=2, warmup=0)
+    entries = _bench.run_interleaved(
+        [good, wrong, failing, unopened], _bench.square, [1, 2, 3], sizes, log=logged.append
+    )
+    errors = {e.contender.name: e.errors for e in entries}
+    assert errors == {
+        "good": [],
+        "wrong": ["wrong result: not list(map(fn, items))"],
+        "failing": ["RuntimeError: boom"],
+        "unopened": ["open failed: OSError: no pool"],
+    }
+    assert [len(e.samples) for e in entries if e.contender.name == "good"] == [2, 2]
+    assert len(closed) == 2 + 1  # each one-shot sample's pool, then the warm one
+    rows = _bench.summarise("tiny", entries, speedup=False)
+    table = _bench.markdown_table(rows)
+    assert "| **wrong** | one-shot | error | wrong result: not list(map(fn, items)) |  |" in table
+    assert "| good | warm |" in table
+    assert len(logged) == 3
+
+
+def test_ratios_are_paired_round_by_round() -> None:
+    def entry(name: str, kind: _bench.Kind, mode: _bench.Mode, samples: list[float]) -> Any:
+        return _bench.Entry(
+            _bench.Contender(name, kind, (mode,), _sleepy(0, _right)), mode, [], samples, []
+        )
+
+    entries = [
+        entry("serial", "baseline", "serial", [4.0, 8.0, 4.0]),
+        entry("Pool.map", "stdlib", "one-shot", [2.0, 4.0, 2.0]),
+        entry("PPE.map", "stdlib", "one-shot", [3.0, 3.0, 3.0]),
+        entry("parallelkit.run_parallel", "parallelkit", "one-shot", [1.0, 2.0, 1.0]),
+    ]
+    rows = {r.name: r for r in _bench.summarise("cpu", entries, speedup=True)}
+    # the fastest stdlib contender by median is Pool.map (2.0 against 3.0)
+    assert rows["parallelkit.run_parallel"].x_best_stdlib == pytest.approx(0.5)
+    assert rows["PPE.map"].x_best_stdlib == pytest.approx(1.5)  # ratios 1.5, 0.75, 1.5
+    assert rows["parallelkit.run_parallel"].speedup == pytest.approx(4.0)
+    assert rows["serial"].x_best_stdlib is None
+    assert rows["serial"].speedup is None

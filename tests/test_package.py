@@ -82,7 +82,12 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(tmp_path: Path) 
         metadata = archive.read(f"parallelkit-{version}.dist-info/METADATA").decode()
     assert "parallelkit/py.typed" in names
     assert "parallelkit/__main__.py" in names
-    assert not any(name.startswith(("tests/", "docs/", "examples/")) for name in names)
+    assert not any(
+        name.startswith(("tests/", "docs/", "examples/", "benchmarks/")) for name in names
+    )
+    # the peer comparison stays in the repository; the quick stdlib one ships
+    assert "parallelkit/_bench.py" in names
+    assert not any(name.startswith("parallelkit/_bench/") for name in names)
     assert "Classifier: Typing :: Typed" in metadata
     assert re.search(r"^Requires-Python: >=3\.11$", metadata, re.MULTILINE)
 
@@ -123,6 +128,14 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_demo(tmp_path: Path) 
     assert "speed-up" in out
     assert "WorkerCrashedError" in out
     assert out.rstrip().endswith("All good.")
+
+    # the quick comparison needs nothing but the standard library (none else is here)
+    tiny = ["--items", "100", "--tasks", "2", "--task-seconds", "0.002", "--rounds", "1"]
+    out = _run([str(python), "-m", "parallelkit", "bench", "--workers", "1", *tiny], cwd=tmp_path)
+    for workload in ("**tiny**", "**cpu**", "**startup-1**"):
+        assert workload in out
+    assert "| error |" not in out
+    assert "`python -m benchmarks` in a checkout" in out
 
 
 _LINT = (

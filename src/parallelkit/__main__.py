@@ -6,8 +6,9 @@
 - ``python -m parallelkit demo``: a CPU-bound map, serial versus parallel under each start
   method, then a worker that kills itself, reported as ``WorkerCrashedError``.
 - ``python -m parallelkit bench [--quick] [--json]``: parallel map, parallelkit side by side
-  with the standard library and the peer libraries that are installed (``pip install
-  'parallelkit[bench]'``): tiny items, CPU-bound tasks, large numpy arrays, worker start-up.
+  with ``multiprocessing.Pool`` and ``ProcessPoolExecutor`` (standard library only): tiny
+  items, CPU-bound tasks, worker start-up.  The comparison with the peer libraries is the
+  repository's benchmark suite, ``python -m benchmarks`` in a checkout.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from parallelkit import __version__
-from parallelkit._bench.cli import add_bench_arguments
+from parallelkit import __version__, _bench
 from parallelkit._util.context import (
     available_start_methods,
     default_start_method,
@@ -85,12 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench = commands.add_parser(
         "bench",
-        help="parallel map against the stdlib and installed peers (--quick: about a minute)",
-        description="Parallel map: parallelkit side by side with multiprocessing.Pool, "
-        "ProcessPoolExecutor and, when installed, mpire, joblib, loky and pebble "
-        "(pip install 'parallelkit[bench]'); interleaved rounds, medians, ratios.",
+        help="parallel map against the standard library's pools (--quick: under a minute)",
+        description="Parallel map: parallelkit side by side with multiprocessing.Pool and "
+        "ProcessPoolExecutor; interleaved rounds, medians, ratios. The comparison with "
+        f"mpire, joblib, loky and pebble: {_bench.FULL_SUITE} in a checkout of the repository.",
     )
-    add_bench_arguments(bench, start_method=default_start_method())
+    _bench.add_arguments(
+        bench, start_methods=available_start_methods(), default=default_start_method()
+    )
     bench.set_defaults(parser=bench)
     return parser
 
@@ -101,9 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "info":
         return info(sys.stdout)
     if args.command == "bench":
-        from parallelkit._bench.cli import run_bench
-
-        return run_bench(args.parser, args)
+        return _bench.run(args.parser, args)
     from parallelkit._demo import DemoPlan, run_demo  # the demo imports the engine; info does not
 
     methods: list[StartMethod] = args.start_methods or list(available_start_methods())

@@ -1,4 +1,4 @@
-"""Worker functions for tests/test_bench.py (importable by spawn children)."""
+"""Worker functions for tests/test_benchmarks.py (importable by spawn children)."""
 
 from __future__ import annotations
 

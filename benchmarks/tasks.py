@@ -60,6 +60,11 @@ def shm_sum(spec: tuple[str, int, int, int]) -> float:
     return float(view[1][i].sum())
 
 
+def map_chunk(fn: Any, chunk: list[Any]) -> list[Any]:
+    """One hand-made chunk task (``bench_backends.py``'s ``client.map`` baseline)."""
+    return [fn(x) for x in chunk]
+
+
 def run_one(fn: Any, x: Any, conn: Any) -> None:
     """The body of one bare ``multiprocessing.Process``: ``fn(x)``, sent back on ``conn``."""
     conn.send(fn(x))

@@ -1,7 +1,7 @@
 """The parallel-map comparison: its workloads, its contenders, and one run of them.
 
-Shared by ``python -m parallelkit bench`` (quick sizes, for a user's machine) and
-``benchmarks/bench_map.py`` (full sizes, README tables).  Workloads:
+Run by ``python -m benchmarks`` (``bench_map.py``: full sizes, ``--quick`` for smaller ones,
+JSON lines, README tables).  Workloads:
 
 * ``tiny``: many items of ``x*x`` -- nothing but per-item overhead;
 * ``cpu``: pure-Python tasks of ~0.1 s -- speed-up over serial and efficiency;
@@ -43,7 +43,7 @@ from .settings import PEERS, Settings, usable_cpus
 from .tasks import array_sum, burn, make_array, run_one, shm_sum, square
 
 if TYPE_CHECKING:
-    from parallelkit._util.types import StartMethod
+    from parallelkit import StartMethod
 
 
 @dataclass
@@ -463,7 +463,7 @@ def heavy_main() -> Iterator[None]:
     spawn (and loky) children import the parent's ``__main__`` again by name; with this
     module in its place, each of them imports numpy, as it would for such a script.
     """
-    module = importlib.import_module("parallelkit._bench.heavy_main")
+    module = importlib.import_module(f"{__package__}.heavy_main")
     saved = sys.modules["__main__"]
     sys.modules["__main__"] = module
     try:
@@ -626,7 +626,7 @@ def workloads(
     if arrays and np is None:
         for key in arrays:
             meta.setdefault("skipped", {})[key] = "numpy is not installed"
-            h.log(f"# {key}: skipped, numpy is not installed (pip install 'parallelkit[bench]')")
+            h.log(f"# {key}: skipped, numpy is not installed (pip install -e '.[bench]')")
     elif np is not None:
         if "arrays" in wanted:
             yield from arrays_workload(settings, missing, np)

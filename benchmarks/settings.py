@@ -1,21 +1,82 @@
-"""What a benchmark run measures: sizes, start method, contenders, run options.
+"""What a run of the parallel-map comparison measures, and the options that say so.
 
-Shared by ``python -m parallelkit bench`` and ``benchmarks/bench_map.py``.
+The command-line options of ``python -m benchmarks`` (``bench_map.py``), the sizes of each
+workload, and the :class:`Settings` the parsed options make.  Only the standard library is
+imported here.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import typing
 from dataclasses import dataclass, replace
 
-from .options import QUICK_WORKLOADS, WORKLOADS
-
-if typing.TYPE_CHECKING:
-    from .harness import RunOptions
+from .harness import RunOptions
 
 PEERS = ("mpire", "joblib", "loky", "pebble")
+START_METHODS = ("fork", "forkserver", "spawn")
+WORKLOADS = ("tiny", "cpu", "arrays", "arrays-results", "startup")
+# --quick leaves out the large results: with spawn, every one-shot sample starts workers that
+# import numpy, and two array workloads took a minute on their own
+QUICK_WORKLOADS = ("tiny", "cpu", "arrays", "startup")
+
+
+def add_arguments(ap: argparse.ArgumentParser, *, start_method: str) -> None:
+    """What to measure and how: workloads, contenders, sizes, rounds."""
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller workloads and no arrays-results, 3 rounds, no warm-up round "
+        "(under a minute on 2 cores)",
+    )
+    ap.add_argument("--start-method", choices=START_METHODS, default=start_method)
+    ap.add_argument(
+        "--workloads",
+        help="comma-separated, from: "
+        + ", ".join(WORKLOADS)
+        + " (default: all; with --quick: "
+        + ", ".join(QUICK_WORKLOADS)
+        + ")",
+    )
+    ap.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="contenders whose name matches (the references always run)",
+    )
+    ap.add_argument("--no-peers", action="store_true", help="stdlib and parallelkit only")
+    ap.add_argument("--workers", type=int, help="default: the CPUs this process may use")
+    ap.add_argument("--rounds", type=int, help="timed rounds (5; --quick 3)")
+    ap.add_argument("--warmup", type=int, help="untimed rounds first (1; --quick 0)")
+    ap.add_argument("--items", type=int, help="tiny: items (200,000; --quick 10,000)")
+    ap.add_argument("--tasks", type=int, help="cpu: tasks (16; --quick 4)")
+    ap.add_argument("--task-seconds", type=float, help="cpu: seconds (0.1; --quick 0.03)")
+    ap.add_argument("--arrays", type=int, help="arrays: how many (32; --quick 4)")
+    ap.add_argument("--elements", type=int, help="arrays: float64 elements an array (1,000,000)")
+    ap.add_argument(
+        "--startup-workers",
+        help="startup: comma-separated worker counts (2,8; --quick 2)",
+    )
+    ap.add_argument(
+        "--gate-seconds",
+        type=float,
+        help="before a sample, wait up to this long for a quiet CPU (1; --quick 0)",
+    )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        help="re-take a sample that other processes disturbed, this often (1; --quick 0)",
+    )
+    ap.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=300.0,
+        help="a sample running longer is a hang: dump every thread's stack and exit (300)",
+    )
+    ap.add_argument(
+        "--no-leak-check",
+        action="store_true",
+        help="skip the check for child processes left behind after one-shot calls",
+    )
 
 
 @dataclass(frozen=True)
@@ -91,8 +152,6 @@ def settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Sett
             "--workers, --rounds, --items, --tasks, --arrays, --elements and "
             "--startup-workers must be positive"
         )
-    from .harness import RunOptions
-
     retries = args.retries if args.retries is not None else 0 if args.quick else 1
 
     # --quick must end within a minute: no wait for a quiet machine (each wait takes 50 ms

@@ -12,10 +12,9 @@ How a run goes (the machine is shared and noisy, so only ratios *inside one run*
     report:   median and min-max per (contender, mode); ratios to the best stdlib/peer
               contender in the same mode; JSON lines and markdown tables
 
-It lives in the package so that ``python -m parallelkit bench`` runs from an installed wheel;
-``benchmarks/`` imports it from here.  Only the standard library is imported (psutil is
-optional and imported lazily): a spawn child that re-imports a benchmark script that imports
-this module pays for nothing more than the stdlib does.
+Every benchmark here uses it.  Only the standard library is imported (psutil is optional and
+imported lazily): a spawn child that re-imports a benchmark script that imports this module
+pays for nothing more than the stdlib does.
 """
 
 from __future__ import annotations
