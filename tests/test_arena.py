@@ -349,7 +349,7 @@ def test_with_dev_shm_full_large_results_come_straight_out_of_the_worker(
     with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.map(wa.make_array, sizes, chunksize=2))
         pids = _pids(pool)
-        assert pool._engine.direct
+        assert pool._engine.replies.direct
         assert all(w.results is None for w in pool._engine.workers)  # no result segments
         assert not _ours(*pids[1:])
     assert len(calls) == 6  # one read per chunk, however many buffers it has
@@ -376,7 +376,7 @@ def test_a_reply_with_more_buffers_than_one_readv_takes_is_read_in_batches(
     count, n = _direct._IOV_MAX + 76, MIN // 8
     with pk.WorkerPool(1, start_method="fork", **_FULL) as pool:
         out = pool.submit(wa.many_arrays, count, n).result(timeout=60)
-        assert pool._engine.direct  # answered directly, not resent in band
+        assert pool._engine.replies.direct  # answered directly, not resent in band
     assert batches == [_direct._IOV_MAX, 76]
     assert len(out) == count
     for i, a in enumerate(out):
@@ -391,7 +391,7 @@ def test_with_dev_shm_full_and_direct_copies_off_results_go_in_band(
     n = MIN // 8 * 3
     with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.imap(wa.make_array, [n] * 4, chunksize=1))
-        assert not pool._engine.direct
+        assert not pool._engine.replies.direct
     assert not calls
     assert all(np.array_equal(a, np.arange(n)) for a in out)
 
@@ -463,7 +463,7 @@ def test_no_permission_to_read_a_worker_sends_results_in_band(
     n = MIN // 8 * 3
     with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.imap(wa.make_array, [n] * 8, chunksize=1))
-        assert not pool._engine.direct  # asked once, refused: not again
+        assert not pool._engine.replies.direct  # asked once, refused: not again
         again = list(pool.map(wa.make_array, [n + 1] * 4, chunksize=1))
     assert len(calls) == 1
     for a in out:
@@ -488,7 +488,7 @@ def test_a_failed_read_is_answered_again_in_band(
     n = MIN // 8 * 3
     with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.imap(wa.make_array, range(n, n + 6), chunksize=1))
-        assert pool._engine.direct  # a passing failure does not turn the feature off
+        assert pool._engine.replies.direct  # a passing failure does not turn the feature off
     assert len(calls) == 6
     for k, a in enumerate(out):
         np.testing.assert_array_equal(a, np.arange(n + k))
@@ -512,7 +512,7 @@ def test_no_memory_for_the_copy_sends_that_reply_in_band(
     n = MIN // 8 * 3
     with pk.WorkerPool(2, start_method=start_method, **_FULL) as pool:
         out = list(pool.imap(wa.make_array, range(n, n + 6), chunksize=1))
-        assert pool._engine.direct
+        assert pool._engine.replies.direct
     assert len(calls) == 6
     for k, a in enumerate(out):
         np.testing.assert_array_equal(a, np.arange(n + k))
@@ -570,12 +570,12 @@ def test_a_reply_read_after_its_worker_exited_still_finds_its_segment(
     sends its last reply (naming a segment the parent has never mapped) and exits.  The
     parent is held back here until that worker has exited before it reads the reply; the
     reply must still be readable (the segment's end is not the worker's to decide)."""
-    from parallelkit._map.engine import Engine
+    from parallelkit._map.replies import Replies
 
-    original = Engine._on_message
+    original = Replies.on_message
     held: list[int | None] = []
 
-    def late(self: Engine, w: Any, data: bytes) -> None:
+    def late(self: Replies, w: Any, data: bytes) -> None:
         if data[:4] == _arena.MAGIC and w.stopping:
             # the hold: the worker was told to stop after this reply; wait for its exit
             ready = multiprocessing.connection.wait([w.sentinel], timeout=30)
@@ -583,7 +583,7 @@ def test_a_reply_read_after_its_worker_exited_still_finds_its_segment(
             held.append(w.pid)
         original(self, w, data)
 
-    monkeypatch.setattr(Engine, "_on_message", late)
+    monkeypatch.setattr(Replies, "on_message", late)
     n = MIN // 8 * 2
     got = pk.run_parallel(wa.make_array, [n], max_workers=1, start_method=start_method)
     assert held, "no reply came through a result segment"

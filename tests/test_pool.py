@@ -631,13 +631,13 @@ def test_an_iterator_of_tiny_items_grows_its_chunks_and_an_explicit_size_stays()
 def test_pipe_room_is_what_a_socket_pair_takes_without_blocking() -> None:
     import socket
 
-    from parallelkit._map.engine import PIPELINE_LIMIT, _pipe_room
+    from parallelkit._map.handle import PIPELINE_LIMIT, pipe_room
 
     parent_end, child_end = multiprocessing.Pipe(duplex=True)
     try:
         sock = socket.fromfd(parent_end.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            room = _pipe_room(sock)
+            room = pipe_room(sock)
             assert room >= PIPELINE_LIMIT
             # the bound is safe: that many bytes go into the pipe while nobody reads
             sock.setblocking(False)

@@ -2,7 +2,7 @@
 
 ``engine_stats`` fills a :class:`~parallelkit._observe.stats.MapStats` with what each worker
 did since a call began: the process engine keeps these counts per worker
-(``_map.engine._Worker.busy`` / ``tasks_done``); the other backends per place a chunk ran
+(``_map.handle.WorkerHandle.busy`` / ``tasks_done``); the other backends per place a chunk ran
 (``ChunkEngine.tally``).
 
 Stall diagnosis (``stall_timeout=``) is a *watcher* the engine calls after every step
@@ -30,7 +30,8 @@ from parallelkit._proc import slots
 
 if TYPE_CHECKING:
     from parallelkit._map.backends.choose import ChunkEngine
-    from parallelkit._map.engine import Engine, _Worker
+    from parallelkit._map.engine import Engine
+    from parallelkit._map.handle import WorkerHandle
     from parallelkit._map.job import Job
 
 __all__ = ("StallWatch", "StatsBaseline", "engine_stats")
@@ -117,10 +118,10 @@ class StallWatch:
         self.next_report = self.since + stall_timeout
         self.offsets: dict[tuple[int | None, int], int] = {}
 
-    def _busy(self) -> list[tuple[_Worker, int, int]]:
+    def _busy(self) -> list[tuple[WorkerHandle, int, int]]:
         """(worker, chunk start, position word) for each worker running this job."""
         engine = self.engine
-        out: list[tuple[_Worker, int, int]] = []
+        out: list[tuple[WorkerHandle, int, int]] = []
         for w in engine.workers:
             if w.chunks and w.chunks[0].job is self.job and not w.dead:
                 pos = engine.words[w.slot * slots.SLOT_WORDS + slots.POS]
@@ -151,7 +152,7 @@ class StallWatch:
         else:
             self.engine.defer(lambda: on_stall(report))
 
-    def _describe(self, w: _Worker, start: int, pos: int) -> WorkerStack:
+    def _describe(self, w: WorkerHandle, start: int, pos: int) -> WorkerStack:
         pid = w.pid
         index: int | None = None
         if pos == slots.POS_RECEIVING:
