@@ -141,14 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         import distributed
 
         with (
-            distributed.LocalCluster(
+            distributed.LocalCluster(  # type: ignore[no-untyped-call]
                 n_workers=2,
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=None,
                 scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
             ) as cluster,
-            distributed.Client(cluster) as client,
+            distributed.Client(cluster) as client,  # type: ignore[no-untyped-call]
         ):
             items = list(range(args.dask_items))
             expected = [x * x for x in items]

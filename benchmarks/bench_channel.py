@@ -37,11 +37,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Run as a file, this folder heads sys.path; the package imports from the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness as h
+
+if TYPE_CHECKING:
+    from parallelkit import StartMethod
 
 MB = 1 << 20
 
@@ -132,7 +135,7 @@ class Contender:
     samples: list[float] = field(default_factory=list)
 
 
-def latency_contenders(ctx: Any, sm: str, n: int) -> list[Contender]:
+def latency_contenders(ctx: Any, sm: StartMethod, n: int) -> list[Contender]:
     import parallelkit as pk
 
     out: list[Contender] = []
@@ -183,7 +186,7 @@ def latency_contenders(ctx: Any, sm: str, n: int) -> list[Contender]:
     return out
 
 
-def throughput_contenders(ctx: Any, sm: str, n: int) -> list[Contender]:
+def throughput_contenders(ctx: Any, sm: StartMethod, n: int) -> list[Contender]:
     import parallelkit as pk
 
     payload = os.urandom(MB)
@@ -277,7 +280,7 @@ def throughput_contenders(ctx: Any, sm: str, n: int) -> list[Contender]:
 
 
 def run(
-    workload: str, ctx: Any, sm: str, n: int, rounds: int, meter: h.NoiseMeter
+    workload: str, ctx: Any, sm: StartMethod, n: int, rounds: int, meter: h.NoiseMeter
 ) -> list[Contender]:
     make = latency_contenders if workload == "latency" else throughput_contenders
     contenders = make(ctx, sm, n)
@@ -360,4 +363,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.util
 import itertools
 import multiprocessing
 import os
@@ -31,11 +33,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Run as a file, this folder heads sys.path; the package imports from the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import harness as h
+
+if TYPE_CHECKING:
+    from parallelkit import StartMethod
 
 README = Path(__file__).resolve().parent / "README.md"
 MB = 1 << 20
@@ -85,10 +90,10 @@ def _stage(fn: Callable[[Any], Any], qin: Any, qout: Any, batched: bool) -> None
 
 
 def queue_pipeline(
-    kind: str, n: int, fns: Sequence[Callable[[Any], Any]], batch: int, method: str
+    kind: str, n: int, fns: Sequence[Callable[[Any], Any]], batch: int, method: StartMethod
 ) -> list[Any]:
     """Producer process -> one process per stage -> this process, over mp.Queue."""
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)  # a concrete context: it has Process
     queues = [ctx.Queue() for _ in range(len(fns) + 1)]
     procs = [ctx.Process(target=_produce, args=(kind, n, queues[0], batch))]
     procs += [
@@ -124,10 +129,10 @@ def _ff_stage(qin: Any, qout: Any) -> None:
                 return
 
 
-def faster_fifo_pipeline(n: int, method: str) -> list[int]:
-    import faster_fifo
+def faster_fifo_pipeline(n: int, method: StartMethod) -> list[int]:
+    faster_fifo: Any = importlib.import_module("faster_fifo")
 
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)  # a concrete context: it has Process
     q1, q2 = (faster_fifo.Queue(max_size_bytes=8 * MB + 65536) for _ in range(2))
     procs = [
         ctx.Process(target=_ff_produce, args=(n, q1)),
@@ -165,7 +170,7 @@ def _contender(
     )
 
 
-def tiny_contenders(n: int, method: str) -> list[h.Contender[None]]:
+def tiny_contenders(n: int, method: StartMethod) -> list[h.Contender[None]]:
     import parallelkit as pk
 
     fns = (inc, double)
@@ -199,7 +204,7 @@ def tiny_contenders(n: int, method: str) -> list[h.Contender[None]]:
     ]
 
 
-def big_contenders(n: int, method: str) -> tuple[list[h.Contender[None]], list[str]]:
+def big_contenders(n: int, method: StartMethod) -> tuple[list[h.Contender[None]], list[str]]:
     import parallelkit as pk
 
     missing = []
@@ -223,9 +228,7 @@ def big_contenders(n: int, method: str) -> tuple[list[h.Contender[None]], list[s
             lambda: [len(x) for x in pk.Pipeline(_payloads(n), start_method=method).map(same)],
         ),
     ]
-    try:
-        import faster_fifo  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("faster_fifo") is None:
         missing.append("faster-fifo")
     else:
         contenders.append(
@@ -260,8 +263,8 @@ def _identity(x: float) -> float:
     return x
 
 
-def latency_textbook(n: int, method: str) -> list[float]:
-    ctx = multiprocessing.get_context(method)
+def latency_textbook(n: int, method: StartMethod) -> list[float]:
+    ctx: Any = multiprocessing.get_context(method)  # a concrete context: it has Process
     q1, q2 = ctx.Queue(), ctx.Queue()
     procs = [
         ctx.Process(target=_slow_produce, args=(n, q1)),
@@ -277,7 +280,7 @@ def latency_textbook(n: int, method: str) -> list[float]:
     return out
 
 
-def latency_parallelkit(n: int, method: str) -> list[float]:
+def latency_parallelkit(n: int, method: StartMethod) -> list[float]:
     import parallelkit as pk
 
     stamps: list[float] = []
@@ -391,7 +394,7 @@ def _section(title: str, rows: Sequence[h.Row], n: int, *, megabytes: bool = Fal
     return "\n".join(out)
 
 
-def _latency(method: str, *, rounds: int) -> str:
+def _latency(method: StartMethod, *, rounds: int) -> str:
     n = 8
     results: dict[str, list[float]] = {"mp.Queue textbook": [], "pk.Pipeline": []}
     for r in range(rounds):

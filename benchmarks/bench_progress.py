@@ -28,7 +28,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Run as a file, this folder heads sys.path; the package imports from the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,6 +36,9 @@ from benchmarks import harness as h
 from benchmarks.settings import START_METHODS
 from benchmarks.suite import reexec_with_bytecode_cache
 from benchmarks.tasks import square
+
+if TYPE_CHECKING:
+    from parallelkit import StartMethod
 
 WORKERS = 2
 
@@ -52,7 +55,7 @@ def _quiet_stderr() -> Iterator[None]:
             sys.stderr = saved
 
 
-def contenders(method: str, items: int) -> list[h.Contender[Any]]:
+def contenders(method: StartMethod, items: int) -> list[h.Contender[Any]]:
     import parallelkit as pk
 
     ctx = multiprocessing.get_context(method)
@@ -63,7 +66,7 @@ def contenders(method: str, items: int) -> list[h.Contender[Any]]:
             return pool.map(fn, xs)
 
     def plain(_: None, fn: Callable[[Any], Any], xs: Sequence[Any]) -> list[Any]:
-        return pk.run_parallel(fn, xs, max_workers=WORKERS, start_method=method)  # type: ignore[arg-type]
+        return pk.run_parallel(fn, xs, max_workers=WORKERS, start_method=method)
 
     def callback(_: None, fn: Callable[[Any], Any], xs: Sequence[Any]) -> list[Any]:
         seen: list[int] = []
@@ -71,7 +74,7 @@ def contenders(method: str, items: int) -> list[h.Contender[Any]]:
             fn,
             xs,
             max_workers=WORKERS,
-            start_method=method,  # type: ignore[arg-type]
+            start_method=method,
             progress=lambda p: seen.append(p.done),
         )
         assert seen[-1] == len(xs)
@@ -83,7 +86,7 @@ def contenders(method: str, items: int) -> list[h.Contender[Any]]:
                 fn,
                 xs,
                 max_workers=WORKERS,
-                start_method=method,  # type: ignore[arg-type]
+                start_method=method,
                 progress=True,
             )
 
@@ -93,7 +96,7 @@ def contenders(method: str, items: int) -> list[h.Contender[Any]]:
             fn,
             xs,
             max_workers=WORKERS,
-            start_method=method,  # type: ignore[arg-type]
+            start_method=method,
             stall_timeout=60,
             on_stats=stats.append,
         )
@@ -158,7 +161,12 @@ def main() -> None:
     expected = [square(x) for x in xs]
     opts = h.RunOptions(rounds=rounds, warmup=1)
     entries = h.run_interleaved(
-        contenders(args.start_method, items), square, xs, expected, opts, title="progress"
+        contenders(args.start_method, items),
+        square,
+        xs,
+        expected,
+        opts,
+        title="progress",
     )
     rows = h.summarise("progress", entries)
     plain = next(r for r in rows if r.name == "run_parallel" and r.samples)

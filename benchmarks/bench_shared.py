@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
 import multiprocessing
 import os
 import platform
@@ -36,7 +37,7 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Run as a file, this folder heads sys.path; the package imports from the repository root
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,6 +49,9 @@ from benchmarks.suite import git_revision as _git_revision
 from benchmarks.suite import reexec_with_bytecode_cache
 from benchmarks.suite import shutdown_joblib_executor as _shutdown_joblib_executor
 from benchmarks.suite import versions as _versions
+
+if TYPE_CHECKING:
+    from parallelkit import StartMethod
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -61,7 +65,7 @@ def _no_fn(_: Any) -> Any:  # the harness passes a function; these contenders ig
 # ------------------------------------------------------------------ counter
 
 
-def counter_contenders(sm: str, adds: int, loop_times: dict[str, list[float]]) -> list[Any]:
+def counter_contenders(sm: StartMethod, adds: int, loop_times: dict[str, list[float]]) -> list[Any]:
     ctx = multiprocessing.get_context(sm)
 
     def run_two(target: Callable[..., None], shared: Any, name: str) -> None:
@@ -126,7 +130,7 @@ def counter_contenders(sm: str, adds: int, loop_times: dict[str, list[float]]) -
 
 
 def array_contenders(
-    sm: str, data: Any, tasks: int
+    sm: StartMethod, data: Any, tasks: int
 ) -> tuple[list[h.Contender[Any]], dict[str, str]]:
     import numpy as np
 
@@ -136,7 +140,7 @@ def array_contenders(
     missing: dict[str, str] = {}
 
     def pk_open() -> tuple[pk.WorkerPool, pk.SharedArray]:
-        return pk.WorkerPool(WORKERS, start_method=sm), pk.SharedArray.from_array(data)  # type: ignore[arg-type]
+        return pk.WorkerPool(WORKERS, start_method=sm), pk.SharedArray.from_array(data)
 
     def pk_map(handle: Any, fn: Any, items: Sequence[Any]) -> list[Any]:
         pool, shared = handle
@@ -163,7 +167,7 @@ def array_contenders(
         return [(block.name, length, data.dtype.str, i, tasks) for i in range(tasks)]
 
     def shm_pk_open() -> tuple[pk.WorkerPool, Any]:
-        return pk.WorkerPool(WORKERS, start_method=sm), shm_block()  # type: ignore[arg-type]
+        return pk.WorkerPool(WORKERS, start_method=sm), shm_block()
 
     def shm_pk_map(handle: Any, fn: Any, items: Sequence[Any]) -> list[Any]:
         pool, block = handle
@@ -222,7 +226,7 @@ def array_contenders(
         ),
     ]
     try:
-        import joblib
+        joblib: Any = importlib.import_module("joblib")
 
         def joblib_map(_: None, fn: Any, items: Sequence[Any]) -> list[Any]:
             run = joblib.Parallel(n_jobs=WORKERS)
@@ -244,7 +248,7 @@ def array_contenders(
     except ImportError as exc:
         missing["joblib"] = str(exc)
     try:
-        import mpire
+        mpire: Any = importlib.import_module("mpire")
 
         def mpire_open() -> Any:
             return mpire.WorkerPool(WORKERS, start_method=sm, keep_alive=True)
