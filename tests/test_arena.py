@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import parallelkit as pk
 import workers_arena as wa
 from child import package_env, run_python
+from parallelkit._map.call import MapOptions
 from parallelkit._map.job import Job
 from parallelkit._util.types import StartMethod
 from parallelkit._wire import arena as _arena
@@ -67,7 +68,7 @@ def _arrays() -> list[np.ndarray[Any, Any]]:
 def test_numpy_arguments_and_results_round_trip(start_method: StartMethod) -> None:
     arrays = _arrays()
     with pk.WorkerPool(2, start_method=start_method) as pool:
-        seen = pool._run(wa.describe_array, arrays, 1, True, None, False)
+        seen = pool._run(wa.describe_array, arrays, MapOptions(1))
         assert seen == [wa.describe_array(a) for a in arrays]
         back = list(pool.imap(wa.echo, arrays, chunksize=2))
         assert pool._engine.arena is not None  # the large ones did go through it
@@ -80,7 +81,7 @@ def test_bytes_bytearray_and_picklebuffer_round_trip(start_method: StartMethod) 
     data = bytes(range(256)) * (MIN // 256 + 3)
     items: list[Any] = [data, bytearray(data[::-1]), b"small", pickle.PickleBuffer(bytearray(data))]
     with pk.WorkerPool(2, start_method=start_method) as pool:
-        seen = pool._run(wa.describe, items, None, True, None, False)
+        seen = pool._run(wa.describe, items, MapOptions(None))
         echoed = list(pool.imap(wa.echo, items[:3]))
         made = list(pool.imap(wa.make_buffer, [MIN + 17, 100]))
     assert seen[0] == ("bytes", _digest(data), False)
@@ -122,9 +123,7 @@ def test_large_results_round_trip_and_own_their_memory(
 def test_small_buffers_do_not_use_the_arena(start_method: StartMethod) -> None:
     small = [np.full(ARG // 8 - 1, i, dtype=np.float64) for i in range(8)]
     with pk.WorkerPool(2, start_method=start_method) as pool:
-        assert pool._run(wa.total, small, None, True, None, False) == [
-            float(a.sum()) for a in small
-        ]
+        assert pool._run(wa.total, small, MapOptions(None)) == [float(a.sum()) for a in small]
         assert pool._engine.arena is None
         assert not _ours(*_pids(pool))
 
@@ -133,13 +132,13 @@ def test_a_kept_argument_stays_intact_while_new_chunks_run(start_method: StartMe
     kept = [np.full(100_000, i, dtype=np.float64) for i in range(3)]
     fresh = [np.full(100_000, -i, dtype=np.float64) for i in range(12)]
     with pk.WorkerPool(1, start_method=start_method) as pool:
-        assert pool._run(wa.keep, kept[:1], 1, True, None, False) == [0.0]
+        assert pool._run(wa.keep, kept[:1], MapOptions(1)) == [0.0]
         engine = pool._engine
         assert engine.arena is not None
         # the region of the kept argument is never written again...
-        assert pool._run(wa.total, fresh, 1, True, None, False) == [float(a.sum()) for a in fresh]
-        assert pool._run(wa.keep, kept[1:], 1, True, None, False) == [1e5, 2e5]
-        assert pool._run(wa.total, fresh, 1, True, None, False) == [float(a.sum()) for a in fresh]
+        assert pool._run(wa.total, fresh, MapOptions(1)) == [float(a.sum()) for a in fresh]
+        assert pool._run(wa.keep, kept[1:], MapOptions(1)) == [1e5, 2e5]
+        assert pool._run(wa.total, fresh, MapOptions(1)) == [float(a.sum()) for a in fresh]
         # ...so the worker still reads what it kept
         assert pool.submit(wa.kept_sums, None).result() == [0.0, 1e5, 2e5]
         # an argument referenced only by a passing traceback is not "kept"
@@ -195,7 +194,7 @@ def test_sigkilled_worker_holding_regions(start_method: StartMethod) -> None:
         assert not _ours(crash.pid, crash2.pid)
         assert [float(a[0]) for a in out2 if isinstance(a, np.ndarray)] == [1, 2, 3, 4]
         # the arena is still sound: later maps see exactly their own data
-        again = pool._run(wa.describe_array, arrays, 1, True, None, False)
+        again = pool._run(wa.describe_array, arrays, MapOptions(1))
         assert again == [wa.describe_array(a) for a in arrays]
         pids += _pids(pool)
     assert not _ours(*pids)
@@ -285,7 +284,7 @@ def test_no_room_in_dev_shm_sends_buffers_in_band(
         monkeypatch.setattr(_shm.Segment, "create", no_room)
         back = list(pool.imap(wa.echo, arrays))
         assert [wa.describe_array(a) for a in back] == [wa.describe_array(a) for a in arrays]
-        assert pool._run(wa.total, arrays, 1, True, None, False) == [float(a.sum()) for a in arrays]
+        assert pool._run(wa.total, arrays, MapOptions(1)) == [float(a.sum()) for a in arrays]
         arena = pool._engine.arena
         assert arena is not None
         assert arena.current is None

@@ -34,10 +34,10 @@ if typing.TYPE_CHECKING:
     from parallelkit._channel.net import ChannelListener as ChannelListener
     from parallelkit._channel.process import ProcessChannel as ProcessChannel
     from parallelkit._channel.process import start_process as start_process
-    from parallelkit._map.pool import ResultIterator as ResultIterator
+    from parallelkit._map.api import imap_parallel as imap_parallel
+    from parallelkit._map.api import run_parallel as run_parallel
     from parallelkit._map.pool import WorkerPool as WorkerPool
-    from parallelkit._map.pool import imap_parallel as imap_parallel
-    from parallelkit._map.pool import run_parallel as run_parallel
+    from parallelkit._map.results import ResultIterator as ResultIterator
     from parallelkit._observe.progress import Progress as Progress
     from parallelkit._observe.progress import StageProgress as StageProgress
     from parallelkit._observe.stalls import StallReport as StallReport
@@ -67,10 +67,10 @@ _LAZY = {
     "ProcessChannel": "._channel.process",
     "channel_pair": "._channel.channel",
     "start_process": "._channel.process",
-    "ResultIterator": "._map.pool",
+    "ResultIterator": "._map.results",
     "WorkerPool": "._map.pool",
-    "imap_parallel": "._map.pool",
-    "run_parallel": "._map.pool",
+    "imap_parallel": "._map.api",
+    "run_parallel": "._map.api",
     "SharedAccumulator": "._shared.counters",
     "SharedArray": "._shared.array",
     "SharedCounter": "._shared.counters",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from parallelkit._map.pool import run_parallel
+from parallelkit._map.api import run_parallel
 from parallelkit._util.context import usable_cpu_count
 from parallelkit._util.types import StartMethod
 from parallelkit.errors import WorkerCrashedError

@@ -205,7 +205,7 @@ def run_stages(
     raised).  Every stage runs in the backend's workers, so each stage's ``workers`` is
     the backend's and its ``waiting_seconds`` is their idle time.
     """
-    from parallelkit._map.pool import run_parallel  # noqa: PLC0415 - built on the map API
+    from parallelkit._map.api import run_parallel  # noqa: PLC0415 - built on the map API
 
     guarded = _GuardedSource(source)
     items: Iterable[Any] = source if isinstance(source, list | tuple | range) else guarded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Final
 
 # Seconds: a timeout this long or longer (infinity too) means no limit.  The longest wait
@@ -78,3 +79,30 @@ def check_timeout(value: object, what: str = "timeout", *, zero_ok: bool = False
     if value >= NO_LIMIT_FROM:
         return None
     return float(value)
+
+
+def check_chunksize(chunksize: object) -> None:
+    """Raise ``TypeError`` / ``ValueError`` unless ``chunksize`` is ``None`` or an int >= 1."""
+    if chunksize is None:
+        return
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+        raise TypeError(f"chunksize must be a positive int or None, not {type(chunksize).__name__}")
+    if chunksize <= 0:
+        raise ValueError(f"chunksize must be a positive int or None (automatic), got {chunksize}")
+
+
+def check_initializer(initializer: Callable[..., object] | None, initargs: object) -> None:
+    """Raise ``TypeError`` unless ``initializer`` is ``None`` or callable and ``initargs`` a
+    tuple."""
+    if initializer is not None:
+        check_callable(initializer, "initializer")
+    if not isinstance(initargs, tuple):
+        raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+
+
+def check_max_tasks(max_tasks: object) -> None:
+    """Raise ``ValueError`` unless ``max_tasks_per_worker`` is ``None`` or an int >= 1."""
+    if max_tasks is None:
+        return
+    if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks <= 0:
+        raise ValueError(f"max_tasks_per_worker must be a positive int or None, got {max_tasks!r}")

@@ -3,8 +3,8 @@
 :func:`check_backend` validates ``backend=`` and the options that go with it in the
 caller, before anything starts, and returns a factory for the runner; the map API then
 runs its :class:`~parallelkit._map.job.Job` on a :class:`ChunkEngine` over that runner.  The
-``WorkerPool`` and ``"process"`` backends are the process engine and are handled by
-``_pool`` itself.
+``WorkerPool`` and ``"process"`` backends are the process engine and are handled by the map
+API itself (``_map/api.py``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,398 @@
+"""The one-call map API: ``run_parallel`` and ``imap_parallel``.
+
+Thin, validating front ends: every argument is checked in the caller's process (so a typo
+never starts a process), then the call picks where the items run -- new worker processes,
+a :class:`~parallelkit.WorkerPool`, or a ``ChunkEngine`` over another backend -- and hands
+the rest to :mod:`parallelkit._map.call`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from parallelkit._map.backends.choose import ChunkEngine, RunnerFactory, check_backend
+from parallelkit._map.call import (
+    MapOptions,
+    as_sequence,
+    check_options,
+    collect_call,
+    length_of,
+    stream_call,
+)
+from parallelkit._map.engine import Engine
+from parallelkit._map.pool import WorkerPool
+from parallelkit._map.results import ResultIterator
+from parallelkit._observe.progress import ProgressOption
+from parallelkit._observe.stalls import StallReport
+from parallelkit._observe.stats import MapStats
+from parallelkit._util.checks import check_initializer
+from parallelkit._util.context import get_context, resolve_max_workers, resolve_start_method
+from parallelkit._util.types import R, StartMethod, T
+
+if TYPE_CHECKING:
+    from parallelkit._map.backends.choose import Backend
+
+__all__ = ("imap_parallel", "run_parallel")
+
+
+def _check_backend(
+    options: MapOptions,
+    backend: object,
+    *,
+    max_workers: int | None,
+    start_method: StartMethod | None,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[object, ...],
+) -> WorkerPool | RunnerFactory | None:
+    """Validate ``backend=`` and the options that configure processes.
+
+    Returns the pool to reuse, a factory for another backend's runner, or ``None`` for new
+    worker processes.
+    """
+    check_initializer(initializer, initargs)
+    if backend is None or (isinstance(backend, str) and backend == "process"):
+        return None
+    if isinstance(backend, WorkerPool):
+        if start_method is not None or initializer is not None or max_workers is not None:
+            raise ValueError(
+                "start_method, max_workers and initializer belong to the WorkerPool "
+                "when it is the backend; set them where the pool is created"
+            )
+        return backend
+    factory = check_backend(
+        backend, max_workers=max_workers, start_method=start_method, initializer=initializer
+    )
+    options.refuse_stall_options()
+    return factory
+
+
+def _engine(
+    fn: Callable[..., object],
+    seq: Sequence[Any] | None,
+    workers: int,
+    start_method: StartMethod,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[object, ...],
+) -> Engine:
+    """New worker processes for one call (``seq``: the items, for fork workers to inherit)."""
+    return Engine(
+        context=get_context(start_method),
+        start_method=start_method,
+        max_workers=workers,
+        initializer=initializer,
+        initargs=initargs,
+        max_tasks_per_worker=None,
+        inherit=(fn, seq),
+        one_shot=True,
+    )
+
+
+@overload
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Backend | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: Literal[False] = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
+) -> list[R]: ...
+@overload
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Backend | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: Literal[True],
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
+) -> list[R | BaseException]: ...
+@overload
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Backend | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
+) -> list[R] | list[R | BaseException]: ...
+def run_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Backend | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+    on_stats: Callable[[MapStats], object] | None = None,
+) -> list[R] | list[R | BaseException]:
+    """Apply ``fn`` to every item in worker processes; the results as a list.
+
+    Args:
+        fn: a callable of one argument.  Sent to the workers once (not at all under fork);
+            lambdas and closures need cloudpickle unless the start method is fork.
+        items: the inputs; read in full before any work starts.
+        max_workers: how many worker processes; ``None`` means the CPUs this process may
+            use (affinity and cgroup quota), and never more than there are items.
+        start_method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None`` for the
+            platform default.
+        backend: where the items run.  ``"process"`` (the default: new worker processes
+            for this call), a :class:`WorkerPool` to reuse, ``"thread"`` (a thread pool;
+            ``max_workers`` threads), ``"serial"`` (in the calling thread, in order), any
+            ``concurrent.futures.Executor``, a Dask ``distributed.Client``, or ``"dask"``
+            (the current Dask client; ``pip install 'parallelkit[dask]'``).  Results,
+            order and errors are the same on every backend; ``start_method`` and
+            ``initializer`` apply only to processes this call starts.
+        chunksize: items per message to a worker; ``None`` sizes chunks automatically.
+        ordered: results in input order (``True``) or in completion order.
+        timeout: seconds each item may run (from when its worker takes it: start-up and
+            the initializer do not count); a late item fails with
+            :class:`~parallelkit.TaskTimeoutError`.  On processes its worker is stopped
+            and replaced at the deadline; a thread cannot be stopped (the error comes at
+            the deadline, the thread finishes the item in the background); the serial
+            backend, other executors and Dask report the item when it has finished.
+        return_exceptions: put each failed item's exception in its result slot and finish
+            the other items, instead of raising the first failure at once.
+        initializer: called in each worker process once, before its first item.
+        initargs: arguments for ``initializer``.
+        progress: ``True`` shows a tqdm progress bar that counts items
+            (``pip install 'parallelkit[progress]'``); a callable receives a
+            :class:`~parallelkit.Progress` each time chunks of results arrive, in the
+            thread that called ``run_parallel``.
+        stall_timeout: when no item has finished (and no worker has moved on to another
+            item) for this many seconds, print each busy worker's Python stack (every
+            thread) and the item it is on to stderr, or pass a
+            :class:`~parallelkit.StallReport` to ``on_stall``; at most once per period, and
+            the run goes on (``timeout`` is what stops items).  Worker processes only.
+        on_stall: receives the stall reports instead of stderr (in the calling thread).
+        on_stats: called once when the call ends (also when it fails) with the
+            :class:`~parallelkit.MapStats` of the run: items and busy/idle seconds per
+            worker.
+
+    Returns:
+        ``[fn(x) for x in items]``, in input order unless ``ordered=False``.
+
+    Raises:
+        Exception: the first failing item's own exception (with the worker's traceback as
+            ``__cause__`` and a note naming the item), unless ``return_exceptions``.
+        WorkerCrashedError: a worker died running an item.
+        TaskTimeoutError: an item ran longer than ``timeout``.
+        SerializationError: the function, an item or a result cannot be pickled.
+        StartMethodError: ``start_method`` is unknown or unavailable.
+        ValueError: another argument is out of range, an unknown backend, or an option
+            that does not apply to the backend.
+        ImportError: ``backend="dask"`` without Dask installed (names the extra).
+
+    Example:
+        >>> run_parallel(abs, [-1, -2, 3], max_workers=2)
+        [1, 2, 3]
+        >>> run_parallel(abs, [-1, -2, 3], backend="serial")
+        [1, 2, 3]
+    """
+
+    options = check_options(
+        fn,
+        chunksize=chunksize,
+        ordered=ordered,
+        timeout=timeout,
+        return_exceptions=return_exceptions,
+        progress=progress,
+        stall_timeout=stall_timeout,
+        on_stall=on_stall,
+        on_stats=on_stats,
+    )
+    place = _check_backend(
+        options,
+        backend,
+        max_workers=max_workers,
+        start_method=start_method,
+        initializer=initializer,
+        initargs=initargs,
+    )
+    seq = as_sequence(items)
+    if isinstance(place, WorkerPool):
+        return place._run(fn, seq, options)
+    if place is None:
+        workers = resolve_max_workers(max_workers)
+        method = resolve_start_method(start_method)
+    if len(seq) == 0:
+        if on_stats is not None:
+            on_stats(MapStats((), 0, 0.0))
+        return []
+    if place is None:
+        engine = _engine(fn, seq, min(workers, len(seq)), method, initializer, initargs)
+        inherited = engine.inherited_items is not None
+        return collect_call(engine, fn, seq, options, owned=True, inherited=inherited)
+    runner, tracked = place(len(seq))
+    if options.chunksize is None and runner.in_caller and not options.watched:
+        # nothing runs in parallel and nothing streams: one chunk is the cheapest
+        options = replace(options, chunksize=len(seq))
+    return collect_call(ChunkEngine(runner, tracked=tracked), fn, seq, options, owned=True)
+
+
+@overload
+def imap_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Backend | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: Literal[False] = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+) -> ResultIterator[R]: ...
+@overload
+def imap_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Backend | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: Literal[True],
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+) -> ResultIterator[R | BaseException]: ...
+@overload
+def imap_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Backend | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+) -> ResultIterator[R] | ResultIterator[R | BaseException]: ...
+def imap_parallel(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    /,
+    *,
+    max_workers: int | None = None,
+    start_method: StartMethod | None = None,
+    backend: Backend | None = None,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    timeout: float | None = None,
+    return_exceptions: bool = False,
+    initializer: Callable[..., object] | None = None,
+    initargs: tuple[object, ...] = (),
+    progress: ProgressOption = False,
+    stall_timeout: float | None = None,
+    on_stall: Callable[[StallReport], object] | None = None,
+) -> ResultIterator[R] | ResultIterator[R | BaseException]:
+    """Like :func:`run_parallel`, but lazy: an iterator over the results.
+
+    ``items`` is consumed lazily and only a bounded number of chunks is in flight, so an
+    endless generator works and memory stays flat.  Chunk sizes adapt to how long items
+    take when the input has no length.  Closing the iterator (or ``with``) stops the work
+    promptly and leaves nothing running.  ``backend=`` as for :func:`run_parallel`; on Dask,
+    at most twice the cluster's threads in tasks are in flight.
+
+    ``progress``, ``stall_timeout`` and ``on_stall`` as for :func:`run_parallel` (the bar
+    knows the total when ``items`` has a ``len()``; progress is reported, and stalls are
+    looked for, while the iterator is waiting for results, in the thread iterating).  The
+    iterator's :attr:`~ResultIterator.stats` give the per-worker statistics.
+
+    Example:
+        >>> with imap_parallel(abs, iter([-1, -2, 3]), max_workers=2) as results:
+        ...     list(results)
+        [1, 2, 3]
+    """
+
+    options = check_options(
+        fn,
+        chunksize=chunksize,
+        ordered=ordered,
+        timeout=timeout,
+        return_exceptions=return_exceptions,
+        progress=progress,
+        stall_timeout=stall_timeout,
+        on_stall=on_stall,
+    )
+    place = _check_backend(
+        options,
+        backend,
+        max_workers=max_workers,
+        start_method=start_method,
+        initializer=initializer,
+        initargs=initargs,
+    )
+    if isinstance(place, WorkerPool):
+        return place._stream(fn, items, options)
+    if place is not None:
+        runner, tracked = place(length_of(items))
+        return stream_call(ChunkEngine(runner, tracked=tracked), fn, items, options, owned=True)
+    workers = resolve_max_workers(max_workers)
+    method = resolve_start_method(start_method)
+    length = length_of(items)
+    if length is not None:
+        workers = max(1, min(workers, length))
+    engine = _engine(fn, None, workers, method, initializer, initargs)
+    return stream_call(engine, fn, items, options, owned=True)
