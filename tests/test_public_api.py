@@ -4,8 +4,11 @@ from __future__ import annotations
 import __future__
 
 import importlib
+import inspect
+import typing
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -135,3 +138,42 @@ def test_the_progress_and_insights_api_is_public() -> None:
     ):
         assert name in parallelkit.__all__
         assert isinstance(getattr(parallelkit, name), type)
+
+
+@pytest.mark.parametrize(
+    "function",
+    [parallelkit.run_parallel, parallelkit.imap_parallel, parallelkit.WorkerPool.imap],
+    ids=lambda f: f.__qualname__,
+)
+def test_the_map_overloads_mirror_the_implementation(function: Any) -> None:
+    # The overloads exist only to type the result by `return_exceptions`; every other
+    # parameter (name, kind, default, annotation) is the implementation's, so a map option
+    # added to the implementation but not to an overload (which type checkers would then
+    # refuse) fails here.
+    implementation = inspect.signature(function).parameters
+    overloads = typing.get_overloads(function)
+    assert len(overloads) == 3
+    seen = set()
+    for overload in overloads:
+        parameters = inspect.signature(overload).parameters
+        assert list(parameters) == list(implementation)
+        for name, parameter in parameters.items():
+            if name == "return_exceptions":
+                seen.add((parameter.annotation, parameter.default))
+                continue
+            assert parameter == implementation[name], name
+    assert seen == {
+        ("Literal[False]", False),
+        ("Literal[True]", inspect.Parameter.empty),
+        ("bool", False),
+    }
+
+
+def test_the_executor_map_overloads_share_its_options() -> None:
+    implementation = inspect.signature(parallelkit.WorkerPool.map).parameters
+    options = [p for p in implementation.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    overloads = typing.get_overloads(parallelkit.WorkerPool.map)
+    assert overloads
+    for overload in overloads:
+        parameters = inspect.signature(overload).parameters.values()
+        assert [p for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY] == options

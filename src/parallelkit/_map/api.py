@@ -89,6 +89,13 @@ def _engine(
     )
 
 
+def _no_items(options: MapOptions) -> list[Any]:
+    """``run_parallel`` over no items: no engine, no workers (stats of nothing)."""
+    if options.on_stats is not None:
+        options.on_stats(MapStats((), 0, 0.0))
+    return []
+
+
 @overload
 def run_parallel(
     fn: Callable[[T], R],
@@ -255,16 +262,15 @@ def run_parallel(
     if isinstance(place, WorkerPool):
         return place._run(fn, seq, options)
     if place is None:
-        workers = resolve_max_workers(max_workers)
+        workers = resolve_max_workers(max_workers)  # checked even when there are no items
         method = resolve_start_method(start_method)
-    if len(seq) == 0:
-        if on_stats is not None:
-            on_stats(MapStats((), 0, 0.0))
-        return []
-    if place is None:
+        if len(seq) == 0:
+            return _no_items(options)
         engine = _engine(fn, seq, min(workers, len(seq)), method, initializer, initargs)
         inherited = engine.inherited_items is not None
         return collect_call(engine, fn, seq, options, owned=True, inherited=inherited)
+    if len(seq) == 0:
+        return _no_items(options)
     runner, tracked = place(len(seq))
     if options.chunksize is None and runner.in_caller and not options.watched:
         # nothing runs in parallel and nothing streams: one chunk is the cheapest
