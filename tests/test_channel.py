@@ -83,6 +83,50 @@ def test_pair_carries_any_picklable_object_in_order() -> None:
         assert nested["nested"][0] == b"x" * 100_000
 
 
+def _frame_head(sock: socket.socket) -> tuple[int, int, int]:
+    """The next frame's (kind, out-of-band buffers, pickle length), left on the socket."""
+    head = sock.recv(16, socket.MSG_PEEK | socket.MSG_WAITALL)
+    kind, nbufs, plen = struct.unpack("<BxxxIQ", head)
+    return kind, nbufs, plen
+
+
+@pytest.mark.timeout(30)
+def test_a_list_of_large_bytes_travels_apart_from_the_pickle() -> None:
+    # As through the pool and Queue: each large bytes item is written from its own memory
+    # (an out-of-band buffer of the frame), not copied into the pickle.
+    a, b = socket.socketpair()
+    with pk.Channel(a) as left, pk.Channel(b) as right:
+        batch = [b"a" * 100_000, 7, b"b" * 200_000, b"small"]
+        thread, _ = _in_thread(lambda: left.send(batch))  # more than the socket buffer
+        _, nbufs, plen = _frame_head(b)
+        assert nbufs == 2
+        assert plen < 1000
+        received = right.recv(timeout=5)
+        thread.join(5)
+        assert received == batch
+        assert isinstance(received, list)
+        assert [type(x) for x in received] == [bytes, int, bytes, bytes]
+
+
+@pytest.mark.timeout(30)
+def test_small_buffers_stay_in_the_pickle() -> None:
+    # The codec's one rule: only buffers of 64 KiB or more travel apart.
+    a, b = socket.socketpair()
+    with pk.Channel(a) as left, pk.Channel(b) as right:
+        message = (bytearray(b"x" * 1000), pickle.PickleBuffer(bytearray(2000)))
+        left.send(message)
+        assert _frame_head(b)[1] == 0
+        received = right.recv(timeout=5)
+        assert isinstance(received, tuple)
+        small, buffer = received
+        assert small == bytearray(b"x" * 1000)
+        assert type(small) is bytearray
+        assert bytes(buffer) == bytes(2000)
+        left.send(wc.Blob(bytearray(70_000)))
+        assert _frame_head(b)[1] == 1
+        assert right.recv(timeout=5) == wc.Blob(bytearray(70_000))
+
+
 def test_recv_timeout_leaves_the_channel_usable() -> None:
     left, right = pk.channel_pair()
     with left, right:

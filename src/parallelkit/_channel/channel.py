@@ -19,10 +19,13 @@ what it carries::
 and whose id flags say REQUEST (sent by ``request``, the id is the request's) or REPLY
 (the id of the request it answers).
 
-Speed.  What pickle hands out of band (numpy arrays, ``PickleBuffer``) and large top-level
-``bytes`` or ``bytearray`` are written straight from their own memory and received
-straight into their final buffer (a ``bytes``, which cannot be written into, into a
-reused one, then copied once); small messages are one ``send`` and usually one ``recv``.
+Speed.  What travels out of band follows the codec's one rule (``_wire.codec.dump_apart``,
+as for the pool and ``Queue``): contiguous buffers of 64 KiB or more (numpy arrays,
+``PickleBuffer``, ``bytearray``, the large ``bytes`` items of a short list) and a large
+top-level ``bytes`` or ``bytearray`` (no pickle at all) are written straight from their
+own memory and received straight into their final buffer (a ``bytes``, which cannot be
+written into, into a reused one, then copied once); smaller buffers stay in the pickle.
+Small messages are one ``send`` and usually one ``recv``.
 
 Threads.  One thread at a time reads frames and files each where it belongs (``recv``'s
 inbox, or the waiting request's reply); ``close()`` from another thread wakes a thread
@@ -53,7 +56,14 @@ from parallelkit._channel.mailbox import REPLY, REQUEST, Mailbox, timeout_messag
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.checks import check_timeout
 from parallelkit._wire import handshake as _handshake
-from parallelkit._wire.codec import ExceptionRecord, check_single_host, rebuild_exception
+from parallelkit._wire.codec import (
+    OUT_OF_BAND_MIN_BYTES,
+    ExceptionRecord,
+    check_single_host,
+    dump_apart,
+    mark_large_bytes,
+    rebuild_exception,
+)
 from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd, ms
 from parallelkit.errors import ChannelClosedError, SerializationError
 
@@ -89,18 +99,11 @@ KINDS: Final = frozenset(
     kind | tag for kind in (MESSAGE, BYTES, BYTEARRAY, FAILED) for tag in (0, REQUEST, REPLY)
 )
 
-RAW_MIN: Final = 64 * 1024  # bytes: a top-level bytes/bytearray this large goes without pickle
+RAW_MIN: Final = OUT_OF_BAND_MIN_BYTES  # bytes: what travels apart from the pickle
 SCRATCH_MAX: Final = 16 * 1024 * 1024  # bytes: a top-level bytes up to this size: a reused buffer
 PROTOCOL: Final = 5
 _CLOSED_HERE: Final = "this end of the channel is closed (close() was called on it)"
 DEFAULT_ADDRESS: Final = ("127.0.0.1", 0)
-
-
-def _raw(buffer: pickle.PickleBuffer) -> memoryview:
-    try:
-        return buffer.raw()
-    except BufferError:  # not contiguous: one copy
-        return memoryview(memoryview(buffer).tobytes())
 
 
 class Channel(Generic[SendT, RecvT]):
@@ -171,13 +174,12 @@ class Channel(Generic[SendT, RecvT]):
                 kind = BYTES if cls is bytes else BYTEARRAY
                 self._stream.send(kind | tag, request_id, b"", (obj,))  # type: ignore[arg-type]
                 return
-            buffers: list[pickle.PickleBuffer] = []
             try:
-                data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffers.append)
+                marked = mark_large_bytes(obj, RAW_MIN) if cls is list else obj  # type: ignore[arg-type]
+                data, buffers = dump_apart(marked, RAW_MIN)
             except Exception:
-                buffers = []
-                data = _dumps_fallback(obj)
-            self._stream.send(MESSAGE | tag, request_id, data, [_raw(b) for b in buffers])
+                data, buffers = _dumps_fallback(obj), []
+            self._stream.send(MESSAGE | tag, request_id, data, buffers)
         except StreamEnd as end:
             raise self._gone_error(end.__cause__) from end.__cause__
 

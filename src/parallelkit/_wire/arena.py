@@ -59,7 +59,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from parallelkit._util import fuzz as _fuzz
-from parallelkit._wire.codec import ARENA_MIN_BYTES, NoRoom
+from parallelkit._wire.codec import ARENA_MIN_BYTES, NoRoom, dump_apart, mark_large_bytes
 from parallelkit._wire.shm import NAME_RE, SHM_DIR, Segment, remove_segments_of
 
 # Buffers this large go through shared memory.  An argument pays off sooner than a result,
@@ -77,7 +77,6 @@ NO_ROOM_RETRY = 1.0
 NO_ROOM_RETRY_MAX = 60.0
 _PAGE: Final = mmap.PAGESIZE
 _ALIGN: Final = 64  # each buffer starts on a cache line (numpy wants 16 at least)
-_SCAN_LIMIT: Final = 64  # look for large bytes items only in lists this short
 
 # a result mapping's page tables are filled at once: faulting 8 MB page by page when the
 # caller reads it costs several times more
@@ -96,45 +95,6 @@ def _round(n: int, to: int) -> int:
 
 
 # ------------------------------------------------------------------ pickling
-class _LargeBytes:
-    """Stands for a large ``bytes`` / ``bytearray`` item, to send its data out of band."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes | bytearray) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
-        rebuild = _as_bytes if type(self.data) is bytes else _as_bytearray
-        return (rebuild, (pickle.PickleBuffer(self.data),))
-
-
-def _as_bytes(buffer: Any) -> bytes:
-    return buffer if type(buffer) is bytes else bytes(buffer)
-
-
-def _as_bytearray(buffer: Any) -> bytearray:
-    return buffer if type(buffer) is bytearray else bytearray(buffer)
-
-
-def _substitute(values: Sequence[Any], limit: int) -> Sequence[Any]:
-    """``values`` with ``bytes``/``bytearray`` items of ``limit`` bytes or more wrapped
-    (short lists only)."""
-    if len(values) > _SCAN_LIMIT:
-        return values
-    big = False
-    for x in values:
-        if (type(x) is bytes or type(x) is bytearray) and len(x) >= limit:
-            big = True
-            break
-    if not big:
-        return values
-    return [
-        _LargeBytes(x) if (type(x) is bytes or type(x) is bytearray) and len(x) >= limit else x
-        for x in values
-    ]
-
-
 def dump_items(items: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
     """Pickle a chunk's items; buffers of at least ``ARG_MIN_BYTES`` are returned apart.
 
@@ -142,25 +102,7 @@ def dump_items(items: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
         The pickle and the large buffers (contiguous byte views of the items' memory,
         not copies), in the order the unpickler wants them.
     """
-    return dump_apart(_substitute(items, ARG_MIN_BYTES), ARG_MIN_BYTES)
-
-
-def dump_apart(obj: Any, limit: int) -> tuple[bytes, list[memoryview]]:
-    """Pickle ``obj`` with protocol 5; contiguous buffers of ``limit`` bytes or more are left
-    out and returned (views of ``obj``'s own memory), in the unpickler's order."""
-    raws: list[memoryview] = []
-
-    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: in band
-            return True
-        if raw.nbytes < limit:
-            return True
-        raws.append(raw)
-        return False
-
-    return pickle.dumps(obj, 5, buffer_callback=out_of_band), raws
+    return dump_apart(mark_large_bytes(items, ARG_MIN_BYTES), ARG_MIN_BYTES)
 
 
 # ------------------------------------------------------------------ space
@@ -459,7 +401,7 @@ class ResultWriter:
 
         try:
             payload = pickle.dumps(
-                (*msg[:2], _substitute(results, MIN_BYTES), *msg[3:]),
+                (*msg[:2], mark_large_bytes(results, MIN_BYTES), *msg[3:]),
                 5,
                 buffer_callback=out_of_band,
             )

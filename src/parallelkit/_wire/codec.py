@@ -23,9 +23,12 @@ from typing import Any, Final, Generic, NamedTuple, TypeVar
 from parallelkit.errors import RemoteError, SerializationError, SerializedWhat
 
 PROTOCOL: Final = pickle.HIGHEST_PROTOCOL
-# The one rule for what travels out of band: buffers this large go through shared memory
-# (or are read from the peer) instead of through the pipe.
-ARENA_MIN_BYTES: Final = 64 * 1024
+# The one rule for what travels out of band (see dump_apart): contiguous buffers this large
+# go apart from the pickle -- through shared memory, read from the peer, or written to the
+# socket from their own memory -- instead of being copied into it.
+OUT_OF_BAND_MIN_BYTES: Final = 64 * 1024
+ARENA_MIN_BYTES: Final = OUT_OF_BAND_MIN_BYTES
+SCAN_LIMIT: Final = 64  # items: large bytes are looked for only in lists this short
 
 
 class NoRoom(Exception):
@@ -62,6 +65,74 @@ def dumps(obj: object) -> bytes:
         if cp is None:
             raise
         return bytes(cp.dumps(obj, PROTOCOL))
+
+
+# ---------------------------------------------------------------- out of band
+
+
+class _LargeBytes:
+    """Stands for a large ``bytes`` / ``bytearray`` item, to send its data out of band.
+
+    (Protocol 5 hands out a ``bytearray``'s memory but copies a ``bytes`` into the pickle;
+    a list of large ``bytes`` -- a batch of payloads -- would be copied whole.)
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        rebuild = _as_bytes if type(self.data) is bytes else _as_bytearray
+        return (rebuild, (pickle.PickleBuffer(self.data),))
+
+
+def _as_bytes(buffer: Any) -> bytes:
+    return buffer if type(buffer) is bytes else bytes(buffer)
+
+
+def _as_bytearray(buffer: Any) -> bytearray:
+    return buffer if type(buffer) is bytearray else bytearray(buffer)
+
+
+def mark_large_bytes(values: Sequence[Any], limit: int) -> Sequence[Any]:
+    """``values`` with its ``bytes``/``bytearray`` items of ``limit`` bytes or more marked
+    to travel out of band through :func:`dump_apart` (lists of ``SCAN_LIMIT`` items at most)."""
+    if len(values) > SCAN_LIMIT:
+        return values
+    big = False
+    for x in values:
+        if (type(x) is bytes or type(x) is bytearray) and len(x) >= limit:
+            big = True
+            break
+    if not big:
+        return values
+    return [
+        _LargeBytes(x) if (type(x) is bytes or type(x) is bytearray) and len(x) >= limit else x
+        for x in values
+    ]
+
+
+def dump_apart(obj: Any, limit: int) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` with protocol 5; contiguous buffers of ``limit`` bytes or more are left
+    out and returned (views of ``obj``'s own memory), in the unpickler's order.
+
+    Raises:
+        Exception: whatever pickling raised (no cloudpickle fallback here).
+    """
+    raws: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if raw.nbytes < limit:
+            return True
+        raws.append(raw)
+        return False
+
+    return pickle.dumps(obj, 5, buffer_callback=out_of_band), raws
 
 
 def _main_is_importable() -> bool:

@@ -38,6 +38,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
+from parallelkit._wire.codec import dump_apart, mark_large_bytes
+
 MAGIC_DIRECT: Final = b"PKD\x00"  # a reply whose large buffers stay in the worker
 _HEAD: Final = struct.Struct("<4sq")  # magic, number of buffers
 _SPEC: Final = struct.Struct("<QQ")  # address in the worker, size
@@ -119,10 +121,9 @@ def dump(
         Exception: a result cannot be pickled, or ctypes is missing (the caller then
             answers the usual way).
     """
-    from parallelkit._wire.arena import _substitute, dump_apart  # noqa: PLC0415 - large bytes go the same way
-
     address_of = _address_of()
-    payload, raws = dump_apart((*msg[:2], _substitute(results, min_bytes), *msg[3:]), min_bytes)
+    marked = mark_large_bytes(results, min_bytes)
+    payload, raws = dump_apart((*msg[:2], marked, *msg[3:]), min_bytes)
     return frame(payload, [(address_of(raw), raw.nbytes) for raw in raws]), raws
 
 

@@ -27,9 +27,10 @@ from parallelkit._util.checks import NO_LIMIT_FROM
 
 MIN_AUTHKEY_BYTES: Final = 16
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
-# The protocol's version is in the greeting: 2 tags requests and replies with an id.
+# The protocol's version is in the greeting: 2 tags requests and replies with an id; 3
+# sends the codec's out-of-band buffers (a list of large bytes among them) apart.
 MAGIC_PREFIX: Final = b"parallelkit-channel-"
-MAGIC: Final = MAGIC_PREFIX + b"2\n"
+MAGIC: Final = MAGIC_PREFIX + b"3\n"
 NONCE_BYTES: Final = 32
 DIGEST_BYTES: Final = 32
 OK: Final = b"OK\x00\x00"
