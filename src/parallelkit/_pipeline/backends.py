@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from parallelkit._pipeline.run import PipelineStats, Stage, StageStats
 from parallelkit._pipeline.stage import FILTER, MAP
+from parallelkit._pipeline.stats import PipelineStats, StageStats
 from parallelkit._wire.codec import ExceptionRecord, capture_exception, dumps, rebuild_exception
 from parallelkit.errors import PipelineError, WorkerCrashedError
 
 if TYPE_CHECKING:
     from parallelkit._observe.stats import MapStats
+    from parallelkit._pipeline.processes import Stage
 
 
 def _shown(item: object) -> str:

@@ -16,14 +16,11 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
-from parallelkit._observe.progress import (
-    PipelineProgress,
-    ProgressOption,
-    check_progress,
-    total_of,
-)
-from parallelkit._pipeline.run import PipelineStats, Run, Stage, StageStats
+from parallelkit._observe.progress import PipelineProgress, ProgressOption, check_progress, total_of
+from parallelkit._pipeline.processes import Stage
+from parallelkit._pipeline.run import Run
 from parallelkit._pipeline.stage import FILTER, FLAT_MAP, KIND_NAMES, MAP
+from parallelkit._pipeline.stats import PipelineStats, StageStats, StallWatch
 from parallelkit._util.checks import check_bool, check_callable, check_positive_int, check_timeout
 from parallelkit._util.context import resolve_start_method
 from parallelkit._util.types import StartMethod
@@ -43,8 +40,11 @@ _Y = TypeVar("_Y")
 
 
 class _RunLike(Protocol):
-    outputs: deque[list[Any]]
-    held_counts: deque[int]
+    @property
+    def outputs(self) -> deque[list[Any]]: ...
+    @property
+    def held_counts(self) -> deque[int]: ...
+
     finished: bool
     streaming: bool
     items_out: int  # items in the lists the consumer took from outputs
@@ -320,7 +320,9 @@ class Pipeline(Generic[T]):
         if self._progress is not False:
             run.progress = PipelineProgress(self._progress, total_of(self._source))
             run.report_progress()
-        run.stall_timeout, run.on_stall = self._stall
+        stall_timeout, on_stall = self._stall
+        if stall_timeout is not None:
+            run.stall = StallWatch(stall_timeout, on_stall)
         run.start()
         return run
 

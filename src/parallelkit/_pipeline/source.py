@@ -1,0 +1,196 @@
+"""A pipeline's source: sliced when it is a sequence, else read by a helper thread.
+
+``Source`` owns the source thread and the wake-up pipe the thread writes to, to wake the
+router from its ``poll`` when a chunk is ready and the router wants one.  The thread reads
+only while the :class:`~parallelkit._pipeline.budget.Budget` has room, so that a consumer
+that stops asking stops the source too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Final
+
+from parallelkit._pipeline.budget import MAX_BATCH, Budget
+from parallelkit._util import fuzz as _fuzz
+from parallelkit._util.threads import quiet_thread
+
+__all__ = ("Source", "WakeUp")
+
+CHUNK_SECONDS: Final = 0.001  # the source thread passes on what it read at least this often
+JOIN_TIMEOUT: Final = 1.0  # seconds to wait for the source thread when the run stops
+
+
+class Source:
+    """The items of a run, taken in batches by the router (the consumer's thread)."""
+
+    def __init__(self, source: Iterable[Any], budget: Budget) -> None:
+        self.budget = budget
+        self.sequence: Sequence[Any] | None = None
+        self.iterator: Iterator[Any] | None = None
+        if isinstance(source, list | tuple | range):
+            self.sequence = source
+        else:
+            self.iterator = iter(source)
+        self.thread: threading.Thread | None = None
+        self.wakeup = WakeUp()
+        self.chunks: deque[list[Any]] = deque()  # read by the thread, not yet taken
+        self.pulled = 0  # items the thread has read
+        self.done = False  # the thread has ended
+        self.error: BaseException | None = None  # what the source raised
+        self.wanted = False  # the router found no chunk and waits for one: wake it
+        self.closed = False
+
+    def start(self) -> None:
+        if self.iterator is not None:
+            # it never takes a Ctrl-C meant for the main thread
+            self.thread = quiet_thread(self._pull, name="parallelkit-pipeline-source")
+            self.thread.start()
+
+    @property
+    def wakeup_fd(self) -> int | None:
+        """The descriptor to poll for the thread's wake-ups (``None``: no thread)."""
+        return None if self.thread is None else self.wakeup.fd
+
+    def take(self, start: int, limit: int) -> Sequence[Any] | None:
+        """Up to ``limit`` items from item ``start`` on (the next the router takes)."""
+        if self.sequence is not None:
+            items = self.sequence[start : start + limit]
+            return items or None
+        chunks = self.chunks
+        self.wanted = True  # before looking: either we see its chunk or it wakes us
+        if not chunks:
+            return None
+        self.wanted = False
+        taken = chunks.popleft()
+        while chunks and len(taken) + len(chunks[0]) <= limit:
+            taken += chunks.popleft()
+        return taken
+
+    def exhausted(self, taken: int) -> bool:
+        """``taken`` items were taken, and there are no more."""
+        if self.sequence is not None:
+            return taken >= len(self.sequence)
+        return self.done and not self.chunks
+
+    def items_read(self, taken: int) -> int:
+        return taken if self.sequence is not None else self.pulled
+
+    def stop(self) -> None:
+        """Stop the thread (it may be inside the user's ``next()``: it exits when that
+        returns); idempotent.  The wake-up pipe stays open until :meth:`close`."""
+        self.closed = True
+        self.budget.wake_all()
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(JOIN_TIMEOUT)
+
+    def close(self) -> None:
+        """Tell the thread to stop and close the wake-up pipe (also the GC backstop)."""
+        self.closed = True
+        self.wakeup.close()
+
+    def _stopping(self) -> bool:
+        return self.closed
+
+    def _pull(self) -> None:
+        """The source thread: read the source in chunks into ``chunks``.
+
+        A chunk starts at one item and doubles while the source fills it within
+        ``CHUNK_SECONDS`` twice in a row (halving when it does not), so a fast source is read
+        in C-speed runs of up to a batch while a slow trickle is passed on item by item.  (A
+        source that turns slow after a fast run can hold back the items of one chunk until
+        its next item comes.)  Reading stops while the budget has no room.
+        """
+        iterator = self.iterator
+        assert iterator is not None
+        budget = self.budget
+        chunks = self.chunks
+        clock = time.perf_counter
+        size = 1
+        fast = 0  # chunks in a row that filled within CHUNK_SECONDS
+        chunk: list[Any] = []
+        try:
+            while not self.closed:
+                room = budget.cap() - (self.pulled - budget.released)
+                if room <= 0:
+                    budget.wait_for_room(self.pulled, self._stopping)
+                    continue
+                limit = min(size, room, budget.batch_size)
+                chunk = []
+                append = chunk.append
+                began = clock()
+                for item in itertools.islice(iterator, limit):
+                    append(item)
+                took = clock() - began
+                count = len(chunk)
+                if count:
+                    if _fuzz.ENABLED:
+                        _fuzz.point("router.source_chunk")
+                    chunks.append(chunk)
+                    self.pulled += count
+                    chunk = []
+                    if self.wanted:
+                        self.wakeup.wake()
+                    else:
+                        time.sleep(0)  # let the router have the GIL: it has work to route
+                if count < limit:
+                    break  # the source is exhausted
+                if took < CHUNK_SECONDS:
+                    fast += 1
+                    if fast >= 2:  # twice in a row: one quick item proves no steady rate
+                        size = min(2 * size, MAX_BATCH)
+                else:
+                    fast = 0
+                    size = max(1, size // 2)
+        except BaseException as exc:
+            if chunk:  # what the source yielded before it raised is not lost
+                chunks.append(chunk)
+                self.pulled += len(chunk)
+            self.error = exc
+        finally:
+            if self.closed:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()  # run the generator's finally blocks
+            self.done = True
+            self.wakeup.wake()
+
+
+class WakeUp:
+    """A pipe the source thread writes a byte to, to wake the router from ``poll``.
+
+    Closed under a lock, so that a source thread that returns from the user's ``next()``
+    after the run ended never writes to a descriptor number the process has reused.
+    """
+
+    def __init__(self) -> None:
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending
+                    os.write(self._write_fd, b"\0")
+
+    def drain(self) -> None:
+        with self._lock:
+            if not self._closed:
+                os.read(self.fd, 4096)  # poll said it is readable: this does not block
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
+                os.close(self._write_fd)
