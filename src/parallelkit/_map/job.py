@@ -471,3 +471,41 @@ def stop(engine: Driver, job: Job) -> None:
             engine.abandon(job)
         finally:
             engine.mutex.release()
+
+
+class Turns:
+    """Whose turn it is to give a driver its next chunk, among the jobs it runs.
+
+    Both drivers (the process engine and ``ChunkEngine``) ask their jobs in turn, so that a
+    long map does not starve another one on the same pool.
+    """
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next = 0  # the job (by position) to ask first next time
+
+    def next_chunk(
+        self,
+        jobs: list[Job],
+        abandon: Callable[[Job], object],
+        before: Callable[[Job], object] | None = None,
+    ) -> Chunk | None:
+        """The next chunk of the first job in turn that has one; ``abandon`` is called for
+        cancelled jobs (closed from another thread, or by the garbage collector), ``before``
+        for each job before it is asked."""
+        # a snapshot: asking a job for a chunk may settle it and remove it from ``jobs``
+        snapshot = list(jobs)
+        n = len(snapshot)
+        for k in range(n):
+            job = snapshot[(self._next + k) % n]
+            if job.cancelled:
+                abandon(job)
+                continue
+            if before is not None:
+                before(job)
+            chunk = job.next_chunk()
+            if chunk is not None:
+                self._next = (self._next + k + 1) % n
+                return chunk
+        return None

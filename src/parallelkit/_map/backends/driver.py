@@ -33,7 +33,7 @@ from parallelkit._map.backends.protocol import (
     Runner,
     WorkerLostError,
 )
-from parallelkit._map.job import Chunk, Job
+from parallelkit._map.job import Chunk, Job, Turns
 from parallelkit._wire.codec import ExceptionRecord, locate_unpicklable, rebuild_exception
 from parallelkit.errors import SerializationError, TaskTimeoutError, WorkerCrashedError
 
@@ -55,7 +55,7 @@ class ChunkEngine:
         self.prepared: set[int] = set()
         self.suspects: set[int] = set()  # ids of chunks to run alone (see the docstring)
         self.closed = False
-        self._rr = 0
+        self.turns = Turns()  # the jobs are asked for chunks in turn
         # parallelkit._map.stats: where chunks ran -> [items, busy seconds]
         self.tally: dict[str, list[float]] = {}
         self.started = time.monotonic()
@@ -106,21 +106,12 @@ class ChunkEngine:
 
     # ---------------------------------------------------------------- dispatch
     def _next_chunk(self) -> Chunk | None:
-        jobs = list(self.jobs)
-        n = len(jobs)
-        for k in range(n):
-            job = jobs[(self._rr + k) % n]
-            if job.cancelled:
-                self.abandon(job)
-                continue
-            if id(job) not in self.prepared:
-                self.prepared.add(id(job))
-                self.runner.prepare(job.fn)
-            chunk = job.next_chunk()
-            if chunk is not None:
-                self._rr = (self._rr + k + 1) % n
-                return chunk
-        return None
+        return self.turns.next_chunk(self.jobs, self.abandon, self._prepare)
+
+    def _prepare(self, job: Job) -> None:
+        if id(job) not in self.prepared:
+            self.prepared.add(id(job))
+            self.runner.prepare(job.fn)
 
     def _dispatch(self) -> None:
         while len(self.running) < (1 if self.suspects else self.runner.capacity):
