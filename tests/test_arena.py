@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import parallelkit as pk
-import workers_arena as wa
+import tasks.arena as wa
 from child import package_env, run_python
 from parallelkit._map.call import MapOptions
 from parallelkit._map.job import Job

@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import parallelkit as pk
-import workers as w
-import workers_pipeline as wp
+import tasks.basic as w
+import tasks.pipeline as wp
 
 LOCAL_BACKENDS = (
     "process",

@@ -17,18 +17,18 @@ import pytest
 
 import parallelkit as pk
 from parallelkit._util.types import StartMethod
-from workers_refs import AsyncCallable, async_double, async_numbers, value_of
+from tasks.refs import AsyncCallable, async_double, async_numbers, value_of
 
 TESTS = Path(__file__).parent
 
 # Run as `python - METHOD API` (the script on stdin) or `python -c SCRIPT METHOD API`; the
-# task functions come from modules (abs, tests/workers_channel.py).
+# task functions come from modules (abs, tests/tasks/channel.py).
 SCRIPT = """
 import sys
 import threading
 import time
 import parallelkit as pk
-import workers_channel as wc
+import tasks.channel as wc
 
 method, api = sys.argv[1], sys.argv[2]
 if api == "run_parallel":

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import parallelkit
-import workers_benchmarks
+import tasks.benchmarks as wb
 from benchmarks import harness as h
 from benchmarks.settings import QUICK_WORKLOADS, WORKLOADS, add_arguments, settings_from
 from benchmarks.suite import heavy_main
@@ -188,7 +188,7 @@ def test_heavy_main_makes_spawn_children_import_numpy() -> None:
     for heavy in (False, True):
         recv, send = ctx.Pipe(duplex=False)
         with heavy_main() if heavy else contextlib.nullcontext():
-            proc = ctx.Process(target=workers_benchmarks.report_numpy, args=(send,))
+            proc = ctx.Process(target=wb.report_numpy, args=(send,))
             proc.start()
         send.close()
         seen.append(recv.recv())

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import parallelkit as pk
-import workers_channel as wc
+import tasks.channel as wc
 from child import run_python
 from parallelkit._util.types import StartMethod
 

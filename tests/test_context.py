@@ -225,10 +225,10 @@ def test_unreadable_v1_files_mean_no_quota(tmp_path: Path) -> None:
 @pytest.mark.parametrize("preload", ["1", "0"])
 def test_forkserver_workers_inherit_what_main_imported(preload: str) -> None:
     # `python -c`: multiprocessing's forkserver then preloads nothing of the main module, so
-    # without parallelkit's preload every worker imports preload_probe itself.
+    # without parallelkit's preload every worker imports tasks.preload itself.
     script = (
         "import multiprocessing.forkserver as fs\n"
-        "import preload_probe\n"
+        "import tasks.preload as preload_probe\n"
         "import parallelkit as pk\n"
         "here = pk.run_parallel(preload_probe.imported_here, range(4), max_workers=2,\n"
         "                       start_method='forkserver', chunksize=1)\n"
@@ -248,7 +248,7 @@ def test_a_spawn_worker_imports_neither_ctypes_nor_the_shared_ctypes_heap() -> N
     # than loading ctypes for PR_SET_PDEATHSIG (each of those imports costs milliseconds)
     heavy = ["ctypes", "multiprocessing.sharedctypes", "multiprocessing.heap"]
     script = (
-        "import preload_probe, parallelkit as pk\n"
+        "import parallelkit as pk, tasks.preload as preload_probe\n"
         f"got = pk.run_parallel(preload_probe.loaded, [{heavy!r}] * 2, max_workers=2,\n"
         "                      start_method='spawn', chunksize=1)\n"
         "print(got)\n"

@@ -33,8 +33,8 @@ import dask  # noqa: E402
 
 import child  # noqa: E402
 import parallelkit as pk  # noqa: E402
-import workers as w  # noqa: E402
-import workers_pipeline as wp  # noqa: E402
+import tasks.basic as w  # noqa: E402
+import tasks.pipeline as wp  # noqa: E402
 from parallelkit.testing import check_no_leaks  # noqa: E402
 
 Options = dict[str, object]

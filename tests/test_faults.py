@@ -1,7 +1,7 @@
 """Fault injection: nothing hangs, nothing leaks, every failure names its item (issue 3).
 
 Each fault happens for real, under every start method: bad objects that fail at each phase
-of an item's trip (see ``workers_faults``), workers that really get SIGKILLed mid-transfer
+of an item's trip (see ``tasks.faults``), workers that really get SIGKILLed mid-transfer
 or by a sibling, a parent process that really dies, a real SIGINT, a real shortage of file
 descriptors.  The scenarios that kill or interrupt a whole program run a script from
 ``tests/scripts/`` in its own session (a process group, as a terminal's foreground job is):
@@ -35,7 +35,7 @@ from typing import Final, Self
 import pytest
 
 import parallelkit as pk
-import workers_faults as wf
+import tasks.faults as wf
 from parallelkit._util.types import StartMethod
 
 TESTS: Final = Path(__file__).resolve().parent
@@ -260,7 +260,7 @@ def _system_exit(exc: BaseException, index: int) -> None:
 def _remote(type_name: str) -> Check:
     def check(exc: BaseException, index: int) -> None:
         assert isinstance(exc, pk.RemoteError), repr(exc)
-        assert exc.type_name == f"workers_faults.{type_name}"
+        assert exc.type_name == f"tasks.faults.{type_name}"
         assert type_name in exc.remote_traceback
         assert f"on item {index}" in _notes(exc)
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import parallelkit as pk
-import workers
+import tasks.basic as w
 from parallelkit._proc import lifecycle as _lifecycle
 from parallelkit._util.types import StartMethod
 
@@ -43,7 +43,7 @@ def test_waiting_for_an_exiting_child_does_not_spin(
     start_method: StartMethod, pidfd: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctx: Any = multiprocessing.get_context(start_method)
-    process = ctx.Process(target=workers.close_descriptors_then_exit, args=(0.5,))
+    process = ctx.Process(target=w.close_descriptors_then_exit, args=(0.5,))
     process.start()
     try:
         if start_method != "forkserver":  # in the window: sentinel at EOF, not reapable
@@ -82,7 +82,7 @@ def test_a_child_that_closed_its_descriptors_and_runs_on_is_stopped_at_the_deadl
     start_method: StartMethod,
 ) -> None:
     ctx: Any = multiprocessing.get_context(start_method)
-    process = ctx.Process(target=workers.close_descriptors_then_sleep, args=(120.0,))
+    process = ctx.Process(target=w.close_descriptors_then_sleep, args=(120.0,))
     process.start()
     pid = process.pid
     try:
@@ -106,10 +106,10 @@ def test_a_task_that_closes_its_workers_descriptors_fails_and_the_pool_goes_on(
     start_method: StartMethod,
 ) -> None:
     with pk.WorkerPool(1, start_method=start_method) as pool:
-        future = pool.submit(workers.close_descriptors_then_sleep, 120.0)
+        future = pool.submit(w.close_descriptors_then_sleep, 120.0)
         # its pipe and sentinel closed, it ran on: killed after a 5 s grace to exit (a
         # blocking waitpid would wait the 120 s, past this timeout)
         with pytest.raises(pk.WorkerCrashedError) as info:
             future.result(timeout=60)
         assert info.value.signal == "SIGKILL"
-        assert pool.submit(workers.square, 7).result(timeout=60) == 49
+        assert pool.submit(w.square, 7).result(timeout=60) == 49

@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import parallelkit as pk
-import workers as pool_workers
-import workers_pipeline as w
+import tasks.basic as pool_workers
+import tasks.pipeline as w
 from conftest import START_METHODS
 from parallelkit._util.types import StartMethod
 from parallelkit._wire import frames as _frames

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import parallelkit as pk
-import workers as w
+import tasks.basic as w
 from parallelkit._map import worker as W
 from parallelkit._map.job import Job
 from parallelkit._proc import slots
@@ -155,7 +155,7 @@ def test_exception_with_required_constructor_args_arrives_intact(
 def test_exception_that_cannot_cross_arrives_as_remote_error(start_method: StartMethod) -> None:
     with pytest.raises(pk.RemoteError) as info:
         pk.run_parallel(w.raise_unpicklable, [1], start_method=start_method)
-    assert info.value.type_name == "workers.HoldsLock"
+    assert info.value.type_name == "tasks.basic.HoldsLock"
     assert "item 1" in str(info.value)
     assert "raise_unpicklable" in info.value.remote_traceback
 

@@ -13,7 +13,7 @@ import pytest
 import tqdm
 
 import parallelkit as pk
-import workers_progress as wp
+import tasks.progress as wp
 from parallelkit._util.types import StartMethod
 
 
@@ -286,7 +286,7 @@ def test_stall_dump_names_the_function_and_the_item(start_method: StartMethod) -
     assert worker.item_index == 5
     assert worker.doing == "running item 5"
     assert "in sleep_at_five" in worker.stack  # faulthandler: "File ..., line N in fn"
-    assert "workers_progress.py" in worker.stack
+    assert f"tasks{os.sep}progress.py" in worker.stack
     assert report.seconds >= 0.4
     assert "running item 5" in str(report)
 

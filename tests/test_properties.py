@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 import parallelkit as pk
 from parallelkit._wire.codec import RemoteTraceback
 from parallelkit.testing import chunksizes, worker_counts
-from workers_props import FAILING_KINDS, KINDS, ItemError, Task, run_task, square
+from tasks.props import FAILING_KINDS, KINDS, ItemError, Task, run_task, square
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import parallelkit as pk
-import workers_pipeline
-import workers_queue as w
+import tasks.pipeline as wp
+import tasks.queue as w
 from parallelkit._queue import UNBOUNDED_LARGE_BYTES
 from parallelkit._util.context import get_context
 from parallelkit._util.types import StartMethod
@@ -195,14 +195,14 @@ def test_a_large_item_is_not_kept_by_the_consumer_after_it_is_dropped() -> None:
     size = 160 << 20
     q: pk.Queue[bytes] = pk.Queue()
     producer = threading.Thread(target=lambda: q.put(b"z" * size))  # blocks until read
-    before = workers_pipeline.rss_bytes()
+    before = wp.rss_bytes()
     producer.start()
     item = q.get(timeout=30)
     producer.join(30)
     assert len(item) == size
     del item
     gc.collect()
-    grown = workers_pipeline.rss_bytes() - before
+    grown = wp.rss_bytes() - before
     assert len(getattr(_frames._scratch, "buffer", b"")) < size // 4  # not the item's size
     assert grown < size // 3, f"the consumer kept {grown >> 20} MiB"
     q.close()

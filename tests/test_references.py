@@ -16,7 +16,7 @@ import pytest
 
 import parallelkit as pk
 from parallelkit._util.types import StartMethod
-from workers_refs import (
+from tasks.refs import (
     CountOnArrival,
     Tracked,
     TrackedError,

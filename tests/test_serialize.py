@@ -12,7 +12,7 @@ from typing import cast
 
 import pytest
 
-import serialize_helpers as helpers
+import tasks.serialize as helpers
 from parallelkit._util.context import get_context
 from parallelkit._util.types import StartMethod
 from parallelkit._wire import codec as _serialize
@@ -194,7 +194,7 @@ def test_rebuilt_exception_has_the_remote_traceback_as_cause_and_a_note() -> Non
 
 def test_exception_with_required_constructor_args_keeps_its_attributes() -> None:
     record = _captured(helpers.NeedsArgs(404, "not found"))
-    assert record.type_name == "serialize_helpers.NeedsArgs"
+    assert record.type_name == "tasks.serialize.NeedsArgs"
     exc = rebuild_exception(record, where="here")
     assert type(exc) is helpers.NeedsArgs
     assert exc.code == 404
@@ -226,7 +226,7 @@ def test_unpicklable_exception_arrives_as_remote_error() -> None:
     assert record.payload is None
     exc = rebuild_exception(record, where="in worker pid 9 on item 2")
     assert isinstance(exc, RemoteError)
-    assert exc.type_name == "serialize_helpers.HoldsLock"
+    assert exc.type_name == "tasks.serialize.HoldsLock"
     assert "cannot cross" in str(exc)
     assert "raise_it" in exc.remote_traceback
     assert isinstance(exc.__cause__, RemoteTraceback)
@@ -237,13 +237,13 @@ def test_exception_whose_class_is_missing_here_arrives_as_remote_error() -> None
     # As when the worker raised a class from a module the parent never imported.
     payload = pickle.dumps(
         (helpers.NeedsArgs, (1, "x"), {}, None), protocol=pickle.HIGHEST_PROTOCOL
-    ).replace(b"serialize_helpers", b"no_such_module_xx")
-    record = ExceptionRecord("no_such_module_xx.NeedsArgs", "code 1: x", "Traceback\n", payload)
+    ).replace(b"tasks.serialize", b"no_such_package")
+    record = ExceptionRecord("no_such_package.NeedsArgs", "code 1: x", "Traceback\n", payload)
     exc = rebuild_exception(record, where="here")
     assert isinstance(exc, RemoteError)
-    assert exc.type_name == "no_such_module_xx.NeedsArgs"
+    assert exc.type_name == "no_such_package.NeedsArgs"
     assert exc.remote_traceback == "Traceback\n"
-    assert str(exc) == "no_such_module_xx.NeedsArgs: code 1: x"
+    assert str(exc) == "no_such_package.NeedsArgs: code 1: x"
 
 
 def test_payload_that_is_not_an_exception_arrives_as_remote_error() -> None:

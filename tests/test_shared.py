@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import parallelkit as pk
-import workers_shared as ws
+import tasks.shared as ws
 from parallelkit._shared import array as _shared_array
 from parallelkit._shared import counters as _shared
 from parallelkit._util.context import get_context

@@ -32,7 +32,7 @@ from hypothesis import given
 
 import parallelkit as pk
 import parallelkit.testing
-import workers
+import tasks.basic as w
 from child import TESTS, package_env, run_python
 from parallelkit._util import owners as _owners
 from parallelkit._util.context import available_start_methods
@@ -302,14 +302,12 @@ def test_worker_pool_created_before_the_block_is_not_its_leak(start_method: Star
     with pk.WorkerPool(2, start_method=start_method) as pool:
         segments = _our_segments()
         with check_no_leaks(grace=QUICK, kill=True):
-            pids = set(pool.map(workers.pid_of, range(4), chunksize=1))  # starts the workers
-            pids |= set(
-                pool.map(workers.pid_of, [pickle.PickleBuffer(bytearray(BIG))] * 4, chunksize=1)
-            )
-            pids.add(pool.submit(workers.pid_of, None).result())  # the futures thread
+            pids = set(pool.map(w.pid_of, range(4), chunksize=1))  # starts the workers
+            pids |= set(pool.map(w.pid_of, [pickle.PickleBuffer(bytearray(BIG))] * 4, chunksize=1))
+            pids.add(pool.submit(w.pid_of, None).result())  # the futures thread
             assert _our_segments() - segments  # the arena, made inside the block
         assert all(_alive(pid) for pid in pids)
-        assert list(pool.map(workers.square, range(4))) == [0, 1, 4, 9]
+        assert list(pool.map(w.square, range(4))) == [0, 1, 4, 9]
 
 
 def test_thread_pool_executor_created_before_the_block_is_not_its_leak() -> None:
@@ -325,9 +323,9 @@ def test_process_pool_executor_created_before_the_block_is_not_its_leak(
     context = multiprocessing.get_context(start_method)
     with ProcessPoolExecutor(2, mp_context=context) as executor:
         with check_no_leaks(grace=QUICK, kill=True):
-            pids = set(executor.map(workers.pid_of, range(4)))
+            pids = set(executor.map(w.pid_of, range(4)))
         assert all(_alive(pid) for pid in pids)
-        assert executor.submit(workers.square, 5).result() == 25
+        assert executor.submit(w.square, 5).result() == 25
 
 
 def test_multiprocessing_queue_created_before_the_block_is_not_its_leak(
@@ -359,7 +357,7 @@ def test_worker_pool_created_inside_the_block_and_left_open_is_a_leak(
 def _open_pool_and_use(start_method: StartMethod, pools: list[pk.WorkerPool]) -> set[int]:
     pool = pk.WorkerPool(2, start_method=start_method)
     pools.append(pool)
-    return set(pool.map(workers.slow_pid, range(2), chunksize=1))
+    return set(pool.map(w.slow_pid, range(2), chunksize=1))
 
 
 def test_thread_pool_executor_created_inside_the_block_and_left_open_is_a_leak() -> None:
@@ -393,11 +391,11 @@ def test_process_leaked_beside_an_older_pool_is_caught_and_only_it_killed(
             process.join(timeout=10)
         assert process.exitcode == -signal.SIGKILL
         assert all(_alive(pid) for pid in pids)
-        assert list(pool.map(workers.square, range(3))) == [0, 1, 4]
+        assert list(pool.map(w.square, range(3))) == [0, 1, 4]
 
 
 def _use_and_start(pool: pk.WorkerPool, process: BaseProcess) -> set[int]:
-    pids = set(pool.map(workers.pid_of, range(4), chunksize=1))
+    pids = set(pool.map(w.pid_of, range(4), chunksize=1))
     process.start()
     return pids
 
@@ -429,7 +427,7 @@ def test_kill_kills_nothing_when_an_older_owner_cannot_say_what_it_holds() -> No
 def test_ownership_record_does_not_keep_a_pool_alive() -> None:
     pool = pk.WorkerPool(1)
     with check_no_leaks():
-        assert pool.submit(workers.square, 2).result() == 4
+        assert pool.submit(w.square, 2).result() == 4
         pool.shutdown()
     ref = weakref.ref(pool)
     del pool
@@ -471,14 +469,14 @@ def test_session_pool_under_the_documented_autouse_check(
     (tmp_path / "test_fanout.py").write_text(
         textwrap.dedent(
             """
-            import workers
+            import tasks.basic as w
 
             def test_first_use(pool, executor):
-                assert list(pool.map(workers.square, range(6))) == [0, 1, 4, 9, 16, 25]
+                assert list(pool.map(w.square, range(6))) == [0, 1, 4, 9, 16, 25]
                 assert list(executor.map(abs, [-1, -2])) == [1, 2]
 
             def test_next_use(pool, executor):
-                assert pool.submit(workers.square, 7).result() == 49
+                assert pool.submit(w.square, 7).result() == 49
                 assert executor.submit(abs, -3).result() == 3
             """
         )

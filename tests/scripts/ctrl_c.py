@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 import parallelkit as pk
-import workers_faults as wf
+import tasks.faults as wf
 from parallelkit.testing import check_no_leaks
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 import parallelkit as pk
-import workers_faults as wf
+import tasks.faults as wf
 
 KEEP: list[object] = []  # the pending work stays referenced until interpreter exit
 

@@ -10,6 +10,6 @@ from __future__ import annotations
 import sys
 
 import parallelkit as pk
-import workers_faults as wf
+import tasks.faults as wf
 
 print(pk.run_parallel(wf.square, range(8), start_method=wf.start_method_arg(sys.argv[1])))

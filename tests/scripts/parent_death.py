@@ -12,7 +12,7 @@ import sys
 import time
 
 import parallelkit as pk
-import workers_faults as wf
+import tasks.faults as wf
 
 
 def main() -> None:

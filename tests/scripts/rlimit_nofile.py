@@ -20,7 +20,7 @@ import sys
 from multiprocessing.process import BaseProcess
 
 import parallelkit as pk
-import workers_faults as wf
+import tasks.faults as wf
 from parallelkit.testing import check_no_leaks
 
 starts = {"ok": 0, "failed": 0}

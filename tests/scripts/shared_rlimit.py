@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import parallelkit as pk
-import workers_shared as ws
+import tasks.shared as ws
 from parallelkit._util.context import get_context
 from parallelkit.testing import check_no_leaks
 

@@ -15,7 +15,7 @@ import sys
 from types import FrameType
 
 import parallelkit as pk
-import workers_faults as wf
+import tasks.faults as wf
 
 ROUNDS = 6  # at least this many pools
 SIGNALS = 200  # ...and at least this many signals seen meanwhile

@@ -13,8 +13,8 @@ import sys
 import numpy as np
 
 import parallelkit as pk
-import workers_arena as wa
-import workers_faults as wf
+import tasks.arena as wa
+import tasks.faults as wf
 from parallelkit._wire import arena as _arena
 from parallelkit.testing import check_no_leaks
 

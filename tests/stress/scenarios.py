@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any, Final
 
 HERE: Final = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]  # tests/: workers_stress, importable by every child too
+sys.path[:0] = [str(HERE.parent)]  # tests/: tasks.stress, importable by every child too
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 import parallelkit as pk  # noqa: E402
-import workers_stress as w  # noqa: E402
+import tasks.stress as w  # noqa: E402
 from parallelkit.testing import check_no_leaks  # noqa: E402
 
 RESULT_WAIT: Final = 120.0  # seconds: a future's result or a child's reply (hangs: the driver)
@@ -106,7 +106,7 @@ def _short(value: object) -> str:
 
 
 def expected_of(item: tuple[int, object]) -> tuple[int, object] | BaseException:
-    """What :func:`workers_stress.tagged` gives for ``item``: its result or its exception."""
+    """What :func:`tasks.stress.tagged` gives for ``item``: its result or its exception."""
     try:
         return w.tagged(item)
     except w.StressTaskError as exc:
