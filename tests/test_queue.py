@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,6 +53,53 @@ def test_large_and_numpy_items_arrive_intact() -> None:
     assert (got[1] == array).all()
     assert got[1].flags.writeable  # type: ignore[attr-defined]
     assert got[2] == "small"
+
+
+def test_every_way_an_item_is_encoded_gives_it_back_as_it_was() -> None:
+    # small pickles, a large one, large bytes and bytearrays out of band, and what only
+    # cloudpickle can send: each takes its own path through put and get
+    np = pytest.importorskip("numpy")
+    q: pk.Queue[object] = pk.Queue()
+    reader = threading.Thread(target=lambda: got.extend(q))
+    got: list[object] = []
+    reader.start()
+    many = list(range(30_000))  # a pickle larger than the out-of-band threshold
+    blob = bytes(range(256)) * 400  # 100 KiB
+    buffer = bytearray(blob[:70_000])
+    small_array = np.arange(10)
+    q.put(7)
+    q.put(bytearray(b"ab"))
+    q.put(many)
+    q.put(blob)
+    q.put_many([blob, buffer, "x"])
+    q.put(small_array)
+    q.put(lambda x: x + 1)
+    q.close()
+    reader.join(10)
+    assert got[:7] == [7, bytearray(b"ab"), many, blob, blob, buffer, "x"]
+    assert type(got[1]) is bytearray
+    assert type(got[5]) is bytearray
+    assert (got[7] == small_array).all()
+    assert got[7].flags.writeable  # type: ignore[attr-defined]
+    assert got[8](1) == 2  # type: ignore[operator]
+    assert len(got) == 9
+
+
+def test_put_many_batches_large_items_by_their_size() -> None:
+    # a batch ends near BATCH_BYTES by the items' sizes, so a generator of large objects is
+    # not read far ahead of what is sent: when it fails, the batches before are in
+    size = 300_000  # 4 of them make a batch
+
+    def items() -> Iterator[bytes]:
+        for i in range(10):
+            yield bytes([i]) * size
+        raise RuntimeError("the source failed")
+
+    q: pk.Queue[bytes] = pk.Queue()
+    with pytest.raises(RuntimeError, match="the source failed"):
+        q.put_many(items())
+    q.close()
+    assert [b[0] for b in q] == list(range(8))
 
 
 def test_two_producers_one_consumer(start_method: StartMethod) -> None:

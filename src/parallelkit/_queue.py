@@ -58,6 +58,7 @@ import fcntl
 import itertools
 import mmap
 import os
+import pickle
 import select
 import socket
 import struct
@@ -87,6 +88,7 @@ ITEMS: Final = 1
 END: Final = 2
 HAS_FD: Final = 1  # flag: the body is in the file whose descriptor the datagram carries
 PUT_MANY_BATCH: Final = 1024  # items per message, at most, from put_many
+PUT_MANY_RUN: Final = 128  # items put_many takes from its input at a time, at most
 BATCH_BYTES: Final = 1 << 20  # a message of several items is split above this many bytes
 INLINE_MAX: Final = 16 << 20  # bytes: a larger message travels in an anonymous file
 SOCKET_BUFFER: Final = 4 << 20  # bytes asked for (the kernel caps it at wmem_max)
@@ -104,16 +106,70 @@ STATE_BYTES: Final = mmap.PAGESIZE
 READ_LOCK: Final = 0  # byte of the state file: consumers taking from the head
 COUNT_LOCK: Final = 1  # byte of the state file: the counters and the producers' room
 
-_SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+# plain ints: or-ing the socket module's flag enums costs more than the system call
+_SEND_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_NOWAIT: Final = int(socket.MSG_DONTWAIT)
+_PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 _FD_SPACE: Final = socket.CMSG_SPACE(4)
+_LOCK_TRY: Final = fcntl.LOCK_EX | fcntl.LOCK_NB
 _CLOSED: Final = "every producer closed the queue, and it is empty"
 
-# Message ids: unique per queue (the pid keeps forked children apart).
+# Message ids: unique per queue (the pid keeps forked children apart).  The pid is kept
+# here, not asked for per message: getpid is a system call.
 _ids = itertools.count(1)
+_pid_bits = os.getpid() << 32
 
 
 def _next_id() -> int:
-    return (os.getpid() << 32) | (next(_ids) & 0xFFFFFFFF)
+    return _pid_bits | (next(_ids) & 0xFFFFFFFF)
+
+
+# A message's first part when it is one small pickle (see _encode)
+# A batch longer than this is looked at for large bytes only when its pickle is large (the
+# look costs more than pickling small items); a shorter one before pickling, so that large
+# bytes are not pickled in vain.
+_SCAN_FIRST: Final = 64
+_SMALL_HEAD: Final = frames.HEAD.pack(ITEMS, 0, 0, 0, 0, 0)
+# ... and when it is one large pickle, in a part of its own
+_PICKLE_HEAD: Final = frames.HEAD.pack(ITEMS, 0, 0, 0, 0, -1)
+
+
+def _encode(items: list[Any]) -> frames.Parts:
+    """``frames.encode(items, ITEMS)``, in one ``pickle.dumps`` when nothing goes out of band.
+
+    The same parts as ``frames.encode`` would make (it is used whenever an item is or has a
+    large buffer, or plain pickle refuses one), for a fraction of the cost of a small
+    message.
+    """
+    if len(items) <= _SCAN_FIRST and _large_bytes(items):
+        return frames.encode(items, ITEMS)  # large bytes travel out of band
+    try:
+        payload = pickle.dumps(items, 5, buffer_callback=_in_band)
+    except Exception:  # _OutOfBand, or what only cloudpickle sends, or the error to report
+        return frames.encode(items, ITEMS)
+    if len(payload) < frames.OUT_OF_BAND_MIN:
+        return [_SMALL_HEAD + payload]  # no large bytes in it, then
+    if len(items) > _SCAN_FIRST and _large_bytes(items):
+        return frames.encode(items, ITEMS)
+    return [_PICKLE_HEAD, payload]
+
+
+def _in_band(buffer: pickle.PickleBuffer) -> bool:
+    with contextlib.suppress(BufferError):  # not contiguous: in band, as frames does
+        if buffer.raw().nbytes >= frames.OUT_OF_BAND_MIN:
+            raise _OutOfBand  # stop pickling: this one goes out of band
+    return True
+
+
+def _large_bytes(items: list[Any]) -> bool:
+    for x in items:  # noqa: SIM110 - a plain loop costs less than any() over a generator
+        if type(x) is bytes and len(x) >= frames.OUT_OF_BAND_MIN:
+            return True
+    return False
+
+
+class _OutOfBand(Exception):
+    """An item has a buffer to send out of band: ``frames.encode`` sends it."""
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -161,8 +217,12 @@ class _RecordLock:
         elif not self.thread_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return False
         try:
-            if self._try():
+            try:  # the usual case, free: one system call
+                fcntl.lockf(self.fd, _LOCK_TRY, 1, self.byte)
                 return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
             if deadline is None:
                 try:
                     fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, self.byte)
@@ -187,7 +247,7 @@ class _RecordLock:
 
     def _try(self) -> bool:
         try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.byte)
+            fcntl.lockf(self.fd, _LOCK_TRY, 1, self.byte)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
@@ -250,6 +310,8 @@ _HANDLES: weakref.WeakSet[Queue[Any]] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
+    global _pid_bits
+    _pid_bits = os.getpid() << 32
     for handle in list(_HANDLES):
         handle._after_fork()
 
@@ -386,20 +448,35 @@ class Queue(Generic[T]):
         """
         deadline = _deadline(timeout)
         limit = min(PUT_MANY_BATCH, self._maxsize or PUT_MANY_BATCH)
-        batch: list[T] = []
-        guess = 0  # bytes of the batch, roughly (a cheap guess: sizes of the objects alone)
+        source = iter(items)
         sent = 0
         try:
-            for item in items:
-                batch.append(item)
-                guess += sys.getsizeof(item)
-                if len(batch) >= limit or guess >= BATCH_BYTES:
+            while True:
+                # A batch ends at `limit` items or at BATCH_BYTES by a cheap guess.  Items are
+                # pulled in runs (C loops) of at most PUT_MANY_RUN, each small enough by the
+                # sizes seen so far not to overshoot much, so that a generator of large
+                # objects is not drained far ahead of what is sent.  A run's size is guessed
+                # from its first and last items: getsizeof costs more than pickling a small
+                # item, so calling it on every item would double the cost of a batch.
+                batch: list[T] = []
+                guess = 0
+                run = 1
+                while True:
+                    more = list(itertools.islice(source, run))
+                    if more:
+                        batch += more
+                        each = max(sys.getsizeof(more[0]), sys.getsizeof(more[-1]))
+                        guess += len(more) * each
+                    if len(more) < run or len(batch) >= limit or guess >= BATCH_BYTES:
+                        break
+                    each = guess // len(batch) + 1
+                    run = (BATCH_BYTES - guess) // (2 * each)
+                    run = max(1, min(limit - len(batch), PUT_MANY_RUN, run))
+                if batch:
                     self._send(batch, deadline, first_index=sent)
                     sent += len(batch)
-                    batch = []
-                    guess = 0
-            if batch:
-                self._send(batch, deadline, first_index=sent)
+                if len(more) < run:
+                    break
         except TimeoutError as exc:
             if sent:
                 exc.add_note(f"the first {sent} items were put before the timeout")
@@ -409,7 +486,7 @@ class Queue(Generic[T]):
         if self._closed:
             raise ValueError("this queue handle was closed; it cannot put any more")
         try:
-            parts = frames.encode(items, ITEMS)
+            parts = _encode(items)
         except Exception as exc:
             found = locate_unpicklable(items)
             position, cause = found if found is not None else (0, exc)
@@ -419,7 +496,7 @@ class Queue(Generic[T]):
                 what="argument",
                 item_index=index,
             ) from cause
-        size = frames.size(parts)
+        size = len(parts[0]) if len(parts) == 1 else frames.size(parts)
         if len(items) > 1 and size > BATCH_BYTES:
             # A partly taken message is read again by other consumers: keep those small.
             # (put_many guessed the size too low: split once, by the measured size.)
@@ -427,11 +504,14 @@ class Queue(Generic[T]):
             for start in range(0, len(items), step):
                 self._send(items[start : start + step], deadline, first_index + start)
             return
-        self._deliver(parts, len(items), deadline)
+        self._deliver(parts, size, len(items), deadline)
 
-    def _deliver(self, parts: frames.Parts, count: int, deadline: float | None) -> None:
-        sizes = b"".join(SIZE.pack(memoryview(p).nbytes) for p in parts)
-        body = len(sizes) + frames.size(parts)
+    def _deliver(self, parts: frames.Parts, size: int, count: int, deadline: float | None) -> None:
+        if len(parts) == 1:
+            sizes = SIZE.pack(size)
+        else:
+            sizes = b"".join(SIZE.pack(memoryview(p).nbytes) for p in parts)
+        body = len(sizes) + size
         fd: int | None = None
         if QHEAD.size + body <= self._inline_max:
             buffers: list[Any] = [None, sizes, *parts]
@@ -454,7 +534,7 @@ class Queue(Generic[T]):
                         raise
                     # the system's datagrams are smaller than we thought: go by file
                     self._inline_max = QHEAD.size
-                    self._deliver(parts, count, deadline)
+                    self._deliver(parts, size, count, deadline)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -598,7 +678,7 @@ class Queue(Generic[T]):
             QueueClosedError: every producer closed the queue and it is empty.
             TimeoutError: nothing arrived within ``timeout``; nothing was taken.
         """
-        item: T = self._take(1, _deadline(timeout))[0]
+        item: T = self._take(1, None if timeout is None else _deadline(timeout))[0]
         return item
 
     def get_many(self, max_items: int | None = None, timeout: float | None = None) -> list[T]:
@@ -649,6 +729,12 @@ class Queue(Generic[T]):
         if cache is not None:
             if cache.id == head_id and cache.next == cursor:
                 stop = cache.count if limit is None else min(cache.count, cursor + limit)
+                if stop < cache.count:  # the usual case, inlined: not the last items
+                    if self._maxsize:
+                        self._account(stop - cursor, 0)
+                    words[W_HEAD_CURSOR] = stop
+                    cache.next = stop
+                    return cache.items[cursor:stop]
                 self._commit(head_id, cache.count, stop)
                 items = cache.items[cursor:stop]
                 cache.next = stop
@@ -659,7 +745,7 @@ class Queue(Generic[T]):
         ended = words[W_ENDED]  # before looking: all items were sent before it was set
         while True:
             try:
-                head = self._sock.recv(QHEAD.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                head = self._sock.recv(QHEAD.size, _PEEK)
             except BlockingIOError:
                 if ended:
                     self._post_end()  # for consumers still waiting
@@ -702,7 +788,7 @@ class Queue(Generic[T]):
         start = words[W_HEAD_CURSOR] if words[W_HEAD_ID] == message_id else 0
         if stop == count:
             if flags is None:  # from the cache: what the socket holds, look again
-                head = self._sock.recv(QHEAD.size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                head = self._sock.recv(QHEAD.size, _PEEK)
                 _, flags, _, _, _, body = QHEAD.unpack(head)
             self._account(stop - start, body if flags & HAS_FD else 0)
             words[W_HEAD_CURSOR] = count  # a consumer killed now leaves it taken, not lost
@@ -736,7 +822,10 @@ class Queue(Generic[T]):
         """The head message's body (removed from the socket unless ``peek``)."""
         if not peek:
             self._account(account, body if flags & HAS_FD else 0)
-        how = socket.MSG_DONTWAIT | (socket.MSG_PEEK if peek else 0)
+        how = _PEEK if peek else _NOWAIT
+        if not flags & HAS_FD and body < frames.OUT_OF_BAND_MIN:
+            # small: no out-of-band buffer in it, and a fresh buffer costs less than the reuse
+            return memoryview(self._sock.recv(QHEAD.size + body, how))[QHEAD.size :]
         if not flags & HAS_FD:
             # into this thread's reused buffer (a fresh one per message costs page faults);
             # _decode copies out what outlives it
@@ -762,15 +851,26 @@ class Queue(Generic[T]):
     def _remove(self, flags: int, body: int) -> None:
         """Drop the head datagram (its items are all taken)."""
         ancillary_space = _FD_SPACE if flags & HAS_FD else 0
-        _, ancillary, _, _ = self._sock.recvmsg(1, ancillary_space, socket.MSG_DONTWAIT)
+        _, ancillary, _, _ = self._sock.recvmsg(1, ancillary_space, _NOWAIT)
         for fd in _fds(ancillary):
             os.close(fd)
 
     def _decode(self, taken: _Taken) -> list[T]:
         body = taken.body
-        sizes = struct.unpack_from(f"<{taken.nparts}Q", body)
-        offset = SIZE.size * taken.nparts
-        parts = []
+        # one part: a pickle alone, with no out-of-band buffer to copy out
+        parts = [body[SIZE.size :]] if taken.nparts == 1 else self._parts(body, taken.nparts)
+        items: list[T] = frames.decode(parts)
+        if taken.stop < taken.count:
+            self._cache = _Cache(taken.id, taken.count, items, taken.stop)
+        if taken.start == 0 and taken.stop == len(items):
+            return items
+        return items[taken.start : taken.stop]
+
+    @staticmethod
+    def _parts(body: memoryview, nparts: int) -> list[Any]:
+        sizes = struct.unpack_from(f"<{nparts}Q", body)
+        offset = SIZE.size * nparts
+        parts: list[Any] = []
         for size in sizes:
             parts.append(body[offset : offset + size])
             offset += size
@@ -785,12 +885,7 @@ class Queue(Generic[T]):
                 )
                 raw = parts[first + i]
                 parts[first + i] = bytearray(raw) if writable else bytes(raw)
-        items: list[T] = frames.decode(parts)
-        if taken.stop < taken.count:
-            self._cache = _Cache(taken.id, taken.count, items, taken.stop)
-        if taken.start == 0 and taken.stop == len(items):
-            return items
-        return items[taken.start : taken.stop]
+        return parts
 
     def __iter__(self) -> Iterator[T]:
         """The items, until every producer has closed the queue and it is empty."""
