@@ -27,8 +27,8 @@ from collections.abc import Generator, Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from parallelkit import StartMethod
 from parallelkit._util.context import available_start_methods
-from parallelkit._util.types import StartMethod
 from parallelkit.testing import check_no_leaks
 
 # ------------------------------------------------------------------------------ hypothesis

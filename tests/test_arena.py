@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 import parallelkit as pk
 import tasks.arena as wa
 from child import package_env, run_python
+from parallelkit import StartMethod
 from parallelkit._map.call import MapOptions
 from parallelkit._map.job import Job
-from parallelkit._util.types import StartMethod
 from parallelkit._wire import arena as _arena
 from parallelkit._wire import direct as _direct
 from parallelkit._wire import shm as _shm

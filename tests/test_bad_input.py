@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import parallelkit as pk
-from parallelkit._util.types import StartMethod
+from parallelkit import StartMethod
 from tasks.refs import AsyncCallable, async_double, async_numbers, value_of
 
 TESTS = Path(__file__).parent

@@ -19,8 +19,7 @@ import pytest
 
 import parallelkit
 from child import run_python
-from parallelkit import _bench
-from parallelkit._util.types import StartMethod
+from parallelkit import StartMethod, _bench
 
 TINY = ["--items", "300", "--tasks", "2", "--task-seconds", "0.005", "--rounds", "2"]
 POOLS = {"Pool.map", "PPE.map", "parallelkit.run_parallel", "parallelkit.WorkerPool"}

@@ -25,7 +25,7 @@ import pytest
 import parallelkit as pk
 import tasks.channel as wc
 from child import run_python
-from parallelkit._util.types import StartMethod
+from parallelkit import StartMethod
 
 KEY = b"k" * 16 + os.urandom(16)
 MB = 1 << 20

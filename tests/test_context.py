@@ -10,6 +10,7 @@ import pytest
 
 import parallelkit
 from child import TESTS, package_env, run_python
+from parallelkit import StartMethod
 from parallelkit._util import context as _context
 from parallelkit._util.context import (
     ALL_START_METHODS,
@@ -21,7 +22,6 @@ from parallelkit._util.context import (
     resolve_start_method,
     usable_cpu_count,
 )
-from parallelkit._util.types import StartMethod
 from parallelkit.errors import StartMethodError
 
 # ------------------------------------------------------------------------------ start methods

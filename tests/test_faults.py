@@ -36,7 +36,7 @@ import pytest
 
 import parallelkit as pk
 import tasks.faults as wf
-from parallelkit._util.types import StartMethod
+from parallelkit import StartMethod
 
 TESTS: Final = Path(__file__).resolve().parent
 SCRIPTS: Final = TESTS / "scripts"

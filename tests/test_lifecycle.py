@@ -18,8 +18,8 @@ import pytest
 
 import parallelkit as pk
 import tasks.basic as w
+from parallelkit import StartMethod
 from parallelkit._proc import lifecycle as _lifecycle
-from parallelkit._util.types import StartMethod
 
 FORK_OR_SPAWN = [m for m in ("fork", "spawn") if m in multiprocessing.get_all_start_methods()]
 

@@ -23,7 +23,7 @@ import parallelkit as pk
 import tasks.basic as pool_workers
 import tasks.pipeline as w
 from conftest import START_METHODS
-from parallelkit._util.types import StartMethod
+from parallelkit import StartMethod
 from parallelkit._wire import frames as _frames
 from parallelkit._wire.codec import RemoteTraceback
 from parallelkit.testing import worker_counts

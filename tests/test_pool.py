@@ -18,10 +18,10 @@ import pytest
 
 import parallelkit as pk
 import tasks.basic as w
+from parallelkit import StartMethod
 from parallelkit._map import worker as W
 from parallelkit._map.job import Job
 from parallelkit._proc import slots
-from parallelkit._util.types import StartMethod
 from parallelkit._wire import codec as _serialize
 from parallelkit._wire.codec import RemoteTraceback
 

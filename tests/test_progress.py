@@ -14,7 +14,7 @@ import tqdm
 
 import parallelkit as pk
 import tasks.progress as wp
-from parallelkit._util.types import StartMethod
+from parallelkit import StartMethod
 
 
 def _open_bars() -> int:

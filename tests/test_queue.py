@@ -17,9 +17,9 @@ import pytest
 import parallelkit as pk
 import tasks.pipeline as wp
 import tasks.queue as w
+from parallelkit import StartMethod
 from parallelkit._queue import UNBOUNDED_LARGE_BYTES
 from parallelkit._util.context import get_context
-from parallelkit._util.types import StartMethod
 from parallelkit._wire import frames as _frames
 
 

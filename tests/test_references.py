@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import parallelkit as pk
-from parallelkit._util.types import StartMethod
+from parallelkit import StartMethod
 from tasks.refs import (
     CountOnArrival,
     Tracked,

@@ -13,8 +13,8 @@ from typing import cast
 import pytest
 
 import tasks.serialize as helpers
+from parallelkit import StartMethod
 from parallelkit._util.context import get_context
-from parallelkit._util.types import StartMethod
 from parallelkit._wire import codec as _serialize
 from parallelkit._wire.codec import (
     ExceptionRecord,

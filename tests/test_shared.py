@@ -36,10 +36,10 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import tasks.shared as ws
+from parallelkit import StartMethod
 from parallelkit._shared import array as _shared_array
 from parallelkit._shared import counters as _shared
 from parallelkit._util.context import get_context
-from parallelkit._util.types import StartMethod
 from parallelkit._wire import shm as _shm
 from parallelkit.testing import remove_stale_segments
 

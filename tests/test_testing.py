@@ -34,9 +34,9 @@ import parallelkit as pk
 import parallelkit.testing
 import tasks.basic as w
 from child import TESTS, package_env, run_python
+from parallelkit import StartMethod
 from parallelkit._util import owners as _owners
 from parallelkit._util.context import available_start_methods
-from parallelkit._util.types import StartMethod
 from parallelkit.testing import (
     LeakCheck,
     LeakError,

@@ -38,8 +38,8 @@ from typing import Final
 import pytest
 
 from child import package_env
+from parallelkit import StartMethod
 from parallelkit._util.context import available_start_methods
-from parallelkit._util.types import StartMethod
 from parallelkit.testing import remove_stale_segments
 
 HERE: Final = Path(__file__).resolve().parent
