@@ -51,14 +51,14 @@ def test_bound_method_cache_still_finds_a_live_object(pool: pk.WorkerPool) -> No
     obj = Tracked()
     engine = pool._engine
     assert pool.submit(obj.method, 1).result() == 2
-    first = engine.functions.get(obj.method)
+    first = engine.functions.cache.get(obj.method)
     assert first is not None
     assert pool.submit(obj.method, 2).result() == 3
-    assert engine.functions.get(obj.method) == first
+    assert engine.functions.cache.get(obj.method) == first
     ref = weakref.ref(obj)
     del obj
     assert _gone(ref)
-    assert len(engine.functions) == 0
+    assert len(engine.functions.cache) == 0
 
 
 @pytest.mark.parametrize("how", ["submit", "map", "imap", "run_parallel"])

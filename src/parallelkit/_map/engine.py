@@ -20,18 +20,19 @@ not take waits in that worker's outbox (:mod:`~parallelkit._map.handle`) and is 
 the pipe drains, while every pipe is still read.
 
 Who owns what: the :class:`Engine` owns the worker processes (starts, reaps, closes them),
-the progress slots, the wake-up pipe, the job lists and the mutex; each
+the progress slots, the wake-up pipe, the job lists and the mutex; the
+:class:`~parallelkit._map.functions.FunctionRegistry` the pickled functions and the
+caller's inherited function and input; each
 :class:`~parallelkit._map.handle.WorkerHandle` our end of its pipe, its outbox and its
 result-segment reader; the :class:`~parallelkit._map.dispatch.Dispatcher` the argument
 arena; :class:`~parallelkit._map.replies.Replies` the choice of direct reads;
 :class:`~parallelkit._map.blame.Blame` the start-up death count; the
 :class:`~parallelkit._map.futures.FutureCompleter` the futures thread.  The parts run only
-under the engine's mutex, by the driving thread (the futures thread's ``submit`` takes it).
+under the engine's mutex: by the driving thread, or by a caller holding it (``submit``).
 """
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import threading
@@ -45,6 +46,7 @@ from typing import Any, Final
 from parallelkit._map import worker as W
 from parallelkit._map.blame import Blame
 from parallelkit._map.dispatch import STOP_MESSAGE, Dispatcher
+from parallelkit._map.functions import FunctionRegistry
 from parallelkit._map.futures import FutureCompleter
 from parallelkit._map.handle import WorkerHandle, wait_events
 from parallelkit._map.job import Chunk, Job, PoolBrokenError
@@ -61,21 +63,38 @@ from parallelkit._proc.lifecycle import (
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.types import StartMethod
 from parallelkit._wire.arena import ArgArena
-from parallelkit._wire.codec import FunctionCache, dumps
-from parallelkit.errors import SerializationError
 
 WATCH_POLL: Final = 0.25  # seconds, at most, between two calls of the watchers (stall checks)
 KILL_POLL: Final = 0.05  # seconds, at most, between two checks of a worker being stopped
 REAP_SECONDS: Final = 5.0  # seconds to wait for an exiting worker to become reapable
-_fn_ids = itertools.count(1)
+
+
+def _progress_slots(
+    context: BaseContext, start_method: StartMethod, max_workers: int
+) -> tuple[slots.ProgressSlots | None, Any, memoryview]:
+    """The workers' progress slots: ``(memfd slots or None, what each worker is passed,
+    our view of them as 64-bit words)``."""
+    if start_method == "fork" or hasattr(os, "memfd_create"):
+        shared = slots.ProgressSlots(
+            slots.SLOT_WORDS * max_workers, inherited=start_method == "fork"
+        )
+        return shared, shared.for_child, memoryview(shared.mm).cast("B").cast("q")
+    # no memfd (not Linux): a RawArray
+    import ctypes  # noqa: PLC0415
+
+    progress = context.RawArray(ctypes.c_int64, slots.SLOT_WORDS * max_workers)
+    return None, progress, memoryview(progress).cast("B").cast("q")
 
 
 class Engine:
     """Owns the worker processes and runs jobs on them.  Not public: see ``WorkerPool``.
 
     The supervisor: it starts, reaps and replaces workers, keeps the jobs, and steps the
-    event loop; sending chunks, reading replies, blaming deaths and timeouts, and the
-    futures thread are its parts (see the module docstring).
+    event loop; the functions, sending chunks, reading replies, blaming deaths and timeouts,
+    and the futures thread are its parts (see the module docstring).  What is left here is
+    one unit on purpose: the state one mutex guards (workers, jobs, ``broken``/``closed``,
+    the driving thread) and every transition of it -- drive, step, abort, shutdown,
+    release -- which must be read together to see that no thread waits for ever.
     """
 
     pickles_items = True
@@ -103,41 +122,11 @@ class Engine:
         # one_shot: the engine of one run_parallel / imap_parallel call; a worker with
         # nothing left to run is told to exit at once (its exit overlaps the others' work)
         self.one_shot = one_shot
-        self.init_payload: bytes | None = None
-        if initializer is not None:
-            from parallelkit._wire.codec import dump_function  # noqa: PLC0415
-
-            dump_function(initializer, what="initializer", by_value=start_method != "fork")
-            try:
-                self.init_payload = dumps((initializer, tuple(initargs)))
-            except Exception as exc:
-                raise SerializationError(
-                    f"cannot send initargs to worker processes: {type(exc).__name__}: {exc}",
-                    what="initializer",
-                ) from exc
-        # fork: the function (and the input) are inherited by the workers, never pickled
-        self.inherited_fn: Callable[..., object] | None = None
-        self.inherited_fn_id = 0
-        self.inherited_items: Sequence[Any] | None = None
-        if inherit is not None and start_method == "fork":
-            self.inherited_fn, self.inherited_items = inherit
-            self.inherited_fn_id = next(_fn_ids)
-        # (id, payload) of each function sent, for as long as the function lives (weakly)
-        self.functions: FunctionCache[tuple[int, bytes]] = FunctionCache()
-        # the progress slots: what each worker is passed, and our view of them
-        self.slots: slots.ProgressSlots | None = None
-        self.progress: Any
-        if start_method == "fork" or hasattr(os, "memfd_create"):
-            self.slots = slots.ProgressSlots(
-                slots.SLOT_WORDS * max_workers, inherited=start_method == "fork"
-            )
-            self.progress = self.slots.for_child
-            self.words = memoryview(self.slots.mm).cast("B").cast("q")
-        else:  # no memfd (not Linux): a RawArray
-            import ctypes  # noqa: PLC0415
-
-            self.progress = context.RawArray(ctypes.c_int64, slots.SLOT_WORDS * max_workers)
-            self.words = memoryview(self.progress).cast("B").cast("q")
+        self.functions = FunctionRegistry(
+            start_method=start_method, initializer=initializer, initargs=initargs, inherit=inherit
+        )
+        # the progress slots: what each worker is passed (progress), our view of them (words)
+        self.slots, self.progress, self.words = _progress_slots(context, start_method, max_workers)
         self.workers: list[WorkerHandle] = []
         self.free_slots = list(range(max_workers - 1, -1, -1))
         self.jobs: list[Job] = []  # map jobs, asked for chunks in turn
@@ -170,17 +159,12 @@ class Engine:
 
     # ---------------------------------------------------------------- functions
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]:
-        if fn is self.inherited_fn:
-            return self.inherited_fn_id, b""
-        known = self.functions.get(fn)
-        if known is not None:
-            return known
-        from parallelkit._wire.codec import dump_function  # noqa: PLC0415
+        return self.functions.register(fn)
 
-        payload = dump_function(fn, by_value=self.start_method != "fork")
-        fn_id = next(_fn_ids)
-        self.functions.put(fn, (fn_id, payload))
-        return fn_id, payload
+    @property
+    def inherited_items(self) -> Sequence[Any] | None:
+        """The input the workers inherit (fork, one-shot calls), while the engine runs."""
+        return self.functions.inherited_items
 
     # ---------------------------------------------------------------- workers
     def spawn(self) -> WorkerHandle | None:
@@ -215,16 +199,14 @@ class Engine:
         self.words[slot * slots.SLOT_WORDS + slots.POS] = slots.POS_STARTING
         self.words[slot * slots.SLOT_WORDS + slots.TAKEN] = 0
         fork = self.start_method == "fork"
-        inherited = None
-        if fork and self.inherited_fn is not None:
-            inherited = ({self.inherited_fn_id: self.inherited_fn}, self.inherited_items)
+        inherited = self.functions.inherited() if fork else None
         parent_end, child_end = self.context.Pipe(duplex=True)
         started: list[WorkerHandle] = []
 
         def record(process: BaseProcess) -> None:
             worker = WorkerHandle(process, parent_end, slot)
-            if self.inherited_fn is not None and fork:
-                worker.fns[self.inherited_fn_id] = None
+            if inherited is not None:
+                worker.fns.update(dict.fromkeys(inherited[0]))
             self.workers.append(worker)
             started.append(worker)
 
@@ -236,7 +218,7 @@ class Engine:
                 args=(child_end, self.progress, slot),
                 kwargs={
                     **bootstrap_options(self.start_method),
-                    "init_payload": self.init_payload,
+                    "init_payload": self.functions.init_payload,
                     "fast_exit": self.start_method == "spawn",
                     "inherited": inherited,
                     "parent_end": parent_end if fork else None,
@@ -534,7 +516,7 @@ class Engine:
         if self.released:
             return
         self.released = True
-        self.inherited_fn = self.inherited_items = None  # the caller's: not ours to keep
+        self.functions.release()
         self.dispatcher.close()
         for fd in (self.wake_r, self.wake_w):
             try:
