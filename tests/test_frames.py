@@ -41,6 +41,17 @@ def test_large_bytes_items_go_out_of_band_and_stay_bytes() -> None:
     assert frames.size(got) > len(big)
 
 
+def test_large_bytearray_items_go_out_of_band_and_stay_bytearrays() -> None:
+    # the codec's one rule, as through the pool: bytearray items are not copied in band
+    big = bytearray(range(256)) * 512  # 128 KiB
+    got, value = _roundtrip([big, bytearray(b"small"), b"x" * 100_000])
+    assert value == [big, bytearray(b"small"), b"x" * 100_000]
+    assert [type(x) for x in value] == [bytearray, bytearray, bytes]
+    assert len(got) == 3
+    assert frames.HEAD.unpack_from(got[0])[5] == 2  # two buffers, the pickle in part 0
+    assert len(got[0]) < 1000
+
+
 def test_numpy_arrays_arrive_writable_without_a_copy_of_the_pickle() -> None:
     np = pytest.importorskip("numpy")
     array = np.arange(200_000, dtype="int64").reshape(400, 500)

@@ -121,6 +121,13 @@ def dump_apart(obj: Any, limit: int) -> tuple[bytes, list[memoryview]]:
         Exception: whatever pickling raised (no cloudpickle fallback here).
     """
     raws: list[memoryview] = []
+    return pickle.dumps(obj, 5, buffer_callback=keep_apart(raws, limit)), raws
+
+
+def keep_apart(raws: list[memoryview], limit: int) -> Callable[[pickle.PickleBuffer], bool]:
+    """The one rule as a protocol-5 ``buffer_callback``: a contiguous buffer of ``limit``
+    bytes or more is appended to ``raws`` (a view of its memory) and left out of the
+    pickle; the others stay in it."""
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         try:
@@ -132,7 +139,7 @@ def dump_apart(obj: Any, limit: int) -> tuple[bytes, list[memoryview]]:
         raws.append(raw)
         return False
 
-    return pickle.dumps(obj, 5, buffer_callback=out_of_band), raws
+    return out_of_band
 
 
 def _main_is_importable() -> bool:

@@ -7,15 +7,15 @@ by the kernel and nowhere else::
     part 0:        HEAD(kind, f1, f2, f3, f4, nbuf) + nbuf x SPEC(size, writable) + pickle
     parts 1..nbuf: the raw buffers
 
-- What protocol 5 sends out of band on its own (numpy arrays, ``bytearray``,
-  ``pickle.PickleBuffer``) is read by the kernel straight into a new ``bytearray`` of the
-  size part 0 announces, which the object then uses without a copy (so it arrives
-  writable).  The stdlib's ``recv_bytes`` would copy each chunk twice on the way.
-- ``bytes`` items of a list (a batch) are sent out of band too (the standard pickle copies
-  ``bytes`` in band, and protocol 5 has no hook for exact ``bytes``); they are read into a
-  reused buffer and copied once into a new ``bytes``.  The reused buffer is kept only up to
-  ``SCRATCH_KEEP`` bytes: a larger item is read into a buffer of its own, freed at once, so
-  that a reader does not hold its largest message's size for ever.
+- What protocol 5 sends out of band on its own (numpy arrays, ``pickle.PickleBuffer``) is
+  read by the kernel straight into a new ``bytearray`` of the size part 0 announces, which
+  the object then uses without a copy (so it arrives writable).  The stdlib's
+  ``recv_bytes`` would copy each chunk twice on the way.
+- Large ``bytes`` and ``bytearray`` items of a list (a batch) are sent out of band too
+  (the codec's ``mark_large_bytes``: the standard pickle copies them in band); ``bytes``
+  are read into a reused buffer and copied once into a new ``bytes``.  The reused buffer
+  is kept only up to ``SCRATCH_KEEP`` bytes: a larger item is read into a buffer of its
+  own, freed at once, so that a reader does not hold its largest message's size for ever.
 - Buffers under ``OUT_OF_BAND_MIN`` stay in the pickle: one message beats several.
 
 The header's four fields are the caller's (a batch number, a count, timings...).
@@ -36,41 +36,15 @@ from typing import Any, Final
 
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.threads import quiet_thread
-from parallelkit._wire.codec import dumps
+from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, dumps, keep_apart, mark_large_bytes
 
 HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
 SPEC: Final = struct.Struct("<qq")  # size, writable
-OUT_OF_BAND_MIN: Final = 64 * 1024
-_SCAN_LIMIT: Final = 64  # look for big bytes items only in lists this short
+OUT_OF_BAND_MIN: Final = OUT_OF_BAND_MIN_BYTES  # the codec's one rule
 SCRATCH_MIN: Final = 1 << 20  # bytes: the smallest reused read buffer
 SCRATCH_KEEP: Final = 16 << 20  # bytes: the largest read buffer a thread keeps between messages
 
 Parts = list[Any]  # bytes-like objects: part 0, then the buffers
-
-
-class _LargeBytes:
-    """Stands for a large ``bytes`` item while its list is pickled, to send it out of band."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
-        return (_as_bytes, (pickle.PickleBuffer(self.data),))
-
-
-def _as_bytes(buffer: Any) -> bytes:
-    return buffer if type(buffer) is bytes else bytes(buffer)
-
-
-def _substitute(obj: object) -> object:
-    if type(obj) is not list or len(obj) > _SCAN_LIMIT:
-        return obj
-    big = [type(x) is bytes and len(x) >= OUT_OF_BAND_MIN for x in obj]
-    if not any(big):
-        return obj
-    return [_LargeBytes(x) if b else x for x, b in zip(obj, big, strict=True)]
 
 
 def encode(obj: object, kind: int, f1: int = 0, f2: int = 0, f3: int = 0, f4: int = 0) -> Parts:
@@ -79,26 +53,15 @@ def encode(obj: object, kind: int, f1: int = 0, f2: int = 0, f3: int = 0, f4: in
     Raises:
         Exception: whatever pickling raised when neither pickle nor cloudpickle can send it.
     """
-    buffers: list[pickle.PickleBuffer] = []
-
-    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: in band
-            return True
-        if raw.nbytes < OUT_OF_BAND_MIN:
-            return True
-        buffers.append(buffer)
-        return False
-
+    raws: list[memoryview] = []
     stream = io.BytesIO()
     try:
-        pickle.Pickler(stream, 5, buffer_callback=out_of_band).dump(_substitute(obj))
+        marked = mark_large_bytes(obj, OUT_OF_BAND_MIN) if type(obj) is list else obj
+        pickle.Pickler(stream, 5, buffer_callback=keep_apart(raws, OUT_OF_BAND_MIN)).dump(marked)
         payload: Any = stream.getbuffer()
     except Exception:
-        buffers.clear()
+        raws.clear()
         payload = dumps(obj)  # cloudpickle, when plain pickle refuses; or raise
-    raws = [b.raw() for b in buffers]
     separate = len(payload) >= OUT_OF_BAND_MIN  # don't copy a large in-band pickle
     head = bytearray(HEAD.size + SPEC.size * len(raws))
     # a negative count says: the pickle follows as its own part
