@@ -666,3 +666,34 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
     result = run_python("-W", "error", str(script), timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "HELLO!\n"
+
+
+# ------------------------------------------------------------------ the child main
+
+
+def test_a_channel_child_has_a_stack_dump(start_method: StartMethod) -> None:
+    # Pool workers and pipeline stages armed theirs; a start_process child did not (one
+    # child main now does it for every role).
+    from parallelkit._observe.stalls import dump_stack
+
+    with pk.start_process(wc.echo, start_method=start_method) as child:
+        assert child.request("started", timeout=10) == "started"
+        stack, note = dump_stack(child.pid)
+        assert note == ""
+        assert "in echo" in stack
+        assert child.request("still serving", timeout=10) == "still serving"
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_target_that_cannot_be_unpickled_reaches_the_parent(method: StartMethod) -> None:
+    # (under fork the target is inherited, not unpickled)
+    from parallelkit._proc.child import EXIT_INIT_FAILED
+
+    with pk.start_process(wc.Unloadable(), start_method=method) as child:
+        with pytest.raises(pk.ChannelClosedError) as caught:
+            child.recv(timeout=10)
+        cause = caught.value.__cause__
+        assert isinstance(cause, ValueError)
+        assert str(cause) == "this target cannot be loaded here"
+        child.join(10)
+        assert child.exitcode == EXIT_INIT_FAILED

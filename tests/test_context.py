@@ -243,6 +243,24 @@ def test_forkserver_workers_inherit_what_main_imported(preload: str) -> None:
         assert result.stdout.split() == ["[True]", "False"]  # each worker imported it
 
 
+def test_the_forkserver_preloads_every_roles_loop() -> None:
+    # The channel server's module was not preloaded (the pool worker's and the stage's
+    # were): each start_process child under forkserver imported it itself.
+    script = (
+        "import multiprocessing.forkserver as fs\n"
+        "import parallelkit as pk\n"
+        "import workers_channel as wc\n"
+        "with pk.start_process(wc.echo, start_method='forkserver') as child:\n"
+        "    assert child.request(1, timeout=30) == 1\n"
+        "preloaded = fs._forkserver._preload_modules\n"
+        "print(*(m in preloaded for m in ('parallelkit._proc.child', 'parallelkit._map.worker',\n"
+        "    'parallelkit._pipeline.stage', 'parallelkit._channel.process')))\n"
+    )
+    result = run_python("-c", script, timeout=60, env=package_env(TESTS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"] * 4
+
+
 def test_a_spawn_worker_imports_neither_ctypes_nor_the_shared_ctypes_heap() -> None:
     # its progress slots come as a memfd, and it watches its parent with a thread rather
     # than loading ctypes for PR_SET_PDEATHSIG (each of those imports costs milliseconds)

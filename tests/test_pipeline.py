@@ -644,3 +644,32 @@ def test_the_default_bound_counts_bytes_inside_the_stages(start_method: StartMet
     assert [length for length, _ in results] == [size] * 12
     # items between the first stage's start and the last stage's end, as each came in
     assert max(seen for _, seen in results) <= 2, results
+
+
+# ------------------------------------------------------------------ the child main
+
+
+def test_a_stage_worker_does_not_hold_the_parents_end_of_its_pipe(
+    start_method: StartMethod,
+) -> None:
+    # Under fork a stage worker inherited the parent's end of its own pipe and kept it open
+    # (the pool worker and the channel server closed theirs): now the one child main closes
+    # it for every role.  Sockets the test process held before the run are not counted.
+    before = w.socket_inodes()
+    shared = pk.Pipeline([0], start_method=start_method).map(w.sockets_shared_with_parent).run()
+    assert [sorted(set(s) - before) for s in shared] == [[]]
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_stage_function_that_cannot_be_unpickled_is_a_start_up_failure(method: str) -> None:
+    # It used to end the worker with a traceback on stderr and exit code 1, reported as a
+    # crash; now the worker reports it as the pool worker reports its initializer's failure.
+    # (Under fork the function is inherited, not unpickled.)
+    pipeline = pk.Pipeline(range(4), start_method=method).map(w.Unloadable())  # type: ignore[arg-type]
+    with pytest.raises(pk.PipelineError, match="could not start") as caught:
+        pipeline.run()
+    cause = caught.value.__cause__
+    assert isinstance(cause, pk.SerializationError)
+    assert cause.what == "function"
+    assert isinstance(cause.__cause__, ValueError)
+    assert str(cause.__cause__) == "this function cannot be loaded here"

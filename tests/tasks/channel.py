@@ -132,3 +132,17 @@ def answer_in_two_threads(channel: Channel[object, object], release: Event) -> N
         t.start()
     for t in threads:
         t.join()
+
+
+def _refuse_to_load() -> object:
+    raise ValueError("this target cannot be loaded here")
+
+
+class Unloadable:
+    """A target that pickles but cannot be unpickled (in the child)."""
+
+    def __call__(self, channel: Channel[object, object]) -> None:
+        channel.send("loaded")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_refuse_to_load, ())

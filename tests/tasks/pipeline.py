@@ -130,3 +130,35 @@ def count_out(item: tuple[SharedCounter, bytes, int]) -> tuple[int, int]:
     counter, data, seen = item
     counter.add(-1)
     return len(data), seen
+
+
+def socket_inodes(pid: int | str = "self") -> set[str]:
+    """The sockets process ``pid`` holds (``"socket:[inode]"``, from /proc)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+def sockets_shared_with_parent(_: object) -> list[str]:
+    """The sockets this worker holds that its parent holds too."""
+    return sorted(socket_inodes() & socket_inodes(os.getppid()))
+
+
+def _refuse_to_load() -> object:
+    raise ValueError("this function cannot be loaded here")
+
+
+class Unloadable:
+    """A stage function that pickles but cannot be unpickled (in a worker)."""
+
+    def __call__(self, x: object) -> object:
+        return x
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_refuse_to_load, ())

@@ -1,10 +1,11 @@
 """Processes that serve a channel: :func:`start_process` and :class:`ProcessChannel`.
 
 Built on :mod:`._channel` (the parent's end is a :class:`Channel` that also owns the
-child).  The child starts like every parallelkit worker (``_lifecycle.start_child`` and
-``_proc.child.bootstrap``: SIGINT ignored, dies with its parent), runs
-``target(channel, *args)``, and reports an exception from it as a FAILED frame that the
-parent's ``recv`` turns into :class:`ChannelClosedError` caused by that exception.
+child).  The child starts like every parallelkit worker (``_proc.lifecycle.start_child``
+and the child main ``_proc.child.child_main``: SIGINT ignored, dies with its parent, stack
+dump armed), runs :func:`serve`: ``target(channel, *args)``, and reports an exception from
+it as a FAILED frame that the parent's ``recv`` turns into :class:`ChannelClosedError`
+caused by that exception.
 """
 
 from __future__ import annotations
@@ -17,18 +18,14 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Final, TypeVarTuple
 
 from parallelkit._channel.channel import A, B, Channel, RecvT, SendT
-from parallelkit._proc.lifecycle import (
-    bootstrap_options,
-    describe_exit,
-    start_child,
-    stop_processes,
-)
+from parallelkit._proc.lifecycle import describe_exit, start_child, stop_processes
 from parallelkit._util.checks import check_callable, check_timeout
 from parallelkit._util.context import get_context, resolve_start_method
-from parallelkit._wire.codec import capture_exception, dump_function
+from parallelkit._wire.codec import ExceptionRecord, capture_exception, dump_function
 from parallelkit.errors import ChannelClosedError, SerializationError
 
 if TYPE_CHECKING:
+    from parallelkit._proc.child import StartupFailure
     from parallelkit._util.types import StartMethod
 
 __all__ = ("ProcessChannel", "start_process")
@@ -155,10 +152,14 @@ def start_process(
         start_child(
             context,
             method,
-            _child_main,
-            args=(child_sock, payload, target if fork else None, args),
-            kwargs={**bootstrap_options(method), "parent_end": parent_sock if fork else None},
+            serve,
+            child_sock,
+            args=(args,),
             name=f"parallelkit-channel-{getattr(target, '__name__', 'target')}",
+            parent_end=parent_sock,
+            fn=target if fork else None,
+            fn_payload=payload,
+            report=report_startup_failure,
             on_started=started.append,
         )
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
@@ -177,27 +178,14 @@ def start_process(
     return ProcessChannel(parent_sock, started[0])
 
 
-def _child_main(
-    sock: socket.socket,
-    payload: bytes | None,
-    target: Callable[..., object] | None,
-    args: tuple[object, ...],
-    *,
-    parent_pid: int,
-    pdeathsig: bool,
-    parent_end: socket.socket | None,
+def serve(
+    sock: socket.socket, target: Callable[..., object], dump_fd: int, args: tuple[object, ...]
 ) -> None:
-    """What a :func:`start_process` child runs."""
-    from parallelkit._proc.child import bootstrap  # noqa: PLC0415 - child side only
-
-    if parent_end is not None:  # fork: our copy of the parent's end; close, don't shut down
-        parent_end.close()
-    bootstrap(parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=None, initargs=())
+    """A :func:`start_process` child's role loop (run by
+    :func:`parallelkit._proc.child.child_main`): ``target(channel, *args)``."""
     channel: Channel[object, object] = Channel(sock, peer="the parent process")
     try:
-        fn = target if payload is None else pickle.loads(payload)
-        assert fn is not None
-        fn(channel, *args)
+        target(channel, *args)
     except SystemExit:
         channel.close()
         raise
@@ -206,10 +194,20 @@ def _child_main(
             raise
         # the parent closed the channel (or died) while the target used it: a normal end
     except BaseException as exc:
-        try:
-            channel._send_failure(capture_exception(exc))
-        except (ChannelClosedError, OSError):
-            pass  # the parent is gone or closed its end: nobody to tell
-        channel.close()
+        _send_failure(channel, capture_exception(exc))
         raise SystemExit(1) from None
+    channel.close()
+
+
+def report_startup_failure(sock: socket.socket, failure: StartupFailure) -> None:
+    """How a :func:`start_process` child tells the parent it could not start (``target``
+    cannot be unpickled): as the target's own failure, which ``recv`` raises."""
+    _send_failure(Channel(sock, peer="the parent process"), failure[1])
+
+
+def _send_failure(channel: Channel[object, object], record: ExceptionRecord) -> None:
+    try:
+        channel._send_failure(record)
+    except (ChannelClosedError, OSError):
+        pass  # the parent is gone or closed its end: nobody to tell
     channel.close()

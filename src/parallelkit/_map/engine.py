@@ -53,7 +53,6 @@ from parallelkit._map.job import Chunk, Job, PoolBrokenError
 from parallelkit._map.replies import Replies
 from parallelkit._proc import child, slots
 from parallelkit._proc.lifecycle import (
-    bootstrap_options,
     check_main_importable,
     start_child,
     stop_processes,
@@ -214,15 +213,12 @@ class Engine:
             start_child(
                 self.context,
                 self.start_method,
-                W.pool_worker,
-                args=(child_end, self.progress, slot),
-                kwargs={
-                    **bootstrap_options(self.start_method),
-                    "init_payload": self.functions.init_payload,
-                    "fast_exit": self.start_method == "spawn",
-                    "inherited": inherited,
-                    "parent_end": parent_end if fork else None,
-                },
+                W.pool_loop,
+                child_end,
+                args=(self.progress, slot, inherited),
+                parent_end=parent_end,
+                init_payload=self.functions.init_payload,
+                report=W.report_startup_failure,
                 name=f"parallelkit-worker-{slot}",
                 on_started=record,
                 # The only other thread is our futures helper: see the docstring.

@@ -24,10 +24,11 @@ from parallelkit._map import blame
 from parallelkit._map import worker as W
 from parallelkit._map.dispatch import STOP_MESSAGE
 from parallelkit._map.job import Chunk, PoolBrokenError
+from parallelkit._proc import child
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire import direct as _direct
 from parallelkit._wire.arena import MAGIC, ResultReader
-from parallelkit._wire.codec import ExceptionRecord, rebuild_exception
+from parallelkit._wire.codec import rebuild_exception
 from parallelkit.errors import SerializationError
 
 if TYPE_CHECKING:
@@ -81,10 +82,7 @@ class Replies:
             return
         kind = msg[0]
         if kind == W.INIT_FAILED:
-            record: ExceptionRecord = msg[1]
-            engine.break_pool(
-                rebuild_exception(record, where=f"in the initializer of worker pid {w.pid}")
-            )
+            engine.break_pool(child.startup_error(msg[1], w.pid))
             return
         if chunk is None or msg[1] != chunk.cid:  # pragma: no cover - a bug, never a hang
             engine.break_pool(

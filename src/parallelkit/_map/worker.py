@@ -1,6 +1,6 @@
 """The pool worker: the target of the map engine's processes, and its task loop.
 
-After the child main (:func:`parallelkit._proc.child.bootstrap`), :func:`pool_worker`
+After the child main (:func:`parallelkit._proc.child.child_main`), :func:`pool_loop`
 serves chunks until the parent says STOP::
 
     parent ──TASK(chunk, fn id, [fn], items)──▶ worker: for each item, note its position in
@@ -13,11 +13,8 @@ dead or late worker was on.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import pickle
-import signal
 import struct
 import time
 from collections import deque
@@ -25,13 +22,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from parallelkit._proc.child import (
-    EXIT_INIT_FAILED,
-    EXIT_INTERRUPTED,
-    arm_stack_dump,
-    bootstrap,
-    exit_without_teardown,
-)
+from parallelkit._proc.child import StartupFailure
 from parallelkit._proc.slots import (
     DUMP_FD,
     POS_RECEIVING,
@@ -62,7 +53,7 @@ DIRECT: Final = 64  # the parent may copy large results out of our memory (_dire
 # worker -> parent: pickled tuples
 DONE: Final = 1  # (DONE, chunk id, results, errors | None, seconds)
 CHUNK_FAILED: Final = 2  # (CHUNK_FAILED, chunk id, what, record)
-INIT_FAILED: Final = 3  # (INIT_FAILED, record)
+INIT_FAILED: Final = 3  # (INIT_FAILED, start-up failure: see _proc.child.startup_error)
 
 FN_CACHE_SIZE: Final = 64
 # Tiny items: noting each item's position costs about as much as calling ``x*x``.  A chunk
@@ -73,41 +64,17 @@ PROBE_ITEMS: Final = 8
 UNTRACKED_ITEM_NS: Final = 5_000
 
 
-def pool_worker(
+def pool_loop(
     conn: Connection,
+    fn: None,
+    dump_fd: int,
     progress: Any,
     slot: int,
-    *,
-    parent_pid: int,
-    pdeathsig: bool,
-    init_payload: bytes | None,
     inherited: tuple[dict[int, Callable[..., object]], Sequence[object] | None] | None,
-    parent_end: Connection | None,
-    fast_exit: bool = False,
 ) -> None:
-    """The target of every pool worker process (``fast_exit``: a spawned one, see
-    :func:`exit_without_teardown`)."""
-    if parent_end is not None:  # fork: our copy of the parent's end of the pipe
-        parent_end.close()
-    try:
-        initializer, initargs = (None, ()) if init_payload is None else pickle.loads(init_payload)
-        bootstrap(
-            parent_pid=parent_pid,
-            pdeathsig=pdeathsig,
-            initializer=initializer,
-            initargs=initargs,
-        )
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is not (
-            signal.SIG_IGN
-        ):
-            # A Ctrl-C that came before bootstrap() ignored SIGINT (a forkserver child is
-            # not started with it blocked): not the initializer's failure.  Exit like a
-            # worker killed at start-up; the parent runs its chunk on another.
-            os._exit(EXIT_INTERRUPTED)
-        with contextlib.suppress(OSError):
-            conn.send_bytes(dumps((INIT_FAILED, capture_exception(exc))))
-        os._exit(EXIT_INIT_FAILED)
+    """The pool worker's role loop (run by :func:`parallelkit._proc.child.child_main`):
+    serve chunks until STOP.  Its functions come with its tasks (``fn`` is unused), or
+    through fork (``inherited``: the function and items of the map that started it)."""
     fns: dict[int, Callable[..., object]] = {}
     shared_items: Sequence[object] | None = None
     if inherited is not None:
@@ -115,7 +82,7 @@ def pool_worker(
         shared_items = inherited[1]
     words = memoryview(progress).cast("B").cast("q")
     base = slot * SLOT_WORDS
-    words[base + DUMP_FD] = arm_stack_dump()  # armed before POS leaves POS_STARTING
+    words[base + DUMP_FD] = dump_fd  # armed before POS leaves POS_STARTING
     arena: list[Any] = []  # the _arena.WorkerArena, once a chunk needs it
     try:
         _task_loop(conn, fns, shared_items, words, base, arena)
@@ -125,8 +92,11 @@ def pool_worker(
         if arena:
             arena[0].close()
         words.release()
-    if fast_exit:
-        exit_without_teardown()
+
+
+def report_startup_failure(conn: Connection, failure: StartupFailure) -> None:
+    """How a pool worker tells the engine it could not start (its initializer raised)."""
+    conn.send_bytes(dumps((INIT_FAILED, failure)))
 
 
 class _OutOfBand(Exception):

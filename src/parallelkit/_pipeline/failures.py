@@ -8,12 +8,19 @@ from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from parallelkit._proc import child
 from parallelkit._proc.lifecycle import describe_exit, signal_name
 from parallelkit._wire import frames
 from parallelkit._wire.codec import locate_unpicklable, rebuild_exception
 from parallelkit.errors import PipelineError, SerializationError, WorkerCrashedError
 
-__all__ = ("source_failed", "stage_failed", "unpicklable_source_item", "worker_crashed")
+__all__ = (
+    "source_failed",
+    "stage_failed",
+    "startup_failed",
+    "unpicklable_source_item",
+    "worker_crashed",
+)
 
 
 def source_failed(exc: BaseException) -> PipelineError:
@@ -84,4 +91,14 @@ def worker_crashed(stage: str, process: BaseProcess, holding: str) -> PipelineEr
         stage=stage,
     )
     error.__cause__ = crash
+    return error
+
+
+def startup_failed(stage: str, pid: int | None, message: frames.Parts) -> PipelineError:
+    """A worker of ``stage`` could not start (see ``_proc.child.startup_error``)."""
+    cause = child.startup_error(frames.decode(message), pid)
+    error = PipelineError(
+        f"stage {stage!r}: worker pid {pid} could not start: {cause}", stage=stage
+    )
+    error.__cause__ = cause
     return error

@@ -20,9 +20,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
-from parallelkit._pipeline.stage import STOP, stage_worker
+from parallelkit._pipeline.stage import STOP, report_startup_failure, stage_loop
 from parallelkit._proc.lifecycle import (
-    bootstrap_options,
     leave_if_exiting,
     start_child,
     stop_processes,
@@ -107,13 +106,14 @@ class StageProcesses:
             start_child(
                 context,
                 self.start_method,
-                stage_worker,
-                args=(child_end, stage.kind, stage.fn if payload is None else None, payload),
-                kwargs={
-                    **bootstrap_options(self.start_method),
-                    "fast_exit": self.start_method == "spawn",
-                },
+                stage_loop,
+                child_end,
+                args=(stage.kind,),
                 name=f"parallelkit-stage{index}-{number}",
+                parent_end=parent_end,
+                fn=stage.fn if payload is None else None,
+                fn_payload=payload,
+                report=report_startup_failure,
                 on_started=record,
             )
         except BaseException:

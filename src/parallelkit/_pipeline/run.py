@@ -54,12 +54,13 @@ from parallelkit._pipeline.budget import Budget
 from parallelkit._pipeline.failures import (
     source_failed,
     stage_failed,
+    startup_failed,
     unpicklable_source_item,
     worker_crashed,
 )
 from parallelkit._pipeline.processes import Stage, StageProcesses, StageWorker, kill
 from parallelkit._pipeline.source import Source
-from parallelkit._pipeline.stage import ERROR, TASK
+from parallelkit._pipeline.stage import ERROR, STARTUP_FAILED, TASK
 from parallelkit._pipeline.stats import PipelineStats, StageCounts
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.types import StartMethod
@@ -274,6 +275,8 @@ class Run:
             stage = worker.stage
             index = self.batches.first_item(batch)[0] + n if stage == 0 else None
             raise stage_failed(self.stages[stage].name, worker.process.pid, index, message)
+        if kind == STARTUP_FAILED:
+            raise startup_failed(self.stages[worker.stage].name, worker.process.pid, message)
         worker.held.remove(batch)
         stage = worker.stage
         counts = self.counts[stage]

@@ -1,4 +1,5 @@
-"""A pipeline stage's worker process, and the messages it exchanges with the parent.
+"""A pipeline stage's role loop (run by the child main, ``_proc.child``), and the messages
+it exchanges with the parent.
 
 Messages are :mod:`parallelkit._wire.frames` (a header, a pickled list, large buffers out of
 band)::
@@ -11,6 +12,8 @@ band)::
                                                          is work to a worker)
                        ERROR(batch, position)          + (exception record, item repr,
                                                           pickled item or None)
+                       STARTUP_FAILED                  + the start-up failure: the stage's
+                                                         function cannot be unpickled here
 
 ``busy`` is the nanoseconds the worker spent on the batch (unpickling, the stage's function,
 pickling); ``waiting`` the nanoseconds it waited for the batch before that.
@@ -19,7 +22,6 @@ pickling); ``waiting`` the nanoseconds it waited for the batch before that.
 from __future__ import annotations
 
 import contextlib
-import pickle
 import queue
 import threading
 import time
@@ -27,7 +29,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from parallelkit._proc import child
+from parallelkit._proc.child import StartupFailure
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire import frames
 from parallelkit._wire.codec import capture_exception, dumps, locate_unpicklable
@@ -37,6 +39,7 @@ TASK: Final = 1
 STOP: Final = 2
 DONE: Final = 3
 ERROR: Final = 4
+STARTUP_FAILED: Final = 5  # + the start-up failure (see _proc.child.startup_error)
 
 MAP: Final = 0
 FILTER: Final = 1
@@ -44,34 +47,9 @@ FLAT_MAP: Final = 2
 KIND_NAMES: Final = {MAP: "map", FILTER: "filter", FLAT_MAP: "flat_map"}
 
 
-def stage_worker(
-    conn: Connection,
-    kind: int,
-    fn: Callable[[Any], Any] | None,
-    fn_payload: bytes | None,
-    *,
-    parent_pid: int,
-    pdeathsig: bool,
-    fast_exit: bool = False,
-) -> None:
-    """The target of every stage process: apply ``fn`` to each batch it is sent.
-
-    ``fast_exit`` (a spawned stage): end as a spawned pool worker does, without the
-    interpreter's teardown (:func:`parallelkit._proc.child.exit_without_teardown`)."""
-    child.bootstrap(parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=None, initargs=())
-    _serve(conn, kind, fn, fn_payload)
-    if fast_exit:
-        child.exit_without_teardown()
-
-
-def _serve(
-    conn: Connection, kind: int, fn: Callable[[Any], Any] | None, fn_payload: bytes | None
-) -> None:
-    child.arm_stack_dump()  # for stall reports (see parallelkit._observe.stalls)
-    if fn is None:
-        assert fn_payload is not None
-        fn = pickle.loads(fn_payload)
-        assert fn is not None
+def stage_loop(conn: Connection, fn: Callable[[Any], Any], dump_fd: int, kind: int) -> None:
+    """A stage's role loop (run by :func:`parallelkit._proc.child.child_main`): apply
+    ``fn`` to each batch it is sent, until STOP or the parent hangs up."""
     inbox: queue.SimpleQueue[frames.Parts | None] = queue.SimpleQueue()
     threading.Thread(
         target=_read, args=(conn, inbox), name="parallelkit-stage-reader", daemon=True
@@ -90,6 +68,11 @@ def _serve(
             return
         del message
         idle_since = clock()
+
+
+def report_startup_failure(conn: Connection, failure: StartupFailure) -> None:
+    """How a stage tells the parent it could not start (its function cannot be unpickled)."""
+    frames.send(conn, frames.encode(failure, STARTUP_FAILED))
 
 
 def _work(

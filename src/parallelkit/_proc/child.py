@@ -1,10 +1,21 @@
-"""What every parallelkit child process runs first, whatever its role.
+"""The one child main every parallelkit child process runs, whatever its role.
 
-:func:`bootstrap` prepares any child (pool worker, pipeline stage, channel server): it
-ignores SIGINT (the parent handles Ctrl-C and tears everything down), exits when the
-parent dies (no orphans, even when the parent is SIGKILLed) and runs the user's
-initializer.  :func:`arm_stack_dump` lets the parent read a stalled child's stacks;
-:func:`exit_without_teardown` ends a spawned child quickly.
+:func:`child_main` is the target of every child (pool worker, pipeline stage, channel
+server; started by :func:`parallelkit._proc.lifecycle.start_child`)::
+
+    close our copy of the parent's end (fork)
+    bootstrap: SIGINT ignored, die with the parent, the user's initializer
+    load the function (unpickled, or inherited through fork)     ─┐ a failure: one start-up
+                                                                  ─┘ failure, exit 71
+    arm the stack dump (the parent reads a stalled child's stacks)
+    run the role's loop: loop(conn, fn, dump_fd, *args)
+    spawn: exit without the interpreter's teardown
+
+The role's loop lives in its capability package (``_map.worker``, ``_pipeline.stage``,
+``_channel.process``) and arrives as a module-level function: pickled by reference, so a
+spawned child imports exactly the role it runs, and this layer imports none of them.
+A start-up failure travels as one record (:func:`startup_failure`), carried by the role's
+transport (``report``) and turned back into an exception by :func:`startup_error`.
 """
 
 from __future__ import annotations
@@ -15,13 +26,18 @@ import faulthandler
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.threads import THREAD_BLOCKED
+
+if TYPE_CHECKING:
+    from parallelkit._wire.codec import ExceptionRecord
 
 STACK_FILE_NAME: Final = "parallelkit-stacks"
 
@@ -30,6 +46,13 @@ EXIT_PARENT_DIED: Final = 70
 EXIT_INIT_FAILED: Final = 71
 EXIT_MAIN_GUARD: Final = 72
 EXIT_INTERRUPTED: Final = 73  # a Ctrl-C reached us before we could ignore it (forkserver)
+
+# what failed while a child started (the phase of a start-up failure)
+INITIALIZER: Final = "initializer"
+FUNCTION: Final = "function"
+
+# (phase, what the child captured): what a child that could not start tells its parent
+StartupFailure = tuple[str, "ExceptionRecord"]
 
 
 def _find_prctl() -> Callable[..., int] | None:
@@ -167,3 +190,93 @@ def exit_without_teardown() -> None:
             if stream is not None:
                 stream.flush()
     os._exit(0)
+
+
+def child_main(
+    loop: Callable[..., object],
+    conn: Any,
+    args: tuple[object, ...],
+    *,
+    parent_pid: int,
+    pdeathsig: bool,
+    parent_end: Any = None,
+    init_payload: bytes | None = None,
+    fn: Callable[..., object] | None = None,
+    fn_payload: bytes | None = None,
+    report: Callable[[Any, StartupFailure], object] | None = None,
+    fast_exit: bool = False,
+) -> None:
+    """The target of every parallelkit child process (see the module docstring).
+
+    Args:
+        loop: the role's loop, a module-level function: ``loop(conn, fn, dump_fd, *args)``.
+        conn: the child's end of its connection to the parent.
+        args: the loop's further arguments.
+        parent_pid: see :func:`bootstrap` (``lifecycle.bootstrap_options``).
+        pdeathsig: see :func:`bootstrap`.
+        parent_end: fork: our copy of the parent's end, closed first (else the child
+            would keep its own connection open, and never see the parent hang up).
+        init_payload: the pickled ``(initializer, initargs)``, or ``None``.
+        fn: the role's function, inherited through fork; or ``fn_payload``, pickled.
+        fn_payload: see ``fn``.
+        report: sends a start-up failure to the parent over ``conn``, the role's way;
+            ``None``: the parent learns of it from the exit code only.
+        fast_exit: a spawned child: end without the interpreter's teardown.
+    """
+    if parent_end is not None:
+        parent_end.close()  # close, don't shut down: the parent still uses its own
+    phase = INITIALIZER
+    try:
+        initializer, initargs = (None, ()) if init_payload is None else pickle.loads(init_payload)
+        bootstrap(
+            parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=initializer, initargs=initargs
+        )
+        phase = FUNCTION
+        if fn_payload is not None:
+            fn = pickle.loads(fn_payload)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and signal.getsignal(signal.SIGINT) is not (
+            signal.SIG_IGN
+        ):
+            # A Ctrl-C that came before bootstrap() ignored SIGINT (a forkserver child is
+            # not started with it blocked): not a failure of ours.  Exit like a child
+            # killed at start-up.
+            os._exit(EXIT_INTERRUPTED)
+        if report is not None:
+            with contextlib.suppress(Exception):  # the parent gone: nobody to tell
+                report(conn, startup_failure(phase, exc))
+        os._exit(EXIT_INIT_FAILED)
+    if _fuzz.ENABLED:
+        _fuzz.point("child.before_loop")
+    loop(conn, fn, arm_stack_dump(), *args)
+    if fast_exit:
+        exit_without_teardown()
+
+
+def startup_failure(phase: str, exc: BaseException) -> StartupFailure:
+    """What a child that could not start sends its parent (see :func:`startup_error`)."""
+    from parallelkit._wire.codec import capture_exception  # noqa: PLC0415 - failure path only
+
+    return (phase, capture_exception(exc))
+
+
+def startup_error(failure: StartupFailure, pid: int | None) -> BaseException:
+    """The exception a parent raises for a child's start-up failure.
+
+    The initializer's own exception (its type, the child's traceback as ``__cause__``); a
+    function that cannot be unpickled in the child is a
+    :class:`~parallelkit.errors.SerializationError` caused by the unpickling's error.
+    """
+    from parallelkit._wire.codec import rebuild_exception  # noqa: PLC0415 - parent side
+    from parallelkit.errors import SerializationError  # noqa: PLC0415
+
+    phase, record = failure
+    if phase == INITIALIZER:
+        return rebuild_exception(record, where=f"in the initializer of worker pid {pid}")
+    cause = rebuild_exception(record, where=f"in worker pid {pid}")
+    error = SerializationError(
+        f"worker pid {pid} cannot unpickle the function: {type(cause).__name__}: {cause}",
+        what="function",
+    )
+    error.__cause__ = cause
+    return error

@@ -5,7 +5,8 @@
 - :func:`wait_exited` / :func:`wait_reapable`: wait for processes to end and be reaped,
   with a deadline, never spinning and never in a blocking ``waitpid``.
 - :func:`start_child`: start any parallelkit child process (pool worker, pipeline stage,
-  channel server) with Ctrl-C held off until it ignores SIGINT itself.
+  channel server) through the one child main, with Ctrl-C held off until it ignores
+  SIGINT itself.
 - :func:`bootstrap_options`: what :func:`parallelkit._proc.child.bootstrap` needs to know about
   the parent, for a given start method.
 - :func:`signal_name`: ``-9`` → ``"SIGKILL"``.
@@ -27,15 +28,21 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from parallelkit.errors import StartMethodError
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
-# What every parallelkit child imports first (the pool worker, the pipeline stage)
-CHILD_MODULES: Final = ("parallelkit._map.worker", "parallelkit._pipeline.stage")
+# What every parallelkit child imports first: the child main and each role's loop (the pool
+# worker, the pipeline stage, the channel server)
+CHILD_MODULES: Final = (
+    "parallelkit._proc.child",
+    "parallelkit._map.worker",
+    "parallelkit._pipeline.stage",
+    "parallelkit._channel.process",
+)
 # What a forkserver child imports to unpickle a worker
 SERVER_MODULES: Final = ("multiprocessing.popen_forkserver",)
 # How the main module's path or name reaches the server (read by parallelkit._proc.forkserver_main)
@@ -269,16 +276,24 @@ def check_main_importable(start_method: str) -> None:
 def start_child(
     context: multiprocessing.context.BaseContext,
     start_method: str,
-    target: Callable[..., object],
+    loop: Callable[..., object],
+    conn: object,
     *,
     args: Sequence[object] = (),
-    kwargs: Mapping[str, object] | None = None,
     name: str,
+    parent_end: object = None,
+    init_payload: bytes | None = None,
+    fn: Callable[..., object] | None = None,
+    fn_payload: bytes | None = None,
+    report: Callable[..., object] | None = None,
     on_started: Callable[[BaseProcess], None] | None = None,
     threads_ok: bool = False,
 ) -> BaseProcess:
-    """Start a daemonic child process running ``target`` and return it.
+    """Start a daemonic child process that runs the role ``loop`` through the one child
+    main (:func:`parallelkit._proc.child.child_main`, which documents the arguments), and
+    return it.
 
+    ``parent_end`` is closed in the child under fork (elsewhere it is not inherited).
     fork and spawn children inherit this thread's signal mask: with SIGINT blocked until
     the child ignores it (``_proc.child.bootstrap``), a Ctrl-C during start-up cannot make a
     child print a KeyboardInterrupt traceback.  (Not for forkserver: its server process,
@@ -288,6 +303,17 @@ def start_child(
     other threads are parallelkit's own, idle ones; silence Python 3.12's fork-with-threads
     warning.
     """
+    from parallelkit._proc.child import child_main  # noqa: PLC0415 - not for every user of this module
+
+    kwargs = {
+        **bootstrap_options(start_method),
+        "parent_end": parent_end if start_method == "fork" else None,
+        "init_payload": init_payload,
+        "fn": fn,
+        "fn_payload": fn_payload,
+        "report": report,
+        "fast_exit": start_method == "spawn",
+    }
     # counted as busy by _quiet_exit: a child half started at exit would die noisily
     with _WAITING_ON_CHILDREN:
         leave_if_exiting()  # no new child once the interpreter exits
@@ -295,7 +321,7 @@ def start_child(
         if start_method == "forkserver":
             start_forkserver()
         process: BaseProcess = context.Process(  # type: ignore[attr-defined]
-            target=target, args=tuple(args), kwargs=dict(kwargs or {}), name=name, daemon=True
+            target=child_main, args=(loop, conn, tuple(args)), kwargs=kwargs, name=name, daemon=True
         )
         # SIGINT held off while the child starts (not under forkserver: the server forks
         # it).  The mask to restore is read before it changes, and the change made inside
