@@ -249,7 +249,7 @@ def test_the_forkserver_preloads_every_roles_loop() -> None:
     script = (
         "import multiprocessing.forkserver as fs\n"
         "import parallelkit as pk\n"
-        "import workers_channel as wc\n"
+        "import tasks.channel as wc\n"
         "with pk.start_process(wc.echo, start_method='forkserver') as child:\n"
         "    assert child.request(1, timeout=30) == 1\n"
         "preloaded = fs._forkserver._preload_modules\n"
