@@ -132,6 +132,8 @@ _SCAN_FIRST: Final = 64
 _SMALL_HEAD: Final = frames.HEAD.pack(ITEMS, 0, 0, 0, 0, 0)
 # ... and when it is one large pickle, in a part of its own
 _PICKLE_HEAD: Final = frames.HEAD.pack(ITEMS, 0, 0, 0, 0, -1)
+# where the pickle starts in the body of a message of one part
+_PICKLE_AT: Final = SIZE.size + frames.HEAD.size
 
 
 def _encode(items: list[Any]) -> frames.Parts:
@@ -435,7 +437,7 @@ class Queue(Generic[T]):
             TimeoutError: no room within ``timeout``; nothing of ``item`` was put.
             ValueError: this handle has closed the queue.
         """
-        self._send([item], _deadline(timeout))
+        self._send([item], None if timeout is None else _deadline(timeout))
 
     def put_many(self, items: Iterable[T], timeout: float | None = None) -> None:
         """Add every item of ``items``, in batches of many items per message.
@@ -528,7 +530,8 @@ class Queue(Generic[T]):
                 self._put_message(buffers, fd, count, body, deadline)
             else:
                 try:
-                    self._put_message(buffers, None, count, 0, deadline)
+                    if self._maxsize or not self._try_send_now(buffers):
+                        self._put_message(buffers, None, count, 0, deadline)
                 except OSError as exc:
                     if exc.errno != errno.EMSGSIZE:
                         raise
@@ -596,6 +599,12 @@ class Queue(Generic[T]):
                 # the socket says "writable" only below a quarter of its buffer; look again
                 # now and then in case a datagram that fits would already go
                 poller.poll(_poll_ms(ROOM_RECHECK if left is None else min(left, ROOM_RECHECK)))
+
+    def _try_send_now(self, buffers: list[Any]) -> bool:
+        """An unbounded queue's small message: nothing to count, send it if it goes."""
+        if _fuzz.ENABLED:
+            _fuzz.point("queue.put.before_send")
+        return self._try_send(buffers, [])
 
     def _try_send(self, buffers: list[Any], ancillary: list[Any]) -> bool:
         try:
@@ -766,6 +775,11 @@ class Queue(Generic[T]):
                 continue
             stop = count if limit is None else min(count, start + limit)
             if start == 0 and stop == count:
+                if not flags & HAS_FD and body < frames.OUT_OF_BAND_MIN:  # _receive, inlined
+                    if self._maxsize:
+                        self._account(count, 0)
+                    data = memoryview(self._sock.recv(QHEAD.size + body, _NOWAIT))
+                    return _Taken(data[QHEAD.size :], nparts, message_id, count, 0, count)
                 data = self._receive(flags, body, account=count)
                 return _Taken(data, nparts, message_id, count, 0, count)
             data = self._receive(flags, body, peek=True)
@@ -857,9 +871,13 @@ class Queue(Generic[T]):
 
     def _decode(self, taken: _Taken) -> list[T]:
         body = taken.body
-        # one part: a pickle alone, with no out-of-band buffer to copy out
-        parts = [body[SIZE.size :]] if taken.nparts == 1 else self._parts(body, taken.nparts)
-        items: list[T] = frames.decode(parts)
+        items: list[T]
+        if taken.nparts == 1:
+            # a pickle alone (frames.decode's first case, inlined): the header says no
+            # out-of-band buffer, and there is none to copy out of a reused buffer
+            items = pickle.loads(body[_PICKLE_AT:])
+        else:
+            items = frames.decode(self._parts(body, taken.nparts))
         if taken.stop < taken.count:
             self._cache = _Cache(taken.id, taken.count, items, taken.stop)
         if taken.start == 0 and taken.stop == len(items):
