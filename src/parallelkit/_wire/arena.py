@@ -52,13 +52,13 @@ import gc
 import mmap
 import os
 import pickle
-import struct
 import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Final
 
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._wire import layouts
 from parallelkit._wire.codec import ARENA_MIN_BYTES, NoRoom, dump_apart, mark_large_bytes
 from parallelkit._wire.shm import NAME_RE, SHM_DIR, Segment, remove_segments_of
 
@@ -82,12 +82,11 @@ _ALIGN: Final = 64  # each buffer starts on a cache line (numpy wants 16 at leas
 # caller reads it costs several times more
 _RESULT_FLAGS: Final = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 MAGIC: Final = b"PKA\x00"  # a reply with arena specs; a plain pickle starts with 0x80
-# parent -> worker (after the fn payload, when the ARENA flag is set)
-_ARG_HEAD: Final = struct.Struct("<qq")  # number of buffers, length of the segment name
-_ARG_SPEC: Final = struct.Struct("<qq")  # offset, size
-# worker -> parent
-_RES_HEAD: Final = struct.Struct("<4sqqq")  # magic, kept, number of buffers, names length
-_RES_SPEC: Final = struct.Struct("<qqqq")  # segment index, offset, size, readonly
+# the headers and buffer specs, both ways (their layouts: layouts.py)
+_ARG_HEAD: Final = layouts.ARENA_ARG_HEAD
+_ARG_SPEC: Final = layouts.ARENA_ARG_SPEC
+_RES_HEAD: Final = layouts.ARENA_RES_HEAD
+_RES_SPEC: Final = layouts.ARENA_RES_SPEC
 
 
 def _round(n: int, to: int) -> int:

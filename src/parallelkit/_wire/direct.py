@@ -33,16 +33,16 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import struct
 import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
+from parallelkit._wire import layouts
 from parallelkit._wire.codec import dump_apart, mark_large_bytes
 
+_HEAD: Final = layouts.DIRECT_HEAD  # magic, number of buffers
+_SPEC: Final = layouts.DIRECT_SPEC  # address in the worker, size
 MAGIC_DIRECT: Final = b"PKD\x00"  # a reply whose large buffers stay in the worker
-_HEAD: Final = struct.Struct("<4sq")  # magic, number of buffers
-_SPEC: Final = struct.Struct("<QQ")  # address in the worker, size
 HUGE_MIN: Final = 2 * 1024 * 1024  # buffers this large get their own huge-page mapping
 _IOV_MAX: Final = 1024  # iovecs per call (Linux UIO_MAXIOV)
 # the reader's answer to a DIRECT reply (the flags field of an ACK message)

@@ -29,17 +29,17 @@ import os
 import pickle
 import queue
 import socket
-import struct
 import threading
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.threads import quiet_thread
+from parallelkit._wire import layouts
 from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, dumps, keep_apart, mark_large_bytes
 
-HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
-SPEC: Final = struct.Struct("<qq")  # size, writable
+HEAD: Final = layouts.MESSAGE_HEAD  # kind, f1, f2, f3, f4, number of buffers
+SPEC: Final = layouts.MESSAGE_SPEC  # size, writable
 OUT_OF_BAND_MIN: Final = OUT_OF_BAND_MIN_BYTES  # the codec's one rule
 SCRATCH_MIN: Final = 1 << 20  # bytes: the smallest reused read buffer
 SCRATCH_KEEP: Final = 16 << 20  # bytes: the largest read buffer a thread keeps between messages

@@ -43,12 +43,13 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._wire import layouts
 
 __all__ = ("Allocate", "FrameError", "FrameStream", "StreamEnd")
 
-HEAD: Final = struct.Struct("<BxxxIQ")  # kind, number of buffers, body length
-LEN: Final = struct.Struct("<Q")  # a buffer's length
-ID: Final = struct.Struct("<Q")  # the frame's id
+HEAD: Final = layouts.STREAM_HEAD  # kind, number of buffers, body length
+ID: Final = layouts.STREAM_ID  # the frame's id
+LEN: Final = layouts.STREAM_LEN  # a buffer's length
 ID_FLAGS: Final = 0xC0  # kind bits that say an id follows the header (their meaning: the user's)
 MAX_BUFFERS: Final = 1 << 16
 BUFFER_SIZE: Final = 256 * 1024  # bytes: the reused receive buffer

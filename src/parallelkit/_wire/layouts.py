@@ -1,0 +1,38 @@
+"""Every fixed byte layout of the wire, in one place.
+
+Each framed message of the package starts with one of these headers, then a spec per
+out-of-band buffer; what the fields mean, and which buffers follow, is documented by the
+module that speaks the layout (named on each).  They are the inventory for the one frame
+header the wire is heading to; keep new layouts here too.
+
+Layouts outside ``_wire`` (they belong to their layer's protocol): ``_queue.QHEAD`` /
+``_queue.SIZE`` (a Queue datagram), ``_map.worker.HEADER`` (a task message to a pool
+worker), ``_map.handle._LEN`` / ``_LONG_LEN`` (the length prefix of a
+``multiprocessing.connection`` message, read by the engine without the Connection).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+# stream.py (Channel): kind | pad | n buffers | body length, [id], n x buffer length
+STREAM_HEAD: Final = struct.Struct("<BxxxIQ")  # kind, number of buffers, body length
+STREAM_LEN: Final = struct.Struct("<Q")  # a buffer's length
+STREAM_ID: Final = struct.Struct("<Q")  # the frame's id (when the kind has an id flag)
+
+# frames.py (Queue, pipelines): over a multiprocessing Connection, buffers written raw
+MESSAGE_HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
+MESSAGE_SPEC: Final = struct.Struct("<qq")  # size, writable
+
+# arena.py (the pool's shared-memory arena)
+# parent -> worker (after the fn payload, when the ARENA flag is set)
+ARENA_ARG_HEAD: Final = struct.Struct("<qq")  # number of buffers, length of the segment name
+ARENA_ARG_SPEC: Final = struct.Struct("<qq")  # offset, size
+# worker -> parent
+ARENA_RES_HEAD: Final = struct.Struct("<4sqqq")  # magic, kept, number of buffers, names length
+ARENA_RES_SPEC: Final = struct.Struct("<qqqq")  # segment index, offset, size, readonly
+
+# direct.py (a pool reply whose large buffers the parent reads from the worker's memory)
+DIRECT_HEAD: Final = struct.Struct("<4sq")  # magic, number of buffers
+DIRECT_SPEC: Final = struct.Struct("<QQ")  # address in the worker, size
