@@ -9,8 +9,9 @@
 
 The :class:`Dispatcher` owns the argument arena (made when a chunk first has a large buffer;
 a chunk's region is freed by :meth:`Dispatcher.release_region` once its worker answered or
-died) and the round-robin position over the engine's jobs.  The engine owns the workers and
-the job lists it reads; starting a worker for a chunk is asked of the engine.
+died) and whose turn it is among the engine's jobs (``job.Turns``, as in the other
+backends' driver).  The engine owns the workers and the job lists it reads; starting a
+worker for a chunk is asked of the engine.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from parallelkit._map import worker as W
-from parallelkit._map.job import Chunk
+from parallelkit._map.job import Chunk, Turns
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire.arena import ArgArena
 
@@ -38,7 +39,7 @@ class Dispatcher:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.arena: ArgArena | None = None  # made when a chunk first has a large buffer
-        self._rr = 0
+        self.turns = Turns()  # the engine's map jobs are asked for chunks in turn
 
     def dispatch(self) -> None:
         """Send chunks to the workers that can take them; start workers as needed."""
@@ -134,19 +135,7 @@ class Dispatcher:
             chunk = engine.future_queue.popleft().next_chunk()
             if chunk is not None:
                 return chunk
-        # a snapshot: asking a job for a chunk may settle it and remove it from engine.jobs
-        jobs = list(engine.jobs)
-        n = len(jobs)
-        for k in range(n):
-            job = jobs[(self._rr + k) % n]
-            if job.cancelled:  # closed from another thread, or by the garbage collector
-                engine.abandon(job)
-                continue
-            chunk = job.next_chunk()
-            if chunk is not None:
-                self._rr = (self._rr + k + 1) % n
-                return chunk
-        return None
+        return self.turns.next_chunk(engine.jobs, engine.abandon)
 
     def _stop_finished_workers(self) -> None:
         """The input is used up: every worker is told to exit after the chunks it holds.
