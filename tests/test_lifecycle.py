@@ -20,6 +20,7 @@ import parallelkit as pk
 import tasks.basic as w
 from parallelkit import StartMethod
 from parallelkit._proc import lifecycle as _lifecycle
+from parallelkit._proc.wakeup import WakeUpPipe
 
 FORK_OR_SPAWN = [m for m in ("fork", "spawn") if m in multiprocessing.get_all_start_methods()]
 
@@ -113,3 +114,34 @@ def test_a_task_that_closes_its_workers_descriptors_fails_and_the_pool_goes_on(
             future.result(timeout=60)
         assert info.value.signal == "SIGKILL"
         assert pool.submit(w.square, 7).result(timeout=60) == 49
+
+
+# ------------------------------------------------------------------ the wake-up pipe
+
+
+def test_the_wake_up_pipe_wakes_a_waiter_and_never_blocks_the_waker() -> None:
+    pipe = WakeUpPipe()
+    try:
+        assert multiprocessing.connection.wait([pipe.fd], 0) == []
+        for _ in range(100_000):  # more than a pipe holds: the full pipe is a pending wake-up
+            pipe.wake()
+        assert multiprocessing.connection.wait([pipe.fd], 0) == [pipe.fd]
+        while multiprocessing.connection.wait([pipe.fd], 0):
+            pipe.drain()
+        pipe.drain()  # nothing pending: returns at once
+    finally:
+        pipe.close()
+    pipe.close()  # idempotent
+
+
+def test_a_wake_up_after_close_writes_to_no_reused_descriptor() -> None:
+    pipe = WakeUpPipe()
+    pipe.close()
+    read_fd, write_fd = os.pipe()  # the lowest free numbers: those the pipe had
+    try:
+        pipe.wake()
+        pipe.drain()
+        assert multiprocessing.connection.wait([read_fd], 0) == []
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)

@@ -59,6 +59,7 @@ from parallelkit._proc.lifecycle import (
     wait_reapable,
     waiting_on_children,
 )
+from parallelkit._proc.wakeup import WakeUpPipe
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.types import StartMethod
 from parallelkit._wire.arena import ArgArena
@@ -135,8 +136,7 @@ class Engine:
         self.mutex = threading.Lock()
         self.progressed = threading.Condition(self.mutex)
         self.driver: int | None = None
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_w, False)
+        self.wakeup = WakeUpPipe()
         self.deferred: list[Callable[[], object]] = []
         self.changes = 0  # bumped whenever a job gets a result or an error
         self.released = False
@@ -283,12 +283,8 @@ class Engine:
             self.jobs.remove(job)
 
     def wake(self) -> None:
-        if self.released:
-            return
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+        """Make a thread waiting in :meth:`drive` look again (from any thread)."""
+        self.wakeup.wake()
 
     def break_pool(self, exc: BaseException) -> None:
         if self.broken is None:
@@ -370,7 +366,7 @@ class Engine:
             timeout = KILL_POLL if timeout is None else min(timeout, KILL_POLL)
         if self.watchers:
             timeout = WATCH_POLL if timeout is None else min(timeout, WATCH_POLL)
-        objs: list[Any] = [self.wake_r]
+        objs: list[Any] = [self.wakeup.fd]
         for w in self.workers:
             if not w.hung_up:
                 objs.append(w.conn)
@@ -388,11 +384,8 @@ class Engine:
         if self.closed:  # shut down by another thread while we waited
             self._release_locked()
             return
-        if self.wake_r in ready:
-            try:
-                os.read(self.wake_r, 4096)
-            except BlockingIOError:  # pragma: no cover
-                pass
+        if self.wakeup.fd in ready:
+            self.wakeup.drain()
         ready_conns = {id(o) for o in ready if not isinstance(o, int)}
         ready_fds = {o for o in ready if isinstance(o, int)}
         for w in list(self.workers):
@@ -514,11 +507,7 @@ class Engine:
         self.released = True
         self.functions.release()
         self.dispatcher.close()
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.wakeup.close()
         self.words.release()
         if self.slots is not None:
             self.slots.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import threading
 import time
 from collections import deque
@@ -18,10 +17,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from parallelkit._pipeline.budget import MAX_BATCH, Budget
+from parallelkit._proc.wakeup import WakeUpPipe
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.threads import quiet_thread
 
-__all__ = ("Source", "WakeUp")
+__all__ = ("Source",)
 
 CHUNK_SECONDS: Final = 0.001  # the source thread passes on what it read at least this often
 JOIN_TIMEOUT: Final = 1.0  # seconds to wait for the source thread when the run stops
@@ -39,7 +39,7 @@ class Source:
         else:
             self.iterator = iter(source)
         self.thread: threading.Thread | None = None
-        self.wakeup = WakeUp()
+        self.wakeup = WakeUpPipe()
         self.chunks: deque[list[Any]] = deque()  # read by the thread, not yet taken
         self.pulled = 0  # items the thread has read
         self.done = False  # the thread has ended
@@ -162,35 +162,3 @@ class Source:
                         close()  # run the generator's finally blocks
             self.done = True
             self.wakeup.wake()
-
-
-class WakeUp:
-    """A pipe the source thread writes a byte to, to wake the router from ``poll``.
-
-    Closed under a lock, so that a source thread that returns from the user's ``next()``
-    after the run ended never writes to a descriptor number the process has reused.
-    """
-
-    def __init__(self) -> None:
-        self.fd, self._write_fd = os.pipe()
-        os.set_blocking(self._write_fd, False)
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def wake(self) -> None:
-        with self._lock:
-            if not self._closed:
-                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending
-                    os.write(self._write_fd, b"\0")
-
-    def drain(self) -> None:
-        with self._lock:
-            if not self._closed:
-                os.read(self.fd, 4096)  # poll said it is readable: this does not block
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                os.close(self.fd)
-                os.close(self._write_fd)
