@@ -745,7 +745,7 @@ def run(
         # The server is one per process, shared by every contender: started here, as
         # parallelkit starts it, every contender's workers inherit the same preloads
         # (otherwise whichever contender opened first would decide for all of them).
-        from parallelkit._proc.lifecycle import start_forkserver
+        from parallelkit._proc.forkserver import start_forkserver
 
         meta["forkserver_preload"] = start_forkserver()
     before = h.children()

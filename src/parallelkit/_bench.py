@@ -431,7 +431,7 @@ def run(ap: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO = sys
     import platform
 
     import parallelkit
-    from parallelkit._proc.lifecycle import start_forkserver
+    from parallelkit._proc.forkserver import start_forkserver
     from parallelkit._util.context import usable_cpu_count
 
     base = QUICK if args.quick else FULL

@@ -24,7 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from parallelkit._map.job import Job, PoolBrokenError
-from parallelkit._proc.lifecycle import start_forkserver
+from parallelkit._proc.forkserver import start_forkserver
 from parallelkit._util import threads
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ forkserver child re-ran the whole main script with ``runpy`` -- milliseconds for
 script, far more for one with work at the top level.  See CPython issues gh-126631 and
 gh-137996 (fixed in 3.13.8 and 3.14).
 
-The parent (:func:`parallelkit._proc.lifecycle.preload_forkserver`) puts the main module's path
+The parent (:func:`parallelkit._proc.forkserver.preload_forkserver`) puts the main module's path
 or name and ``sys.argv`` in the environment variable ``PARALLELKIT_FORKSERVER_MAIN`` just
 before the server starts; this module reads it once, as the server starts, and does what
 the fixed CPython does: import the main module as ``__mp_main__`` with the process marked
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
-from parallelkit._proc.lifecycle import FORKSERVER_MAIN_ENV
+from parallelkit._proc.forkserver import FORKSERVER_MAIN_ENV
 
 # set while the server imports the main module: parallel work started at import time is
 # refused with an exception here rather than by exiting (which would end the server)
