@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
-from parallelkit._proc.forkserver import start_forkserver
 from parallelkit.errors import StartMethodError
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
@@ -218,6 +217,9 @@ def start_child(
         leave_if_exiting()  # no new child once the interpreter exits
         check_main_importable(start_method)
         if start_method == "forkserver":
+            # not at import: a spawned channel server imports this module, not the server
+            from parallelkit._proc.forkserver import start_forkserver  # noqa: PLC0415
+
             start_forkserver()
         process: BaseProcess = context.Process(  # type: ignore[attr-defined]
             target=child_main, args=(loop, conn, tuple(args)), kwargs=kwargs, name=name, daemon=True
