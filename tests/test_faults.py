@@ -37,6 +37,7 @@ import pytest
 import parallelkit as pk
 import tasks.faults as wf
 from parallelkit import StartMethod
+from parallelkit._util.threads import Mutex
 
 TESTS: Final = Path(__file__).resolve().parent
 SCRIPTS: Final = TESTS / "scripts"
@@ -703,6 +704,84 @@ def test_a_ctrl_c_at_any_change_of_the_callers_signal_mask_leaves_it_as_it_was(
         monkeypatch.undo()
         assert real(signal.SIG_BLOCK, ()) == before, (target, seen)
     _submit_or_pipeline(api, start_method)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("where", ["release", "acquire"])
+@pytest.mark.parametrize("api", ["run_parallel", "submit"])
+def test_a_ctrl_c_as_the_engines_mutex_changes_hands_leaves_it_consistent(
+    api: str, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the suite (test_ctrl_c_interrupts_promptly_and_cleanly, fork, under load): a
+    Ctrl-C that landed right after the driving thread released the engine's mutex to wait
+    (before the ``try`` whose ``finally`` takes it back) unwound into code that assumed the
+    mutex held: ``RuntimeError: cannot notify on un-acquired lock``, then ``release unlocked
+    lock``, instead of KeyboardInterrupt.  Here a KeyboardInterrupt is raised right after
+    each release (or acquire) of the mutex in the main thread, one place per run: the call
+    must raise KeyboardInterrupt or finish, and the next call must work.  (Fork only: where
+    the mutex changes hands does not depend on how workers start.)"""
+    real = {name: getattr(Mutex, name) for name in ("acquire", "release")}
+    main = threading.get_ident()
+    seen = 0
+    target = 0
+
+    def interrupting(name: str) -> Callable[..., object]:
+        def call(self: Mutex, *args: object) -> object:
+            nonlocal seen
+            result = real[name](self, *args)
+            if name == where and threading.get_ident() == main and result is not False:
+                seen += 1
+                if seen == target:
+                    raise KeyboardInterrupt  # a Ctrl-C, raised as the call returns
+            return result
+
+        return call
+
+    def work(pool: pk.WorkerPool | None) -> None:
+        if pool is None:
+            assert pk.run_parallel(abs, range(-40, 40), max_workers=2, start_method="fork") == [
+                abs(i) for i in range(-40, 40)
+            ]
+        else:
+            assert [f.result(timeout=RESULT) for f in [pool.submit(abs, -i) for i in range(8)]] == [
+                *range(8)
+            ]
+
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if api == "submit":
+            pool = stack.enter_context(pk.WorkerPool(2, start_method="fork"))
+        target = 10**9  # count the main thread's calls in one clean run
+        for name in real:
+            monkeypatch.setattr(Mutex, name, interrupting(name))
+        work(pool)
+        calls = seen
+        assert calls > 0
+        interrupted = 0
+        for n in range(1, calls + 1):
+            seen, target = 0, n
+            try:
+                work(pool)
+            except KeyboardInterrupt:
+                interrupted += 1
+            except pk.ParallelKitError:
+                # a pool a Ctrl-C broke refuses further work (as it did before); start another
+                assert pool is not None
+                stack.close()
+                pool = stack.enter_context(pk.WorkerPool(2, start_method="fork"))
+        monkeypatch.undo()
+        assert interrupted > 0
+        if pool is not None and not pool_usable(pool):
+            stack.close()
+            pool = stack.enter_context(pk.WorkerPool(2, start_method="fork"))
+        work(pool)
+
+
+def pool_usable(pool: pk.WorkerPool) -> bool:
+    try:
+        return bool(pool.submit(abs, -1).result(timeout=RESULT) == 1)
+    except pk.ParallelKitError:
+        return False
 
 
 @pytest.mark.timeout(60)

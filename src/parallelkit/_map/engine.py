@@ -61,6 +61,7 @@ from parallelkit._proc.lifecycle import (
 )
 from parallelkit._proc.wakeup import WakeUpPipe
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._util.threads import Mutex
 from parallelkit._util.types import StartMethod
 from parallelkit._wire.arena import ArgArena
 
@@ -133,8 +134,9 @@ class Engine:
         self.future_queue: deque[Job] = deque()  # submitted calls, first come first served
         self.broken: BaseException | None = None
         self.closed = False
-        self.mutex = threading.Lock()
-        self.progressed = threading.Condition(self.mutex)
+        self.mutex = Mutex()
+        # any lock with acquire/release works (Condition falls back to them)
+        self.progressed = threading.Condition(self.mutex)  # type: ignore[arg-type]
         self.driver: int | None = None
         self.wakeup = WakeUpPipe()
         self.deferred: list[Callable[[], object]] = []
@@ -322,6 +324,7 @@ class Engine:
                     try:
                         self.step(remaining, done)
                     except BaseException as exc:
+                        self.mutex.hold()  # a Ctrl-C may have landed while it was released
                         self.driver = None
                         self._abort_locked(exc)
                         self._run_deferred_locked()
@@ -334,12 +337,12 @@ class Engine:
 
     def _run_deferred_locked(self) -> None:
         callbacks, self.deferred = self.deferred, []
-        self.mutex.release()
-        try:
+        try:  # released inside the try: a Ctrl-C right after the release unwinds through hold()
+            self.mutex.release()
             for callback in callbacks:
                 callback()
         finally:
-            self.mutex.acquire()
+            self.mutex.hold()
 
     def defer(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` outside the mutex after this step (completing a future)."""
@@ -372,12 +375,12 @@ class Engine:
                 objs.append(w.conn)
             objs.append(w.sentinel)
         writers = [w for w in self.workers if w.out and not w.hung_up]
-        self.mutex.release()
-        try:
+        try:  # as in _run_deferred_locked
+            self.mutex.release()
             with waiting_on_children():
                 ready, writable = wait_events(objs, writers, timeout)
         finally:
-            self.mutex.acquire()
+            self.mutex.hold()
         for w in writable:
             if not w.dead:
                 w.flush()
@@ -469,16 +472,35 @@ class Engine:
         self.progressed.notify_all()
 
     def shutdown(self, *, graceful: bool, join_timeout: float = 5.0) -> None:
-        """Stop every worker (STOP and join, or kill at once) and release everything."""
+        """Stop every worker (STOP and join, or kill at once) and release everything.
+
+        Interrupted part-way (a Ctrl-C while it joins the workers, say), it finishes at once
+        -- kills what still runs, closes everything -- and lets the interruption go on.  The
+        workers a call takes out of the engine are its own: a concurrent shutdown (the
+        futures thread's, say) finds none left and only waits for the mutex.
+        """
+        taken: list[WorkerHandle] = []
+        try:
+            self._shutdown(taken, graceful=graceful, join_timeout=join_timeout)
+        except BaseException:
+            self._shutdown(taken, graceful=False, join_timeout=0)
+            raise
+
+    def _shutdown(self, taken: list[WorkerHandle], *, graceful: bool, join_timeout: float) -> None:
         with self.mutex:
-            if self.closed and not self.workers:
+            if self.closed and not self.workers and not taken:
+                if self.driver is None:  # idempotent: a shutdown interrupted before it
+                    self._release_locked()
                 self._run_deferred_locked()
                 return
             self.closed = True
             for job in self._all_jobs():
                 job.cancel()
             self.future_queue.clear()
-            workers, self.workers = self.workers, []
+            moving = self.workers
+            self.workers = []
+            taken.extend(moving)  # (a Ctrl-C lands after this call, not between the two)
+            workers = list({id(w): w for w in taken}.values())
             if graceful:
                 for w in workers:
                     if w.chunks or w.stopping or w.out:
@@ -496,6 +518,7 @@ class Engine:
             for w in workers:
                 w.close()
                 w.drop_segments(gone=True)
+            taken.clear()
             if self.driver is None:
                 self._release_locked()
             self._run_deferred_locked()

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import itertools
 import pickle
-import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, Final, Protocol, cast
 
 from parallelkit._map import worker as W
+from parallelkit._util.threads import Mutex
 from parallelkit._wire.arena import CHUNK_BYTES, KEPT_LIMIT, dump_items
 from parallelkit._wire.codec import PROTOCOL, dumps, locate_unpicklable
 from parallelkit.errors import SerializationError
@@ -62,7 +62,7 @@ class Driver(Protocol):
 
     max_workers: int  # sizes chunks and the in-flight window
     changes: int  # bumped whenever a job gets a result or an error
-    mutex: threading.Lock
+    mutex: Mutex
     pickles_items: bool  # False: chunks are not pickled here (in-process, or by Dask)
 
     def register_function(self, fn: Callable[..., object]) -> tuple[int, bytes]: ...
@@ -463,14 +463,18 @@ def stop(engine: Driver, job: Job) -> None:
     it never blocks on the mutex."""
     if not job.finished:
         job.cancelled = True  # seen by the driver even if we cannot take the mutex
-    if engine.mutex.acquire(blocking=False):
-        try:
+    mutex = engine.mutex
+    if mutex.held():  # from inside the engine (garbage collection): the driver sees cancelled
+        return
+    try:  # not `if acquire(): try:` -- a Ctrl-C as acquire() returned must not keep the mutex
+        if mutex.acquire(blocking=False):
             if job.cancelled or job.error is not None:
                 job.cancelled = False
                 job.cancel()
             engine.abandon(job)
-        finally:
-            engine.mutex.release()
+    finally:
+        if mutex.held():  # not held on entry: we took it
+            mutex.release()
 
 
 class Turns:

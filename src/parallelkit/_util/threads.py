@@ -39,3 +39,56 @@ def quiet_thread(
         target(*args)
 
     return threading.Thread(target=run, name=name, daemon=True)
+
+
+class Mutex:
+    """A non-reentrant lock that knows exactly whether the calling thread holds it.
+
+    A Ctrl-C is raised in the main thread between two bytecodes, which can be right after
+    an ``acquire()`` or a ``release()`` returned, before the code that records it runs: code
+    that releases a lock around a wait (``release(); try: wait() finally: acquire()``) can
+    then unwind holding it or not.  The owner of an ``RLock`` is set in C together with the
+    lock, so :meth:`held` is exact at any moment, and :meth:`hold` restores the state an
+    exception handler needs.  Re-entry is refused, as a plain ``Lock`` would deadlock (or, not
+    blocking, fail): a caller that tries the lock from inside a section it already holds
+    (garbage collection running a finalizer) is told it is busy.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def held(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]  # C, not in typeshed
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock._is_owned():  # type: ignore[attr-defined]  # see held()
+            if not blocking:
+                return False
+            raise RuntimeError("parallelkit: Mutex.acquire() by the thread that holds it")
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def hold(self) -> None:
+        """Acquire unless the calling thread holds the lock already; a KeyboardInterrupt
+        while waiting for it is dropped (the caller is unwinding from one already)."""
+        while not self._lock._is_owned():  # type: ignore[attr-defined]  # see held()
+            try:
+                self._lock.acquire()
+            except KeyboardInterrupt:
+                continue
+
+    def __enter__(self) -> bool:
+        try:
+            return self.acquire()
+        except BaseException:  # a Ctrl-C as acquire() returned: the block will not run
+            if self.held():
+                self._lock.release()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

@@ -21,7 +21,6 @@ error policy.  The driver itself only adds what depends on *where* chunks ran:
 from __future__ import annotations
 
 import pickle
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +33,7 @@ from parallelkit._map.backends.protocol import (
     WorkerLostError,
 )
 from parallelkit._map.job import Chunk, Job, Turns
+from parallelkit._util.threads import Mutex
 from parallelkit._wire.codec import ExceptionRecord, locate_unpicklable, rebuild_exception
 from parallelkit.errors import SerializationError, TaskTimeoutError, WorkerCrashedError
 
@@ -48,7 +48,7 @@ class ChunkEngine:
         self.tracked = tracked  # chunks run in this process's threads: publish progress
         self.max_workers = runner.max_workers
         self.changes = 0
-        self.mutex = threading.Lock()
+        self.mutex = Mutex()
         self.jobs: list[Job] = []
         self.running: dict[Any, tuple[Chunk, ChunkTask]] = {}
         self.abandoned: list[Progress] = []  # timed-out chunks whose thread still runs
