@@ -984,6 +984,43 @@ def test_missing_main_guard_gives_one_clear_error(
     assert "__main__" in last
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("script_name", "expected", "output", "tracebacks"),
+    [
+        ("no_main_guard_pipeline.py", "PipelineError", str([x * x for x in range(8)]), 1),
+        # the parent's error, and the connection reset that is its cause
+        ("no_main_guard_channel.py", "ChannelClosedError", "echo", 2),
+    ],
+)
+def test_missing_main_guard_in_a_pipeline_or_channel_script_gives_one_clear_error(
+    start_method: StartMethod,
+    tmp_path: Path,
+    script_name: str,
+    expected: str,
+    output: str,
+    tracebacks: int,
+) -> None:
+    # As for a map (above): the stage processes and start_process children used to die
+    # each with a traceback of multiprocessing's bootstrapping error, reported as a crash
+    # (or a closed channel) with exit code 1.
+    with Script(tmp_path, script_name, start_method) as script:
+        code = script.wait(STARTUP)
+        lines = script.rest(EXIT)
+        stderr = script.stderr()
+        assert _wait_gone(_group(script.pgid), ORPHANS) == []
+    if start_method == "fork":  # the children do not import the main module again
+        assert code == 0, stderr
+        assert lines == [output]
+        return
+    assert code == 1, stderr
+    assert stderr.count("Traceback") <= tracebacks, stderr
+    assert "bootstrapping phase" not in stderr, stderr  # multiprocessing's, from a child
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"parallelkit.errors.{expected}:"), stderr
+    assert "__main__" in last
+
+
 # ------------------------------------------------------------------ cannot start a worker
 
 

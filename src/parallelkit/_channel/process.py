@@ -18,6 +18,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Final, TypeVarTuple
 
 from parallelkit._channel.channel import A, B, Channel, RecvT, SendT
+from parallelkit._proc.child import EXIT_MAIN_GUARD, main_guard_note
 from parallelkit._proc.lifecycle import describe_exit, start_child, stop_processes
 from parallelkit._util.checks import check_callable, check_timeout
 from parallelkit._util.context import get_context, resolve_start_method
@@ -93,10 +94,12 @@ class ProcessChannel(Channel[SendT, RecvT]):
             process.close()
 
     def _exit_note(self) -> str:
-        if self._stopped:
-            return f", {describe_exit(self._exitcode)}"
-        self._process.join(0.2)
-        return f", {describe_exit(self._process.exitcode)}"
+        if not self._stopped:
+            self._process.join(0.2)
+        code = self._exitcode if self._stopped else self._process.exitcode
+        if code == EXIT_MAIN_GUARD:  # as the map engine and pipelines say it
+            return f", which {main_guard_note()}"
+        return f", {describe_exit(code)}"
 
     @staticmethod
     def _close_in_fork_child(channel: ProcessChannel[SendT, RecvT]) -> None:

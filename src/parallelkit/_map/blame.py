@@ -55,9 +55,7 @@ class Blame:
         if exitcode == child.EXIT_MAIN_GUARD:
             engine.break_pool(
                 WorkerCrashedError(
-                    f"worker pid {w.pid} could not start: the main module starts parallel work "
-                    f"when it is imported, and {engine.start_method!r} workers import it again. "
-                    'Put the code that starts the work under `if __name__ == "__main__":`',
+                    f"worker pid {w.pid} {child.main_guard_note(engine.start_method)}",
                     pid=w.pid,
                     exitcode=exitcode,
                 )

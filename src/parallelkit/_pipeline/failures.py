@@ -79,15 +79,19 @@ def stage_failed(
 def worker_crashed(stage: str, process: BaseProcess, holding: str) -> PipelineError:
     """A worker of ``stage`` died (``holding``: what it was working on, in words)."""
     code = process.exitcode
+    if code == child.EXIT_MAIN_GUARD:  # as the map engine says it
+        what = child.main_guard_note()
+    else:
+        what = f"{describe_exit(code)} {holding}"
     crash = WorkerCrashedError(
-        f"a worker of pipeline stage {stage!r} (pid {process.pid}) {describe_exit(code)} {holding}",
+        f"a worker of pipeline stage {stage!r} (pid {process.pid}) {what}",
         item_index=None,
         pid=process.pid,
         exitcode=code,
         signal=signal_name(code),
     )
     error = PipelineError(
-        f"stage {stage!r}: worker pid {process.pid} {describe_exit(code)} {holding}",
+        f"stage {stage!r}: worker pid {process.pid} {what}",
         stage=stage,
     )
     error.__cause__ = crash

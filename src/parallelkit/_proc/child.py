@@ -163,6 +163,16 @@ def refuse_to_start_in_bootstrap() -> NoReturn:
     os._exit(EXIT_MAIN_GUARD)
 
 
+def main_guard_note(start_method: str | None = None) -> str:
+    """What a parent says of a child that exited with :data:`EXIT_MAIN_GUARD`."""
+    workers = "the workers" if start_method is None else f"{start_method!r} workers"
+    return (
+        "could not start: the main module starts parallel work when it is imported, and "
+        f"{workers} import it again. Put the code that starts the work under "
+        '`if __name__ == "__main__":`'
+    )
+
+
 def exit_without_teardown() -> None:
     """End a spawned worker the way the interpreter would, minus tearing down its modules.
 

@@ -201,7 +201,10 @@ def start_child(
     other threads are parallelkit's own, idle ones; silence Python 3.12's fork-with-threads
     warning.
     """
-    from parallelkit._proc.child import child_main  # noqa: PLC0415 - not for every user of this module
+    from parallelkit._proc.child import (  # noqa: PLC0415 - not for every user of this module
+        child_main,
+        refuse_to_start_in_bootstrap,
+    )
 
     kwargs = {
         **bootstrap_options(start_method),
@@ -212,6 +215,10 @@ def start_child(
         "report": report,
         "fast_exit": start_method == "spawn",
     }
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # we are a child importing the parent's main module, which starts work: one line
+        # and EXIT_MAIN_GUARD, whatever the role, rather than a traceback from each child
+        refuse_to_start_in_bootstrap()
     # counted as busy by _quiet_exit: a child half started at exit would die noisily
     with _WAITING_ON_CHILDREN:
         leave_if_exiting()  # no new child once the interpreter exits
