@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final, TypeVarTuple
 
 from parallelkit._channel.channel import A, B, Channel, RecvT, SendT
 from parallelkit._proc.child import EXIT_MAIN_GUARD, main_guard_note
-from parallelkit._proc.lifecycle import describe_exit, start_child, stop_processes
+from parallelkit._proc.lifecycle import close_process, describe_exit, start_child, stop_processes
 from parallelkit._util.checks import check_callable, check_timeout
 from parallelkit._util.context import get_context, resolve_start_method
 from parallelkit._wire.codec import ExceptionRecord, capture_exception, dump_function
@@ -91,7 +91,7 @@ class ProcessChannel(Channel[SendT, RecvT]):
         stop_processes([process], join_timeout=timeout, what="channel", close=False)
         self._exitcode = process.exitcode
         if self._exitcode is not None:
-            process.close()
+            close_process(process)
 
     def _exit_note(self) -> str:
         if not self._stopped:

@@ -54,6 +54,7 @@ from parallelkit._map.replies import Replies
 from parallelkit._proc import child, slots
 from parallelkit._proc.lifecycle import (
     check_main_importable,
+    close_process,
     start_child,
     stop_processes,
     wait_reapable,
@@ -247,7 +248,7 @@ class Engine:
         w.process.join(0)
         gone = w.process.exitcode is not None
         if gone:
-            w.process.close()
+            close_process(w.process)
         for chunk in w.chunks:  # a dead worker holds nothing: its regions are free
             if chunk.region is not None:
                 self.dispatcher.release_region(chunk, kept=False)

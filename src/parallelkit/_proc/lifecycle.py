@@ -39,6 +39,10 @@ TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
 EXIT_JOIN_SECONDS: Final = 2.0  # at interpreter exit, how long threads get to leave our calls
 # Interpreter exit (see _quiet_exit): set once the main thread has returned
 _exiting = False
+# Taken to close a Process and to set _exiting: from then on the processes are
+# multiprocessing's exit handler's (it joins every child it finds), and no thread of ours
+# closes one under it (see close_process).
+_closing = threading.Lock()
 _drivers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # threads that waited on children
 _waiting: dict[threading.Thread, int] = {}  # ... and how many waits each is in right now
 
@@ -92,7 +96,8 @@ def _quiet_exit() -> None:
     more, and get a moment to unwind before multiprocessing's handler runs.
     """
     global _exiting
-    _exiting = True
+    with _closing:
+        _exiting = True
     me = threading.current_thread()
     busy = [t for t in _waiting if t is not me and t.is_alive() and _user_daemon(t)]
     if not busy:
@@ -373,4 +378,17 @@ def stop_processes(
     for p in procs:
         p.join(0)
         if close and p.exitcode is not None:
-            p.close()
+            close_process(p)
+
+
+def close_process(process: BaseProcess) -> None:
+    """``process.close()``, unless the interpreter is exiting.
+
+    multiprocessing's exit handler joins every child it finds alive; a thread of ours that
+    is still unwinding (a daemon thread's map, past our exit handler's grace period) must
+    not close one under it (``ValueError: process object is closed`` from the handler).
+    The lock makes the check and the close one step with respect to :func:`_quiet_exit`.
+    """
+    with _closing:
+        if not _exiting:
+            process.close()
