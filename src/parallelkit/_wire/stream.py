@@ -13,10 +13,17 @@ One frame on the socket::
 Sending.  A frame leaves from its parts' own memory with one ``sendmsg`` (no
 concatenation), except a small frame without buffers, which goes out in one ``send``
 with its header.  Writes never block in the kernel (``MSG_DONTWAIT``): when the socket
-buffer is full the peer is not reading, maybe because it is itself stuck writing to us,
-so while we wait for room we *drain* what it sends into our receive buffer (which grows
-as needed); its send completes, it reads, and so does ours.  (If another thread holds
-the receive lock meanwhile, it does the draining.)
+buffer is full the peer is not reading, maybe because it is itself stuck writing to us.
+An end sends in one of two ways (never both):
+
+* :meth:`FrameStream.send` (one thread talking to one peer) waits for room, and while it
+  waits it *drains* what the peer sends into our receive buffer (which grows as needed);
+  its send completes, it reads, and so does ours.  (If another thread holds the receive
+  lock meanwhile, it does the draining.)
+* :meth:`FrameStream.post` (an event loop over many peers) never waits: what the socket
+  does not take stays in the stream's outbox (:attr:`FrameStream.out`), and the loop calls
+  :meth:`FrameStream.flush` when the socket is writable -- while it goes on reading every
+  peer, which is what lets a peer stuck writing to it finish.
 
 Receiving.  A small frame without buffers (the common case) is read into a reused buffer,
 usually with one ``recv``, and handed out as a view of it; a large one is read with
@@ -36,6 +43,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -45,7 +53,7 @@ from typing import Final
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire import layouts
 
-__all__ = ("Allocate", "FrameError", "FrameStream", "StreamEnd")
+__all__ = ("Allocate", "FrameError", "FrameStream", "StreamEnd", "widen")
 
 HEAD: Final = layouts.STREAM_HEAD  # kind, number of buffers, body length
 ID: Final = layouts.STREAM_ID  # the frame's id
@@ -55,6 +63,8 @@ MAX_BUFFERS: Final = 1 << 16
 BUFFER_SIZE: Final = 256 * 1024  # bytes: the reused receive buffer
 SMALL: Final = 64 * 1024  # bytes: a body this small (no buffers) goes out with its header
 IOV_MAX: Final = 512  # parts per sendmsg
+WIDE_BUFFER: Final = 1024 * 1024  # bytes: the send buffer widen() asks for
+ROOM_FLOOR: Final = 32 * 1024  # bytes a peer may surely leave unread (see widen)
 _SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 Buffer = bytes | bytearray | memoryview
@@ -129,6 +139,7 @@ class FrameStream:
         self._max = max_frame_bytes
         self.send_lock = threading.Lock()
         self.recv_lock = threading.Lock()  # the bytes: whoever reads or drains them
+        self.out: list[Buffer] = []  # what post() left for flush(), oldest first
         self._rbuf = bytearray(BUFFER_SIZE)
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
@@ -166,6 +177,7 @@ class FrameStream:
         if self.closed:
             return
         self.closed = True
+        self.out.clear()
         if os.getpid() != self._owner:
             self.release()
             return
@@ -189,6 +201,7 @@ class FrameStream:
     def abort(self) -> None:
         """Close the descriptor now, in this process only; a later send or read ends."""
         self.closed = True
+        self.out.clear()
         self.release()
 
     # ------------------------------------------------------------------ sending
@@ -198,18 +211,50 @@ class FrameStream:
         Raises:
             StreamEnd: the connection is gone, or this end was closed.
         """
-        head = HEAD.pack(kind, len(buffers), len(body))
-        if kind & ID_FLAGS:
-            head += ID.pack(ident)
-        if buffers:
-            head += struct.pack(f"<{len(buffers)}Q", *map(_nbytes, buffers))
-            self._write([head, body, *buffers] if len(body) else [head, *buffers])
-        elif len(body) <= SMALL:
-            self._write_one(head + body)
+        parts = _frame(kind, ident, body, buffers)
+        if len(parts) == 1:
+            self._write_one(parts[0])
         else:
-            self._write([head, body])
+            self._write(parts)
 
-    def _write_one(self, data: bytes) -> None:
+    def post(self, kind: int, ident: int, body: Buffer, buffers: Sequence[Buffer] = ()) -> None:
+        """Send one frame without ever waiting: what the socket does not take now waits in
+        :attr:`out` for :meth:`flush` (call it when the socket is writable).
+
+        A peer that has gone is not reported here: its frames are dropped, and reading
+        from it says that it ended.
+        """
+        out = self.out
+        older = bool(out)
+        out.extend(_frame(kind, ident, body, buffers))
+        if not older:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write what the socket takes now of :attr:`out`; whether all of it is written."""
+        out = self.out
+        while out:
+            try:
+                n = self.sock.sendmsg(out[:IOV_MAX], (), _SEND_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:  # the peer has gone: reading it says so
+                out.clear()
+                return True
+            while n:
+                size = _nbytes(out[0])
+                if n < size:
+                    out[0] = memoryview(out[0])[n:]
+                    return False  # the socket is full
+                n -= size
+                del out[0]
+        return True
+
+    def fileno(self) -> int:
+        """The socket's descriptor (to wait on it with others)."""
+        return self._fd
+
+    def _write_one(self, data: Buffer) -> None:
         with self.send_lock:
             try:
                 n = self.sock.send(data, _SEND_FLAGS)
@@ -412,6 +457,38 @@ class FrameStream:
                 continue
             with memoryview(part) as whole, whole[incoming.offset :] as target:
                 incoming.offset += self._read_into(target, deadline)
+
+
+def widen(sock: socket.socket, nbytes: int = WIDE_BUFFER) -> int:
+    """Ask for a send buffer of ``nbytes`` (the kernel may cap it); return how many payload
+    bytes may wait unread by the peer before a write to ``sock`` would have to wait.
+
+    On Linux, data of a Unix stream socket waiting to be read counts against the
+    *sender's* ``SO_SNDBUF`` (the value read back is what the kernel accounts: the bytes
+    plus their bookkeeping), so half of it is a safe bound.  Elsewhere, or if the socket
+    refuses: :data:`ROOM_FLOOR`.
+    """
+    if not sys.platform.startswith("linux") or sock.family != socket.AF_UNIX:
+        return ROOM_FLOOR
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * nbytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+        return max(ROOM_FLOOR, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2)
+    except OSError:
+        return ROOM_FLOOR
+
+
+def _frame(kind: int, ident: int, body: Buffer, buffers: Sequence[Buffer]) -> list[Buffer]:
+    """A frame's parts as they go out: its header with the body when both are small."""
+    head = HEAD.pack(kind, len(buffers), len(body))
+    if kind & ID_FLAGS:
+        head += ID.pack(ident)
+    if buffers:
+        head += struct.pack(f"<{len(buffers)}Q", *map(_nbytes, buffers))
+        return [head, body, *buffers] if len(body) else [head, *buffers]
+    if len(body) <= SMALL:
+        return [head + body]
+    return [head, body]
 
 
 def _nbytes(part: Buffer) -> int:
