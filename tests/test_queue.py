@@ -18,7 +18,7 @@ import parallelkit as pk
 import tasks.pipeline as wp
 import tasks.queue as w
 from parallelkit import StartMethod
-from parallelkit._queue import UNBOUNDED_LARGE_BYTES
+from parallelkit._queue.state import UNBOUNDED_LARGE_BYTES
 from parallelkit._util.context import get_context
 from parallelkit._wire import frames as _frames
 
@@ -492,7 +492,7 @@ def test_a_thread_waiting_for_a_lock_another_thread_of_ours_holds_is_no_deadlock
     q: pk.Queue[int] = pk.Queue(start_method="fork")
     assert q._count_lock.acquire(None)  # "thread 2" of this process
     ready, theirs = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=w.hold_read_then_wait_for_count, args=(q._fd, theirs))  # type: ignore[attr-defined]
+    child = ctx.Process(target=w.hold_read_then_wait_for_count, args=(q._state.fd, theirs))  # type: ignore[attr-defined]
     child.start()
     theirs.close()
     assert ready.recv() == "holding"

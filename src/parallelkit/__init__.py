@@ -48,7 +48,7 @@ if typing.TYPE_CHECKING:
     from parallelkit._pipeline.builder import PipelineIterator as PipelineIterator
     from parallelkit._pipeline.builder import PipelineStats as PipelineStats
     from parallelkit._pipeline.builder import StageStats as StageStats
-    from parallelkit._queue import Queue as Queue
+    from parallelkit._queue.queue import Queue as Queue
     from parallelkit._shared.array import SharedArray as SharedArray
     from parallelkit._shared.counters import SharedAccumulator as SharedAccumulator
     from parallelkit._shared.counters import SharedCounter as SharedCounter
@@ -61,7 +61,7 @@ _LAZY = {
     "PipelineIterator": "._pipeline.builder",
     "PipelineStats": "._pipeline.builder",
     "StageStats": "._pipeline.builder",
-    "Queue": "._queue",
+    "Queue": "._queue.queue",
     "Channel": "._channel.channel",
     "ChannelListener": "._channel.net",
     "ProcessChannel": "._channel.process",

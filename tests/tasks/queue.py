@@ -9,7 +9,7 @@ from multiprocessing.connection import Connection
 from threading import Barrier
 
 import parallelkit as pk
-from parallelkit._queue import COUNT_LOCK, READ_LOCK
+from parallelkit._queue.state import COUNT_LOCK, READ_LOCK
 from parallelkit._util import fuzz as _fuzz
 
 

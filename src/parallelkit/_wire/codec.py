@@ -98,19 +98,26 @@ def _as_bytearray(buffer: Any) -> bytearray:
 def mark_large_bytes(values: Sequence[Any], limit: int) -> Sequence[Any]:
     """``values`` with its ``bytes``/``bytearray`` items of ``limit`` bytes or more marked
     to travel out of band through :func:`dump_apart` (lists of ``SCAN_LIMIT`` items at most)."""
-    if len(values) > SCAN_LIMIT:
-        return values
-    big = False
-    for x in values:
-        if (type(x) is bytes or type(x) is bytearray) and len(x) >= limit:
-            big = True
-            break
-    if not big:
+    if not has_large_bytes(values, limit):
         return values
     return [
         _LargeBytes(x) if (type(x) is bytes or type(x) is bytearray) and len(x) >= limit else x
         for x in values
     ]
+
+
+def has_large_bytes(values: Sequence[Any], limit: int) -> bool:
+    """Whether ``values`` has a ``bytes``/``bytearray`` item of ``limit`` bytes or more.
+
+    Only lists of ``SCAN_LIMIT`` items at most are looked at (longer ones: ``False``): the
+    look would cost more than it saves on a long list of small items.
+    """
+    if len(values) > SCAN_LIMIT:
+        return False
+    for x in values:  # noqa: SIM110 - a plain loop costs less than any() over a generator
+        if (type(x) is bytes or type(x) is bytearray) and len(x) >= limit:
+            return True
+    return False
 
 
 def dump_apart(obj: Any, limit: int) -> tuple[bytes, list[memoryview]]:

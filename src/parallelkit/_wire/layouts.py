@@ -5,9 +5,8 @@ out-of-band buffer; what the fields mean, and which buffers follow, is documente
 module that speaks the layout (named on each).  They are the inventory for the one frame
 header the wire is heading to; keep new layouts here too.
 
-Layouts outside ``_wire`` (they belong to their layer's protocol): ``_queue.QHEAD`` /
-``_queue.SIZE`` (a Queue datagram), ``_map.worker.HEADER`` (a task message to a pool
-worker), ``_map.handle._LEN`` / ``_LONG_LEN`` (the length prefix of a
+Layouts outside ``_wire`` (they belong to their layer's protocol): ``_map.worker.HEADER`` (a
+task message to a pool worker), ``_map.handle._LEN`` / ``_LONG_LEN`` (the length prefix of a
 ``multiprocessing.connection`` message, read by the engine without the Connection).
 """
 
@@ -36,3 +35,10 @@ ARENA_RES_SPEC: Final = struct.Struct("<qqqq")  # segment index, offset, size, r
 # direct.py (a pool reply whose large buffers the parent reads from the worker's memory)
 DIRECT_HEAD: Final = struct.Struct("<4sq")  # magic, number of buffers
 DIRECT_SPEC: Final = struct.Struct("<QQ")  # address in the worker, size
+
+# _queue/datagrams.py (a Queue message: one datagram of an AF_UNIX SOCK_DGRAM socketpair)
+# kind | flags | number of parts | number of items | message id | body bytes; then the body
+# (inline) or nothing (its file's descriptor rides along).  The body: QUEUE_SIZE per part,
+# then the parts.
+QUEUE_HEAD: Final = struct.Struct("<BBHIqQ")
+QUEUE_SIZE: Final = struct.Struct("<Q")  # a part's length
