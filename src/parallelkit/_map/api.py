@@ -45,6 +45,7 @@ def _check_backend(
     start_method: StartMethod | None,
     initializer: Callable[..., object] | None,
     initargs: tuple[object, ...],
+    forward_logs: bool = True,
 ) -> WorkerPool | RunnerFactory | None:
     """Validate ``backend=`` and the options that configure processes.
 
@@ -55,9 +56,14 @@ def _check_backend(
     if backend is None or (isinstance(backend, str) and backend == "process"):
         return None
     if isinstance(backend, WorkerPool):
-        if start_method is not None or initializer is not None or max_workers is not None:
+        if (
+            start_method is not None
+            or initializer is not None
+            or max_workers is not None
+            or not forward_logs
+        ):
             raise ValueError(
-                "start_method, max_workers and initializer belong to the WorkerPool "
+                "start_method, max_workers, initializer and forward_logs belong to the WorkerPool "
                 "when it is the backend; set them where the pool is created"
             )
         return backend
@@ -75,6 +81,7 @@ def _engine(
     start_method: StartMethod,
     initializer: Callable[..., object] | None,
     initargs: tuple[object, ...],
+    forward_logs: bool = True,
 ) -> Engine:
     """New worker processes for one call (``seq``: the items, for fork workers to inherit)."""
     return Engine(
@@ -86,6 +93,7 @@ def _engine(
         max_tasks_per_worker=None,
         inherit=(fn, seq),
         one_shot=True,
+        forward_logs=forward_logs,
     )
 
 
@@ -115,6 +123,7 @@ def run_parallel(
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
     on_stats: Callable[[MapStats], object] | None = None,
+    forward_logs: bool = True,
 ) -> list[R]: ...
 @overload
 def run_parallel(
@@ -135,6 +144,7 @@ def run_parallel(
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
     on_stats: Callable[[MapStats], object] | None = None,
+    forward_logs: bool = True,
 ) -> list[R | BaseException]: ...
 @overload
 def run_parallel(
@@ -155,6 +165,7 @@ def run_parallel(
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
     on_stats: Callable[[MapStats], object] | None = None,
+    forward_logs: bool = True,
 ) -> list[R] | list[R | BaseException]: ...
 def run_parallel(
     fn: Callable[[T], R],
@@ -174,6 +185,7 @@ def run_parallel(
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
     on_stats: Callable[[MapStats], object] | None = None,
+    forward_logs: bool = True,
 ) -> list[R] | list[R | BaseException]:
     """Apply ``fn`` to every item in worker processes; the results as a list.
 
@@ -217,6 +229,9 @@ def run_parallel(
         on_stats: called once when the call ends (also when it fails) with the
             :class:`~parallelkit.MapStats` of the run: items and busy/idle seconds per
             worker.
+        forward_logs: log records of the worker processes this call starts go to this
+            process's handlers (``True``, the default; see :doc:`logging`); ``False``
+            leaves the workers' logging as they find it.
 
     Returns:
         ``[fn(x) for x in items]``, in input order unless ``ordered=False``.
@@ -257,6 +272,7 @@ def run_parallel(
         start_method=start_method,
         initializer=initializer,
         initargs=initargs,
+        forward_logs=forward_logs,
     )
     seq = as_sequence(items)
     if isinstance(place, WorkerPool):
@@ -266,7 +282,9 @@ def run_parallel(
         method = resolve_start_method(start_method)
         if len(seq) == 0:
             return _no_items(options)
-        engine = _engine(fn, seq, min(workers, len(seq)), method, initializer, initargs)
+        engine = _engine(
+            fn, seq, min(workers, len(seq)), method, initializer, initargs, forward_logs
+        )
         inherited = engine.inherited_items is not None
         return collect_call(engine, fn, seq, options, owned=True, inherited=inherited)
     if len(seq) == 0:
@@ -296,6 +314,7 @@ def imap_parallel(
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
+    forward_logs: bool = True,
 ) -> ResultIterator[R]: ...
 @overload
 def imap_parallel(
@@ -315,6 +334,7 @@ def imap_parallel(
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
+    forward_logs: bool = True,
 ) -> ResultIterator[R | BaseException]: ...
 @overload
 def imap_parallel(
@@ -334,6 +354,7 @@ def imap_parallel(
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
+    forward_logs: bool = True,
 ) -> ResultIterator[R] | ResultIterator[R | BaseException]: ...
 def imap_parallel(
     fn: Callable[[T], R],
@@ -352,6 +373,7 @@ def imap_parallel(
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
+    forward_logs: bool = True,
 ) -> ResultIterator[R] | ResultIterator[R | BaseException]:
     """Like :func:`run_parallel`, but lazy: an iterator over the results.
 
@@ -361,7 +383,8 @@ def imap_parallel(
     promptly and leaves nothing running.  ``backend=`` as for :func:`run_parallel`; on Dask,
     at most twice the cluster's threads in tasks are in flight.
 
-    ``progress``, ``stall_timeout`` and ``on_stall`` as for :func:`run_parallel` (the bar
+    ``progress``, ``stall_timeout``, ``on_stall`` and ``forward_logs`` as for
+    :func:`run_parallel` (the bar
     knows the total when ``items`` has a ``len()``; progress is reported, and stalls are
     looked for, while the iterator is waiting for results, in the thread iterating).  The
     iterator's :attr:`~ResultIterator.stats` give the per-worker statistics.
@@ -389,6 +412,7 @@ def imap_parallel(
         start_method=start_method,
         initializer=initializer,
         initargs=initargs,
+        forward_logs=forward_logs,
     )
     if isinstance(place, WorkerPool):
         return place._stream(fn, items, options)
@@ -400,5 +424,5 @@ def imap_parallel(
     length = length_of(items)
     if length is not None:
         workers = max(1, min(workers, length))
-    engine = _engine(fn, None, workers, method, initializer, initargs)
+    engine = _engine(fn, None, workers, method, initializer, initargs, forward_logs)
     return stream_call(engine, fn, items, options, owned=True)

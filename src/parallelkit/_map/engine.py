@@ -51,7 +51,7 @@ from parallelkit._map.futures import FutureCompleter
 from parallelkit._map.handle import WorkerHandle, wait_events
 from parallelkit._map.job import Chunk, Job, PoolBrokenError
 from parallelkit._map.replies import Replies
-from parallelkit._proc import child, slots
+from parallelkit._proc import child, logs, slots
 from parallelkit._proc.lifecycle import (
     check_main_importable,
     close_process,
@@ -113,6 +113,7 @@ class Engine:
         max_tasks_per_worker: int | None,
         inherit: tuple[Callable[..., object], Sequence[Any] | None] | None = None,
         one_shot: bool = False,
+        forward_logs: bool = True,
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             child.refuse_to_start_in_bootstrap()
@@ -124,6 +125,8 @@ class Engine:
         # one_shot: the engine of one run_parallel / imap_parallel call; a worker with
         # nothing left to run is told to exit at once (its exit overlaps the others' work)
         self.one_shot = one_shot
+        # the workers' log sockets, by slot (_proc.logs): None: workers log as they please
+        self.log_pipes: dict[int, logs.LogPipe] | None = {} if forward_logs else None
         self.functions = FunctionRegistry(
             start_method=start_method, initializer=initializer, initargs=initargs, inherit=inherit
         )
@@ -204,6 +207,7 @@ class Engine:
         inherited = self.functions.inherited() if fork else None
         parent_end, child_end = self.context.Pipe(duplex=True)
         started: list[WorkerHandle] = []
+        log_pipe = logs.LogPipe() if self.log_pipes is not None else None
 
         def record(process: BaseProcess) -> None:
             worker = WorkerHandle(process, parent_end, slot)
@@ -211,6 +215,8 @@ class Engine:
                 worker.fns.update(dict.fromkeys(inherited[0]))
             self.workers.append(worker)
             started.append(worker)
+            if log_pipe is not None:
+                self.log_pipes[slot] = log_pipe  # type: ignore[index]
 
         try:
             start_child(
@@ -226,10 +232,13 @@ class Engine:
                 on_started=record,
                 # The only other thread is our futures helper: see the docstring.
                 threads_ok=self._our_threads_alive(),
+                logs=log_pipe,
             )
         except BaseException:
             if not started:
                 parent_end.close()
+                if log_pipe is not None:
+                    log_pipe.close()
             child_end.close()
             raise
         child_end.close()
@@ -238,8 +247,29 @@ class Engine:
     def _our_threads_alive(self) -> bool:
         return self.futures.alive()
 
+    def read_logs(self, w: WorkerHandle) -> None:
+        """Take the log records ``w`` has sent; the parent's loggers get them outside the
+        mutex, before anyone sees a result that came after them (see ``drive``)."""
+        if self.log_pipes is None:
+            return
+        pipe = self.log_pipes.get(w.slot)
+        if pipe is not None:
+            records = pipe.read()
+            if records:
+                self.defer(lambda: logs.handle(records))
+
+    def _close_logs(self, w: WorkerHandle) -> None:
+        """``w`` has gone: its last records, then its log socket."""
+        if self.log_pipes is not None:
+            pipe = self.log_pipes.get(w.slot)
+            if pipe is not None:
+                self.read_logs(w)
+                del self.log_pipes[w.slot]
+                pipe.close()
+
     def _forget(self, w: WorkerHandle) -> None:
         w.dead = True
+        self._close_logs(w)
         if w in self.workers:
             self.workers.remove(w)
             self.free_slots.append(w.slot)
@@ -358,6 +388,8 @@ class Engine:
         in the dispatch right before the wait, which is why ``done`` is asked again there.
         """
         changes = self.changes
+        if self.log_pipes:  # levels the parent changed reach the workers before a task
+            logs.push_levels(self.log_pipes.values())
         self.dispatcher.dispatch()
         if self.changes != changes or self.deferred or done():
             return  # dispatching itself settled something (an item that cannot be sent,
@@ -371,10 +403,13 @@ class Engine:
         if self.watchers:
             timeout = WATCH_POLL if timeout is None else min(timeout, WATCH_POLL)
         objs: list[Any] = [self.wakeup.fd]
+        pipes = self.log_pipes or {}
         for w in self.workers:
             if not w.hung_up:
                 objs.append(w.conn)
             objs.append(w.sentinel)
+            if w.slot in pipes:
+                objs.append(pipes[w.slot])
         writers = [w for w in self.workers if w.out and not w.hung_up]
         try:  # as in _run_deferred_locked
             self.mutex.release()
@@ -395,6 +430,8 @@ class Engine:
         for w in list(self.workers):
             if w.dead:
                 continue
+            if w.slot in pipes and id(pipes[w.slot]) in ready_conns:
+                self.read_logs(w)
             if id(w.conn) in ready_conns:
                 self.replies.drain(w)
             if w.sentinel in ready_fds:
@@ -409,6 +446,7 @@ class Engine:
         if _fuzz.ENABLED:
             _fuzz.point("engine.sentinel_before_messages")
         self.replies.drain(w)
+        self.read_logs(w)  # what it logged last (right before a crash, say)
         # The sentinel fired: the child is exiting, or closed its descriptors and runs on
         # (then it is killed).  Not a blocking waitpid, which would wait for ever for that.
         wait_reapable([w.process], time.monotonic() + REAP_SECONDS)
@@ -468,6 +506,7 @@ class Engine:
         stop_processes([w.process for w in workers], join_timeout=0)
         for w in workers:
             w.dead = True
+            self._close_logs(w)
             w.close()
             w.drop_segments(gone=True)
         self.progressed.notify_all()
@@ -517,6 +556,7 @@ class Engine:
         stop_processes([w.process for w in idle], join_timeout=join_timeout if graceful else 0)
         with self.mutex:
             for w in workers:
+                self._close_logs(w)
                 w.close()
                 w.drop_segments(gone=True)
             taken.clear()

@@ -159,6 +159,8 @@ class WorkerPool(Executor):
         initializer: called in each worker once, before its first task.
         initargs: arguments for ``initializer``.
         max_tasks_per_worker: replace a worker after it has run this many items.
+        forward_logs: the workers' log records go to this process's handlers (``True``,
+            the default; see :doc:`logging`); ``False`` leaves their logging alone.
 
     Example:
         >>> with WorkerPool(2) as pool:
@@ -174,6 +176,7 @@ class WorkerPool(Executor):
         initializer: Callable[..., object] | None = None,
         initargs: tuple[object, ...] = (),
         max_tasks_per_worker: int | None = None,
+        forward_logs: bool = True,
     ) -> None:
         workers = resolve_max_workers(max_workers)
         method = resolve_start_method(start_method)
@@ -186,6 +189,7 @@ class WorkerPool(Executor):
             initializer=initializer,
             initargs=initargs,
             max_tasks_per_worker=max_tasks_per_worker,
+            forward_logs=forward_logs,
         )
         self._max_workers = workers
         self._start_method: StartMethod = method

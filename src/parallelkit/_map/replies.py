@@ -49,6 +49,7 @@ class Replies:
             while not w.dead and w.conn.poll():
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.before_read")
+                self.engine.read_logs(w)  # what it logged before this reply comes first
                 data = w.conn.recv_bytes()
                 self.on_message(w, data)
         except (EOFError, OSError):

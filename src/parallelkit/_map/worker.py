@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
+from parallelkit._proc import logs as _logs
 from parallelkit._proc.child import StartupFailure
 from parallelkit._proc.slots import (
     DUMP_FD,
@@ -151,6 +152,8 @@ def _task_loop(
             # (a per-item timeout counts from then, never our start-up or initializer)
             words[base + STARTED_NS] = time.monotonic_ns()
             words[base + TAKEN] = cid
+            if _logs.enabled():  # its records name the item; the parent's new levels
+                _logs.begin_task(start)
         elif kind == STOP:
             if _fuzz.ENABLED:
                 _fuzz.point("worker.stop_received")
@@ -187,6 +190,7 @@ def _task_loop(
         del buf
         t0 = time.perf_counter()
         results, errors = _run_chunk(fn, items, flags, words, base)
+        _logs.end_task()  # (holds no result past the chunk)
         elapsed = time.perf_counter() - t0
         words[base] = POS_SENDING
         msg = (DONE, cid, results, errors, elapsed)
@@ -263,6 +267,7 @@ def _run_chunk(
     base: int,
 ) -> tuple[list[object], list[tuple[int, Any]] | None]:
     results: list[object] = []
+    _logs.count_items(results)  # (one entry per item run: the item a record is from)
     append = results.append
     errors: list[tuple[int, Any]] | None = None
     star = flags & STAR_CALL

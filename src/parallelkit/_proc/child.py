@@ -215,6 +215,8 @@ def child_main(
     fn_payload: bytes | None = None,
     report: Callable[[Any, StartupFailure], object] | None = None,
     fast_exit: bool = False,
+    log_sock: Any = None,
+    log_levels: Any = None,
 ) -> None:
     """The target of every parallelkit child process (see the module docstring).
 
@@ -232,11 +234,19 @@ def child_main(
         report: sends a start-up failure to the parent over ``conn``, the role's way;
             ``None``: the parent learns of it from the exit code only.
         fast_exit: a spawned child: end without the interpreter's teardown.
+        log_sock: the child's end of its log socket: its records go to the parent
+            (:mod:`parallelkit._proc.logs`), from before the initializer on; ``None``:
+            logging is left as the child finds it.
+        log_levels: the parent's logger levels (``logs.current_levels``) with ``log_sock``.
     """
     if parent_end is not None:
         parent_end.close()  # close, don't shut down: the parent still uses its own
     phase = INITIALIZER
     try:
+        if log_sock is not None:
+            from parallelkit._proc import logs  # noqa: PLC0415 - only when records go up
+
+            logs.install(log_sock, log_levels)
         initializer, initargs = (None, ()) if init_payload is None else pickle.loads(init_payload)
         bootstrap(
             parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=initializer, initargs=initargs

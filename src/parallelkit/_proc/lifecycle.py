@@ -191,6 +191,7 @@ def start_child(
     report: Callable[..., object] | None = None,
     on_started: Callable[[BaseProcess], None] | None = None,
     threads_ok: bool = False,
+    logs: Any = None,
 ) -> BaseProcess:
     """Start a daemonic child process that runs the role ``loop`` through the one child
     main (:func:`parallelkit._proc.child.child_main`, which documents the arguments), and
@@ -204,7 +205,9 @@ def start_child(
     ``on_started`` runs before the mask is restored, so that a Ctrl-C raised then finds the
     new process already recorded by the caller.  ``threads_ok``: the caller knows the only
     other threads are parallelkit's own, idle ones; silence Python 3.12's fork-with-threads
-    warning.
+    warning.  ``logs``: a :class:`parallelkit._proc.logs.LogPipe` whose child end the
+    child sends its log records through (closed here once the child started); ``None``:
+    the child's logging is left as it is.
     """
     from parallelkit._proc.child import (  # noqa: PLC0415 - not for every user of this module
         child_main,
@@ -220,6 +223,9 @@ def start_child(
         "report": report,
         "fast_exit": start_method == "spawn",
     }
+    if logs is not None:
+        kwargs["log_sock"] = logs.child
+        kwargs["log_levels"] = logs.sent
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # we are a child importing the parent's main module, which starts work: one line
         # and EXIT_MAIN_GUARD, whatever the role, rather than a traceback from each child
@@ -256,6 +262,8 @@ def start_child(
         finally:
             # a Ctrl-C that arrived meanwhile is raised here, with the child known
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            if logs is not None:
+                logs.child_started()  # the child has its own copy (or never will)
     return process
 
 

@@ -1,0 +1,94 @@
+"""Task functions that log, for the tests of log records from workers (test_logs.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+
+from parallelkit import Channel
+
+logger = logging.getLogger("tests.tasks.logs")
+
+
+def log_info(x: int) -> int:
+    logger.info("item %d", x)
+    return x
+
+
+def log_levels(x: int) -> int:
+    logger.debug("debug %d", x)
+    logger.info("info %d", x)
+    logger.warning("warning %d", x)
+    return x
+
+
+def log_rarely(x: int) -> int:
+    if x % 1000 == 999:
+        logger.warning("rare %d", x)
+    return x * x
+
+
+def log_exception(x: int) -> int:
+    try:
+        raise ValueError(f"bad {x}")
+    except ValueError:
+        logger.exception("failed on %d", x)
+    return x
+
+
+def log_from_thread(x: int) -> int:
+    def work() -> None:
+        for i in range(50):
+            logger.warning("thread %d line %d %s", x, i, "y" * 3000)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(50):
+        logger.warning("task %d line %d %s", x, i, "z" * 3000)
+    for t in threads:
+        t.join()
+    return x
+
+
+def log_then_exit(x: int) -> int:
+    logger.warning("last words %d", x)
+    os._exit(3)
+
+
+def log_then_sigkill(x: int) -> int:
+    logger.warning("last words %d", x)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def log_then_segfault(x: int) -> int:
+    logger.warning("last words %d", x)
+    ctypes.string_at(0)  # SIGSEGV
+    return x
+
+
+def log_unpicklable_extra(x: int) -> int:
+    logger.warning("extra %d", x, extra={"lock": threading.Lock()})
+    return x
+
+
+def log_in_initializer() -> None:
+    logger.warning("initializer ran")
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def log_server(channel: Channel[str, str]) -> None:
+    for text in channel:
+        logger.warning("server got %s", text)
+        channel.send(text.upper())
+
+
+def debug_enabled(x: int) -> bool:
+    return logger.isEnabledFor(logging.DEBUG)
