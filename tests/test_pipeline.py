@@ -198,28 +198,28 @@ def test_stages_share_a_counter(start_method: StartMethod) -> None:
 # ------------------------------------------------------------------ streaming and backpressure
 
 
-def _trickle(produced: list[float], pause: float, n: int) -> Iterator[int]:
+def _lockstep(received: list[int], seen: threading.Condition, n: int) -> Iterator[int]:
+    """Items one at a time: the next one only once the consumer has the last one."""
     for i in range(n):
-        produced.append(time.monotonic())
         yield i
-        time.sleep(pause)
+        with seen:
+            seen.wait_for(lambda: len(received) > i)  # noqa: B023 - called here
 
 
+@pytest.mark.timeout(30)
 def test_a_slow_trickle_is_not_held_back_for_a_batch(start_method: StartMethod) -> None:
-    produced: list[float] = []
-    received: list[float] = []
-    # 0.25 s between items: room for two hops on a loaded 2-core machine (0.1 s was not)
-    pipeline = pk.Pipeline(_trickle(produced, 0.25, 8), start_method=start_method)
+    # the source thread reads more items at a time once the source is quick twice in a
+    # row; an item it holds must still reach the consumer while the source waits for it
+    received: list[int] = []
+    seen = threading.Condition()
+    pipeline = pk.Pipeline(_lockstep(received, seen, 8), start_method=start_method)
     with iter(pipeline.map(w.plus_one).map(w.square)) as results:
         for i, value in enumerate(results):
-            received.append(time.monotonic())
             assert value == (i + 1) ** 2
-    assert len(received) == 8
-    # once the workers are up (the first result is in), each item reaches the consumer
-    # before the source produces the next one: nothing waits for a batch to fill
-    warm = [i for i in range(7) if produced[i] > received[0]]
-    assert len(warm) >= 4
-    assert all(received[i] < produced[i + 1] for i in warm), (produced, received)
+            with seen:
+                received.append(value)
+                seen.notify_all()
+    assert received == [(i + 1) ** 2 for i in range(8)]
 
 
 def test_a_fast_source_does_not_run_ahead_of_a_slow_consumer(start_method: StartMethod) -> None:

@@ -1,9 +1,14 @@
 """A pipeline's source: sliced when it is a sequence, else read by a helper thread.
 
 ``Source`` owns the source thread and the wake-up pipe the thread writes to, to wake the
-router from its ``poll`` when a chunk is ready and the router wants one.  The thread reads
+router from its ``poll`` when items are ready and the router wants them.  The thread reads
 only while the :class:`~parallelkit._pipeline.budget.Budget` has room, so that a consumer
 that stops asking stops the source too.
+
+The thread reads in chunks, but an item read is never held back for the rest of its
+chunk: a router that finds no whole chunk takes the items of the one being filled (the
+source may be waiting for the consumer before it yields the next item), and the thread
+hands its chunk over early when it sees that the router waits.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ class Source:
         self.done = False  # the thread has ended
         self.error: BaseException | None = None  # what the source raised
         self.wanted = False  # the router found no chunk and waits for one: wake it
+        # the chunk being filled, and how many of its items the router took already;
+        # the thread publishes and retires it, the router takes from it, under ``lock``
+        self.lock = threading.Lock()
+        self.filling: list[Any] | None = None
+        self.taken_early = 0
         self.closed = False
 
     def start(self) -> None:
@@ -64,13 +74,27 @@ class Source:
             items = self.sequence[start : start + limit]
             return items or None
         chunks = self.chunks
-        self.wanted = True  # before looking: either we see its chunk or it wakes us
+        self.wanted = True  # before looking: either we see its items or it wakes us
         if not chunks:
-            return None
+            with self.lock:
+                if not chunks:
+                    return self._take_filling(limit)
         self.wanted = False
         taken = chunks.popleft()
         while chunks and len(taken) + len(chunks[0]) <= limit:
             taken += chunks.popleft()
+        return taken
+
+    def _take_filling(self, limit: int) -> list[Any] | None:
+        """Up to ``limit`` items of the chunk the thread is filling (under ``lock``): the
+        source may be waiting for the consumer before it yields the next item."""
+        filling = self.filling
+        start = self.taken_early
+        if filling is None or len(filling) <= start:
+            return None
+        taken = filling[start : start + limit]
+        self.taken_early = start + len(taken)
+        self.wanted = False
         return taken
 
     def exhausted(self, taken: int) -> bool:
@@ -99,19 +123,29 @@ class Source:
     def _stopping(self) -> bool:
         return self.closed
 
+    def _retire(self, chunk: list[Any]) -> None:
+        """The thread is done filling ``chunk``: queue what the router did not take."""
+        with self.lock:
+            early = self.taken_early
+            self.filling = None
+            self.taken_early = 0
+            if len(chunk) > early:
+                self.chunks.append(chunk[early:] if early else chunk)
+            self.pulled += len(chunk)
+
     def _pull(self) -> None:
         """The source thread: read the source in chunks into ``chunks``.
 
         A chunk starts at one item and doubles while the source fills it within
         ``CHUNK_SECONDS`` twice in a row (halving when it does not), so a fast source is read
-        in C-speed runs of up to a batch while a slow trickle is passed on item by item.  (A
-        source that turns slow after a fast run can hold back the items of one chunk until
-        its next item comes.)  Reading stops while the budget has no room.
+        in runs of up to a batch.  A chunk is handed over early when the router waits for
+        items, and the router can take the items of a chunk being filled (see
+        :meth:`take`), so that no item waits for the next one.  Reading stops while the
+        budget has no room.
         """
         iterator = self.iterator
         assert iterator is not None
         budget = self.budget
-        chunks = self.chunks
         clock = time.perf_counter
         size = 1
         fast = 0  # chunks in a row that filled within CHUNK_SECONDS
@@ -123,23 +157,29 @@ class Source:
                     budget.wait_for_room(self.pulled, self._stopping)
                     continue
                 limit = min(size, room, budget.batch_size)
-                chunk = []
+                chunk = self.filling = []
                 append = chunk.append
+                early = False  # handed over before it filled
                 began = clock()
                 for item in itertools.islice(iterator, limit):
                     append(item)
+                    if self.wanted:  # the router waits: it gets what there is, now
+                        early = True
+                        break
                 took = clock() - began
                 count = len(chunk)
+                if _fuzz.ENABLED:
+                    _fuzz.point("router.source_chunk")  # the router may take from it
+                self._retire(chunk)
+                chunk = []
                 if count:
-                    if _fuzz.ENABLED:
-                        _fuzz.point("router.source_chunk")
-                    chunks.append(chunk)
-                    self.pulled += count
-                    chunk = []
                     if self.wanted:
+                        self.wanted = False  # (it looks again, and sets it, when it wants)
                         self.wakeup.wake()
                     else:
                         time.sleep(0)  # let the router have the GIL: it has work to route
+                if early:
+                    continue
                 if count < limit:
                     break  # the source is exhausted
                 if took < CHUNK_SECONDS:
@@ -150,9 +190,7 @@ class Source:
                     fast = 0
                     size = max(1, size // 2)
         except BaseException as exc:
-            if chunk:  # what the source yielded before it raised is not lost
-                chunks.append(chunk)
-                self.pulled += len(chunk)
+            self._retire(chunk)  # what the source yielded before it raised is not lost
             self.error = exc
         finally:
             if self.closed:
