@@ -69,3 +69,23 @@ def run_one(fn: Any, x: Any, conn: Any) -> None:
     """The body of one bare ``multiprocessing.Process``: ``fn(x)``, sent back on ``conn``."""
     conn.send(fn(x))
     conn.close()
+
+
+def mul(a: int, b: int) -> int:
+    """The tiny task of two arguments (``bench_args.py``): ``pk.star(mul)``, ``starmap``."""
+    return a * b
+
+
+def mul_pair(pair: tuple[int, int]) -> int:
+    """``mul`` of one tuple item, unpacked by the function itself (the plain-map reference)."""
+    return pair[0] * pair[1]
+
+
+def mul_record(record: dict[str, int]) -> int:
+    """``mul`` of one dict item, read by the function itself (the plain-map reference)."""
+    return record["a"] * record["b"]
+
+
+def power(x: int, exp: int) -> int:
+    """The tiny task with an argument shared by every call: ``pk.with_args(power, 2)``."""
+    return int(x**exp)

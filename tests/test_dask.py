@@ -408,6 +408,14 @@ def test_an_exception_class_of_the_main_module_is_named_alike_everywhere(
 
 # ------------------------------------------------------------------ conformance
 # Imported last, so that they run after the classes above (pytest collects in module order).
+from test_args import (  # noqa: E402
+    test_a_non_tuple_item_is_a_type_error_naming_its_index,
+    test_a_pipeline_stage_unpacks_on_every_backend,
+    test_an_unpacked_calls_exception_keeps_its_type_and_names_the_item,
+    test_extra_arguments_for_every_call,
+    test_star_kwargs_unpacks_each_mapping,
+    test_star_unpacks_each_item,
+)
 from test_backends import (  # noqa: E402
     test_a_pipeline_runs_on_every_backend,
     test_a_pipeline_stage_error_names_the_stage_and_item,
@@ -429,18 +437,24 @@ from test_backends import (  # noqa: E402
 
 # The imported tests are collected (and run) here as well, on Dask.
 __all__ = (
+    "test_a_non_tuple_item_is_a_type_error_naming_its_index",
     "test_a_pipeline_runs_on_every_backend",
     "test_a_pipeline_stage_error_names_the_stage_and_item",
+    "test_a_pipeline_stage_unpacks_on_every_backend",
+    "test_an_unpacked_calls_exception_keeps_its_type_and_names_the_item",
     "test_bad_options_raise_the_same_error",
     "test_breaking_out_of_imap_stops_promptly",
     "test_empty_input",
     "test_exception_keeps_type_and_names_the_item",
     "test_exception_with_constructor_arguments_arrives_intact",
+    "test_extra_arguments_for_every_call",
     "test_generators_and_explicit_chunksizes",
     "test_imap_raises_the_items_exception",
     "test_imap_streams_an_endless_generator_and_closes_early",
     "test_results_equal_map",
     "test_return_exceptions_fills_the_failed_slots",
+    "test_star_kwargs_unpacks_each_mapping",
+    "test_star_unpacks_each_item",
     "test_start_method_and_initializer_only_where_there_are_processes",
     "test_system_exit_is_the_items_exception",
     "test_timeout_fails_exactly_the_late_item",

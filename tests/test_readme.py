@@ -46,6 +46,7 @@ def test_the_tour_runs(tmp_path: Path) -> None:
     assert lines[1] == "49"
     assert lines[2] == "[0, 1, 4, 9, 16]"
     assert re.fullmatch(r"\['parallelkit: raised in worker pid \d+ on item 2'\]", lines[3])
+    assert lines[4:6] == ["[8, 16]", "[1.2, 2.8]"]
 
 
 def test_the_pipeline_example_runs(tmp_path: Path) -> None:

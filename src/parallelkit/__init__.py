@@ -36,6 +36,9 @@ if typing.TYPE_CHECKING:
     from parallelkit._channel.process import start_process as start_process
     from parallelkit._map.api import imap_parallel as imap_parallel
     from parallelkit._map.api import run_parallel as run_parallel
+    from parallelkit._map.calls import star as star
+    from parallelkit._map.calls import star_kwargs as star_kwargs
+    from parallelkit._map.calls import with_args as with_args
     from parallelkit._map.pool import WorkerPool as WorkerPool
     from parallelkit._map.results import ResultIterator as ResultIterator
     from parallelkit._observe.progress import Progress as Progress
@@ -71,6 +74,9 @@ _LAZY = {
     "WorkerPool": "._map.pool",
     "imap_parallel": "._map.api",
     "run_parallel": "._map.api",
+    "star": "._map.calls",
+    "star_kwargs": "._map.calls",
+    "with_args": "._map.calls",
     "SharedAccumulator": "._shared.counters",
     "SharedArray": "._shared.array",
     "SharedCounter": "._shared.counters",
@@ -131,6 +137,9 @@ __all__ = (
     "errors",
     "imap_parallel",
     "run_parallel",
+    "star",
+    "star_kwargs",
     "start_process",
     "usable_cpu_count",
+    "with_args",
 )

@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, Final, Protocol, cast
 
 from parallelkit._map import worker as W
+from parallelkit._map.calls import ItemCall
 from parallelkit._util.threads import Mutex
 from parallelkit._wire.arena import CHUNK_BYTES, KEPT_LIMIT, dump_items
 from parallelkit._wire.codec import PROTOCOL, dumps, locate_unpicklable
@@ -119,6 +120,18 @@ class Job:
         star: bool = False,
         inherited: bool = False,
     ) -> None:
+        # star() / star_kwargs(): an item of the wrong kind fails before it is sent; a
+        # sequence is checked whole now (C-level), so that fail-fast fails before any work
+        self.item_check: ItemCall | None = None
+        if isinstance(fn, ItemCall) and not star and fn.expects is not object:
+            self.item_check = fn
+            if length is not None:
+                seq = cast("Sequence[Any]", source)
+                bad = fn.bad_item(seq)
+                if bad is None:
+                    self.item_check = None
+                elif fail_fast and not return_exceptions:
+                    raise fn.item_error(seq[bad], bad)
         self.engine = engine
         self.fn = fn
         self.fn_id, self.fn_payload = engine.register_function(fn)
@@ -252,6 +265,8 @@ class Job:
 
     def _prepare(self, chunk: Chunk) -> bool:
         """Pickle the chunk's items; on failure, report the item and split around it."""
+        if self.item_check is not None and not self._check_kinds(chunk, self.item_check):
+            return False
         if chunk.items is None:
             chunk.payload = b""
             return self._check_inherited(chunk)
@@ -275,6 +290,17 @@ class Job:
             if located is None:
                 raise
         self._unpicklable(chunk, *located)
+        return False
+
+    def _check_kinds(self, chunk: Chunk, call: ItemCall) -> bool:
+        """Fail the chunk's first item that ``call`` cannot take; split around it."""
+        items = chunk.items
+        if items is None:
+            items = cast("Sequence[Any]", self.source)[chunk.start : chunk.stop]
+        pos = call.bad_item(items)
+        if pos is None:
+            return True
+        self.split_around(chunk, pos, call.item_error(items[pos], chunk.start + pos))
         return False
 
     def _check_inherited(self, chunk: Chunk) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
+from parallelkit._map.calls import each
 from parallelkit._proc import logs as _logs
 from parallelkit._proc.child import StartupFailure
 from parallelkit._proc.slots import (
@@ -301,7 +302,7 @@ def _run_chunk(
         words[base] = POS_UNTRACKED
         try:
             # extend() keeps what map produced before an exception: its position is known
-            results.extend(map(fn, itertools.islice(items, pos, None)))
+            results.extend(each(fn, itertools.islice(items, pos, None)))
             break
         except BaseException as exc:
             pos = len(results)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
+from parallelkit._map.calls import each
 from parallelkit._proc.child import StartupFailure
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire import frames
@@ -89,8 +90,7 @@ def _work(
     position = 0
     try:
         if kind == MAP:
-            for item in items:
-                append(fn(item))
+            out.extend(each(fn, items))  # keeps the outputs before a failing item
         elif kind == FILTER:
             for position, item in enumerate(items):  # noqa: B007 - read on failure
                 if fn(item):

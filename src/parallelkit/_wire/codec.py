@@ -168,8 +168,12 @@ def dump_function(
     Raises:
         SerializationError: ``fn`` cannot be pickled (with a hint to fix it).
     """
-    module = getattr(fn, "__module__", None)
-    needs_value = by_value and module == "__main__" and not _main_is_importable()
+    # a partial or a parallelkit.star(...) of a __main__ function is as much __main__'s
+    modules = (
+        getattr(fn, "__module__", None),
+        getattr(getattr(fn, "func", None), "__module__", None),
+    )
+    needs_value = by_value and "__main__" in modules and not _main_is_importable()
     if not needs_value:
         try:
             return pickle.dumps(fn, PROTOCOL)

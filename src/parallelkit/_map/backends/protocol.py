@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from parallelkit._map.calls import each
 from parallelkit._wire.codec import ExceptionRecord, capture_exception
 from parallelkit.errors import TaskTimeoutError
 
@@ -170,7 +171,7 @@ def _run_fast(task: ChunkTask) -> tuple[list[object], list[tuple[int, BaseExcept
     fn = task.fn
     while True:
         try:
-            results.extend(map(fn, it))
+            results.extend(each(fn, it))
             return results, errors
         except KeyboardInterrupt:
             raise  # Ctrl-C in the caller (serial): stop, do not record it as the item's
