@@ -12,14 +12,13 @@ import parallelkit
 from child import TESTS, package_env, run_python
 from parallelkit import StartMethod
 from parallelkit._util import context as _context
+from parallelkit._util.checks import resolve_max_workers, resolve_start_method
 from parallelkit._util.context import (
     ALL_START_METHODS,
     _cgroup_cpu_quota,
     available_start_methods,
     default_start_method,
     get_context,
-    resolve_max_workers,
-    resolve_start_method,
     usable_cpu_count,
 )
 from parallelkit.errors import StartMethodError

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Final, Generic, NoReturn, Self, overload
 
 from parallelkit._channel.mailbox import REPLY, REQUEST, Mailbox, timeout_message
 from parallelkit._util import fuzz as _fuzz
-from parallelkit._util.checks import check_timeout
+from parallelkit._util.checks import check_max_message_bytes, check_timeout
 from parallelkit._wire import handshake as _handshake
 from parallelkit._wire.codec import (
     OUT_OF_BAND_MIN_BYTES,
@@ -131,7 +131,7 @@ class Channel(Generic[SendT, RecvT]):
         peer: str = "the other end",
     ) -> None:
         """Wrap a connected stream socket (internal: use the functions above)."""
-        self._max = _check_max(max_message_bytes)
+        self._max = check_max_message_bytes(max_message_bytes)
         self._stream = FrameStream(sock, kinds=KINDS, max_frame_bytes=self._max)
         self._mailbox = Mailbox()
         self._scratch = bytearray()  # where a large top-level bytes is received
@@ -498,18 +498,6 @@ def _rebuild(
     sock: socket.socket, max_message_bytes: int | None, peer: str
 ) -> Channel[object, object]:
     return Channel(sock, max_message_bytes=max_message_bytes, peer=peer)
-
-
-def _check_max(max_message_bytes: int | None) -> int | None:
-    if max_message_bytes is None:
-        return None
-    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
-        raise TypeError(
-            f"max_message_bytes must be an int or None, not {type(max_message_bytes).__name__}"
-        )
-    if max_message_bytes <= 0:
-        raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
-    return max_message_bytes
 
 
 def _dumps_fallback(obj: object) -> bytes:

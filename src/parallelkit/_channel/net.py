@@ -14,9 +14,14 @@ import weakref
 from types import TracebackType
 from typing import Final, Generic, Self
 
-from parallelkit._channel.channel import Channel, RecvT, SendT, _check_max, _format_address
+from parallelkit._channel.channel import Channel, RecvT, SendT, _format_address
 from parallelkit._util import fuzz as _fuzz
-from parallelkit._util.checks import check_timeout
+from parallelkit._util.checks import (
+    check_authkey,
+    check_handshake_timeout,
+    check_max_message_bytes,
+    check_timeout,
+)
 from parallelkit._wire import handshake as _handshake
 from parallelkit._wire.stream import ms
 from parallelkit.errors import ChannelClosedError
@@ -43,9 +48,9 @@ def connect(
     handshake_timeout: float,
 ) -> Channel[SendT, RecvT]:
     """What :meth:`Channel.connect` does."""
-    key = _handshake.check_authkey(authkey)
-    handshake_timeout = _handshake.check_timeout(handshake_timeout, "handshake_timeout")
-    _check_max(max_message_bytes)
+    key = check_authkey(authkey)
+    handshake_timeout = check_handshake_timeout(handshake_timeout, "handshake_timeout")
+    check_max_message_bytes(max_message_bytes)
     sock = socket.create_connection(address, timeout=check_timeout(timeout))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -74,9 +79,9 @@ class ChannelListener(Generic[SendT, RecvT]):
         handshake_timeout: float,
         backlog: int,
     ) -> None:
-        self._key = _handshake.check_authkey(authkey)
-        self._handshake_timeout = _handshake.check_timeout(handshake_timeout, "handshake_timeout")
-        self._max = _check_max(max_message_bytes)
+        self._key = check_authkey(authkey)
+        self._handshake_timeout = check_handshake_timeout(handshake_timeout, "handshake_timeout")
+        self._max = check_max_message_bytes(max_message_bytes)
         self._sock = socket.create_server(address, backlog=backlog)
         self._sock.setblocking(False)
         self._closed = False

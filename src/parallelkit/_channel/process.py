@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Final, TypeVarTuple
 from parallelkit._channel.channel import A, B, Channel, RecvT, SendT
 from parallelkit._proc.child import EXIT_MAIN_GUARD, main_guard_note
 from parallelkit._proc.lifecycle import close_process, describe_exit, start_child, stop_processes
-from parallelkit._util.checks import check_callable, check_timeout
-from parallelkit._util.context import get_context, resolve_start_method
+from parallelkit._util.checks import check_callable, check_timeout, resolve_start_method
+from parallelkit._util.context import get_context
 from parallelkit._wire.codec import ExceptionRecord, capture_exception, dump_function
 from parallelkit.errors import ChannelClosedError, SerializationError
 

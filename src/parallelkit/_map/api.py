@@ -27,8 +27,8 @@ from parallelkit._map.results import ResultIterator
 from parallelkit._observe.progress import ProgressOption
 from parallelkit._observe.stalls import StallReport
 from parallelkit._observe.stats import MapStats
-from parallelkit._util.checks import check_initializer
-from parallelkit._util.context import get_context, resolve_max_workers, resolve_start_method
+from parallelkit._util.checks import check_initializer, resolve_max_workers, resolve_start_method
+from parallelkit._util.context import get_context
 from parallelkit._util.types import R, StartMethod, T
 
 if TYPE_CHECKING:

@@ -23,10 +23,16 @@ from parallelkit._map.job import collect
 from parallelkit._map.progress import Watch, job_class
 from parallelkit._map.results import ResultIterator
 from parallelkit._map.stats import StatsBaseline, engine_stats
-from parallelkit._observe.progress import ProgressOption, check_progress, total_of
+from parallelkit._observe.progress import ProgressOption, total_of
 from parallelkit._observe.stalls import StallReport
 from parallelkit._observe.stats import MapStats
-from parallelkit._util.checks import check_bool, check_callable, check_chunksize, check_timeout
+from parallelkit._util.checks import (
+    check_bool,
+    check_callable,
+    check_chunksize,
+    check_progress,
+    check_timeout,
+)
 
 if TYPE_CHECKING:
     from parallelkit._map.backends.driver import ChunkEngine

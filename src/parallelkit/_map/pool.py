@@ -29,8 +29,10 @@ from parallelkit._util.checks import (
     check_initializer,
     check_max_tasks,
     check_timeout,
+    resolve_max_workers,
+    resolve_start_method,
 )
-from parallelkit._util.context import get_context, resolve_max_workers, resolve_start_method
+from parallelkit._util.context import get_context
 from parallelkit._util.owners import Owned, register
 from parallelkit._util.types import P, R, StartMethod, T
 

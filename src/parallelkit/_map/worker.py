@@ -35,7 +35,14 @@ from parallelkit._proc.slots import (
     TAKEN,
 )
 from parallelkit._util import fuzz as _fuzz
-from parallelkit._wire.codec import ARENA_MIN_BYTES, PROTOCOL, NoRoom, capture_exception, dumps
+from parallelkit._wire.codec import (
+    ARENA_MIN_BYTES,
+    PROTOCOL,
+    NoRoom,
+    capture_exception,
+    dumps,
+    has_large_bytes,
+)
 
 # ------------------------------------------------------------------ wire format
 # parent -> worker: HEADER + fn payload + items payload, in one message
@@ -115,15 +122,6 @@ def _in_band_unless_large(buffer: pickle.PickleBuffer) -> bool:
     return True
 
 
-def _has_large_bytes(values: list[object]) -> bool:
-    if len(values) > 64:  # as _arena._SCAN_LIMIT: long lists are not scanned
-        return False
-    for x in values:
-        if (type(x) is bytes or type(x) is bytearray) and len(x) >= ARENA_MIN_BYTES:
-            return True
-    return False
-
-
 def _worker_arena(arena: list[Any]) -> Any:
     if not arena:
         from parallelkit._wire.arena import WorkerArena  # noqa: PLC0415 - only maps with large buffers
@@ -197,7 +195,7 @@ def _task_loop(
         msg = (DONE, cid, results, errors, elapsed)
         payload: bytes | None
         try:
-            if from_arena or _has_large_bytes(results):
+            if from_arena or has_large_bytes(results, ARENA_MIN_BYTES):
                 raise _OutOfBand
             payload = pickle.dumps(msg, PROTOCOL, buffer_callback=_in_band_unless_large)
         except _OutOfBand:

@@ -12,8 +12,6 @@ from typing import Any, Protocol, TypeAlias
 
 __all__ = ("PipelineProgress", "Progress", "ProgressOption", "StageProgress")
 
-EXTRA_HINT = "pip install 'parallelkit[progress]'"
-
 
 @dataclass(frozen=True, slots=True)
 class StageProgress:
@@ -111,25 +109,6 @@ class _BarReporter:
         if not self.closed:
             self.closed = True
             self.bar.close()
-
-
-def check_progress(progress: object) -> None:
-    """Validate ``progress=`` in the caller; with ``True``, check that tqdm is installed."""
-    if isinstance(progress, bool):
-        if progress:
-            try:
-                import tqdm  # noqa: F401, PLC0415
-            except ImportError as exc:
-                raise ImportError(
-                    f"progress=True shows a tqdm progress bar, and tqdm is not installed: "
-                    f"{EXTRA_HINT} (or pass a callable to render progress yourself)"
-                ) from exc
-        return
-    if not callable(progress):
-        raise TypeError(
-            "progress must be True, False or a callable taking a parallelkit.Progress, "
-            f"not {type(progress).__name__}"
-        )
 
 
 def make_reporter(

@@ -16,13 +16,19 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
-from parallelkit._observe.progress import PipelineProgress, ProgressOption, check_progress, total_of
+from parallelkit._observe.progress import PipelineProgress, ProgressOption, total_of
 from parallelkit._pipeline.processes import Stage
 from parallelkit._pipeline.run import Run
 from parallelkit._pipeline.stage import FILTER, FLAT_MAP, KIND_NAMES, MAP
 from parallelkit._pipeline.stats import PipelineStats, StageStats, StallWatch
-from parallelkit._util.checks import check_bool, check_callable, check_positive_int, check_timeout
-from parallelkit._util.context import resolve_start_method
+from parallelkit._util.checks import (
+    check_bool,
+    check_callable,
+    check_positive_int,
+    check_progress,
+    check_timeout,
+    resolve_start_method,
+)
 from parallelkit._util.types import StartMethod
 
 if TYPE_CHECKING:

@@ -67,7 +67,7 @@ from parallelkit._queue.state import (
     release,
 )
 from parallelkit._util import fuzz as _fuzz
-from parallelkit._util.checks import check_positive_int, check_timeout
+from parallelkit._util.checks import check_positive_int, check_queue_maxsize, check_timeout
 from parallelkit._util.context import get_context
 from parallelkit._util.types import StartMethod
 from parallelkit._wire import frames
@@ -146,8 +146,7 @@ class Queue(Generic[T]):
         producers: int = 1,
         start_method: StartMethod | None = None,
     ) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
-            raise ValueError(f"maxsize must be an int >= 0 (0: no limit), got {maxsize!r}")
+        check_queue_maxsize(maxsize)
         check_positive_int(producers, "producers")
         context = get_context(start_method)
         # producers send on _peer, consumers receive on _sock

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import cast, get_args
 
 from parallelkit._util.types import StartMethod
-from parallelkit.errors import StartMethodError
 
 ALL_START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
 
@@ -32,27 +31,11 @@ def default_start_method() -> StartMethod:
     return cast(StartMethod, name)
 
 
-def resolve_start_method(start_method: str | None) -> StartMethod:
-    """Validate ``start_method``; ``None`` means the platform default.
-
-    Raises:
-        StartMethodError: the name is unknown, or this platform does not offer it.
-    """
-    if start_method is None:
-        return default_start_method()
-    valid = available_start_methods()
-    if start_method not in valid:
-        kind = "unknown" if start_method not in ALL_START_METHODS else "unavailable"
-        raise StartMethodError(
-            f"{kind} start method {start_method!r}; valid choices here: "
-            + ", ".join(repr(m) for m in valid)
-            + " (or None for the platform default)"
-        )
-    return start_method
-
-
 def get_context(start_method: str | None) -> multiprocessing.context.BaseContext:
     """The multiprocessing context for ``start_method`` (validated)."""
+    # checks imports this module (the start methods it validates against)
+    from parallelkit._util.checks import resolve_start_method  # noqa: PLC0415
+
     return multiprocessing.get_context(resolve_start_method(start_method))
 
 
@@ -101,24 +84,3 @@ def _ceil_quota(quota: int, period: int) -> int | None:
     if period <= 0:
         return None
     return max(1, -(-quota // period))
-
-
-def resolve_max_workers(max_workers: int | None) -> int:
-    """Validate ``max_workers``; ``None`` means :func:`usable_cpu_count`.
-
-    Raises:
-        TypeError: not an int.
-        ValueError: zero or negative.
-    """
-    if max_workers is None:
-        return usable_cpu_count()
-    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
-        raise TypeError(
-            f"max_workers must be a positive int or None, not {type(max_workers).__name__}"
-        )
-    if max_workers <= 0:
-        raise ValueError(
-            f"max_workers must be a positive int or None (the usable CPU count, "
-            f"{usable_cpu_count()} here), got {max_workers}"
-        )
-    return max_workers

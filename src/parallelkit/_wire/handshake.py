@@ -23,9 +23,6 @@ import time
 from multiprocessing import AuthenticationError
 from typing import Final
 
-from parallelkit._util.checks import NO_LIMIT_FROM
-
-MIN_AUTHKEY_BYTES: Final = 16
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 5.0
 # The protocol's version is in the greeting: 2 tags requests and replies with an id; 3
 # sends the codec's out-of-band buffers (a list of large bytes among them) apart.
@@ -35,36 +32,6 @@ NONCE_BYTES: Final = 32
 DIGEST_BYTES: Final = 32
 OK: Final = b"OK\x00\x00"
 FAIL: Final = b"FAIL"
-
-
-def check_authkey(authkey: object) -> bytes:
-    """Validate a channel key.
-
-    Raises:
-        TypeError: not ``bytes``.
-        ValueError: shorter than 16 bytes.
-    """
-    if not isinstance(authkey, bytes):
-        raise TypeError(
-            f"authkey must be bytes (at least {MIN_AUTHKEY_BYTES} of them, e.g. "
-            f"os.urandom(32)), not {type(authkey).__name__}"
-        )
-    if len(authkey) < MIN_AUTHKEY_BYTES:
-        raise ValueError(
-            f"authkey must be at least {MIN_AUTHKEY_BYTES} bytes (e.g. os.urandom(32)), "
-            f"got {len(authkey)}"
-        )
-    return authkey
-
-
-def check_timeout(timeout: float, what: str) -> float:
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not 0 < timeout < NO_LIMIT_FROM  # a handshake always has a limit
-    ):
-        raise ValueError(f"{what} must be a positive, finite number of seconds, got {timeout!r}")
-    return float(timeout)
 
 
 def _digest(key: bytes, role: bytes, nonce: bytes) -> bytes:

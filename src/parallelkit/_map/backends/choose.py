@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 from parallelkit._map.backends.driver import ChunkEngine
 from parallelkit._map.backends.local import ExecutorRunner, SerialRunner, executor_workers
 from parallelkit._map.backends.protocol import Runner
-from parallelkit._util.context import resolve_max_workers
+from parallelkit._util.checks import resolve_max_workers
 
 if TYPE_CHECKING:
     from distributed import Client
