@@ -249,3 +249,21 @@ def test_a_main_module_function_wrapped_travels_by_value() -> None:
     result = run_python("-c", script, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:6] == ["[20, 120]", "[5, 10]", "[6, 12]"] * 2
+
+
+@pytest.mark.parametrize("where", [{"backend": "serial"}, {"max_workers": 2}])
+def test_a_finished_iterator_kept_by_its_caller_holds_no_extra_argument(
+    where: dict[str, Any],
+) -> None:
+    class Ballast:
+        pass
+
+    ballast = Ballast()
+    ref = weakref.ref(ballast)
+    pairs = iter([(1, 2), (3, 4)])  # read lazily: each chunk's items are checked as made
+    results = pk.imap_parallel(pk.star(a.first_of, args=(ballast,)), pairs, **where)
+    assert list(results) == [1, 3]
+    del ballast
+    gc.collect()
+    assert ref() is None  # `results` is still referenced here
+    del results

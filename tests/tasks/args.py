@@ -49,3 +49,7 @@ def repeat(x: int, times: int) -> list[int]:
 
 def to_record(x: int, *, unit: str) -> dict[str, object]:
     return {"name": f"n{x}", "size": x, "unit": unit}
+
+
+def first_of(x: int, y: int, ballast: object) -> int:
+    return x

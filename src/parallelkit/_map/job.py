@@ -398,6 +398,7 @@ class Job:
         """Its caller is done with it: let go of the function and the input, which may be
         large or hold other objects (a closed iterator kept by its caller holds us)."""
         self.fn = _released
+        self.item_check = None  # the caller's function too (star(fn, args=...) holds args)
         self.source = ()
         self.iterator = None
         self.error = None if self.cancelled else self.error  # raised already, if at all
