@@ -24,15 +24,21 @@ from hypothesis import strategies as st
 import parallelkit as pk
 import tasks.arena as wa
 from child import package_env, run_python
-from parallelkit import StartMethod
+from parallelkit import StartMethod, _platform
 from parallelkit._map.call import MapOptions
 from parallelkit._map.job import Job
 from parallelkit._wire import arena as _arena
 from parallelkit._wire import direct as _direct
 from parallelkit._wire import shm as _shm
+from parallelkit.testing import remove_stale_segments
 
 TESTS = Path(__file__).resolve().parent
-SHM = Path("/dev/shm")
+SHM = _platform.SEGMENT_DIR  # /dev/shm, or the portable directory
+# the parent copying results out of a worker: in portable mode they come in band instead
+# (test_with_dev_shm_full_and_direct_copies_off_results_go_in_band, test_platform.py)
+NEEDS_DIRECT = pytest.mark.skipif(
+    not _platform.OFFERS.process_vm, reason="portable mode: no process_vm_readv"
+)
 MIN = _arena.MIN_BYTES  # results
 ARG = _arena.ARG_MIN_BYTES  # arguments
 
@@ -95,7 +101,7 @@ def test_bytes_bytearray_and_picklebuffer_round_trip(start_method: StartMethod) 
     assert [bytes(x) for x in made] == [bytes(x) for x in expected]
 
 
-@pytest.fixture(params=["segments", "direct"])
+@pytest.fixture(params=["segments", pytest.param("direct", marks=NEEDS_DIRECT)])
 def result_path(request: pytest.FixtureRequest) -> dict[str, Any]:
     """WorkerPool options: large results through the worker's segments, or (/dev/shm full
     in the worker) copied by the parent straight out of the worker's memory (``_direct``)."""
@@ -224,6 +230,10 @@ def test_sigkilled_parent_leaves_no_segment(start_method: StartMethod) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
         deadline = time.monotonic() + 30
+        if not _platform.OFFERS.dev_shm:  # portable mode: no tracker; stale once all died
+            while any(map(_shm.pid_alive, workers)) and time.monotonic() < deadline:
+                time.sleep(0.05)  # they die with their parent (no pid to wait on here)
+            assert set(created) <= set(remove_stale_segments())
         while _ours(proc.pid, *workers) and time.monotonic() < deadline:
             time.sleep(0.05)  # the resource tracker unlinks them once every process is gone
         assert not _ours(proc.pid, *workers), created
@@ -338,6 +348,7 @@ def _counting_reads(monkeypatch: pytest.MonkeyPatch, before: Any = None) -> list
     return calls
 
 
+@NEEDS_DIRECT
 def test_with_dev_shm_full_large_results_come_straight_out_of_the_worker(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -357,6 +368,7 @@ def test_with_dev_shm_full_large_results_come_straight_out_of_the_worker(
         assert a.flags.writeable
 
 
+@NEEDS_DIRECT
 @pytest.mark.timeout(120)
 def test_a_reply_with_more_buffers_than_one_readv_takes_is_read_in_batches(
     monkeypatch: pytest.MonkeyPatch,
@@ -395,6 +407,7 @@ def test_with_dev_shm_full_and_direct_copies_off_results_go_in_band(
     assert all(np.array_equal(a, np.arange(n)) for a in out)
 
 
+@NEEDS_DIRECT
 def test_a_worker_tries_result_segments_again_after_dev_shm_was_full(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -435,6 +448,7 @@ def test_a_worker_tries_result_segments_again_after_dev_shm_was_full(
         assert worker.results is not None
 
 
+@NEEDS_DIRECT
 def test_a_reused_output_buffer_is_read_before_the_next_task_runs(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -449,6 +463,7 @@ def test_a_reused_output_buffer_is_read_before_the_next_task_runs(
         assert a.min() == a.max() == i
 
 
+@NEEDS_DIRECT
 def test_no_permission_to_read_a_worker_sends_results_in_band(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -471,6 +486,7 @@ def test_no_permission_to_read_a_worker_sends_results_in_band(
         np.testing.assert_array_equal(a, np.arange(n + 1))
 
 
+@NEEDS_DIRECT
 def test_a_failed_read_is_answered_again_in_band(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -493,6 +509,7 @@ def test_a_failed_read_is_answered_again_in_band(
         np.testing.assert_array_equal(a, np.arange(n + k))
 
 
+@NEEDS_DIRECT
 def test_no_memory_for_the_copy_sends_that_reply_in_band(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -531,6 +548,7 @@ def _wait_until_dead(pid: int) -> None:
     raise AssertionError(f"pid {pid} still alive")
 
 
+@NEEDS_DIRECT
 def test_a_worker_killed_while_its_results_are_read(
     start_method: StartMethod, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -591,6 +609,7 @@ def test_a_reply_read_after_its_worker_exited_still_finds_its_segment(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.skipif(not _platform.OFFERS.dev_shm, reason="portable mode: no tracker is involved")
 def test_the_resource_tracker_sees_each_segment_registered_and_unregistered_once(
     start_method: StartMethod,
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 import parallelkit
 from child import TESTS, package_env, run_python
-from parallelkit import StartMethod
+from parallelkit import StartMethod, _platform
 from parallelkit._util import context as _context
 from parallelkit._util.checks import resolve_max_workers, resolve_start_method
 from parallelkit._util.context import (
@@ -121,6 +121,9 @@ def test_usable_cpu_count_is_positive_and_at_most_the_machine() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity")
+@pytest.mark.skipif(
+    not _platform.OFFERS.affinity, reason="portable mode: os.cpu_count (see test_platform.py)"
+)
 def test_usable_cpu_count_respects_cpu_affinity() -> None:
     # A fresh interpreter pinned to one CPU, as `taskset -c <cpu>` would do.
     cpu = min(os.sched_getaffinity(0))

@@ -36,7 +36,7 @@ import pytest
 
 import parallelkit as pk
 import tasks.faults as wf
-from parallelkit import StartMethod
+from parallelkit import StartMethod, _platform
 from parallelkit._util.threads import Mutex
 
 TESTS: Final = Path(__file__).resolve().parent
@@ -1114,11 +1114,11 @@ def _resources() -> set[str]:
         except OSError:  # the descriptor listdir used, closed by now
             continue
     found.update(f"thread {t.name} {t.ident}" for t in threading.enumerate())
-    found.update(
-        f"/dev/shm/{name}"
-        for name in os.listdir("/dev/shm")
-        if name.startswith(("sem.mp-", "psm_", "pk"))
-    )
+    for directory in {"/dev/shm", str(_platform.SEGMENT_DIR)}:
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        found.update(
+            f"{directory}/{name}" for name in names if name.startswith(("sem.mp-", "psm_", "pk"))
+        )
     return found
 
 

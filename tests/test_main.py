@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import parallelkit
-from child import run_python
+from child import package_env, run_python
 from parallelkit.__main__ import main
 from parallelkit._util.context import (
     available_start_methods,
@@ -29,6 +29,9 @@ def test_info_reports_cpus_start_methods_and_extras() -> None:
     assert fields["parallelkit"] == parallelkit.__version__
     assert fields["usable CPUs"].startswith(f"{usable_cpu_count()} ")
     assert fields["start methods"] == ", ".join(available_start_methods())
+    env = package_env(PARALLELKIT_PORTABLE="memfd,pidfd")
+    portable = run_python("-m", "parallelkit", "info", timeout=60, env=env)
+    assert "portable fallbacks, PARALLELKIT_PORTABLE set: pidfd, memfd" in portable.stdout
     assert fields["default start method"] == default_start_method()
     assert fields["Python"].startswith(".".join(map(str, sys.version_info[:3])))
     for extra in ("cloudpickle", "numpy"):

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import tasks.shared as ws
-from parallelkit import StartMethod
+from parallelkit import StartMethod, _platform
 from parallelkit._shared import array as _shared_array
 from parallelkit._shared import counters as _shared
 from parallelkit._util.context import get_context
@@ -45,7 +45,7 @@ from parallelkit.testing import remove_stale_segments
 
 TESTS = Path(__file__).resolve().parent
 SCRIPT = TESTS / "scripts" / "shared_segments.py"
-SHM = Path("/dev/shm")
+SHM = _platform.SEGMENT_DIR  # /dev/shm, or the portable directory
 
 Accumulator = pk.SharedAccumulator[int] | pk.SharedAccumulator[float]
 
@@ -628,6 +628,7 @@ def _finish(proc: subprocess.Popen[str]) -> str:
     return stderr
 
 
+@pytest.mark.skipif(SHM != _platform.DEV_SHM, reason="portable mode: see the test after this one")
 def test_creator_sigkilled_its_resource_tracker_frees_the_segment() -> None:
     proc, name, _ = _start_creator()
     try:
@@ -640,6 +641,22 @@ def test_creator_sigkilled_its_resource_tracker_frees_the_segment() -> None:
     finally:
         stderr = _finish(proc)
     assert "leaked shared_memory" in stderr  # the tracker says what it cleaned up
+
+
+@pytest.mark.skipif(SHM == _platform.DEV_SHM, reason="the tracker frees it: the test before")
+def test_portable_creator_sigkilled_the_leftover_is_removed_as_stale() -> None:
+    # The resource tracker unlinks with shm_unlink, which never reaches the portable
+    # directory, so it is not asked to: what a SIGKILLed creator leaves is stale.
+    proc, name, _ = _start_creator()
+    try:
+        os.kill(proc.pid, signal.SIGKILL)  # the creator alone; its tracker lives on
+        proc.wait(timeout=10)
+        assert _segment_exists(name)
+        assert name in remove_stale_segments()
+        assert not _segment_exists(name)
+    finally:
+        stderr = _finish(proc)
+    assert "leaked" not in stderr  # the tracker never held it
 
 
 def test_creator_and_tracker_sigkilled_the_leftover_is_recognised_and_removed() -> None:
@@ -667,8 +684,12 @@ def test_creator_and_tracker_sigkilled_the_leftover_is_recognised_and_removed() 
 
 
 def _in_tiny_shm(mode: str) -> subprocess.CompletedProcess[str]:
+    # the segment directory is /dev/shm, or in portable mode one of the user's, private
+    where = "/dev/shm" if mode == "sigbus" else str(SHM)
+    options = "size=1m" if where == "/dev/shm" else "size=1m,mode=0700"
     command = (
-        f'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "{sys.executable}" "{SCRIPT}" {mode}'
+        f"mkdir -p -m 0700 {where} && mount -t tmpfs -o {options} tmpfs {where} && "
+        f'exec "{sys.executable}" "{SCRIPT}" {mode}'
     )
     return subprocess.run(
         ["unshare", "-m", "sh", "-c", command],
@@ -696,7 +717,7 @@ def test_no_room_in_dev_shm_fails_at_creation_with_a_clear_error(mode: str) -> N
     assert errors
     for error in errors:
         assert error["errno"] == errno.ENOSPC
-        assert "no room in /dev/shm" in error["message"]
+        assert f"no room in {SHM}" in error["message"]
         assert "4 MiB" in error["message"]
         assert "free of 1 MiB" in error["message"]
     assert result["left"] == []  # the failed segment was removed

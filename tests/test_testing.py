@@ -34,7 +34,7 @@ import parallelkit as pk
 import parallelkit.testing
 import tasks.basic as w
 from child import TESTS, package_env, run_python
-from parallelkit import StartMethod
+from parallelkit import StartMethod, _platform
 from parallelkit._util import owners as _owners
 from parallelkit._util.context import available_start_methods
 from parallelkit.testing import (
@@ -295,7 +295,8 @@ def _alive(pid: int) -> bool:
 
 
 def _our_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith(f"pk_{os.getpid()}_")}
+    names = os.listdir(_platform.SEGMENT_DIR) if _platform.SEGMENT_DIR.is_dir() else []
+    return {name for name in names if name.startswith(f"pk_{os.getpid()}_")}
 
 
 def test_worker_pool_created_before_the_block_is_not_its_leak(start_method: StartMethod) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import typing
 
+# first: what the platform offers (and PARALLELKIT_PORTABLE) is decided, Windows refused
+from parallelkit import _platform  # noqa: F401
 from parallelkit import errors as errors
 from parallelkit._util.types import StartMethod as StartMethod
 from parallelkit.errors import ChannelClosedError as ChannelClosedError

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from parallelkit import __version__, _bench
+from parallelkit import __version__, _bench, _platform
 from parallelkit._util.context import (
     available_start_methods,
     default_start_method,
@@ -40,6 +40,16 @@ def _optional(distribution: str) -> str:
         return "installed"
 
 
+def _fast_paths() -> str:
+    offers = _platform.OFFERS
+    fallbacks = [name for name in _platform.FACILITIES if not getattr(offers, name)]
+    if not fallbacks:
+        return "all (Linux)"
+    why = f"{_platform.PORTABLE_ENV} set" if _platform.FORCED else "not offered here"
+    kept = [name for name in _platform.FACILITIES if getattr(offers, name)]
+    return f"{', '.join(kept) or 'none'} (portable fallbacks, {why}: {', '.join(fallbacks)})"
+
+
 def info(out: TextIO) -> int:
     """Print what parallelkit sees on this machine."""
     cpus = usable_cpu_count()
@@ -49,6 +59,7 @@ def info(out: TextIO) -> int:
         ("Python", f"{platform.python_version()} ({platform.python_implementation()})"),
         ("platform", platform.platform()),
         ("usable CPUs", f"{cpus} (os.cpu_count(): {os.cpu_count()})"),
+        ("fast paths", _fast_paths()),
         ("start methods", methods),
         ("default start method", default_start_method()),
         ("cloudpickle", _optional("cloudpickle")),

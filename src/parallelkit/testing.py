@@ -47,6 +47,7 @@ library and uses psutil when it is installed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib
@@ -61,6 +62,7 @@ from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, Self, TypeVar
 
+from parallelkit import _platform
 from parallelkit._util import owners as _owners
 from parallelkit._util.context import available_start_methods
 from parallelkit._wire.shm import NAME_RE, remove_stale_segments
@@ -287,11 +289,16 @@ def _descendants() -> dict[tuple[int, float], _Process]:
 
 
 def _shm_entries() -> frozenset[str]:
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return frozenset()
+    names: list[str] = []
+    for directory in {SHM_DIR, _platform.SEGMENT_DIR}:
+        with contextlib.suppress(OSError):
+            names += os.listdir(directory)
     return frozenset(name for name in names if name.startswith(SHM_PREFIXES))
+
+
+def _shm_path(name: str) -> Path:
+    """Where the leak-checked entry ``name`` is: ours in the segment directory."""
+    return (_platform.SEGMENT_DIR if name.startswith("pk") else SHM_DIR) / name
 
 
 def _open_fds() -> dict[int, str]:
@@ -341,7 +348,7 @@ class _Leaks:
     def describe(self, grace: float) -> str:
         lines = [p.describe() for p in self.processes]
         lines += [f"thread {t.name!r} (ident {t.ident}, daemon={t.daemon})" for t in self.threads]
-        lines += [f"{SHM_DIR / name}" for name in self.shm]
+        lines += [f"{_shm_path(name)}" for name in self.shm]
         lines += [f"file descriptor {fd} -> {target}" for fd, target in self.fds]
         count = len(lines)
         noun = "leak" if count == 1 else "leaks"
@@ -599,7 +606,8 @@ def check_no_leaks(*, grace: float = 5.0, fds: bool = False, kill: bool = False)
       finished multiprocessing children are reaped first;
     - Python threads (by identity);
     - POSIX semaphores and shared-memory segments in ``/dev/shm`` whose names start with
-      ``sem.mp-``, ``psm_`` or ``pk``;
+      ``sem.mp-``, ``psm_`` or ``pk`` (parallelkit's own segments: in its portable
+      directory instead where there is no ``/dev/shm``, or in portable mode);
     - with ``fds=True``, open file descriptors of this process.
 
     What a pool created *before* the block starts inside it (its workers start on first

@@ -10,11 +10,13 @@ Modes (each prints what it saw as one JSON line, or ``NAME <name>``):
   ``SharedMemory(NAME)``; the control that shows the trap is real here.
 - ``create``: create a ``SharedCounter``, add 7, print ``NAME <name> <tracker pid>``
   and sleep until killed.
-- ``no-room``: meant to run with a tiny ``/dev/shm``: try to create a 4 MiB segment (the
+- ``no-room``: meant to run with a tiny ``/dev/shm`` (the segment directory: see
+  ``parallelkit._platform``): try to create a 4 MiB segment (the
   low-level way, and as a ``SharedArray`` when numpy is installed) and report the error
-  and what is left in ``/dev/shm``; a ``SharedCounter`` (16 KiB) must still work.
+  and what is left there; a ``SharedCounter`` (16 KiB) must still work.
 - ``no-room-fallocate``: the same, with the free-space check before creation off, so that
-  reserving the pages (``posix_fallocate``) is what fails.
+  reserving the pages (``posix_fallocate``, or writing zeros in portable mode) is what
+  fails.
 - ``sigbus``: the standard library's way on a tiny ``/dev/shm``: creating a 4 MiB
   ``SharedMemory`` succeeds, and writing it kills this process with SIGBUS.
 """
@@ -29,6 +31,7 @@ import time
 from multiprocessing import resource_tracker, shared_memory
 
 import parallelkit as pk
+from parallelkit import _platform
 from parallelkit._wire import shm as _shm
 
 FOUR_MIB = 4 << 20
@@ -57,6 +60,7 @@ def attach_stdlib(name: str) -> None:
 def create() -> None:
     counter = pk.SharedCounter()
     counter.add(7)
+    resource_tracker.ensure_running()  # started already, except in portable mode
     tracker = resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]
     sys.stdout.write(f"NAME {counter.name} {tracker}\n")
     sys.stdout.flush()
@@ -78,11 +82,11 @@ def no_room() -> None:
             pk.SharedArray.zeros(FOUR_MIB // 8)
         except OSError as exc:
             errors.append({"what": "array", "errno": exc.errno, "message": str(exc)})
-    left = sorted(os.listdir("/dev/shm"))
+    left = sorted(os.listdir(_platform.SEGMENT_DIR))
     with pk.SharedCounter() as counter:
         counter.add(3)
         small = counter.value
-    emit(errors=errors, left=left, small=small, after=sorted(os.listdir("/dev/shm")))
+    emit(errors=errors, left=left, small=small, after=sorted(os.listdir(_platform.SEGMENT_DIR)))
 
 
 def sigbus() -> None:

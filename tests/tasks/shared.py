@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
-from parallelkit import SharedAccumulator, SharedArray, SharedCounter
+from parallelkit import SharedAccumulator, SharedArray, SharedCounter, _platform
 from parallelkit._shared.counters import _locked
 
 Accumulator = SharedAccumulator[int] | SharedAccumulator[float]
@@ -100,7 +100,7 @@ def descriptors_of(counters: Sequence[SharedCounter]) -> list[int]:
     for fd in open_fds():
         with contextlib.suppress(OSError):
             targets.append(os.readlink(f"/proc/self/fd/{fd}"))
-    return [targets.count(f"/dev/shm/{counter.name}") for counter in counters]
+    return [targets.count(f"{_platform.SEGMENT_DIR}/{counter.name}") for counter in counters]
 
 
 def descriptors_after_adding(counters: Sequence[SharedCounter]) -> list[int]:

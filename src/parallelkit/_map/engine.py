@@ -34,7 +34,6 @@ under the engine's mutex: by the driving thread, or by a caller holding it (``su
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 import time
 from collections import deque
@@ -74,18 +73,10 @@ REAP_SECONDS: Final = 5.0  # seconds to wait for an exiting worker to become rea
 def _progress_slots(
     context: BaseContext, start_method: StartMethod, max_workers: int
 ) -> tuple[slots.ProgressSlots | None, Any, memoryview]:
-    """The workers' progress slots: ``(memfd slots or None, what each worker is passed,
-    our view of them as 64-bit words)``."""
-    if start_method == "fork" or hasattr(os, "memfd_create"):
-        shared = slots.ProgressSlots(
-            slots.SLOT_WORDS * max_workers, inherited=start_method == "fork"
-        )
-        return shared, shared.for_child, memoryview(shared.mm).cast("B").cast("q")
-    # no memfd (not Linux): a RawArray
-    import ctypes  # noqa: PLC0415
-
-    progress = context.RawArray(ctypes.c_int64, slots.SLOT_WORDS * max_workers)
-    return None, progress, memoryview(progress).cast("B").cast("q")
+    """The workers' progress slots: ``(the slots, what each worker is passed, our view of
+    them as 64-bit words)``."""
+    shared = slots.ProgressSlots(slots.SLOT_WORDS * max_workers, inherited=start_method == "fork")
+    return shared, shared.for_child, memoryview(shared.mm).cast("B").cast("q")
 
 
 class Engine:

@@ -21,13 +21,13 @@ import multiprocessing.connection
 import select
 import socket
 import struct
-import sys
 import time
 from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
+from parallelkit import _platform
 from parallelkit._map.job import Chunk
 from parallelkit._wire.arena import ResultReader, remove_leftovers
 
@@ -157,7 +157,7 @@ def pipe_room(sock: socket.socket | None) -> int:
     against the *sender's* SO_SNDBUF (the value read back is what the kernel accounts, the
     bytes plus their bookkeeping), so half of it is a safe bound for payload bytes.
     """
-    if sock is None or not sys.platform.startswith("linux"):
+    if sock is None or not _platform.OFFERS.sockbuf:
         return PIPELINE_LIMIT
     try:
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * PIPE_BUFFER:

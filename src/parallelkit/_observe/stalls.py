@@ -7,8 +7,8 @@ faulthandler dumps from its C signal handler without waiting for the interpreter
 stack is there for a worker blocked in a C call (``time.sleep``, a lock, I/O) and for one
 spinning in Python or in C code that holds the GIL.  Not covered: a stopped process
 (SIGSTOP) or one in uninterruptible sleep, which cannot run a signal handler (the report
-then says that the stack did not arrive), and platforms without ``/proc`` and
-``memfd_create`` (no stacks; the items are still named).
+then says that the stack did not arrive), and platforms without ``/proc`` (macOS: no
+stacks; the items are still named).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def dump_stack(pid: int | None, fd: int | None = None) -> tuple[str, str]:
         fd = _find_stack_fd(pid)
     if fd < 0:
         if not os.path.isdir(f"/proc/{pid}/fd"):
-            return "", "stack dumps need Linux (/proc and memfd_create)"
+            return "", "stack dumps need /proc (Linux)"
         return "", "the worker has not armed its stack dump yet"
     path = f"/proc/{pid}/fd/{fd}"
     try:

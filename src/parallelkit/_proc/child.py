@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from parallelkit import _platform
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.threads import THREAD_BLOCKED
 
@@ -55,21 +56,14 @@ FUNCTION: Final = "function"
 StartupFailure = tuple[str, "ExceptionRecord"]
 
 
-def _find_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes  # noqa: PLC0415 - see below
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
 # Looked up once, at import: fork and forkserver children inherit it instead of each opening
 # libc again.  Not in a spawn child (multiprocessing is unpickling what it runs when it
 # imports us): importing ctypes there costs more than the watcher thread that does the job.
-_prctl = None if getattr(multiprocessing.current_process(), "_inheriting", False) else _find_prctl()
+_prctl = (
+    None
+    if getattr(multiprocessing.current_process(), "_inheriting", False)
+    else _platform.find_prctl()
+)
 PR_SET_PDEATHSIG: Final = 1
 
 
@@ -135,8 +129,8 @@ def arm_stack_dump() -> int:
     if not chain:  # until the dump is armed, a SIGUSR1 is dropped rather than fatal
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        fd = os.memfd_create(STACK_FILE_NAME, os.MFD_CLOEXEC)
-    except (AttributeError, OSError):  # not Linux
+        fd = _platform.anonymous_file(STACK_FILE_NAME)
+    except OSError:
         if previous is not None:
             signal.signal(signal.SIGUSR1, previous)
         return -1

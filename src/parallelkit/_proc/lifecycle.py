@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
+from parallelkit import _platform
 from parallelkit.errors import StartMethodError
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
@@ -305,12 +306,11 @@ def wait_reapable(procs: Sequence[BaseProcess], deadline: float) -> None:
         return
     pidfds: list[int] = []
     try:
-        if hasattr(os, "pidfd_open"):
-            for p in exiting:
-                try:
-                    pidfds.append(os.pidfd_open(p.pid))  # type: ignore[arg-type]
-                except (OSError, TypeError):  # ENOSYS (old kernel), EPERM (a sandbox), ...
-                    break
+        for p in exiting:
+            fd = None if p.pid is None else _platform.pidfd_open(p.pid)
+            if fd is None:
+                break
+            pidfds.append(fd)
         watch = pidfds if len(pidfds) == len(exiting) else None
         while (remaining := deadline - time.monotonic()) > 0:
             if watch is not None:

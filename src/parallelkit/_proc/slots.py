@@ -10,6 +10,8 @@ import mmap
 import os
 from typing import Any, Final
 
+from parallelkit import _platform
+
 # progress slot layout (int64 words, one cache line per worker)
 SLOT_WORDS: Final = 8
 POS: Final = 0  # position in the chunk of the item being run, or one of:
@@ -27,7 +29,8 @@ TAKEN: Final = 3
 class ProgressSlots:
     """The workers' progress slots: int64 words in memory shared with them.
 
-    Under fork, an anonymous shared mapping the workers inherit.  Otherwise a memfd: a child
+    Under fork, an anonymous shared mapping the workers inherit.  Otherwise an anonymous file
+    (``_platform.anonymous_file``): a child
     receives a copy of its descriptor as it is started (pickled as multiprocessing's
     ``DupFd``, as a ``RawArray``'s arena is) and maps it -- without the ctypes and
     ``multiprocessing.heap`` imports a ``RawArray`` would cost each spawn worker.
@@ -40,7 +43,7 @@ class ProgressSlots:
         if inherited:
             self.mm = mmap.mmap(-1, self.size)  # MAP_SHARED | MAP_ANONYMOUS
         else:
-            self.fd = os.memfd_create("parallelkit-progress", os.MFD_CLOEXEC)
+            self.fd = _platform.anonymous_file("parallelkit-progress")
             try:
                 os.ftruncate(self.fd, self.size)
                 self.mm = mmap.mmap(self.fd, self.size)

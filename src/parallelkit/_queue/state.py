@@ -27,12 +27,13 @@ import fcntl
 import mmap
 import os
 import select
-import tempfile
 import threading
 import time
 import weakref
 from multiprocessing.connection import Connection
 from typing import Final
+
+from parallelkit import _platform
 
 W_HEAD_ID, W_HEAD_CURSOR, W_OPEN, W_ENDED, W_SENT, W_TAKEN, W_WAITERS, W_LARGE = range(8)
 STATE_BYTES: Final = mmap.PAGESIZE
@@ -47,12 +48,7 @@ _LOCK_TRY: Final = fcntl.LOCK_EX | fcntl.LOCK_NB
 
 def anonymous_file() -> int:
     """A file in memory with no name: freed when the last descriptor to it closes."""
-    memfd_create = getattr(os, "memfd_create", None)
-    if memfd_create is not None:
-        fd: int = memfd_create("parallelkit-queue", os.MFD_CLOEXEC)
-        return fd
-    with tempfile.TemporaryFile() as f:  # portable: an unlinked file
-        return os.dup(f.fileno())
+    return _platform.anonymous_file("parallelkit-queue")
 
 
 def poll_ms(seconds: float | None) -> int:

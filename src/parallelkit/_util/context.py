@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import cast, get_args
 
+from parallelkit import _platform
 from parallelkit._util.types import StartMethod
 
 ALL_START_METHODS: tuple[StartMethod, ...] = get_args(StartMethod)
@@ -49,10 +50,8 @@ def usable_cpu_count() -> int:
     """
     if hasattr(os, "process_cpu_count"):  # Python 3.13+: affinity-aware
         count = os.process_cpu_count() or 1
-    elif hasattr(os, "sched_getaffinity"):
-        count = len(os.sched_getaffinity(0)) or 1
-    else:  # pragma: no cover - non-Linux
-        count = os.cpu_count() or 1
+    else:
+        count = _platform.affinity_count() or os.cpu_count() or 1
     quota = _cgroup_cpu_quota()
     if quota is not None:
         count = min(count, quota)

@@ -57,6 +57,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Final
 
+from parallelkit import _platform
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire import layouts
 from parallelkit._wire.codec import ARENA_MIN_BYTES, NoRoom, dump_apart, mark_large_bytes
@@ -138,8 +139,7 @@ class _Space:
 def _map_private(segment: Segment) -> None:
     """A mapping that only this process uses: no fd kept, not inherited by fork."""
     segment.drop_fd()
-    with contextlib.suppress(OSError, AttributeError, ValueError):
-        segment.mm.madvise(mmap.MADV_DONTFORK)
+    _platform.dont_fork(segment.mm)
 
 
 class _ArgSegment:
@@ -159,8 +159,7 @@ class _ArgSegment:
         mm = self.segment.mm
         for start, end in [*sorted(self.kept), (self.segment.size, self.segment.size)]:
             if start > pos:
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    mm.madvise(mmap.MADV_REMOVE, pos, start - pos)
+                _platform.free_pages(mm, pos, start - pos)
             pos = max(pos, end)
         self.segment.close((self.view,))
 

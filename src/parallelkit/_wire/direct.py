@@ -33,10 +33,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
+from parallelkit import _platform
 from parallelkit._wire import layouts
 from parallelkit._wire.codec import dump_apart, mark_large_bytes
 
@@ -59,10 +59,7 @@ def enabled() -> bool:
     memory never pays for it; without ``process_vm_readv`` that first read is refused
     (``ENOSYS``) and the pool stops asking.
     """
-    return (
-        sys.platform.startswith("linux")
-        and os.environ.get("PARALLELKIT_DIRECT_RESULTS", "1") != "0"
-    )
+    return _platform.OFFERS.process_vm and os.environ.get("PARALLELKIT_DIRECT_RESULTS", "1") != "0"
 
 
 # ------------------------------------------------------------------ worker side
@@ -223,6 +220,8 @@ _SYSCALL: Any = None
 def _syscall() -> Any:
     """``(process_vm_readv, iovec, address_of_buffer)``, or ``None`` where there is none."""
     global _SYSCALL
+    if _SYSCALL is None and not _platform.OFFERS.process_vm:
+        _SYSCALL = False
     if _SYSCALL is None:
         _SYSCALL = False
         try:

@@ -45,18 +45,30 @@ import threading
 import weakref
 from collections.abc import Iterator
 from multiprocessing import resource_tracker
-from pathlib import Path
 from typing import Final
 
+from parallelkit import _platform
 from parallelkit._util import fuzz as _fuzz
 
-SHM_DIR: Final = Path("/dev/shm")
+SHM_DIR: Final = _platform.SEGMENT_DIR  # /dev/shm, or the portable directory
 PREFIX: Final = "pk_"
 NAME_RE: Final = re.compile(r"pk_(\d+)_[0-9a-f]{12}")
 _TRACKER_KIND: Final = "shared_memory"
 
 # Segments with an open file descriptor in this process, re-opened in a forked child.
 _LIVE: weakref.WeakSet[Segment] = weakref.WeakSet()
+
+
+def _track(name: str) -> None:
+    # The tracker unlinks what it holds with shm_unlink, which reaches /dev/shm only: in
+    # the portable directory a killed creator's files are remove_stale_segments' to remove.
+    if SHM_DIR == _platform.DEV_SHM:
+        resource_tracker.register("/" + name, _TRACKER_KIND)
+
+
+def _untrack(name: str) -> None:
+    if SHM_DIR == _platform.DEV_SHM:
+        resource_tracker.unregister("/" + name, _TRACKER_KIND)
 
 
 def new_name() -> str:
@@ -96,7 +108,7 @@ def _no_room(size: int, cause: OSError) -> OSError:
         errno.ENOSPC,
         f"no room in {SHM_DIR} for a shared-memory segment of {_describe_size(size)} "
         f"({size} bytes; {free}): {cause.strerror}. Free some space, make the segment "
-        "smaller, or give the container a larger /dev/shm (docker run --shm-size=...)",
+        f"smaller, or give the container a larger {SHM_DIR} (docker run --shm-size=...)",
     )
 
 
@@ -148,6 +160,7 @@ class Segment:
             raise _no_room(size, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         if _fuzz.ENABLED:
             _fuzz.point("shm.before_create")
+        _platform.segment_dir()  # the portable one is made (and checked) at first use
         while True:
             name = new_name()
             try:
@@ -157,13 +170,11 @@ class Segment:
                 continue
         try:
             try:
-                os.posix_fallocate(fd, 0, size)
+                _platform.reserve(fd, size)
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                     raise _no_room(size, exc) from exc
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                os.ftruncate(fd, size)  # a file system that cannot reserve: size only
+                raise
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)
@@ -173,7 +184,7 @@ class Segment:
         if _fuzz.ENABLED:
             _fuzz.point("shm.before_register")
         # after the file exists: a creator killed in between leaves a file its heir finds
-        resource_tracker.register("/" + name, _TRACKER_KIND)
+        _track(name)
         return cls(name, fd, mm, size, owner_pid=os.getpid(), heir=heir)
 
     @classmethod
@@ -262,13 +273,13 @@ class Segment:
         if _fuzz.ENABLED:
             _fuzz.point("shm.before_unlink")
         if self.heir:  # the tracker lets go first: the file, if we die now, is the heir's
-            resource_tracker.unregister("/" + self.name, _TRACKER_KIND)
+            _untrack(self.name)
         try:
             os.unlink(_path(self.name))
         except FileNotFoundError:
             pass  # removed by somebody else (remove_stale_segments, a user)
         if not self.heir:  # the tracker, our only heir, holds the name until it is gone
-            resource_tracker.unregister("/" + self.name, _TRACKER_KIND)
+            _untrack(self.name)
 
 
 def _after_fork_in_child() -> None:
@@ -313,14 +324,14 @@ def remove_segments_of(pid: int) -> list[str]:
             continue
         if _fuzz.ENABLED:
             _fuzz.point("shm.before_unlink_leftover")
-        resource_tracker.register("/" + name, _TRACKER_KIND)
+        _track(name)
         try:
             os.unlink(_path(name))
         except FileNotFoundError:
             pass
         else:
             removed.append(name)
-        resource_tracker.unregister("/" + name, _TRACKER_KIND)
+        _untrack(name)
     return removed
 
 

@@ -1,0 +1,264 @@
+"""What the platform offers, decided once at import: the one module that knows about Linux.
+
+Every platform-specific facility parallelkit uses is here, each with a portable fallback
+built only on what the standard library offers on every POSIX system (files mapped with
+``mmap``, ``os.ftruncate``/``os.pwrite``, pipes and ``select``, ``os.cpu_count``):
+
+=================  ==========================================  =============================
+facility           Linux fast path                             portable fallback
+=================  ==========================================  =============================
+``pidfd``          ``os.pidfd_open``: wait until a child is    poll ``exitcode`` with 1 ms
+                   reapable                                    sleeps
+``memfd``          ``os.memfd_create``: anonymous files        a file made in the temporary
+                   (progress slots, queue state, stack dumps)  directory and unlinked at once
+``process_vm``     ``process_vm_readv``: the parent copies a   the worker copies the result
+                   large result out of the worker (ctypes)     into its pipe (in band)
+``pdeathsig``      ``prctl(PR_SET_PDEATHSIG)`` (ctypes)        a thread waiting on the
+                                                               parent's sentinel
+``madvise``        ``MADV_DONTFORK`` (arena not inherited),    none needed: the pages go with
+                   ``MADV_REMOVE`` (pages freed early)         the last mapping
+``fallocate``      ``os.posix_fallocate``: a segment's size    ``ftruncate``, then zeros
+                   reserved up front                           written over the whole size
+``dev_shm``        segments are files in ``/dev/shm``          files in ``$TMPDIR`` (or
+                                                               ``/tmp``)``/parallelkit-<uid>``
+``affinity``       ``os.sched_getaffinity``                    ``os.cpu_count``
+``sockbuf``        a socket's queued bytes count against its   a fixed pipeline depth
+                   sender's ``SO_SNDBUF``
+=================  ==========================================  =============================
+
+``fcntl`` locks (``flock``, ``lockf``) are POSIX and used everywhere.  Windows has none of
+this (no ``fcntl``, no ``fork``, no signals to kill with): importing parallelkit there
+raises an :class:`ImportError` naming what works.
+
+**Portable mode**: ``PARALLELKIT_PORTABLE=1`` in the environment (read once, here, at
+import; children inherit it) forces every fallback, so that Linux runs exactly the code
+macOS runs; a comma-separated list of the facility names above forces only those.  The
+whole test suite runs in this mode in CI.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, NamedTuple
+
+if sys.platform == "win32":  # pragma: no cover - refused before anything else is imported
+    raise ImportError(
+        "parallelkit runs on POSIX systems only (Linux, and macOS through its portable "
+        "fallbacks): it needs fork/forkserver or spawn with POSIX file descriptors, fcntl "
+        "locks and signals. On Windows, run it under WSL 2 (Linux); for a portable process "
+        "pool use concurrent.futures.ProcessPoolExecutor."
+    )
+
+PORTABLE_ENV: Final = "PARALLELKIT_PORTABLE"
+FACILITIES: Final = (
+    "pidfd",
+    "memfd",
+    "process_vm",
+    "pdeathsig",
+    "madvise",
+    "fallocate",
+    "dev_shm",
+    "affinity",
+    "sockbuf",
+)
+LINUX: Final = sys.platform.startswith("linux")
+DEV_SHM: Final = Path("/dev/shm")
+_ZEROS_CHUNK: Final = 1 << 20  # bytes written at a time when reserving by writing zeros
+
+
+def _forced(value: str) -> frozenset[str]:
+    """The facilities ``PARALLELKIT_PORTABLE=value`` forces to their fallback."""
+    value = value.strip().lower()
+    if value in ("", "0", "no", "false"):
+        return frozenset()
+    if value in ("1", "yes", "true", "all"):
+        return frozenset(FACILITIES)
+    names = frozenset(name.strip() for name in value.split(",") if name.strip())
+    unknown = sorted(names - set(FACILITIES))
+    if unknown:
+        raise ImportError(
+            f"{PORTABLE_ENV}={value!r}: unknown facilities {', '.join(unknown)}; use 1 (all "
+            f"of them) or a comma-separated list of: {', '.join(FACILITIES)}"
+        )
+    return names
+
+
+class Offers(NamedTuple):
+    """Which fast paths this process uses (``False``: the portable fallback)."""
+
+    pidfd: bool
+    memfd: bool
+    process_vm: bool
+    pdeathsig: bool
+    madvise: bool
+    fallocate: bool
+    dev_shm: bool
+    affinity: bool
+    sockbuf: bool
+
+    @property
+    def portable(self) -> bool:
+        """Whether every facility is the fallback (portable mode, or not Linux)."""
+        return not any(getattr(self, name) for name in FACILITIES)
+
+
+def decide(forced: frozenset[str] = frozenset()) -> Offers:
+    """What this platform offers, less the facilities in ``forced``."""
+    offered = {
+        "pidfd": hasattr(os, "pidfd_open"),
+        "memfd": hasattr(os, "memfd_create"),
+        # ctypes is loaded at the first read (see _wire.direct), not to decide this
+        "process_vm": LINUX,
+        "pdeathsig": LINUX,
+        "madvise": hasattr(mmap, "MADV_DONTFORK") and hasattr(mmap, "MADV_REMOVE"),
+        "fallocate": hasattr(os, "posix_fallocate"),
+        "dev_shm": LINUX and DEV_SHM.is_dir(),
+        "affinity": hasattr(os, "sched_getaffinity"),
+        "sockbuf": LINUX,
+    }
+    return Offers(**{name: offered[name] and name not in forced for name in FACILITIES})
+
+
+FORCED: Final = _forced(os.environ.get(PORTABLE_ENV, ""))
+OFFERS: Final = decide(FORCED)
+
+
+# ------------------------------------------------------------------ segments and files
+def _portable_dir() -> Path:
+    return Path(os.environ.get("TMPDIR") or "/tmp") / f"parallelkit-{os.getuid()}"
+
+
+SEGMENT_DIR: Final = DEV_SHM if OFFERS.dev_shm else _portable_dir()
+"""Where shared-memory segments (and the anonymous files of the fallback) live."""
+
+_dir_checked = False
+
+
+def segment_dir() -> Path:
+    """:data:`SEGMENT_DIR`, created (mode 0700) if it is the portable one; checked once.
+
+    Raises:
+        PermissionError: the portable directory exists but is not a private directory of
+            this user (another user's, or a symbolic link).
+    """
+    global _dir_checked
+    if _dir_checked or SEGMENT_DIR == DEV_SHM:
+        return SEGMENT_DIR
+    try:
+        os.mkdir(SEGMENT_DIR, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(SEGMENT_DIR)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(
+            errno.EPERM,
+            f"{SEGMENT_DIR} is not a private directory of this user (mode 0700, owned by "
+            f"uid {os.getuid()}): parallelkit keeps its shared-memory files there",
+        )
+    _dir_checked = True
+    return SEGMENT_DIR
+
+
+def anonymous_file(name: str) -> int:
+    """A new empty file with no name, close-on-exec: freed when its last descriptor closes.
+
+    ``memfd_create`` (``name`` is what ``/proc/<pid>/fd`` shows), or a file made in
+    :func:`segment_dir` and unlinked at once (its name starts with ``name``).
+    """
+    if OFFERS.memfd:
+        return os.memfd_create(name, os.MFD_CLOEXEC)
+    directory = segment_dir()
+    while True:
+        path = directory / f"{name}-{os.urandom(6).hex()}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # pragma: no cover - 48 random bits collided
+            continue
+        os.unlink(path)
+        return fd
+
+
+def reserve(fd: int, size: int) -> None:
+    """Make the file ``fd`` ``size`` bytes long with all of its space reserved now.
+
+    So that a full file system fails here, with an :class:`OSError`, rather than killing
+    the first process that writes to a page of a mapping (SIGBUS).  ``posix_fallocate``;
+    where there is none (or the file system cannot), zeros written over the whole size.
+
+    Raises:
+        OSError: no room (``ENOSPC``, ``ENOMEM``, ``EFBIG``), or another error as it is.
+    """
+    if OFFERS.fallocate:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    os.ftruncate(fd, size)
+    zeros = bytes(min(size, _ZEROS_CHUNK))
+    pos = 0
+    while pos < size:
+        pos += os.pwrite(fd, zeros[: size - pos], pos)
+
+
+def dont_fork(mm: mmap.mmap) -> bool:
+    """Keep a mapping out of children forked later (``MADV_DONTFORK``); whether it is."""
+    if not OFFERS.madvise:
+        return False
+    try:
+        mm.madvise(mmap.MADV_DONTFORK)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def free_pages(mm: mmap.mmap, start: int, length: int) -> bool:
+    """Give a shared file mapping's pages back now (``MADV_REMOVE``); whether they went.
+
+    Without it they go when the file is unlinked and its last mapping closed.
+    """
+    if not OFFERS.madvise:
+        return False
+    try:
+        mm.madvise(mmap.MADV_REMOVE, start, length)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ processes
+def pidfd_open(pid: int) -> int | None:
+    """A descriptor that reads ready once process ``pid`` is reapable, or ``None``."""
+    if not OFFERS.pidfd:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # ENOSYS (an old kernel), EPERM (a sandbox), ...
+        return None
+
+
+def find_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (loads ctypes), or ``None`` where the parent-death signal is not
+    offered: then a thread waits on the parent's sentinel instead."""
+    if not OFFERS.pdeathsig:
+        return None
+    try:
+        import ctypes  # noqa: PLC0415 - only where it is used: see _proc.child
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+def affinity_count() -> int | None:
+    """How many CPUs this process may run on (its affinity mask), or ``None`` if unknown."""
+    if not OFFERS.affinity:
+        return None
+    return len(os.sched_getaffinity(0)) or None

@@ -1,0 +1,252 @@
+"""The platform seam (``parallelkit._platform``): each portable fallback run for real on Linux.
+
+Each test forces one facility's fallback -- in a fresh interpreter with
+``PARALLELKIT_PORTABLE=<facility>`` (so that every child, under every start method,
+inherits it), or in this process by replacing ``_platform.OFFERS`` where only the parent
+uses the facility -- and makes the thing the facility serves happen.  CI also runs the
+whole suite with ``PARALLELKIT_PORTABLE=1``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from child import TESTS, package_env, run_python
+from parallelkit import _platform
+from parallelkit._map import handle as _handle
+from parallelkit._wire import direct as _direct
+
+SCRIPT = str(Path(TESTS) / "scripts" / "platform_fallback.py")
+LINUX_ONLY = pytest.mark.skipif(not _platform.LINUX, reason="the fast paths are Linux's")
+
+
+def _env(tmp_path: Path, forced: str) -> dict[str, str]:
+    # a private TMPDIR: the portable segment directory is this test's alone
+    return package_env(TESTS, PARALLELKIT_PORTABLE=forced, TMPDIR=str(tmp_path))
+
+
+def _run(tmp_path: Path, facility: str, *, forced: str | None = None) -> dict[str, Any]:
+    result = run_python(SCRIPT, facility, timeout=240, env=_env(tmp_path, forced or facility))
+    assert result.returncode == 0, result.stderr
+    seen: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    assert seen["offered"] is False  # the fallback ran, not the fast path
+    return seen
+
+
+def _maps_ok(seen: dict[str, Any]) -> None:
+    for method, what in seen["maps"].items():
+        assert what == {"squares": True, "stack": True, "note": ""}, method
+
+
+def _without(monkeypatch: pytest.MonkeyPatch, **facilities: bool) -> None:
+    monkeypatch.setattr(_platform, "OFFERS", _platform.OFFERS._replace(**facilities))
+
+
+# ------------------------------------------------------------------ deciding
+
+
+def test_portable_mode_forces_every_fallback() -> None:
+    assert _platform._forced("1") == frozenset(_platform.FACILITIES)
+    assert _platform._forced("") == frozenset()
+    assert _platform._forced("0") == frozenset()
+    assert _platform._forced("memfd, pidfd") == {"memfd", "pidfd"}
+    offers = _platform.decide(frozenset(_platform.FACILITIES))
+    assert offers.portable
+    assert not any(getattr(offers, name) for name in _platform.FACILITIES)
+
+
+def test_an_unknown_facility_is_refused_at_import_naming_the_valid_ones(tmp_path: Path) -> None:
+    result = run_python("-c", "import parallelkit", timeout=60, env=_env(tmp_path, "memfd,nosuch"))
+    assert result.returncode != 0
+    assert "PARALLELKIT_PORTABLE='memfd,nosuch': unknown facilities nosuch" in result.stderr
+    assert "pidfd" in result.stderr
+
+
+@LINUX_ONLY
+def test_linux_offers_every_fast_path_unless_portable() -> None:
+    if _platform.FORCED:  # the CI's portable run: what it says is what it gets
+        assert _platform.decide(_platform.FORCED) == _platform.OFFERS
+        return
+    assert not _platform.OFFERS.portable
+    assert _platform.OFFERS.dev_shm
+    assert Path("/dev/shm") == _platform.SEGMENT_DIR
+
+
+# ------------------------------------------------------------------ each fallback
+
+
+@LINUX_ONLY
+def test_memfd_fallback_an_unlinked_file_serves_slots_queue_and_stack_dumps(
+    tmp_path: Path,
+) -> None:
+    seen = _run(tmp_path, "memfd")
+    assert seen["forced"] == ["memfd"]
+    assert seen["links"] == 0  # no name: gone with its last descriptor
+    assert seen["cloexec"]
+    assert seen["target"].startswith(f"{_platform.DEV_SHM}/parallelkit-probe-")  # dev_shm on
+    assert seen["target"].endswith("(deleted)")
+    assert seen["queue"] == [0, 1, 2, 3, 4]
+    _maps_ok(seen)  # progress slots under spawn/forkserver, stacks read through /proc
+
+
+@LINUX_ONLY
+def test_dev_shm_fallback_segments_are_files_in_a_private_directory(tmp_path: Path) -> None:
+    seen = _run(tmp_path, "dev_shm")
+    assert seen["dir"] == str(tmp_path / f"parallelkit-{os.getuid()}")
+    assert seen["mode"] == 0o700
+    assert seen["exists"]
+    assert seen["gone"]  # the creator's close unlinked it
+    assert seen["added"] == [2, 2, 2]
+    _maps_ok(seen)
+    assert os.listdir(seen["dir"]) == []  # nothing left (the arena's segments included)
+
+
+def test_the_portable_directory_must_be_private(tmp_path: Path) -> None:
+    shared = tmp_path / f"parallelkit-{os.getuid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # as another user could have made it
+    result = run_python(
+        "-c",
+        "import parallelkit as pk; pk.SharedCounter()",
+        timeout=60,
+        env=_env(tmp_path, "dev_shm"),
+    )
+    assert result.returncode != 0
+    assert "is not a private directory of this user" in result.stderr
+
+
+@LINUX_ONLY
+def test_fallocate_fallback_writes_the_whole_size(tmp_path: Path) -> None:
+    seen = _run(tmp_path, "fallocate")
+    assert seen["size"] == 3 << 20
+    assert seen["allocated"] >= 3 << 20  # every page backed now: no SIGBUS later
+
+
+def test_fallocate_fallback_no_room_is_an_oserror_not_a_sigbus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _without(monkeypatch, fallocate=False)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    writes: list[int] = []
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        writes.append(offset)
+        if offset >= 1 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", full)
+    try:
+        with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)) as caught:
+            _platform.reserve(fd, 3 << 20)
+        assert caught.value.errno == errno.ENOSPC
+        assert writes == [0, 1 << 20]
+    finally:
+        os.close(fd)
+
+
+@LINUX_ONLY
+def test_affinity_fallback_counts_the_machines_cpus(tmp_path: Path) -> None:
+    seen = _run(tmp_path, "affinity")
+    assert seen["usable"] == min(seen["cpu_count"], _cgroup_cap())
+    fast = run_python(SCRIPT, "affinity", timeout=60, env=_env(tmp_path, "0"))
+    assert fast.returncode == 0, fast.stderr
+    if not _platform.FORCED:
+        assert json.loads(fast.stdout.splitlines()[-1])["usable"] == 1  # the mask
+
+
+def _cgroup_cap() -> int:
+    from parallelkit._util.context import _cgroup_cpu_quota
+
+    return _cgroup_cpu_quota() or sys.maxsize
+
+
+@LINUX_ONLY
+@pytest.mark.parametrize("facility", ["madvise", "process_vm", "sockbuf", "pidfd"])
+def test_parent_side_fallbacks_run_maps_under_every_start_method(
+    tmp_path: Path, facility: str
+) -> None:
+    _maps_ok(_run(tmp_path, facility))
+
+
+def test_process_vm_fallback_results_travel_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without(monkeypatch, process_vm=False)
+    monkeypatch.setattr(_direct, "_SYSCALL", None)
+    assert not _direct.enabled()
+    with pytest.raises(_direct.Unreadable) as caught:
+        _direct.read(os.getpid(), [(0, 1)])
+    assert caught.value.errno == errno.ENOSYS
+
+
+def test_madvise_fallback_leaves_the_pages_to_the_last_mapping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _without(monkeypatch, madvise=False)
+    mm = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        assert not _platform.dont_fork(mm)
+        assert not _platform.free_pages(mm, 0, mmap.PAGESIZE)
+    finally:
+        mm.close()
+
+
+def test_sockbuf_fallback_a_fixed_depth(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without(monkeypatch, sockbuf=False)
+    a, b = socket.socketpair()
+    with a, b:
+        assert _handle.pipe_room(a) == _handle.PIPELINE_LIMIT
+
+
+def test_pidfd_fallback_gives_no_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:
+    # test_lifecycle.py runs the waits without pidfds (1 ms sleeps, no spinning)
+    _without(monkeypatch, pidfd=False)
+    assert _platform.pidfd_open(os.getpid()) is None
+
+
+@LINUX_ONLY
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_pdeathsig_fallback_workers_die_with_their_sigkilled_parent(
+    tmp_path: Path, method: str
+) -> None:
+    # fork and spawn children would be tied to the parent by PR_SET_PDEATHSIG; without
+    # it a thread waiting on the parent's sentinel ends them
+    proc = subprocess.Popen(
+        [sys.executable, SCRIPT, "pdeathsig", method],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(tmp_path, "pdeathsig"),
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        pids = json.loads(proc.stdout.readline())["pids"]
+        assert pids
+        watches = [os.pidfd_open(pid) for pid in pids]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        try:
+            for fd in watches:  # readable once the worker has exited
+                assert select.select([fd], [], [], 60)[0], "a worker outlived its parent"
+        finally:
+            for fd in watches:
+                os.close(fd)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
