@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -171,4 +172,110 @@ def test_forwarding_can_be_turned_off(
     pk.run_parallel(L.log_info, range(3), start_method=start_method, forward_logs=False)
     with pk.WorkerPool(1, start_method=start_method, forward_logs=False) as pool:
         assert list(pool.map(L.log_info, range(3))) == [0, 1, 2]
+    assert _from_workers(info) == []
+
+
+# ------------------------------------------------------------------ pipelines
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_stages_records_reach_the_parent(
+    start_method: StartMethod, info: pytest.LogCaptureFixture
+) -> None:
+    for first in ("map", "filter", "flat_map"):
+        info.clear()
+        source = pk.Pipeline(range(12), start_method=start_method)
+        if first == "map":
+            pipeline = source.map(L.log_info, max_workers=2)
+        elif first == "filter":
+            pipeline = source.filter(L.keep_even_logged, max_workers=2)
+        else:
+            pipeline = source.flat_map(L.twice_logged, max_workers=2)
+        pipeline.map(L.log_info).run()
+        records = _from_workers(info)
+        firsts = [r for r in records if r.processName.startswith("parallelkit-stage0-")]  # type: ignore[union-attr]
+        seconds = [r for r in records if r.processName.startswith("parallelkit-stage1-")]  # type: ignore[union-attr]
+        assert len(firsts) == 12
+        assert len(firsts) + len(seconds) == len(records)
+        for r in firsts:  # the first stage's records name their source item
+            assert r.item_index == int(r.getMessage().split()[1])  # type: ignore[attr-defined]
+        assert {r.item_index for r in seconds} == {None}  # type: ignore[attr-defined]
+        assert seconds
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_records_logged_right_before_a_crash_arrive(
+    start_method: StartMethod, info: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(pk.PipelineError):
+        pk.Pipeline([5], start_method=start_method).map(L.log_then_sigkill).run()
+    assert [r.getMessage() for r in _from_workers(info)] == ["last words 5"]
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_forwarding_can_be_turned_off(
+    start_method: StartMethod, info: pytest.LogCaptureFixture
+) -> None:
+    pipeline = pk.Pipeline(range(3), start_method=start_method, forward_logs=False)
+    assert pipeline.map(L.log_info).run() == [0, 1, 2]
+    assert _from_workers(info) == []
+
+
+# ------------------------------------------------------------------ channels
+
+
+@pytest.mark.timeout(60)
+def test_a_channel_servers_records_reach_the_parent(
+    start_method: StartMethod, info: pytest.LogCaptureFixture
+) -> None:
+    with pk.start_process(L.log_server, start_method=start_method) as child:
+        for text in ("a", "b", "c"):
+            assert child.request(text, timeout=30) == text.upper()
+            # handled before the reply it logged before was received
+            assert _from_workers(info)[-1].getMessage() == f"server got {text}"
+    records = _from_workers(info)
+    assert [r.getMessage() for r in records] == ["server got a", "server got b", "server got c"]
+    assert all(r.processName == "parallelkit-channel-log_server" for r in records)
+    assert all(r.item_index is None for r in records)  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(60)
+def test_a_channel_servers_records_arrive_while_nobody_receives(
+    start_method: StartMethod, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=NAME)
+    arrived = threading.Event()
+
+    class Signal(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            arrived.set()
+
+    handler = Signal()
+    logging.getLogger(NAME).addHandler(handler)
+    try:
+        with pk.start_process(L.log_server_quietly, start_method=start_method):
+            assert arrived.wait(30)  # the hub thread handled it: we never called recv
+            assert [t.name for t in threading.enumerate()].count("parallelkit-logs") == 1
+    finally:
+        logging.getLogger(NAME).removeHandler(handler)
+    assert "parallelkit-logs" not in [t.name for t in threading.enumerate()]
+
+
+@pytest.mark.timeout(60)
+def test_a_channel_servers_last_records_before_a_crash_arrive(
+    start_method: StartMethod, info: pytest.LogCaptureFixture
+) -> None:
+    with pk.start_process(L.log_server_then_crash, start_method=start_method) as child:
+        with pytest.raises(pk.ChannelClosedError):
+            child.recv(timeout=30)
+        child.join(30)
+    assert [r.getMessage() for r in _from_workers(info)] == ["server last words"]
+
+
+@pytest.mark.timeout(60)
+def test_channel_forwarding_can_be_turned_off(
+    start_method: StartMethod, info: pytest.LogCaptureFixture
+) -> None:
+    with pk.start_process(L.log_server, start_method=start_method, forward_logs=False) as child:
+        assert child.request("x", timeout=30) == "X"
     assert _from_workers(info) == []

@@ -92,3 +92,24 @@ def log_server(channel: Channel[str, str]) -> None:
 
 def debug_enabled(x: int) -> bool:
     return logger.isEnabledFor(logging.DEBUG)
+
+
+def keep_even_logged(x: int) -> bool:
+    logger.info("filter %d", x)
+    return x % 2 == 0
+
+
+def twice_logged(x: int) -> list[int]:
+    logger.info("flat %d", x)
+    return [x, x]
+
+
+def log_server_then_crash(channel: Channel[str, str]) -> None:
+    logger.warning("server last words")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def log_server_quietly(channel: Channel[str, str]) -> None:
+    logger.warning("logged while nobody reads")
+    for _ in channel:
+        pass

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final, TypeVarTuple
 from parallelkit._channel.channel import A, B, Channel, RecvT, SendT
 from parallelkit._proc.child import EXIT_MAIN_GUARD, main_guard_note
 from parallelkit._proc.lifecycle import close_process, describe_exit, start_child, stop_processes
+from parallelkit._proc.logs import LogPipe, unwatch, watch
 from parallelkit._util.checks import check_callable, check_timeout, resolve_start_method
 from parallelkit._util.context import get_context
 from parallelkit._wire.codec import ExceptionRecord, capture_exception, dump_function
@@ -52,6 +53,7 @@ class ProcessChannel(Channel[SendT, RecvT]):
 
     def __init__(self, sock: socket.socket, process: BaseProcess) -> None:
         super().__init__(sock, peer=f"the child process (pid {process.pid})")
+        self._logs: LogPipe | None = None  # the child's log records (see _read_logs)
         self._process = process
         self._pid: int = process.pid  # type: ignore[assignment]
         self._exitcode: int | None = None
@@ -89,9 +91,24 @@ class ProcessChannel(Channel[SendT, RecvT]):
         self._stopped = True
         process = self._process
         stop_processes([process], join_timeout=timeout, what="channel", close=False)
+        if self._logs is not None:
+            unwatch(self._logs)  # what it logged last
         self._exitcode = process.exitcode
         if self._exitcode is not None:
             close_process(process)
+
+    def _read_logs(self, logs: LogPipe) -> None:
+        """Pass the child's log records on: read by the hub thread as they come, and by
+        ``recv`` before it returns a message (what was logged before it comes first)."""
+        self._logs = logs
+        watch(logs)
+
+    def _recv(self, deadline: float | None) -> tuple[object, int, int]:
+        try:
+            return super()._recv(deadline)
+        finally:
+            if self._logs is not None:  # what it logged before this message comes first
+                self._logs.flush()
 
     def _exit_note(self) -> str:
         if not self._stopped:
@@ -112,6 +129,7 @@ def start_process(
     target: Callable[[Channel[B, A], *Ts], object],
     *args: *Ts,
     start_method: StartMethod | None = None,
+    forward_logs: bool = True,
 ) -> ProcessChannel[A, B]:
     """Run ``target(channel, *args)`` in a new process; return the parent's end.
 
@@ -124,6 +142,8 @@ def start_process(
         target: called in the child with its end of the channel, then ``args``.
         *args: further arguments for ``target``.
         start_method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None`` (default).
+        forward_logs: the child's log records go to this process's handlers (``True``,
+            the default; see :doc:`logging`); ``False`` leaves its logging alone.
 
     Returns:
         The parent's end; also ``.pid``, ``.exitcode`` and ``.join()``; closing it ends the
@@ -151,6 +171,7 @@ def start_process(
     payload = None if fork else dump_function(target, what="function", by_value=True)
     parent_sock, child_sock = socket.socketpair()
     started: list[BaseProcess] = []
+    logs = LogPipe() if forward_logs else None
     try:
         start_child(
             context,
@@ -164,9 +185,12 @@ def start_process(
             fn_payload=payload,
             report=report_startup_failure,
             on_started=started.append,
+            logs=logs,
         )
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         parent_sock.close()
+        if logs is not None:
+            logs.close()
         raise SerializationError(
             f"cannot send the arguments of {getattr(target, '__qualname__', target)!r} to "
             f"the child process: {type(exc).__name__}: {exc}",
@@ -175,10 +199,15 @@ def start_process(
     except BaseException:
         if not started:
             parent_sock.close()
+            if logs is not None:
+                logs.close()
         raise
     finally:
         child_sock.close()
-    return ProcessChannel(parent_sock, started[0])
+    channel: ProcessChannel[A, B] = ProcessChannel(parent_sock, started[0])
+    if logs is not None:
+        channel._read_logs(logs)
+    return channel
 
 
 def serve(

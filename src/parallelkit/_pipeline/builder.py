@@ -193,6 +193,9 @@ class Pipeline(Generic[T]):
             :class:`~parallelkit.StallReport` to ``on_stall``; at most once per period;
             the run goes on.  Looked for while the consumer waits for results.
         on_stall: receives the stall reports instead of stderr (in the consumer's thread).
+        forward_logs: the stage workers' log records go to this process's handlers
+            (``True``, the default; see :doc:`logging`); ``False`` leaves their logging
+            alone.
 
     Raises:
         TypeError: ``source`` is not iterable.
@@ -210,6 +213,7 @@ class Pipeline(Generic[T]):
         progress: ProgressOption = False,
         stall_timeout: float | None = None,
         on_stall: Callable[[StallReport], object] | None = None,
+        forward_logs: bool = True,
     ) -> None:
         check_progress(progress)
         stall_timeout = check_timeout(stall_timeout, "stall_timeout")
@@ -224,6 +228,7 @@ class Pipeline(Generic[T]):
         self._maxsize = maxsize
         self._progress = progress
         self._stall = (stall_timeout, on_stall)
+        self._forward_logs = forward_logs
         self._stages: tuple[Stage, ...] = ()
         self._last: _StatsSource | None = None
 
@@ -255,6 +260,7 @@ class Pipeline(Generic[T]):
         new._maxsize = self._maxsize
         new._progress = self._progress
         new._stall = self._stall
+        new._forward_logs = self._forward_logs
         new._stages = (*self._stages, Stage(kind, fn, max_workers, name, ordered))
         new._last = None
         return new
@@ -321,7 +327,13 @@ class Pipeline(Generic[T]):
         return None if self._last is None else self._last.stats()
 
     def _start(self) -> Run:
-        run = Run(self._source, self._stages, self._start_method, self._maxsize)
+        run = Run(
+            self._source,
+            self._stages,
+            self._start_method,
+            self._maxsize,
+            forward_logs=self._forward_logs,
+        )
         self._last = run
         if self._progress is not False:
             run.progress = PipelineProgress(self._progress, total_of(self._source))

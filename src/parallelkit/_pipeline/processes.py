@@ -28,6 +28,7 @@ from parallelkit._proc.lifecycle import (
     wait_exited,
     waiting_on_children,
 )
+from parallelkit._proc.logs import LogPipe
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.context import get_context
 from parallelkit._util.types import StartMethod
@@ -54,21 +55,29 @@ class Stage:
 class StageWorker:
     """One worker process of a stage, the parent's end of its pipe, the batches it holds."""
 
-    __slots__ = ("conn", "held", "process", "stage")
+    __slots__ = ("conn", "held", "logs", "process", "stage")
 
-    def __init__(self, process: BaseProcess, conn: Connection, stage: int) -> None:
+    def __init__(
+        self, process: BaseProcess, conn: Connection, stage: int, logs: LogPipe | None
+    ) -> None:
         self.process = process
         self.conn = conn
         self.stage = stage
         self.held: deque[int] = deque()  # batch numbers sent and not yet answered
+        self.logs = logs  # its log socket (_proc.logs), or None
 
 
 class StageProcesses:
     """The worker processes of every stage of one run."""
 
-    def __init__(self, stages: Sequence[Stage], start_method: StartMethod) -> None:
+    def __init__(
+        self, stages: Sequence[Stage], start_method: StartMethod, *, forward_logs: bool = True
+    ) -> None:
         self.stages = stages
         self.start_method = start_method
+        self.forward_logs = forward_logs
+        # given the log records a worker sent (by the run: it knows the batches' items)
+        self.on_records: Callable[[StageWorker, list[dict[str, Any]]], None] = _ignore
         self.workers: list[StageWorker] = []
         self.by_stage: list[list[StageWorker]] = [[] for _ in stages]
         self.writer = frames.Writer()
@@ -96,9 +105,10 @@ class StageProcesses:
         parent_end, child_end = context.Pipe(duplex=True)
         frames.enlarge_buffers(parent_end)
         frames.enlarge_buffers(child_end)
+        log_pipe = LogPipe() if self.forward_logs else None
 
         def record(process: BaseProcess) -> None:
-            worker = StageWorker(process, parent_end, index)
+            worker = StageWorker(process, parent_end, index, log_pipe)
             self.workers.append(worker)
             self.by_stage[index].append(worker)
 
@@ -115,10 +125,13 @@ class StageProcesses:
                 fn_payload=payload,
                 report=report_startup_failure,
                 on_started=record,
+                logs=log_pipe,
             )
         except BaseException:
             if not any(w.conn is parent_end for w in self.workers):
                 parent_end.close()
+                if log_pipe is not None:
+                    log_pipe.close()
             raise
         finally:
             child_end.close()
@@ -172,6 +185,7 @@ class StageProcesses:
             self._poll = select.poll()
             fds = [w.conn.fileno() for w in self.workers]
             fds += [w.process.sentinel for w in self.workers]
+            fds += [w.logs.fileno() for w in self.workers if w.logs is not None]
             if wakeup_fd is not None:
                 fds.append(wakeup_fd)
             for fd in fds:
@@ -184,9 +198,12 @@ class StageProcesses:
         """Pass every message the ``ready`` pipes hold to ``handle``; the dead workers."""
         dead: list[StageWorker] = []
         for worker in self.workers:
+            if worker.logs is not None and worker.logs.fileno() in ready:
+                self.read_logs(worker)
             if worker.conn.fileno() in ready:
                 try:
                     while True:
+                        self.read_logs(worker)  # what it logged before the message first
                         handle(worker, frames.recv(worker.conn))
                         if not worker.held or not worker.conn.poll():
                             break
@@ -201,10 +218,19 @@ class StageProcesses:
     ) -> None:
         """``worker`` died: pass on a message it sent before, and wait for its exit code."""
         leave_if_exiting()  # killed at interpreter exit (_lifecycle._quiet_exit): quietly
+        self.read_logs(worker)
         if worker.conn.poll() if not worker.conn.closed else False:
             with contextlib.suppress(EOFError, OSError):
                 handle(worker, frames.recv(worker.conn))
         wait_exited([worker.process], time.monotonic() + EXIT_VISIBLE)
+        self.read_logs(worker)  # what it logged last (right before a crash, say)
+
+    def read_logs(self, worker: StageWorker) -> None:
+        """Pass on the log records ``worker`` has sent."""
+        if worker.logs is not None:
+            records = worker.logs.read()
+            if records:
+                self.on_records(worker, records)
 
     # ---------------------------------------------------------------- stopping
 
@@ -221,6 +247,10 @@ class StageProcesses:
         stop_processes(
             [w.process for w in self.workers], join_timeout=STOP_TIMEOUT, what="pipeline stage"
         )
+        for worker in self.workers:  # what they logged after their last batch
+            self.read_logs(worker)
+            if worker.logs is not None:
+                worker.logs.close()
 
 
 def kill(workers: list[StageWorker], writer: frames.Writer) -> None:
@@ -229,3 +259,9 @@ def kill(workers: list[StageWorker], writer: frames.Writer) -> None:
     writer.close()  # its writes to the dead workers fail at once
     for worker in workers:
         worker.conn.close()
+        if worker.logs is not None:
+            worker.logs.close()
+
+
+def _ignore(worker: StageWorker, records: list[dict[str, Any]]) -> None:
+    pass

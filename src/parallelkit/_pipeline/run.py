@@ -62,6 +62,7 @@ from parallelkit._pipeline.processes import Stage, StageProcesses, StageWorker, 
 from parallelkit._pipeline.source import Source
 from parallelkit._pipeline.stage import ERROR, STARTUP_FAILED, TASK
 from parallelkit._pipeline.stats import PipelineStats, StageCounts
+from parallelkit._proc import logs
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.types import StartMethod
 from parallelkit._wire import frames
@@ -85,9 +86,12 @@ class Run:
         stages: Sequence[Stage],
         start_method: StartMethod,
         maxsize: int | None,
+        *,
+        forward_logs: bool = True,
     ) -> None:
         self.stages = stages
-        self.processes = StageProcesses(stages, start_method)
+        self.processes = StageProcesses(stages, start_method, forward_logs=forward_logs)
+        self.processes.on_records = self._records
         self.budget = Budget(maxsize, sum(s.max_workers for s in stages), stages[0].max_workers)
         self.source = Source(source, self.budget)
         self.batches = Batches(len(stages), all(s.ordered for s in stages), self.budget)
@@ -268,6 +272,16 @@ class Run:
         for worker in self.processes.receive(ready, self._receive):
             self.processes.receive_last(worker, self._receive)
             raise self._crashed(worker)
+
+    def _records(self, worker: StageWorker, records: list[dict[str, Any]]) -> None:
+        """Log records of ``worker``: those of the first stage name their source item."""
+        for fields in records:
+            batch = fields.pop(logs.BATCH, None)
+            position = fields.pop(logs.POSITION, 0)
+            span = self.batches.span.get(batch) if batch is not None else None
+            if worker.stage == 0 and span is not None:
+                fields["item_index"] = span[0] + position
+        logs.handle(records)
 
     def _receive(self, worker: StageWorker, message: frames.Parts) -> None:
         kind, batch, n, busy, waiting = frames.header(message)

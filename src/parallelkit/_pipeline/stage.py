@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from parallelkit._map.calls import each
+from parallelkit._proc import logs as _logs
 from parallelkit._proc.child import StartupFailure
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire import frames
@@ -67,6 +68,7 @@ def stage_loop(conn: Connection, fn: Callable[[Any], Any], dump_fd: int, kind: i
         # its message) is held while waiting for the next one
         if not _work(conn, kind, fn, message, idle_since):
             return
+        _logs.end_task()  # (holds none of the batch's outputs)
         del message
         idle_since = clock()
 
@@ -88,15 +90,20 @@ def _work(
     out: list[Any] = []
     append = out.append
     position = 0
+    at = [0]  # filter, flat_map: the running item's position (its log records name it)
+    if _logs.enabled():
+        _logs.begin_task(None, out.__len__ if kind == MAP else lambda: at[0], batch=batch)
     try:
         if kind == MAP:
             out.extend(each(fn, items))  # keeps the outputs before a failing item
         elif kind == FILTER:
-            for position, item in enumerate(items):  # noqa: B007 - read on failure
+            for position, item in enumerate(items):
+                at[0] = position
                 if fn(item):
                     append(item)
         else:
-            for position, item in enumerate(items):  # noqa: B007 - read on failure
+            for position, item in enumerate(items):
+                at[0] = position
                 out.extend(fn(item))
     except BaseException as exc:
         if kind == MAP:

@@ -211,6 +211,7 @@ def child_main(
     fast_exit: bool = False,
     log_sock: Any = None,
     log_levels: Any = None,
+    log_parent_end: Any = None,
 ) -> None:
     """The target of every parallelkit child process (see the module docstring).
 
@@ -232,9 +233,12 @@ def child_main(
             (:mod:`parallelkit._proc.logs`), from before the initializer on; ``None``:
             logging is left as the child finds it.
         log_levels: the parent's logger levels (``logs.current_levels``) with ``log_sock``.
+        log_parent_end: fork: our copy of the parent's end of the log socket, closed.
     """
     if parent_end is not None:
         parent_end.close()  # close, don't shut down: the parent still uses its own
+    if log_parent_end is not None:
+        log_parent_end.close()
     phase = INITIALIZER
     try:
         if log_sock is not None:

@@ -227,6 +227,8 @@ def start_child(
     if logs is not None:
         kwargs["log_sock"] = logs.child
         kwargs["log_levels"] = logs.sent
+        if start_method == "fork":
+            kwargs["log_parent_end"] = logs.sock
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # we are a child importing the parent's main module, which starts work: one line
         # and EXIT_MAIN_GUARD, whatever the role, rather than a traceback from each child

@@ -29,18 +29,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
+import select
 import socket
 import sys
 import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
+
+from parallelkit._proc.wakeup import WakeUpPipe
+from parallelkit._util.threads import quiet_thread
 
 MAX_RECORD_BYTES: Final = 64 * 1024  # bytes: a larger record has its texts shortened
 _RECV_BYTES: Final = 2 * MAX_RECORD_BYTES + 4096  # a datagram never exceeds this
 _TEXT_KEEP: Final = 8 * 1024  # characters kept of each long text of a too-large record
 _LEVELS_LOGGER: Final = "parallelkit._levels"  # whose isEnabledFor cache says "unchanged"
+# a pipeline stage's record: its batch and position there, for the parent to turn into an
+# item index (removed before the record reaches the parent's loggers)
+BATCH: Final = "_parallelkit_batch"
+POSITION: Final = "_parallelkit_position"
 
 # a snapshot of the parent's levels: (version, {logger name: level}, logging.disable level)
 Levels = tuple[int, dict[str, int], int]
@@ -126,11 +135,98 @@ class LogPipe:
             return
         self.sent = levels
 
+    def flush(self) -> None:
+        """Hand every record waiting to the parent's loggers, in order with any other
+        thread doing the same."""
+        with self.lock:
+            records = self.read()
+            if records:
+                handle(records)
+
     def close(self) -> None:
         """Close both ends we may hold (idempotent)."""
-        self.closed = True
-        self.sock.close()
-        self.child.close()
+        with self.lock:
+            self.closed = True
+            self.sock.close()
+            self.child.close()
+
+
+class _Hub:
+    """One thread that reads the log sockets of children no event loop of ours waits on
+    (processes serving channels), running only while there are some: not a thread per
+    child, and none left once the last of them is closed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pipes: set[LogPipe] = set()
+        self.thread: threading.Thread | None = None
+        self.wakeup: WakeUpPipe | None = None
+
+    def add(self, pipe: LogPipe) -> None:
+        with self.lock:
+            self.pipes.add(pipe)
+            if self.wakeup is None:
+                self.wakeup = WakeUpPipe()
+                self.thread = quiet_thread(self._run, name="parallelkit-logs", args=(self.wakeup,))
+                self.thread.start()
+            else:
+                self.wakeup.wake()
+
+    def remove(self, pipe: LogPipe) -> None:
+        """Stop reading ``pipe`` (and stop the thread with the last one); the caller
+        flushes it."""
+        with self.lock:
+            self.pipes.discard(pipe)
+            thread, wakeup = self.thread, self.wakeup
+            if self.pipes or wakeup is None:
+                if wakeup is not None:
+                    wakeup.wake()
+                return
+            self.thread = self.wakeup = None
+        wakeup.wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+            wakeup.close()
+
+    def _run(self, wakeup: WakeUpPipe) -> None:
+        while True:
+            with self.lock:
+                if self.wakeup is not wakeup:
+                    return
+                pipes = {pipe.fileno(): pipe for pipe in self.pipes if not pipe.closed}
+            poller = select.poll()
+            poller.register(wakeup.fd, select.POLLIN)
+            for fd in pipes:
+                poller.register(fd, select.POLLIN)
+            ready = [fd for fd, _ in poller.poll()]
+            wakeup.drain()
+            for fd in ready:
+                pipe = pipes.get(fd)
+                if pipe is not None:
+                    pipe.flush()
+
+    def reset(self) -> None:
+        """In a fork child: the parent's thread is not here (nor its children)."""
+        self.lock = threading.Lock()
+        self.pipes = set()
+        self.thread = None
+        self.wakeup = None
+
+
+_hub = _Hub()
+os.register_at_fork(after_in_child=_hub.reset)
+
+
+def watch(pipe: LogPipe) -> None:
+    """Read ``pipe`` from the hub thread (a child no loop of ours waits on)."""
+    _hub.add(pipe)
+
+
+def unwatch(pipe: LogPipe) -> None:
+    """The child has exited: its last records, then its socket closed."""
+    _hub.remove(pipe)
+    pipe.flush()
+    pipe.close()
 
 
 def push_levels(pipes: Iterable[LogPipe]) -> None:
@@ -162,7 +258,8 @@ class _Task:
     """What the role's loop says of the task it runs: the item index its records get."""
 
     base: int | None = None  # the index of the chunk's first item; None: no item
-    done: list[Any] | None = None  # one entry per finished item of the chunk
+    batch: int | None = None  # a pipeline batch: the parent knows its first item
+    where: Callable[[], int] | None = None  # the running item's position in the chunk
     thread: int | None = None  # the thread running it
 
 
@@ -198,7 +295,7 @@ class Forwarder(logging.Handler):
             fields["exc_info"] = None
         fields.pop("message", None)
         if "item_index" not in fields:  # (a grandchild's record keeps its own)
-            fields["item_index"] = _item_index()
+            _where(fields)
         try:
             data = pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
         except Exception:
@@ -227,12 +324,19 @@ def _safe_repr(value: object) -> str:
         return f"<{type(value).__name__} object>"
 
 
-def _item_index() -> int | None:
+def _where(fields: dict[str, Any]) -> None:
+    """Name the item the record comes from: ``item_index``, or the batch and position
+    for the parent to turn into one (``BATCH``, ``POSITION``); ``None`` outside a task."""
     task = _task
-    if task.base is None or task.thread != threading.get_ident():
-        return None
-    done = task.done
-    return task.base + (len(done) if done is not None else 0)
+    fields["item_index"] = None
+    if task.thread != threading.get_ident() or (task.base is None and task.batch is None):
+        return
+    position = task.where() if task.where is not None else 0
+    if task.base is not None:
+        fields["item_index"] = task.base + position
+    else:
+        fields[BATCH] = task.batch
+        fields[POSITION] = position
 
 
 def install(sock: socket.socket, levels: Levels) -> None:
@@ -270,12 +374,16 @@ def _apply(levels: Levels) -> None:
     logging.disable(disable)
 
 
-def begin_task(base: int | None, done: list[Any] | None = None) -> None:
-    """The role's loop starts a task: its records name item ``base + len(done)``
-    (``base`` ``None``: no item); levels the parent changed since apply from now."""
+def begin_task(
+    base: int | None, where: Callable[[], int] | None = None, *, batch: int | None = None
+) -> None:
+    """The role's loop starts a task: its records name item ``base + where()`` (or, for a
+    pipeline ``batch``, its position ``where()`` in it); levels the parent changed since
+    apply from now."""
     task = _task
     task.base = base
-    task.done = done
+    task.batch = batch
+    task.where = where
     task.thread = threading.get_ident()
     sock = _sock
     if sock is None:
@@ -297,14 +405,16 @@ def begin_task(base: int | None, done: list[Any] | None = None) -> None:
 
 
 def count_items(done: list[Any]) -> None:
-    """The list the running chunk appends one entry to per finished item."""
-    _task.done = done
+    """The list the running chunk appends one entry to per finished item (the running
+    item's position is its length)."""
+    _task.where = done.__len__
 
 
 def end_task() -> None:
     """The task is over: records name no item until the next one begins."""
     _task.base = None
-    _task.done = None
+    _task.batch = None
+    _task.where = None
 
 
 def enabled() -> bool:
