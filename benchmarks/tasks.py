@@ -89,3 +89,8 @@ def mul_record(record: dict[str, int]) -> int:
 def power(x: int, exp: int) -> int:
     """The tiny task with an argument shared by every call: ``pk.with_args(power, 2)``."""
     return int(x**exp)
+
+
+def mul_kwargs(record: dict[str, int]) -> int:
+    """What one writes without ``pk.star_kwargs``: a wrapper that unpacks the dict."""
+    return mul(**record)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import pickle
 import textwrap
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -267,3 +268,19 @@ def test_a_finished_iterator_kept_by_its_caller_holds_no_extra_argument(
     gc.collect()
     assert ref() is None  # `results` is still referenced here
     del results
+
+
+def test_an_unpicklable_argument_in_a_tuple_fails_under_every_start_method(
+    start_method: pk.StartMethod,
+) -> None:
+    # Under fork the workers inherit the tuples: a scan of their elements stands in for
+    # pickling them, and must still find what forkserver and spawn could not send.
+    items: list[Any] = [(2, 3), (2, threading.Lock()), ((2,), 3), (4, 1)]
+    with pytest.raises(pk.SerializationError) as caught:
+        pk.run_parallel(pk.star(a.power), items, max_workers=2, start_method=start_method)
+    assert (caught.value.what, caught.value.item_index) == ("argument", 1)
+    got = pk.run_parallel(
+        pk.star(a.first_of, args=(None,)), items, start_method=start_method, return_exceptions=True
+    )
+    assert [got[0], got[2], got[3]] == [2, (2,), 4]
+    assert isinstance(got[1], pk.SerializationError)
