@@ -90,3 +90,19 @@ def check_pool_and_pipeline(pairs: list[tuple[int, int]]) -> None:
     assert_type(pk.Pipeline(pairs).map(pk.star(power)).run(), list[int])
     assert_type(pk.Pipeline([1, 2]).map(pk.with_args(label, "n")), pk.Pipeline[str])
     pk.Pipeline(pairs).map(pk.star(label))  # type: ignore[arg-type]
+
+
+def is_multiple(x: int, of: int) -> bool:
+    return x % of == 0
+
+
+def repeat(x: int, times: int) -> list[int]:
+    return [x] * times
+
+
+def check_pipeline_stages(pairs: list[tuple[int, int]]) -> None:
+    stage = pk.Pipeline(pairs).map(pk.star(power))
+    assert_type(stage.filter(pk.with_args(is_multiple, 3)), pk.Pipeline[int])
+    assert_type(stage.flat_map(pk.with_args(repeat, 2)), pk.Pipeline[int])
+    stage.filter(pk.with_args(is_multiple, "3"))  # type: ignore[arg-type]
+    pk.Pipeline(["a"]).filter(pk.with_args(is_multiple, 3))  # type: ignore[arg-type]
