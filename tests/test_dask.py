@@ -33,6 +33,7 @@ import dask  # noqa: E402
 
 import child  # noqa: E402
 import parallelkit as pk  # noqa: E402
+import tasks.args as wa  # noqa: E402
 import tasks.basic as w  # noqa: E402
 import tasks.pipeline as wp  # noqa: E402
 from parallelkit.testing import check_no_leaks  # noqa: E402
@@ -192,6 +193,13 @@ class TestSeparateCluster:
         offset = 3
         got = pk.run_parallel(lambda x: x + offset, range(5), backend=remote_client)
         assert got == [3, 4, 5, 6, 7]
+
+    def test_unpacked_items_travel_by_value(self, remote_client: Client) -> None:
+        # star() and with_args() of the tests' own functions, which the workers cannot import
+        pairs = [(2, 3), (3, 2)]
+        assert pk.run_parallel(pk.star(wa.power), pairs, backend=remote_client) == [8, 9]
+        call = pk.with_args(wa.affine, 2, offset=1)
+        assert pk.run_parallel(call, [1, 2], backend=remote_client) == [3, 5]
 
     def test_killing_a_worker_mid_task_is_retried_elsewhere(self, remote_client: Client) -> None:
         # Last in the class: it leaves the separate cluster with one worker.
