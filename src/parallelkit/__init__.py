@@ -53,6 +53,9 @@ if typing.TYPE_CHECKING:
     from parallelkit._pipeline.builder import PipelineIterator as PipelineIterator
     from parallelkit._pipeline.builder import PipelineStats as PipelineStats
     from parallelkit._pipeline.builder import StageStats as StageStats
+    from parallelkit._proc.identity import WorkerInfo as WorkerInfo
+    from parallelkit._proc.identity import worker_info as worker_info
+    from parallelkit._proc.local import WorkerLocal as WorkerLocal
     from parallelkit._queue.queue import Queue as Queue
     from parallelkit._shared.array import SharedArray as SharedArray
     from parallelkit._shared.counters import SharedAccumulator as SharedAccumulator
@@ -83,6 +86,9 @@ _LAZY = {
     "SharedArray": "._shared.array",
     "SharedCounter": "._shared.counters",
     "usable_cpu_count": "._util.context",
+    "WorkerInfo": "._proc.identity",
+    "worker_info": "._proc.identity",
+    "WorkerLocal": "._proc.local",
     "MapStats": "._observe.stats",
     "StallReport": "._observe.stalls",
     "WorkerStack": "._observe.stalls",
@@ -132,6 +138,8 @@ __all__ = (
     "StartMethodError",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "WorkerInfo",
+    "WorkerLocal",
     "WorkerPool",
     "WorkerStack",
     "WorkerStats",
@@ -144,4 +152,5 @@ __all__ = (
     "start_process",
     "usable_cpu_count",
     "with_args",
+    "worker_info",
 )

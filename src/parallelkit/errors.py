@@ -36,7 +36,7 @@ __all__ = (
     "WorkerCrashedError",
 )
 
-SerializedWhat = Literal["function", "argument", "result", "initializer"]
+SerializedWhat = Literal["function", "argument", "result", "initializer", "finalizer"]
 
 
 class ParallelKitError(Exception):
@@ -68,8 +68,8 @@ class SerializationError(ParallelKitError, TypeError):
     """An object could not be pickled or unpickled on its way between processes.
 
     Attributes:
-        what: which object failed: ``"function"``, ``"argument"``, ``"result"`` or
-            ``"initializer"``.
+        what: which object failed: ``"function"``, ``"argument"``, ``"result"``,
+            ``"initializer"`` or ``"finalizer"``.
         item_index: the position of the item in the input, or ``None`` when the
             failure is not tied to one item (the function itself).
     """

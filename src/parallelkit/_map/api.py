@@ -27,8 +27,13 @@ from parallelkit._map.results import ResultIterator
 from parallelkit._observe.progress import ProgressOption
 from parallelkit._observe.stalls import StallReport
 from parallelkit._observe.stats import MapStats
-from parallelkit._util.checks import check_initializer, resolve_max_workers, resolve_start_method
-from parallelkit._util.context import get_context
+from parallelkit._util.checks import (
+    check_initializer,
+    check_max_tasks,
+    resolve_max_workers,
+    resolve_start_method,
+)
+from parallelkit._util.context import cpu_share, get_context
 from parallelkit._util.types import R, StartMethod, T
 
 if TYPE_CHECKING:
@@ -46,6 +51,9 @@ def _check_backend(
     initializer: Callable[..., object] | None,
     initargs: tuple[object, ...],
     forward_logs: bool = True,
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
 ) -> WorkerPool | RunnerFactory | None:
     """Validate ``backend=`` and the options that configure processes.
 
@@ -53,25 +61,64 @@ def _check_backend(
     worker processes.
     """
     check_initializer(initializer, initargs)
+    check_initializer(finalizer, finalargs, "finalizer", "finalargs")
+    check_max_tasks(max_tasks_per_worker)
+    if backend is None and _in_process_when_nested(
+        options, max_workers, start_method, initializer, finalizer, max_tasks_per_worker
+    ):
+        backend = "serial"
     if backend is None or (isinstance(backend, str) and backend == "process"):
         return None
     if isinstance(backend, WorkerPool):
         if (
             start_method is not None
             or initializer is not None
+            or finalizer is not None
             or max_workers is not None
+            or max_tasks_per_worker is not None
             or not forward_logs
         ):
             raise ValueError(
-                "start_method, max_workers, initializer and forward_logs belong to the WorkerPool "
-                "when it is the backend; set them where the pool is created"
+                "start_method, max_workers, initializer, finalizer, max_tasks_per_worker and "
+                "forward_logs belong to the WorkerPool when it is the backend; set them where "
+                "the pool is created"
             )
         return backend
     factory = check_backend(
-        backend, max_workers=max_workers, start_method=start_method, initializer=initializer
+        backend,
+        max_workers=max_workers,
+        start_method=start_method,
+        initializer=initializer,
+        finalizer=finalizer,
+        max_tasks_per_worker=max_tasks_per_worker,
     )
     options.refuse_stall_options()
     return factory
+
+
+def _in_process_when_nested(
+    options: MapOptions,
+    max_workers: int | None,
+    start_method: StartMethod | None,
+    initializer: Callable[..., object] | None,
+    finalizer: Callable[..., object] | None,
+    max_tasks_per_worker: int | None,
+) -> bool:
+    """A call with no backend made in a parallelkit worker whose share of the CPUs is one
+    runs in that worker's own process (``docs/nesting.md``): more processes would only
+    share the cores its siblings already use.  Not when the caller asked for something
+    only worker processes do."""
+    return (
+        cpu_share() == 1
+        and max_workers is None
+        and start_method is None
+        and initializer is None
+        and finalizer is None
+        and max_tasks_per_worker is None
+        and options.timeout is None
+        and options.stall_timeout is None
+        and options.on_stall is None
+    )
 
 
 def _engine(
@@ -82,6 +129,9 @@ def _engine(
     initializer: Callable[..., object] | None,
     initargs: tuple[object, ...],
     forward_logs: bool = True,
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
 ) -> Engine:
     """New worker processes for one call (``seq``: the items, for fork workers to inherit)."""
     return Engine(
@@ -90,10 +140,12 @@ def _engine(
         max_workers=workers,
         initializer=initializer,
         initargs=initargs,
-        max_tasks_per_worker=None,
+        max_tasks_per_worker=max_tasks_per_worker,
         inherit=(fn, seq),
         one_shot=True,
         forward_logs=forward_logs,
+        finalizer=finalizer,
+        finalargs=finalargs,
     )
 
 
@@ -119,6 +171,9 @@ def run_parallel(
     return_exceptions: Literal[False] = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
@@ -140,6 +195,9 @@ def run_parallel(
     return_exceptions: Literal[True],
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
@@ -161,6 +219,9 @@ def run_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
@@ -181,6 +242,9 @@ def run_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
@@ -216,6 +280,13 @@ def run_parallel(
             the other items, instead of raising the first failure at once.
         initializer: called in each worker process once, before its first item.
         initargs: arguments for ``initializer``.
+        finalizer: called in each worker process once, when it stops normally: when the
+            call has no more items for it, or when ``max_tasks_per_worker`` retires it.
+            Not in a worker that is killed (a crash, a ``timeout``, the work cancelled).
+            See :doc:`/lifecycle`.
+        finalargs: arguments for ``finalizer``.
+        max_tasks_per_worker: replace a worker by a new one after it has run this many
+            items (its finalizer runs; the new one runs the initializer).
         progress: ``True`` shows a tqdm progress bar that counts items
             (``pip install 'parallelkit[progress]'``); a callable receives a
             :class:`~parallelkit.Progress` each time chunks of results arrive, in the
@@ -273,6 +344,9 @@ def run_parallel(
         initializer=initializer,
         initargs=initargs,
         forward_logs=forward_logs,
+        finalizer=finalizer,
+        finalargs=finalargs,
+        max_tasks_per_worker=max_tasks_per_worker,
     )
     seq = as_sequence(items)
     if isinstance(place, WorkerPool):
@@ -283,7 +357,16 @@ def run_parallel(
         if len(seq) == 0:
             return _no_items(options)
         engine = _engine(
-            fn, seq, min(workers, len(seq)), method, initializer, initargs, forward_logs
+            fn,
+            seq,
+            min(workers, len(seq)),
+            method,
+            initializer,
+            initargs,
+            forward_logs=forward_logs,
+            finalizer=finalizer,
+            finalargs=finalargs,
+            max_tasks_per_worker=max_tasks_per_worker,
         )
         inherited = engine.inherited_items is not None
         return collect_call(engine, fn, seq, options, owned=True, inherited=inherited)
@@ -311,6 +394,9 @@ def imap_parallel(
     return_exceptions: Literal[False] = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
@@ -331,6 +417,9 @@ def imap_parallel(
     return_exceptions: Literal[True],
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
@@ -351,6 +440,9 @@ def imap_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
@@ -370,6 +462,9 @@ def imap_parallel(
     return_exceptions: bool = False,
     initializer: Callable[..., object] | None = None,
     initargs: tuple[object, ...] = (),
+    finalizer: Callable[..., object] | None = None,
+    finalargs: tuple[object, ...] = (),
+    max_tasks_per_worker: int | None = None,
     progress: ProgressOption = False,
     stall_timeout: float | None = None,
     on_stall: Callable[[StallReport], object] | None = None,
@@ -413,6 +508,9 @@ def imap_parallel(
         initializer=initializer,
         initargs=initargs,
         forward_logs=forward_logs,
+        finalizer=finalizer,
+        finalargs=finalargs,
+        max_tasks_per_worker=max_tasks_per_worker,
     )
     if isinstance(place, WorkerPool):
         return place._stream(fn, items, options)
@@ -424,5 +522,16 @@ def imap_parallel(
     length = length_of(items)
     if length is not None:
         workers = max(1, min(workers, length))
-    engine = _engine(fn, None, workers, method, initializer, initargs, forward_logs)
+    engine = _engine(
+        fn,
+        None,
+        workers,
+        method,
+        initializer,
+        initargs,
+        forward_logs=forward_logs,
+        finalizer=finalizer,
+        finalargs=finalargs,
+        max_tasks_per_worker=max_tasks_per_worker,
+    )
     return stream_call(engine, fn, items, options, owned=True)

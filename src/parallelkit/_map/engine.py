@@ -61,6 +61,7 @@ from parallelkit._proc.lifecycle import (
 )
 from parallelkit._proc.wakeup import WakeUpPipe
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._util.context import child_share
 from parallelkit._util.threads import Mutex
 from parallelkit._util.types import StartMethod
 from parallelkit._wire.arena import ArgArena
@@ -105,6 +106,8 @@ class Engine:
         inherit: tuple[Callable[..., object], Sequence[Any] | None] | None = None,
         one_shot: bool = False,
         forward_logs: bool = True,
+        finalizer: Callable[..., object] | None = None,
+        finalargs: tuple[object, ...] = (),
     ) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             child.refuse_to_start_in_bootstrap()
@@ -119,8 +122,15 @@ class Engine:
         # the workers' log sockets, by slot (_proc.logs): None: workers log as they please
         self.log_pipes: dict[int, logs.LogPipe] | None = {} if forward_logs else None
         self.functions = FunctionRegistry(
-            start_method=start_method, initializer=initializer, initargs=initargs, inherit=inherit
+            start_method=start_method,
+            initializer=initializer,
+            initargs=initargs,
+            inherit=inherit,
+            finalizer=finalizer,
+            finalargs=finalargs,
         )
+        # each worker's share of our CPUs, for work it starts itself (docs/nesting.md)
+        self.cpu_share = child_share(max_workers)
         # the progress slots: what each worker is passed (progress), our view of them (words)
         self.slots, self.progress, self.words = _progress_slots(context, start_method, max_workers)
         self.workers: list[WorkerHandle] = []
@@ -224,6 +234,7 @@ class Engine:
                 # The only other thread is our futures helper: see the docstring.
                 threads_ok=self._our_threads_alive(),
                 logs=log_pipe,
+                identity=(slot, self.max_workers, self.start_method, None, self.cpu_share),
             )
         except BaseException:
             if not started:

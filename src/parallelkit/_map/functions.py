@@ -1,4 +1,5 @@
-"""What an engine's workers are sent to run: the initializer, the functions, an inherited input.
+"""What an engine's workers are sent to run: the initializer and finalizer, the functions, an
+inherited input.
 
 ::
 
@@ -35,16 +36,24 @@ class FunctionRegistry:
         initializer: Callable[..., object] | None,
         initargs: tuple[object, ...],
         inherit: tuple[Callable[..., object], Sequence[Any] | None] | None,
+        finalizer: Callable[..., object] | None = None,
+        finalargs: tuple[object, ...] = (),
     ) -> None:
         self.by_value = start_method != "fork"
         self.init_payload: bytes | None = None
-        if initializer is not None:
-            dump_function(initializer, what="initializer", by_value=self.by_value)
+        if initializer is not None or finalizer is not None:
+            if initializer is not None:
+                dump_function(initializer, what="initializer", by_value=self.by_value)
+            if finalizer is not None:
+                dump_function(finalizer, what="finalizer", by_value=self.by_value)
             try:
-                self.init_payload = dumps((initializer, tuple(initargs)))
+                self.init_payload = dumps(
+                    (initializer, tuple(initargs), finalizer, tuple(finalargs))
+                )
             except Exception as exc:
                 raise SerializationError(
-                    f"cannot send initargs to worker processes: {type(exc).__name__}: {exc}",
+                    "cannot send initargs or finalargs to worker processes: "
+                    f"{type(exc).__name__}: {exc}",
                     what="initializer",
                 ) from exc
         # fork: the function (and the input) are inherited by the workers, never pickled

@@ -163,6 +163,11 @@ class WorkerPool(Executor):
         max_tasks_per_worker: replace a worker after it has run this many items.
         forward_logs: the workers' log records go to this process's handlers (``True``,
             the default; see :doc:`logging`); ``False`` leaves their logging alone.
+        finalizer: called in each worker once, when it stops normally: at ``shutdown()``,
+            or when ``max_tasks_per_worker`` retires it.  Not in a worker that is killed
+            (a crash, a timeout, ``shutdown`` with work still running).  See
+            :doc:`/lifecycle`.
+        finalargs: arguments for ``finalizer``.
 
     Example:
         >>> with WorkerPool(2) as pool:
@@ -179,10 +184,13 @@ class WorkerPool(Executor):
         initargs: tuple[object, ...] = (),
         max_tasks_per_worker: int | None = None,
         forward_logs: bool = True,
+        finalizer: Callable[..., object] | None = None,
+        finalargs: tuple[object, ...] = (),
     ) -> None:
         workers = resolve_max_workers(max_workers)
         method = resolve_start_method(start_method)
         check_initializer(initializer, initargs)
+        check_initializer(finalizer, finalargs, "finalizer", "finalargs")
         check_max_tasks(max_tasks_per_worker)
         self._engine = Engine(
             context=get_context(method),
@@ -192,6 +200,8 @@ class WorkerPool(Executor):
             initargs=initargs,
             max_tasks_per_worker=max_tasks_per_worker,
             forward_logs=forward_logs,
+            finalizer=finalizer,
+            finalargs=finalargs,
         )
         self._max_workers = workers
         self._start_method: StartMethod = method

@@ -30,7 +30,7 @@ from parallelkit._proc.lifecycle import (
 )
 from parallelkit._proc.logs import LogPipe
 from parallelkit._util import fuzz as _fuzz
-from parallelkit._util.context import get_context
+from parallelkit._util.context import child_share, get_context
 from parallelkit._util.types import StartMethod
 from parallelkit._wire import frames
 from parallelkit._wire.codec import dump_function
@@ -95,12 +95,20 @@ class StageProcesses:
     def start(self, payloads: Sequence[bytes | None]) -> None:
         """Start every stage's workers (on failure the caller kills those started)."""
         context = get_context(self.start_method)
+        # each worker's share of our CPUs, for work it starts itself (docs/nesting.md)
+        share = child_share(sum(stage.max_workers for stage in self.stages))
         for index, stage in enumerate(self.stages):
             for number in range(stage.max_workers):
-                self._start_worker(context, index, stage, payloads[index], number)
+                self._start_worker(context, index, stage, payloads[index], number, share)
 
     def _start_worker(
-        self, context: Any, index: int, stage: Stage, payload: bytes | None, number: int
+        self,
+        context: Any,
+        index: int,
+        stage: Stage,
+        payload: bytes | None,
+        number: int,
+        share: int,
     ) -> None:
         parent_end, child_end = context.Pipe(duplex=True)
         frames.enlarge_buffers(parent_end)
@@ -126,6 +134,7 @@ class StageProcesses:
                 report=report_startup_failure,
                 on_started=record,
                 logs=log_pipe,
+                identity=(number, stage.max_workers, self.start_method, stage.name, share),
             )
         except BaseException:
             if not any(w.conn is parent_end for w in self.workers):

@@ -4,11 +4,13 @@
 server; started by :func:`parallelkit._proc.lifecycle.start_child`)::
 
     close our copy of the parent's end (fork)
-    bootstrap: SIGINT ignored, die with the parent, the user's initializer
+    bootstrap: SIGINT ignored, die with the parent, may start children of its own,
+               who we are (worker_info), the user's initializer
     load the function (unpickled, or inherited through fork)     ─┐ a failure: one start-up
                                                                   ─┘ failure, exit 71
     arm the stack dump (the parent reads a stalled child's stacks)
     run the role's loop: loop(conn, fn, dump_fd, *args)
+    the loop returned (told to stop): the exit hooks (the user's finalizer)
     spawn: exit without the interpreter's teardown
 
 The role's loop lives in its capability package (``_map.worker``, ``_pipeline.stage``,
@@ -34,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from parallelkit import _platform
+from parallelkit._proc import identity as _identity
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.threads import THREAD_BLOCKED
 
@@ -89,8 +92,14 @@ def bootstrap(
     pdeathsig: bool,
     initializer: Callable[..., object] | None,
     initargs: Sequence[object],
+    identity: _identity.Identity | None = None,
 ) -> None:
     """Prepare a parallelkit child process; raises whatever the initializer raises.
+
+    The child may start processes of its own (nested parallelism, ``docs/nesting.md``):
+    multiprocessing refuses children to a daemonic process because they would outlive it,
+    and ours do not -- every child parallelkit starts dies with its parent, as this one
+    does.  ``identity``: what :func:`parallelkit.worker_info` answers here.
 
     When we are to die with our parent: ``PR_SET_PDEATHSIG`` where the kernel can tie us to
     it (``parent_pid`` is our parent: fork and spawn, started from the main thread), and a
@@ -112,8 +121,24 @@ def bootstrap(
         ).start()
     if parent_pid and os.getppid() != parent_pid:
         os._exit(EXIT_PARENT_DIED)  # the parent died before we got here (or before prctl)
+    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]  # see above
+    _forget_inherited_forkserver()
+    if identity is not None:
+        _identity.become(identity)
     if initializer is not None:
         initializer(*initargs)
+
+
+def _forget_inherited_forkserver() -> None:
+    """A forked child inherits its parent's record of the forkserver, which multiprocessing
+    checks with ``waitpid`` (not our child: ``ChildProcessError``); work this child starts
+    under forkserver gets a server of its own, which ends with this child."""
+    server = getattr(sys.modules.get("multiprocessing.forkserver"), "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    with contextlib.suppress(OSError, TypeError):
+        os.close(server._forkserver_alive_fd)
+    server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
 
 
 def arm_stack_dump() -> int:
@@ -212,6 +237,7 @@ def child_main(
     log_sock: Any = None,
     log_levels: Any = None,
     log_parent_end: Any = None,
+    identity: _identity.Identity | None = None,
 ) -> None:
     """The target of every parallelkit child process (see the module docstring).
 
@@ -223,7 +249,9 @@ def child_main(
         pdeathsig: see :func:`bootstrap`.
         parent_end: fork: our copy of the parent's end, closed first (else the child
             would keep its own connection open, and never see the parent hang up).
-        init_payload: the pickled ``(initializer, initargs)``, or ``None``.
+        init_payload: the pickled ``(initializer, initargs, finalizer, finalargs)``, or
+            ``None``; the finalizer runs when the loop returns (not when the child is
+            killed: see :func:`parallelkit._proc.identity.run_exit_hooks`).
         fn: the role's function, inherited through fork; or ``fn_payload``, pickled.
         fn_payload: see ``fn``.
         report: sends a start-up failure to the parent over ``conn``, the role's way;
@@ -234,6 +262,7 @@ def child_main(
             logging is left as the child finds it.
         log_levels: the parent's logger levels (``logs.current_levels``) with ``log_sock``.
         log_parent_end: fork: our copy of the parent's end of the log socket, closed.
+        identity: what :func:`parallelkit.worker_info` answers in the child.
     """
     if parent_end is not None:
         parent_end.close()  # close, don't shut down: the parent still uses its own
@@ -245,10 +274,18 @@ def child_main(
             from parallelkit._proc import logs  # noqa: PLC0415 - only when records go up
 
             logs.install(log_sock, log_levels)
-        initializer, initargs = (None, ()) if init_payload is None else pickle.loads(init_payload)
-        bootstrap(
-            parent_pid=parent_pid, pdeathsig=pdeathsig, initializer=initializer, initargs=initargs
+        initializer, initargs, finalizer, finalargs = (
+            (None, (), None, ()) if init_payload is None else pickle.loads(init_payload)
         )
+        bootstrap(
+            parent_pid=parent_pid,
+            pdeathsig=pdeathsig,
+            initializer=initializer,
+            initargs=initargs,
+            identity=identity,
+        )
+        if finalizer is not None:
+            _identity.at_worker_exit(lambda: finalizer(*finalargs))
         phase = FUNCTION
         if fn_payload is not None:
             fn = pickle.loads(fn_payload)
@@ -267,6 +304,7 @@ def child_main(
     if _fuzz.ENABLED:
         _fuzz.point("child.before_loop")
     loop(conn, fn, arm_stack_dump(), *args)
+    _identity.run_exit_hooks()
     if fast_exit:
         exit_without_teardown()
 

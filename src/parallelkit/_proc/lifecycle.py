@@ -34,6 +34,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from parallelkit import _platform
+from parallelkit._proc.identity import Identity
 from parallelkit.errors import StartMethodError
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
@@ -193,6 +194,7 @@ def start_child(
     on_started: Callable[[BaseProcess], None] | None = None,
     threads_ok: bool = False,
     logs: Any = None,
+    identity: Identity | None = None,
 ) -> BaseProcess:
     """Start a daemonic child process that runs the role ``loop`` through the one child
     main (:func:`parallelkit._proc.child.child_main`, which documents the arguments), and
@@ -203,6 +205,7 @@ def start_child(
     the child ignores it (``_proc.child.bootstrap``), a Ctrl-C during start-up cannot make a
     child print a KeyboardInterrupt traceback.  (Not for forkserver: its server process,
     shared with the user's own processes, would inherit the mask for good.)
+    ``identity``: what ``worker_info()`` answers in the child (``_proc.identity``).
     ``on_started`` runs before the mask is restored, so that a Ctrl-C raised then finds the
     new process already recorded by the caller.  ``threads_ok``: the caller knows the only
     other threads are parallelkit's own, idle ones; silence Python 3.12's fork-with-threads
@@ -223,6 +226,7 @@ def start_child(
         "fn_payload": fn_payload,
         "report": report,
         "fast_exit": start_method == "spawn",
+        "identity": identity,
     }
     if logs is not None:
         kwargs["log_sock"] = logs.child

@@ -15,6 +15,7 @@ from parallelkit._util.context import (
     ALL_START_METHODS,
     available_start_methods,
     default_start_method,
+    default_workers,
     usable_cpu_count,
 )
 from parallelkit._util.types import StartMethod
@@ -106,13 +107,18 @@ def check_chunksize(chunksize: object) -> None:
         raise ValueError(f"chunksize must be a positive int or None (automatic), got {chunksize}")
 
 
-def check_initializer(initializer: Callable[..., object] | None, initargs: object) -> None:
+def check_initializer(
+    initializer: Callable[..., object] | None,
+    initargs: object,
+    name: str = "initializer",
+    args_name: str = "initargs",
+) -> None:
     """Raise ``TypeError`` unless ``initializer`` is ``None`` or callable and ``initargs`` a
-    tuple."""
+    tuple (``name``, ``args_name``: the finalizer's, checked the same way)."""
     if initializer is not None:
-        check_callable(initializer, "initializer")
+        check_callable(initializer, name)
     if not isinstance(initargs, tuple):
-        raise TypeError(f"initargs must be a tuple, not {type(initargs).__name__}")
+        raise TypeError(f"{args_name} must be a tuple, not {type(initargs).__name__}")
 
 
 def check_max_tasks(max_tasks: object) -> None:
@@ -198,14 +204,15 @@ def resolve_start_method(start_method: str | None) -> StartMethod:
 
 
 def resolve_max_workers(max_workers: int | None) -> int:
-    """Validate ``max_workers``; ``None`` means :func:`usable_cpu_count`.
+    """Validate ``max_workers``; ``None`` means :func:`default_workers` (the usable CPUs,
+    or, in a parallelkit worker, its share of them: ``docs/nesting.md``).
 
     Raises:
         TypeError: not an int.
         ValueError: zero or negative.
     """
     if max_workers is None:
-        return usable_cpu_count()
+        return default_workers()
     if isinstance(max_workers, bool) or not isinstance(max_workers, int):
         raise TypeError(
             f"max_workers must be a positive int or None, not {type(max_workers).__name__}"

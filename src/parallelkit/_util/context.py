@@ -83,3 +83,33 @@ def _ceil_quota(quota: int, period: int) -> int | None:
     if period <= 0:
         return None
     return max(1, -(-quota // period))
+
+
+# In a parallelkit worker: its share of the CPUs for the work it starts itself (nested
+# parallelism, docs/nesting.md); None in a process we did not start.
+_cpu_share: int | None = None
+
+
+def set_cpu_share(share: int | None) -> None:
+    """Set this process's share of the CPUs (a parallelkit worker, at start-up)."""
+    global _cpu_share
+    _cpu_share = share
+
+
+def cpu_share() -> int | None:
+    """This worker's share of the CPUs for work it starts itself; ``None`` outside a
+    parallelkit worker (the whole of :func:`usable_cpu_count` is ours)."""
+    return _cpu_share
+
+
+def default_workers() -> int:
+    """How many processes a call starts when ``max_workers=None``: the usable CPUs, or,
+    in a parallelkit worker, its share of them (at least 1)."""
+    share = _cpu_share
+    return usable_cpu_count() if share is None else max(1, min(share, usable_cpu_count()))
+
+
+def child_share(workers: int) -> int:
+    """The CPU share of each of ``workers`` processes started here: what this process may
+    use, divided among them (at least 1)."""
+    return max(1, default_workers() // max(1, workers))

@@ -61,6 +61,8 @@ def check_backend(
     max_workers: int | None,
     start_method: str | None,
     initializer: Callable[..., object] | None,
+    finalizer: Callable[..., object] | None = None,
+    max_tasks_per_worker: int | None = None,
 ) -> RunnerFactory:
     """Validate a non-process ``backend`` and its options; a factory for its runner.
 
@@ -77,6 +79,8 @@ def check_backend(
             ("max_workers", max_workers),
             ("start_method", start_method),
             ("initializer", initializer),
+            ("finalizer", finalizer),
+            ("max_tasks_per_worker", max_tasks_per_worker),
         )
         if value is not None
     ]

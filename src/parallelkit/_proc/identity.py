@@ -1,0 +1,111 @@
+"""Who this process is, as a parallelkit worker, and what it runs when it stops normally.
+
+The child main (:mod:`parallelkit._proc.child`) calls :func:`become` before the user's
+initializer, with what the parent said of the worker (its index among its pool's or
+stage's workers, how many there are, the start method, its share of the CPUs for work it
+starts itself), and :func:`run_exit_hooks` after the role's loop has returned -- never
+when the worker is killed.  :func:`worker_info` is the public question; nothing is set in
+the parent, so the answer there is ``None``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from parallelkit._util import context as _context
+from parallelkit._util.types import StartMethod
+
+__all__ = ("Identity", "WorkerInfo", "at_worker_exit", "become", "run_exit_hooks", "worker_info")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """Which parallelkit worker process the calling code runs in (see :func:`worker_info`).
+
+    Attributes:
+        index: the worker's place among its pool's (or pipeline stage's) workers, from 0 to
+            ``max_workers - 1``.  A worker replaced (after a crash, a timeout or
+            ``max_tasks_per_worker``) is replaced by one with the same index, so at any time
+            each index is held by one living worker.
+        max_workers: how many workers the pool (or the stage) has.
+        pid: the process id of the worker.
+        start_method: how the worker was started.
+        stage: the name of the pipeline stage the worker serves; ``None`` for a map worker
+            (``run_parallel``, ``imap_parallel``, :class:`~parallelkit.WorkerPool`).
+
+    .. versionadded:: 0.1
+    """
+
+    index: int
+    max_workers: int
+    pid: int
+    start_method: StartMethod
+    stage: str | None = None
+
+
+# What the parent tells a child: (index, max_workers, start method, stage name, CPU share)
+Identity = tuple[int, int, StartMethod, "str | None", int]
+
+_info: WorkerInfo | None = None
+_exit_hooks: list[Callable[[], object]] = []
+EXIT_HOOK_NOTE: Final = "parallelkit: an exit hook of worker pid {pid} raised:\n"
+
+
+def become(identity: Identity) -> None:
+    """Called once in a new worker, before its initializer."""
+    global _info
+    index, max_workers, start_method, stage, cpu_share = identity
+    _info = WorkerInfo(index, max_workers, os.getpid(), start_method, stage)
+    _context.set_cpu_share(cpu_share)
+    _exit_hooks.clear()  # a forked worker does not run hooks its parent registered
+
+
+def worker_info() -> WorkerInfo | None:
+    """Which parallelkit worker this code runs in; ``None`` outside one.
+
+    In a task, an initializer or an exit hook run by a worker process of
+    :func:`~parallelkit.run_parallel`, :func:`~parallelkit.imap_parallel`, a
+    :class:`~parallelkit.WorkerPool` or a :class:`~parallelkit.Pipeline` stage, a
+    :class:`WorkerInfo`; anywhere else -- the parent process, the ``"thread"`` and
+    ``"serial"`` backends, another executor, a process that a task started by itself --
+    ``None``.  Typical use: pin a GPU (``info.index % n_gpus``) or name an output file.
+
+    Example:
+        >>> import parallelkit as pk
+        >>> pk.worker_info() is None  # not in a worker
+        True
+
+    .. versionadded:: 0.1
+    """
+    info = _info
+    if info is None or info.pid != os.getpid():  # a process a task forked by itself
+        return None
+    return info
+
+
+def at_worker_exit(hook: Callable[[], object]) -> None:
+    """Run ``hook`` in this worker when it stops normally (see :func:`run_exit_hooks`)."""
+    _exit_hooks.append(hook)
+
+
+def run_exit_hooks() -> None:
+    """Run the exit hooks, last registered first; one that raises has its traceback
+    printed to stderr (as an ``atexit`` handler's is) and the others still run."""
+    if _info is None or _info.pid != os.getpid():
+        return
+    while _exit_hooks:
+        hook = _exit_hooks.pop()
+        try:
+            hook()
+        except BaseException:
+            try:
+                sys.stderr.write(EXIT_HOOK_NOTE.format(pid=os.getpid()))
+                traceback.print_exc()
+                sys.stderr.flush()
+            except Exception:
+                pass
