@@ -47,7 +47,7 @@ def test_inner_run_parallel_with_processes_asked_for(start_method: StartMethod) 
 
 @pytest.mark.parametrize("inner", ["fork", "forkserver", "spawn"])
 def test_every_start_method_inside_a_forked_worker_whose_parent_runs_a_forkserver(
-    inner: str,
+    inner: StartMethod,
 ) -> None:
     pk.run_parallel(b.square, [1], start_method="forkserver")  # our forkserver runs
     out = pk.run_parallel(t.nested_with, [inner] * 2, max_workers=2, start_method="fork")
