@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from parallelkit._proc.wakeup import WakeUpPipe
+from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.threads import quiet_thread
 
 MAX_RECORD_BYTES: Final = 64 * 1024  # bytes: a larger record has its texts shortened
@@ -139,6 +140,8 @@ class LogPipe:
         """Hand every record waiting to the parent's loggers, in order with any other
         thread doing the same."""
         with self.lock:
+            if _fuzz.ENABLED:
+                _fuzz.point("logs.flush")  # the hub thread and a recv() race for the lock
             records = self.read()
             if records:
                 handle(records)
@@ -199,6 +202,8 @@ class _Hub:
             for fd in pipes:
                 poller.register(fd, select.POLLIN)
             ready = [fd for fd, _ in poller.poll()]
+            if _fuzz.ENABLED:
+                _fuzz.point("logs.hub_ready")  # a channel may be closed meanwhile
             wakeup.drain()
             for fd in ready:
                 pipe = pipes.get(fd)
@@ -279,6 +284,8 @@ class Forwarder(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             data = self._dump(record)
+            if _fuzz.ENABLED:
+                _fuzz.point("logs.before_send")  # the task's thread and others race here
             self.sock.send(data)
         except RecursionError:
             raise
