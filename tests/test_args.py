@@ -122,6 +122,14 @@ def test_a_pipeline_stage_unpacks_on_every_backend(backend: Options) -> None:
     expected = [f"n{y}:{y}kB" for y in kept for _ in range(2)]
     assert pipeline.run(backend=backend.get("backend")) == expected  # type: ignore[arg-type]
 
+    # a stage's item of the wrong kind: a TypeError that says so, the stage named after it
+    items: list[Any] = [*PAIRS[:5], 7, *PAIRS[5:]]
+    bad = pk.Pipeline(items).map(a.unchanged).map(pk.star(a.power))  # type: ignore[arg-type]
+    with pytest.raises(pk.PipelineError, match=r"stage 'map\(star\(power\)\)' failed") as info:
+        bad.run(backend=backend.get("backend"))  # type: ignore[arg-type]
+    assert isinstance(info.value.__cause__, TypeError)
+    assert "is 'int', not a tuple of positional arguments" in str(info.value.__cause__)
+
 
 # ------------------------------------------------------------------ processes, every start method
 

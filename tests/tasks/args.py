@@ -53,3 +53,8 @@ def to_record(x: int, *, unit: str) -> dict[str, object]:
 
 def first_of(x: int, y: int, ballast: object) -> int:
     return x
+
+
+def unchanged(item: object) -> object:
+    """The item as it is (a stage before a star() stage)."""
+    return item

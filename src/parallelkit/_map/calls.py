@@ -21,7 +21,7 @@ from typing import Any, Concatenate, Final, TypeVarTuple, overload
 from parallelkit._util.checks import check_callable
 from parallelkit._util.types import P, R, T
 
-__all__ = ("ItemCall", "each", "star", "star_kwargs", "with_args")
+__all__ = ("ItemCall", "each", "explain", "star", "star_kwargs", "with_args")
 
 Ts = TypeVarTuple("Ts")
 
@@ -31,7 +31,8 @@ _repeat = itertools.repeat
 class ItemCall:
     """``func`` adapted to take one item (see the subclasses); picklable by its parts."""
 
-    __slots__ = ("__weakref__", "args", "func", "keywords", "target")
+    # __qualname__: what a pipeline stage is named after ("map(star(power))")
+    __slots__ = ("__qualname__", "__weakref__", "args", "func", "keywords", "target")
 
     kind: str = ""  # what each item must be, for the error message
     expects: type | tuple[type, ...] = object
@@ -46,6 +47,7 @@ class ItemCall:
         self.target: Callable[..., object] = (
             functools.partial(func, **keywords) if keywords else func
         )
+        self.__qualname__ = f"{_NAMES[type(self)]}({_name_of(func)})"
 
     def __call__(self, item: Any, /) -> Any:
         raise NotImplementedError
@@ -58,7 +60,7 @@ class ItemCall:
         return (type(self), (self.func, self.args, self.keywords))
 
     def __repr__(self) -> str:
-        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        name = _name_of(self.func)
         return f"parallelkit.{_NAMES[type(self)]}({', '.join([name, *self._extras_repr()])})"
 
     def _extras_repr(self) -> list[str]:
@@ -83,11 +85,13 @@ class ItemCall:
                 return pos
         return None
 
-    def item_error(self, item: object, index: int) -> TypeError:
-        """The error for item ``index``, which :meth:`bad_item` found of the wrong kind."""
-        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+    def item_error(self, item: object, index: int | None) -> TypeError:
+        """The error for item ``index`` (``None``: not known here), which :meth:`bad_item`
+        found of the wrong kind."""
+        name = _name_of(self.func)
+        which = "an item" if index is None else f"item {index}"
         return TypeError(
-            f"item {index} is {type(item).__name__!r}, not {self.kind}: "
+            f"{which} is {type(item).__name__!r}, not {self.kind}: "
             f"{_NAMES[type(self)]}({name}) calls {self._shape(name)} for each item"
         )
 
@@ -159,6 +163,21 @@ _EXACT: Final[dict[type[ItemCall], frozenset[type]]] = {
     _StarKwargs: frozenset({dict}),
     _WithArgs: frozenset(),
 }
+
+
+def _name_of(func: Callable[..., object]) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)
+
+
+def explain(fn: object, item: object, exc: BaseException) -> BaseException:
+    """``exc``, raised by ``fn(item)``; or, if ``fn`` is an :class:`ItemCall` and ``item``
+    is not of the kind it takes, the clearer ``TypeError`` that says so.  For the loops
+    that run items the caller could not check first (a pipeline's later stages)."""
+    if isinstance(fn, ItemCall) and not isinstance(item, fn.expects):
+        error = fn.item_error(item, None)
+        error.__cause__ = exc
+        return error
+    return exc
 
 
 def each(fn: Callable[[Any], object], items: Iterable[Any]) -> Iterator[Any]:

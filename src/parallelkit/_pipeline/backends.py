@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from parallelkit._map.calls import explain
 from parallelkit._pipeline.stage import FILTER, MAP
 from parallelkit._pipeline.stats import PipelineStats, StageStats
 from parallelkit._wire.codec import ExceptionRecord, capture_exception, dumps, rebuild_exception
@@ -124,7 +125,8 @@ class StageChain:
                     raise
                 except BaseException as exc:
                     counts += (len(out), clock() - began)
-                    return StageFailure(number, exc, value, _shown(value)), tuple(counts)
+                    failure = explain(fn, value, exc)
+                    return StageFailure(number, failure, value, _shown(value)), tuple(counts)
             counts += (len(out), clock() - began)
             values = out
             if not values:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, Final
 
-from parallelkit._map.calls import each
+from parallelkit._map.calls import each, explain
 from parallelkit._proc import logs as _logs
 from parallelkit._proc.child import StartupFailure
 from parallelkit._util import fuzz as _fuzz
@@ -108,7 +108,7 @@ def _work(
     except BaseException as exc:
         if kind == MAP:
             position = len(out)
-        _send_error(conn, batch, position, items[position], exc)
+        _send_error(conn, batch, position, items[position], explain(fn, items[position], exc))
         return True
     try:
         parts = frames.encode(out, DONE)
