@@ -41,6 +41,7 @@ if typing.TYPE_CHECKING:
     from parallelkit._map.calls import star as star
     from parallelkit._map.calls import star_kwargs as star_kwargs
     from parallelkit._map.calls import with_args as with_args
+    from parallelkit._map.futures import TaskFuture as TaskFuture
     from parallelkit._map.pool import WorkerPool as WorkerPool
     from parallelkit._map.results import ResultIterator as ResultIterator
     from parallelkit._observe.progress import Progress as Progress
@@ -77,6 +78,7 @@ _LAZY = {
     "start_process": "._channel.process",
     "ResultIterator": "._map.results",
     "WorkerPool": "._map.pool",
+    "TaskFuture": "._map.futures",
     "imap_parallel": "._map.api",
     "run_parallel": "._map.api",
     "star": "._map.calls",
@@ -136,6 +138,7 @@ __all__ = (
     "StallReport",
     "StartMethod",
     "StartMethodError",
+    "TaskFuture",
     "TaskTimeoutError",
     "WorkerCrashedError",
     "WorkerInfo",

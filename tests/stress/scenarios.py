@@ -499,7 +499,8 @@ def scenario_imap_close(r: Round) -> None:
 
 def scenario_submit_storm(r: Round) -> None:
     """Threads submitting to one WorkerPool at once (and running maps on it); futures kept,
-    dropped or cancelled; workers retired after a few tasks, sometimes."""
+    dropped or cancelled (a scheduled one even as it runs: its worker is stopped); workers
+    retired after a few tasks, sometimes."""
     workers = r.pick("workers", [1, 2, 3])
     threads = r.pick("threads", [1, 2, 4])
     per_thread = r.between("per_thread", 10, 150)
@@ -507,6 +508,7 @@ def scenario_submit_storm(r: Round) -> None:
     cancel_futures = r.chance("shutdown_cancel_futures", 0.3)
     recycle = r.pick("max_tasks_per_worker", recycle_choices(r))
     maps = r.pick("share_of_maps", [0.0, 0.05])
+    scheduled = r.pick("share_of_schedule", [0.0, 0.3])  # schedule(): cancel() stops it
     seeds = [r.rng.random() for _ in range(threads)]
     r.show()
     errors: list[BaseException] = []
@@ -534,7 +536,11 @@ def scenario_submit_storm(r: Round) -> None:
                         got.sort()
                     expect_same(got, [w.tagged(x) for x in batch], f"map in thread {t}")
                     continue
-                future = pool.submit(w.tagged, item)
+                future: cf.Future[Any]
+                if rng.random() < scheduled:  # a cancel may stop it running
+                    future = pool.schedule(w.tagged, args=(item,), timeout=RESULT_WAIT)
+                else:
+                    future = pool.submit(w.tagged, item)
                 what = rng.random()
                 if what < 0.4:  # dropped: nobody looks at it
                     del future

@@ -9,6 +9,7 @@
                                 └─ item POS: WorkerCrashedError for it, the rest run again
     step ──▶ Blame.check_timeouts: an item late ──▶ SIGTERM (then SIGKILL) ──▶ the same
                                    path, with TaskTimeoutError for the item
+    a scheduled task cancelled ──▶ Blame.stop: the same, its job already settled
 
 :class:`Blame` owns the count of workers dying at start-up (the pool gives up on a long run
 of them) and reads the progress slots; it owns no process: it asks the engine to retry a
@@ -174,14 +175,25 @@ class Blame:
                 continue
             pos = engine.words[slot + slots.POS]
             index = head.start + max(pos, 0)
-            w.killed_for = TaskTimeoutError(
-                f"item {index} ran longer than its timeout of {job.timeout:g} s; "
-                f"its worker (pid {w.pid}) was stopped",
-                item_index=index,
-                timeout=job.timeout,
+            what = "the task" if job.alone else f"item {index}"
+            self.stop(
+                w,
+                TaskTimeoutError(
+                    f"{what} ran longer than its timeout of {job.timeout:g} s; "
+                    f"its worker (pid {w.pid}) was stopped",
+                    item_index=None if job.alone else index,
+                    timeout=job.timeout,
+                ),
             )
-            w.head_since = now  # from now on: the grace before SIGKILL
-            w.process.terminate()
+
+    @staticmethod
+    def stop(w: WorkerHandle, error: BaseException) -> None:
+        """Stop ``w`` because of what it runs (a timeout, a cancelled task): SIGTERM now,
+        SIGKILL once the grace is over (:meth:`check_timeouts`); when it has exited, its
+        chunk fails with ``error`` (unless its job was cancelled)."""
+        w.killed_for = error
+        w.head_since = time.monotonic_ns()  # from now on: the grace before SIGKILL
+        w.process.terminate()
 
     def next_deadline(self) -> float | None:
         """Seconds until the earliest item timeout (None: no timeouts pending)."""

@@ -117,6 +117,8 @@ class Dispatcher:
         if len(worker.chunks) >= 2:
             return False
         head = worker.chunks[0]
+        if head.job.solo:  # a cancel may stop this worker: nothing else waits in it
+            return False
         per_item = head.job.seconds_per_item
         if per_item is not None and per_item * (head.stop - head.start) > PIPELINE_SECONDS:
             return False  # long chunks: hand out the next one when a worker is free
@@ -129,10 +131,13 @@ class Dispatcher:
         held = sum(len(c.payload or b"") for c in worker.chunks)
         return held + len(chunk.payload or b"") + 4096 <= worker.pipe_room
 
-    def _next_chunk(self) -> Chunk | None:
+    def _next_chunk(self, busy: bool = False) -> Chunk | None:
+        """The next chunk to send; ``busy``: for a worker that holds a chunk already, which
+        a task that may be cancelled never waits behind (it would be running() meanwhile)."""
         engine = self.engine
-        while engine.future_queue:
-            chunk = engine.future_queue.popleft().next_chunk()
+        queue = engine.future_queue
+        while queue and not (busy and queue[0].solo):
+            chunk = queue.popleft().next_chunk()
             if chunk is not None:
                 return chunk
         return self.turns.next_chunk(engine.jobs, engine.abandon)
@@ -167,7 +172,7 @@ class Dispatcher:
         for depth in (0, 1):
             for worker in list(engine.workers):
                 while len(worker.chunks) <= depth and self._capacity(worker):
-                    chunk = self._next_chunk()
+                    chunk = self._next_chunk(busy=bool(worker.chunks))
                     if chunk is None:
                         return
                     if worker.chunks and not self._fits(worker, chunk):

@@ -392,6 +392,7 @@ class Engine:
         changes = self.changes
         if self.log_pipes:  # levels the parent changed reach the workers before a task
             logs.push_levels(self.log_pipes.values())
+        self.futures.stops.handle()  # before dispatching: a cancelled task is not sent
         self.dispatcher.dispatch()
         if self.changes != changes or self.deferred or done():
             return  # dispatching itself settled something (an item that cannot be sent,
@@ -427,6 +428,7 @@ class Engine:
             return
         if self.wakeup.fd in ready:
             self.wakeup.drain()
+            self.futures.stops.handle()
         ready_conns = {id(o) for o in ready if not isinstance(o, int)}
         ready_fds = {o for o in ready if isinstance(o, int)}
         for w in list(self.workers):

@@ -1,9 +1,12 @@
-"""The thread that completes ``WorkerPool.submit`` futures nobody is waiting on.
+"""The thread that completes ``WorkerPool.submit`` futures nobody is waiting on, and the
+futures of ``WorkerPool.schedule``, which can be cancelled while they run.
 
 ::
 
     submit ──▶ engine.future_queue ──▶ (wake) ──▶ helper thread: engine.drive(until none pending)
                                                       └─ exits when no future is pending
+    TaskFuture.cancel() ──▶ stop requests ──▶ (wake) ──▶ the driver: stop_requested() stops the
+                                                         worker running the task (Blame.stop)
 
 Maps need no thread (the caller drives); a future must complete even if nobody calls its
 ``result()``, so the first pending one starts this helper, which drives the engine like any
@@ -15,20 +18,131 @@ thread held (CPython 3.12+ warns about it).  So under fork the helper starts onl
 every worker has been forked, and one replaced while the helper runs (after a crash or a
 timeout) is forked with that warning silenced: the helper holds no lock a worker needs,
 unless a user's future callback is running and holding one at that very moment.
+
+Cancelling a running task: the future itself decides who wins, under its own lock
+(:meth:`TaskFuture.cancel` against the engine's deferred ``set_result``): a future cancelled
+first keeps no result that arrives later; a result set first makes ``cancel()`` return
+False.  ``cancel()`` never takes the engine's mutex: it queues a stop request and wakes the
+driver, which stops the worker if it still runs the task -- the same SIGTERM, then SIGKILL,
+as a timeout, and the worker is replaced in the same way.  The task's job counts as
+pending until the driver has handled the request, so the helper drives until then.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED, RUNNING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from parallelkit._map.job import Job, PoolBrokenError
 from parallelkit._proc.forkserver import start_forkserver
+from parallelkit._util import fuzz as _fuzz
 from parallelkit._util import threads
 
 if TYPE_CHECKING:
     from parallelkit._map.engine import Engine
+
+_R = TypeVar("_R")
+
+
+class Stoppable(Protocol):
+    """A scheduled task's job, as its future and the stop requests see it."""
+
+    def stop(self) -> None:
+        """Its future was cancelled: stop it (under the engine's mutex, by the driver)."""
+
+
+class TaskFuture(Future[_R]):
+    """The Future of a task started by :meth:`WorkerPool.schedule
+    <parallelkit.WorkerPool.schedule>`: :meth:`cancel` stops it even while it runs.
+
+    Everything else is a :class:`concurrent.futures.Future`: ``result()``, ``exception()``,
+    ``add_done_callback()``, ``concurrent.futures.wait()`` and ``as_completed()``.
+
+    .. versionadded:: 0.1
+    """
+
+    _job: Stoppable | None  # the task's job until the engine has settled it
+    _requests: StopRequests | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._job = None
+        self._requests = None
+
+    def cancel(self) -> bool:
+        """Cancel the task; True unless it has already finished.
+
+        A task not started yet never starts.  A running one is stopped: its worker gets
+        SIGTERM (SIGKILL if it is still there after a short grace) and is replaced, so the
+        pool goes on with its other tasks.  Either way the future is cancelled at once:
+        ``cancelled()`` is True and ``result()`` raises
+        :class:`concurrent.futures.CancelledError`.  If the task finishes as it is being
+        cancelled, exactly one of the two happens: ``cancel()`` returns False and the result
+        is kept, or it returns True and the result is dropped.
+        """
+        if not super().cancel():  # not pending: running, or finished
+            with self._condition:
+                if self._state != RUNNING:
+                    return False  # finished (a cancelled one returned True above)
+                # what Future.cancel() and set_running_or_notify_cancel() do for a pending
+                # future, at once: wait() and as_completed() count it as done
+                self._state = CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                self._condition.notify_all()
+            # reason: Future has no public way to run its callbacks (cancel() does this)
+            self._invoke_callbacks()  # type: ignore[attr-defined]
+        job, requests = self._job, self._requests
+        if job is not None and requests is not None:
+            requests.request(job)
+        return True
+
+    def _bind(self, job: Stoppable, requests: StopRequests) -> None:
+        self._job, self._requests = job, requests
+
+    def _unbind(self) -> None:
+        """The engine has settled the task: let go of its job (and so of its arguments)."""
+        self._job = self._requests = None
+
+
+def set_result(future: Future[_R], value: _R) -> None:
+    """Complete ``future`` with ``value``, unless it was cancelled as the result arrived."""
+    try:
+        future.set_result(value)
+    except InvalidStateError:  # TaskFuture.cancel() won: the result is dropped
+        pass
+
+
+def set_exception(future: Future[object], exc: BaseException) -> None:
+    """Fail ``future`` with ``exc``, unless it was cancelled as the outcome arrived."""
+    try:
+        future.set_exception(exc)
+    except InvalidStateError:  # TaskFuture.cancel() won
+        pass
+
+
+class StopRequests:
+    """Tasks whose futures were cancelled, for the driver to stop (any thread adds)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.jobs: deque[Stoppable] = deque()
+
+    def request(self, job: Stoppable) -> None:
+        """Ask the driver to stop ``job`` (from any thread; never blocks)."""
+        if _fuzz.ENABLED:
+            _fuzz.point("futures.before_stop_request")
+        self.jobs.append(job)
+        self.engine.wake()  # a no-op once the engine has closed (it settled every job)
+
+    def handle(self) -> None:
+        """Stop the tasks asked for (the driver, under the engine's mutex)."""
+        jobs = self.jobs
+        while jobs:
+            jobs.popleft().stop()
 
 
 class FutureCompleter:
@@ -40,6 +154,7 @@ class FutureCompleter:
         self.running = False  # the thread runs (set under the mutex, cleared as it exits)
         self.thread: threading.Thread | None = None
         self.close_when_idle = False  # shut the engine down once no future is pending
+        self.stops = StopRequests(engine)  # cancelled TaskFutures, for the driver to stop
 
     def submit(self, job: Job) -> None:
         """Queue a submitted call; make sure a thread is driving to complete it."""

@@ -104,6 +104,7 @@ class Job:
     """One map call (or one submitted call): makes chunks, collects results in order."""
 
     alone = False  # True: queued by itself (a submitted call), not asked in turn
+    solo = False  # True: runs on a worker that holds no other chunk (a cancellable task)
 
     def __init__(
         self,

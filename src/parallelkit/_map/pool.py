@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import CancelledError, Executor, Future
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, overload
+from typing import Any, Literal, Self, TypeVar, TypeVarTuple, overload
 
 from parallelkit._map.call import MapOptions, as_sequence, check_options, collect_call, stream_call
 from parallelkit._map.engine import Engine
+from parallelkit._map.futures import TaskFuture, set_exception, set_result
 from parallelkit._map.job import Job, PoolBrokenError, handed_out, iterate
 from parallelkit._map.results import ResultIterator
 from parallelkit._map.stats import StatsBaseline, engine_stats
@@ -37,14 +38,18 @@ from parallelkit._util.owners import Owned, register
 from parallelkit._util.types import P, R, StartMethod, T
 
 _U = TypeVar("_U")
+Ts = TypeVarTuple("Ts")
 
 __all__ = ("WorkerPool",)
 
 
 class _FutureJob(Job):
-    """One ``submit()`` call: a one-item job whose outcome completes a Future."""
+    """One ``submit()`` or ``schedule()`` call: a one-item job whose outcome completes a
+    Future.  It settles once (``settled``): a result, an error, or a cancel, whichever the
+    engine sees first; only then does it stop counting as a pending future."""
 
     alone = True
+    engine: Engine  # the process engine (a map's job may run on another driver)
 
     def __init__(
         self,
@@ -53,6 +58,8 @@ class _FutureJob(Job):
         fn: Callable[..., object],
         args: tuple[object, ...],
         kwargs: dict[str, object],
+        *,
+        timeout: float | None = None,
     ) -> None:
         super().__init__(
             engine,
@@ -63,19 +70,36 @@ class _FutureJob(Job):
             ordered=False,
             return_exceptions=True,
             fail_fast=False,
-            timeout=None,
+            timeout=timeout,
             star=True,
         )
         self.future = future
         self.started = False
+        self.settled = False
+        if isinstance(future, TaskFuture):
+            # cancel() stops it by stopping its worker: it runs on a worker that holds
+            # nothing else (see Dispatcher), so that nothing else is stopped with it
+            self.solo = True
+            future._bind(self, engine.futures.stops)
+
+    def _settle(self) -> bool:
+        """Settle it now (False: it was settled already); lets go of its arguments."""
+        if self.settled:
+            return False
+        self.settled = True
+        self.engine.abandon(self)
+        self.engine.future_done(self)
+        self.release()
+        if isinstance(self.future, TaskFuture):
+            self.future._unbind()
+        return True
 
     def next_chunk(self) -> Any:
         if not self.started:
             self.started = True
             if not self.future.set_running_or_notify_cancel():
                 self.cancelled = True
-                self.engine.abandon(self)
-                self.engine.future_done(self)
+                self._settle()
                 return None
         return super().next_chunk()
 
@@ -86,32 +110,54 @@ class _FutureJob(Job):
         if self.cancelled:
             return
         self.exhausted = True
-        self.engine.abandon(self)
+        if not self._settle():
+            return
         future = self.future
         if errors:
             exc = errors[0][1]
-            self.engine.defer(lambda: future.set_exception(exc))
+            self.engine.defer(lambda: set_exception(future, exc))
         else:
             value = results[0]
-            self.engine.defer(lambda: future.set_result(value))
-        self.engine.future_done(self)
+            self.engine.defer(lambda: set_result(future, value))
 
     def fail(self, exc: BaseException) -> None:
         self.engine.changes += 1
         if self.error is None:
             self.error = exc
-            self.engine.abandon(self)
+            if not self._settle():
+                return
             future = self.future
             if self.started:
-                self.engine.defer(lambda: future.set_exception(exc))
+                self.engine.defer(lambda: set_exception(future, exc))
             else:
                 self.engine.defer(lambda: _cancel_and_notify(future))
-            self.engine.future_done(self)
 
     def cancel(self) -> None:
         if not self.cancelled and self.error is None:
             self.fail(PoolBrokenError("the pool was shut down before this task finished"))
         self.cancelled = True
+
+    def stop(self) -> None:
+        """Its TaskFuture was cancelled: stop the worker running it, if one still does,
+        and settle it (under the engine's mutex, by the driver)."""
+        if self.settled:
+            return  # finished first (its result is dropped: the future is cancelled)
+        engine = self.engine
+        engine.changes += 1
+        self.cancelled = True
+        self.retries.clear()
+        if self in engine.future_queue:
+            engine.future_queue.remove(self)
+        for w in engine.workers:
+            if w.chunks and w.chunks[0].job is self and w.killed_for is None:
+                engine.blame.stop(
+                    w,
+                    CancelledError(f"the task was cancelled; its worker (pid {w.pid}) was stopped"),
+                )
+        self._settle()
+        if not self.started:  # so that wait() and as_completed() count it as done (last:
+            self.started = True  # what they wake up sees it settled)
+            self.future.set_running_or_notify_cancel()
 
 
 def _cancel_and_notify(future: Future[Any]) -> None:
@@ -238,6 +284,89 @@ class WorkerPool(Executor):
         engine = self._engine
         job = _FutureJob(engine, future, fn, args, kwargs)
         engine.submit_future(job)
+        return future
+
+    @overload
+    def schedule(
+        self, fn: Callable[[], R], /, *, timeout: float | None = None
+    ) -> TaskFuture[R]: ...
+    @overload
+    def schedule(
+        self, fn: Callable[[*Ts], R], /, *, args: tuple[*Ts], timeout: float | None = None
+    ) -> TaskFuture[R]: ...
+    @overload
+    def schedule(
+        self,
+        fn: Callable[..., R],
+        /,
+        *,
+        args: tuple[object, ...] = (),
+        kwargs: Mapping[str, object],
+        timeout: float | None = None,
+    ) -> TaskFuture[R]: ...
+    def schedule(
+        self,
+        fn: Callable[..., R],
+        /,
+        *,
+        args: tuple[object, ...] = (),
+        kwargs: Mapping[str, object] | None = None,
+        timeout: float | None = None,
+    ) -> TaskFuture[R]:
+        """Run ``fn(*args, **kwargs)`` in a worker, with its own timeout; a
+        :class:`TaskFuture` whose ``cancel()`` stops the task even while it runs.
+
+        ``submit`` is the :class:`~concurrent.futures.Executor` call (every argument goes to
+        ``fn``); ``schedule`` takes the call's arguments as ``args`` and ``kwargs`` so that
+        it can take options of its own.  A task that runs longer than ``timeout``, or is
+        cancelled while it runs, has its worker stopped (SIGTERM, then SIGKILL after a short
+        grace) and replaced by a new one, which runs the pool's initializer; the pool's
+        other tasks go on.  A scheduled task never waits in a busy worker's pipe, and no
+        other work waits behind it, so stopping its worker stops nothing else.
+
+        Args:
+            fn: the function; it and the arguments must pickle (as for ``submit``).
+            args: positional arguments for ``fn``, a tuple.
+            kwargs: keyword arguments for ``fn``.
+            timeout: seconds the call may run, counted from when it starts in its worker
+                (not while it waits for one); ``None``: no limit.
+
+        Returns:
+            A :class:`TaskFuture`: its ``result()`` raises
+            :class:`~parallelkit.errors.TaskTimeoutError` after a timeout and
+            :class:`concurrent.futures.CancelledError` once cancelled.
+
+        Raises:
+            TypeError: ``fn`` is not callable, ``args`` not a tuple, ``kwargs`` not a
+                mapping with string keys, or ``timeout`` not a number.
+            ValueError: ``timeout`` is not positive.
+            RuntimeError: the pool has been shut down.
+
+        Example:
+            >>> import time
+            >>> with WorkerPool(1) as pool:
+            ...     late = pool.schedule(time.sleep, args=(60,), timeout=0.5)
+            ...     print(type(late.exception()).__name__)
+            ...     print(pool.schedule(pow, args=(2, 10)).result())
+            TaskTimeoutError
+            1024
+        """
+        check_callable(fn)
+        if not isinstance(args, tuple):
+            raise TypeError(f"args must be a tuple, not {type(args).__name__}")
+        call_kwargs: dict[str, object] = {}
+        if kwargs is not None:
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
+            call_kwargs = dict(kwargs)
+            for key in call_kwargs:
+                if not isinstance(key, str):
+                    raise TypeError(f"kwargs keys must be strings, not {type(key).__name__}")
+        timeout = check_timeout(timeout)
+        self._check_open()
+        future: TaskFuture[R] = TaskFuture()
+        engine = self._engine
+        engine.submit_future(_FutureJob(engine, future, fn, args, call_kwargs, timeout=timeout))
         return future
 
     @overload
