@@ -22,14 +22,22 @@ advanced before the socket operation they stand for) and never hands an item out
 
 from __future__ import annotations
 
+import pickle
 import socket
 from typing import Any, Final
 
 from parallelkit._queue import datagrams
-from parallelkit._queue.datagrams import END, HAS_FD, NOWAIT, PEEK, QHEAD
+from parallelkit._queue.datagrams import (
+    END,
+    HAS_FD,
+    NOWAIT,
+    OUT_OF_BAND_MIN,
+    PEEK,
+    PICKLE_AT,
+    QHEAD,
+)
 from parallelkit._queue.state import W_ENDED, W_HEAD_CURSOR, W_HEAD_ID, State
 from parallelkit._util import fuzz as _fuzz
-from parallelkit._wire import frames
 from parallelkit.errors import QueueClosedError
 
 CLOSED: Final = "every producer closed the queue, and it is empty"
@@ -123,7 +131,7 @@ class Cursor:
                 continue
             stop = count if limit is None else min(count, start + limit)
             if start == 0 and stop == count:
-                if not flags & HAS_FD and body < frames.OUT_OF_BAND_MIN:  # receive, inlined
+                if not flags & HAS_FD and body < OUT_OF_BAND_MIN:  # receive, inlined
                     if self.maxsize:
                         self.state.account(count, 0)
                     data = memoryview(sock.recv(QHEAD.size + body, NOWAIT))
@@ -165,7 +173,13 @@ class Cursor:
 
     def decode(self, taken: Taken) -> list[Any]:
         """The items ``taken`` stands for; the rest of its message kept in the cache."""
-        items = datagrams.decode(taken.body, taken.nparts)
+        items: list[Any]
+        if taken.nparts == 1:
+            # a pickle alone (frames.decode's first case, inlined): the header says no
+            # out-of-band buffer, and there is none to copy out of a reused buffer
+            items = pickle.loads(taken.body[PICKLE_AT:])
+        else:
+            items = datagrams.decode(taken.body, taken.nparts)
         if taken.stop < taken.count:
             self.cache = Cache(taken.id, taken.count, items, taken.stop)
         if taken.start == 0 and taken.stop == len(items):

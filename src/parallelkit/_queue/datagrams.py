@@ -27,7 +27,7 @@ import threading
 from typing import Any, Final
 
 from parallelkit._wire import frames, layouts
-from parallelkit._wire.codec import has_large_bytes
+from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, has_large_bytes
 
 QHEAD: Final = layouts.QUEUE_HEAD  # kind, flags, parts, items, message id, body bytes
 SIZE: Final = layouts.QUEUE_SIZE  # a part's length
@@ -36,6 +36,7 @@ END: Final = 2  # kind: every producer closed (left in the socket for every cons
 HAS_FD: Final = 1  # flag: the body is in the file whose descriptor the datagram carries
 INLINE_MAX: Final = 16 << 20  # bytes: a larger message travels in an anonymous file
 SOCKET_BUFFER: Final = 4 << 20  # bytes asked for (the kernel caps it at wmem_max)
+OUT_OF_BAND_MIN: Final = OUT_OF_BAND_MIN_BYTES  # the codec's one rule (as frames.OUT_OF_BAND_MIN)
 
 # plain ints: or-ing the socket module's flag enums costs more than the system call
 SEND_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
@@ -90,20 +91,20 @@ def encode(items: list[Any]) -> frames.Parts:
     """
     # large bytes are looked for before pickling (the codec's rule: in short lists only),
     # so that they are not pickled in vain
-    if has_large_bytes(items, frames.OUT_OF_BAND_MIN):
+    if has_large_bytes(items, OUT_OF_BAND_MIN):
         return frames.encode(items, ITEMS)  # large bytes travel out of band
     try:
         payload = pickle.dumps(items, 5, buffer_callback=_in_band)
     except Exception:  # _OutOfBand, or what only cloudpickle sends, or the error to report
         return frames.encode(items, ITEMS)
-    if len(payload) < frames.OUT_OF_BAND_MIN:
+    if len(payload) < OUT_OF_BAND_MIN:
         return [_SMALL_HEAD + payload]  # no large bytes in it, then
     return [_PICKLE_HEAD, payload]
 
 
 def _in_band(buffer: pickle.PickleBuffer) -> bool:
     with contextlib.suppress(BufferError):  # not contiguous: in band, as frames does
-        if buffer.raw().nbytes >= frames.OUT_OF_BAND_MIN:
+        if buffer.raw().nbytes >= OUT_OF_BAND_MIN:
             raise _OutOfBand  # stop pickling: this one goes out of band
     return True
 
@@ -113,13 +114,9 @@ class _OutOfBand(Exception):
 
 
 def decode(body: memoryview, nparts: int) -> list[Any]:
-    """The items of a message's body (``nparts`` parts)."""
-    if nparts == 1:
-        # a pickle alone (frames.decode's first case, inlined): the header says no
-        # out-of-band buffer, and there is none to copy out of a reused buffer
-        items: list[Any] = pickle.loads(body[PICKLE_AT:])
-    else:
-        items = frames.decode(_parts(body, nparts))
+    """The items of a message's body of several parts (``nparts``; one part: see
+    ``cursor.Cursor.decode``)."""
+    items: list[Any] = frames.decode(_parts(body, nparts))
     return items
 
 
@@ -143,13 +140,6 @@ def _parts(body: memoryview, nparts: int) -> list[Any]:
 
 
 # ------------------------------------------------------------------ sending
-
-
-def sizes_of(parts: frames.Parts, size: int) -> bytes:
-    """The body's part lengths (``size``: the bytes of the parts)."""
-    if len(parts) == 1:
-        return SIZE.pack(size)
-    return b"".join(SIZE.pack(memoryview(p).nbytes) for p in parts)
 
 
 def fd_ancillary(fd: int | None) -> list[Any]:
@@ -198,7 +188,7 @@ def write_all(fd: int, buffers: list[Any]) -> None:
 def receive(sock: socket.socket, flags: int, body: int, *, peek: bool = False) -> Any:
     """The head datagram's body (removed from the socket unless ``peek``)."""
     how = PEEK if peek else NOWAIT
-    if not flags & HAS_FD and body < frames.OUT_OF_BAND_MIN:
+    if not flags & HAS_FD and body < OUT_OF_BAND_MIN:
         # small: no out-of-band buffer in it, and a fresh buffer costs less than the reuse
         return memoryview(sock.recv(QHEAD.size + body, how))[QHEAD.size :]
     if not flags & HAS_FD:

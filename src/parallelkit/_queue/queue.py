@@ -53,7 +53,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from parallelkit._queue import datagrams
 from parallelkit._queue.cursor import CLOSED, Cursor
-from parallelkit._queue.datagrams import HAS_FD, ITEMS, QHEAD
+from parallelkit._queue.datagrams import HAS_FD, ITEMS, QHEAD, SIZE, encode, next_id, try_send
 from parallelkit._queue.state import (
     ROOM_RECHECK,
     W_ENDED,
@@ -250,7 +250,7 @@ class Queue(Generic[T]):
         if self._closed:
             raise ValueError("this queue handle was closed; it cannot put any more")
         try:
-            parts = datagrams.encode(items)
+            parts = encode(items)
         except Exception as exc:
             found = locate_unpicklable(items)
             position, cause = found if found is not None else (0, exc)
@@ -271,7 +271,10 @@ class Queue(Generic[T]):
         self._deliver(parts, size, len(items), deadline)
 
     def _deliver(self, parts: frames.Parts, size: int, count: int, deadline: float | None) -> None:
-        sizes = datagrams.sizes_of(parts, size)
+        if len(parts) == 1:
+            sizes = SIZE.pack(size)
+        else:
+            sizes = b"".join(SIZE.pack(memoryview(p).nbytes) for p in parts)
         body = len(sizes) + size
         fd: int | None = None
         if QHEAD.size + body <= self._inline_max:
@@ -283,7 +286,7 @@ class Queue(Generic[T]):
             if fd is not None:
                 datagrams.write_all(fd, [sizes, *parts])
             buffers[0] = QHEAD.pack(
-                ITEMS, 0 if fd is None else HAS_FD, len(parts), count, datagrams.next_id(), body
+                ITEMS, 0 if fd is None else HAS_FD, len(parts), count, next_id(), body
             )
             if fd is not None:
                 self._put_message(buffers, fd, count, body, deadline)
@@ -324,7 +327,7 @@ class Queue(Generic[T]):
                     if state.has_room(count, large):
                         if _fuzz.ENABLED:
                             _fuzz.point("queue.put.before_send")
-                        if datagrams.try_send(self._peer, buffers, ancillary):
+                        if try_send(self._peer, buffers, ancillary):
                             # after the send: a producer killed in between leaves more room
                             if self._maxsize:
                                 words[W_SENT] += count
@@ -340,7 +343,7 @@ class Queue(Generic[T]):
             else:
                 if _fuzz.ENABLED:
                     _fuzz.point("queue.put.before_send")
-                if datagrams.try_send(self._peer, buffers, ancillary):
+                if try_send(self._peer, buffers, ancillary):
                     return
             left = _left(deadline)
             if left == 0:
@@ -362,7 +365,7 @@ class Queue(Generic[T]):
         """An unbounded queue's small message: nothing to count, send it if it goes."""
         if _fuzz.ENABLED:
             _fuzz.point("queue.put.before_send")
-        return datagrams.try_send(self._peer, buffers, [])
+        return try_send(self._peer, buffers, [])
 
     def close(self) -> None:
         """This producer is done; once every producer has closed, consumers see the end.
