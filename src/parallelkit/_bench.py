@@ -70,12 +70,12 @@ def square(x: int) -> int:
     return x * x
 
 
-def burn(loops: int) -> int:
-    """The CPU-bound task: a pure-Python loop of ``loops`` steps (holds the GIL)."""
-    acc = 0
-    for i in range(loops):
-        acc = (acc + i * i) & 0xFFFFFFFF
-    return acc
+def spin(rounds: int) -> int:
+    """Pure-Python busy work: ``rounds`` steps of a small hash; holds the GIL throughout."""
+    total = 0
+    for i in range(rounds):
+        total = (total * 31 + i) % 1_000_003
+    return total
 
 
 def run_one(fn: Callable[[Any], Any], x: Any, conn: Connection) -> None:
@@ -412,16 +412,16 @@ def add_arguments(
     ap.add_argument("--warmup", type=int, help=hidden)
 
 
-def calibrate(target_seconds: float) -> int:
-    """How many ``burn`` loops take ``target_seconds`` on one core of this machine."""
-    loops = 10_000
+def calibrate(seconds: float) -> int:
+    """The number of :func:`spin` rounds that takes about ``seconds`` on this machine."""
+    rounds = 20_000
     while True:
-        t0 = time.perf_counter()
-        burn(loops)
-        took = time.perf_counter() - t0
-        if took >= 0.02:
-            return max(1, round(loops * target_seconds / took))
-        loops *= 2
+        started = time.perf_counter()
+        spin(rounds)
+        elapsed = time.perf_counter() - started
+        if elapsed >= 0.02:
+            return max(1, round(rounds * seconds / elapsed))
+        rounds *= 4
 
 
 def run(ap: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -482,7 +482,7 @@ def run(ap: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO = sys
             f"{sizes.tasks} pure-Python tasks of ~{sizes.task_seconds:g} s; "
             f"speed-up over serial (ideal {min(workers, sizes.tasks)}x)"
         )
-        plan.append(("cpu", title, burn, [loops + i for i in range(sizes.tasks)]))
+        plan.append(("cpu", title, spin, [loops + i for i in range(sizes.tasks)]))
     if "startup" in wanted:
         title = f"start {workers} workers, each runs one `x*x`, shut down; against bare Processes"
         plan.append((f"startup-{workers}", title, square, list(range(workers))))

@@ -1,7 +1,8 @@
 """What ``python -m parallelkit demo`` runs: a CPU-bound map and a worker crash.
 
-The task functions live here, in an importable module, rather than in ``__main__``:
-workers started by spawn or forkserver import them by name.
+The task functions live in importable modules, rather than in ``__main__``: workers
+started by spawn or forkserver import them by name.  The busy work and its calibration
+(``spin``, ``calibrate``) are the quick benchmark's (``_bench``), so both measure the same.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from parallelkit._bench import calibrate, spin
 from parallelkit._map.api import run_parallel
 from parallelkit._util.context import usable_cpu_count
 from parallelkit._util.types import StartMethod
@@ -24,31 +26,11 @@ CRASHING_ITEM = 5
 """The item on which :func:`crash_on_five` kills its own worker."""
 
 
-def spin(rounds: int) -> int:
-    """Pure-Python busy work: ``rounds`` steps of a small hash; holds the GIL throughout."""
-    total = 0
-    for i in range(rounds):
-        total = (total * 31 + i) % 1_000_003
-    return total
-
-
 def crash_on_five(x: int) -> int:
     """Return ``x``, except on item 5, where the worker SIGKILLs itself (as the OOM killer)."""
     if x == CRASHING_ITEM:
         os.kill(os.getpid(), signal.SIGKILL)
     return x
-
-
-def calibrate(seconds: float) -> int:
-    """The number of :func:`spin` rounds that takes about ``seconds`` on this machine."""
-    rounds = 20_000
-    while True:
-        started = time.perf_counter()
-        spin(rounds)
-        elapsed = time.perf_counter() - started
-        if elapsed >= 0.02:
-            return max(1, round(rounds * seconds / elapsed))
-        rounds *= 4
 
 
 @dataclass(frozen=True, slots=True)
