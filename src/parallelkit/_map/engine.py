@@ -33,7 +33,6 @@ under the engine's mutex: by the driving thread, or by a caller holding it (``su
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 import time
 from collections import deque
@@ -50,9 +49,9 @@ from parallelkit._map.futures import FutureCompleter
 from parallelkit._map.handle import WorkerHandle, wait_events
 from parallelkit._map.job import Chunk, Job, PoolBrokenError
 from parallelkit._map.replies import Replies
-from parallelkit._proc import child, logs, slots
+from parallelkit._proc import logs, slots
 from parallelkit._proc.lifecycle import (
-    check_main_importable,
+    check_can_start_children,
     close_process,
     start_child,
     stop_processes,
@@ -109,9 +108,7 @@ class Engine:
         finalizer: Callable[..., object] | None = None,
         finalargs: tuple[object, ...] = (),
     ) -> None:
-        if getattr(multiprocessing.current_process(), "_inheriting", False):
-            child.refuse_to_start_in_bootstrap()
-        check_main_importable(start_method)  # before anything: no child could start
+        check_can_start_children(start_method)  # before anything: no child could start
         self.context = context
         self.start_method = start_method
         self.max_workers = max_workers

@@ -145,6 +145,23 @@ def bootstrap_options(start_method: str) -> dict[str, Any]:
     }
 
 
+def check_can_start_children(start_method: str) -> None:
+    """Refuse to start children from here, before anything is built for them.
+
+    In a spawn/forkserver child importing the parent's main module, which starts work:
+    one line and ``EXIT_MAIN_GUARD`` (``child.refuse_to_start_in_bootstrap``), whatever
+    the role, rather than a traceback from each child.  Then :func:`check_main_importable`.
+
+    Raises:
+        StartMethodError: see :func:`check_main_importable`.
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        from parallelkit._proc.child import refuse_to_start_in_bootstrap  # noqa: PLC0415
+
+        refuse_to_start_in_bootstrap()
+    check_main_importable(start_method)
+
+
 def check_main_importable(start_method: str) -> None:
     """Refuse, before any child starts, a start method whose children cannot start here.
 
@@ -213,10 +230,7 @@ def start_child(
     child sends its log records through (closed here once the child started); ``None``:
     the child's logging is left as it is.
     """
-    from parallelkit._proc.child import (  # noqa: PLC0415 - not for every user of this module
-        child_main,
-        refuse_to_start_in_bootstrap,
-    )
+    from parallelkit._proc.child import child_main  # noqa: PLC0415 - not for every user of this module
 
     kwargs = {
         **bootstrap_options(start_method),
@@ -233,14 +247,10 @@ def start_child(
         kwargs["log_levels"] = logs.sent
         if start_method == "fork":
             kwargs["log_parent_end"] = logs.sock
-    if getattr(multiprocessing.current_process(), "_inheriting", False):
-        # we are a child importing the parent's main module, which starts work: one line
-        # and EXIT_MAIN_GUARD, whatever the role, rather than a traceback from each child
-        refuse_to_start_in_bootstrap()
     # counted as busy by _quiet_exit: a child half started at exit would die noisily
     with _WAITING_ON_CHILDREN:
         leave_if_exiting()  # no new child once the interpreter exits
-        check_main_importable(start_method)
+        check_can_start_children(start_method)
         if start_method == "forkserver":
             # not at import: a spawned channel server imports this module, not the server
             from parallelkit._proc.forkserver import start_forkserver  # noqa: PLC0415
