@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from parallelkit._observe.stalls import StallReport, WorkerStack, dump_stack, to_stderr
+from parallelkit._observe.stalls import StallClock, StallReport, WorkerStack, dump_stack, to_stderr
 from parallelkit._observe.stats import MapStats, WorkerStats
 from parallelkit._proc import slots
 
@@ -110,12 +110,10 @@ class StallWatch:
     ) -> None:
         self.engine = engine
         self.job = job
-        self.stall_timeout = stall_timeout
         self.on_stall = on_stall
         self.done = done
         self.key: object = None
-        self.since = time.monotonic()  # the last sign of progress
-        self.next_report = self.since + stall_timeout
+        self.clock = StallClock(stall_timeout)
         self.offsets: dict[tuple[int | None, int], int] = {}
 
     def _busy(self) -> list[tuple[WorkerHandle, int, int]]:
@@ -133,19 +131,19 @@ class StallWatch:
         now = time.monotonic()
         busy = self._busy()
         key = (self.done(), tuple((id(w), start, pos) for w, start, pos in busy))
+        clock = self.clock
         if key != self.key or not busy:
             self.key = key
-            self.since = now
-            self.next_report = now + self.stall_timeout
+            clock.moved(now)
             return
-        if now < self.next_report:
+        if not clock.due(now):
             return
         report = StallReport(
-            seconds=now - self.since,
+            seconds=now - clock.since,
             items_done=self.done(),
             workers=tuple(self._describe(w, start, pos) for w, start, pos in busy),
         )
-        self.next_report = time.monotonic() + self.stall_timeout  # at most one per period
+        clock.reported()  # at most one per period
         on_stall = self.on_stall
         if on_stall is None:
             self.engine.defer(lambda: to_stderr(report))

@@ -23,10 +23,39 @@ from typing import BinaryIO, Final
 
 from parallelkit._proc import child
 
-__all__ = ("StallReport", "WorkerStack", "dump_stack", "to_stderr")
+__all__ = ("StallClock", "StallReport", "WorkerStack", "dump_stack", "to_stderr")
 
 DUMP_WAIT: Final = 1.0  # seconds a worker gets to write its stacks
 DUMP_SETTLE: Final = 0.05  # ... the dump is complete once the file stops growing this long
+
+
+class StallClock:
+    """When a run counts as stalled (``stall_timeout=``), for the map and pipelines alike.
+
+    Stalled: no sign of progress for ``timeout`` seconds while workers are busy; then one
+    report a period.  The watcher says what progress is (:meth:`moved`), asks
+    :meth:`due`, and calls :meth:`reported` once it has sent a report.
+    """
+
+    __slots__ = ("next_report", "since", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.since = time.monotonic()  # the last sign of progress
+        self.next_report = self.since + timeout
+
+    def moved(self, now: float) -> None:
+        """Progress (or nothing that could stall) at ``now``: the period starts again."""
+        self.since = now
+        self.next_report = now + self.timeout
+
+    def due(self, now: float) -> bool:
+        """Whether a report is due at ``now`` (nothing moved since :meth:`moved`)."""
+        return now >= self.next_report
+
+    def reported(self) -> None:
+        """A report went out: the next one, if still stalled, a period from now."""
+        self.next_report = time.monotonic() + self.timeout
 
 
 @dataclass(frozen=True, slots=True)

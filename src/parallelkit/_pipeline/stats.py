@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from parallelkit._observe.progress import StageProgress
+from parallelkit._observe.stalls import StallClock
 from parallelkit._observe.table import text_table
 
 if TYPE_CHECKING:
@@ -134,21 +135,19 @@ class StallWatch:
     workers hold batches, report what each busy worker is doing (once a period)."""
 
     def __init__(self, timeout: float, on_stall: Callable[[StallReport], object] | None) -> None:
-        self.timeout = timeout
         self.on_stall = on_stall
-        self.last_moved = time.monotonic()
-        self.next_report = 0.0
+        self.clock = StallClock(timeout)
 
     def check(self, moving: bool, busy: Callable[[], Sequence[Busy]], done: int) -> None:
         """After each wait: ``moving`` if something came back; ``busy()`` lists the busy
         workers (empty: nothing can stall); ``done`` is the source items handed out."""
         now = time.monotonic()
+        clock = self.clock
         workers = busy() if not moving else ()
         if moving or not workers:
-            self.last_moved = now
-            self.next_report = now + self.timeout
+            clock.moved(now)
             return
-        if now < self.next_report:
+        if not clock.due(now):
             return
         from parallelkit._observe.stalls import StallReport, WorkerStack, dump_stack, to_stderr  # noqa: PLC0415
 
@@ -158,8 +157,8 @@ class StallWatch:
             stacks.append(
                 WorkerStack(pid=pid, item_index=item_index, doing=doing, stack=stack, note=note)
             )
-        report = StallReport(now - self.last_moved, done, tuple(stacks))
-        self.next_report = time.monotonic() + self.timeout
+        report = StallReport(now - clock.since, done, tuple(stacks))
+        clock.reported()
         if self.on_stall is None:
             to_stderr(report)
         else:
