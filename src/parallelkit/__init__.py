@@ -54,8 +54,8 @@ if typing.TYPE_CHECKING:
     from parallelkit._pipeline.builder import PipelineIterator as PipelineIterator
     from parallelkit._pipeline.builder import PipelineStats as PipelineStats
     from parallelkit._pipeline.builder import StageStats as StageStats
-    from parallelkit._proc.identity import WorkerInfo as WorkerInfo
     from parallelkit._proc.identity import worker_info as worker_info
+    from parallelkit._proc.info import WorkerInfo as WorkerInfo
     from parallelkit._proc.local import WorkerLocal as WorkerLocal
     from parallelkit._queue.queue import Queue as Queue
     from parallelkit._shared.array import SharedArray as SharedArray
@@ -88,7 +88,7 @@ _LAZY = {
     "SharedArray": "._shared.array",
     "SharedCounter": "._shared.counters",
     "usable_cpu_count": "._util.context",
-    "WorkerInfo": "._proc.identity",
+    "WorkerInfo": "._proc.info",
     "worker_info": "._proc.identity",
     "WorkerLocal": "._proc.local",
     "MapStats": "._observe.stats",

@@ -14,54 +14,32 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from parallelkit._util import context as _context
 from parallelkit._util.types import StartMethod
 
-__all__ = ("Identity", "WorkerInfo", "at_worker_exit", "become", "run_exit_hooks", "worker_info")
+if TYPE_CHECKING:
+    from parallelkit._proc.info import WorkerInfo
 
-
-@dataclass(frozen=True, slots=True)
-class WorkerInfo:
-    """Which parallelkit worker process the calling code runs in (see :func:`worker_info`).
-
-    Attributes:
-        index: the worker's place among its pool's (or pipeline stage's) workers, from 0 to
-            ``max_workers - 1``.  A worker replaced (after a crash, a timeout or
-            ``max_tasks_per_worker``) is replaced by one with the same index, so at any time
-            each index is held by one living worker.
-        max_workers: how many workers the pool (or the stage) has.
-        pid: the process id of the worker.
-        start_method: how the worker was started.
-        stage: the name of the pipeline stage the worker serves; ``None`` for a map worker
-            (``run_parallel``, ``imap_parallel``, :class:`~parallelkit.WorkerPool`).
-
-    .. versionadded:: 0.1
-    """
-
-    index: int
-    max_workers: int
-    pid: int
-    start_method: StartMethod
-    stage: str | None = None
+__all__ = ("Identity", "at_worker_exit", "become", "run_exit_hooks", "worker_info")
 
 
 # What the parent tells a child: (index, max_workers, start method, stage name, CPU share)
 Identity = tuple[int, int, StartMethod, "str | None", int]
 
-_info: WorkerInfo | None = None
+_identity: Identity | None = None
+_pid = 0  # the process _identity describes (a process a task forks inherits it)
+_info: WorkerInfo | None = None  # made on the first worker_info() call
 _exit_hooks: list[Callable[[], object]] = []
 EXIT_HOOK_NOTE: Final = "parallelkit: an exit hook of worker pid {pid} raised:\n"
 
 
 def become(identity: Identity) -> None:
     """Called once in a new worker, before its initializer."""
-    global _info
-    index, max_workers, start_method, stage, cpu_share = identity
-    _info = WorkerInfo(index, max_workers, os.getpid(), start_method, stage)
-    _context.set_cpu_share(cpu_share)
+    global _identity, _pid, _info
+    _identity, _pid, _info = identity, os.getpid(), None
+    _context.set_cpu_share(identity[4])
     _exit_hooks.clear()  # a forked worker does not run hooks its parent registered
 
 
@@ -71,7 +49,7 @@ def worker_info() -> WorkerInfo | None:
     In a task, an initializer or an exit hook run by a worker process of
     :func:`~parallelkit.run_parallel`, :func:`~parallelkit.imap_parallel`, a
     :class:`~parallelkit.WorkerPool` or a :class:`~parallelkit.Pipeline` stage, a
-    :class:`WorkerInfo`; anywhere else -- the parent process, the ``"thread"`` and
+    :class:`~parallelkit.WorkerInfo`; anywhere else -- the parent process, the ``"thread"`` and
     ``"serial"`` backends, another executor, a process that a task started by itself --
     ``None``.  Typical use: pin a GPU (``info.index % n_gpus``) or name an output file.
 
@@ -82,10 +60,16 @@ def worker_info() -> WorkerInfo | None:
 
     .. versionadded:: 0.1
     """
-    info = _info
-    if info is None or info.pid != os.getpid():  # a process a task forked by itself
+    global _info
+    if _identity is None or _pid != os.getpid():  # a process a task forked by itself
         return None
-    return info
+    if _info is None:
+        # (not at import: a spawned worker would import dataclasses for nothing)
+        from parallelkit._proc.info import WorkerInfo  # noqa: PLC0415
+
+        index, max_workers, start_method, stage, _ = _identity
+        _info = WorkerInfo(index, max_workers, _pid, start_method, stage)
+    return _info
 
 
 def at_worker_exit(hook: Callable[[], object]) -> None:
@@ -96,7 +80,7 @@ def at_worker_exit(hook: Callable[[], object]) -> None:
 def run_exit_hooks() -> None:
     """Run the exit hooks, last registered first; one that raises has its traceback
     printed to stderr (as an ``atexit`` handler's is) and the others still run."""
-    if _info is None or _info.pid != os.getpid():
+    if _identity is None or _pid != os.getpid():
         return
     while _exit_hooks:
         hook = _exit_hooks.pop()
