@@ -304,6 +304,8 @@ def child_main(
     if _fuzz.ENABLED:
         _fuzz.point("child.before_loop")
     loop(conn, fn, arm_stack_dump(), *args)
+    if _fuzz.ENABLED:  # the parent waits for the exit hooks as for the exit itself
+        _fuzz.point("child.before_exit_hooks")
     _identity.run_exit_hooks()
     if fast_exit:
         exit_without_teardown()
