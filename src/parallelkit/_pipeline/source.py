@@ -8,7 +8,7 @@ that stops asking stops the source too.
 The thread reads in chunks, but an item read is never held back for the rest of its
 chunk: a router that finds no whole chunk takes the items of the one being filled (the
 source may be waiting for the consumer before it yields the next item), and the thread
-hands its chunk over early when it sees that the router waits.
+wakes the router as soon as it reads an item while the router waits for one.
 """
 
 from __future__ import annotations
@@ -138,10 +138,9 @@ class Source:
 
         A chunk starts at one item and doubles while the source fills it within
         ``CHUNK_SECONDS`` twice in a row (halving when it does not), so a fast source is read
-        in runs of up to a batch.  A chunk is handed over early when the router waits for
-        items, and the router can take the items of a chunk being filled (see
-        :meth:`take`), so that no item waits for the next one.  Reading stops while the
-        budget has no room.
+        in runs of up to a batch.  The router can take the items of a chunk being filled
+        (see :meth:`take`), and is woken when an item comes while it waits, so that no item
+        waits for the next one.  Reading stops while the budget has no room.
         """
         iterator = self.iterator
         assert iterator is not None
@@ -159,13 +158,12 @@ class Source:
                 limit = min(size, room, budget.batch_size)
                 chunk = self.filling = []
                 append = chunk.append
-                early = False  # handed over before it filled
                 began = clock()
                 for item in itertools.islice(iterator, limit):
                     append(item)
-                    if self.wanted:  # the router waits: it gets what there is, now
-                        early = True
-                        break
+                    if self.wanted:  # the router waits: it takes what there is when it wakes
+                        self.wanted = False
+                        self.wakeup.wake()
                 took = clock() - began
                 count = len(chunk)
                 if _fuzz.ENABLED:
@@ -178,8 +176,6 @@ class Source:
                         self.wakeup.wake()
                     else:
                         time.sleep(0)  # let the router have the GIL: it has work to route
-                if early:
-                    continue
                 if count < limit:
                     break  # the source is exhausted
                 if took < CHUNK_SECONDS:
