@@ -6,8 +6,10 @@ module that speaks the layout (named on each).  They are the inventory for the o
 header the wire is heading to; keep new layouts here too.
 
 Layouts outside ``_wire`` (they belong to their layer's protocol): ``_map.worker.HEADER`` (a
-task message to a pool worker), ``_map.handle._LEN`` / ``_LONG_LEN`` (the length prefix of a
-``multiprocessing.connection`` message, read by the engine without the Connection).
+task message to a pool worker), ``_pipeline.messages.FIELDS`` (the fields before a pipeline
+message's pickle, in a stream frame's body), ``_map.handle._LEN`` / ``_LONG_LEN`` (the length
+prefix of a ``multiprocessing.connection`` message, read by the engine without the
+Connection).
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-# stream.py (Channel): kind | pad | n buffers | body length, [id], n x buffer length
+# stream.py (Channel, pipelines): kind | pad | n buffers | body length, [id], n x buffer length
 STREAM_HEAD: Final = struct.Struct("<BxxxIQ")  # kind, number of buffers, body length
 STREAM_LEN: Final = struct.Struct("<Q")  # a buffer's length
 STREAM_ID: Final = struct.Struct("<Q")  # the frame's id (when the kind has an id flag)
 
-# frames.py (Queue, pipelines): over a multiprocessing Connection, buffers written raw
+# frames.py (Queue): a message's parts, its buffers apart
 MESSAGE_HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
 MESSAGE_SPEC: Final = struct.Struct("<qq")  # size, writable
 
