@@ -35,6 +35,7 @@ def test_every_example_is_tested() -> None:
         "sum_range.py",
         "tile_filter.py",
         "word_count.py",
+        "worker_shards.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
@@ -60,6 +61,15 @@ def test_word_count_files(tmp_path: Path) -> None:
     assert lines[0] == "9 words, 5 distinct"
     assert lines[1].split() == ["the", "4"]
     assert lines[2].split() == ["end", "2"]
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_worker_shards(method: str) -> None:
+    assert _run("worker_shards.py", "2000", method) == [
+        "2000 lines from workers [0, 1]",
+        "at most 250 per shard: True",
+        "same as the results: True",
+    ]
 
 
 def test_log_pipeline() -> None:
