@@ -249,3 +249,13 @@ def test_worker_local_copies_in_one_process_share_the_value(start_method: StartM
     assert repr(holder).startswith("<WorkerLocal of")
     with pytest.raises(TypeError, match="factory must be callable"):
         pk.WorkerLocal(3)  # type: ignore[arg-type]
+
+
+def test_worker_local_in_the_parent_keeps_no_exit_hook() -> None:
+    from parallelkit._proc import identity
+
+    holder: pk.WorkerLocal[list[int]] = pk.WorkerLocal(list, close=list.clear)
+    for _ in range(3):
+        holder.get()
+        holder.clear()
+    assert identity._exit_hooks == []  # nothing runs them here: nothing may pile up

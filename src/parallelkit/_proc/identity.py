@@ -22,7 +22,7 @@ from parallelkit._util.types import StartMethod
 if TYPE_CHECKING:
     from parallelkit._proc.info import WorkerInfo
 
-__all__ = ("Identity", "at_worker_exit", "become", "run_exit_hooks", "worker_info")
+__all__ = ("Identity", "at_worker_exit", "become", "in_worker", "run_exit_hooks", "worker_info")
 
 
 # What the parent tells a child: (index, max_workers, start method, stage name, CPU share)
@@ -72,15 +72,22 @@ def worker_info() -> WorkerInfo | None:
     return _info
 
 
+def in_worker() -> bool:
+    """Whether this process is a parallelkit worker (``worker_info()`` is not ``None``)."""
+    return _identity is not None and _pid == os.getpid()
+
+
 def at_worker_exit(hook: Callable[[], object]) -> None:
-    """Run ``hook`` in this worker when it stops normally (see :func:`run_exit_hooks`)."""
-    _exit_hooks.append(hook)
+    """Run ``hook`` in this worker when it stops normally (see :func:`run_exit_hooks`);
+    outside a worker, nothing (and nothing is kept)."""
+    if in_worker():
+        _exit_hooks.append(hook)
 
 
 def run_exit_hooks() -> None:
     """Run the exit hooks, last registered first; one that raises has its traceback
     printed to stderr (as an ``atexit`` handler's is) and the others still run."""
-    if _identity is None or _pid != os.getpid():
+    if not in_worker():
         return
     while _exit_hooks:
         hook = _exit_hooks.pop()
