@@ -259,3 +259,20 @@ def test_worker_local_in_the_parent_keeps_no_exit_hook() -> None:
         holder.get()
         holder.clear()
     assert identity._exit_hooks == []  # nothing runs them here: nothing may pile up
+
+
+def test_a_worker_stopped_for_a_scheduled_timeout_does_not_run_its_finalizer(
+    start_method: StartMethod, tmp_path: Path
+) -> None:
+    with pk.WorkerPool(
+        1, start_method=start_method, finalizer=t.write_info, finalargs=(str(tmp_path),)
+    ) as pool:
+        first = pool.submit(t.info).result()
+        assert first is not None
+        with pytest.raises(pk.TaskTimeoutError):
+            pool.schedule(b.sleep_for, args=(60.0,), timeout=0.5).result(timeout=60)
+        second = pool.submit(t.info).result()
+        assert second is not None
+    assert second[2] != first[2]  # replaced, with the same index
+    assert second[0] == first[0] == 0
+    assert t.records(str(tmp_path)) == {second[2]: [0]}  # the stopped one ran nothing
