@@ -94,3 +94,9 @@ def power(x: int, exp: int) -> int:
 def mul_kwargs(record: dict[str, int]) -> int:
     """What one writes without ``pk.star_kwargs``: a wrapper that unpacks the dict."""
     return mul(**record)
+
+
+def fill_queue(queue: Any, n: int) -> None:
+    """A producer for ``bench_platform.py``: ``0 .. n-1`` into a ``parallelkit.Queue``."""
+    queue.put_many(range(n))
+    queue.close()
