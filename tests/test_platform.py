@@ -27,6 +27,7 @@ from child import TESTS, package_env, run_python
 from parallelkit import _platform
 from parallelkit._map import handle as _handle
 from parallelkit._wire import direct as _direct
+from parallelkit._wire import stream as _stream
 
 SCRIPT = str(Path(TESTS) / "scripts" / "platform_fallback.py")
 LINUX_ONLY = pytest.mark.skipif(not _platform.LINUX, reason="the fast paths are Linux's")
@@ -208,6 +209,7 @@ def test_sockbuf_fallback_a_fixed_depth(monkeypatch: pytest.MonkeyPatch) -> None
     a, b = socket.socketpair()
     with a, b:
         assert _handle.pipe_room(a) == _handle.PIPELINE_LIMIT
+        assert _stream.widen(a) == _stream.ROOM_FLOOR
 
 
 def test_pidfd_fallback_gives_no_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:

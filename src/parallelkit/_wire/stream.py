@@ -43,13 +43,13 @@ import os
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from parallelkit import _platform
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire import layouts
 
@@ -468,7 +468,7 @@ def widen(sock: socket.socket, nbytes: int = WIDE_BUFFER) -> int:
     plus their bookkeeping), so half of it is a safe bound.  Elsewhere, or if the socket
     refuses: :data:`ROOM_FLOOR`.
     """
-    if not sys.platform.startswith("linux") or sock.family != socket.AF_UNIX:
+    if not _platform.OFFERS.sockbuf or sock.family != socket.AF_UNIX:
         return ROOM_FLOOR
     try:
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * nbytes:
