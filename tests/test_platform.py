@@ -75,6 +75,17 @@ def test_an_unknown_facility_is_refused_at_import_naming_the_valid_ones(tmp_path
     assert "pidfd" in result.stderr
 
 
+def test_windows_is_refused_at_import_naming_what_works(tmp_path: Path) -> None:
+    # what `import parallelkit` does where sys.platform says Windows
+    script = "import sys\nsys.platform = 'win32'\nimport parallelkit\n"
+    result = run_python("-c", script, timeout=60, env=_env(tmp_path, "0"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: parallelkit runs on POSIX systems only (Linux, and macOS")
+    assert "WSL 2" in last
+    assert "concurrent.futures.ProcessPoolExecutor" in last
+
+
 @LINUX_ONLY
 def test_linux_offers_every_fast_path_unless_portable() -> None:
     if _platform.FORCED:  # the CI's portable run: what it says is what it gets

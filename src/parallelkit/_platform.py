@@ -47,7 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, NamedTuple
 
-if sys.platform == "win32":  # pragma: no cover - refused before anything else is imported
+if sys.platform == "win32":  # refused before anything else is imported
     raise ImportError(
         "parallelkit runs on POSIX systems only (Linux, and macOS through its portable "
         "fallbacks): it needs fork/forkserver or spawn with POSIX file descriptors, fcntl "
