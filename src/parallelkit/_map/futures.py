@@ -5,8 +5,8 @@ futures of ``WorkerPool.schedule``, which can be cancelled while they run.
 
     submit ──▶ engine.future_queue ──▶ (wake) ──▶ helper thread: engine.drive(until none pending)
                                                       └─ exits when no future is pending
-    TaskFuture.cancel() ──▶ stop requests ──▶ (wake) ──▶ the driver: stop_requested() stops the
-                                                         worker running the task (Blame.stop)
+    TaskFuture.cancel() ──▶ StopRequests ──▶ (wake) ──▶ the driver: StopRequests.handle() stops
+                                                        the worker running the task (Blame.stop)
 
 Maps need no thread (the caller drives); a future must complete even if nobody calls its
 ``result()``, so the first pending one starts this helper, which drives the engine like any
