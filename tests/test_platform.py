@@ -25,7 +25,6 @@ import pytest
 
 from child import TESTS, package_env, run_python
 from parallelkit import _platform
-from parallelkit._map import handle as _handle
 from parallelkit._wire import direct as _direct
 from parallelkit._wire import stream as _stream
 
@@ -219,7 +218,7 @@ def test_sockbuf_fallback_a_fixed_depth(monkeypatch: pytest.MonkeyPatch) -> None
     _without(monkeypatch, sockbuf=False)
     a, b = socket.socketpair()
     with a, b:
-        assert _handle.pipe_room(a) == _handle.PIPELINE_LIMIT
+        assert _stream.widen(a) == _stream.ROOM_FLOOR  # was _map.handle.pipe_room (now widen)
         assert _stream.widen(a) == _stream.ROOM_FLOOR
 
 

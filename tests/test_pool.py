@@ -627,7 +627,8 @@ def test_an_iterator_of_tiny_items_grows_its_chunks_and_an_explicit_size_stays()
 def test_pipe_room_is_what_a_socket_pair_takes_without_blocking() -> None:
     import socket
 
-    from parallelkit._map.handle import PIPELINE_LIMIT, pipe_room
+    from parallelkit._wire.stream import ROOM_FLOOR as PIPELINE_LIMIT
+    from parallelkit._wire.stream import widen as pipe_room
 
     parent_end, child_end = multiprocessing.Pipe(duplex=True)
     try:

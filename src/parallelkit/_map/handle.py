@@ -20,28 +20,20 @@ import math
 import multiprocessing.connection
 import select
 import socket
-import struct
 import time
 from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
-from parallelkit import _platform
 from parallelkit._map.job import Chunk
+from parallelkit._wire import layouts
 from parallelkit._wire.arena import ResultReader, remove_leftovers
+from parallelkit._wire.stream import ROOM_FLOOR, widen
 
-# A worker may hold a 2nd chunk (sent while it runs the 1st) only if both fit in its pipe's
-# buffer together, so that the 2nd waits in the pipe rather than in our outbox.  (Not for
-# safety: no send ever blocks us, see WorkerHandle.post.)  The buffer is widened to PIPE_BUFFER
-# where the kernel allows (Linux caps it at net.core.wmem_max) and measured;
-# PIPELINE_LIMIT where it cannot be.
-PIPELINE_LIMIT: Final = 32 * 1024  # bytes
-PIPE_BUFFER: Final = 1024 * 1024  # bytes
-
-# multiprocessing.Connection's framing: a 4-byte big-endian length, or -1 and 8 bytes
-_LEN: Final = struct.Struct("!i")
-_LONG_LEN: Final = struct.Struct("!iQ")
+# multiprocessing.Connection's framing (its layouts: _wire/layouts.py)
+_LEN: Final = layouts.CONNECTION_LEN
+_LONG_LEN: Final = layouts.CONNECTION_LONG_LEN
 _SEND_FLAGS: Final = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
 _SMALL: Final = 16 * 1024  # bytes: a message this small goes out with its header in one piece
 _READABLE: Final = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -95,7 +87,10 @@ class WorkerHandle:
         with contextlib.suppress(OSError):  # not a socket (another platform): blocking sends
             self.sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
         self.out: deque[memoryview] = deque()
-        self.pipe_room = pipe_room(self.sock)  # bytes it may have unread in the pipe
+        # A worker may hold a 2nd chunk (sent while it runs the 1st) only if both fit in its
+        # pipe, so that the 2nd waits there rather than in our outbox.  (Not for safety: no
+        # send ever blocks us, see post.)
+        self.pipe_room = ROOM_FLOOR if self.sock is None else widen(self.sock)
 
     def post(self, data: bytes) -> None:
         """Send ``data`` as one message, without ever blocking: what the pipe does not take
@@ -148,23 +143,6 @@ class WorkerHandle:
             self.results = None
         if gone and self.pid is not None:
             remove_leftovers(self.pid)
-
-
-def pipe_room(sock: socket.socket | None) -> int:
-    """How many bytes we may send ``sock``'s reader ahead of it before the pipe is full.
-
-    A duplex ``Pipe`` is a Unix stream socket pair; on Linux, data waiting to be read counts
-    against the *sender's* SO_SNDBUF (the value read back is what the kernel accounts, the
-    bytes plus their bookkeeping), so half of it is a safe bound for payload bytes.
-    """
-    if sock is None or not _platform.OFFERS.sockbuf:
-        return PIPELINE_LIMIT
-    try:
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * PIPE_BUFFER:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_BUFFER)
-        return max(PIPELINE_LIMIT, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2)
-    except OSError:
-        return PIPELINE_LIMIT
 
 
 def wait_events(

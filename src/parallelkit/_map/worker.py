@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import pickle
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from parallelkit._proc.slots import (
     TAKEN,
 )
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._wire import layouts
 from parallelkit._wire.codec import (
     ARENA_MIN_BYTES,
     PROTOCOL,
@@ -46,7 +46,7 @@ from parallelkit._wire.codec import (
 
 # ------------------------------------------------------------------ wire format
 # parent -> worker: HEADER + fn payload + items payload, in one message
-HEADER: Final = struct.Struct("<qqqqqqq")  # kind, chunk id, fn id, flags, fn len, start, stop
+HEADER: Final = layouts.POOL_HEADER  # kind, chunk id, fn id, flags, fn len, start, stop
 TASK: Final = 1
 STOP: Final = 2
 ACK: Final = 3  # the parent has copied a DIRECT reply's buffers (flags: _direct.ACK_*)

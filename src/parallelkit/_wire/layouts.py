@@ -5,11 +5,8 @@ out-of-band buffer; what the fields mean, and which buffers follow, is documente
 module that speaks the layout (named on each).  They are the inventory for the one frame
 header the wire is heading to; keep new layouts here too.
 
-Layouts outside ``_wire`` (they belong to their layer's protocol): ``_map.worker.HEADER`` (a
-task message to a pool worker), ``_pipeline.messages.FIELDS`` (the fields before a pipeline
-message's pickle, in a stream frame's body), ``_map.handle._LEN`` / ``_LONG_LEN`` (the length
-prefix of a ``multiprocessing.connection`` message, read by the engine without the
-Connection).
+Layouts outside ``_wire`` (they belong to their layer's protocol): ``_pipeline.messages.FIELDS``
+(the fields before a pipeline message's pickle, in a stream frame's body).
 """
 
 from __future__ import annotations
@@ -44,3 +41,11 @@ DIRECT_SPEC: Final = struct.Struct("<QQ")  # address in the worker, size
 # then the parts.
 QUEUE_HEAD: Final = struct.Struct("<BBHIqQ")
 QUEUE_SIZE: Final = struct.Struct("<Q")  # a part's length
+
+# the pool's wire (_map.worker, _map.handle): over a multiprocessing Connection
+# parent -> worker: POOL_HEADER + fn payload + items payload, in one message
+POOL_HEADER: Final = struct.Struct("<qqqqqqq")  # kind, chunk id, fn id, flags, fn len, start, stop
+# a Connection message's length prefix (the engine writes it without the Connection): a
+# 4-byte big-endian length, or -1 and 8 bytes
+CONNECTION_LEN: Final = struct.Struct("!i")
+CONNECTION_LONG_LEN: Final = struct.Struct("!iQ")
