@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import errno
 import gc
+import multiprocessing
 import os
 import select
 import signal
@@ -37,6 +38,7 @@ import pytest
 import parallelkit as pk
 import tasks.faults as wf
 from parallelkit import StartMethod, _platform
+from parallelkit._proc import lifecycle
 from parallelkit._util.threads import Mutex
 
 TESTS: Final = Path(__file__).resolve().parent
@@ -874,6 +876,39 @@ def test_ctrl_c_during_worker_start_up_prints_no_tracebacks(
     else:
         assert "Traceback" not in stderr, stderr
         assert "KeyboardInterrupt" not in stderr, stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_while_a_child_reads_its_process_object_is_ignored(
+    start_method: StartMethod, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Deterministic form of the storm above: SIGINT arrives in the child while it unpickles
+    its process object (the forkserver's child has Python's default handler then).  The
+    child ignores it and runs its role; no KeyboardInterrupt is printed.  (Under fork the
+    arguments are inherited, not unpickled: no signal is sent, the child just runs.)"""
+    context = multiprocessing.get_context(start_method)
+    ours, theirs = multiprocessing.Pipe()
+    process = lifecycle.start_child(
+        context,
+        start_method,
+        wf.say_ran,
+        theirs,
+        args=(wf.RaiseSigint(),),
+        name="parallelkit-test-sigint",
+    )
+    theirs.close()
+    try:
+        assert ours.poll(30)
+        assert ours.recv() == "ran"
+        process.join(30)
+        assert process.exitcode == 0
+    finally:
+        ours.close()
+        if process.exitcode is None:
+            process.kill()
+            process.join(10)
+        process.close()
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 # ------------------------------------------------------------------ parent death

@@ -29,9 +29,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, NoReturn, TypeAlias
+from typing import Any, Final, Literal, NoReturn, TypeAlias
 
 from parallelkit import StartMethod
 from parallelkit._util.context import available_start_methods
@@ -313,3 +314,16 @@ def wait_for_file(path: str) -> int:
     while not Path(path).exists():
         time.sleep(0.01)
     return os.getpid()
+
+
+class RaiseSigint:
+    """Unpickled in a child, sends that child SIGINT at once: a Ctrl-C that lands while the
+    child is still reading its process object, before any parallelkit code runs there."""
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[int]]:
+        return signal.raise_signal, (int(signal.SIGINT),)
+
+
+def say_ran(conn: Any, fn: object, dump_fd: object, *args: object) -> None:
+    """A role loop for ``_proc.lifecycle.start_child``: tell the parent it ran."""
+    conn.send("ran")

@@ -222,6 +222,7 @@ def exit_without_teardown() -> None:
 
 
 def child_main(
+    sigint_ignored: object,
     loop: Callable[..., object],
     conn: Any,
     args: tuple[object, ...],
@@ -242,6 +243,8 @@ def child_main(
     """The target of every parallelkit child process (see the module docstring).
 
     Args:
+        sigint_ignored: ``lifecycle.SigintIgnored()``, which ignored SIGINT in this child
+            as it was unpickled (forkserver, spawn); unused here.
         loop: the role's loop, a module-level function: ``loop(conn, fn, dump_fd, *args)``.
         conn: the child's end of its connection to the parent.
         args: the loop's further arguments.

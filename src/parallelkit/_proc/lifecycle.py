@@ -130,6 +130,23 @@ weakref.finalize(_quiet_exit, int)
 atexit.register(_quiet_exit)
 
 
+class SigintIgnored:
+    """Unpickled in a child, ignores SIGINT there: the first argument of the child main.
+
+    A forkserver child is forked by the server with Python's default SIGINT handler and
+    nothing blocked, so a Ctrl-C on the process group could raise ``KeyboardInterrupt`` at
+    the first line of the child main, before it ignores SIGINT, and print our frame.
+    Unpickling the process object (the server's child reads it before it runs anything of
+    ours) calls ``signal.signal`` itself, a builtin, so no frame of ours exists yet; a
+    signal that arrived before is dropped by the interpreter once the handler is
+    ``SIG_IGN``.  Under fork the object is not pickled (the parent blocked SIGINT around
+    the fork instead), and under spawn it does early what the child main does anyway.
+    """
+
+    def __reduce__(self) -> tuple[Callable[..., object], tuple[int, int]]:
+        return signal.signal, (int(signal.SIGINT), int(signal.SIG_IGN))
+
+
 def bootstrap_options(start_method: str) -> dict[str, Any]:
     """``parent_pid`` and ``pdeathsig`` keyword arguments for ``_proc.child.bootstrap``.
 
@@ -257,7 +274,11 @@ def start_child(
 
             start_forkserver()
         process: BaseProcess = context.Process(  # type: ignore[attr-defined]
-            target=child_main, args=(loop, conn, tuple(args)), kwargs=kwargs, name=name, daemon=True
+            target=child_main,
+            args=(SigintIgnored(), loop, conn, tuple(args)),
+            kwargs=kwargs,
+            name=name,
+            daemon=True,
         )
         # SIGINT held off while the child starts (not under forkserver: the server forks
         # it).  The mask to restore is read before it changes, and the change made inside
