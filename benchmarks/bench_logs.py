@@ -121,16 +121,10 @@ def main() -> None:
         contenders(args.start_method), square, xs, expected, opts, title="logs"
     )
     rows = h.summarise("logs", entries)
-    by_name = {r.name: r for r in rows if r.samples}
     print(f"**logs** -- {items:,} tiny items, {WORKERS} workers, {args.start_method}\n")
     print(h.markdown_table(rows))
     print()
-    for name, reference in PAIRS:
-        if name in by_name and reference in by_name:
-            ratio = sorted(h.paired_ratios(by_name[name].samples, by_name[reference].samples))
-            print(
-                f"- {name}: x{ratio[len(ratio) // 2]:.2f} of {reference} (median of paired ratios)"
-            )
+    h.print_pairs(rows, PAIRS)
 
 
 if __name__ == "__main__":

@@ -452,6 +452,18 @@ def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
     return [x / y for x, y in zip(a, b, strict=True)]
 
 
+def print_pairs(rows: Sequence[Row], pairs: Sequence[tuple[str, str]]) -> None:
+    """One line per ``(name, reference)`` pair that both ran: the median of their paired
+    ratios (a markdown list, after a table)."""
+    by_name = {r.name: r for r in rows if r.samples}
+    for name, reference in pairs:
+        if name in by_name and reference in by_name:
+            ratio = statistics.median(
+                paired_ratios(by_name[name].samples, by_name[reference].samples)
+            )
+            print(f"- {name}: x{ratio:.2f} of {reference} (median of paired ratios)")
+
+
 def json_lines(rows: Sequence[Row], meta: dict[str, Any]) -> list[str]:
     """One JSON object per (contender, mode, metric)."""
     keys = ("start_method", "workers", "python", "date")
