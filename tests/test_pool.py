@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ import parallelkit as pk
 import tasks.basic as w
 from parallelkit import StartMethod
 from parallelkit._map import worker as W
+from parallelkit._map.blame import Blame
 from parallelkit._map.job import Job
 from parallelkit._proc import slots
 from parallelkit._wire import codec as _serialize
@@ -314,6 +316,36 @@ def test_timeout_stops_exactly_the_late_item(start_method: StartMethod) -> None:
     assert isinstance(err, TimeoutError)
     assert (err.item_index, err.timeout) == (5, 1.0)
     assert [v for i, v in enumerate(got) if i != 5] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_does_not_blame_the_chunk_the_worker_started_after_the_late_one(
+    start_method: StartMethod, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 0 overruns its timeout; as the engine decides to stop its worker, the worker
+    finishes item 0 and starts item 1 (sent to it while item 0 ran) before the signal
+    lands.  Held there deterministically: the engine's stop waits until item 1 has
+    started.  Item 0's result arrived, and item 1, stopped through no fault of its own,
+    runs again elsewhere -- it used to fail with item 0's TaskTimeoutError."""
+    started = tmp_path / "item-1-started"
+    real_stop = Blame.stop
+
+    def stop_once_item_1_started(*args: Any) -> None:
+        while not started.exists():
+            time.sleep(0.01)
+        real_stop(*args)
+
+    monkeypatch.setattr(Blame, "stop", staticmethod(stop_once_item_1_started))
+    got = pk.run_parallel(
+        w.late_then_next,
+        [(0, ""), (1, str(started))],
+        start_method=start_method,
+        timeout=0.5,
+        chunksize=1,
+        max_workers=1,
+        return_exceptions=True,
+    )
+    assert got == [0, 1]
 
 
 def test_timeout_kills_a_task_that_ignores_sigterm(start_method: StartMethod) -> None:

@@ -240,3 +240,16 @@ def close_descriptors_then_sleep(seconds: float) -> None:
 def close_descriptors_then_exit(seconds: float) -> None:
     close_descriptors_then_sleep(seconds)
     os._exit(0)
+
+
+def late_then_next(item: tuple[int, str]) -> int:
+    """Item 0 overruns a 0.5 s timeout and then returns; item 1 first creates the file
+    ``item[1]`` (it has started), then naps for less than the timeout."""
+    index, path = item
+    if index == 0:
+        time.sleep(1.0)
+    else:
+        with open(path, "a"):
+            pass
+        time.sleep(0.2)
+    return index

@@ -78,8 +78,14 @@ class Blame:
             return
         pos = engine.words[w.slot * slots.SLOT_WORDS + slots.POS]
         size = head.stop - head.start
-        if w.killed_for is not None:
-            job.split_around(head, max(0, min(pos, size - 1)), w.killed_for)
+        if w.killed_for is not None and w.killed_at is not None:
+            killed, killed_pos = w.killed_at
+            if killed is not head:
+                # the chunk it was stopped for finished (its result is in) and this one
+                # had started before the signal landed: not to blame, it runs elsewhere
+                engine.retry(head)
+                return
+            job.split_around(head, max(0, min(killed_pos, size - 1)), w.killed_for)
             return
         taken = engine.words[w.slot * slots.SLOT_WORDS + slots.TAKEN] == head.cid
         starting = pos == slots.POS_STARTING
@@ -178,6 +184,7 @@ class Blame:
             what = "the task" if job.alone else f"item {index}"
             self.stop(
                 w,
+                pos,
                 TaskTimeoutError(
                     f"{what} ran longer than its timeout of {job.timeout:g} s; "
                     f"its worker (pid {w.pid}) was stopped",
@@ -187,11 +194,14 @@ class Blame:
             )
 
     @staticmethod
-    def stop(w: WorkerHandle, error: BaseException) -> None:
+    def stop(w: WorkerHandle, pos: int, error: BaseException) -> None:
         """Stop ``w`` because of what it runs (a timeout, a cancelled task): SIGTERM now,
         SIGKILL once the grace is over (:meth:`check_timeouts`); when it has exited, its
-        chunk fails with ``error`` (unless its job was cancelled)."""
+        head chunk's item ``pos`` fails with ``error`` (unless its job was cancelled) --
+        if that chunk is still its head: one it started after, as the signal travelled,
+        runs again elsewhere (:meth:`worker_exited`)."""
         w.killed_for = error
+        w.killed_at = (w.chunks[0], pos)
         w.head_since = time.monotonic_ns()  # from now on: the grace before SIGKILL
         w.process.terminate()
 

@@ -51,6 +51,7 @@ class WorkerHandle:
         "fns",
         "head_since",
         "hung_up",
+        "killed_at",
         "killed_for",
         "out",
         "pid",
@@ -78,6 +79,9 @@ class WorkerHandle:
         self.head_since = 0
         self.hung_up = False  # its end of the pipe is closed: wait for its sentinel only
         self.killed_for: BaseException | None = None  # a timeout we killed it for
+        # ...and the chunk and item it ran then: it may finish that chunk and start its next
+        # one before the signal lands, and the next one is not to blame
+        self.killed_at: tuple[Chunk, int] | None = None
         self.busy = 0.0  # seconds it spent running chunks, as it measured them
         self.born = time.monotonic()
         self.results: ResultReader | None = None  # its result segments, once it sent some

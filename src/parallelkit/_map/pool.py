@@ -152,6 +152,7 @@ class _FutureJob(Job):
             if w.chunks and w.chunks[0].job is self and w.killed_for is None:
                 engine.blame.stop(
                     w,
+                    0,
                     CancelledError(f"the task was cancelled; its worker (pid {w.pid}) was stopped"),
                 )
         self._settle()
