@@ -5,8 +5,7 @@ out-of-band buffer; what the fields mean, and which buffers follow, is documente
 module that speaks the layout (named on each).  They are the inventory for the one frame
 header the wire is heading to; keep new layouts here too.
 
-Layouts outside ``_wire`` (they belong to their layer's protocol): ``_pipeline.messages.FIELDS``
-(the fields before a pipeline message's pickle, in a stream frame's body).
+No layout of the wire is defined outside this module.
 """
 
 from __future__ import annotations
@@ -14,12 +13,12 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-# stream.py (Channel, pipelines): kind | pad | n buffers | body length, [id], n x buffer length
+# stream.py (Channel): kind | pad | n buffers | body length, [id], n x buffer length
 STREAM_HEAD: Final = struct.Struct("<BxxxIQ")  # kind, number of buffers, body length
 STREAM_LEN: Final = struct.Struct("<Q")  # a buffer's length
 STREAM_ID: Final = struct.Struct("<Q")  # the frame's id (when the kind has an id flag)
 
-# frames.py (Queue): a message's parts, its buffers apart
+# frames.py (Queue, pipelines): over a multiprocessing Connection, buffers written raw
 MESSAGE_HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
 MESSAGE_SPEC: Final = struct.Struct("<qq")  # size, writable
 
