@@ -48,7 +48,9 @@ def usable_cpu_count() -> int:
     less than 1.  ``os.cpu_count()`` counts the machine's CPUs, which a container or a
     ``taskset`` may not let us use.
     """
-    if hasattr(os, "process_cpu_count"):  # Python 3.13+: affinity-aware
+    if _platform.OFFERS.affinity and hasattr(os, "process_cpu_count"):
+        # Python 3.13+: affinity-aware (and honours -X cpu_count); not in portable mode,
+        # whose fallback counts the machine's CPUs as the platform seam says
         count = os.process_cpu_count() or 1
     else:
         count = _platform.affinity_count() or os.cpu_count() or 1
