@@ -15,7 +15,7 @@ from .harness import RunOptions
 
 PEERS = ("mpire", "joblib", "loky", "pebble")
 START_METHODS = ("fork", "forkserver", "spawn")
-WORKLOADS = ("tiny", "cpu", "arrays", "arrays-results", "startup")
+WORKLOADS = ("tiny", "cpu", "arrays", "arrays-results", "tiles", "startup")
 # --quick leaves out the large results: with spawn, every one-shot sample starts workers that
 # import numpy, and two array workloads took a minute on their own
 QUICK_WORKLOADS = ("tiny", "cpu", "arrays", "startup")
@@ -53,6 +53,11 @@ def add_arguments(ap: argparse.ArgumentParser, *, start_method: str) -> None:
     ap.add_argument("--arrays", type=int, help="arrays: how many (32; --quick 4)")
     ap.add_argument("--elements", type=int, help="arrays: float64 elements an array (1,000,000)")
     ap.add_argument(
+        "--tile-side",
+        type=int,
+        help="tiles: a tile's side in float64 elements (512: 2 MB); the image is 4 x 8 tiles",
+    )
+    ap.add_argument(
         "--startup-workers",
         help="startup: comma-separated worker counts (2,8; --quick 2)",
     )
@@ -88,6 +93,8 @@ class Sizes:
     task_seconds: float = 0.1
     arrays: int = 32  # arrays, arrays-results
     elements: int = 1_000_000  # float64 elements an array: 8 MB
+    tile_side: int = 512  # tiles: 512 x 512 float64 = 2 MB
+    tile_grid: tuple[int, int] = (4, 8)  # tiles: rows x columns of tiles in the image
     startup_workers: tuple[int, ...] = (2, 8)
     heavy_main: bool = True  # startup-W-heavy, under spawn
     rounds: int = 5
@@ -142,14 +149,23 @@ def settings_from(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Sett
         task_seconds=args.task_seconds or base.task_seconds,
         arrays=args.arrays or base.arrays,
         elements=args.elements or base.elements,
+        tile_side=args.tile_side or base.tile_side,
         startup_workers=startup,
         rounds=args.rounds or base.rounds,
     )
     workers = args.workers or usable_cpus()
-    numbers = (workers, sizes.rounds, sizes.items, sizes.tasks, sizes.arrays, sizes.elements)
+    numbers = (
+        workers,
+        sizes.rounds,
+        sizes.items,
+        sizes.tasks,
+        sizes.arrays,
+        sizes.elements,
+        sizes.tile_side,
+    )
     if min(numbers) < 1 or not startup or min(startup) < 1 or (args.warmup or 0) < 0:
         ap.error(
-            "--workers, --rounds, --items, --tasks, --arrays, --elements and "
+            "--workers, --rounds, --items, --tasks, --arrays, --elements, --tile-side and "
             "--startup-workers must be positive"
         )
     retries = args.retries if args.retries is not None else 0 if args.quick else 1

@@ -8,6 +8,9 @@ JSON lines, README tables).  Workloads:
 * ``arrays``: 8 MB float64 arrays as arguments, ``float(a.sum())`` back -- how each library
   moves large buffers; the reference is data already in one ``SharedMemory`` segment;
 * ``arrays-results``: a small argument in, an 8 MB array back;
+* ``tiles``: 2 MB tiles cut from a larger image (views: not contiguous), from a generator and
+  from a list, ordered and not, each result placed into an output array by the caller;
+  ``tiles-rows``: the same with contiguous bands of rows;
 * ``startup-W``: start W workers, each runs one trivial task, shut down -- against W bare
   ``multiprocessing.Process``es; ``startup-W-heavy`` (spawn) does it while ``__main__``
   imports numpy, which spawn children import again.
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import harness as h
 from .settings import PEERS, Settings, usable_cpus
-from .tasks import array_sum, burn, make_array, run_one, shm_sum, square
+from .tasks import array_sum, burn, make_array, run_one, shm_sum, square, tile_scale
 
 if TYPE_CHECKING:
     from parallelkit import StartMethod
@@ -570,6 +573,165 @@ def arrays_results_workload(
     )
 
 
+def tile_contenders(
+    sm: str, workers: int, np: Any, image: Any, spots: list[tuple[int, int, int, int]]
+) -> list[h.Contender[None]]:
+    """Every contender cuts the tiles from ``image`` itself (``spots``: y, x, height,
+    width), from a generator or into a list, and places each ``tile_scale`` result into a
+    new output array, which it returns (in a list of one).  One-shot: open, map, close."""
+    import parallelkit as pk
+
+    method = cast("StartMethod", sm)
+    ctx = multiprocessing.get_context(sm)
+    size = {(y, x): (hh, ww) for y, x, hh, ww in spots}
+
+    def tiles() -> Iterator[tuple[int, int, Any]]:
+        for y, x, hh, ww in spots:
+            yield y, x, image[y : y + hh, x : x + ww]
+
+    def placed(results: Iterator[tuple[int, int, Any]]) -> list[Any]:
+        out = np.empty_like(image)
+        for y, x, tile in results:
+            hh, ww = size[y, x]
+            out[y : y + hh, x : x + ww] = tile
+        return [out]
+
+    def serial(_: None, fn: Callable[[Any], Any], _items: Sequence[Any]) -> list[Any]:
+        return placed(map(fn, tiles()))
+
+    def ppe(_: None, fn: Callable[[Any], Any], _items: Sequence[Any]) -> list[Any]:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+            return placed(ex.map(fn, tiles()))
+
+    def pool_imap(
+        unordered: bool,
+    ) -> Callable[[None, Callable[[Any], Any], Sequence[Any]], list[Any]]:
+        def map_(_: None, fn: Callable[[Any], Any], _items: Sequence[Any]) -> list[Any]:
+            pool = ctx.Pool(workers)
+            try:
+                it = pool.imap_unordered(fn, tiles()) if unordered else pool.imap(fn, tiles())
+                return placed(it)
+            finally:
+                pool.close()
+                pool.join()
+
+        return map_
+
+    def imap(**options: Any) -> Callable[[None, Callable[[Any], Any], Sequence[Any]], list[Any]]:
+        def map_(_: None, fn: Callable[[Any], Any], _items: Sequence[Any]) -> list[Any]:
+            with pk.imap_parallel(
+                fn, tiles(), max_workers=workers, start_method=method, **options
+            ) as it:
+                return placed(it)
+
+        return map_
+
+    def run(**options: Any) -> Callable[[None, Callable[[Any], Any], Sequence[Any]], list[Any]]:
+        def map_(_: None, fn: Callable[[Any], Any], _items: Sequence[Any]) -> list[Any]:
+            got = pk.run_parallel(
+                fn, list(tiles()), max_workers=workers, start_method=method, **options
+            )
+            return placed(iter(got))
+
+        return map_
+
+    def one(name: str, kind: h.Kind, note: str, map_: Any) -> h.Contender[None]:
+        return h.Contender(
+            name,
+            kind,
+            note,
+            lambda: None,
+            map_,
+            lambda _: None,
+            modes=("serial",) if kind == "baseline" else ("one-shot",),
+            start_method="" if kind == "baseline" else sm,
+        )
+
+    gen = "a generator of (y, x, view) items"
+    return [
+        one("serial", "baseline", f"map(fn, {gen}) in this process", serial),
+        one("PPE.map", "stdlib", f"ProcessPoolExecutor(W).map(fn, {gen}) (chunksize=1)", ppe),
+        one("Pool.imap", "stdlib", f"Pool(W).imap(fn, {gen}) (chunksize=1)", pool_imap(False)),
+        one(
+            "Pool.imap_unordered",
+            "stdlib",
+            f"Pool(W).imap_unordered(fn, {gen}) (chunksize=1)",
+            pool_imap(True),
+        ),
+        one("imap_parallel", "parallelkit", f"imap_parallel(fn, {gen})", imap()),
+        one(
+            "imap_parallel(ordered=False)",
+            "parallelkit",
+            f"imap_parallel(fn, {gen}, ordered=False)",
+            imap(ordered=False),
+        ),
+        one(
+            "imap_parallel(chunksize=1)",
+            "parallelkit",
+            f"imap_parallel(fn, {gen}, chunksize=1)",
+            imap(chunksize=1),
+        ),
+        one("run_parallel", "parallelkit", "run_parallel(fn, list of the items)", run()),
+        one(
+            "run_parallel(ordered=False)",
+            "parallelkit",
+            "run_parallel(fn, list of the items, ordered=False)",
+            run(ordered=False),
+        ),
+        one(
+            "run_parallel(chunksize=1)",
+            "parallelkit",
+            "run_parallel(fn, list of the items, chunksize=1)",
+            run(chunksize=1),
+        ),
+    ]
+
+
+def tiles_workloads(settings: Settings, np: Any) -> Iterator[Workload]:
+    """2 MB float64 tiles of a (height, width) image: square views (strided), then bands of
+    whole rows (contiguous); each contender places the results into an output array."""
+    side = settings.sizes.tile_side
+    rows, cols = settings.sizes.tile_grid
+    image = np.random.default_rng(0).random((rows * side, cols * side))
+    want = image * 0.5
+    band = side * side // image.shape[1]  # rows of a contiguous tile of the same size
+
+    def check(result: list[Any]) -> str | None:
+        if len(result) != 1 or not np.array_equal(result[0], want):
+            return "the output array differs"
+        return None
+
+    mb = side * side * 8 / 1e6
+    cases = [
+        (
+            "tiles",
+            f"{rows * cols} tiles of {mb:g} MB (`image[y:y+{side}, x:x+{side}]`, not contiguous) "
+            f"of a {rows * side}x{cols * side} float64 image, `tile * 0.5` placed into an output",
+            [
+                (y, x, side, side)
+                for y in range(0, rows * side, side)
+                for x in range(0, cols * side, side)
+            ],
+        ),
+        (
+            "tiles-rows",
+            f"{rows * cols} bands of {band} whole rows ({mb:g} MB, contiguous) of the same image, "
+            "`tile * 0.5` placed into an output",
+            [(y, 0, band, image.shape[1]) for y in range(0, image.shape[0], band)],
+        ),
+    ]
+    for key, title, spots in cases:
+        yield Workload(
+            key,
+            title,
+            tile_scale,
+            spots,
+            tile_contenders(settings.start_method, settings.workers, np, image, spots),
+            check,
+            baseline="PPE.map",
+        )
+
+
 def startup_workloads(
     settings: Settings, missing: dict[str, str], meta: dict[str, Any]
 ) -> Iterator[Workload]:
@@ -632,6 +794,13 @@ def workloads(
             yield from arrays_workload(settings, missing, np)
         if "arrays-results" in wanted:
             yield from arrays_results_workload(settings, missing, np)
+    if "tiles" in wanted:
+        np = numpy_or_none()
+        if np is None:
+            meta.setdefault("skipped", {})["tiles"] = "numpy is not installed"
+            h.log("# tiles: skipped, numpy is not installed (pip install -e '.[bench]')")
+        else:
+            yield from tiles_workloads(settings, np)
     if "startup" in wanted:
         yield from startup_workloads(settings, missing, meta)
 

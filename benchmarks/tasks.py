@@ -100,3 +100,10 @@ def fill_queue(queue: Any, n: int) -> None:
     """A producer for ``bench_platform.py``: ``0 .. n-1`` into a ``parallelkit.Queue``."""
     queue.put_many(range(n))
     queue.close()
+
+
+def tile_scale(item: tuple[int, int, Any]) -> tuple[int, int, Any]:
+    """The tiles task: ``(y, x, tile)`` in (the tile a view of a larger image, often not
+    contiguous), ``(y, x, tile * 0.5)`` out (a new array), for the caller to place."""
+    y, x, tile = item
+    return y, x, tile * 0.5

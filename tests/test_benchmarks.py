@@ -38,6 +38,7 @@ TINY = [
     "--task-seconds", "0.005",
     "--arrays", "3",
     "--elements", "2000",
+    "--tile-side", "32",
     "--startup-workers", "1",
     "--rounds", "1",
     "--warmup", "0",
@@ -98,12 +99,13 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
     for r in seconds:
         by_workload.setdefault(r["workload"], {})[r["contender"], r["mode"]] = r
     arrays = {"arrays", "arrays-results"}
+    tiles = {"tiles", "tiles-rows"}
     if HAVE_NUMPY:
-        assert set(by_workload) == {"tiny", "cpu", "startup-1"} | arrays
+        assert set(by_workload) == {"tiny", "cpu", "startup-1"} | arrays | tiles
         assert "skipped" not in meta
     else:  # CI installs numpy; a bare environment runs the rest and says what it skipped
         assert set(by_workload) == {"tiny", "cpu", "startup-1"}
-        assert set(meta["skipped"]) == arrays
+        assert set(meta["skipped"]) == arrays | {"tiles"}
         for key in arrays:
             by_workload[key] = {}
     assert set(meta["workloads"]) == set(by_workload) - set(meta.get("skipped", ()))
@@ -118,6 +120,19 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
         assert {c for c, _ in by_workload["arrays-results"]} == (
             {"serial", "Pool.map(chunksize=1)"} | pools
         )
+        for key in tiles:
+            assert {c for c, _ in by_workload[key]} == {
+                "serial",
+                "PPE.map",
+                "Pool.imap",
+                "Pool.imap_unordered",
+                "imap_parallel",
+                "imap_parallel(ordered=False)",
+                "imap_parallel(chunksize=1)",
+                "run_parallel",
+                "run_parallel(ordered=False)",
+                "run_parallel(chunksize=1)",
+            }
     startup = by_workload["startup-1"]
     assert {c for c, _ in startup} == {"Process"} | STDLIB | PARALLELKIT - {
         "parallelkit.WorkerPool.imap"
@@ -138,8 +153,11 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
         assert r["leftover_processes"] == [], where
         if r["kind"] != "baseline":
             assert _positive(r["x_best_peer"]), where
-            assert _positive(r["x_pool_map"]), where
-    for key, reference in (("arrays", "shm_ideal"), ("startup-1", "Process")):
+            # the tiles have no Pool.map (imap takes a generator): x PPE.map instead
+            assert _positive(r["x_pool_map"]) or r["workload"] in tiles, where
+    references = [("arrays", "shm_ideal"), ("startup-1", "Process")]
+    references += [(key, "PPE.map") for key in tiles if HAVE_NUMPY]
+    for key, reference in references:
         for (name, _), r in by_workload[key].items():
             if name not in (reference, "serial"):
                 assert r["baseline"] == reference, (key, name)

@@ -155,3 +155,28 @@ def die_before_unlinking(n: int) -> np.ndarray[Any, Any]:
 
     os.unlink = unlink
     return np.arange(n, dtype=np.int64)
+
+
+def array_facts(a: np.ndarray[Any, Any]) -> tuple[str, tuple[int, ...], str, bool, bool, bool]:
+    """dtype, shape, digest of the values (C order), C- and F-contiguity, writability."""
+    return (
+        a.dtype.str if a.dtype.names is None else repr(a.dtype.descr),
+        a.shape,
+        # structured: the fields' values (a copy need not keep the padding bytes)
+        hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+        if not a.dtype.hasobject and a.dtype.names is None
+        else repr(a.tolist()),
+        bool(a.flags.c_contiguous),
+        bool(a.flags.f_contiguous),
+        bool(a.flags.writeable),
+    )
+
+
+def facts_of_item(item: tuple[int, np.ndarray[Any, Any]]) -> tuple[int, Any]:
+    """``(i, array)`` in: ``(i, array_facts(array))`` out (for unordered maps)."""
+    i, a = item
+    return i, array_facts(a)
+
+
+def echo_item(item: tuple[int, Any]) -> tuple[int, Any]:
+    return item

@@ -22,7 +22,7 @@ from parallelkit._map import worker as W
 from parallelkit._map.calls import ItemCall
 from parallelkit._util.threads import Mutex
 from parallelkit._wire.arena import CHUNK_BYTES, KEPT_LIMIT, dump_items
-from parallelkit._wire.codec import PROTOCOL, dumps, locate_unpicklable
+from parallelkit._wire.codec import PROTOCOL, Strided, dumps, locate_unpicklable
 from parallelkit.errors import SerializationError
 
 TARGET_CHUNK_SECONDS: Final = 0.02  # adaptive chunking aims for chunks of about this long
@@ -95,7 +95,7 @@ class Chunk:
         self.items = items  # None: the worker inherited the input and slices it
         self.payload: bytes | None = None
         self.tracked = False  # True: the worker must note every item (a re-run after a crash)
-        self.buffers: list[memoryview] | None = None  # large ones, sent apart (_arena)
+        self.buffers: list[memoryview | Strided] | None = None  # large ones, sent apart (_arena)
         self.region: Any = None  # where they are while a worker has the chunk
         self.untaken = 0  # workers that died before they had received it whole
 
@@ -242,8 +242,10 @@ class Job:
         chunk = Chunk(self, start, stop, items)
         if not self._prepare(chunk):
             return self.next_chunk()
-        if chunk.buffers and stop - start > 1 and self.fixed_chunksize is None:
-            nbytes = len(chunk.payload or b"") + sum(b.nbytes for b in chunk.buffers)
+        if stop - start > 1 and self.fixed_chunksize is None:
+            # large items pickled in band count too: a chunk of them would keep the
+            # workers waiting while it is pickled, sent and read whole
+            nbytes = len(chunk.payload or b"") + sum(b.nbytes for b in chunk.buffers or ())
             if nbytes > CHUNK_BYTES:  # fewer items per chunk, so that workers start early
                 self.byte_cap = max(1, (stop - start) * CHUNK_BYTES // nbytes)
                 self.chunksize = min(self.chunksize, self.byte_cap)

@@ -55,12 +55,20 @@ import pickle
 import time
 import weakref
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from parallelkit import _platform
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire import layouts
-from parallelkit._wire.codec import ARENA_MIN_BYTES, NoRoom, dump_apart, mark_large_bytes
+from parallelkit._wire.codec import (
+    ARENA_MIN_BYTES,
+    SCAN_LIMIT,
+    NoRoom,
+    Strided,
+    dump_apart,
+    dump_apart_arrays,
+    mark_large_bytes,
+)
 from parallelkit._wire.shm import NAME_RE, SHM_DIR, Segment, remove_segments_of
 
 # Buffers this large go through shared memory.  An argument pays off sooner than a result,
@@ -95,14 +103,29 @@ def _round(n: int, to: int) -> int:
 
 
 # ------------------------------------------------------------------ pickling
-def dump_items(items: Sequence[Any]) -> tuple[bytes, list[memoryview]]:
+def dump_items(items: Sequence[Any]) -> tuple[bytes, list[memoryview | Strided]]:
     """Pickle a chunk's items; buffers of at least ``ARG_MIN_BYTES`` are returned apart.
+
+    Non-contiguous numpy arrays that large go apart too (:class:`Strided`), in a chunk of
+    ``SCAN_LIMIT`` items at most or one whose first item is (or holds) an array: the look
+    for them costs a call per container pickled, too much for a long chunk of small tuples.
 
     Returns:
         The pickle and the large buffers (contiguous byte views of the items' memory,
-        not copies), in the order the unpickler wants them.
+        not copies, or the non-contiguous arrays themselves), in the order the unpickler
+        wants them.
     """
-    return dump_apart(mark_large_bytes(items, ARG_MIN_BYTES), ARG_MIN_BYTES)
+    marked = mark_large_bytes(items, ARG_MIN_BYTES)
+    if len(items) <= SCAN_LIMIT or _holds_array(items[0]):
+        return dump_apart_arrays(marked, ARG_MIN_BYTES)
+    payload, raws = dump_apart(marked, ARG_MIN_BYTES)
+    return payload, cast("list[memoryview | Strided]", raws)
+
+
+def _holds_array(item: Any) -> bool:
+    """Whether ``item`` is a numpy array, or a tuple with one (numpy is not imported)."""
+    parts = item if type(item) is tuple else (item,)
+    return any(type(part).__module__ == "numpy" for part in parts)
 
 
 # ------------------------------------------------------------------ space
@@ -183,7 +206,7 @@ class ArgArena:
         self.retired: list[_ArgSegment] = []
         self.live = 0
 
-    def put(self, raws: list[memoryview]) -> tuple[bytes, Region] | None:
+    def put(self, raws: Sequence[memoryview | Strided]) -> tuple[bytes, Region] | None:
         """Copy ``raws`` into one region; ``(spec, region)``, or ``None`` to wait for room.
 
         Raises:
@@ -212,7 +235,10 @@ class ArgArena:
         view = home.view
         pos = offset
         for raw, n in zip(raws, sizes, strict=True):
-            view[pos : pos + n] = raw
+            if isinstance(raw, Strided):  # one strided copy, straight into shared memory
+                raw.copy_into(view[pos : pos + n])
+            else:
+                view[pos : pos + n] = raw
             _ARG_SPEC.pack_into(spec, at, pos, n)
             at += _ARG_SPEC.size
             pos += _round(n, _ALIGN)

@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import pickle
 import sys
 import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final, Generic, NamedTuple, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
 
 from parallelkit.errors import RemoteError, SerializationError, SerializedWhat
 
@@ -129,6 +130,90 @@ def dump_apart(obj: Any, limit: int) -> tuple[bytes, list[memoryview]]:
     """
     raws: list[memoryview] = []
     return pickle.dumps(obj, 5, buffer_callback=keep_apart(raws, limit)), raws
+
+
+class Strided:
+    """A non-contiguous numpy array of ``limit`` bytes or more, to travel out of band like a
+    contiguous buffer: whoever places the buffers copies it with one strided copy
+    (:meth:`copy_into`) instead of pickling it in band, and the receiver rebuilds it
+    C-contiguous (:func:`_rebuild_array`), as numpy's own in-band pickle would."""
+
+    __slots__ = ("array", "nbytes")
+
+    def __init__(self, array: Any) -> None:
+        self.array = array
+        self.nbytes: int = array.nbytes
+
+    def copy_into(self, target: memoryview) -> None:
+        """Write the array's elements, in C order, into ``target`` (``nbytes`` long)."""
+        np = sys.modules["numpy"]  # loaded: the array is numpy's
+        array = self.array
+        np.copyto(np.ndarray(array.shape, array.dtype, buffer=target), array, casting="no")
+
+
+def _rebuild_array(buffer: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+    import numpy as np  # noqa: PLC0415 - a numpy array arrived: numpy is there
+
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+class _ArrayPickler(pickle.Pickler):
+    """Protocol 5, where non-contiguous numpy arrays of ``limit`` bytes or more are left
+    out of band too (as :class:`Strided`); numpy pickles them in band."""
+
+    def __init__(self, file: io.BytesIO, limit: int, raws: list[Any], ndarray: type[Any]) -> None:
+        self._limit = limit
+        self._ndarray = ndarray
+        self._raws = raws
+        self._strided: dict[int, tuple[pickle.PickleBuffer, Any]] = {}
+        super().__init__(file, 5, buffer_callback=self._buffer)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is not self._ndarray:  # not a subclass: its own state may not go
+            return NotImplemented
+        flags = obj.flags
+        if flags.c_contiguous or flags.f_contiguous or obj.nbytes < self._limit:
+            return NotImplemented  # numpy's own reduction: out of band already, or small
+        if obj.dtype.hasobject:
+            return NotImplemented  # objects are pickled one by one
+        # Pickle refuses a PickleBuffer of non-contiguous memory before it asks the
+        # callback: an empty one stands in for the array, and always goes out of band
+        # (writable: the array is rebuilt on a copy, writable as numpy's in-band one is).
+        marker = pickle.PickleBuffer(bytearray())
+        self._strided[id(marker)] = (marker, obj)  # held: its id stays unique
+        return _rebuild_array, (marker, obj.dtype, obj.shape)
+
+    def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
+        strided = self._strided.pop(id(buffer), None)
+        if strided is not None and strided[0] is buffer:
+            self._raws.append(Strided(strided[1]))
+            return False
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if raw.nbytes < self._limit:
+            return True
+        self._raws.append(raw)
+        return False
+
+
+def dump_apart_arrays(obj: Any, limit: int) -> tuple[bytes, list[memoryview | Strided]]:
+    """:func:`dump_apart`, where non-contiguous numpy arrays of ``limit`` bytes or more also
+    go apart, as :class:`Strided` (when numpy is loaded; it is never imported here).
+
+    Raises:
+        Exception: whatever pickling raised (no cloudpickle fallback here).
+    """
+    np = sys.modules.get("numpy")
+    ndarray = getattr(np, "ndarray", None)
+    if ndarray is None:  # no numpy array can be in ``obj``
+        payload, plain = dump_apart(obj, limit)
+        return payload, cast("list[memoryview | Strided]", plain)
+    raws: list[memoryview | Strided] = []
+    out = io.BytesIO()
+    _ArrayPickler(out, limit, raws, ndarray).dump(obj)
+    return out.getvalue(), raws
 
 
 def keep_apart(raws: list[memoryview], limit: int) -> Callable[[pickle.PickleBuffer], bool]:
