@@ -193,6 +193,16 @@ def test_parent_side_fallbacks_run_maps_under_every_start_method(
     _maps_ok(_run(tmp_path, facility))
 
 
+@LINUX_ONLY
+def test_seqpacket_fallback_log_records_go_as_datagrams_whole_under_every_start_method(
+    tmp_path: Path,
+) -> None:
+    # (test_logs.py runs the fallback with macOS's small datagrams: records in pieces)
+    seen = _run(tmp_path, "seqpacket")
+    assert seen["type"] == socket.SOCK_DGRAM
+    assert seen["logs"] == {"fork": True, "forkserver": True, "spawn": True}
+
+
 def test_process_vm_fallback_results_travel_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
     _without(monkeypatch, process_vm=False)
     monkeypatch.setattr(_direct, "_SYSCALL", None)

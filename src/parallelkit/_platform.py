@@ -24,6 +24,10 @@ facility           Linux fast path                             portable fallback
 ``affinity``       ``os.sched_getaffinity``                    ``os.cpu_count``
 ``sockbuf``        a socket's queued bytes count against its   a fixed pipeline depth
                    sender's ``SO_SNDBUF``
+``seqpacket``      ``AF_UNIX`` ``SOCK_SEQPACKET`` socket       ``SOCK_DGRAM``, buffers raised;
+                   pairs: a log record is one datagram, the    a record larger than a
+                   parent's end sees the child's hang-up       datagram goes in pieces
+                                                               (:mod:`parallelkit._proc.logs`)
 =================  ==========================================  =============================
 
 ``fcntl`` locks (``flock``, ``lockf``) are POSIX and used everywhere.  Windows has none of
@@ -41,6 +45,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import socket
 import stat
 import sys
 from collections.abc import Callable
@@ -66,10 +71,16 @@ FACILITIES: Final = (
     "dev_shm",
     "affinity",
     "sockbuf",
+    "seqpacket",
 )
 LINUX: Final = sys.platform.startswith("linux")
 DEV_SHM: Final = Path("/dev/shm")
 _ZEROS_CHUNK: Final = 1 << 20  # bytes written at a time when reserving by writing zeros
+# bytes: the datagram fallback's socket buffers are raised to at least this (macOS: 2 KB
+# datagrams and a 4 KB receive buffer by default), less where the system refuses
+DGRAM_BUFFER: Final = 128 * 1024
+_DGRAM_BUFFER_FLOOR: Final = 8 * 1024  # bytes: not worth asking for less
+_DGRAM_SLACK: Final = 256  # bytes: what a buffer holds beside one datagram (its address, ...)
 
 
 def _forced(value: str) -> frozenset[str]:
@@ -101,11 +112,27 @@ class Offers(NamedTuple):
     dev_shm: bool
     affinity: bool
     sockbuf: bool
+    seqpacket: bool
 
     @property
     def portable(self) -> bool:
         """Whether every facility is the fallback (portable mode, or not Linux)."""
         return not any(getattr(self, name) for name in FACILITIES)
+
+
+def _seqpacket_works() -> bool:
+    """Whether an ``AF_UNIX`` ``SOCK_SEQPACKET`` socket pair can be made (macOS: no, with
+    ``EPROTONOSUPPORT``): tried once, for real."""
+    kind = getattr(socket, "SOCK_SEQPACKET", None)
+    if kind is None:
+        return False
+    try:
+        pair = socket.socketpair(socket.AF_UNIX, kind)
+    except OSError:
+        return False
+    for end in pair:
+        end.close()
+    return True
 
 
 def decide(forced: frozenset[str] = frozenset()) -> Offers:
@@ -121,6 +148,7 @@ def decide(forced: frozenset[str] = frozenset()) -> Offers:
         "dev_shm": LINUX and DEV_SHM.is_dir(),
         "affinity": hasattr(os, "sched_getaffinity"),
         "sockbuf": LINUX,
+        "seqpacket": _seqpacket_works(),
     }
     return Offers(**{name: offered[name] and name not in forced for name in FACILITIES})
 
@@ -262,3 +290,41 @@ def affinity_count() -> int | None:
     if not OFFERS.affinity:
         return None
     return len(os.sched_getaffinity(0)) or None
+
+
+# ------------------------------------------------------------------ record sockets
+def record_socketpair() -> tuple[socket.socket, socket.socket]:
+    """A connected ``AF_UNIX`` pair that keeps record boundaries: ``SOCK_SEQPACKET``, or
+    ``SOCK_DGRAM`` with both ends' buffers raised to :data:`DGRAM_BUFFER` where smaller.
+
+    What differs with ``SOCK_DGRAM`` (the callers' business, see
+    :mod:`parallelkit._proc.logs`): no end of file or hang-up when the other end closes; a
+    datagram is at most :func:`max_datagram` bytes; and a BSD system (macOS) does not
+    block a sender whose receiver's buffer is full but fails with ``ENOBUFS``.
+    """
+    if OFFERS.seqpacket:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for end in pair:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            _raise_buffer(end, option, DGRAM_BUFFER)
+    return pair
+
+
+def _raise_buffer(sock: socket.socket, option: int, size: int) -> None:
+    """Raise a socket buffer to ``size`` bytes, or as far toward it as the system allows."""
+    if sock.getsockopt(socket.SOL_SOCKET, option) >= size:
+        return
+    while size >= _DGRAM_BUFFER_FLOOR:
+        try:  # (macOS refuses above kern.ipc.maxsockbuf; Linux caps at its maximum)
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+        except OSError:
+            size //= 2
+
+
+def max_datagram(sock: socket.socket) -> int:
+    """The largest datagram ``sock`` sends whole, by its send buffer (macOS: the buffer's
+    size is the limit; Linux: a little less) and the receiver's (set alike by
+    :func:`record_socketpair`)."""
+    return max(1024, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - _DGRAM_SLACK)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import multiprocessing
 import os
 import sys
@@ -22,6 +23,7 @@ from parallelkit._observe.stalls import dump_stack
 from parallelkit._wire import shm as _shm
 from tasks import basic as wb
 from tasks import channel as wc
+from tasks import logs as wl
 from tasks import queue as wq
 
 METHODS: tuple[pk.StartMethod, ...] = ("fork", "forkserver", "spawn")
@@ -105,6 +107,37 @@ def affinity() -> dict[str, Any]:
     return {"usable": pk.usable_cpu_count(), "cpu_count": os.cpu_count()}
 
 
+def seqpacket() -> dict[str, Any]:
+    """Log records of 60,000 characters from a map, a pipeline and a channel's process
+    (one each way SIGKILLed right after logging), per start method: what arrived."""
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record.getMessage())
+
+    got: list[str] = []
+    logger = logging.getLogger(wl.logger.name)
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Keep())
+    seen: dict[str, Any] = {}
+    for method in METHODS:
+        got.clear()
+        pk.run_parallel(wl.log_big, range(3), max_workers=2, start_method=method)
+        pk.Pipeline([3], start_method=method).map(wl.log_big).run()
+        try:
+            pk.run_parallel(wl.log_big_then_sigkill, [4], start_method=method)
+        except pk.WorkerCrashedError:
+            pass
+        with pk.start_process(wl.log_big_server, start_method=method) as child:
+            child.request("x", timeout=30)
+        want = [f"big {x} {wl.big_text(x, 60_000)}" for x in range(5)]
+        want.append(f"server got x {wl.big_text(7, 60_000)}")
+        seen[method] = sorted(got) == sorted(want)
+    a, b = _platform.record_socketpair()
+    with a, b:
+        return {"logs": seen, "type": int(a.type)}
+
+
 def pdeathsig() -> None:
     """Start a pool under ``sys.argv[2]``, print its workers' pids, wait to be killed."""
     method: Any = sys.argv[2]
@@ -120,7 +153,13 @@ def main() -> None:
     if facility == "pdeathsig":
         pdeathsig()
         return
-    scenario = {"memfd": memfd, "dev_shm": dev_shm, "fallocate": fallocate, "affinity": affinity}
+    scenario = {
+        "memfd": memfd,
+        "dev_shm": dev_shm,
+        "fallocate": fallocate,
+        "affinity": affinity,
+        "seqpacket": seqpacket,
+    }
     seen = scenario[facility]() if facility in scenario else {"maps": maps()}
     emit(forced=forced, offered=getattr(_platform.OFFERS, facility), **seen)
 

@@ -113,3 +113,46 @@ def log_server_quietly(channel: Channel[str, str]) -> None:
     logger.warning("logged while nobody reads")
     for _ in channel:
         pass
+
+
+def big_text(x: int, size: int) -> str:
+    """``size`` characters that name their place: a piece lost, doubled or out of order
+    shows."""
+    text = "".join(f"<{x}:{i}>" for i in range(size // 4))
+    return text[:size]
+
+
+def log_big(x: int) -> int:
+    logger.warning("big %d %s", x, big_text(x, 60_000))
+    return x
+
+
+def log_big_then_sigkill(x: int) -> int:
+    logger.warning("big %d %s", x, big_text(x, 60_000))
+    os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def log_big_from_threads(x: int) -> int:
+    """Records of several pieces each, from four threads at once."""
+
+    def work(t: int) -> None:
+        for i in range(10):
+            logger.warning("thread %d %d %d %s", x, t, i, big_text(x * 100 + t, 9_000))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return x
+
+
+def log_big_server(channel: Channel[str, str]) -> None:
+    for text in channel:
+        logger.warning("server got %s %s", text, big_text(7, 60_000))
+        channel.send(text.upper())
+
+
+def log_then_quit(channel: Channel[str, str]) -> None:
+    logger.warning("bye")

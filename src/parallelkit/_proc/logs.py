@@ -1,7 +1,8 @@
 """Log records from children to the parent's handlers, for every role.
 
-Each child gets one end of its own ``SOCK_SEQPACKET`` socket pair (:class:`LogPipe`),
-handed to the child main by :func:`parallelkit._proc.lifecycle.start_child`::
+Each child gets one end of its own ``SOCK_SEQPACKET`` socket pair (:class:`LogPipe`;
+``SOCK_DGRAM`` where there is none, see below), handed to the child main by
+:func:`parallelkit._proc.lifecycle.start_child`::
 
     child: logger.info(...) ─▶ level check (the parent's levels, mirrored) ─▶ Forwarder on
            the root: message formatted, traceback as text, item index ─▶ one datagram
@@ -23,22 +24,38 @@ A record the parent's loggers would drop is neither formatted nor sent.  The par
 checks its current levels once more when a record arrives (a raised level applies at
 once).  Whether the parent's levels changed is an O(1) check: any ``setLevel`` or
 ``logging.disable`` clears every logger's cache of ``isEnabledFor`` answers, ours too.
+
+Without ``SOCK_SEQPACKET`` (macOS; the ``seqpacket`` facility of
+:mod:`parallelkit._platform`), a ``SOCK_DGRAM`` pair (:class:`Records`).  Datagrams keep
+record boundaries too, but may be small (macOS: 2 KB unless raised), so each carries a
+header -- whole, first, middle or last piece, and the sending process and thread -- and a
+record larger than one datagram goes in pieces, all of them sent before the logging call
+returns (each thread's pieces are reassembled apart: several threads, or a process forked
+without us, may send at once).  A BSD system does not block a datagram sender whose
+receiver is full but fails with ``ENOBUFS``: the child waits for room and sends again, so a
+sent record is in the parent's buffer as with ``SOCK_SEQPACKET``.  Nothing relies on the
+end of file a ``SOCK_SEQPACKET`` end reads once the child is gone (a datagram end reads
+none): a child's exit is seen through its sentinel or its role's stream.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pickle
 import select
 import socket
+import struct
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from parallelkit import _platform
 from parallelkit._proc.wakeup import WakeUpPipe
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.threads import quiet_thread
@@ -54,6 +71,120 @@ POSITION: Final = "_parallelkit_position"
 
 # a snapshot of the parent's levels: (version, {logger name: level}, logging.disable level)
 Levels = tuple[int, dict[str, int], int]
+
+# ===================================================================== either end
+
+# the datagram fallback's header: (piece kind, sending process, sending thread)
+_HEADER: Final = struct.Struct("!BIQ")
+_WHOLE, _FIRST, _MORE, _LAST = range(4)  # piece kinds
+_MIN_PIECE: Final = 512  # bytes: a piece is never cut smaller than this
+_FULL_WAIT: Final = 0.0001  # s: the first wait for room (ENOBUFS), doubled up to ...
+_FULL_WAIT_MAX: Final = 0.01  # s: ... this
+_HALVE_AFTER: Final = 8  # full in a row: the rest of the record goes in smaller pieces
+
+
+class Records:
+    """One end of a log socket: whole records each way, whatever the socket's type.
+
+    ``SOCK_SEQPACKET``: a record is one datagram, as it is.  ``SOCK_DGRAM`` (the fallback,
+    see the module docstring): a header on each datagram, a record too large for one in
+    pieces of at most :attr:`piece` bytes, reassembled per sending thread by :meth:`take`.
+    """
+
+    __slots__ = ("framed", "partial", "piece", "sock", "unsent")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.framed = sock.type == socket.SOCK_DGRAM
+        # the most a datagram carries besides its header; never more than the reader's
+        # receive size (which would truncate it)
+        self.piece = (
+            min(_platform.max_datagram(sock), _RECV_BYTES) - _HEADER.size if self.framed else 0
+        )
+        self.partial: dict[tuple[int, int], list[memoryview]] = {}  # pieces, per thread
+        # a record whose first pieces went, the rest not (wait=False): (it, from, key)
+        self.unsent: tuple[memoryview, int, tuple[int, int]] | None = None
+
+    def send(self, data: bytes, *, wait: bool = True) -> None:
+        """Send one record, in pieces if it must be, all of them before returning.
+
+        ``wait``: on a BSD system, wait for room where the receiver's buffer is full
+        (``ENOBUFS``), as a Linux socket blocks.  ``False`` (the parent's non-blocking end):
+        raise as a full socket does; a record left half sent is finished first by the next
+        call (a reader that takes one piece at a time then still gets it whole).
+
+        Raises:
+            OSError: the other end is gone, or the socket is full and ``wait`` is false.
+        """
+        if not self.framed:
+            self.sock.send(data)
+            return
+        if self.unsent is not None:
+            view, pos, key = self.unsent
+            self.unsent = None
+            self._send(view, pos, key, wait)
+        key = (os.getpid(), threading.get_ident() & 0xFFFFFFFFFFFFFFFF)
+        self._send(memoryview(data), 0, key, wait)
+
+    def _send(self, view: memoryview, pos: int, key: tuple[int, int], wait: bool) -> None:
+        total = len(view)
+        size = self.piece
+        full = 0
+        while True:
+            end = min(total, pos + size)
+            if pos == 0:
+                kind = _WHOLE if end == total else _FIRST
+            else:
+                kind = _LAST if end == total else _MORE
+            try:
+                self.sock.send(_HEADER.pack(kind, *key) + view[pos:end])
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE and size > _MIN_PIECE:
+                    # larger than the system sends whole: smaller pieces, from now on
+                    size = self.piece = max(_MIN_PIECE, size // 2)
+                    continue
+                if not wait or exc.errno != errno.ENOBUFS:
+                    if pos:
+                        self.unsent = (view, pos, key)
+                    raise
+                # BSD: the receiver's buffer is full (it does not block): wait for room;
+                # a piece that fits no buffer at all, halved
+                full += 1
+                if full % _HALVE_AFTER == 0 and size > _MIN_PIECE:
+                    size = max(_MIN_PIECE, size // 2)
+                time.sleep(min(_FULL_WAIT_MAX, _FULL_WAIT * 2 ** min(full, 16)))
+                continue
+            full = 0
+            if end == total:
+                return
+            pos = end
+            if _fuzz.ENABLED:
+                _fuzz.point("logs.between_pieces")  # other threads' records come between
+
+    def take(self, datagram: bytes) -> bytes | memoryview | None:
+        """The record ``datagram`` completes, or ``None`` (a piece of one to come)."""
+        if not self.framed:
+            return datagram
+        if len(datagram) < _HEADER.size:
+            return None
+        kind, pid, thread = _HEADER.unpack_from(datagram)
+        body = memoryview(datagram)[_HEADER.size :]
+        key = (pid, thread)
+        if kind == _WHOLE:
+            self.partial.pop(key, None)
+            return body
+        if kind == _FIRST:
+            self.partial[key] = [body]
+            return None
+        pieces = self.partial.get(key)
+        if pieces is None:  # its first piece was never sent (the parent's levels, full)
+            return None
+        pieces.append(body)
+        if kind == _MORE:
+            return None
+        del self.partial[key]
+        return b"".join(pieces)
+
 
 # ===================================================================== parent side
 
@@ -90,14 +221,18 @@ class LogPipe:
     :func:`handle` gives them to the parent's loggers.
     """
 
-    __slots__ = ("child", "closed", "lock", "sent", "sock")
+    __slots__ = ("child", "closed", "ended", "lock", "records", "sent", "sock")
 
     def __init__(self) -> None:
-        self.sock, self.child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock, self.child = _platform.record_socketpair()
         self.sock.setblocking(False)
+        self.records = Records(self.sock)
         self.lock = threading.Lock()  # read + handle as one step, when two threads drain
         self.sent = current_levels()
         self.closed = False
+        # the child's end is closed and every record read (SOCK_SEQPACKET's end of file;
+        # a datagram socket has none): the socket stays readable, with nothing to read
+        self.ended = False
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -109,9 +244,10 @@ class LogPipe:
     def read(self) -> list[dict[str, Any]]:
         """Every record the child has sent so far (never blocks)."""
         records: list[dict[str, Any]] = []
-        if self.closed:
+        if self.closed or self.ended:
             return records
         recv = self.sock.recv
+        take = self.records.take if self.records.framed else None
         while True:
             try:
                 data = recv(_RECV_BYTES)
@@ -120,9 +256,13 @@ class LogPipe:
             except OSError:
                 return records
             if not data:  # the child's end is closed: nothing more will come
+                self.ended = True
                 return records
+            record = data if take is None else take(data)
+            if record is None:  # a piece of a record
+                continue
             try:
-                records.append(pickle.loads(data))
+                records.append(pickle.loads(record))
             except Exception:  # a class of an extra attribute we cannot import: skip it
                 continue
 
@@ -131,7 +271,7 @@ class LogPipe:
         if self.closed or self.sent[0] >= levels[0]:
             return
         try:
-            self.sock.send(pickle.dumps(levels))
+            self.records.send(pickle.dumps(levels), wait=False)
         except OSError:  # full (it takes no task) or gone: sent again at the next change
             return
         self.sent = levels
@@ -196,7 +336,10 @@ class _Hub:
             with self.lock:
                 if self.wakeup is not wakeup:
                     return
-                pipes = {pipe.fileno(): pipe for pipe in self.pipes if not pipe.closed}
+                # (not one whose child has gone: its end of file would wake us forever)
+                pipes = {
+                    pipe.fileno(): pipe for pipe in self.pipes if not (pipe.closed or pipe.ended)
+                }
             poller = select.poll()
             poller.register(wakeup.fd, select.POLLIN)
             for fd in pipes:
@@ -269,14 +412,15 @@ class _Task:
 
 
 _task = _Task()
-_sock: socket.socket | None = None
+_sock: Records | None = None
 _version = 0
 
 
 class Forwarder(logging.Handler):
-    """The child's one handler: sends each record to the parent as one datagram."""
+    """The child's one handler: sends each record to the parent (one datagram, or its
+    pieces: :class:`Records`)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: Records) -> None:
         super().__init__()
         self.sock = sock
         self._formatter = logging.Formatter()
@@ -354,15 +498,15 @@ def install(sock: socket.socket, levels: Levels) -> None:
     initializer runs after this: handlers it adds see the records too.
     """
     global _sock
-    _sock = sock
     sock.setblocking(True)
+    _sock = Records(sock)
     root = logging.getLogger()
     for logger in list(logging.Logger.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger):
             logger.handlers.clear()  # (fork: the parent's, which must not write twice)
             logger.propagate = True
     root.handlers.clear()
-    root.addHandler(Forwarder(sock))
+    root.addHandler(Forwarder(_sock))
     _apply(levels)
 
 
@@ -392,21 +536,25 @@ def begin_task(
     task.batch = batch
     task.where = where
     task.thread = threading.get_ident()
-    sock = _sock
-    if sock is None:
+    records = _sock
+    if records is None:
         return
+    recv = records.sock.recv
     latest = None
     while True:
         try:
-            data = sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            data = recv(_RECV_BYTES, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             break
         except OSError:
             return
         if not data:
             break
+        message = records.take(data) if records.framed else data
+        if message is None:  # a piece of the levels
+            continue
         with contextlib.suppress(Exception):
-            latest = pickle.loads(data)
+            latest = pickle.loads(message)
     if latest is not None:
         _apply(latest)
 
