@@ -8,11 +8,13 @@ wheel in an environment with nothing else installed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ import parallelkit
 from child import run_python
 from parallelkit import StartMethod, _bench
 
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--items", "300", "--tasks", "2", "--task-seconds", "0.005", "--rounds", "2"]
 POOLS = {"Pool.map", "PPE.map", "parallelkit.run_parallel", "parallelkit.WorkerPool"}
 
@@ -97,6 +100,49 @@ def test_quick_sizes() -> None:
     assert (meta["rounds"], meta["warmup"]) == (_bench.QUICK.rounds, _bench.QUICK.warmup)
     assert meta["workloads"]["tiny"]["items"] == _bench.QUICK.items
     assert {len(r["samples"]) for r in records} == {_bench.QUICK.rounds}
+
+
+def _parsed(*argv: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    _bench.add_arguments(ap, start_methods=["fork", "forkserver", "spawn"], default="fork")
+    return ap.parse_args(argv)
+
+
+def test_the_quick_plan_is_what_the_docs_say() -> None:
+    # What --quick runs is said in its --help and in benchmarks/README.md (whose goal row
+    # has its times); neither may drift from the plan the code runs.
+    assert _bench.sizes_of(_parsed("--quick")) == _bench.QUICK
+    assert _bench.sizes_of(_parsed()) == _bench.FULL
+    assert _bench.sizes_of(_parsed("--quick", "--rounds", "5")).rounds == 5
+    quick = _bench.QUICK
+    assert quick.warmup == 0
+    ap = argparse.ArgumentParser()
+    _bench.add_arguments(ap, start_methods=["fork"], default="fork")
+    shown = " ".join(ap.format_help().split())
+    assert (
+        f"--quick {quick.items:,} tiny items, {quick.tasks} CPU tasks of "
+        f"{quick.task_seconds:g} s, {quick.rounds} rounds, no warm-up round"
+    ) in shown
+    text = _bench.describe_quick(2)
+    assert text == (
+        f"{quick.items:,} tiny items, {quick.tasks} CPU tasks of {quick.task_seconds:g} s, "
+        f"start-up of 2 workers; {quick.rounds} rounds, no warm-up round; 39 pool starts"
+    )
+    readme = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    assert f"`python -m parallelkit bench --quick` runs {text}" in " ".join(readme.split())
+
+
+def test_pool_starts_count_each_one_shot_sample_and_each_warm_pool() -> None:
+    # 39 for --quick with 2 workers: tiny and cpu start 3 one-shot pools (Pool.map,
+    # PPE.map, run_parallel) a round and 3 warm pools once; start-up 5 a round (the bare
+    # processes too); 3 rounds, no warm-up: 2 * (3 * 3 + 3) + 5 * 3
+    sizes = _bench.QUICK
+    mapped = _bench.contenders("fork", 2, sizes.items, startup=False)
+    started = _bench.contenders("fork", 2, 2, startup=True)
+    assert _bench.pool_starts(mapped, sizes) == 3 * 3 + 3
+    assert _bench.pool_starts(started, sizes) == 5 * 3
+    assert _bench.pool_starts(mapped, sizes._replace(warmup=1)) == 3 * 4 + 3
+    assert _bench.describe(sizes, 2, ["tiny"]).endswith("; 12 pool starts")
 
 
 def test_bad_options_are_refused() -> None:

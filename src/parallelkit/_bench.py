@@ -57,8 +57,8 @@ class Sizes(NamedTuple):
 
 
 FULL: Final = Sizes(items=200_000, tasks=16, task_seconds=0.1, rounds=5, warmup=1)
-# --quick: under a minute under every start method on 2 cores; no warm-up round (the median
-# of 3 rounds drops a first round's one-time costs)
+# --quick: under a minute under every start method on 2 cores (benchmarks/README.md has the
+# times); no warm-up round (the median of 3 rounds drops a first round's one-time costs)
 QUICK: Final = Sizes(items=10_000, tasks=4, task_seconds=0.03, rounds=3, warmup=0)
 
 
@@ -184,6 +184,53 @@ def contenders(method: str, workers: int, n_items: int, *, startup: bool) -> lis
             lambda pool: pool.shutdown(wait=True),
         ),
     ]
+
+
+def pool_starts(contenders: Sequence[Contender], sizes: Sizes) -> int:
+    """How many pools (or groups of bare processes) a workload starts: one per one-shot
+    sample, warm-up rounds included, and one per warm contender."""
+    samples = sizes.rounds + sizes.warmup
+    return sum(
+        samples if mode == "one-shot" else 1 if mode == "warm" else 0
+        for c in contenders
+        for mode in c.modes
+    )
+
+
+def describe(
+    sizes: Sizes, workers: int, wanted: Sequence[str] = WORKLOADS, method: str = "fork"
+) -> str:
+    """What a run does, in words: workloads, sizes, rounds, and the pools it starts."""
+    parts = []
+    starts = 0
+    for key in wanted:
+        n = {"tiny": sizes.items, "cpu": sizes.tasks, "startup": workers}[key]
+        starts += pool_starts(contenders(method, workers, n, startup=key == "startup"), sizes)
+        if key == "tiny":
+            parts.append(f"{sizes.items:,} tiny items")
+        elif key == "cpu":
+            parts.append(f"{sizes.tasks} CPU tasks of {sizes.task_seconds:g} s")
+        else:
+            parts.append(f"start-up of {workers} workers")
+    warmup = f"{sizes.warmup} warm-up round" if sizes.warmup else "no warm-up round"
+    return f"{', '.join(parts)}; {sizes.rounds} rounds, {warmup}; {starts} pool starts"
+
+
+def describe_quick(workers: int) -> str:
+    """What ``--quick`` does (its ``--help`` and ``benchmarks/README.md`` say it)."""
+    return describe(QUICK, workers)
+
+
+def sizes_of(args: argparse.Namespace) -> Sizes:
+    """The sizes a command line asks for: ``--quick`` or the full ones, then each knob."""
+    base = QUICK if args.quick else FULL
+    return Sizes(
+        items=args.items or base.items,
+        tasks=args.tasks or base.tasks,
+        task_seconds=args.task_seconds or base.task_seconds,
+        rounds=args.rounds or base.rounds,
+        warmup=base.warmup if args.warmup is None else args.warmup,
+    )
 
 
 # ------------------------------------------------------------------ the runner
@@ -392,7 +439,10 @@ def add_arguments(
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="smaller workloads, 3 rounds, no warm-up round (under a minute on 2 cores)",
+        help=(
+            f"{QUICK.items:,} tiny items, {QUICK.tasks} CPU tasks of {QUICK.task_seconds:g} s, "
+            f"{QUICK.rounds} rounds, no warm-up round (under a minute on 2 cores)"
+        ),
     )
     ap.add_argument(
         "--json",
@@ -434,14 +484,7 @@ def run(ap: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO = sys
     from parallelkit._proc.forkserver import start_forkserver
     from parallelkit._util.context import usable_cpu_count
 
-    base = QUICK if args.quick else FULL
-    sizes = Sizes(
-        items=args.items or base.items,
-        tasks=args.tasks or base.tasks,
-        task_seconds=args.task_seconds or base.task_seconds,
-        rounds=args.rounds or base.rounds,
-        warmup=base.warmup if args.warmup is None else args.warmup,
-    )
+    sizes = sizes_of(args)
     workers = args.workers or usable_cpu_count()
     wanted = [w.strip() for w in (args.workloads or ",".join(WORKLOADS)).split(",") if w.strip()]
     unknown = sorted(set(wanted) - set(WORKLOADS))
@@ -486,7 +529,8 @@ def run(ap: argparse.ArgumentParser, args: argparse.Namespace, out: TextIO = sys
     if "startup" in wanted:
         title = f"start {workers} workers, each runs one `x*x`, shut down; against bare Processes"
         plan.append((f"startup-{workers}", title, square, list(range(workers))))
-    log(f"# parallelkit bench: {method}, {workers} workers, {sizes.rounds} rounds")
+    plan_text = describe(sizes, workers, [w for w in WORKLOADS if w in wanted], method)
+    log(f"# parallelkit bench: {method}, {workers} workers: {plan_text}")
     records: list[dict[str, Any]] = []
     for key, title, fn, items in plan:
         t0 = time.perf_counter()
