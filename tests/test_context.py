@@ -245,6 +245,40 @@ def test_forkserver_workers_inherit_what_main_imported(preload: str) -> None:
         assert result.stdout.split() == ["[True]", "False"]  # each worker imported it
 
 
+LATE_SCRIPT = """\
+import parallelkit as pk
+import tasks.preload as preload_probe
+pk.run_parallel(preload_probe.loaded, [[]] * 2, max_workers=2, start_method="forkserver")
+import tasks.late as late  # after the server started: not among its preloads
+for _ in range(2):
+    if "{what}" == "function":
+        got = pk.run_parallel(late.imported_here, range(4), max_workers=2,
+                              start_method="forkserver", chunksize=1)
+    else:
+        got = pk.run_parallel(preload_probe.class_module_imported_here,
+                              [late.Box(i) for i in range(4)], max_workers=2,
+                              start_method="forkserver", chunksize=1)
+    print(sorted(set(got)))
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("what", ["function", "items"])
+@pytest.mark.parametrize("preload", ["1", "0"])
+def test_forkserver_imports_what_a_call_needs_once_for_all_workers(what: str, preload: str) -> None:
+    # The parent imported tasks.late after the forkserver had started (a benchmark's numpy,
+    # imported inside a function): every worker imported it again by itself, for every call.
+    # Now the server imports the modules of the function and of the items' classes before
+    # it forks the next worker, once.
+    script = LATE_SCRIPT.format(what=what)
+    env = package_env(TESTS, PARALLELKIT_FORKSERVER_PRELOAD=preload)
+    result = run_python("-c", script, timeout=80, env=env)
+    assert result.returncode == 0, result.stderr
+    expected = "[False]" if preload == "1" else "[True]"
+    assert result.stdout.split() == [expected, expected]
+    assert result.stderr == ""
+
+
 def test_the_forkserver_preloads_every_roles_loop() -> None:
     # The channel server's module was not preloaded (the pool worker's and the stage's
     # were): each start_process child under forkserver imported it itself.
@@ -261,6 +295,20 @@ def test_the_forkserver_preloads_every_roles_loop() -> None:
     result = run_python("-c", script, timeout=60, env=package_env(TESTS))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True"] * 4
+
+
+def test_forkserver_workers_start_with_the_shared_memory_wire_imported() -> None:
+    # Every forkserver worker imported parallelkit._wire.arena (and _wire.shm) by itself, in
+    # the middle of its first chunk with a large argument or result.
+    names = ["parallelkit._wire.arena", "parallelkit._wire.shm"]
+    script = (
+        "import parallelkit as pk, tasks.preload as preload_probe\n"
+        f"print(pk.run_parallel(preload_probe.loaded, [{names!r}] * 2, max_workers=2,\n"
+        "                      start_method='forkserver', chunksize=1))\n"
+    )
+    result = run_python("-c", script, timeout=60, env=package_env(TESTS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == repr([names, names])
 
 
 def test_a_spawn_worker_imports_neither_ctypes_nor_the_shared_ctypes_heap() -> None:

@@ -17,3 +17,11 @@ def loaded(names: list[str]) -> list[str]:
     import sys
 
     return [name for name in names if name in sys.modules]
+
+
+def class_module_imported_here(item: object) -> bool:
+    """True if this process imported the module of ``item``'s class itself."""
+    import sys
+
+    imported_in: int = sys.modules[type(item).__module__].IMPORTED_IN
+    return os.getpid() == imported_in

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Final
 
 from parallelkit._map import worker as W
 from parallelkit._map.job import Chunk, Turns
+from parallelkit._proc.forkserver import want_modules
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._util import timeline as _timeline
 from parallelkit._wire.arena import ArgArena
 
 if TYPE_CHECKING:
@@ -69,6 +71,8 @@ class Dispatcher:
         if chunk.buffers:
             if self.arena is None:
                 self.arena = ArgArena(self.engine.max_workers)
+            if _timeline.ENABLED:
+                _timeline.stamp(f"parent.arena_put {chunk.cid}")
             try:
                 placed = self.arena.put(chunk.buffers)
             except OSError:  # no room in /dev/shm: this job sends its buffers in band
@@ -104,6 +108,8 @@ class Dispatcher:
         job.in_flight += 1
         # if it has died, its sentinel tells, and the chunk (not taken) runs elsewhere
         worker.post(b"".join((header, fn_payload, arena_spec, payload)))
+        if _timeline.ENABLED:
+            _timeline.stamp(f"parent.task_sent {chunk.cid} to {worker.slot}")
         return True
 
     def _capacity(self, worker: WorkerHandle) -> bool:
@@ -184,6 +190,8 @@ class Dispatcher:
                 chunk = self._next_chunk()
                 if chunk is None:
                     return
+                if engine.start_method == "forkserver":  # the server imports them, once
+                    want_modules(chunk.job.fn, chunk.items)
                 try:
                     spawned = engine.spawn()
                 except BaseException:

@@ -60,6 +60,7 @@ from parallelkit._proc.lifecycle import (
 )
 from parallelkit._proc.wakeup import WakeUpPipe
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._util import timeline as _timeline
 from parallelkit._util.context import child_share
 from parallelkit._util.threads import Mutex
 from parallelkit._util.types import StartMethod
@@ -455,6 +456,8 @@ class Engine:
             w.process.kill()
             wait_reapable([w.process], time.monotonic() + REAP_SECONDS)
         exitcode = w.process.exitcode
+        if _timeline.ENABLED:
+            _timeline.stamp(f"parent.reaped {w.slot}")
         self._forget(w)
         if self.broken is not None:
             return
@@ -521,6 +524,8 @@ class Engine:
         futures thread's, say) finds none left and only waits for the mutex.
         """
         taken: list[WorkerHandle] = []
+        if _timeline.ENABLED:
+            _timeline.stamp("parent.shutdown")
         try:
             self._shutdown(taken, graceful=graceful, join_timeout=join_timeout)
         except BaseException:
@@ -569,6 +574,8 @@ class Engine:
         """Close the wake-up pipe and the progress view (once no thread is driving)."""
         if self.released:
             return
+        if _timeline.ENABLED:
+            _timeline.stamp("parent.release")
         self.released = True
         self.functions.release()
         self.dispatcher.close()

@@ -26,6 +26,7 @@ from parallelkit._map.dispatch import STOP_MESSAGE
 from parallelkit._map.job import Chunk, PoolBrokenError
 from parallelkit._proc import child
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._util import timeline as _timeline
 from parallelkit._wire import direct as _direct
 from parallelkit._wire.arena import MAGIC, ResultReader
 from parallelkit._wire.codec import rebuild_exception
@@ -63,6 +64,8 @@ class Replies:
         """Decode one reply of ``w`` and settle the chunk it answers."""
         engine = self.engine
         chunk = w.chunks[0] if w.chunks else None
+        if _timeline.ENABLED:
+            _timeline.stamp(f"parent.reply {None if chunk is None else chunk.cid} from {w.slot}")
         try:
             if data[:4] == _direct.MAGIC_DIRECT:
                 msg = self._direct_message(w, data)

@@ -34,6 +34,7 @@ from parallelkit._proc.slots import (
     TAKEN,
 )
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._util import timeline as _timeline
 from parallelkit._wire import layouts
 from parallelkit._wire.codec import (
     ARENA_MIN_BYTES,
@@ -93,6 +94,8 @@ def pool_loop(
     base = slot * SLOT_WORDS
     words[base + DUMP_FD] = dump_fd  # armed before POS leaves POS_STARTING
     arena: list[Any] = []  # the _arena.WorkerArena, once a chunk needs it
+    if _timeline.ENABLED:
+        _timeline.stamp(f"worker.ready {slot}")
     try:
         _task_loop(conn, fns, shared_items, words, base, arena)
     except (EOFError, OSError):
@@ -101,6 +104,8 @@ def pool_loop(
         if arena:
             arena[0].close()
         words.release()
+        if _timeline.ENABLED:
+            _timeline.stamp(f"worker.loop_end {slot}")
 
 
 def report_startup_failure(conn: Connection, failure: StartupFailure) -> None:
@@ -146,6 +151,8 @@ def _task_loop(
         words[base] = POS_RECEIVING  # before recv(): a large chunk takes a while to arrive
         buf = backlog.popleft() if backlog else recv()
         kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
+        if _timeline.ENABLED:
+            _timeline.stamp(f"worker.got {'task ' + str(cid) if kind == TASK else kind}")
         if kind == TASK:
             # the time first, then the id: a parent that sees the id sees when we took it
             # (a per-item timeout counts from then, never our start-up or initializer)
@@ -187,6 +194,8 @@ def _task_loop(
                 send(reply)
                 continue
         del buf
+        if _timeline.ENABLED:
+            _timeline.stamp(f"worker.items {cid}")
         t0 = time.perf_counter()
         results, errors = _run_chunk(fn, items, flags, words, base)
         _logs.end_task()  # (holds no result past the chunk)
@@ -228,6 +237,8 @@ def _task_loop(
             # be the caller's objects: a Manager proxy, say, whose collection it waits for)
             del msg, results, items, errors
         send(payload)
+        if _timeline.ENABLED:
+            _timeline.stamp(f"worker.sent {cid} ({elapsed * 1e3:.2f} ms in fn)")
         if _fuzz.ENABLED:
             _fuzz.point("worker.after_send")
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 from parallelkit import _platform
 from parallelkit._proc import identity as _identity
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._util import timeline as _timeline
 from parallelkit._util.threads import THREAD_BLOCKED
 
 if TYPE_CHECKING:
@@ -267,6 +268,8 @@ def child_main(
         log_parent_end: fork: our copy of the parent's end of the log socket, closed.
         identity: what :func:`parallelkit.worker_info` answers in the child.
     """
+    if _timeline.ENABLED:
+        _timeline.stamp("child.main")
     if parent_end is not None:
         parent_end.close()  # close, don't shut down: the parent still uses its own
     if log_parent_end is not None:
@@ -310,6 +313,9 @@ def child_main(
     if _fuzz.ENABLED:  # the parent waits for the exit hooks as for the exit itself
         _fuzz.point("child.before_exit_hooks")
     _identity.run_exit_hooks()
+    if _timeline.ENABLED:
+        cpu = os.times()
+        _timeline.stamp(f"child.exit (cpu {(cpu.user + cpu.system) * 1e3:.1f} ms)")
     if fast_exit:
         exit_without_teardown()
 

@@ -5,15 +5,29 @@ first (:func:`preload_forkserver`) has the server import, once for all its child
 every child imports first (the child main and each role's loop), what unpickling a child
 needs, what the main module imported, and the main module itself (see
 :mod:`parallelkit._proc.forkserver_main`).
+
+What the parent imports later (numpy, imported inside a function) would be imported again
+by every worker, for every call, as it unpickles its first task: ``import numpy`` takes
+longer than a whole one-call map of 32 arrays of 8 MB under fork.  So a server we started
+also takes requests: before a map starts a worker, :func:`want_modules` appends the
+modules of its function and of its first items' classes (those this process has imported)
+to a file the server reads before each fork, and the server imports them, once, for every
+worker it forks from then on::
+
+    parent: want_modules(fn, items) ──"numpy\n"──▶ wants file ──▶ server, before its next
+            fork: import numpy (once) ──▶ this worker, and every later one, has it
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
+import tempfile
 import threading
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 # What every parallelkit child imports first: the child main and each role's loop (the pool
 # worker, the pipeline stage, the channel server)
@@ -23,11 +37,22 @@ CHILD_MODULES: Final = (
     "parallelkit._pipeline.stage",
     "parallelkit._channel.process",
 )
-# What a forkserver child imports to unpickle a worker
-SERVER_MODULES: Final = ("multiprocessing.popen_forkserver",)
+# What a forkserver child imports to unpickle a worker, and what a pool worker imports at its
+# first large argument or result (shared memory: each worker imported it again, in the
+# middle of its first task)
+SERVER_MODULES: Final = ("multiprocessing.popen_forkserver", "parallelkit._wire.arena")
 # How the main module's path or name reaches the server (read by parallelkit._proc.forkserver_main)
 FORKSERVER_MAIN_ENV: Final = "PARALLELKIT_FORKSERVER_MAIN"
+# How the path of the file of modules to import reaches the server (forkserver_main again)
+FORKSERVER_WANTS_ENV: Final = "PARALLELKIT_FORKSERVER_WANTS"
 _preload_checked = False
+# The wants file of the server this process started (None: no server of ours takes them),
+# the pid that made it (only that process removes it), and the modules asked for so far
+_wants_path: str | None = None
+_wants_owner = 0
+_wanted: set[str] = set()
+_NOT_WANTED: Final = frozenset({"__main__", "__mp_main__", "builtins"})
+_ITEMS_LOOKED_AT: Final = 4  # first items (and as many elements of each) whose classes count
 
 
 def _modules_of_main() -> list[str]:
@@ -73,6 +98,8 @@ def preload_forkserver() -> None:
         return  # running already (or a multiprocessing we do not know): leave it
     current = list(getattr(server, "_preload_modules", None) or ["__main__"])
     wanted = [m for m in (*CHILD_MODULES, *SERVER_MODULES, *_modules_of_main()) if m not in current]
+    if _make_wants_file():
+        wanted.append("parallelkit._proc.forkserver_main")
     if "__main__" in current:
         data = spawn.get_preparation_data("parallelkit-forkserver")
         main = {
@@ -88,7 +115,8 @@ def preload_forkserver() -> None:
             except (TypeError, ValueError):  # an argv that is not text: no main preload
                 pass
             else:
-                wanted.append("parallelkit._proc.forkserver_main")
+                if "parallelkit._proc.forkserver_main" not in wanted:
+                    wanted.append("parallelkit._proc.forkserver_main")
     if wanted:
         forkserver.set_forkserver_preload(current + wanted)
 
@@ -115,6 +143,82 @@ def start_forkserver() -> list[str]:
         forkserver.ensure_running()
     finally:  # read by the server as it started, if it did
         os.environ.pop(FORKSERVER_MAIN_ENV, None)
+        os.environ.pop(FORKSERVER_WANTS_ENV, None)
         if old_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return list(getattr(getattr(forkserver, "_forkserver", None), "_preload_modules", []))
+
+
+def _make_wants_file() -> bool:
+    """Create the file the server to be started reads modules to import from; its path
+    goes to the server in the environment.  False if no file could be made."""
+    global _wants_path, _wants_owner
+    try:
+        fd, path = tempfile.mkstemp(prefix="pk-forkserver-wants-")
+    except OSError:
+        return False
+    os.close(fd)
+    _wants_path, _wants_owner = path, os.getpid()
+    os.environ[FORKSERVER_WANTS_ENV] = path
+    atexit.register(_remove_wants_file)
+    return True
+
+
+def _remove_wants_file() -> None:
+    """At exit of the process that made it (the server removes it too, when it exits)."""
+    if _wants_path is not None and os.getpid() == _wants_owner:
+        try:
+            os.unlink(_wants_path)
+        except OSError:
+            pass
+
+
+def _module_names(fn: object, items: Sequence[Any] | None) -> list[str]:
+    """The modules a worker imports to unpickle ``fn`` and ``items``, as far as the function
+    and the classes of the first items (and of their first elements) tell."""
+    objects: list[object] = [type(fn)]
+    names = [getattr(fn, "__module__", None)]
+    if items is not None:
+        try:
+            first = list(items[:_ITEMS_LOOKED_AT])
+        except Exception:  # a sequence that cannot be sliced: its classes do not count
+            first = []
+        for item in first:
+            objects.append(type(item))
+            if type(item) in (tuple, list):
+                objects.extend(type(x) for x in item[:_ITEMS_LOOKED_AT])
+    names.extend(getattr(o, "__module__", None) for o in objects)
+    return [n for n in dict.fromkeys(names) if isinstance(n, str)]
+
+
+def want_modules(fn: object, items: Sequence[Any] | None) -> None:
+    """Before a worker starts under forkserver: have the server import, before it forks,
+    the modules that unpickling ``fn`` and ``items`` will import (see the module docstring).
+
+    Only modules this process has imported (by name) and not asked for before, and only
+    when the server is ours (started with a wants file); otherwise nothing happens.
+    """
+    if _wants_path is None:
+        return
+    new = []
+    for name in _module_names(fn, items):
+        module = sys.modules.get(name)
+        if (
+            name in _wanted
+            or name in _NOT_WANTED
+            or module is None
+            or getattr(module, "__spec__", None) is None
+        ):
+            continue
+        _wanted.add(name)
+        new.append(name)
+    if not new:
+        return
+    try:  # one write: lines of two threads asking at once do not interleave
+        fd = os.open(_wants_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, "".join(f"{name}\n" for name in new).encode())
+        finally:
+            os.close(fd)
+    except OSError:  # gone (the server exited): the workers import what they need
+        pass

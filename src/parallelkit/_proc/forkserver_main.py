@@ -18,17 +18,25 @@ skips it.
 Anything the main module raises here (it starts parallel work at import, calls
 ``sys.exit()``, fails) is swallowed: the server goes on without it and its children run
 the main module themselves, as before, where the error is reported as usual.
+
+It also takes the parent's later requests (:func:`parallelkit._proc.forkserver.want_modules`):
+before each fork, the server imports the modules named in the file
+``PARALLELKIT_FORKSERVER_WANTS`` names since it last looked, the same way (errors
+swallowed: the worker imports the module itself, and reports what fails).
 """
 
 from __future__ import annotations
 
+import atexit
+import importlib
 import os
 import sys
 
-from parallelkit._proc.forkserver import FORKSERVER_MAIN_ENV
+from parallelkit._proc.forkserver import FORKSERVER_MAIN_ENV, FORKSERVER_WANTS_ENV
 
-# set while the server imports the main module: parallel work started at import time is
-# refused with an exception here rather than by exiting (which would end the server)
+# set while the server imports the main module or a module asked for: parallel work started
+# at import time is refused with an exception here rather than by exiting (which would end
+# the server)
 importing_main = False
 
 
@@ -63,12 +71,74 @@ def preload_main() -> None:
     except BaseException:  # see the module docstring
         pass
     finally:
-        for stream in (sys.stdout, sys.stderr):  # children must not print it again
-            if stream is not None:
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
+        _flush()
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):  # children must not print it again
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def watch_wants() -> None:
+    """Import the modules the parent asks for before each fork of the server (not of its
+    children: the hook is inherited, and does nothing elsewhere)."""
+    path = os.environ.pop(FORKSERVER_WANTS_ENV, None)
+    if not path:
+        return
+    server = os.getpid()
+    read = [0]  # bytes of the file taken so far
+
+    def before_fork() -> None:
+        if os.getpid() == server:
+            _import_wanted(path, read)
+
+    os.register_at_fork(before=before_fork)
+    atexit.register(_remove, path, server)
+
+
+def _import_wanted(path: str, read: list[int]) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(read[0])
+            data = f.read()
+    except OSError:  # removed: the parent has exited
+        return
+    end = data.rfind(b"\n") + 1
+    if not end:
+        return
+    read[0] += end
+    names = [n for n in data[:end].decode(errors="replace").split() if n not in sys.modules]
+    if not names:
+        return
+    from multiprocessing import process  # noqa: PLC0415 - only in the server
+
+    global importing_main
+    current = process.current_process()
+    current._inheriting = True  # type: ignore[attr-defined]
+    importing_main = True
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except BaseException:  # see the module docstring
+                pass
+    finally:
+        importing_main = False
+        del current._inheriting  # type: ignore[attr-defined]
+        _flush()
+
+
+def _remove(path: str, server: int) -> None:
+    if os.getpid() == server:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 preload_main()
+watch_wants()

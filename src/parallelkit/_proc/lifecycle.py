@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from parallelkit import _platform
 from parallelkit._proc.identity import Identity
+from parallelkit._util import timeline as _timeline
 from parallelkit.errors import StartMethodError
 
 TERMINATE_GRACE: Final = 1.0  # seconds a SIGTERMed process gets before SIGKILL
@@ -272,7 +273,11 @@ def start_child(
             # not at import: a spawned channel server imports this module, not the server
             from parallelkit._proc.forkserver import start_forkserver  # noqa: PLC0415
 
+            if _timeline.ENABLED:
+                _timeline.stamp("parent.forkserver_ensure")
             start_forkserver()
+            if _timeline.ENABLED:
+                _timeline.stamp("parent.forkserver_running")
         process: BaseProcess = context.Process(  # type: ignore[attr-defined]
             target=child_main,
             args=(SigintIgnored(), loop, conn, tuple(args)),
@@ -287,6 +292,8 @@ def start_child(
         try:
             if start_method != "forkserver":
                 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            if _timeline.ENABLED:
+                _timeline.stamp(f"parent.start {name}")
             if threads_ok and start_method == "fork":
                 with warnings.catch_warnings():
                     warnings.filterwarnings(
@@ -295,6 +302,8 @@ def start_child(
                     process.start()
             else:
                 process.start()
+            if _timeline.ENABLED:
+                _timeline.stamp(f"parent.started {name}")
             if on_started is not None:
                 on_started(process)
         finally:
