@@ -203,6 +203,37 @@ def test_seqpacket_fallback_log_records_go_as_datagrams_whole_under_every_start_
     assert seen["logs"] == {"fork": True, "forkserver": True, "spawn": True}
 
 
+NO_MSG_NOSIGNAL = """
+import socket
+del socket.MSG_NOSIGNAL  # as on macOS
+import multiprocessing
+import parallelkit as pk
+from tasks import basic as wb
+from tasks import channel as wc
+from tasks import queue as wq
+
+if __name__ == "__main__":
+    assert pk.run_parallel(wb.square, range(20), max_workers=2, start_method="fork") == [
+        x * x for x in range(20)
+    ]
+    with pk.start_process(wc.echo, start_method="fork") as child:
+        assert child.request("hi", timeout=30) == "hi"
+    queue = pk.Queue(start_method="fork")
+    producer = multiprocessing.get_context("fork").Process(target=wq.produce, args=(queue, 0, 5))
+    producer.start()
+    assert [queue.get(timeout=30) for _ in range(5)] == [0, 1, 2, 3, 4]
+    producer.join(30)
+    print("ok")
+"""
+
+
+def test_a_socket_module_without_msg_nosignal_imports_and_runs(tmp_path: Path) -> None:
+    # macOS's socket module has no MSG_NOSIGNAL (it has the SO_NOSIGPIPE option)
+    result = run_python("-c", NO_MSG_NOSIGNAL, timeout=120, env=_env(tmp_path, "0"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok"]
+
+
 def test_process_vm_fallback_results_travel_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
     _without(monkeypatch, process_vm=False)
     monkeypatch.setattr(_direct, "_SYSCALL", None)

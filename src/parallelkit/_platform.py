@@ -81,6 +81,9 @@ _ZEROS_CHUNK: Final = 1 << 20  # bytes written at a time when reserving by writi
 DGRAM_BUFFER: Final = 128 * 1024
 _DGRAM_BUFFER_FLOOR: Final = 8 * 1024  # bytes: not worth asking for less
 _DGRAM_SLACK: Final = 256  # bytes: what a buffer holds beside one datagram (its address, ...)
+# the send flag that spares a sender SIGPIPE when its peer is gone; macOS has none (0 then:
+# Python ignores SIGPIPE, so such a send fails with EPIPE all the same)
+MSG_NOSIGNAL: Final = int(getattr(socket, "MSG_NOSIGNAL", 0))
 
 
 def _forced(value: str) -> frozenset[str]:

@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
+from parallelkit import _platform
 from parallelkit._map.job import Chunk
 from parallelkit._wire import layouts
 from parallelkit._wire.arena import ResultReader, remove_leftovers
@@ -34,7 +35,7 @@ from parallelkit._wire.stream import ROOM_FLOOR, widen
 # multiprocessing.Connection's framing (its layouts: _wire/layouts.py)
 _LEN: Final = layouts.CONNECTION_LEN
 _LONG_LEN: Final = layouts.CONNECTION_LONG_LEN
-_SEND_FLAGS: Final = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
+_SEND_FLAGS: Final = socket.MSG_DONTWAIT | _platform.MSG_NOSIGNAL
 _SMALL: Final = 16 * 1024  # bytes: a message this small goes out with its header in one piece
 _READABLE: Final = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 

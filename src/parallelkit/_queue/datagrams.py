@@ -26,6 +26,7 @@ import struct
 import threading
 from typing import Any, Final
 
+from parallelkit import _platform
 from parallelkit._wire import frames, layouts
 from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, has_large_bytes
 
@@ -39,7 +40,7 @@ SOCKET_BUFFER: Final = 4 << 20  # bytes asked for (the kernel caps it at wmem_ma
 OUT_OF_BAND_MIN: Final = OUT_OF_BAND_MIN_BYTES  # the codec's one rule (as frames.OUT_OF_BAND_MIN)
 
 # plain ints: or-ing the socket module's flag enums costs more than the system call
-SEND_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+SEND_FLAGS: Final = int(socket.MSG_DONTWAIT | _platform.MSG_NOSIGNAL)
 NOWAIT: Final = int(socket.MSG_DONTWAIT)
 PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 FD_SPACE: Final = socket.CMSG_SPACE(4)

@@ -65,7 +65,7 @@ SMALL: Final = 64 * 1024  # bytes: a body this small (no buffers) goes out with 
 IOV_MAX: Final = 512  # parts per sendmsg
 WIDE_BUFFER: Final = 1024 * 1024  # bytes: the send buffer widen() asks for
 ROOM_FLOOR: Final = 32 * 1024  # bytes a peer may surely leave unread (see widen)
-_SEND_FLAGS: Final = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_SEND_FLAGS: Final = socket.MSG_DONTWAIT | _platform.MSG_NOSIGNAL
 
 Buffer = bytes | bytearray | memoryview
 # Where a large frame is received: (kind, body length, buffer lengths) -> writable parts,
