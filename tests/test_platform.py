@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+import parallelkit as pk
 from child import TESTS, package_env, run_python
 from parallelkit import _platform
 from parallelkit._wire import direct as _direct
@@ -234,6 +235,30 @@ def test_a_socket_module_without_msg_nosignal_imports_and_runs(tmp_path: Path) -
     assert result.stdout.split() == ["ok"]
 
 
+@pytest.mark.timeout(60)
+def test_preadv_fallback_a_queues_large_message_arrives(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # as on macOS before 11: no os.preadv at all (the consumer reads the message's file)
+    _without(monkeypatch, preadv=False)
+    monkeypatch.delattr(os, "preadv")
+    big = bytes(range(256)) * (12 << 12)  # 12 MB: travels in an anonymous file
+    queue: pk.Queue[object] = pk.Queue(start_method="fork")
+    try:
+        queue.put(["x" * (8 << 20), big])
+        assert queue.get(timeout=30) == ["x" * (8 << 20), big]
+    finally:
+        queue.close()
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"0123456789")
+        into = bytearray(6)
+        assert _platform.pread_into(fd, memoryview(into)[1:], 7) == 3
+        assert into == b"\x00789\x00\x00"
+    finally:
+        os.close(fd)
+
+
 def test_process_vm_fallback_results_travel_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
     _without(monkeypatch, process_vm=False)
     monkeypatch.setattr(_direct, "_SYSCALL", None)
@@ -261,6 +286,21 @@ def test_sockbuf_fallback_a_fixed_depth(monkeypatch: pytest.MonkeyPatch) -> None
     with a, b:
         assert _stream.widen(a) == _stream.ROOM_FLOOR  # was _map.handle.pipe_room (now widen)
         assert _stream.widen(a) == _stream.ROOM_FLOOR
+
+
+def test_sockbuf_fallback_a_queues_receiver_takes_its_largest_datagram(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # where the receiver's buffer limits a datagram (macOS: 4 KB by default), the
+    # consumers' end has its buffer raised and no message sent inline exceeds it
+    from parallelkit._queue import datagrams
+
+    _without(monkeypatch, sockbuf=False)
+    sock, peer, inline_max = datagrams.socket_pair()
+    with sock, peer:
+        received = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        assert received >= datagrams.SOCKET_BUFFER
+        assert inline_max <= received // 4
 
 
 def test_pidfd_fallback_gives_no_descriptor(monkeypatch: pytest.MonkeyPatch) -> None:

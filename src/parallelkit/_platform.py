@@ -28,6 +28,8 @@ facility           Linux fast path                             portable fallback
                    pairs: a log record is one datagram, the    a record larger than a
                    parent's end sees the child's hang-up       datagram goes in pieces
                                                                (:mod:`parallelkit._proc.logs`)
+``preadv``         ``os.preadv`` (macOS from 11): a queue's    ``os.pread``, then a copy
+                   large message read straight into place
 =================  ==========================================  =============================
 
 ``fcntl`` locks (``flock``, ``lockf``) are POSIX and used everywhere.  Windows has none of
@@ -72,6 +74,7 @@ FACILITIES: Final = (
     "affinity",
     "sockbuf",
     "seqpacket",
+    "preadv",
 )
 LINUX: Final = sys.platform.startswith("linux")
 DEV_SHM: Final = Path("/dev/shm")
@@ -116,6 +119,7 @@ class Offers(NamedTuple):
     affinity: bool
     sockbuf: bool
     seqpacket: bool
+    preadv: bool
 
     @property
     def portable(self) -> bool:
@@ -152,6 +156,7 @@ def decide(forced: frozenset[str] = frozenset()) -> Offers:
         "affinity": hasattr(os, "sched_getaffinity"),
         "sockbuf": LINUX,
         "seqpacket": _seqpacket_works(),
+        "preadv": hasattr(os, "preadv"),
     }
     return Offers(**{name: offered[name] and name not in forced for name in FACILITIES})
 
@@ -262,6 +267,18 @@ def free_pages(mm: mmap.mmap, start: int, length: int) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read the file ``fd`` from ``offset`` into ``view``; how many bytes came (0: its end).
+
+    ``os.preadv`` reads in place; without it (macOS before 11), ``os.pread`` and a copy.
+    """
+    if OFFERS.preadv:
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)
+    view[: len(data)] = data
+    return len(data)
 
 
 # ------------------------------------------------------------------ processes

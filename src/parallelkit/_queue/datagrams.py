@@ -70,6 +70,13 @@ def socket_pair() -> tuple[socket.socket, socket.socket, int]:
     with contextlib.suppress(OSError):
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     buffer = peer.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    if not _platform.OFFERS.sockbuf:
+        # queued bytes counted against the receiver's buffer (a BSD system, macOS): it
+        # takes a datagram only into room there (4 KB by default on macOS; a larger one
+        # would fail with ENOBUFS for ever)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        buffer = min(buffer, sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
     return sock, peer, max(4096, min(INLINE_MAX, buffer // 4))
 
 
@@ -246,7 +253,7 @@ def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 def _read_all(fd: int, view: memoryview) -> None:
     offset = 0
     while offset < len(view):
-        n = os.preadv(fd, [view[offset:]], offset)
+        n = _platform.pread_into(fd, view[offset:], offset)
         if n == 0:
             raise EOFError("a large message of the queue ended early")
         offset += n

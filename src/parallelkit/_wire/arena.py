@@ -515,7 +515,7 @@ def _read_region(fd: int, n: int, offset: int) -> bytearray:
     view = memoryview(out)
     done = 0
     while done < n:
-        got = os.preadv(fd, [view[done:]], offset + done)
+        got = _platform.pread_into(fd, view[done:], offset + done)
         if got <= 0:
             raise OSError(f"a result region ends early ({done} of {n} bytes)")
         done += got
