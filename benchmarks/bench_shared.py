@@ -303,7 +303,7 @@ def counter_summary(
         lines += [
             "",
             f"SharedCounter against the locked Value: **{loop:.1f}x** as fast inside the loop "
-            f"(goal: 20x), {whole:.1f}x for the whole run (start, count, join).",
+            f"(goal: 25x), {whole:.1f}x for the whole run (start, count, join).",
         ]
     return lines
 

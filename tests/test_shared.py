@@ -363,19 +363,99 @@ def test_dropped_object_is_freed_by_its_finalizer() -> None:
 def test_threads_of_one_process_lose_nothing() -> None:
     with pk.SharedCounter() as counter:
         assert ws.count_in_threads((counter, 8, 5000)) == 40000
-        counter.add()  # the main thread's slot too
+        counter.add()  # the main thread's too
         assert counter.value == 40001
+
+
+class _PerThreadCounter(pk.SharedCounter):
+    """A counter as a free-threaded build has it: a slot for each thread."""
+
+    __slots__ = ()
+    _per_thread = True
+    add = pk.SharedCounter._add_per_thread
+
+
+def test_the_counter_has_one_slot_a_process_where_there_is_a_gil() -> None:
+    assert _shared.FREE_THREADED is ("t" in sys.abiflags)
+    assert pk.SharedCounter._per_thread is _shared.FREE_THREADED
+    assert pk.SharedAccumulator._per_thread  # user types may run Python code mid-add
+    if not _shared.FREE_THREADED:
+        assert pk.SharedCounter.add is not pk.SharedCounter._add_per_thread
+
+
+RACY_THREADS, RACY_ADDS = 8, 20_000
+
+
+def test_control_the_harness_counts_an_interrupted_adds_losses() -> None:
+    # The next tests' harness sees lost updates: the same threads on an add that is
+    # interrupted between its read and its write (held there on purpose) lose all but n.
+    with pk.SharedCounter() as counter:
+        counter.add(0)
+        adds, _ = ws.add_in_switching_threads((counter._cell, RACY_THREADS, 200))
+        assert (adds, counter.value) == (RACY_THREADS * 200, 200)
+
+
+@pytest.mark.parametrize("kind", ["SharedCounter", "per-thread SharedCounter", "SharedAccumulator"])
+def test_threads_switching_every_microsecond_lose_no_update(kind: str) -> None:
+    writer: pk.SharedCounter | Accumulator = (
+        pk.SharedCounter()
+        if kind == "SharedCounter"
+        else _PerThreadCounter()
+        if kind == "per-thread SharedCounter"
+        else pk.SharedAccumulator("sum", dtype=int)
+    )
+    with writer:
+        adds, slots = ws.add_in_switching_threads((writer, RACY_THREADS, RACY_ADDS))
+        assert writer.value == adds == RACY_THREADS * RACY_ADDS
+        # the counter's threads share the process's slot (with the GIL); else one a thread
+        shared = kind == "SharedCounter" and not _shared.FREE_THREADED
+        assert slots == (1 if shared else RACY_THREADS)
+
+
+def test_processes_of_switching_threads_lose_no_update_one_slot_each(
+    start_method: StartMethod,
+) -> None:
+    with pk.SharedCounter() as counter:
+        done = pk.run_parallel(
+            ws.add_in_switching_threads,
+            [(counter, 4, 5000)] * 4,
+            start_method=start_method,
+            max_workers=2,
+            chunksize=1,
+        )
+        assert counter.value == sum(adds for adds, _ in done) == 80_000
+        assert {slots for _, slots in done} == {1 if not _shared.FREE_THREADED else 4}
 
 
 def test_writers_beyond_the_slots_share_the_locked_overflow_slot(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(_shared, "SLOTS", 3)  # the overflow slot and two writer slots
+    overflow = _shared._base(0) + _shared.S_PID
+    with pk.SharedAccumulator("sum", dtype=int) as acc:  # a slot for each thread
+        assert ws.add_in_switching_threads((acc, 6, 3000)) == (18000, 2)
+        assert acc.value == 18000
+        assert acc._words[overflow] == _shared.OVERFLOW_OWNER
+
+
+def test_processes_beyond_the_slots_share_the_locked_overflow_slot(
+    monkeypatch: pytest.MonkeyPatch, start_method: StartMethod
+) -> None:
+    monkeypatch.setattr(_shared, "SLOTS", 3)  # the overflow slot and two writer slots
+    ctx = get_context(start_method)
     with pk.SharedCounter() as counter:
-        assert ws.count_in_threads((counter, 6, 3000)) == 18000
-        assert counter.value == 18000
-        overflow = _shared._base(0) + _shared.S_PID
-        assert counter._words[overflow] == _shared.OVERFLOW_OWNER
+        counter.add()  # this process takes a slot first
+        together = ctx.Barrier(3)
+        procs = [
+            ctx.Process(target=ws.count_alive_together, args=(counter, together, 3000))  # type: ignore[attr-defined]
+            for _ in range(3)
+        ]
+        for p in procs:
+            p.start()
+        _join_all(procs)
+        assert counter.value == 9001
+        # one child got the last slot, the two others added under the lock
+        assert counter._words[_shared._base(0) + _shared.S_PID] == _shared.OVERFLOW_OWNER
 
 
 def test_same_thread_attaching_again_reuses_its_slot() -> None:

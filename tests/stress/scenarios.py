@@ -907,6 +907,7 @@ def scenario_shared(r: Round) -> None:
     workers = r.pick("workers", [1, 2, 3])
     tasks = r.between("tasks", 1, 40)
     per_task = r.between("adds_per_task", 1, 3000)
+    local_threads = r.pick("local_threads", [1, 2, 4])  # they share this process's slot
     chunksize = r.pick("chunksize", [None, 1, 4])
     rows = r.between("rows", 1, 300)
     r.show()
@@ -920,8 +921,12 @@ def scenario_shared(r: Round) -> None:
         pk.SharedAccumulator("max", dtype=float) as largest,
         pk.SharedArray.zeros((rows, 64)) as shared,
     ):
-        local = threading.Thread(target=w.count, args=((counter, per_task),))
-        local.start()
+        local = [
+            threading.Thread(target=w.count, args=((counter, per_task),))
+            for _ in range(local_threads)
+        ]
+        for t in local:
+            t.start()
         done = pk.run_parallel(
             w.count,
             [(counter, per_task)] * tasks,
@@ -929,9 +934,10 @@ def scenario_shared(r: Round) -> None:
             start_method=r.method,
             chunksize=chunksize,
         )
-        local.join(RESULT_WAIT)
+        for t in local:
+            t.join(RESULT_WAIT)
         expect_same(done, [per_task] * tasks, "counts")
-        expect_same(counter.value, per_task * (tasks + 1), "counter")
+        expect_same(counter.value, per_task * (tasks + local_threads), "counter")
         lengths = pk.run_parallel(
             w.accumulate,
             [(total, largest, by_value, v) for v in values],

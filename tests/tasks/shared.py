@@ -16,8 +16,10 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from typing import Any
 
 from parallelkit import SharedAccumulator, SharedArray, SharedCounter, _platform
+from parallelkit._shared import counters as _counters
 from parallelkit._shared.counters import _locked
 
 Accumulator = SharedAccumulator[int] | SharedAccumulator[float]
@@ -60,6 +62,68 @@ def count_in_threads(item: tuple[SharedCounter, int, int]) -> int:
     for t in workers:
         t.join()
     return threads * n
+
+
+def slots_of(counter: SharedCounter | Accumulator, pid: int) -> int:
+    """How many slots of the object's segment ``pid`` owns."""
+    words = counter._words
+    return sum(
+        1
+        for slot in range(1, words[_counters.W_HWM])
+        if words[_counters._base(slot) + _counters.S_PID] == pid
+    )
+
+
+def _add_racily(cell: memoryview[int], n: int, between: threading.Barrier) -> None:
+    """The control: an add that the other threads interrupt between its read and its
+    write, every time (they all read, then they all write): ``n`` adds in all, whatever
+    the number of threads."""
+    for _ in range(n):
+        seen = cell[0]
+        between.wait(30)
+        cell[0] = seen + 1
+        between.wait(30)
+
+
+def add_in_switching_threads(
+    item: tuple[SharedCounter | Accumulator | memoryview[int], int, int],
+) -> tuple[int, int]:
+    """``threads`` threads, alive together, each ``writer.add(1)`` ``n`` times, with the
+    interpreter switching threads as often as it can (every microsecond), so that an add
+    that can be interrupted between its read and its write loses updates.  A memoryview
+    of one int64 is the control: :func:`_add_racily` on it.  Returns ``(adds, slots this
+    process owns)``."""
+    writer, threads, n = item
+    barrier = threading.Barrier(threads)
+
+    def target() -> None:
+        barrier.wait(30)  # every thread is alive before any adds
+        if isinstance(writer, memoryview):
+            _add_racily(writer, n, barrier)
+        else:
+            for _ in range(n):
+                writer.add(1)
+
+    workers = [threading.Thread(target=target) for _ in range(threads)]
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        sys.setswitchinterval(before)
+    slots = 0 if isinstance(writer, memoryview) else slots_of(writer, os.getpid())
+    return threads * n, slots
+
+
+def count_alive_together(counter: SharedCounter, barrier: Any, n: int) -> None:
+    """A process target: wait for the others, add 1 ``n`` times, wait again before exiting
+    (so that every writer claims its slot while the others are alive: none is taken over)."""
+    barrier.wait(30)
+    count((counter, n))
+    barrier.wait(30)
 
 
 def add_forever(counter: SharedCounter, step: int) -> None:

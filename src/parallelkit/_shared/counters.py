@@ -8,15 +8,27 @@ is in ``_shared_array``).  One writer per slot, no lock on the hot path::
     line 1      slot 0: the overflow slot, written only under the segment's lock
     line 2..    slot i: value, owner pid, owner thread      (one 64-byte line each)
 
-- ``add`` in a thread that owns a slot is a check of the thread id and one
+- A writer is a process and thread (``SharedAccumulator``, and ``SharedCounter`` on a
+  free-threaded build), or a whole process (``SharedCounter`` with the GIL: its slot's
+  thread word is :data:`PROCESS_KEY`).
+- ``SharedCounter.add`` with the GIL is one read-modify-write of the process's slot,
+  ``cell[0] += n`` on a cached memoryview with ``n`` an exact int: no lock, no system
+  call, no thread check, and no cache line shared with another process.  The threads of
+  the process share the slot and lose no update: between the read and the write there is
+  no call and no Python code (memoryview items and int addition are C code that does not
+  release the GIL), and CPython switches threads only at calls, function entries and
+  backward jumps.  (An opcode-level tracer, ``f_trace_opcodes`` or a ``sys.monitoring``
+  INSTRUCTION event, runs Python code between bytecodes and voids this: debugging tools
+  only.)  A free-threaded build has no GIL: there each thread has its own slot.
+- ``add`` in a thread that owns a per-thread slot is a check of the thread id and one
   read-modify-write of its own slot, on a cached memoryview: no lock, no system call,
   and no cache line shared with another writer.
-- A thread's first ``add`` claims a slot, once per process and thread, under the
+- A writer's first ``add`` claims a slot, once per process (and thread), under the
   segment's ``flock`` lock (released by the kernel if the claimer dies, so a killed
   claimer cannot deadlock anyone), on a descriptor opened for that hold only: an object
   keeps no descriptor of its own beyond its mapping's, so many counters fit in a small
   ``RLIMIT_NOFILE`` (once the creator has unlinked the segment, no new writer can join).
-  The claimer takes back the slot it already had (same pid and thread), else a free
+  The claimer takes back the slot it already had (same pid and thread word), else a free
   one, else one whose owner process has died: its value stays in, the new owner keeps
   adding to it, which is right for sum, min and max.
   With every slot taken by a living writer, adds go to the overflow slot under the lock:
@@ -44,6 +56,7 @@ import fcntl
 import math
 import operator
 import os
+import sys
 import threading
 import weakref
 from _thread import get_ident as _get_ident
@@ -52,6 +65,7 @@ from fractions import Fraction
 from types import TracebackType
 from typing import (
     Any,
+    ClassVar,
     Final,
     Generic,
     Literal,
@@ -83,6 +97,8 @@ S_VALUE, S_PID, S_TID = range(3)  # words of a slot
 OVERFLOW_OWNER: Final = -1  # slot 0's pid word once it holds a value
 SLOTS: Final = 255  # slot 0 (overflow) + 254 writers: 16 KiB with the header
 _TID_MASK: Final = (1 << 63) - 1
+PROCESS_KEY: Final = 0  # the thread word of a slot shared by a process's threads (no ident is 0)
+FREE_THREADED: Final = "t" in getattr(sys, "abiflags", "")  # no GIL to make a += atomic
 
 _MISSING: Final = object()
 
@@ -201,9 +217,10 @@ class _Slots:
         "_views",
         "_words",
     )
-    _tid: int  # the thread whose slot is _cell; 0: none (not yet claimed, forked, closed)
-    _cell: Cell  # that thread's slot value
-    _cells: dict[int, Cell | None]  # every thread's slot here; None: the overflow slot
+    _per_thread: ClassVar[bool] = True  # a slot per thread, or one per process (PROCESS_KEY)
+    _tid: int  # the thread whose slot is _cell; 0: none, or one slot per process
+    _cell: Cell  # that thread's (or this process's) slot value; None: not claimed
+    _cells: dict[int, Cell | None]  # every writer's slot here, by key; None: overflow slot
     _values: Any  # the words as int64 ("q") or float64 ("d"): see Cell
     _views: list[memoryview[Any]]  # released by close()
 
@@ -248,6 +265,7 @@ class _Slots:
 
     def _forget_slots(self) -> None:
         self._tid = 0
+        self._cell = None
         self._cells = {}
         self._lock = threading.Lock()
 
@@ -268,6 +286,7 @@ class _Slots:
         ones can no longer attach once the creator has closed.
         """
         self._tid = 0  # the hot path now takes the slow path, which sees it closed
+        self._cell = None
         self._cells = {}
         self._finalizer()
 
@@ -296,19 +315,23 @@ class _Slots:
         """``add`` in a thread that has no cached slot on this object (yet)."""
         if self._segment.closed:
             raise _closed_error(self)
-        tid = _get_ident()
-        cell = self._cells.get(tid, _MISSING)
+        key = _get_ident() if self._per_thread else PROCESS_KEY
+        cell = self._cells.get(key, _MISSING)
         if cell is _MISSING:
+            if _fuzz.ENABLED:
+                _fuzz.point("shared.first_add")  # another thread of this process claims
             with self._lock:
                 if self._segment.closed:
                     raise _closed_error(self)
-                cell, applied = self._claim(tid, x)
-                self._cells[tid] = cell
-                if cell is not None and self._tid == 0:
-                    self._cell = cell
-                    self._tid = tid  # after _cell: the hot path reads _tid first
-            if applied:
-                return
+                cell = self._cells.get(key, _MISSING)  # one slot a process: claimed meanwhile?
+                if cell is _MISSING:
+                    cell, applied = self._claim(key, x)
+                    self._cells[key] = cell
+                    if cell is not None and self._cell is None:
+                        self._cell = cell
+                        self._tid = key  # after _cell: the hot path reads _tid first
+                    if applied:
+                        return
         if cell is None:
             self._add_overflow(x)
         else:
@@ -342,14 +365,18 @@ class _Slots:
         total = "" if cell is None else f"its total {cell[0]} + "
         return ValueError(
             f"{name}.add({x!r}): this writer's total would leave int64 "
-            f"({total}{x!r} is outside -2**63..2**63-1); nothing was added. Each process "
-            "and thread keeps its own total in an int64 slot (value adds them up as a "
-            "Python int): spread large amounts over more writers, or, where an inexact "
-            'total will do, use SharedAccumulator("sum", dtype=float)'
+            f"({total}{x!r} is outside -2**63..2**63-1); nothing was added. Each "
+            f"{'process and thread' if self._per_thread else 'process'} keeps its own total "
+            "in an int64 slot (value adds them up as a Python int): spread large amounts "
+            "over more writers, or, where an inexact total will do, use "
+            'SharedAccumulator("sum", dtype=float)'
         )
 
     def _claim(self, tid: int, x: float) -> tuple[Cell | None, bool]:
-        """Find this thread a slot; ``(cell or None for overflow, whether x was added)``."""
+        """Find this writer a slot; ``(cell or None for overflow, whether x was added)``.
+
+        ``tid`` is the thread's ident, or :data:`PROCESS_KEY` for a slot of the process.
+        """
         words, values = self._words, self._values
         pid, key = os.getpid(), _thread_key(tid)
         with _locked(self._segment, type(self).__name__):
@@ -479,13 +506,15 @@ class SharedCounter(_Slots):
 
     Pass it to tasks of :func:`run_parallel` and :class:`WorkerPool`, to
     :class:`multiprocessing.Process` targets, under any start method: it is pickled by
-    reference, so every process adds to the same counter.  ``add`` takes no lock (each
-    process and thread writes its own slot on its own cache line), so it costs about as
-    much as adding to a local variable.
+    reference, so every process adds to the same counter.  ``add`` takes no lock: each
+    process writes its own slot on its own cache line, and its threads share that slot
+    without losing an update (each ``add`` is one step the GIL does not interrupt; a
+    free-threaded build gives each thread a slot of its own).  Nothing is buffered: an
+    ``add`` is in shared memory when it returns.
 
     The process that creates it owns the shared memory: :meth:`close` or ``with`` free
-    it.  Each writer's own total (each process and thread has its own slot) must stay
-    within int64; :attr:`value` adds them up as a Python int.  It holds one file
+    it.  Each writer's own total (each process's, or each thread's on a free-threaded
+    build) must stay within int64; :attr:`value` adds them up as a Python int.  It holds one file
     descriptor in each process that has it (running out is an :class:`OSError` with
     ``errno.EMFILE`` that names the limit).
 
@@ -501,26 +530,46 @@ class SharedCounter(_Slots):
     """
 
     __slots__ = ()
+    _per_thread = FREE_THREADED
 
     def __init__(self) -> None:
         self._create(OP_SUM, DT_INT)
 
-    def add(self, n: int = 1) -> None:
-        """Add ``n`` (default 1).
-
-        Raises:
-            ValueError: the counter is closed, or this writer's total would leave int64
-                (then nothing is added).
-            TypeError: ``n`` is not an int (a float, a bool, a string...).
-            OSError: ``errno.EMFILE``: this thread's first add found no file descriptor
-                to spare for the claim lock.
-        """
-        if _get_ident() == self._tid and type(n) is int:
+    def _add_per_thread(self, n: int = 1) -> None:
+        """:meth:`add` with a slot for each thread: a free-threaded build's (no GIL)."""
+        if _get_ident() == self._tid and type(n) is int:  # this thread's own slot
             try:
                 self._cell[0] += n
             except ValueError as exc:  # leaving int64; or released by close() meanwhile
                 raise self._add_error(self._cell, n, exc) from None
         else:
+            self._add_slow(_count(n))
+
+    if FREE_THREADED:  # pragma: no cover - CI's interpreters have the GIL
+        add = _add_per_thread
+    else:
+
+        def add(self, n: int = 1) -> None:
+            """Add ``n`` (default 1).
+
+            Raises:
+                ValueError: the counter is closed, or this writer's total would leave
+                    int64 (then nothing is added).
+                TypeError: ``n`` is not an int (a float, a bool, a string...).
+                OSError: ``errno.EMFILE``: this writer's first add found no file
+                    descriptor to spare for the claim lock.
+            """
+            if type(n) is int:
+                try:
+                    # The process's slot, shared by its threads: with the GIL this line is
+                    # atomic (no call, no Python code between read and write; see the
+                    # module's docstring).  Keep it so: no fuzz point, no call in between.
+                    self._cell[0] += n  # None: TypeError, caught below
+                    return
+                except TypeError:  # _cell is None: no slot yet here (first add, forked, closed)
+                    pass
+                except ValueError as exc:  # leaving int64; or released by close() meanwhile
+                    raise self._add_error(self._cell, n, exc) from None
             self._add_slow(_count(n))
 
     @property
