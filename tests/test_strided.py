@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import tracemalloc
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -154,11 +155,15 @@ def test_the_parent_holds_no_tile_after_its_result(start_method: StartMethod) ->
     image = np.random.default_rng(5).random((512, 2048))
     refs: list[weakref.ref[np.ndarray[Any, Any]]] = []
 
+    def tile(i: int) -> tuple[int, np.ndarray[Any, Any]]:
+        view = image[:, i * 128 : (i + 1) * 128]  # 512 KB, not contiguous
+        refs.append(weakref.ref(view))
+        return i, view
+
     def tiles() -> Iterator[tuple[int, np.ndarray[Any, Any]]]:
+        # no local holds the last tile read (the engine may have read no further yet)
         for i in range(16):
-            tile = image[:, i * 128 : (i + 1) * 128]  # 512 KB, not contiguous
-            refs.append(weakref.ref(tile))
-            yield i, tile
+            yield tile(i)
 
     with pk.imap_parallel(
         wa.facts_of_item, tiles(), max_workers=2, start_method=start_method
@@ -211,3 +216,33 @@ def test_a_generators_chunks_of_large_items_stay_small(kind: str) -> None:
             job._adapt(chunk.stop - chunk.start, 1e-5)
         job.cancel()
     assert max(sizes) <= 2, sizes
+
+
+def test_fork_checks_inherited_views_without_copying_them() -> None:
+    """Under fork, run_parallel's workers inherit a list; the parent only checks that each
+    item could be pickled -- without pickling a non-contiguous view's data in band."""
+    image = np.random.default_rng(9).random((1024, 2048))
+    views = [image[:, i * 256 : (i + 1) * 256] for i in range(8)]  # 2 MB each, strided
+    with pk.WorkerPool(2, start_method="fork") as pool:
+        job = Job(
+            pool._engine,
+            wa.array_facts,
+            views,
+            length=len(views),
+            chunksize=len(views),
+            ordered=True,
+            return_exceptions=False,
+            fail_fast=True,
+            timeout=None,
+            inherited=True,
+        )
+        tracemalloc.start()
+        try:
+            chunk = job.next_chunk()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        job.cancel()
+    assert chunk is not None
+    assert chunk.items is None  # checked, not sent
+    assert peak < views[0].nbytes // 4, f"{peak} bytes allocated to check 8 views"

@@ -37,10 +37,6 @@ _ALWAYS_PICKLABLE: Final = frozenset(
 )
 
 
-def _out_of_band(buffer: pickle.PickleBuffer) -> bool:
-    return False  # leave it out of the pickle: checked, not copied
-
-
 def _released(*args: object, **kwargs: object) -> object:
     raise RuntimeError("internal: a released job's function was called")
 
@@ -315,7 +311,9 @@ class Job:
         if set(map(type, items)) <= _ALWAYS_PICKLABLE:  # C-level scan: the common case
             return True
         try:
-            pickle.dumps(items, PROTOCOL, buffer_callback=_out_of_band)
+            # as a chunk would be pickled to send it: large buffers, contiguous or not
+            # (tiles of an image), are left apart, not copied
+            dump_items(items)
             return True
         except Exception:
             pass
