@@ -641,3 +641,22 @@ def test_the_log_thread_sleeps_once_a_channels_child_has_exited(
     finally:
         logging.getLogger(NAME).removeHandler(handler)
     assert [r.getMessage() for r in _from_workers(info)] == ["bye"]
+
+
+@pytest.mark.timeout(90)
+def test_records_in_pieces_from_a_worker_and_its_plain_fork_arrive_whole(
+    start_method: StartMethod,
+    small_datagrams: list[int],
+    kinds_taken: dict[int, int],
+    info: pytest.LogCaptureFixture,
+) -> None:
+    # (os.fork in a worker: two processes send through one socket; pieces are told apart
+    # by their sender's pid, which the child learns at the fork)
+    pk.run_parallel(L.log_big_from_a_plain_fork, [4], start_method=start_method)
+    got = sorted(r.getMessage() for r in _from_workers(info))
+    want = sorted(
+        f"{who} 4 {i} {L.big_text(i, 20_000)}" for who in ("child", "parent") for i in range(3)
+    )
+    assert got == want
+    assert len({r.process for r in _from_workers(info)}) == 2
+    _pieces_ran(kinds_taken)

@@ -156,3 +156,16 @@ def log_big_server(channel: Channel[str, str]) -> None:
 
 def log_then_quit(channel: Channel[str, str]) -> None:
     logger.warning("bye")
+
+
+def log_big_from_a_plain_fork(x: int) -> int:
+    """The worker forks (os.fork: the child shares its log socket) and both log records
+    of several pieces at once."""
+    pid = os.fork()
+    who = "child" if pid == 0 else "parent"
+    for i in range(3):
+        logger.warning("%s %d %d %s", who, x, i, big_text(i, 20_000))
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return x

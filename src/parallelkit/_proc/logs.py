@@ -81,6 +81,15 @@ _MIN_PIECE: Final = 512  # bytes: a piece is never cut smaller than this
 _FULL_WAIT: Final = 0.0001  # s: the first wait for room (ENOBUFS), doubled up to ...
 _FULL_WAIT_MAX: Final = 0.01  # s: ... this
 _HALVE_AFTER: Final = 8  # full in a row: the rest of the record goes in smaller pieces
+_pid = os.getpid()  # (asked once, not per record: getpid is a system call)
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Records:
@@ -119,12 +128,18 @@ class Records:
         if not self.framed:
             self.sock.send(data)
             return
+        thread = threading.get_ident()
+        if self.unsent is None and len(data) <= self.piece:
+            try:  # (the usual record: one datagram)
+                self.sock.send(_HEADER.pack(_WHOLE, _pid, thread) + data)
+                return
+            except OSError:
+                pass  # nothing sent: the way below tells why, or waits, or cuts it smaller
         if self.unsent is not None:
             view, pos, key = self.unsent
             self.unsent = None
             self._send(view, pos, key, wait)
-        key = (os.getpid(), threading.get_ident() & 0xFFFFFFFFFFFFFFFF)
-        self._send(memoryview(data), 0, key, wait)
+        self._send(memoryview(data), 0, (_pid, thread), wait)
 
     def _send(self, view: memoryview, pos: int, key: tuple[int, int], wait: bool) -> None:
         total = len(view)
@@ -167,6 +182,8 @@ class Records:
             return datagram
         if len(datagram) < _HEADER.size:
             return None
+        if datagram[0] == _WHOLE and not self.partial:  # (the usual record)
+            return memoryview(datagram)[_HEADER.size :]
         kind, pid, thread = _HEADER.unpack_from(datagram)
         body = memoryview(datagram)[_HEADER.size :]
         key = (pid, thread)
