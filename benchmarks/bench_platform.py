@@ -1,6 +1,6 @@
 """What the portable fallbacks cost: Linux fast paths against portable mode, interleaved.
 
-python benchmarks/bench_platform.py [--rounds N] [--quick] [--workloads a,b]
+python benchmarks/bench_platform.py [--rounds N] [--quick] [--workloads a,b] [--portable LIST]
 
 Portable mode (``PARALLELKIT_PORTABLE=1``) is decided once when parallelkit is imported,
 so each sample runs in a fresh interpreter (``--child MODE WORKLOAD``) that times the
@@ -9,7 +9,8 @@ modes (fast, portable, fast, ...; the order flips every round), and the table gi
 median of each and the median of the per-round ratios (portable / fast): on a shared
 machine ratios within a round are what to compare, not absolute times.  Portable mode's
 segments go to a temporary directory of this run (``TMPDIR``), which is on whatever file
-system holds it: on a disk, as on macOS, not in ``/dev/shm``.
+system holds it: on a disk, as on macOS, not in ``/dev/shm``.  ``--portable seqpacket``
+(any value of ``PARALLELKIT_PORTABLE``) forces only those fallbacks: one facility's cost.
 """
 
 from __future__ import annotations
@@ -81,6 +82,29 @@ def _results(quick: bool) -> Callable[[], None]:
     return run
 
 
+def _logs(quick: bool, size: int, count: int) -> Callable[[], None]:
+    import logging
+
+    import parallelkit as pk
+    from benchmarks import tasks
+
+    logger = logging.getLogger("benchmarks.tasks")
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    n = count // 10 if quick else count
+    pool = pk.WorkerPool(2, start_method="fork")
+    pk.run_parallel(tasks.square, range(4), backend=pool)
+
+    def run() -> None:
+        try:
+            got = pk.run_parallel(tasks.log_item, [(i, size) for i in range(n)], backend=pool)
+            assert got == list(range(n))
+        finally:
+            pool.shutdown()
+
+    return run
+
+
 def _shared_array(quick: bool) -> None:
     import parallelkit as pk
 
@@ -113,6 +137,10 @@ WORKLOADS: dict[str, str] = {
     "arrays-results": "16 results of 8 MB through a warm fork pool (worker segments)",
     "shared-array": "create and free a 64 MB SharedArray, 8 times (space reserved)",
     "queue": "20,000 ints through a Queue from a forked producer (record locks, state file)",
+    "logs": "20,000 WARNING records of 100 characters from a warm fork pool's workers "
+    "(log socket: SOCK_SEQPACKET, or SOCK_DGRAM with a header)",
+    "logs-large": "2,000 WARNING records of 60,000 characters (the same; macOS's default "
+    "buffers would cut them in pieces)",
 }
 
 
@@ -123,6 +151,10 @@ def child(workload: str, quick: bool) -> float:
         setup = _arrays(quick)
     elif workload == "arrays-results":
         setup = _results(quick)
+    elif workload == "logs":
+        setup = _logs(quick, 100, 20_000)
+    elif workload == "logs-large":
+        setup = _logs(quick, 60_000, 2_000)
     start = time.perf_counter()
     if setup is not None:
         setup()
@@ -141,9 +173,9 @@ def child(workload: str, quick: bool) -> float:
     return time.perf_counter() - start
 
 
-def _sample(mode: str, workload: str, quick: bool, tmpdir: str) -> float:
+def _sample(mode: str, workload: str, quick: bool, tmpdir: str, portable: str = "1") -> float:
     env = dict(os.environ)
-    env["PARALLELKIT_PORTABLE"] = "1" if mode == "portable" else "0"
+    env["PARALLELKIT_PORTABLE"] = portable if mode == "portable" else "0"
     env["TMPDIR"] = tmpdir
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH")) if p
@@ -162,6 +194,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, 3 rounds")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument(
+        "--portable", default="1", help="PARALLELKIT_PORTABLE of the portable mode (1: all)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("MODE", "WORKLOAD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -171,7 +206,8 @@ def main() -> None:
     names = [w for w in args.workloads.split(",") if w]
     load = os.getloadavg()
     print(
-        f"# {rounds} rounds, Python {sys.version.split()[0]}, load average {load[0]:.2f} "
+        f"# {rounds} rounds, PARALLELKIT_PORTABLE={args.portable} as the portable mode, "
+        f"Python {sys.version.split()[0]}, load average {load[0]:.2f} "
         f"{load[1]:.2f} {load[2]:.2f} at the start",
         flush=True,
     )
@@ -182,7 +218,9 @@ def main() -> None:
             ratios = []
             for r in range(rounds):
                 order = ("fast", "portable") if r % 2 == 0 else ("portable", "fast")
-                got = {mode: _sample(mode, name, args.quick, tmpdir) for mode in order}
+                got = {
+                    mode: _sample(mode, name, args.quick, tmpdir, args.portable) for mode in order
+                }
                 for mode, seconds in got.items():
                     times[mode].append(seconds)
                 ratios.append(got["portable"] / got["fast"])

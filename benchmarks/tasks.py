@@ -107,3 +107,11 @@ def tile_scale(item: tuple[int, int, Any]) -> tuple[int, int, Any]:
     contiguous), ``(y, x, tile * 0.5)`` out (a new array), for the caller to place."""
     y, x, tile = item
     return y, x, tile * 0.5
+
+
+def log_item(spec: tuple[int, int]) -> int:
+    """Log one WARNING of ``spec[1]`` characters for item ``spec[0]``."""
+    import logging
+
+    logging.getLogger("benchmarks.tasks").warning("item %d %s", spec[0], "x" * spec[1])
+    return spec[0]
