@@ -246,3 +246,44 @@ def test_fork_checks_inherited_views_without_copying_them() -> None:
     assert chunk is not None
     assert chunk.items is None  # checked, not sent
     assert peak < views[0].nbytes // 4, f"{peak} bytes allocated to check 8 views"
+
+
+@pytest.mark.parametrize("via", ["segments", "direct"])
+def test_non_contiguous_results_go_through_the_workers_segment(
+    start_method: StartMethod, via: str
+) -> None:
+    if via == "direct" and not _platform.OFFERS.process_vm:
+        pytest.skip("portable mode: no process_vm_readv")
+    options: dict[str, Any] = {} if via == "segments" else {"initializer": wa.no_result_segments}
+    sizes = [300, 301, 302, 303]
+    with pk.WorkerPool(2, start_method=start_method, **options) as pool:
+        crops = list(pool.imap(wa.crop_of, sizes, chunksize=1))
+        pairs = list(pool.imap(wa.crop_pair, sizes, chunksize=2))
+        used_segments = any(w.results is not None for w in pool._engine.workers)
+    # with /dev/shm full in the worker, the parent copies them out of its memory, in band
+    assert used_segments is (via == "segments")
+    for n, crop, (m, again) in zip(sizes, crops, pairs, strict=True):
+        assert m == n
+        for got in (crop, again):
+            assert wa.array_facts(got) == _expected(wa.crop_of(n))
+
+
+def test_a_strided_result_that_finds_no_room_goes_in_band() -> None:
+    writer = _arena.ResultWriter()
+    results = [wa.crop_of(300)]
+    try:
+        writer.retry_at = float("inf")  # as if /dev/shm had been full a moment ago
+        with pytest.raises(_codec.NoRoom):
+            writer.dump((0, 1, results, None, 0.0), results, strict=True)
+        payload, specs = writer.dump((0, 1, results, None, 0.0), results)
+        assert specs == []
+        back = pickle.loads(payload)[2][0]
+        assert wa.array_facts(back) == _expected(results[0])
+        writer.retry_at = 0.0
+        payload, specs = writer.dump((0, 1, results, None, 0.0), results)
+        assert len(specs) == 1
+        assert len(payload) < 4096
+    finally:
+        writer.close()
+        for name in _ours():
+            os.unlink(SHM / name)

@@ -180,3 +180,12 @@ def facts_of_item(item: tuple[int, np.ndarray[Any, Any]]) -> tuple[int, Any]:
 
 def echo_item(item: tuple[int, Any]) -> tuple[int, Any]:
     return item
+
+
+def crop_of(n: int) -> np.ndarray[Any, Any]:
+    """A non-contiguous result: the inside of an ``n`` x ``n`` array, every other column."""
+    return np.arange(n * n, dtype=np.float64).reshape(n, n)[1:-1, ::2]
+
+
+def crop_pair(n: int) -> tuple[int, np.ndarray[Any, Any]]:
+    return n, crop_of(n)

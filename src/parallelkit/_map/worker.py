@@ -43,6 +43,7 @@ from parallelkit._wire.codec import (
     capture_exception,
     dumps,
     has_large_bytes,
+    has_strided_array,
 )
 
 # ------------------------------------------------------------------ wire format
@@ -204,7 +205,11 @@ def _task_loop(
         msg = (DONE, cid, results, errors, elapsed)
         payload: bytes | None
         try:
-            if from_arena or has_large_bytes(results, ARENA_MIN_BYTES):
+            if (
+                from_arena
+                or has_large_bytes(results, ARENA_MIN_BYTES)
+                or has_strided_array(results, ARENA_MIN_BYTES)
+            ):
                 raise _OutOfBand
             payload = pickle.dumps(msg, PROTOCOL, buffer_callback=_in_band_unless_large)
         except _OutOfBand:

@@ -67,7 +67,9 @@ from parallelkit._wire.codec import (
     Strided,
     dump_apart,
     dump_apart_arrays,
+    dump_arrays,
     mark_large_bytes,
+    numpy_array_type,
 )
 from parallelkit._wire.shm import NAME_RE, SHM_DIR, Segment, remove_segments_of
 
@@ -403,35 +405,50 @@ class ResultWriter:
         self._collect()
         specs: list[tuple[_ResultSegment, int, int, bool]] = []
 
-        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-            try:
-                raw = buffer.raw()
-            except BufferError:
-                return True
+        def take(raw: memoryview | Strided) -> bool:
             n = raw.nbytes
-            if n < MIN_BYTES:
-                return True
             try:
                 home, offset = self._alloc(n)
             except OSError:  # no room in /dev/shm: this one goes in band (or directly)
                 if strict:
                     raise NoRoom from None
-                return True
+                return False
             home.words[offset // _PAGE] = 1
             home.allocated.append(offset)
-            home.view[offset : offset + n] = raw
-            specs.append((home, offset, n, raw.readonly))
-            return False
+            if isinstance(raw, Strided):  # one strided copy, rebuilt C-contiguous, writable
+                raw.copy_into(home.view[offset : offset + n])
+                specs.append((home, offset, n, False))
+            else:
+                home.view[offset : offset + n] = raw
+                specs.append((home, offset, n, raw.readonly))
+            return True
 
-        try:
-            payload = pickle.dumps(
-                (*msg[:2], mark_large_bytes(results, MIN_BYTES), *msg[3:]),
-                5,
-                buffer_callback=out_of_band,
-            )
-        except BaseException:
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:
+                return True
+            return raw.nbytes < MIN_BYTES or not take(raw)
+
+        def unclaim() -> None:
             for home, offset, _, _ in specs:
                 home.words[offset // _PAGE] = 0
+            specs.clear()
+
+        marked = (*msg[:2], mark_large_bytes(results, MIN_BYTES), *msg[3:])
+        ndarray = numpy_array_type()
+        try:
+            # non-contiguous arrays out of band too, as for arguments (same scan rule)
+            if ndarray is not None and (len(results) <= SCAN_LIMIT or _holds_array(results[0])):
+                try:
+                    return dump_arrays(marked, MIN_BYTES, take, ndarray), specs
+                except NoRoom:
+                    if strict:
+                        raise
+                    unclaim()  # a strided one found no room: numpy's pickle, in band
+            payload = pickle.dumps(marked, 5, buffer_callback=out_of_band)
+        except BaseException:
+            unclaim()
             raise
         return payload, specs
 

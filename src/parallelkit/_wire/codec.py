@@ -158,13 +158,21 @@ def _rebuild_array(buffer: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
 
 
 class _ArrayPickler(pickle.Pickler):
-    """Protocol 5, where non-contiguous numpy arrays of ``limit`` bytes or more are left
-    out of band too (as :class:`Strided`); numpy pickles them in band."""
+    """Protocol 5, where non-contiguous numpy arrays of ``limit`` bytes or more are offered
+    out of band too (as :class:`Strided`); numpy pickles them in band.  ``take(buffer)``
+    says whether it took a buffer (a contiguous ``memoryview`` of ``limit`` bytes or more,
+    or a ``Strided``) out of band; a ``Strided`` it refuses raises :class:`NoRoom`."""
 
-    def __init__(self, file: io.BytesIO, limit: int, raws: list[Any], ndarray: type[Any]) -> None:
+    def __init__(
+        self,
+        file: io.BytesIO,
+        limit: int,
+        take: Callable[[memoryview | Strided], bool],
+        ndarray: type[Any],
+    ) -> None:
         self._limit = limit
         self._ndarray = ndarray
-        self._raws = raws
+        self._take = take
         self._strided: dict[int, tuple[pickle.PickleBuffer, Any]] = {}
         super().__init__(file, 5, buffer_callback=self._buffer)
 
@@ -186,7 +194,8 @@ class _ArrayPickler(pickle.Pickler):
     def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
         strided = self._strided.pop(id(buffer), None)
         if strided is not None and strided[0] is buffer:
-            self._raws.append(Strided(strided[1]))
+            if not self._take(Strided(strided[1])):
+                raise NoRoom  # the stand-in cannot go in band
             return False
         try:
             raw = buffer.raw()
@@ -194,8 +203,42 @@ class _ArrayPickler(pickle.Pickler):
             return True
         if raw.nbytes < self._limit:
             return True
-        self._raws.append(raw)
+        return not self._take(raw)
+
+
+def numpy_array_type() -> type[Any] | None:
+    """``numpy.ndarray`` if numpy is loaded (it is never imported here), else ``None``."""
+    return getattr(sys.modules.get("numpy"), "ndarray", None)
+
+
+def has_strided_array(values: Sequence[Any], limit: int) -> bool:
+    """Whether ``values`` (``SCAN_LIMIT`` items at most, else ``False``) has a non-contiguous
+    numpy array of ``limit`` bytes or more, as an item or in a tuple item."""
+    ndarray = numpy_array_type()
+    if ndarray is None or len(values) > SCAN_LIMIT:
         return False
+    for value in values:
+        for part in value if type(value) is tuple else (value,):
+            if type(part) is ndarray and part.nbytes >= limit and not part.dtype.hasobject:
+                flags = part.flags
+                if not (flags.c_contiguous or flags.f_contiguous):
+                    return True
+    return False
+
+
+def dump_arrays(
+    obj: Any, limit: int, take: Callable[[memoryview | Strided], bool], ndarray: type[Any]
+) -> bytes:
+    """Pickle ``obj`` with protocol 5, offering ``take`` every buffer of ``limit`` bytes or
+    more, non-contiguous numpy arrays (``ndarray``) as :class:`Strided`.
+
+    Raises:
+        NoRoom: ``take`` refused a ``Strided`` (which cannot go in band this way).
+        Exception: whatever pickling raised.
+    """
+    out = io.BytesIO()
+    _ArrayPickler(out, limit, take, ndarray).dump(obj)
+    return out.getvalue()
 
 
 def dump_apart_arrays(obj: Any, limit: int) -> tuple[bytes, list[memoryview | Strided]]:
@@ -205,15 +248,17 @@ def dump_apart_arrays(obj: Any, limit: int) -> tuple[bytes, list[memoryview | St
     Raises:
         Exception: whatever pickling raised (no cloudpickle fallback here).
     """
-    np = sys.modules.get("numpy")
-    ndarray = getattr(np, "ndarray", None)
+    ndarray = numpy_array_type()
     if ndarray is None:  # no numpy array can be in ``obj``
         payload, plain = dump_apart(obj, limit)
         return payload, cast("list[memoryview | Strided]", plain)
     raws: list[memoryview | Strided] = []
-    out = io.BytesIO()
-    _ArrayPickler(out, limit, raws, ndarray).dump(obj)
-    return out.getvalue(), raws
+
+    def take(raw: memoryview | Strided) -> bool:
+        raws.append(raw)
+        return True
+
+    return dump_arrays(obj, limit, take, ndarray), raws
 
 
 def keep_apart(raws: list[memoryview], limit: int) -> Callable[[pickle.PickleBuffer], bool]:
