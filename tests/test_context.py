@@ -254,6 +254,9 @@ for _ in range(2):
     if "{what}" == "function":
         got = pk.run_parallel(late.imported_here, range(4), max_workers=2,
                               start_method="forkserver", chunksize=1)
+    elif "{what}" == "star":
+        got = pk.run_parallel(pk.star(late.imported_here_of_two), [(i, i) for i in range(4)],
+                              max_workers=2, start_method="forkserver", chunksize=1)
     else:
         got = pk.run_parallel(preload_probe.class_module_imported_here,
                               [late.Box(i) for i in range(4)], max_workers=2,
@@ -263,7 +266,7 @@ for _ in range(2):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("what", ["function", "items"])
+@pytest.mark.parametrize("what", ["function", "items", "star"])
 @pytest.mark.parametrize("preload", ["1", "0"])
 def test_forkserver_imports_what_a_call_needs_once_for_all_workers(what: str, preload: str) -> None:
     # The parent imported tasks.late after the forkserver had started (a benchmark's numpy,

@@ -18,3 +18,8 @@ class Box:
 def imported_here(_: object) -> bool:
     """True if this process imported the module itself (the server had not)."""
     return os.getpid() == IMPORTED_IN
+
+
+def imported_here_of_two(_a: object, _b: object) -> bool:
+    """:func:`imported_here`, for ``pk.star``."""
+    return os.getpid() == IMPORTED_IN

@@ -53,6 +53,7 @@ _wants_owner = 0
 _wanted: set[str] = set()
 _NOT_WANTED: Final = frozenset({"__main__", "__mp_main__", "builtins"})
 _ITEMS_LOOKED_AT: Final = 4  # first items (and as many elements of each) whose classes count
+_WRAPPERS_UNWRAPPED: Final = 4  # ``.func`` of a wrapper (star, partial), and of that one...
 
 
 def _modules_of_main() -> list[str]:
@@ -175,9 +176,16 @@ def _remove_wants_file() -> None:
 
 def _module_names(fn: object, items: Sequence[Any] | None) -> list[str]:
     """The modules a worker imports to unpickle ``fn`` and ``items``, as far as the function
-    and the classes of the first items (and of their first elements) tell."""
+    (and the one it wraps: ``pk.star(f)``, ``functools.partial(f)``) and the classes of the
+    first items (and of their first elements) tell."""
     objects: list[object] = [type(fn)]
     names = [getattr(fn, "__module__", None)]
+    for _ in range(_WRAPPERS_UNWRAPPED):
+        fn = getattr(fn, "func", None)
+        if fn is None:
+            break
+        objects.append(type(fn))
+        names.append(getattr(fn, "__module__", None))
     if items is not None:
         try:
             first = list(items[:_ITEMS_LOOKED_AT])
