@@ -15,7 +15,7 @@ from .harness import RunOptions
 
 PEERS = ("mpire", "joblib", "loky", "pebble")
 START_METHODS = ("fork", "forkserver", "spawn")
-WORKLOADS = ("tiny", "cpu", "arrays", "arrays-results", "tiles", "startup")
+WORKLOADS = ("tiny", "cpu", "arrays", "arrays-results", "membound", "tiles", "startup")
 # --quick leaves out the large results: with spawn, every one-shot sample starts workers that
 # import numpy, and two array workloads took a minute on their own
 QUICK_WORKLOADS = ("tiny", "cpu", "arrays", "startup")

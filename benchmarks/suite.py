@@ -11,6 +11,8 @@ JSON lines, README tables).  Workloads:
 * ``tiles``: 2 MB tiles cut from a larger image (views: not contiguous), from a generator and
   from a list, ordered and not, each result placed into an output array by the caller;
   ``tiles-rows``: the same with contiguous bands of rows;
+* ``membound``: an 8 MB array in, ``1.5 a + a`` back -- memory-bound numpy, where moving
+  the arrays costs more than the work, so serial beats every process pool;
 * ``startup-W``: start W workers, each runs one trivial task, shut down -- against W bare
   ``multiprocessing.Process``es; ``startup-W-heavy`` (spawn) does it while ``__main__``
   imports numpy, which spawn children import again.
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from . import harness as h
 from .settings import PEERS, Settings, usable_cpus
-from .tasks import array_sum, burn, make_array, run_one, shm_sum, square, tile_scale
+from .tasks import array_sum, burn, make_array, run_one, scale_add, shm_sum, square, tile_scale
 
 if TYPE_CHECKING:
     from parallelkit import StartMethod
@@ -157,13 +159,20 @@ def stdlib_contenders(
 def parallelkit_contenders(
     sm: str, workers: int, *, one_shot_pool: bool = False
 ) -> list[h.Contender[Any]]:
-    """``run_parallel`` (one-shot), a ``WorkerPool`` and its ``imap`` (warm)."""
+    """``run_parallel`` (one-shot) on processes, ``"auto"`` and threads, a ``WorkerPool``
+    and its ``imap`` (warm)."""
     import parallelkit as pk
 
     method = cast("StartMethod", sm)
 
     def one_shot(_: None, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         return pk.run_parallel(fn, items, max_workers=workers, start_method=method)
+
+    def auto(_: None, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return pk.run_parallel(fn, items, max_workers=workers, start_method=method, backend="auto")
+
+    def threads(_: None, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return pk.run_parallel(fn, items, max_workers=workers, backend="thread")
 
     def pool_open() -> pk.WorkerPool:
         return pk.WorkerPool(workers, start_method=method)
@@ -184,6 +193,27 @@ def parallelkit_contenders(
             "run_parallel(fn, items, max_workers=W, start_method=SM), automatic chunksize",
             lambda: None,
             one_shot,
+            lambda _: None,
+            modes=("one-shot",),
+            start_method=sm,
+        ),
+        h.Contender(
+            "parallelkit.run_parallel(auto)",
+            "parallelkit",
+            'run_parallel(fn, items, max_workers=W, start_method=SM, backend="auto"): serial, '
+            "threads or processes, chosen from the first items",
+            lambda: None,
+            auto,
+            lambda _: None,
+            modes=("one-shot",),
+            start_method=sm,
+        ),
+        h.Contender(
+            "parallelkit.run_parallel(thread)",
+            "parallelkit",
+            'run_parallel(fn, items, max_workers=W, backend="thread")',
+            lambda: None,
+            threads,
             lambda _: None,
             modes=("one-shot",),
             start_method=sm,
@@ -732,6 +762,31 @@ def tiles_workloads(settings: Settings, np: Any) -> Iterator[Workload]:
         )
 
 
+def membound_workload(settings: Settings, missing: dict[str, str], np: Any) -> Iterator[Workload]:
+    rows, n = settings.sizes.arrays, settings.sizes.elements
+    rng = np.random.default_rng(1)
+    arrays = [rng.random(n) for _ in range(rows)]
+    expected = [scale_add(a) for a in arrays]
+
+    def check(result: list[Any]) -> str | None:
+        if len(result) != rows:
+            return f"{len(result)} results"
+        for i, (a, b) in enumerate(zip(result, expected, strict=True)):
+            if not np.array_equal(a, b):
+                return f"result {i} differs"
+        return None
+
+    yield Workload(
+        "membound",
+        f"{rows} float64 arrays of {n * 8 / 1e6:g} MB as arguments, `1.5 a + a` (a new "
+        "array) back: memory-bound numpy, where serial beats every process pool",
+        scale_add,
+        arrays,
+        serial_and_pools(settings, rows, missing, chunksize=1),
+        check,
+    )
+
+
 def startup_workloads(
     settings: Settings, missing: dict[str, str], meta: dict[str, Any]
 ) -> Iterator[Workload]:
@@ -748,9 +803,9 @@ def startup_workloads(
             local = replace(settings, workers=w)
             contenders = serial_and_pools(local, w, missing, chunksize=1, one_shot_pool=True)
             contenders = [
-                replace(c, modes=tuple(m for m in c.modes if m == "one-shot"))
+                replace(c, modes=tuple(m for m in c.modes if m in ("one-shot", "serial")))
                 for c in contenders
-                if c.kind != "baseline"
+                if c.kind != "baseline" or c.name == "serial"
             ]
             contenders = [c for c in contenders if c.modes]
             contenders.insert(0, processes_contender(sm))
@@ -783,7 +838,7 @@ def workloads(
         yield from tiny_workload(settings, missing)
     if "cpu" in wanted:
         yield from cpu_workload(settings, missing, meta)
-    arrays = [k for k in ("arrays", "arrays-results") if k in wanted]
+    arrays = [k for k in ("arrays", "arrays-results", "membound") if k in wanted]
     np = numpy_or_none() if arrays else None
     if arrays and np is None:
         for key in arrays:
@@ -794,6 +849,8 @@ def workloads(
             yield from arrays_workload(settings, missing, np)
         if "arrays-results" in wanted:
             yield from arrays_results_workload(settings, missing, np)
+        if "membound" in wanted:
+            yield from membound_workload(settings, missing, np)
     if "tiles" in wanted:
         np = numpy_or_none()
         if np is None:

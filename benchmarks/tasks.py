@@ -41,6 +41,13 @@ def make_array(spec: tuple[int, int]) -> Any:
     return out
 
 
+def scale_add(a: Any) -> Any:
+    """The memory-bound task: an 8 MB array in, ``1.5 a + a`` (a new 8 MB array) out."""
+    out = a * 1.5
+    out += a
+    return out
+
+
 def shm_sum(spec: tuple[str, int, int, int]) -> float:
     """``array_sum`` of row ``i`` of a ``(rows, n)`` float64 array in the segment ``name``.
 

@@ -48,6 +48,7 @@ if typing.TYPE_CHECKING:
     from parallelkit._observe.progress import StageProgress as StageProgress
     from parallelkit._observe.stalls import StallReport as StallReport
     from parallelkit._observe.stalls import WorkerStack as WorkerStack
+    from parallelkit._observe.stats import AutoChoice as AutoChoice
     from parallelkit._observe.stats import MapStats as MapStats
     from parallelkit._observe.stats import WorkerStats as WorkerStats
     from parallelkit._pipeline.builder import Pipeline as Pipeline
@@ -92,6 +93,7 @@ _LAZY = {
     "worker_info": "._proc.identity",
     "WorkerLocal": "._proc.local",
     "MapStats": "._observe.stats",
+    "AutoChoice": "._observe.stats",
     "StallReport": "._observe.stalls",
     "WorkerStack": "._observe.stalls",
     "WorkerStats": "._observe.stats",
@@ -114,6 +116,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = (
+    "AutoChoice",
     "Channel",
     "ChannelClosedError",
     "ChannelListener",

@@ -9,7 +9,7 @@ stay a type error.
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import assert_type
+from typing import Literal, assert_type
 
 import distributed
 
@@ -56,3 +56,19 @@ def check_backend_errors(xs: list[int]) -> None:
     pk.imap_parallel(square, xs, backend=object())  # type: ignore[call-overload]
     pk.Pipeline(xs).map(square).run(backend="cluster")  # type: ignore[arg-type]
     pk.Pipeline(xs).map(square).run("serial")  # type: ignore[call-arg]
+
+
+def check_auto(xs: list[int]) -> None:
+    assert_type(pk.run_parallel(square, xs, backend="auto"), list[int])
+    assert_type(pk.run_parallel(square, xs, backend="auto", max_workers=4), list[int])
+    assert_type(
+        pk.run_parallel(square, xs, backend="auto", return_exceptions=True),
+        list[int | BaseException],
+    )
+    assert_type(pk.imap_parallel(describe, iter(xs), backend="auto"), pk.ResultIterator[str])
+    stats = pk.imap_parallel(square, xs, backend="auto").stats
+    if stats.choice is not None:
+        assert_type(stats.choice, pk.AutoChoice)
+        assert_type(stats.choice.backend, Literal["serial", "thread", "process"])
+    pk.run_parallel(square, xs, backend="Auto")  # type: ignore[call-overload]
+    pk.Pipeline(xs).map(square).run(backend="auto")  # type: ignore[arg-type]

@@ -13,8 +13,10 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from parallelkit._map.backends.choose import ChunkEngine, RunnerFactory, check_backend
+from parallelkit._map.backends.local import SerialRunner
 from parallelkit._map.call import (
     MapOptions,
+    Resume,
     as_sequence,
     check_options,
     collect_call,
@@ -24,20 +26,21 @@ from parallelkit._map.call import (
 from parallelkit._map.engine import Engine
 from parallelkit._map.pool import WorkerPool
 from parallelkit._map.results import ResultIterator
+from parallelkit._map.stats import StatsBaseline
 from parallelkit._observe.progress import ProgressOption
 from parallelkit._observe.stalls import StallReport
-from parallelkit._observe.stats import MapStats
+from parallelkit._observe.stats import AutoChoice, MapStats
 from parallelkit._util.checks import (
     check_initializer,
     check_max_tasks,
     resolve_max_workers,
     resolve_start_method,
 )
-from parallelkit._util.context import cpu_share, get_context
+from parallelkit._util.context import cpu_share, default_workers, get_context
 from parallelkit._util.types import R, StartMethod, T
 
 if TYPE_CHECKING:
-    from parallelkit._map.backends.choose import Backend
+    from parallelkit._map.backends.choose import MapBackend
 
 __all__ = ("imap_parallel", "run_parallel")
 
@@ -149,11 +152,166 @@ def _engine(
     )
 
 
-def _no_items(options: MapOptions) -> list[Any]:
+def _no_items(options: MapOptions, choice: AutoChoice | None = None) -> list[Any]:
     """``run_parallel`` over no items: no engine, no workers (stats of nothing)."""
     if options.on_stats is not None:
-        options.on_stats(MapStats((), 0, 0.0))
+        options.on_stats(MapStats((), 0, 0.0, choice))
     return []
+
+
+class _Auto:
+    """``backend="auto"`` for one call: where the rest runs after the probe (see
+    :mod:`parallelkit._map.backends.auto`)."""
+
+    def __init__(
+        self,
+        fn: Callable[..., object],
+        items: Iterable[Any],
+        options: MapOptions,
+        *,
+        streaming: bool,
+        max_workers: int | None,
+        start_method: StartMethod | None,
+        initializer: Callable[..., object] | None,
+        initargs: tuple[object, ...],
+        forward_logs: bool,
+        finalizer: Callable[..., object] | None,
+        finalargs: tuple[object, ...],
+        max_tasks_per_worker: int | None,
+    ) -> None:
+        from parallelkit._map.backends import auto  # noqa: PLC0415
+
+        check_initializer(initializer, initargs)
+        check_initializer(finalizer, finalargs, "finalizer", "finalargs")
+        check_max_tasks(max_tasks_per_worker)
+        workers = resolve_max_workers(max_workers)
+        method = resolve_start_method(start_method)
+        self.options = options
+        self.baseline = StatsBaseline()
+        self.resume: Resume | None = None
+        self.length = length_of(items)
+        self.source: Iterable[Any]
+        if streaming:
+            self.source = items if self.length is not None else iter(items)
+        else:
+            self.source = as_sequence(items)
+            self.length = len(self.source)
+        self.process_args = (fn, workers, method, initializer, initargs, forward_logs)
+        self.process_kwargs = {
+            "finalizer": finalizer,
+            "finalargs": finalargs,
+            "max_tasks_per_worker": max_tasks_per_worker,
+        }
+        why = auto.process_only(
+            timeout=options.timeout,
+            initializer=initializer,
+            finalizer=finalizer,
+            max_tasks_per_worker=max_tasks_per_worker,
+            stall_timeout=options.stall_timeout,
+            on_stall=options.on_stall,
+            forward_logs=forward_logs,
+        )
+        if why is not None:  # no probe: an item must not run where the option cannot hold
+            n = workers if self.length is None else max(1, min(workers, self.length))
+            self.choice = AutoChoice("process", n, 0, None, {}, why)
+            self.baseline.choice = self.choice
+            auto.announce(self.choice)
+            return
+        if self.length == 0:
+            self.choice = AutoChoice("serial", 1, 0, None, {}, "no items")
+            self.baseline.choice = self.choice
+            auto.announce(self.choice)
+            return
+        model = auto.Model(
+            workers=workers,
+            cpus=default_workers(),
+            start_method=method,
+            items_inherited=method == "fork" and not streaming,
+            threads_fixed=max_workers is not None,
+        )
+        probe = auto.run_probe(
+            fn,
+            self.source,  # type: ignore[arg-type]
+            self.length,
+            fail_fast=not options.return_exceptions,
+            measure_items=True,
+            model=model,
+        )
+        if probe.rest is not None:
+            self.source = probe.rest
+        self.resume = (probe.count, probe.results, probe.errors or None, probe.failed)
+        if probe.count:
+            self.baseline.probe = (auto.PROBE_WHERE, probe.count, probe.seconds)
+        remaining = None if self.length is None else self.length - probe.count
+        if probe.failed is not None:
+            index = probe.errors[0][0] if probe.errors else probe.count
+            m = probe.measured
+            self.choice = AutoChoice(
+                "serial",
+                1,
+                probe.count,
+                None if m is None else m.seconds_per_item,
+                {},
+                f"the probe stopped: item {index} failed"
+                if probe.errors
+                else "the probe stopped: the input raised",
+            )
+        else:
+            self.choice = auto.decide(probe, remaining, model)
+            if self.choice.backend == "process" and not _sendable(fn, method):
+                # the function cannot reach worker processes
+                model = replace(model, allowed=("serial", "thread"))
+                self.choice = auto.decide(probe, remaining, model)
+        self.baseline.choice = self.choice
+        auto.announce(self.choice)
+
+    def engine(self, seq: Sequence[Any] | None) -> tuple[Engine | ChunkEngine, MapOptions, bool]:
+        """The engine for the rest, the options to run it with, and whether fork workers
+        inherit ``seq``."""
+        choice, options = self.choice, self.options
+        remaining = None
+        if self.length is not None:
+            remaining = self.length - (self.resume[0] if self.resume else 0)
+        if choice.backend == "process":
+            fn, workers, method, initializer, initargs, forward_logs = self.process_args
+            if remaining is not None:
+                workers = max(1, min(workers, remaining))
+            engine = _engine(
+                fn,
+                seq,
+                workers,
+                method,
+                initializer,
+                initargs,
+                forward_logs,
+                **self.process_kwargs,  # type: ignore[arg-type]
+            )
+            return engine, options, engine.inherited_items is not None
+        if choice.backend == "thread":
+            factory = check_backend(
+                "thread",
+                max_workers=choice.workers,
+                start_method=None,
+                initializer=None,
+            )
+            runner, tracked = factory(remaining)
+            return ChunkEngine(runner, tracked=tracked), options, False
+        if options.chunksize is None and not options.watched and remaining:
+            options = replace(options, chunksize=remaining)  # one chunk: the cheapest
+        return ChunkEngine(SerialRunner()), options, False
+
+
+def _sendable(fn: Callable[..., object], method: StartMethod) -> bool:
+    """Whether worker processes can get ``fn`` (fork workers inherit it)."""
+    if method == "fork":
+        return True
+    from parallelkit._wire.codec import dump_function  # noqa: PLC0415
+
+    try:
+        dump_function(fn)
+    except Exception:
+        return False
+    return True
 
 
 @overload
@@ -164,7 +322,7 @@ def run_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Backend | None = None,
+    backend: MapBackend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -188,7 +346,7 @@ def run_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Backend | None = None,
+    backend: MapBackend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -212,7 +370,7 @@ def run_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Backend | None = None,
+    backend: MapBackend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -235,7 +393,7 @@ def run_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Backend | None = None,
+    backend: MapBackend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -262,7 +420,10 @@ def run_parallel(
         start_method: ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``None`` for the
             platform default.
         backend: where the items run.  ``"process"`` (the default: new worker processes
-            for this call), a :class:`WorkerPool` to reuse, ``"thread"`` (a thread pool;
+            for this call), a :class:`WorkerPool` to reuse, ``"auto"`` (the first items
+            run in the calling thread to measure them, the rest serially, on threads or on
+            processes, whichever is predicted to finish first; see :doc:`/backends`),
+            ``"thread"`` (a thread pool;
             ``max_workers`` threads), ``"serial"`` (in the calling thread, in order), any
             ``concurrent.futures.Executor``, a Dask ``distributed.Client``, or ``"dask"``
             (the current Dask client; ``pip install 'parallelkit[dask]'``).  Results,
@@ -336,6 +497,36 @@ def run_parallel(
         on_stall=on_stall,
         on_stats=on_stats,
     )
+    if isinstance(backend, str) and backend == "auto":
+        auto = _Auto(
+            fn,
+            items,
+            options,
+            streaming=False,
+            max_workers=max_workers,
+            start_method=start_method,
+            initializer=initializer,
+            initargs=initargs,
+            forward_logs=forward_logs,
+            finalizer=finalizer,
+            finalargs=finalargs,
+            max_tasks_per_worker=max_tasks_per_worker,
+        )
+        seq = auto.source
+        assert isinstance(seq, Sequence)
+        if len(seq) == 0:
+            return _no_items(options, auto.choice)
+        engine, run_options, inherited = auto.engine(seq)
+        return collect_call(
+            engine,
+            fn,
+            seq,
+            run_options,
+            owned=True,
+            inherited=inherited,
+            resume=auto.resume,
+            baseline=auto.baseline,
+        )
     place = _check_backend(
         options,
         backend,
@@ -387,7 +578,7 @@ def imap_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Backend | None = None,
+    backend: MapBackend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -410,7 +601,7 @@ def imap_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Backend | None = None,
+    backend: MapBackend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -433,7 +624,7 @@ def imap_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Backend | None = None,
+    backend: MapBackend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -455,7 +646,7 @@ def imap_parallel(
     *,
     max_workers: int | None = None,
     start_method: StartMethod | None = None,
-    backend: Backend | None = None,
+    backend: MapBackend | None = None,
     chunksize: int | None = None,
     ordered: bool = True,
     timeout: float | None = None,
@@ -500,6 +691,31 @@ def imap_parallel(
         stall_timeout=stall_timeout,
         on_stall=on_stall,
     )
+    if isinstance(backend, str) and backend == "auto":
+        auto = _Auto(
+            fn,
+            items,
+            options,
+            streaming=True,
+            max_workers=max_workers,
+            start_method=start_method,
+            initializer=initializer,
+            initargs=initargs,
+            forward_logs=forward_logs,
+            finalizer=finalizer,
+            finalargs=finalargs,
+            max_tasks_per_worker=max_tasks_per_worker,
+        )
+        engine, run_options, _ = auto.engine(None)
+        return stream_call(
+            engine,
+            fn,
+            auto.source,
+            run_options,
+            owned=True,
+            resume=auto.resume,
+            baseline=auto.baseline,
+        )
     place = _check_backend(
         options,
         backend,

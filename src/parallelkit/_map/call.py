@@ -123,6 +123,11 @@ def length_of(items: Iterable[Any]) -> int | None:
     return len(items) if isinstance(items, list | tuple | range) else None
 
 
+# items that ran before the job (``backend="auto"``'s probe): (count, results, errors,
+# the error that fails the call)
+Resume = tuple[int, list[Any], list[tuple[int, BaseException]] | None, BaseException | None]
+
+
 def _new_job(
     engine: Engine | ChunkEngine,
     fn: Callable[..., object],
@@ -131,6 +136,7 @@ def _new_job(
     options: MapOptions,
     watch: Watch | None,
     inherited: bool,
+    resume: Resume | None = None,
 ) -> Job:
     job = job_class(watch)(
         engine,
@@ -146,6 +152,8 @@ def _new_job(
     )
     if watch is not None:
         watch.attach(engine, job)
+    if resume is not None:
+        job.resume(*resume)
     return job
 
 
@@ -157,26 +165,37 @@ def collect_call(
     *,
     owned: bool,
     inherited: bool = False,
+    resume: Resume | None = None,
+    baseline: StatsBaseline | None = None,
 ) -> list[Any]:
     """Run ``fn`` over ``seq`` on ``engine``; the results as a list.
 
     ``owned``: the call made ``engine`` and shuts it down at the end (gracefully if the
     call succeeded); otherwise (a pool's engine) only the call's job is stopped.  Either
     way the watch is closed and ``on_stats`` receives the call's stats, also on failure.
-    ``inherited``: fork workers inherited ``fn`` and ``seq`` (see ``Engine``).
+    ``inherited``: fork workers inherited ``fn`` and ``seq`` (see ``Engine``).  ``resume``:
+    the first items ran already (``backend="auto"``), ``baseline`` says so for the stats.
     """
     watch = Watch.create(options.progress, options.stall_timeout, options.on_stall, len(seq))
-    baseline = StatsBaseline(engine)
+    baseline = _baseline(engine, baseline)
     job: Job | None = None
     ok = False
     try:
-        job = _new_job(engine, fn, seq, len(seq), options, watch, inherited)
+        job = _new_job(engine, fn, seq, len(seq), options, watch, inherited, resume)
         engine.add_job(job)
         results = collect(engine, job)
         ok = True
         return results
     finally:
         _end(engine, job, baseline, watch, options.on_stats, owned=owned, graceful=ok)
+
+
+def _baseline(engine: Engine | ChunkEngine, given: StatsBaseline | None) -> StatsBaseline:
+    if given is None:
+        return StatsBaseline(engine)
+    fresh = StatsBaseline(engine, began=given.began)
+    fresh.choice, fresh.probe = given.choice, given.probe
+    return fresh
 
 
 def _end(
@@ -213,17 +232,20 @@ def stream_call(
     options: MapOptions,
     *,
     owned: bool,
+    resume: Resume | None = None,
+    baseline: StatsBaseline | None = None,
 ) -> ResultIterator[Any]:
     """Start ``fn`` over ``items`` on ``engine``; an iterator over the results.
 
     A list, tuple or range is chunked by length; anything else is read lazily.  ``owned``:
-    the iterator shuts ``engine`` down when it is closed (or dropped).
+    the iterator shuts ``engine`` down when it is closed (or dropped).  ``resume`` and
+    ``baseline`` as for :func:`collect_call`.
     """
     length = length_of(items)
     watch = Watch.create(options.progress, options.stall_timeout, options.on_stall, total_of(items))
-    baseline = StatsBaseline(engine)
+    baseline = _baseline(engine, baseline)
     try:
-        job = _new_job(engine, fn, items, length, options, watch, False)
+        job = _new_job(engine, fn, items, length, options, watch, False, resume)
         engine.add_job(job)
     except BaseException:
         try:

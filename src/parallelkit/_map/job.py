@@ -192,6 +192,34 @@ class Job:
         else:
             self.chunksize = max(1, min(ideal, 2 * self.chunksize, self.byte_cap))
 
+    def resume(
+        self,
+        done: int,
+        results: list[Any],
+        errors: list[tuple[int, BaseException]] | None,
+        failure: BaseException | None = None,
+    ) -> None:
+        """Items ``0 ... done - 1`` have run already (``backend="auto"`` measured them in the
+        caller): their results are the job's first; chunks start after them.  ``failure``:
+        they ended with an error that fails the job (an item's, fail fast, or the input's),
+        raised after the results before it."""
+        self.next_start = done
+        if failure is not None:
+            ok = errors[0][0] if errors else done
+            if ok:
+                self.complete(0, results[:ok], None)
+            self.exhausted = True
+            self.fail(failure)
+            return
+        if self.length is not None:
+            self.exhausted = done >= self.length
+            if self.fixed_chunksize is None:
+                left = max(1, self.length - done)
+                self.chunksize = max(1, -(-left // (4 * self.engine.max_workers)))
+                self.initial_chunksize = self.chunksize
+        if done:
+            self.complete(0, results, errors)
+
     @property
     def finished(self) -> bool:
         return (

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from parallelkit._observe.stalls import StallClock, StallReport, WorkerStack, dump_stack, to_stderr
-from parallelkit._observe.stats import MapStats, WorkerStats
+from parallelkit._observe.stats import AutoChoice, MapStats, WorkerStats
 from parallelkit._proc import slots
 
 if TYPE_CHECKING:
@@ -40,14 +40,19 @@ __all__ = ("StallWatch", "StatsBaseline", "engine_stats")
 class StatsBaseline:
     """What an engine's workers had done when a call started (its stats count from there)."""
 
-    __slots__ = ("began", "items", "retired")
+    __slots__ = ("began", "choice", "items", "probe", "retired")
 
-    def __init__(self, engine: Engine | ChunkEngine | None = None) -> None:
+    def __init__(
+        self, engine: Engine | ChunkEngine | None = None, *, began: float | None = None
+    ) -> None:
         from parallelkit._map.engine import Engine  # noqa: PLC0415 - the engine imports nothing from here
 
-        self.began = time.monotonic()
+        self.began = time.monotonic() if began is None else began
         self.items: dict[int | None, tuple[int, float]] = {}
         self.retired = 0
+        # backend="auto": what it chose, and (where, items, busy seconds) of its probe
+        self.choice: AutoChoice | None = None
+        self.probe: tuple[str, int, float] | None = None
         if isinstance(engine, Engine):
             self.retired = len(engine.retired)
             for w in engine.workers:
@@ -55,7 +60,26 @@ class StatsBaseline:
 
 
 def engine_stats(engine: Engine | ChunkEngine, baseline: StatsBaseline) -> MapStats:
-    """The stats of ``engine``'s workers since ``baseline``."""
+    """The stats of ``engine``'s workers since ``baseline`` (and of ``backend="auto"``'s
+    probe, the first row, if it ran one)."""
+    stats = _engine_stats(engine, baseline)
+    if baseline.probe is None and baseline.choice is None:
+        return stats
+    workers = stats.workers
+    if baseline.probe is not None:
+        where, items, busy = baseline.probe
+        probe = WorkerStats(
+            name=where.removeprefix("in "),
+            pid=None,
+            items=items,
+            busy_seconds=busy,
+            idle_seconds=max(0.0, stats.seconds - busy),
+        )
+        workers = (probe, *workers)
+    return MapStats(workers, sum(w.items for w in workers), stats.seconds, baseline.choice)
+
+
+def _engine_stats(engine: Engine | ChunkEngine, baseline: StatsBaseline) -> MapStats:
     from parallelkit._map.engine import Engine  # noqa: PLC0415
 
     now = time.monotonic()

@@ -6,11 +6,36 @@ fills them from its engine (``parallelkit._map.stats``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from parallelkit._observe.table import text_table
 
-__all__ = ("MapStats", "WorkerStats")
+__all__ = ("AutoChoice", "MapStats", "WorkerStats")
+
+
+@dataclass(frozen=True, slots=True)
+class AutoChoice:
+    """Where ``backend="auto"`` ran a call, and why (see :doc:`/backends`).
+
+    Attributes:
+        backend: ``"serial"``, ``"thread"`` or ``"process"``.
+        workers: threads or processes the rest of the items ran on (1 for serial).
+        probed: items it ran first in the calling thread to measure them; their results
+            are part of the call's, and they count in the stats.
+        seconds_per_item: their measured wall time per item, or ``None`` when nothing was
+            measured (an option that only processes honour decided it).
+        predicted: predicted seconds for the items after the probe, per backend it
+            weighed.
+        reason: one line saying why.
+    """
+
+    backend: Literal["serial", "thread", "process"]
+    workers: int
+    probed: int
+    seconds_per_item: float | None
+    predicted: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +76,13 @@ class MapStats:
             were replaced), in the order they started.
         items: items run, over all workers.
         seconds: wall time.
+        choice: what ``backend="auto"`` chose, and why; ``None`` for other backends.
     """
 
     workers: tuple[WorkerStats, ...]
     items: int
     seconds: float
+    choice: AutoChoice | None = None
 
     @property
     def busy_seconds(self) -> float:
@@ -85,4 +112,6 @@ class MapStats:
             f"{self.items} items on {len(self.workers)} workers in {self.seconds:.3f} s "
             f"({100 * self.utilisation:.0f}% busy)"
         )
+        if self.choice is not None:
+            lines.append(f"backend='auto' chose {self.choice.backend}: {self.choice.reason}")
         return "\n".join(lines)

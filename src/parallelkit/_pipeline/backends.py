@@ -210,6 +210,11 @@ def run_stages(
     """
     from parallelkit._map.api import run_parallel  # noqa: PLC0415 - built on the map API
 
+    if isinstance(backend, str) and backend == "auto":
+        raise ValueError(
+            "backend='auto' is for run_parallel and imap_parallel; a pipeline runs on its "
+            "stages' own processes (backend=None) or on the backend you name"
+        )
     guarded = _GuardedSource(source)
     items: Iterable[Any] = source if isinstance(source, list | tuple | range) else guarded
     names = " -> ".join(stage.name for stage in stages)

@@ -23,13 +23,16 @@ if TYPE_CHECKING:
     from distributed import Client
 
     Backend: TypeAlias = Literal["process", "thread", "serial", "dask"] | cf.Executor | Client
+    # the map API's: also "auto" (serial, threads or processes, from the first items)
+    MapBackend: TypeAlias = Backend | Literal["auto"]
 else:
     Backend: TypeAlias = object
+    MapBackend: TypeAlias = object
 
-__all__ = ("Backend", "ChunkEngine", "Runner", "RunnerFactory", "check_backend")
+__all__ = ("Backend", "ChunkEngine", "MapBackend", "Runner", "RunnerFactory", "check_backend")
 
 VALID = (
-    "'process' (the default), 'thread', 'serial', 'dask' (the current Dask client), "
+    "'process' (the default), 'auto', 'thread', 'serial', 'dask' (the current Dask client), "
     "a WorkerPool, a concurrent.futures.Executor or a dask distributed.Client"
 )
 

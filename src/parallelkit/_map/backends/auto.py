@@ -1,0 +1,490 @@
+"""``backend="auto"``: measure the first items in the caller, then run the rest wherever
+the call is predicted to end first (serially, on threads, or on worker processes).
+
+::
+
+    items ──▶ probe: items in the calling thread, in batches of 1, 1, 2, 4, ... until they
+              have run PROBE_SECONDS (or the input ends, or an item fails); meanwhile a
+              watcher thread sleeps in short ticks and notes how late it wakes up
+         ──▶ model: seconds per item t, its CPU share, the share of time the GIL was free,
+              the pickled size of the first item and of its result
+         ──▶ choose: serial = m t; threads = max(m t (1 - gil_free), m t cpu / cpus, m t / W)
+              processes = start-up + m t / W + m (per-item cost + bytes / bandwidth)
+         ──▶ the probe's results are the job's first results; the rest runs on the choice
+
+Why a sleeping watcher tells whether the function holds the GIL: a thread waking up needs
+the GIL; while the caller runs Python code, it gets it only when the caller is made to
+drop it (after ``sys.getswitchinterval()``, 5 ms by default); while the caller runs code
+that releases it (numpy, I/O, ``time.sleep``), at once.  The watcher costs one GIL
+hand-over per switch interval, and runs no item.  An item that raises during the probe
+fails the call as on the serial backend (its own exception, a note naming the item); an
+item that cannot be pickled, or whose result cannot, rules processes out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal
+
+from parallelkit._map.backends.protocol import ChunkTask, run_chunk
+from parallelkit._map.calls import ItemCall
+from parallelkit._observe.stats import AutoChoice
+from parallelkit._wire.codec import PROTOCOL
+
+__all__ = (
+    "PROBE_WHERE",
+    "Measured",
+    "Probe",
+    "choose",
+    "process_only",
+    "run_probe",
+)
+
+Choice = Literal["serial", "thread", "process"]
+
+PROBE_WHERE: Final = "in the calling thread (backend='auto' measuring)"
+PROBE_SECONDS: Final = 0.02  # the probe stops once its items have run this long (s)
+TICK_SECONDS: Final = 0.0005  # the GIL watcher sleeps this long between looks (s)
+HELD_SAMPLES: Final = 3  # ... and stops after this many wake-ups in a row found it held
+WORTH_SECONDS: Final = 0.05  # serial work left for which knowing the GIL matters (s)
+GIL_ITEM_SECONDS: Final = 1e-5  # ... in items at least this long: shorter ones gain nothing
+# from threads that the hand-overs of the GIL would not take back (s)
+# Start-up and shutdown of the worker processes of one call (s): estimates on the side of
+# caution for a loaded machine; spawn imports the main module in every worker.
+PROCESS_START_SECONDS: Final = {"fork": 0.03, "forkserver": 0.06, "spawn": 0.25}
+THREAD_START_SECONDS: Final = 0.001  # start and join a thread pool (s)
+PROCESS_ITEM_SECONDS: Final = 2e-6  # the parent's share of one item's trip, chunked (s)
+COPY_BYTES_PER_SECOND: Final = 1e9  # large buffers: copied in and out of shared memory
+WAITING_CPU_SHARE: Final = 0.2  # items using less CPU than this wait (I/O): more threads
+UNKNOWN_ITEMS_PER_WORKER: Final = 64  # an input without a length: at least this many left
+GAIN: Final = 0.9  # a parallel backend must be predicted to take at most this x serial
+log = logging.getLogger("parallelkit")
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the probe measured (the model's input).
+
+    ``item`` and ``result`` are (bytes, seconds to pickle them here) of the first item and
+    its result, ``None`` when it cannot be pickled (processes are then out).
+    """
+
+    items: int
+    seconds_per_item: float
+    cpu_share: float  # share of the items' wall time they ran or wanted to run, 0 to 1
+    gil_free: float  # share of the watcher's wake-ups that found the GIL free, 0 to 1
+    item: tuple[int, float] | None = (0, 0.0)
+    result: tuple[int, float] | None = (0, 0.0)
+
+    @property
+    def picklable(self) -> bool:
+        return self.item is not None and self.result is not None
+
+
+def _trip_seconds(size: tuple[int, float]) -> float:
+    """Pickle, copy in, copy out, unpickle: one object's trip to another process."""
+    nbytes, pickling = size
+    return 2 * pickling + 2 * nbytes / COPY_BYTES_PER_SECOND
+
+
+def predict(
+    m: Measured,
+    remaining: int,
+    *,
+    workers: int,
+    threads: int,
+    cpus: int,
+    start_method: str,
+    items_inherited: bool,
+) -> dict[str, float]:
+    """Predicted seconds for ``remaining`` items on each backend (see the module doc)."""
+    t = m.seconds_per_item
+    work = remaining * t
+    out = {"serial": work}
+    p_threads = max(1, min(threads, remaining))
+    out["thread"] = THREAD_START_SECONDS + max(
+        work * (1.0 - m.gil_free), work * m.cpu_share / max(1, cpus), work / p_threads
+    )
+    if m.item is not None and m.result is not None:
+        p = max(1, min(workers, remaining))
+        per_item = PROCESS_ITEM_SECONDS + _trip_seconds(m.result)
+        if not items_inherited:  # fork workers read the input they inherited
+            per_item += _trip_seconds(m.item)
+        start = PROCESS_START_SECONDS.get(start_method, PROCESS_START_SECONDS["spawn"])
+        out["process"] = start + work / p + remaining * per_item
+    return out
+
+
+def choose(predicted: dict[str, float], allowed: Sequence[Choice]) -> Choice:
+    """The allowed backend predicted to finish first; serial unless another saves enough."""
+    serial = predicted["serial"]
+    best: Choice = "serial"
+    best_seconds = serial
+    names: tuple[Choice, ...] = ("thread", "process")
+    for name in names:
+        seconds = predicted.get(name)
+        if name in allowed and seconds is not None and seconds < best_seconds:
+            best, best_seconds = name, seconds
+    if best != "serial" and best_seconds > GAIN * serial:
+        return "serial"  # too close to call: serial costs nothing to start
+    if "serial" not in allowed and best == "serial":
+        return allowed[0]
+    return best
+
+
+# ------------------------------------------------------------------ options
+
+
+def process_only(
+    *,
+    timeout: float | None,
+    initializer: object,
+    finalizer: object,
+    max_tasks_per_worker: int | None,
+    stall_timeout: float | None,
+    on_stall: object,
+    forward_logs: bool,
+) -> str | None:
+    """The first option that only worker processes honour (why auto must pick them), or
+    ``None``.  The table is in ``docs/backends.md``."""
+    for name, value in (
+        ("timeout", timeout),
+        ("initializer", initializer),
+        ("finalizer", finalizer),
+        ("max_tasks_per_worker", max_tasks_per_worker),
+        ("stall_timeout", stall_timeout),
+        ("on_stall", on_stall),
+    ):
+        if value is not None:
+            return f"{name}= needs worker processes"
+    if not forward_logs:
+        return "forward_logs=False is about worker processes"
+    return None
+
+
+# ------------------------------------------------------------------ the probe
+
+
+class _GilWatch:
+    """A thread that sleeps in ticks and records how late each wake-up was.
+
+    Each wake-up while the caller holds the GIL makes the caller hand it over, which costs
+    little on an idle machine and a scheduler's latency or two on a loaded one: it is
+    started only when the answer matters (see :func:`run_probe`), and it stops after
+    HELD_SAMPLES late wake-ups in a row.
+    """
+
+    def __init__(self) -> None:
+        self.late: list[float] = []
+        self.running = False  # set by the caller while an item runs: only then it looks
+        self.limit = sys.getswitchinterval() / 5
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name="parallelkit-auto-gil-watch", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        clock = time.perf_counter
+        wait = self.stop.wait
+        held = 0
+        while held < HELD_SAMPLES:
+            t = clock()
+            was_running = self.running
+            if wait(TICK_SECONDS):
+                return
+            if was_running and self.running:
+                late = clock() - t - TICK_SECONDS
+                self.late.append(late)
+                # made to wait for a switch interval: the GIL was held.  A fifth of it
+                # leaves room for the OS scheduler's own delays.
+                held = held + 1 if late >= self.limit else 0
+        wait()
+
+    def close(self) -> float:
+        """Stop; the share of wake-ups that found the GIL free (0 if there were none)."""
+        self.stop.set()
+        self.thread.join()
+        if not self.late:
+            return 0.0
+        return sum(1 for x in self.late if x < self.limit) / len(self.late)
+
+
+def _wanted_cpu() -> float:
+    """Seconds this thread has run or waited to run: its CPU time plus, on Linux, its time
+    in the run queue (``/proc/thread-self/schedstat``; its CPU time there is updated only
+    at scheduler ticks).  On a loaded machine a busy thread waits for a CPU: that is not
+    an item waiting for I/O."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            queued = int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        queued = 0.0
+    return time.thread_time() + queued
+
+
+def _bytes_of(obj: object) -> tuple[int, float] | None:
+    """(bytes, seconds) to pickle ``obj`` for another process, large buffers counted but not
+    copied; ``None`` if it cannot be pickled."""
+    sizes: list[int] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        sizes.append(buffer.raw().nbytes)
+        return False
+
+    t0 = time.perf_counter()
+    try:
+        data = pickle.dumps(obj, PROTOCOL, buffer_callback=out_of_band)
+    except Exception:
+        try:
+            from parallelkit._wire.codec import dumps  # noqa: PLC0415
+
+            data = dumps(obj)  # cloudpickle, when installed, sends what pickle cannot
+        except Exception:
+            return None
+    return len(data) + sum(sizes), time.perf_counter() - t0
+
+
+@dataclass(slots=True)
+class Probe:
+    """The probe's outcome: the first ``count`` items' results, and what was measured."""
+
+    results: list[Any] = field(default_factory=list)
+    errors: list[tuple[int, BaseException]] = field(default_factory=list)
+    count: int = 0
+    seconds: float = 0.0  # wall time of the probe's items
+    exhausted: bool = False  # the input ended during the probe
+    failed: BaseException | None = None  # fail fast: the error to raise
+    measured: Measured | None = None
+    rest: Iterator[Any] | None = None  # an iterator input: its items after the probe's
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    """What the model knows of the call besides the measurements."""
+
+    workers: int  # processes (and CPU-bound threads)
+    cpus: int
+    start_method: str
+    items_inherited: bool  # fork workers inherit the input: only results move
+    threads_fixed: bool = False  # the caller set max_workers, which bounds threads too
+    allowed: tuple[Choice, ...] = ("serial", "thread", "process")
+
+
+def _rest(remaining: int | None, count: int, model: Model) -> tuple[int, bool]:
+    """Items left after ``count`` (``remaining``: of an input with a length), and whether
+    that is known.  An input without a length is assumed long: wrongly starting a pool
+    costs its start-up once, wrongly staying serial costs the speed-up on every item."""
+    if remaining is None:
+        return max(count, UNKNOWN_ITEMS_PER_WORKER * model.workers), False
+    return remaining, True
+
+
+def _predicted(m: Measured, remaining: int, model: Model) -> tuple[dict[str, float], int]:
+    """Predictions for the allowed backends, and the thread count they assume."""
+    threads = model.workers
+    if m.cpu_share < WAITING_CPU_SHARE:
+        # Items that wait (I/O, sleep): a thread that uses no CPU runs no bytecode, so the
+        # GIL is free then, whatever the watcher saw on a loaded machine; and more threads
+        # than CPUs help, unless the caller said how many
+        m = replace(m, gil_free=max(m.gil_free, 1.0 - m.cpu_share))
+        if not model.threads_fixed:
+            threads = max(threads, min(32, model.cpus + 4))  # ThreadPoolExecutor's default
+    predicted = predict(
+        m,
+        remaining,
+        workers=model.workers,
+        threads=threads,
+        cpus=model.cpus,
+        start_method=model.start_method,
+        items_inherited=model.items_inherited,
+    )
+    allowed = [a for a in model.allowed if a != "process" or m.picklable]
+    return {k: v for k, v in predicted.items() if k in allowed or k == "serial"}, threads
+
+
+def gil_matters(m: Measured, remaining: int, model: Model) -> bool:
+    """Whether the choice may change with the GIL's share (not looked at yet): processes
+    that lose much to moving data, or serial with enough work left for threads to win."""
+    if m.cpu_share < WAITING_CPU_SHARE or "thread" not in model.allowed:
+        return False
+    predicted, _ = _predicted(m, remaining, model)
+    chosen = choose(predicted, [a for a in model.allowed if a in predicted])
+    work = remaining * m.seconds_per_item
+    if chosen == "process":
+        ideal = work / max(1, min(model.workers, remaining))
+        return predicted["process"] > 1.1 * ideal + PROCESS_START_SECONDS.get(
+            model.start_method, PROCESS_START_SECONDS["spawn"]
+        )
+    return chosen == "serial" and work >= WORTH_SECONDS
+
+
+def run_probe(
+    fn: Callable[[Any], object],
+    source: Sequence[Any] | Iterator[Any],
+    length: int | None,
+    *,
+    fail_fast: bool,
+    measure_items: bool,
+    model: Model | None = None,
+) -> Probe:
+    """Run the first items of ``source`` in the calling thread, measuring them.
+
+    ``measure_items``: also pickle the first item (processes would have to send it).  The
+    GIL watcher starts once the work left is worth it; if the probe's items were too long
+    for it to look (the first item alone used the probe's time) and the choice depends on
+    the GIL (``model``), one more item runs, watched.  An item :func:`~parallelkit.star`
+    and its kin cannot take ends the probe before it (the chosen backend reports it).
+    """
+    probe = Probe()
+    it = iter(source) if length is None else None
+    if it is not None:
+        probe.rest = it
+    check = fn if isinstance(fn, ItemCall) and fn.expects is not object else None
+    watch: _GilWatch | None = None
+    cpu = _wanted_cpu
+    batch = 1
+    last = (0, 0.0)
+    cpu_seconds = 0.0
+    item_size: tuple[int, float] | None = (0, 0.0)
+    result_size: tuple[int, float] | None = (0, 0.0)
+    one_more = False  # the extra, watched item is running
+
+    def measured(gil_free: float) -> Measured:
+        n, seconds = last if probe.count > 1 and last[1] > 0 else (probe.count, probe.seconds)
+        return Measured(
+            items=probe.count,
+            seconds_per_item=seconds / max(1, n),
+            cpu_share=min(1.0, cpu_seconds / probe.seconds) if probe.seconds > 0 else 1.0,
+            gil_free=gil_free,
+            item=item_size,
+            result=result_size,
+        )
+
+    try:
+        while True:
+            if probe.seconds >= PROBE_SECONDS:
+                left = None if length is None else length - probe.count
+                if (
+                    watch is not None
+                    or one_more
+                    or model is None
+                    or not probe.count
+                    or left == 0
+                    or not gil_matters(measured(0.0), _rest(left, probe.count, model)[0], model)
+                ):
+                    break
+                one_more = True
+                batch = 1
+                watch = _GilWatch()
+            pos = probe.count
+            if it is None:
+                assert length is not None
+                items: Sequence[Any] = source[pos : pos + batch]  # type: ignore[index]
+            else:
+                try:
+                    items = list(itertools.islice(it, batch))
+                except Exception as exc:  # fails the call after the results before it
+                    exc.add_note(f"parallelkit: raised by the input iterable after item {pos - 1}")
+                    probe.failed = exc
+                    break
+            if not items:
+                probe.exhausted = True
+                break
+            last_batch = one_more
+            if check is not None:
+                bad = check.bad_item(items)
+                if bad is not None:  # left to the chosen backend, which reports it
+                    if it is not None:
+                        probe.rest = itertools.chain(items[bad:], it)
+                    items = items[:bad]
+                    last_batch = True
+                    if not items:
+                        break
+            c0 = cpu()
+            if watch is not None:
+                watch.running = True
+            outcome = run_chunk(ChunkTask(fn, items, pos, fail_fast, None), PROBE_WHERE)
+            if watch is not None:
+                watch.running = False
+            cpu_seconds += cpu() - c0
+            probe.seconds += outcome.seconds
+            probe.count += len(outcome.results)
+            probe.results += outcome.results
+            if not one_more:  # the watched item runs with the watcher's hand-overs
+                last = (len(outcome.results), outcome.seconds)
+            if pos == 0 and measure_items:
+                item_size = _bytes_of(items[0])
+            if pos == 0 and not outcome.errors:
+                result_size = _bytes_of(outcome.results[0])
+            if outcome.errors:
+                for p, error in outcome.errors:
+                    assert isinstance(error, BaseException)
+                    error.add_note(f"parallelkit: raised {PROBE_WHERE} on item {pos + p}")
+                    probe.errors.append((pos + p, error))
+                if fail_fast:
+                    probe.failed = probe.errors[0][1]
+                    break
+            if length is not None and probe.count >= length:
+                probe.exhausted = True
+                break
+            if last_batch:
+                break
+            if watch is None and model is not None:
+                left = None if length is None else length - probe.count
+                rest = _rest(left, probe.count, model)[0]
+                per_item = outcome.seconds / max(1, len(outcome.results))
+                if per_item >= GIL_ITEM_SECONDS and rest * per_item >= WORTH_SECONDS:
+                    watch = _GilWatch()  # enough work left for the GIL to matter
+            batch = batch * 2 if pos else 1  # 1, 1, 2, 4, ...: the first item runs alone
+    finally:
+        gil_free = watch.close() if watch is not None else 0.0
+    if probe.count:
+        probe.measured = measured(gil_free)
+    return probe
+
+
+def decide(probe: Probe, remaining: int | None, model: Model) -> AutoChoice:
+    """The choice for the items after the probe (``remaining``: ``None`` if unknown)."""
+    m = probe.measured
+    if probe.exhausted or m is None or remaining == 0:
+        seconds = m.seconds_per_item if m else None
+        return AutoChoice("serial", 1, probe.count, seconds, {}, "the probe ran every item")
+    rest, known = _rest(remaining, probe.count, model)
+    predicted, threads = _predicted(m, rest, model)
+    chosen = choose(predicted, [a for a in model.allowed if a in predicted])
+    n = {
+        "serial": 1,
+        "thread": max(1, min(threads, rest)),
+        "process": max(1, min(model.workers, rest)),
+    }[chosen]
+    reason = (
+        f"{m.items} items measured: {m.seconds_per_item * 1e6:.3g} us each, "
+        f"{100 * m.cpu_share:.0f}% CPU, GIL free {100 * m.gil_free:.0f}% of the time, "
+        + (
+            f"{m.item[0]} + {m.result[0]} bytes to pickle per item and result"
+            if m.item is not None and m.result is not None
+            else "cannot be pickled"
+        )
+        + f"; {rest}{'' if known else '+'} items left, predicted "
+        + ", ".join(f"{k} {v:.3g} s" for k, v in predicted.items())
+    )
+    return AutoChoice(chosen, n, probe.count, m.seconds_per_item, predicted, reason)
+
+
+def announce(choice: AutoChoice) -> None:
+    """The one debug line on the ``parallelkit`` logger."""
+    log.debug(
+        "backend='auto' chose %s (%d %s): %s",
+        choice.backend,
+        choice.workers,
+        "worker" if choice.workers == 1 else "workers",
+        choice.reason,
+    )

@@ -1,0 +1,395 @@
+"""``backend="auto"``: it measures the first items in the caller, then runs the rest
+serially, on threads or on processes; the choice is in the stats and one debug log line.
+
+Each choice is forced by what the items do, not by a clock: trivial items cannot pay for
+any pool, items that sleep leave the GIL free and use no CPU (threads), items that spin in
+pure Python hold the GIL (processes).  Options that only processes honour must pick
+processes without running an item in the caller.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import parallelkit as pk
+import tasks.auto as tasks
+from parallelkit._map.backends import auto as A
+
+
+def _stats_of(call: Any) -> pk.MapStats:
+    seen: list[pk.MapStats] = []
+    call(seen.append)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def _choice(stats: pk.MapStats) -> pk.AutoChoice:
+    assert stats.choice is not None
+    return stats.choice
+
+
+# ------------------------------------------------------------------ the three choices
+
+
+@pytest.mark.parametrize("kind", ["list", "range", "generator"])
+def test_trivial_items_run_serially(kind: str) -> None:
+    n = 300_000  # more than the probe runs: the rest runs after it
+    items: Any = {
+        "list": list(range(n)),
+        "range": range(n),
+        "generator": (x for x in range(n)),
+    }[kind]
+    if kind == "generator":
+        with pk.imap_parallel(tasks.square, items, backend="auto") as it:
+            results = list(it)
+        stats = it.stats
+    else:
+        results = []
+        stats = _stats_of(
+            lambda on: results.extend(
+                pk.run_parallel(tasks.square, items, backend="auto", on_stats=on)
+            )
+        )
+    assert results == [x * x for x in range(n)]
+    choice = _choice(stats)
+    assert choice.backend == "serial"
+    assert choice.workers == 1
+    assert 0 < choice.probed <= n
+    assert stats.items == n
+    assert {w.pid for w in stats.workers} == {None}  # nothing ran in another process
+
+
+def test_items_that_sleep_run_on_threads() -> None:
+    n = 24
+    results: list[tuple[int, int, str]] = []
+    stats = _stats_of(
+        lambda on: results.extend(pk.run_parallel(tasks.nap, range(n), backend="auto", on_stats=on))
+    )
+    assert [r[0] for r in results] == list(range(n))
+    assert {r[1] for r in results} == {os.getpid()}
+    choice = _choice(stats)
+    assert choice.backend == "thread", choice.reason
+    threads = {r[2] for r in results[choice.probed :]}
+    assert all(name.startswith("parallelkit-thread") for name in threads)
+    assert {r[2] for r in results[: choice.probed]} == {threading.current_thread().name}
+
+
+def test_pure_python_work_runs_on_processes(start_method: pk.StartMethod) -> None:
+    n = 40
+    results: list[tuple[int, int]] = []
+    stats = _stats_of(
+        lambda on: results.extend(
+            pk.run_parallel(
+                tasks.spin,
+                range(n),
+                backend="auto",
+                max_workers=2,
+                start_method=start_method,
+                on_stats=on,
+            )
+        )
+    )
+    choice = _choice(stats)
+    assert choice.backend == "process", choice.reason
+    assert choice.workers == 2
+    assert [r[0] for r in results] == list(range(n))
+    # the probe's items ran here, and their results were kept; the rest ran elsewhere
+    assert {r[1] for r in results[: choice.probed]} == {os.getpid()}
+    assert os.getpid() not in {r[1] for r in results[choice.probed :]}
+    assert stats.items == n
+    assert sum(w.items for w in stats.workers if w.pid is not None) == n - choice.probed
+
+
+def test_a_generator_on_processes_loses_nothing(start_method: pk.StartMethod) -> None:
+    pulled: list[int] = []
+
+    def source() -> Iterator[int]:
+        for x in range(30):
+            pulled.append(x)
+            yield x
+
+    with pk.imap_parallel(
+        tasks.spin, source(), backend="auto", max_workers=2, start_method=start_method
+    ) as it:
+        results = list(it)
+    assert [r[0] for r in results] == list(range(30))
+    assert pulled == list(range(30))
+    choice = it.stats.choice
+    assert choice is not None
+    assert choice.backend == "process", choice.reason
+
+
+def test_items_that_cannot_be_pickled_rule_processes_out() -> None:
+    lock = threading.Lock()
+    items = [(lock, i) for i in range(40)]
+    results: list[int] = []
+    stats = _stats_of(
+        lambda on: results.extend(
+            pk.run_parallel(tasks.spin_locked, items, backend="auto", max_workers=2, on_stats=on)
+        )
+    )
+    assert results == list(range(40))
+    choice = _choice(stats)
+    assert choice.backend in ("serial", "thread")
+    assert "process" not in choice.predicted
+
+
+# ------------------------------------------------------------------ options
+
+
+PROCESS_ONLY: list[tuple[str, dict[str, Any]]] = [
+    ("timeout", {"timeout": 60.0}),
+    ("initializer", {"initializer": tasks.remember, "initargs": (7,)}),
+    ("finalizer", {"finalizer": tasks.remember, "finalargs": (8,)}),
+    ("max_tasks_per_worker", {"max_tasks_per_worker": 3}),
+    ("stall_timeout", {"stall_timeout": 60.0}),
+    ("on_stall", {"on_stall": print}),
+    ("forward_logs", {"forward_logs": False}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), PROCESS_ONLY, ids=[p[0] for p in PROCESS_ONLY])
+def test_options_only_processes_honour_pick_processes(
+    name: str, options: dict[str, Any], start_method: pk.StartMethod
+) -> None:
+    # trivial items: without the option, auto would run them serially
+    fn = tasks.recall if name == "initializer" else tasks.where
+    results: list[Any] = []
+    stats = _stats_of(
+        lambda on: results.extend(
+            pk.run_parallel(
+                fn, range(10), backend="auto", start_method=start_method, on_stats=on, **options
+            )
+        )
+    )
+    choice = _choice(stats)
+    assert choice.backend == "process"
+    assert choice.probed == 0  # not one item ran in the caller
+    assert name in choice.reason
+    if name == "initializer":
+        assert results == [7] * 10
+    else:
+        assert os.getpid() not in {pid for pid, _ in results}
+
+
+@pytest.mark.parametrize(("name", "options"), PROCESS_ONLY[:2], ids=["timeout", "initializer"])
+def test_options_only_processes_honour_on_imap(name: str, options: dict[str, Any]) -> None:
+    fn: Any = tasks.recall if name == "initializer" else tasks.where
+    with pk.imap_parallel(fn, iter(range(5)), backend="auto", **options) as it:
+        results: list[Any] = list(it)
+    assert it.stats.choice is not None
+    assert it.stats.choice.backend == "process"
+    if name == "initializer":
+        assert results == [7] * 5
+    else:
+        assert os.getpid() not in {pid for pid, _ in results}
+
+
+def test_progress_counts_the_probed_items() -> None:
+    seen: list[pk.Progress] = []
+    n = 300_000
+    results = pk.run_parallel(tasks.square, range(n), backend="auto", progress=seen.append)
+    assert len(results) == n
+    assert seen[-1].done == n
+    assert seen[-1].total == n
+
+
+def test_max_workers_bounds_threads() -> None:
+    stats = _stats_of(
+        lambda on: pk.run_parallel(tasks.nap, range(12), backend="auto", max_workers=2, on_stats=on)
+    )
+    choice = _choice(stats)
+    assert choice.backend == "thread", choice.reason
+    assert choice.workers == 2
+    assert len([w for w in stats.workers if w.name.startswith("thread")]) <= 2
+
+
+# ------------------------------------------------------------------ errors and edges
+
+
+def test_an_item_failing_in_the_probe_raises_as_on_the_serial_backend() -> None:
+    with pytest.raises(ValueError, match="bad item 3") as serial:
+        pk.run_parallel(tasks.fail_at, range(100), backend="serial")
+    with pytest.raises(ValueError, match="bad item 3") as auto:
+        pk.run_parallel(tasks.fail_at, range(100), backend="auto")
+    assert type(auto.value) is type(serial.value)
+    assert any("on item 3" in note for note in auto.value.__notes__)
+    assert any("backend='auto'" in note for note in auto.value.__notes__)
+
+
+def test_an_item_failing_in_the_probe_of_imap_comes_after_the_results_before_it() -> None:
+    got: list[int] = []
+    it = pk.imap_parallel(tasks.fail_at, iter(range(100)), backend="auto")
+    with it, pytest.raises(ValueError, match="bad item 3"):  # noqa: PT012 - the loop is the point
+        for r in it:
+            got.append(r)
+    assert got == [0, 1, 4]
+    choice = it.stats.choice
+    assert choice is not None
+    assert choice.backend == "serial"
+    assert "item 3 failed" in choice.reason
+
+
+def test_return_exceptions_keeps_the_probe_failures_in_their_slots() -> None:
+    n = 5000
+    results = pk.run_parallel(tasks.fail_at, range(n), backend="auto", return_exceptions=True)
+    assert len(results) == n
+    for x, r in enumerate(results):
+        if x == 3 or (x and x % 1000 == 0):
+            assert isinstance(r, ValueError)
+            assert f"bad item {x}" in str(r)
+        else:
+            assert r == x * x
+
+
+def test_a_failure_after_the_probe_fails_the_call() -> None:
+    # items 1000, 2000, ... fail after the probe, when the probe is short
+    with pytest.raises(ValueError, match="bad item"):
+        pk.run_parallel(tasks.fail_at, range(4, 300_000), backend="auto")
+
+
+def test_the_input_raising_during_the_probe() -> None:
+    def source() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise OSError("the source broke")
+
+    got: list[int] = []
+    it = pk.imap_parallel(tasks.square, source(), backend="auto")
+    with it, pytest.raises(OSError, match="the source broke"):
+        got.extend(it)
+    assert got == [1, 4]
+
+
+def test_no_items_and_one_item() -> None:
+    stats = _stats_of(lambda on: pk.run_parallel(tasks.square, [], backend="auto", on_stats=on))
+    assert stats.items == 0
+    assert _choice(stats).backend == "serial"
+    assert pk.run_parallel(tasks.square, [3], backend="auto") == [9]
+    assert list(pk.imap_parallel(tasks.square, [], backend="auto")) == []
+    assert list(pk.imap_parallel(tasks.square, iter([5]), backend="auto")) == [25]
+
+
+def test_unordered_results_are_all_there() -> None:
+    results = pk.run_parallel(tasks.square, range(5000), backend="auto", ordered=False)
+    assert sorted(results) == [x * x for x in range(5000)]
+    with pk.imap_parallel(tasks.nap, range(10), backend="auto", ordered=False) as it:
+        assert sorted(r[0] for r in it) == list(range(10))
+
+
+def test_an_endless_generator_is_read_lazily() -> None:
+    with pk.imap_parallel(tasks.square, itertools.count(), backend="auto") as it:
+        first = list(itertools.islice(it, 10))
+    assert first == [x * x for x in range(10)]
+
+
+def test_bad_arguments_raise_one_clear_error() -> None:
+    with pytest.raises(TypeError, match="callable"):
+        pk.run_parallel(3, range(3), backend="auto")  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        pk.run_parallel(tasks.square, 5, backend="auto")  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="max_workers"):
+        pk.run_parallel(tasks.square, range(3), backend="auto", max_workers=0)
+    with pytest.raises(pk.StartMethodError):
+        pk.run_parallel(tasks.square, range(3), backend="auto", start_method="frok")  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="'auto'"):
+        pk.run_parallel(tasks.square, range(3), backend="autp")  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="run_parallel and imap_parallel"):
+        pk.Pipeline(range(3)).map(tasks.square).run(backend="auto")  # type: ignore[arg-type]
+
+
+def test_star_items_of_the_wrong_kind_are_reported_by_the_chosen_backend() -> None:
+    items: list[Any] = [(2, 3)] * 5 + [7] + [(1, 1)]
+    with pytest.raises(TypeError, match="item 5 is 'int'"):
+        pk.run_parallel(pk.star(pow), items, backend="auto")
+    with pytest.raises(TypeError, match="is 'int'"):
+        list(pk.imap_parallel(pk.star(pow), iter(items), backend="auto"))
+
+
+# ------------------------------------------------------------------ what it says
+
+
+def test_one_debug_line_says_what_it_chose(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="parallelkit"):
+        pk.run_parallel(tasks.square, range(1000), backend="auto")
+    lines = [r for r in caplog.records if "backend='auto' chose" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].name == "parallelkit"
+    assert lines[0].levelno == logging.DEBUG
+    assert "serial" in lines[0].getMessage()
+
+
+def test_the_stats_say_what_it_chose() -> None:
+    stats = _stats_of(
+        lambda on: pk.run_parallel(tasks.square, range(1000), backend="auto", on_stats=on)
+    )
+    assert "backend='auto' chose serial" in str(stats)
+    plain = _stats_of(
+        lambda on: pk.run_parallel(tasks.square, range(10), backend="serial", on_stats=on)
+    )
+    assert plain.choice is None
+
+
+# ------------------------------------------------------------------ the model alone
+
+
+def _measured(**kw: Any) -> A.Measured:
+    base: dict[str, Any] = {
+        "items": 1,
+        "seconds_per_item": 0.01,
+        "cpu_share": 1.0,
+        "gil_free": 0.0,
+        "item": (100, 1e-6),
+        "result": (100, 1e-6),
+    }
+    base.update(kw)
+    return A.Measured(**base)
+
+
+def _pick(m: A.Measured, remaining: int, method: str = "fork") -> str:
+    predicted = A.predict(
+        m,
+        remaining,
+        workers=2,
+        threads=2,
+        cpus=2,
+        start_method=method,
+        items_inherited=False,
+    )
+    return A.choose(predicted, ["serial", "thread", "process"])
+
+
+def test_the_model() -> None:
+    # tiny items: nothing pays for a pool
+    assert _pick(_measured(seconds_per_item=5e-8), 10**6) == "serial"
+    # long pure-Python items: processes
+    assert _pick(_measured(seconds_per_item=0.1), 16) == "process"
+    # spawn's start-up does not pay for a little work
+    assert _pick(_measured(seconds_per_item=0.01), 10, "spawn") == "serial"
+    # numpy that frees the GIL, with large arrays to move: threads
+    big = (8_000_000, 1e-5)
+    assert _pick(_measured(seconds_per_item=0.005, gil_free=0.95, item=big, result=big), 32) == (
+        "thread"
+    )
+    # the same holding the GIL: moving the arrays costs more than the work
+    assert _pick(_measured(seconds_per_item=0.005, item=big, result=big), 32) == "serial"
+    # not picklable: never processes
+    predicted = A.predict(
+        _measured(seconds_per_item=0.1, item=None),
+        16,
+        workers=2,
+        threads=2,
+        cpus=2,
+        start_method="fork",
+        items_inherited=False,
+    )
+    assert "process" not in predicted
+    # only processes allowed: processes, whatever the prediction
+    assert A.choose({"serial": 1.0, "process": 5.0}, ["process"]) == "process"
