@@ -46,7 +46,13 @@ TINY = [
     "--retries", "0",
 ]  # fmt: skip
 STDLIB = {"Pool.map", "PPE.map"}
-PARALLELKIT = {"parallelkit.run_parallel", "parallelkit.WorkerPool", "parallelkit.WorkerPool.imap"}
+PARALLELKIT = {
+    "parallelkit.run_parallel",
+    "parallelkit.run_parallel(auto)",
+    "parallelkit.run_parallel(thread)",
+    "parallelkit.WorkerPool",
+    "parallelkit.WorkerPool.imap",
+}
 PEERS = {
     "loky": "loky.map",
     "joblib": "joblib",
@@ -98,7 +104,7 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
     by_workload: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
     for r in seconds:
         by_workload.setdefault(r["workload"], {})[r["contender"], r["mode"]] = r
-    arrays = {"arrays", "arrays-results"}
+    arrays = {"arrays", "arrays-results", "membound"}
     tiles = {"tiles", "tiles-rows"}
     if HAVE_NUMPY:
         assert set(by_workload) == {"tiny", "cpu", "startup-1"} | arrays | tiles
@@ -133,11 +139,12 @@ def test_every_workload_and_contender_is_measured_and_checked() -> None:
                 "run_parallel(ordered=False)",
                 "run_parallel(chunksize=1)",
             }
+        assert {c for c, _ in by_workload["membound"]} == {"serial"} | pools
     startup = by_workload["startup-1"]
-    assert {c for c, _ in startup} == {"Process"} | STDLIB | PARALLELKIT - {
+    assert {c for c, _ in startup} == {"Process", "serial"} | STDLIB | PARALLELKIT - {
         "parallelkit.WorkerPool.imap"
     } | INSTALLED_PEERS
-    assert {m for _, m in startup} == {"one-shot"}
+    assert {m for _, m in startup} == {"one-shot", "serial"}
     assert {r["workers"] for r in startup.values()} == {1}
     assert meta["workloads"]["startup-1"]["workers"] == 1
     assert ("parallelkit.WorkerPool", "warm") in by_workload["tiny"]

@@ -36,6 +36,7 @@ from typing import Any, Final, Literal
 from parallelkit._map.backends.protocol import ChunkTask, run_chunk
 from parallelkit._map.calls import ItemCall
 from parallelkit._observe.stats import AutoChoice
+from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire.codec import PROTOCOL
 
 __all__ = (
@@ -200,6 +201,8 @@ class _GilWatch:
             was_running = self.running
             if wait(TICK_SECONDS):
                 return
+            if _fuzz.ENABLED:
+                _fuzz.point("auto.watch_woke")
             if was_running and self.running:
                 late = clock() - t - TICK_SECONDS
                 self.late.append(late)
@@ -445,6 +448,8 @@ def run_probe(
                     watch = _GilWatch()  # enough work left for the GIL to matter
             batch = batch * 2 if pos else 1  # 1, 1, 2, 4, ...: the first item runs alone
     finally:
+        if _fuzz.ENABLED:
+            _fuzz.point("auto.probe_done")
         gil_free = watch.close() if watch is not None else 0.0
     if probe.count:
         probe.measured = measured(gil_free)
