@@ -116,7 +116,8 @@ def _public_bases(app: Sphinx, name: str, obj: object, options: object, bases: l
 
 
 _TYPE_VARIABLES = _type_variable_names()
-_PRIVATE = frozenset({"Backend", "MapBackend", "ProgressOption"})  # type aliases, spelled out in the prose
+# type aliases, spelled out in the prose
+_PRIVATE = frozenset({"Backend", "MapBackend", "ProgressOption"})
 
 
 def setup(app: Sphinx) -> dict[str, object]:
