@@ -8,12 +8,15 @@ the rest to :mod:`parallelkit._map.call`.
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from parallelkit._map.backends.auto import run_into
 from parallelkit._map.backends.choose import ChunkEngine, RunnerFactory, check_backend
-from parallelkit._map.backends.local import SerialRunner
+from parallelkit._map.backends.local import SERIAL_WHERE, SerialRunner
 from parallelkit._map.call import (
     MapOptions,
     Resume,
@@ -224,7 +227,7 @@ class _Auto:
             return
         model = auto.Model(
             workers=workers,
-            cpus=default_workers(),
+            cpus=workers if max_workers is None else default_workers(),
             start_method=method,
             items_inherited=method == "fork" and not streaming,
             threads_fixed=max_workers is not None,
@@ -241,7 +244,7 @@ class _Auto:
             self.source = probe.rest
         self.resume = (probe.count, probe.results, probe.errors or None, probe.failed)
         if probe.count:
-            self.baseline.probe = (auto.PROBE_WHERE, probe.count, probe.seconds)
+            self.baseline.probe.append((auto.PROBE_WHERE, probe.count, probe.seconds))
         remaining = None if self.length is None else self.length - probe.count
         if probe.failed is not None:
             index = probe.errors[0][0] if probe.errors else probe.count
@@ -264,6 +267,37 @@ class _Auto:
                 self.choice = auto.decide(probe, remaining, model)
         self.baseline.choice = self.choice
         auto.announce(self.choice)
+        if (
+            self.choice.backend == "serial"
+            and not streaming
+            and not options.watched
+            and probe.failed is None
+            and remaining
+        ):
+            self._rest_here(fn, probe.count)
+
+    def _rest_here(self, fn: Callable[..., object], start: int) -> None:
+        """Run the items after the probe now, in one go: what the serial backend would do,
+        less its copies (the results join the probe's, and the job takes them whole)."""
+        assert self.resume is not None
+        assert isinstance(self.source, Sequence)
+        done, results, errors, _ = self.resume
+        fail_fast = not self.options.return_exceptions
+        rest = itertools.islice(self.source, start, None)  # no copy of the input
+        t0 = time.perf_counter()
+        failed = run_into(results, fn, rest, fail_fast)  # after the probe's results
+        seconds = time.perf_counter() - t0
+        failure = None
+        if failed:
+            errors = list(errors or ())
+            for pos, exc in failed:
+                exc.add_note(f"parallelkit: raised {SERIAL_WHERE} on item {start + pos}")
+                errors.append((done + pos, exc))
+            if fail_fast:
+                failure = failed[0][1]
+        ran = len(results) - done
+        self.resume = (done + ran, results, errors, failure)
+        self.baseline.probe.append((SERIAL_WHERE, ran, seconds))
 
     def engine(self, seq: Sequence[Any] | None) -> tuple[Engine | ChunkEngine, MapOptions, bool]:
         """The engine for the rest, the options to run it with, and whether fork workers

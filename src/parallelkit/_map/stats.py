@@ -50,9 +50,10 @@ class StatsBaseline:
         self.began = time.monotonic() if began is None else began
         self.items: dict[int | None, tuple[int, float]] = {}
         self.retired = 0
-        # backend="auto": what it chose, and (where, items, busy seconds) of its probe
+        # backend="auto": what it chose, and (where, items, busy seconds) of what ran in
+        # the caller before the engine (its probe, and a serial rest)
         self.choice: AutoChoice | None = None
-        self.probe: tuple[str, int, float] | None = None
+        self.probe: list[tuple[str, int, float]] = []
         if isinstance(engine, Engine):
             self.retired = len(engine.retired)
             for w in engine.workers:
@@ -63,19 +64,19 @@ def engine_stats(engine: Engine | ChunkEngine, baseline: StatsBaseline) -> MapSt
     """The stats of ``engine``'s workers since ``baseline`` (and of ``backend="auto"``'s
     probe, the first row, if it ran one)."""
     stats = _engine_stats(engine, baseline)
-    if baseline.probe is None and baseline.choice is None:
+    if not baseline.probe and baseline.choice is None:
         return stats
-    workers = stats.workers
-    if baseline.probe is not None:
-        where, items, busy = baseline.probe
-        probe = WorkerStats(
+    here = tuple(
+        WorkerStats(
             name=where.removeprefix("in "),
             pid=None,
             items=items,
             busy_seconds=busy,
             idle_seconds=max(0.0, stats.seconds - busy),
         )
-        workers = (probe, *workers)
+        for where, items, busy in baseline.probe
+    )
+    workers = (*here, *stats.workers)
     return MapStats(workers, sum(w.items for w in workers), stats.seconds, baseline.choice)
 
 

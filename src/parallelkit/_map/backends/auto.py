@@ -29,12 +29,11 @@ import pickle
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
-from parallelkit._map.backends.protocol import ChunkTask, run_chunk
-from parallelkit._map.calls import ItemCall
+from parallelkit._map.calls import ItemCall, each
 from parallelkit._observe.stats import AutoChoice
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._wire.codec import PROTOCOL
@@ -55,6 +54,7 @@ PROBE_SECONDS: Final = 0.02  # the probe stops once its items have run this long
 TICK_SECONDS: Final = 0.0005  # the GIL watcher sleeps this long between looks (s)
 HELD_SAMPLES: Final = 3  # ... and stops after this many wake-ups in a row found it held
 WORTH_SECONDS: Final = 0.05  # serial work left for which knowing the GIL matters (s)
+TRUSTED_BATCH_SECONDS: Final = 0.001  # a batch this long says how long its items take (s)
 GIL_ITEM_SECONDS: Final = 1e-5  # ... in items at least this long: shorter ones gain nothing
 # from threads that the hand-overs of the GIL would not take back (s)
 # Start-up and shutdown of the worker processes of one call (s): estimates on the side of
@@ -63,7 +63,7 @@ PROCESS_START_SECONDS: Final = {"fork": 0.03, "forkserver": 0.06, "spawn": 0.25}
 THREAD_START_SECONDS: Final = 0.001  # start and join a thread pool (s)
 PROCESS_ITEM_SECONDS: Final = 2e-6  # the parent's share of one item's trip, chunked (s)
 COPY_BYTES_PER_SECOND: Final = 1e9  # large buffers: copied in and out of shared memory
-WAITING_CPU_SHARE: Final = 0.2  # items using less CPU than this wait (I/O): more threads
+WAITING_CPU_SHARE: Final = 0.5  # items wanting a CPU less than this share of the time wait (I/O)
 UNKNOWN_ITEMS_PER_WORKER: Final = 64  # an input without a length: at least this many left
 GAIN: Final = 0.9  # a parallel backend must be predicted to take at most this x serial
 log = logging.getLogger("parallelkit")
@@ -255,6 +255,28 @@ def _bytes_of(obj: object) -> tuple[int, float] | None:
     return len(data) + sum(sizes), time.perf_counter() - t0
 
 
+def run_into(
+    results: list[Any], fn: Callable[[Any], object], items: Iterable[Any], stop_on_error: bool
+) -> list[tuple[int, BaseException]]:
+    """Append ``fn(item)`` for each item to ``results`` (``None`` where it raised); the
+    ``(position, exception)`` pairs of the items that raised.  ``run_chunk``'s loop, into
+    one list: the probe's batches and a serial rest make no lists of their own."""
+    start = len(results)
+    errors: list[tuple[int, BaseException]] = []
+    it = iter(items)
+    while True:
+        try:
+            results.extend(each(fn, it))
+            return errors
+        except KeyboardInterrupt:
+            raise  # Ctrl-C in the caller: stop, do not record it as the item's
+        except BaseException as exc:  # SystemExit too: it is this item's exception
+            errors.append((len(results) - start, exc))
+            results.append(None)
+            if stop_on_error:
+                return errors
+
+
 @dataclass(slots=True)
 class Probe:
     """The probe's outcome: the first ``count`` items' results, and what was measured."""
@@ -355,12 +377,15 @@ def run_probe(
     cpu = _wanted_cpu
     batch = 1
     last = (0, 0.0)
-    cpu_seconds = 0.0
     item_size: tuple[int, float] | None = (0, 0.0)
     result_size: tuple[int, float] | None = (0, 0.0)
     one_more = False  # the extra, watched item is running
+    clock = time.perf_counter
+    first: object = None
+    cpu0 = cpu()  # read once around the probe: a reading costs microseconds
 
     def measured(gil_free: float) -> Measured:
+        cpu_seconds = cpu() - cpu0
         n, seconds = last if probe.count > 1 and last[1] > 0 else (probe.count, probe.seconds)
         return Measured(
             items=probe.count,
@@ -390,7 +415,13 @@ def run_probe(
             pos = probe.count
             if it is None:
                 assert length is not None
-                items: Sequence[Any] = source[pos : pos + batch]  # type: ignore[index]
+                seq = cast("Sequence[Any]", source)
+                if pos == 0 or check is not None:
+                    items: Iterable[Any] = seq[pos : pos + batch]
+                else:  # no copy of the input
+                    items = itertools.islice(seq, pos, min(pos + batch, length))
+                if pos >= length:
+                    items = ()
             else:
                 try:
                     items = list(itertools.islice(it, batch))
@@ -398,11 +429,15 @@ def run_probe(
                     exc.add_note(f"parallelkit: raised by the input iterable after item {pos - 1}")
                     probe.failed = exc
                     break
-            if not items:
+            if isinstance(items, list | tuple | range) and not items:
                 probe.exhausted = True
                 break
+            if pos == 0:
+                assert isinstance(items, list | tuple | range | Sequence)
+                first = items[0]
             last_batch = one_more
             if check is not None:
+                assert isinstance(items, Sequence)
                 bad = check.bad_item(items)
                 if bad is not None:  # left to the chosen backend, which reports it
                     if it is not None:
@@ -411,25 +446,24 @@ def run_probe(
                     last_batch = True
                     if not items:
                         break
-            c0 = cpu()
             if watch is not None:
                 watch.running = True
-            outcome = run_chunk(ChunkTask(fn, items, pos, fail_fast, None), PROBE_WHERE)
+            t0 = clock()
+            errors = run_into(probe.results, fn, items, fail_fast)
+            seconds = clock() - t0
             if watch is not None:
                 watch.running = False
-            cpu_seconds += cpu() - c0
-            probe.seconds += outcome.seconds
-            probe.count += len(outcome.results)
-            probe.results += outcome.results
+            ran = len(probe.results) - pos
+            probe.seconds += seconds
+            probe.count += ran
             if not one_more:  # the watched item runs with the watcher's hand-overs
-                last = (len(outcome.results), outcome.seconds)
+                last = (ran, seconds)
             if pos == 0 and measure_items:
-                item_size = _bytes_of(items[0])
-            if pos == 0 and not outcome.errors:
-                result_size = _bytes_of(outcome.results[0])
-            if outcome.errors:
-                for p, error in outcome.errors:
-                    assert isinstance(error, BaseException)
+                item_size = _bytes_of(first)
+            if pos == 0 and not errors:
+                result_size = _bytes_of(probe.results[0])
+            if errors:
+                for p, error in errors:
                     error.add_note(f"parallelkit: raised {PROBE_WHERE} on item {pos + p}")
                     probe.errors.append((pos + p, error))
                 if fail_fast:
@@ -440,11 +474,18 @@ def run_probe(
                 break
             if last_batch:
                 break
+            if it is not None and ran < batch:
+                probe.exhausted = True
+                break
             if watch is None and model is not None:
                 left = None if length is None else length - probe.count
                 rest = _rest(left, probe.count, model)[0]
-                per_item = outcome.seconds / max(1, len(outcome.results))
-                if per_item >= GIL_ITEM_SECONDS and rest * per_item >= WORTH_SECONDS:
+                per_item = seconds / max(1, ran)
+                if (
+                    seconds >= TRUSTED_BATCH_SECONDS  # not the call's overhead alone
+                    and per_item >= GIL_ITEM_SECONDS
+                    and rest * per_item >= WORTH_SECONDS
+                ):
                     watch = _GilWatch()  # enough work left for the GIL to matter
             batch = batch * 2 if pos else 1  # 1, 1, 2, 4, ...: the first item runs alone
     finally:
