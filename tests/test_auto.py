@@ -9,10 +9,12 @@ processes without running an item in the caller.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,7 +61,7 @@ def test_trivial_items_run_serially(kind: str) -> None:
         )
     assert results == [x * x for x in range(n)]
     choice = _choice(stats)
-    assert choice.backend == "serial"
+    assert choice.backend == "serial", choice.reason
     assert choice.workers == 1
     assert 0 < choice.probed <= n
     assert stats.items == n
@@ -72,10 +74,10 @@ def test_items_that_sleep_run_on_threads() -> None:
     stats = _stats_of(
         lambda on: results.extend(pk.run_parallel(tasks.nap, range(n), backend="auto", on_stats=on))
     )
-    assert [r[0] for r in results] == list(range(n))
-    assert {r[1] for r in results} == {os.getpid()}
     choice = _choice(stats)
     assert choice.backend == "thread", choice.reason
+    assert [r[0] for r in results] == list(range(n))
+    assert {r[1] for r in results} == {os.getpid()}
     threads = {r[2] for r in results[choice.probed :]}
     assert all(name.startswith("parallelkit-thread") for name in threads)
     assert {r[2] for r in results[: choice.probed]} == {threading.current_thread().name}
@@ -374,7 +376,7 @@ def test_the_model() -> None:
     # spawn's start-up does not pay for a little work
     assert _pick(_measured(seconds_per_item=0.01), 10, "spawn") == "serial"
     # numpy that frees the GIL, with large arrays to move: threads
-    big = (8_000_000, 1e-5)
+    big = (8_000_000, 0.004)  # 8 MB, 4 ms one way
     assert _pick(_measured(seconds_per_item=0.005, gil_free=0.95, item=big, result=big), 32) == (
         "thread"
     )
@@ -393,3 +395,18 @@ def test_the_model() -> None:
     assert "process" not in predicted
     # only processes allowed: processes, whatever the prediction
     assert A.choose({"serial": 1.0, "process": 5.0}, ["process"]) == "process"
+
+
+@pytest.mark.parametrize("make", ["list", "generator"])
+def test_a_probed_result_handed_out_is_not_held(make: str) -> None:
+    # the probe's results are the job's first: once handed out, only the caller holds them
+    source: Any = list(range(50)) if make == "list" else iter(range(50))
+    with pk.imap_parallel(tasks.box, source, backend="auto") as it:
+        first = next(it)
+        ref = weakref.ref(first)
+        del first
+        gc.collect()
+        assert ref() is None
+        assert [b.x for b in it] == list(range(1, 50))
+    assert it.stats.choice is not None
+    assert it.stats.choice.probed >= 1

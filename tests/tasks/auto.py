@@ -60,3 +60,14 @@ def remember(value: object) -> None:
 
 def recall(_: object) -> object:
     return STATE.get("value")
+
+
+class Box:
+    """A result that can be watched with a weakref."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def box(x: int) -> Box:
+    return Box(x)

@@ -4,8 +4,10 @@ the call is predicted to end first (serially, on threads, or on worker processes
 ::
 
     items ──▶ probe: items in the calling thread, in batches of 1, 1, 2, 4, ... until they
-              have run PROBE_SECONDS (or the input ends, or an item fails); meanwhile a
-              watcher thread sleeps in short ticks and notes how late it wakes up
+              have run PROBE_SECONDS (or the input ends, or an item fails); once the work
+              left is worth it, a watcher thread sleeps in short ticks and notes how late
+              it wakes up (one more item, watched, if the first was too long for it and
+              the choice depends on the GIL)
          ──▶ model: seconds per item t, its CPU share, the share of time the GIL was free,
               the pickled size of the first item and of its result
          ──▶ choose: serial = m t; threads = max(m t (1 - gil_free), m t cpu / cpus, m t / W)
@@ -16,9 +18,12 @@ Why a sleeping watcher tells whether the function holds the GIL: a thread waking
 the GIL; while the caller runs Python code, it gets it only when the caller is made to
 drop it (after ``sys.getswitchinterval()``, 5 ms by default); while the caller runs code
 that releases it (numpy, I/O, ``time.sleep``), at once.  The watcher costs one GIL
-hand-over per switch interval, and runs no item.  An item that raises during the probe
-fails the call as on the serial backend (its own exception, a note naming the item); an
-item that cannot be pickled, or whose result cannot, rules processes out.
+hand-over per switch interval (a scheduler's latency or two on a loaded machine), and runs
+no item.  The serial choice of ``run_parallel`` runs the rest here, into the probe's result
+list (see ``_map/api.py``), so that it costs no more than the serial backend.  An item
+that raises during the probe fails the call as on the serial backend (its own exception, a
+note naming the item); an item that cannot be pickled, or whose result cannot, rules
+processes out.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ Choice = Literal["serial", "thread", "process"]
 PROBE_WHERE: Final = "in the calling thread (backend='auto' measuring)"
 PROBE_SECONDS: Final = 0.02  # the probe stops once its items have run this long (s)
 TICK_SECONDS: Final = 0.0005  # the GIL watcher sleeps this long between looks (s)
-HELD_SAMPLES: Final = 3  # ... and stops after this many wake-ups in a row found it held
+HELD_SAMPLES: Final = 3  # ... and stops after this many wake-ups found it held
 WORTH_SECONDS: Final = 0.05  # serial work left for which knowing the GIL matters (s)
 TRUSTED_BATCH_SECONDS: Final = 0.001  # a batch this long says how long its items take (s)
 GIL_ITEM_SECONDS: Final = 1e-5  # ... in items at least this long: shorter ones gain nothing
@@ -62,8 +67,13 @@ GIL_ITEM_SECONDS: Final = 1e-5  # ... in items at least this long: shorter ones 
 PROCESS_START_SECONDS: Final = {"fork": 0.03, "forkserver": 0.06, "spawn": 0.25}
 THREAD_START_SECONDS: Final = 0.001  # start and join a thread pool (s)
 PROCESS_ITEM_SECONDS: Final = 2e-6  # the parent's share of one item's trip, chunked (s)
-COPY_BYTES_PER_SECOND: Final = 1e9  # large buffers: copied in and out of shared memory
+COPY_BYTES_PER_SECOND: Final = 1e9  # small buffers: copied in and out of shared memory
+COPY_SAMPLE_BYTES: Final = 1 << 20  # a buffer this large: its copy is timed instead
 WAITING_CPU_SHARE: Final = 0.5  # items wanting a CPU less than this share of the time wait (I/O)
+# ... and below this share they surely do (a VM's stolen time also lowers the share: a
+# spinning item read 37% on a loaded VM), so the GIL is free then, watched or not
+IDLE_CPU_SHARE: Final = 0.2
+WATCH_FROM_START_ITEMS: Final = 16  # inputs this long (or without a length): watch at once
 UNKNOWN_ITEMS_PER_WORKER: Final = 64  # an input without a length: at least this many left
 GAIN: Final = 0.9  # a parallel backend must be predicted to take at most this x serial
 log = logging.getLogger("parallelkit")
@@ -73,8 +83,8 @@ log = logging.getLogger("parallelkit")
 class Measured:
     """What the probe measured (the model's input).
 
-    ``item`` and ``result`` are (bytes, seconds to pickle them here) of the first item and
-    its result, ``None`` when it cannot be pickled (processes are then out).
+    ``item`` and ``result`` are (bytes, seconds of a one-way trip) of the first item and
+    its result (see ``_bytes_of``), ``None`` when it cannot be pickled (processes are out).
     """
 
     items: int
@@ -90,9 +100,8 @@ class Measured:
 
 
 def _trip_seconds(size: tuple[int, float]) -> float:
-    """Pickle, copy in, copy out, unpickle: one object's trip to another process."""
-    nbytes, pickling = size
-    return 2 * pickling + 2 * nbytes / COPY_BYTES_PER_SECOND
+    """Pickle and copy in, map and unpickle: one object's trip to another process."""
+    return 2 * size[1]
 
 
 def predict(
@@ -116,8 +125,8 @@ def predict(
     if m.item is not None and m.result is not None:
         p = max(1, min(workers, remaining))
         per_item = PROCESS_ITEM_SECONDS + _trip_seconds(m.result)
-        if not items_inherited:  # fork workers read the input they inherited
-            per_item += _trip_seconds(m.item)
+        # fork workers read the input they inherited: its pages are mapped, not copied
+        per_item += m.item[1] if items_inherited else _trip_seconds(m.item)
         start = PROCESS_START_SECONDS.get(start_method, PROCESS_START_SECONDS["spawn"])
         out["process"] = start + work / p + remaining * per_item
     return out
@@ -179,13 +188,18 @@ class _GilWatch:
     Each wake-up while the caller holds the GIL makes the caller hand it over, which costs
     little on an idle machine and a scheduler's latency or two on a loaded one: it is
     started only when the answer matters (see :func:`run_probe`), and it stops after
-    HELD_SAMPLES late wake-ups in a row.
+    HELD_SAMPLES late wake-ups.
     """
 
     def __init__(self) -> None:
         self.late: list[float] = []
         self.running = False  # set by the caller while an item runs: only then it looks
         self.limit = sys.getswitchinterval() / 5
+        try:  # the caller's CPU time, read from the watcher's thread
+            clock_id = time.pthread_getcpuclockid(threading.get_ident())
+            self._caller_cpu: Callable[[], float] = lambda: time.clock_gettime(clock_id)
+        except (AttributeError, OSError):  # not offered here: every look counts
+            self._caller_cpu = lambda: 0.0
         self.stop = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name="parallelkit-auto-gil-watch", daemon=True
@@ -195,29 +209,43 @@ class _GilWatch:
     def _run(self) -> None:
         clock = time.perf_counter
         wait = self.stop.wait
+        caller_cpu = self._caller_cpu
         held = 0
+        back_at = 0.0  # the caller's CPU time by which it surely has the GIL back
         while held < HELD_SAMPLES:
-            t = clock()
-            was_running = self.running
+            t, c = clock(), caller_cpu()
+            was_running = self.running and c >= back_at
             if wait(TICK_SECONDS):
                 return
             if _fuzz.ENABLED:
                 _fuzz.point("auto.watch_woke")
-            if was_running and self.running:
-                late = clock() - t - TICK_SECONDS
+            late = clock() - t - TICK_SECONDS
+            counts = was_running and self.running
+            if late < self.limit:
+                if counts:
+                    self.late.append(late)
+                continue
+            now = caller_cpu()
+            if now - c <= 0:
+                continue  # the caller did not run: the OS kept us waiting, not the GIL
+            # Made to wait for a switch interval while the caller ran: it held the GIL (a
+            # fifth of the interval leaves room for the OS scheduler's own delays).  Having
+            # taken the GIL from the caller, look again only once the caller has run again:
+            # on a loaded machine it may wait for a CPU first, and the GIL would look free.
+            back_at = now + TICK_SECONDS
+            if counts:
                 self.late.append(late)
-                # made to wait for a switch interval: the GIL was held.  A fifth of it
-                # leaves room for the OS scheduler's own delays.
-                held = held + 1 if late >= self.limit else 0
+                held += 1
         wait()
 
     def close(self) -> float:
-        """Stop; the share of wake-ups that found the GIL free (0 if there were none)."""
+        """Stop; the share of wake-ups that found the GIL free (0 with too few to tell)."""
         self.stop.set()
         self.thread.join()
-        if not self.late:
+        late = self.late[1:]  # the first one may overlap the thread's own start
+        if len(late) < HELD_SAMPLES:
             return 0.0
-        return sum(1 for x in self.late if x < self.limit) / len(self.late)
+        return sum(1 for x in late if x < self.limit) / len(late)
 
 
 def _wanted_cpu() -> float:
@@ -234,12 +262,14 @@ def _wanted_cpu() -> float:
 
 
 def _bytes_of(obj: object) -> tuple[int, float] | None:
-    """(bytes, seconds) to pickle ``obj`` for another process, large buffers counted but not
-    copied; ``None`` if it cannot be pickled."""
-    sizes: list[int] = []
+    """(bytes, seconds) of ``obj``'s trip one way to another process: pickling it, with its
+    large buffers counted (not copied into the pickle), and copying those buffers once
+    into fresh memory, timed here on the first one (fresh memory costs page faults, which
+    on a VM can cost more than the copy); ``None`` if it cannot be pickled."""
+    buffers: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        sizes.append(buffer.raw().nbytes)
+        buffers.append(buffer.raw())
         return False
 
     t0 = time.perf_counter()
@@ -252,7 +282,18 @@ def _bytes_of(obj: object) -> tuple[int, float] | None:
             data = dumps(obj)  # cloudpickle, when installed, sends what pickle cannot
         except Exception:
             return None
-    return len(data) + sum(sizes), time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    large = sum(b.nbytes for b in buffers)
+    if buffers and buffers[0].nbytes >= COPY_SAMPLE_BYTES:
+        sample = buffers[0]
+        t0 = time.perf_counter()
+        copy = bytearray(sample)
+        copied = time.perf_counter() - t0
+        del copy
+        seconds += copied * large / sample.nbytes
+    else:
+        seconds += large / COPY_BYTES_PER_SECOND
+    return len(data) + large, seconds
 
 
 def run_into(
@@ -315,13 +356,13 @@ def _rest(remaining: int | None, count: int, model: Model) -> tuple[int, bool]:
 def _predicted(m: Measured, remaining: int, model: Model) -> tuple[dict[str, float], int]:
     """Predictions for the allowed backends, and the thread count they assume."""
     threads = model.workers
-    if m.cpu_share < WAITING_CPU_SHARE:
-        # Items that wait (I/O, sleep): a thread that uses no CPU runs no bytecode, so the
-        # GIL is free then, whatever the watcher saw on a loaded machine; and more threads
-        # than CPUs help, unless the caller said how many
+    if m.cpu_share < IDLE_CPU_SHARE:
+        # a thread that uses no CPU runs no bytecode: the GIL is free then
         m = replace(m, gil_free=max(m.gil_free, 1.0 - m.cpu_share))
-        if not model.threads_fixed:
-            threads = max(threads, min(32, model.cpus + 4))  # ThreadPoolExecutor's default
+    if m.cpu_share < WAITING_CPU_SHARE and not model.threads_fixed:
+        # items that wait (I/O, sleep): more threads than CPUs help, unless the caller
+        # said how many
+        threads = max(threads, min(32, model.cpus + 4))  # ThreadPoolExecutor's default
     predicted = predict(
         m,
         remaining,
@@ -336,19 +377,15 @@ def _predicted(m: Measured, remaining: int, model: Model) -> tuple[dict[str, flo
 
 
 def gil_matters(m: Measured, remaining: int, model: Model) -> bool:
-    """Whether the choice may change with the GIL's share (not looked at yet): processes
-    that lose much to moving data, or serial with enough work left for threads to win."""
-    if m.cpu_share < WAITING_CPU_SHARE or "thread" not in model.allowed:
+    """Whether the choice would change if the GIL were free (it has not been watched): then
+    one more item, watched, is worth its time."""
+    if "thread" not in model.allowed:
         return False
-    predicted, _ = _predicted(m, remaining, model)
-    chosen = choose(predicted, [a for a in model.allowed if a in predicted])
-    work = remaining * m.seconds_per_item
-    if chosen == "process":
-        ideal = work / max(1, min(model.workers, remaining))
-        return predicted["process"] > 1.1 * ideal + PROCESS_START_SECONDS.get(
-            model.start_method, PROCESS_START_SECONDS["spawn"]
-        )
-    return chosen == "serial" and work >= WORTH_SECONDS
+    held, _ = _predicted(replace(m, gil_free=0.0), remaining, model)
+    free, _ = _predicted(replace(m, gil_free=1.0), remaining, model)
+    allowed = [a for a in model.allowed if a in held]
+    if_held, if_free = choose(held, allowed), choose(free, allowed)
+    return if_held != if_free and free[if_free] < GAIN * held[if_held]
 
 
 def run_probe(
@@ -373,7 +410,10 @@ def run_probe(
     if it is not None:
         probe.rest = it
     check = fn if isinstance(fn, ItemCall) and fn.expects is not object else None
-    watch: _GilWatch | None = None
+    # Long inputs are watched from the first item (which may be the only one the probe
+    # runs); short ones once a batch says the work left is worth it, not to pay a thread
+    # for a handful of trivial items.
+    watch = _GilWatch() if length is None or length >= WATCH_FROM_START_ITEMS else None
     cpu = _wanted_cpu
     batch = 1
     last = (0, 0.0)
