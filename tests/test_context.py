@@ -300,6 +300,25 @@ def test_the_forkserver_preloads_every_roles_loop() -> None:
     assert result.stdout.split() == ["True"] * 4
 
 
+def test_forkserver_imports_nothing_for_a_function_sent_by_value() -> None:
+    # A closure from a module the parent imported late travels by value (cloudpickle): no
+    # worker needs its module, so the server must not import it (its import could be
+    # heavy, or do things a forkserver should not).
+    pytest.importorskip("cloudpickle")
+    script = (
+        "import parallelkit as pk, tasks.preload as preload_probe\n"
+        "pk.run_parallel(preload_probe.loaded, [[]] * 2, max_workers=2,\n"
+        "                start_method='forkserver')\n"
+        "import tasks.late as late\n"
+        "pk.run_parallel(late.by_value(), range(2), max_workers=2, start_method='forkserver')\n"
+        "print(pk.run_parallel(preload_probe.loaded, [['tasks.late']] * 2, max_workers=2,\n"
+        "                      start_method='forkserver', chunksize=1))\n"
+    )
+    result = run_python("-c", script, timeout=60, env=package_env(TESTS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[[], []]"
+
+
 def test_forkserver_workers_start_with_the_shared_memory_wire_imported() -> None:
     # Every forkserver worker imported parallelkit._wire.arena (and _wire.shm) by itself, in
     # the middle of its first chunk with a large argument or result.

@@ -23,3 +23,10 @@ def imported_here(_: object) -> bool:
 def imported_here_of_two(_a: object, _b: object) -> bool:
     """:func:`imported_here`, for ``pk.star``."""
     return os.getpid() == IMPORTED_IN
+
+
+def by_value() -> object:
+    """A function that travels by value (a closure): unpickling it imports nothing of this
+    module."""
+    pid = os.getpid()
+    return lambda _: pid

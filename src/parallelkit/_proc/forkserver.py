@@ -178,14 +178,12 @@ def _module_names(fn: object, items: Sequence[Any] | None) -> list[str]:
     """The modules a worker imports to unpickle ``fn`` and ``items``, as far as the function
     (and the one it wraps: ``pk.star(f)``, ``functools.partial(f)``) and the classes of the
     first items (and of their first elements) tell."""
-    objects: list[object] = [type(fn)]
-    names = [getattr(fn, "__module__", None)]
+    objects: list[object] = [fn, type(fn)]
     for _ in range(_WRAPPERS_UNWRAPPED):
         fn = getattr(fn, "func", None)
         if fn is None:
             break
-        objects.append(type(fn))
-        names.append(getattr(fn, "__module__", None))
+        objects += (fn, type(fn))
     if items is not None:
         try:
             first = list(items[:_ITEMS_LOOKED_AT])
@@ -195,8 +193,22 @@ def _module_names(fn: object, items: Sequence[Any] | None) -> list[str]:
             objects.append(type(item))
             if type(item) in (tuple, list):
                 objects.extend(type(x) for x in item[:_ITEMS_LOOKED_AT])
-    names.extend(getattr(o, "__module__", None) for o in objects)
-    return [n for n in dict.fromkeys(names) if isinstance(n, str)]
+    names = [_module_by_reference(o) for o in objects]
+    return [n for n in dict.fromkeys(names) if n is not None]
+
+
+def _module_by_reference(obj: object) -> str | None:
+    """The module ``obj`` is pickled by reference from (its name finds it there), else
+    ``None``: a lambda, a closure or a class made at run time travels by value, and
+    unpickling it imports nothing of its module."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    found = sys.modules.get(module) if isinstance(module, str) else None
+    if found is None or not isinstance(qualname, str):
+        return None
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return module if found is obj else None
 
 
 def want_modules(fn: object, items: Sequence[Any] | None) -> None:
