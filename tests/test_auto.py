@@ -410,3 +410,14 @@ def test_a_probed_result_handed_out_is_not_held(make: str) -> None:
         assert [b.x for b in it] == list(range(1, 50))
     assert it.stats.choice is not None
     assert it.stats.choice.probed >= 1
+
+
+def test_the_gil_watcher_sees_pure_python_hold_the_gil() -> None:
+    # a loaded machine once made a spinning caller look GIL-free (the watcher, having taken
+    # the GIL, found it free again and again while the caller waited for a CPU)
+    for _ in range(3):
+        watch = A._GilWatch()
+        watch.running = True
+        tasks.spin(0)
+        watch.running = False
+        assert watch.close() < 0.5

@@ -197,9 +197,10 @@ class _GilWatch:
         self.limit = sys.getswitchinterval() / 5
         try:  # the caller's CPU time, read from the watcher's thread
             clock_id = time.pthread_getcpuclockid(threading.get_ident())
+            time.clock_gettime(clock_id)
             self._caller_cpu: Callable[[], float] = lambda: time.clock_gettime(clock_id)
-        except (AttributeError, OSError):  # not offered here: every look counts
-            self._caller_cpu = lambda: 0.0
+        except (AttributeError, OSError):  # not offered here: assume the caller ran
+            self._caller_cpu = time.perf_counter
         self.stop = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name="parallelkit-auto-gil-watch", daemon=True
