@@ -24,7 +24,6 @@ import tasks.basic as pool_workers
 import tasks.pipeline as w
 from conftest import START_METHODS
 from parallelkit import StartMethod
-from parallelkit._wire import frames as _frames
 from parallelkit._wire.codec import RemoteTraceback
 from parallelkit.testing import worker_counts
 
@@ -593,7 +592,6 @@ def test_a_large_item_is_not_kept_after_the_run(start_method: StartMethod) -> No
     del results, through
     gc.collect()
     grown = w.rss_bytes() - before
-    assert len(getattr(_frames._scratch, "buffer", b"")) < size // 4  # not the item's size
     assert grown < size // 3, f"the consumer kept {grown >> 20} MiB"
     assert pipeline.stats is not None  # the run is kept for its stats, not its results
 

@@ -18,9 +18,9 @@ import parallelkit as pk
 import tasks.pipeline as wp
 import tasks.queue as w
 from parallelkit import StartMethod
+from parallelkit._queue import datagrams as _datagrams
 from parallelkit._queue.state import UNBOUNDED_LARGE_BYTES
 from parallelkit._util.context import get_context
-from parallelkit._wire import frames as _frames
 
 
 def test_put_get_in_order() -> None:
@@ -250,7 +250,7 @@ def test_a_large_item_is_not_kept_by_the_consumer_after_it_is_dropped() -> None:
     del item
     gc.collect()
     grown = wp.rss_bytes() - before
-    assert len(getattr(_frames._scratch, "buffer", b"")) < size // 4  # not the item's size
+    assert len(getattr(_datagrams._scratch_local, "buffer", b"")) < size // 4  # not the item's size
     assert grown < size // 3, f"the consumer kept {grown >> 20} MiB"
     q.close()
 

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Any
 
 from parallelkit._pipeline.budget import Budget
-from parallelkit._wire import frames
+from parallelkit._pipeline.messages import Message
 
 __all__ = ("Batches",)
 
@@ -29,7 +29,7 @@ class Batches:
         self.next_batch = 0
         self.span: dict[int, tuple[int, int]] = {}  # batch -> (first source item, count)
         # per stage: batches (and their messages) waiting for a worker of that stage
-        self.pending: list[deque[tuple[int, frames.Parts]]] = [deque() for _ in range(stages)]
+        self.pending: list[deque[tuple[int, Message]]] = [deque() for _ in range(stages)]
         self.ready: dict[int, list[Any]] = {}  # finished batches, for the reorder buffer
         self.next_out = 0  # the batch to hand out next (ordered)
         self.outputs: deque[list[Any]] = deque()  # results the consumer has not taken

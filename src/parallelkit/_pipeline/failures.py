@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from parallelkit._pipeline.messages import Message, decode
 from parallelkit._proc import child
 from parallelkit._proc.lifecycle import describe_exit, signal_name
-from parallelkit._wire import frames
 from parallelkit._wire.codec import locate_unpicklable, rebuild_exception
 from parallelkit.errors import PipelineError, SerializationError, WorkerCrashedError
 
@@ -54,12 +54,10 @@ def unpicklable_source_item(items: Sequence[Any], start: int, exc: Exception) ->
     return error
 
 
-def stage_failed(
-    stage: str, pid: int | None, index: int | None, message: frames.Parts
-) -> PipelineError:
+def stage_failed(stage: str, pid: int | None, index: int | None, message: Message) -> PipelineError:
     """Stage ``stage``'s worker ``pid`` sent an ERROR ``message``; ``index`` is the source
     item's (first stage only)."""
-    record, shown, item_bytes = frames.decode(message)
+    record, shown, item_bytes = decode(message)
     where = f"in pipeline stage {stage!r} (worker pid {pid}) on item {shown}"
     cause = rebuild_exception(record, where=where)
     item: object = None
@@ -98,9 +96,9 @@ def worker_crashed(stage: str, process: BaseProcess, holding: str) -> PipelineEr
     return error
 
 
-def startup_failed(stage: str, pid: int | None, message: frames.Parts) -> PipelineError:
+def startup_failed(stage: str, pid: int | None, message: Message) -> PipelineError:
     """A worker of ``stage`` could not start (see ``_proc.child.startup_error``)."""
-    cause = child.startup_error(frames.decode(message), pid)
+    cause = child.startup_error(decode(message), pid)
     error = PipelineError(
         f"stage {stage!r}: worker pid {pid} could not start: {cause}", stage=stage
     )

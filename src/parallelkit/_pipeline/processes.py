@@ -1,26 +1,31 @@
 """A pipeline run's stage processes: starting them, talking to them, stopping them.
 
 ``StageProcesses`` owns, for one run, every stage worker process, the parent's end of
-each one's duplex pipe, the writer thread that sends large messages
-(:class:`parallelkit._wire.frames.Writer`) and the one ``poll`` object over the pipes, the
-processes' sentinels and the source's wake-up pipe.  It is used from the router (the
-consumer's thread) only; :func:`kill` is also the run's garbage-collection backstop.
-Which batch each worker holds is kept here too (``StageWorker.held``): a crash names it.
+each one's duplex stream (:class:`parallelkit._wire.stream.FrameStream` over a
+``socketpair``) and the one ``poll`` object over the streams, the processes' sentinels and
+the source's wake-up pipe.  The router posts its messages (it never waits to write: what a
+socket does not take now waits in that stream's outbox, written when the socket is
+writable) and reads every worker that has something, so neither side can wait for the
+other to read.  It is used from the router (the consumer's thread) only; :func:`kill` is
+also the run's garbage-collection backstop.  Which batch each worker holds is kept here
+too (``StageWorker.held``): a crash names it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import select
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
-from parallelkit._pipeline.stage import STOP, report_startup_failure, stage_loop
+from parallelkit._pipeline import messages
+from parallelkit._pipeline.messages import STOP, TASK, Message
+from parallelkit._pipeline.stage import report_startup_failure, stage_loop
 from parallelkit._proc.lifecycle import (
     leave_if_exiting,
     start_child,
@@ -32,13 +37,15 @@ from parallelkit._proc.logs import LogPipe
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.context import child_share, get_context
 from parallelkit._util.types import StartMethod
-from parallelkit._wire import frames
 from parallelkit._wire.codec import dump_function
+from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd, ms, widen
 
 __all__ = ("STOP_TIMEOUT", "Stage", "StageProcesses", "StageWorker", "kill")
 
 STOP_TIMEOUT: Final = 5.0  # seconds finished workers get to exit before being terminated
 EXIT_VISIBLE: Final = 1.0  # seconds to wait for a dead worker's exit code to be known
+READ: Final = select.POLLIN
+READ_WRITE: Final = select.POLLIN | select.POLLOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +60,16 @@ class Stage:
 
 
 class StageWorker:
-    """One worker process of a stage, the parent's end of its pipe, the batches it holds."""
+    """One worker process of a stage, the parent's end of its stream, the batches it holds."""
 
-    __slots__ = ("conn", "held", "logs", "process", "stage")
+    __slots__ = ("fd", "held", "logs", "process", "stage", "stream")
 
     def __init__(
-        self, process: BaseProcess, conn: Connection, stage: int, logs: LogPipe | None
+        self, process: BaseProcess, stream: FrameStream, stage: int, logs: LogPipe | None
     ) -> None:
         self.process = process
-        self.conn = conn
+        self.stream = stream
+        self.fd = stream.fileno()
         self.stage = stage
         self.held: deque[int] = deque()  # batch numbers sent and not yet answered
         self.logs = logs  # its log socket (_proc.logs), or None
@@ -80,7 +88,7 @@ class StageProcesses:
         self.on_records: Callable[[StageWorker, list[dict[str, Any]]], None] = _ignore
         self.workers: list[StageWorker] = []
         self.by_stage: list[list[StageWorker]] = [[] for _ in stages]
-        self.writer = frames.Writer()
+        self.writing: dict[int, StageWorker] = {}  # fd -> worker whose outbox is not empty
         self._poll: select.poll | None = None
 
     def payloads(self) -> list[bytes | None]:
@@ -110,13 +118,14 @@ class StageProcesses:
         number: int,
         share: int,
     ) -> None:
-        parent_end, child_end = context.Pipe(duplex=True)
-        frames.enlarge_buffers(parent_end)
-        frames.enlarge_buffers(child_end)
+        parent_end, child_end = socket.socketpair()
+        widen(parent_end)  # a large batch in fewer writes, both ways
+        widen(child_end)
+        stream = FrameStream(parent_end, kinds=messages.KINDS)
         log_pipe = LogPipe() if self.forward_logs else None
 
         def record(process: BaseProcess) -> None:
-            worker = StageWorker(process, parent_end, index, log_pipe)
+            worker = StageWorker(process, stream, index, log_pipe)
             self.workers.append(worker)
             self.by_stage[index].append(worker)
 
@@ -137,8 +146,8 @@ class StageProcesses:
                 identity=(number, stage.max_workers, self.start_method, stage.name, share),
             )
         except BaseException:
-            if not any(w.conn is parent_end for w in self.workers):
-                parent_end.close()
+            if not any(w.stream is stream for w in self.workers):
+                stream.abort()
                 if log_pipe is not None:
                     log_pipe.close()
             raise
@@ -148,8 +157,9 @@ class StageProcesses:
     # ---------------------------------------------------------------- sending
 
     def free_worker(self, stage: int) -> StageWorker | None:
-        """An idle worker of ``stage``, else one with a single batch (its reader thread
-        takes a second one in at once: see ``_pipeline.stage._read``), else ``None``."""
+        """An idle worker of ``stage``, else one with a single batch (the second waits in
+        the socket, so the worker starts on it as soon as it sent the first), else
+        ``None``."""
         best: StageWorker | None = None
         for worker in self.by_stage[stage]:
             held = len(worker.held)
@@ -159,78 +169,87 @@ class StageProcesses:
                 best = worker
         return best
 
-    def send(self, worker: StageWorker, batch: int, message: frames.Parts) -> None:
-        """Hand ``batch`` to ``worker``.
-
-        Raises:
-            OSError: the worker is dead (its exit code is known by then).
-        """
+    def send(self, worker: StageWorker, batch: int, message: Message) -> None:
+        """Hand ``batch`` to ``worker`` (as a TASK: a forwarded DONE message is one) without
+        waiting; a worker that died is noticed through its sentinel."""
         worker.held.append(batch)
         if _fuzz.ENABLED:
             _fuzz.point("router.before_send")
-        try:
-            self.writer.send(worker.conn, message)
-        except OSError:
-            leave_if_exiting()  # killed at interpreter exit (_lifecycle._quiet_exit): quietly
-            # it died: its sentinel says how; wait a moment for the exit to be visible
-            wait_exited([worker.process], time.monotonic() + EXIT_VISIBLE)
-            raise
+        messages.post(worker.stream, message, TASK)
+        if worker.stream.out:
+            self.writing[worker.fd] = worker
 
     # ---------------------------------------------------------------- receiving
 
     def wait(self, timeout_ms: int | None, wakeup_fd: int | None) -> set[int]:
-        """Wait until a pipe, a sentinel or the wake-up pipe is ready; the ready fds."""
+        """Write what the streams' outboxes hold as their sockets take it, until a stream
+        has something to read, a sentinel or the wake-up pipe is ready; the ready fds."""
         poller = self._poller(wakeup_fd)
+        writing = self.writing
+        for fd in writing:
+            poller.modify(fd, READ_WRITE)
         with waiting_on_children():
-            return {fd for fd, _ in poller.poll(timeout_ms)}
+            events = poller.poll(timeout_ms)
+        ready: set[int] = set()
+        for fd, event in events:
+            if event & select.POLLOUT:
+                worker = writing.get(fd)
+                if worker is not None and worker.stream.flush():
+                    del writing[fd]
+                    poller.modify(fd, READ)
+            if event & ~select.POLLOUT:
+                ready.add(fd)
+        return ready
 
     def _poller(self, wakeup_fd: int | None) -> select.poll:
-        """One poll object for the whole run: every pipe, every sentinel, the wake-up pipe.
+        """One poll object for the whole run: every stream, every sentinel, the wake-up pipe.
 
         (``multiprocessing.connection.wait`` would build and fill a new selector on every
         call, which costs more than routing a small batch.)
         """
         if self._poll is None:
             self._poll = select.poll()
-            fds = [w.conn.fileno() for w in self.workers]
+            fds = [w.fd for w in self.workers]
             fds += [w.process.sentinel for w in self.workers]
             fds += [w.logs.fileno() for w in self.workers if w.logs is not None]
             if wakeup_fd is not None:
                 fds.append(wakeup_fd)
             for fd in fds:
-                self._poll.register(fd, select.POLLIN)
+                self._poll.register(fd, READ)
         return self._poll
 
     def receive(
-        self, ready: set[int], handle: Callable[[StageWorker, frames.Parts], None]
+        self, ready: set[int], handle: Callable[[StageWorker, Message], None]
     ) -> list[StageWorker]:
-        """Pass every message the ``ready`` pipes hold to ``handle``; the dead workers."""
+        """Pass every message the ``ready`` streams hold to ``handle``; the dead workers."""
         dead: list[StageWorker] = []
         for worker in self.workers:
             if worker.logs is not None and worker.logs.fileno() in ready:
                 self.read_logs(worker)
-            if worker.conn.fileno() in ready:
+            if worker.fd in ready:
+                stream = worker.stream
                 try:
                     while True:
                         self.read_logs(worker)  # what it logged before the message first
-                        handle(worker, frames.recv(worker.conn))
-                        if not worker.held or not worker.conn.poll():
+                        handle(worker, messages.read(stream))
+                        if not worker.held or not stream.ready(0):
                             break
-                except (EOFError, OSError):
+                except (StreamEnd, FrameError):
                     dead.append(worker)
             elif worker.process.sentinel in ready:
                 dead.append(worker)
         return dead
 
     def receive_last(
-        self, worker: StageWorker, handle: Callable[[StageWorker, frames.Parts], None]
+        self, worker: StageWorker, handle: Callable[[StageWorker, Message], None]
     ) -> None:
         """``worker`` died: pass on a message it sent before, and wait for its exit code."""
         leave_if_exiting()  # killed at interpreter exit (_lifecycle._quiet_exit): quietly
         self.read_logs(worker)
-        if worker.conn.poll() if not worker.conn.closed else False:
-            with contextlib.suppress(EOFError, OSError):
-                handle(worker, frames.recv(worker.conn))
+        stream = worker.stream
+        if not stream.closed and stream.ready(0):
+            with contextlib.suppress(StreamEnd, FrameError):
+                handle(worker, messages.read(stream))
         wait_exited([worker.process], time.monotonic() + EXIT_VISIBLE)
         self.read_logs(worker)  # what it logged last (right before a crash, say)
 
@@ -244,12 +263,23 @@ class StageProcesses:
     # ---------------------------------------------------------------- stopping
 
     def say_stop(self) -> None:
-        """Every item is through: tell each worker to exit, after what it was sent."""
-        stop = frames.encode(None, STOP)
+        """Every item is through: tell each worker to exit, after what it was sent (waiting
+        up to ``STOP_TIMEOUT`` for the sockets to take it)."""
+        stop = messages.encode(None, STOP)
         for worker in self.workers:
-            with contextlib.suppress(OSError):
-                self.writer.send(worker.conn, stop)
-        self.writer.close()
+            messages.post(worker.stream, stop)
+            if worker.stream.out:
+                self.writing[worker.fd] = worker
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.writing:
+            poller = select.poll()
+            for fd in self.writing:
+                poller.register(fd, select.POLLOUT)
+            for fd, _ in poller.poll(ms(deadline - time.monotonic())):
+                if self.writing[fd].stream.flush():
+                    del self.writing[fd]
+            if time.monotonic() >= deadline:
+                break
 
     def reap(self) -> None:
         """Wait for the workers told to stop (terminating those that do not)."""
@@ -262,12 +292,11 @@ class StageProcesses:
                 worker.logs.close()
 
 
-def kill(workers: list[StageWorker], writer: frames.Writer) -> None:
-    """Kill every worker at once and close their pipes and the writer."""
+def kill(workers: list[StageWorker]) -> None:
+    """Kill every worker at once and close their streams."""
     stop_processes([w.process for w in workers], join_timeout=0, what="pipeline stage")
-    writer.close()  # its writes to the dead workers fail at once
     for worker in workers:
-        worker.conn.close()
+        worker.stream.abort()
         if worker.logs is not None:
             worker.logs.close()
 

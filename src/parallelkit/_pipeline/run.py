@@ -5,9 +5,9 @@
 ::
 
     source ─▶ router ─▶ stage 1 workers ─▶ router ─▶ stage 2 workers ─▶ router ─▶ consumer
-                 (the router is the consumer's own thread; one duplex pipe per worker)
+                 (the router is the consumer's own thread; one duplex stream per worker)
 
-Every worker of every stage has its own duplex pipe to the parent, as a pool worker does,
+Every worker of every stage has its own duplex stream to the parent, as a pool worker does,
 and the parent routes *batches* between stages: it forwards a finished batch's bytes to a
 worker of the next stage without unpickling them.  Compared with workers sharing one
 ``multiprocessing.Queue`` per stage, this means:
@@ -31,8 +31,8 @@ the iterator): a consumer that stops asking stops the pipeline once the budget i
 
 ``Run`` coordinates the parts, each of which owns its own state and resources:
 
-- :mod:`~parallelkit._pipeline.processes` -- the stage processes, their pipes, the
-  writer thread and the poll object;
+- :mod:`~parallelkit._pipeline.processes` -- the stage processes, their streams and the
+  poll object; :mod:`~parallelkit._pipeline.messages` -- what travels on the streams;
 - :mod:`~parallelkit._pipeline.source` -- the source thread and its wake-up pipe;
 - :mod:`~parallelkit._pipeline.budget` -- the items and bytes in flight, batch sizes;
 - :mod:`~parallelkit._pipeline.batches` -- batch numbers, batches between stages, the
@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from parallelkit._pipeline import messages
 from parallelkit._pipeline.batches import Batches
 from parallelkit._pipeline.budget import Budget
 from parallelkit._pipeline.failures import (
@@ -58,14 +59,13 @@ from parallelkit._pipeline.failures import (
     unpicklable_source_item,
     worker_crashed,
 )
+from parallelkit._pipeline.messages import ERROR, STARTUP_FAILED, TASK, Message
 from parallelkit._pipeline.processes import Stage, StageProcesses, StageWorker, kill
 from parallelkit._pipeline.source import Source
-from parallelkit._pipeline.stage import ERROR, STARTUP_FAILED, TASK
 from parallelkit._pipeline.stats import PipelineStats, StageCounts
 from parallelkit._proc import logs
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.types import StartMethod
-from parallelkit._wire import frames
 from parallelkit.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -106,9 +106,7 @@ class Run:
         self.progress: PipelineProgress | None = None  # progress=: reported by the router
         self.stall: StallWatch | None = None  # stall_timeout=
         processes = self.processes
-        self.finalizer = weakref.finalize(
-            self, _kill, processes.workers, processes.writer, self.source
-        )
+        self.finalizer = weakref.finalize(self, _kill, processes.workers, self.source)
 
     # -------------------------------------------------------------- the consumer's side
 
@@ -223,15 +221,15 @@ class Run:
                 if worker is None:
                     break
                 batch, message = pending.popleft()
-                self._send(worker, batch, message)
+                processes.send(worker, batch, message)
         self.source.wanted = False
         while (worker := processes.free_worker(0)) is not None:
             taken = self._take_batch()
             if taken is None:
                 return
-            self._send(worker, *taken)
+            processes.send(worker, *taken)  # a dead worker: its sentinel says so
 
-    def _take_batch(self) -> tuple[int, frames.Parts] | None:
+    def _take_batch(self) -> tuple[int, Message] | None:
         budget = self.budget
         limit = budget.next_limit()
         if limit <= 0:
@@ -242,21 +240,14 @@ class Run:
             return None
         count = len(items)
         try:
-            message = frames.encode(items, TASK, self.batches.next_batch, count)
+            message = messages.encode(items, TASK, self.batches.next_batch, count)
         except Exception as exc:
             error = unpicklable_source_item(items, start, exc)
             raise error from error.__cause__
         number = self.batches.add(start, count)
         self.counts[0].items_in += count
-        budget.admit(number, count, frames.size(message), self.counts)
+        budget.admit(number, count, message.size(), self.counts)
         return number, message
-
-    def _send(self, worker: StageWorker, batch: int, message: frames.Parts) -> None:
-        try:
-            self.processes.send(worker, batch, message)
-        except OSError:
-            error = self._crashed(worker)
-            raise error from error.__cause__
 
     def _wait_and_receive(self) -> None:
         began = time.perf_counter()
@@ -283,8 +274,9 @@ class Run:
                 fields["item_index"] = span[0] + position
         logs.handle(records)
 
-    def _receive(self, worker: StageWorker, message: frames.Parts) -> None:
-        kind, batch, n, busy, waiting = frames.header(message)
+    def _receive(self, worker: StageWorker, message: Message) -> None:
+        kind, batch = message.kind, message.batch
+        n, busy, waiting = messages.fields(message)
         if kind == ERROR:
             stage = worker.stage
             index = self.batches.first_item(batch)[0] + n if stage == 0 else None
@@ -297,12 +289,12 @@ class Run:
         counts.items_out += n
         counts.busy += busy
         counts.waiting += waiting
-        self.budget.grow(batch, frames.size(message))
+        self.budget.grow(batch, message.size())
         if stage + 1 < len(self.stages) and n > 0:
             self.counts[stage + 1].items_in += n
             self.batches.pending[stage + 1].append((batch, message))
             return
-        self.batches.deliver(batch, frames.decode(message) if n else [])
+        self.batches.deliver(batch, messages.decode(message) if n else [])
 
     # -------------------------------------------------------------- errors and reports
 
@@ -350,7 +342,7 @@ def _none() -> int:
     return 0
 
 
-def _kill(workers: list[StageWorker], writer: frames.Writer, source: Source) -> None:
+def _kill(workers: list[StageWorker], source: Source) -> None:
     """Kill every worker at once and close what the run holds (also the GC backstop)."""
-    kill(workers, writer)
+    kill(workers)
     source.close()

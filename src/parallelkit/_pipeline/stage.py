@@ -1,15 +1,15 @@
 """A pipeline stage's role loop (run by the child main, ``_proc.child``), and the messages
 it exchanges with the parent.
 
-Messages are :mod:`parallelkit._wire.frames` (a header, a pickled list, large buffers out of
-band)::
+Messages are :mod:`parallelkit._pipeline.messages` (frames of the wire's duplex stream: the
+kind, the batch number, three fields, a pickled list, large buffers out of band)::
 
-    parent -> worker   TASK(batch) + items             a batch to work on
+    parent -> worker   TASK(batch, n) + items          a batch to work on (the parent forwards
+                                                         a DONE message's body and buffers
+                                                         unchanged to a worker of the next
+                                                         stage as a TASK)
                        STOP                            exit
-    worker -> parent   DONE(batch, n, busy, waiting)   + the n outputs: the parent forwards
-                                                         this message unchanged to a worker
-                                                         of the next stage (any kind but STOP
-                                                         is work to a worker)
+    worker -> parent   DONE(batch, n, busy, waiting)   + the n outputs
                        ERROR(batch, position)          + (exception record, item repr,
                                                           pickled item or None)
                        STARTUP_FAILED                  + the start-up failure: the stage's
@@ -17,31 +17,29 @@ band)::
 
 ``busy`` is the nanoseconds the worker spent on the batch (unpickling, the stage's function,
 pickling); ``waiting`` the nanoseconds it waited for the batch before that.
+
+The worker has one thread: it reads a batch, works, and sends the outcome.  Its send
+never deadlocks with the parent's (which never waits: the router posts): while the socket
+is full it takes in what the parent sends (see :mod:`parallelkit._wire.stream`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
+import socket
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection
 from typing import Any, Final
 
 from parallelkit._map.calls import each, explain
+from parallelkit._pipeline import messages
+from parallelkit._pipeline.messages import DONE, ERROR, STARTUP_FAILED, STOP, Message
 from parallelkit._proc import logs as _logs
 from parallelkit._proc.child import StartupFailure
 from parallelkit._util import fuzz as _fuzz
-from parallelkit._wire import frames
 from parallelkit._wire.codec import capture_exception, dumps, locate_unpicklable
+from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd
 from parallelkit.errors import SerializationError
-
-TASK: Final = 1
-STOP: Final = 2
-DONE: Final = 3
-ERROR: Final = 4
-STARTUP_FAILED: Final = 5  # + the start-up failure (see _proc.child.startup_error)
 
 MAP: Final = 0
 FILTER: Final = 1
@@ -49,43 +47,48 @@ FLAT_MAP: Final = 2
 KIND_NAMES: Final = {MAP: "map", FILTER: "filter", FLAT_MAP: "flat_map"}
 
 
-def stage_loop(conn: Connection, fn: Callable[[Any], Any], dump_fd: int, kind: int) -> None:
+def stage_loop(sock: socket.socket, fn: Callable[[Any], Any], dump_fd: int, kind: int) -> None:
     """A stage's role loop (run by :func:`parallelkit._proc.child.child_main`): apply
     ``fn`` to each batch it is sent, until STOP or the parent hangs up."""
-    inbox: queue.SimpleQueue[frames.Parts | None] = queue.SimpleQueue()
-    threading.Thread(
-        target=_read, args=(conn, inbox), name="parallelkit-stage-reader", daemon=True
-    ).start()
+    stream = FrameStream(sock, kinds=messages.KINDS)
     clock = time.perf_counter_ns
     idle_since = clock()
     while True:
-        message = inbox.get()
-        if message is None:
-            return  # the parent is gone, hung up or said STOP
+        if _fuzz.ENABLED:
+            _fuzz.point("stage.before_read")
+        try:
+            message = messages.read(stream)
+        except (StreamEnd, FrameError):
+            return  # the parent is gone or hung up
+        if message.kind == STOP:
+            return
         if _fuzz.ENABLED:
             _fuzz.point("stage.before_work")
         # in a function of its own, so that nothing of the batch (its items, its outputs,
         # its message) is held while waiting for the next one
-        if not _work(conn, kind, fn, message, idle_since):
+        if not _work(stream, kind, fn, message, idle_since):
             return
         _logs.end_task()  # (holds none of the batch's outputs)
         del message
         idle_since = clock()
 
 
-def report_startup_failure(conn: Connection, failure: StartupFailure) -> None:
+def report_startup_failure(sock: socket.socket, failure: StartupFailure) -> None:
     """How a stage tells the parent it could not start (its function cannot be unpickled)."""
-    frames.send(conn, frames.encode(failure, STARTUP_FAILED))
+    with contextlib.suppress(StreamEnd):
+        messages.send(
+            FrameStream(sock, kinds=messages.KINDS), messages.encode(failure, STARTUP_FAILED)
+        )
 
 
 def _work(
-    conn: Connection, kind: int, fn: Callable[[Any], Any], message: frames.Parts, idle_since: int
+    stream: FrameStream, kind: int, fn: Callable[[Any], Any], message: Message, idle_since: int
 ) -> bool:
     """Run one batch and send its outcome; False when the parent hung up."""
     clock = time.perf_counter_ns
     start = clock()
-    batch = frames.header(message)[1]
-    items = frames.decode(message)
+    batch = message.batch
+    items = messages.decode(message)
     del message
     out: list[Any] = []
     append = out.append
@@ -108,50 +111,27 @@ def _work(
     except BaseException as exc:
         if kind == MAP:
             position = len(out)
-        _send_error(conn, batch, position, items[position], explain(fn, items[position], exc))
-        return True
+        return _send_error(
+            stream, batch, position, items[position], explain(fn, items[position], exc)
+        )
     try:
-        parts = frames.encode(out, DONE)
+        done = messages.encode(out, DONE, batch)
     except Exception as exc:
-        _send_unpicklable(conn, batch, kind, items, out, exc)
-        return True
+        return _send_unpicklable(stream, batch, kind, items, out, exc)
     end = clock()
-    frames.set_header(parts, DONE, batch, len(out), end - start, start - idle_since)
+    messages.set_fields(done, len(out), end - start, start - idle_since)
     if _fuzz.ENABLED:
         _fuzz.point("stage.before_send")
     try:
-        frames.send(conn, parts)
-    except OSError:
+        messages.send(stream, done)
+    except StreamEnd:
         return False
     return True
 
 
-def _read(conn: Connection, inbox: queue.SimpleQueue[frames.Parts | None]) -> None:
-    """Take in the parent's messages as they come, so that its send never waits for us.
-
-    Then the parent can send a worker its next batch while the worker works on (and sends
-    the results of) the one before: no stall between batches, and no deadlock of two
-    processes each sending a large message to the other.  The parent sends at most two
-    batches ahead.
-    """
-    while True:
-        if _fuzz.ENABLED:
-            _fuzz.point("stage.before_read")
-        try:
-            message = frames.recv(conn)
-        except (EOFError, OSError):
-            inbox.put(None)
-            return
-        if frames.header(message)[0] == STOP:
-            inbox.put(None)
-            return
-        inbox.put(message)
-        del message  # not held while waiting for the next one
-
-
 def _send_error(
-    conn: Connection, batch: int, position: int, item: object, exc: BaseException
-) -> None:
+    stream: FrameStream, batch: int, position: int, item: object, exc: BaseException
+) -> bool:
     try:
         shown = repr(item)
     except Exception:
@@ -163,13 +143,16 @@ def _send_error(
     except Exception:
         item_bytes = None
     record = capture_exception(exc)
-    with contextlib.suppress(OSError):
-        frames.send(conn, frames.encode((record, shown, item_bytes), ERROR, batch, position))
+    try:
+        messages.send(stream, messages.encode((record, shown, item_bytes), ERROR, batch, position))
+    except StreamEnd:
+        return False
+    return True
 
 
 def _send_unpicklable(
-    conn: Connection, batch: int, kind: int, items: Sequence[Any], out: list[Any], exc: Exception
-) -> None:
+    stream: FrameStream, batch: int, kind: int, items: Sequence[Any], out: list[Any], exc: Exception
+) -> bool:
     found = locate_unpicklable(out)
     position = found[0] if found is not None else 0
     item = items[position] if kind == MAP else out[position]  # map: one output per input
@@ -178,4 +161,4 @@ def _send_unpicklable(
         what="result",
         item_index=None,
     )
-    _send_error(conn, batch, position if kind == MAP else 0, item, error)
+    return _send_error(stream, batch, position if kind == MAP else 0, item, error)

@@ -13,12 +13,16 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-# stream.py (Channel): kind | pad | n buffers | body length, [id], n x buffer length
+# stream.py (Channel, pipelines): kind | pad | n buffers | body length, [id], n x buffer length
 STREAM_HEAD: Final = struct.Struct("<BxxxIQ")  # kind, number of buffers, body length
 STREAM_LEN: Final = struct.Struct("<Q")  # a buffer's length
 STREAM_ID: Final = struct.Struct("<Q")  # the frame's id (when the kind has an id flag)
 
-# frames.py (Queue, pipelines): over a multiprocessing Connection, buffers written raw
+# _pipeline/messages.py (a pipeline message, in a stream frame's body): these fields, then the
+# pickle; count (or position), busy ns, waiting ns, read-only bits of the buffers
+PIPELINE_FIELDS: Final = struct.Struct("<qqqQ")
+
+# frames.py (Queue): a message's parts, its buffers apart
 MESSAGE_HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
 MESSAGE_SPEC: Final = struct.Struct("<qq")  # size, writable
 

@@ -1,0 +1,185 @@
+"""The messages between a pipeline's router and its stage workers, as frames of the wire's
+one duplex stream (:class:`parallelkit._wire.stream.FrameStream`).
+
+A message is one frame whose kind is the message's (with the id flag: the id is the batch
+number), whose body is ``FIELDS`` followed by the pickle (protocol 5), and whose buffers
+are the pickle's large buffers, out of band by the codec's one rule::
+
+    frame(kind | NUMBERED, id=batch)   body: FIELDS(count, busy, waiting, read-only) + pickle
+                                       buffers: the pickle's out-of-band buffers
+
+``count``, ``busy`` and ``waiting`` are the sender's (see :mod:`parallelkit._pipeline.stage`
+for what each kind puts there); bit ``i`` of ``read-only`` says that buffer ``i`` was
+read-only (a large ``bytes`` item: it is rebuilt as ``bytes``).  A received message owns
+its memory, so the router can hold it and forward it to a worker of the next stage
+without unpickling it.
+
+A message's buffers are received into a buffer the thread reuses, then copied once into
+their own memory: a ``bytes`` for a read-only one (which the item then is, without another
+copy), a ``bytearray`` for the others (used by the object rebuilt on it).  Receiving into
+fresh memory instead costs more (every page faulted and zeroed anew) and still needs the
+copy to ``bytes``.  The reused buffer is kept only up to ``SCRATCH_KEEP`` bytes, so that a
+reader does not hold a rare huge message's size for ever.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import threading
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
+
+from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, dumps, keep_apart, mark_large_bytes
+from parallelkit._wire.layouts import PIPELINE_FIELDS
+from parallelkit._wire.stream import FrameStream
+
+__all__ = (
+    "DONE",
+    "ERROR",
+    "KINDS",
+    "STARTUP_FAILED",
+    "STOP",
+    "TASK",
+    "Message",
+    "decode",
+    "encode",
+    "fields",
+    "post",
+    "read",
+    "send",
+    "set_fields",
+)
+
+TASK: Final = 1
+STOP: Final = 2
+DONE: Final = 3
+ERROR: Final = 4
+STARTUP_FAILED: Final = 5  # + the start-up failure (see _proc.child.startup_error)
+
+NUMBERED: Final = 0x40  # a stream id flag: the frame's id is the batch number
+KINDS: Final = frozenset(kind | NUMBERED for kind in (TASK, STOP, DONE, ERROR, STARTUP_FAILED))
+FIELDS: Final = PIPELINE_FIELDS  # count (or position), busy ns, waiting ns, read-only
+FLAGGED: Final = 64  # buffers with a read-only bit (later ones arrive as bytearray)
+SCRATCH_MIN: Final = 1 << 20  # bytes: the smallest reused receive buffer
+SCRATCH_KEEP: Final = 16 << 20  # bytes: the largest receive buffer a thread keeps
+
+
+class Message(NamedTuple):
+    """One message: its kind, its batch number, the body (fields + pickle), the buffers."""
+
+    kind: int
+    batch: int
+    body: bytes | bytearray | memoryview
+    buffers: list[bytes | bytearray | memoryview]
+
+    def size(self) -> int:
+        """Bytes on the wire (less the frame header)."""
+        return len(self.body) + sum(memoryview(b).nbytes for b in self.buffers)
+
+
+def encode(obj: object, kind: int, batch: int = 0, count: int = 0) -> Message:
+    """A message carrying ``obj``.
+
+    Raises:
+        Exception: whatever pickling raised when neither pickle nor cloudpickle can send it.
+    """
+    raws: list[memoryview] = []
+    stream = io.BytesIO()
+    stream.write(FIELDS.pack(count, 0, 0, 0))
+    try:
+        marked = mark_large_bytes(obj, OUT_OF_BAND_MIN_BYTES) if type(obj) is list else obj
+        pickler = pickle.Pickler(stream, 5, buffer_callback=keep_apart(raws, OUT_OF_BAND_MIN_BYTES))
+        pickler.dump(marked)
+        body: bytes | memoryview = stream.getbuffer()  # the pickle is not copied again
+    except Exception:
+        raws.clear()
+        body = FIELDS.pack(count, 0, 0, 0) + dumps(obj)  # cloudpickle, when pickle refuses
+    readonly = 0
+    for i, raw in enumerate(raws[:FLAGGED]):
+        if raw.readonly:
+            readonly |= 1 << i
+    if readonly:
+        FIELDS.pack_into(body, 0, count, 0, 0, readonly)
+    return Message(kind, batch, body, raws)  # type: ignore[arg-type]  # views, read-only ok
+
+
+def fields(message: Message) -> tuple[int, int, int]:
+    """``(count, busy, waiting)`` of a message."""
+    count, busy, waiting, _ = FIELDS.unpack_from(message.body)
+    return count, busy, waiting
+
+
+def set_fields(message: Message, count: int, busy: int, waiting: int) -> None:
+    """Change the fields of a message made by :func:`encode` (in place)."""
+    readonly = FIELDS.unpack_from(message.body)[3]
+    FIELDS.pack_into(message.body, 0, count, busy, waiting, readonly)
+
+
+def decode(message: Message) -> Any:
+    """The object a message carries."""
+    with memoryview(message.body) as body, body[FIELDS.size :] as data:
+        return pickle.loads(data, buffers=message.buffers)
+
+
+def send(stream: FrameStream, message: Message, kind: int | None = None) -> None:
+    """Send ``message`` (as ``kind`` if given), waiting for room: the worker's way.
+
+    Raises:
+        StreamEnd: the parent is gone.
+    """
+    kind = message.kind if kind is None else kind
+    stream.send(kind | NUMBERED, message.batch, message.body, message.buffers)
+
+
+def post(stream: FrameStream, message: Message, kind: int | None = None) -> None:
+    """Send ``message`` (as ``kind`` if given) without waiting: the router's way (what the
+    socket does not take now waits in the stream's outbox for ``flush``)."""
+    kind = message.kind if kind is None else kind
+    stream.post(kind | NUMBERED, message.batch, message.body, message.buffers)
+
+
+def read(stream: FrameStream) -> Message:
+    """Receive one whole message (blocks until it is in).
+
+    Raises:
+        StreamEnd: the peer is gone (or this end was closed).
+        FrameError: the peer sent something that is not a message.
+    """
+    with stream.recv_lock:
+        kind, batch, body, buffers = stream.read(None, _allocate)
+        if buffers is None:  # a view of the stream's buffer: the message owns a copy
+            with memoryview(body) as view:
+                owned: bytes | bytearray | memoryview = bytes(view)
+            body.release()  # type: ignore[union-attr]  # a memoryview when buffers is None
+            return Message(kind & ~NUMBERED, batch, owned, [])
+    readonly = FIELDS.unpack_from(body)[3]
+    own: list[bytes | bytearray | memoryview] = []
+    for i, received in enumerate(buffers):
+        with memoryview(received) as view:  # of this thread's receive buffer: copied out
+            own.append(bytes(view) if readonly >> i & 1 else bytearray(view))
+        if isinstance(received, memoryview):
+            received.release()
+    return Message(kind & ~NUMBERED, batch, body, own)
+
+
+_scratch = threading.local()
+
+
+def _allocate(kind: int, body: int, lengths: Sequence[int]) -> list[bytearray | memoryview]:
+    """Where a large frame is received: the body in its own memory, the buffers in this
+    thread's reused receive buffer (see the module docstring)."""
+    total = sum(lengths)
+    buffer: bytearray | None = getattr(_scratch, "buffer", None)
+    if total > SCRATCH_KEEP:
+        buffer = bytearray(total)  # the message's own, freed once it is copied out
+    elif buffer is None or len(buffer) < total:
+        buffer = _scratch.buffer = bytearray(max(total, SCRATCH_MIN))
+    whole = memoryview(buffer)
+    parts: list[bytearray | memoryview] = [bytearray(body)]
+    offset = 0
+    for length in lengths:
+        parts.append(whole[offset : offset + length])
+        offset += length
+    whole.release()
+    return parts
