@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import textwrap
 import threading
 from typing import Any
 
 import pytest
 
+from child import run_python
 from parallelkit._wire import frames
 
 
@@ -73,3 +75,34 @@ def test_a_large_in_band_pickle_is_its_own_part() -> None:
 def test_unpicklable_objects_raise_in_encode() -> None:
     with pytest.raises(TypeError):
         frames.encode([threading.Lock()], 1)
+
+
+# A message's parts held by a frame that an exception's traceback holds, collected as one
+# garbage cycle.  With the pickle a view of an io.BytesIO (getbuffer()), CPython 3.12.1
+# segfaulted here (gh-111049) and 3.13 reported an ignored BufferError; a fresh interpreter,
+# so that a crash fails this test, not the whole run.
+_COLLECT_HELD_PARTS = textwrap.dedent(
+    """
+    import gc
+    from parallelkit._wire import frames
+
+    def fail_holding(obj):
+        parts = frames.encode(obj, 1)
+        try:
+            raise RuntimeError("a put failed")
+        except RuntimeError as exc:
+            error = exc  # this frame holds the error, the error's traceback this frame
+
+    gc.disable()  # one collection, below, with everything in it
+    fail_holding([1, "two", (3.0,)])
+    fail_holding([f"{i:0100}" for i in range(1000)])  # a large in-band pickle: a part of its own
+    print("collected", gc.collect() > 0)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_parts_in_a_garbage_cycle_are_collected_cleanly() -> None:
+    done = run_python("-X", "faulthandler", "-c", _COLLECT_HELD_PARTS, timeout=50)
+    assert (done.returncode, done.stdout.strip()) == (0, "collected True"), done.stderr
+    assert "Exception ignored" not in done.stderr

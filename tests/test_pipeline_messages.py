@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import socket
+import textwrap
 import threading
 from collections.abc import Iterator
 
 import pytest
 
+from child import run_python
 from parallelkit._pipeline import messages
 from parallelkit._pipeline.messages import DONE, TASK, Message
 from parallelkit._wire.stream import FrameStream
@@ -82,3 +84,35 @@ def test_a_posting_router_and_a_sending_worker_both_send_large_messages(
     assert not thread.is_alive()
     assert messages.decode(reply) == payload
     assert messages.decode(got[0]) == payload
+
+
+# A message held by a frame that an exception's traceback holds (the router's frames when a
+# run fails), collected as one garbage cycle.  With the body a view of an io.BytesIO
+# (getbuffer()), CPython 3.12.1 segfaulted here (gh-111049) and 3.13 reported an ignored
+# BufferError; a fresh interpreter, so that a crash fails this test, not the whole run.
+_COLLECT_A_HELD_MESSAGE = textwrap.dedent(
+    """
+    import gc
+    from parallelkit._pipeline import messages
+
+    def fail_holding(obj):
+        message = messages.encode(obj, messages.TASK, 1, 3)
+        try:
+            raise RuntimeError("a stage failed")
+        except RuntimeError as exc:
+            error = exc  # this frame holds the error, the error's traceback this frame
+
+    gc.disable()  # one collection, below, with everything in it
+    fail_holding([1, "two", (3.0,)])
+    fail_holding([b"x" * (1 << 20), bytearray(1 << 20)])  # buffers out of band
+    fail_holding([f"{i:0100}" for i in range(1000)])  # a large in-band pickle
+    print("collected", gc.collect() > 0)
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_message_in_a_garbage_cycle_is_collected_cleanly() -> None:
+    done = run_python("-X", "faulthandler", "-c", _COLLECT_A_HELD_MESSAGE, timeout=50)
+    assert (done.returncode, done.stdout.strip()) == (0, "collected True"), done.stderr
+    assert "Exception ignored" not in done.stderr

@@ -20,17 +20,21 @@ copy), a ``bytearray`` for the others (used by the object rebuilt on it).  Recei
 fresh memory instead costs more (every page faulted and zeroed anew) and still needs the
 copy to ``bytes``.  The reused buffer is kept only up to ``SCRATCH_KEEP`` bytes, so that a
 reader does not hold a rare huge message's size for ever.
+
+A message's body is a ``bytearray`` the pickle is copied into, never a view of an
+``io.BytesIO`` (``getbuffer()``): on CPython 3.12.0 and 3.12.1 the garbage collector
+crashes the process when such a view is part of a reference cycle (CPython gh-111049), and
+a message is in one whenever an exception's traceback holds a frame that holds it.
 """
 
 from __future__ import annotations
 
-import io
 import pickle
 import threading
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
-from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, dumps, keep_apart, mark_large_bytes
+from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, dump_apart, dumps, mark_large_bytes
 from parallelkit._wire.layouts import PIPELINE_FIELDS
 from parallelkit._wire.stream import FrameStream
 
@@ -84,23 +88,17 @@ def encode(obj: object, kind: int, batch: int = 0, count: int = 0) -> Message:
     Raises:
         Exception: whatever pickling raised when neither pickle nor cloudpickle can send it.
     """
-    raws: list[memoryview] = []
-    stream = io.BytesIO()
-    stream.write(FIELDS.pack(count, 0, 0, 0))
     try:
         marked = mark_large_bytes(obj, OUT_OF_BAND_MIN_BYTES) if type(obj) is list else obj
-        pickler = pickle.Pickler(stream, 5, buffer_callback=keep_apart(raws, OUT_OF_BAND_MIN_BYTES))
-        pickler.dump(marked)
-        body: bytes | memoryview = stream.getbuffer()  # the pickle is not copied again
+        data, raws = dump_apart(marked, OUT_OF_BAND_MIN_BYTES)
     except Exception:
-        raws.clear()
-        body = FIELDS.pack(count, 0, 0, 0) + dumps(obj)  # cloudpickle, when pickle refuses
+        data, raws = dumps(obj), []  # cloudpickle, when pickle refuses
     readonly = 0
     for i, raw in enumerate(raws[:FLAGGED]):
         if raw.readonly:
             readonly |= 1 << i
-    if readonly:
-        FIELDS.pack_into(body, 0, count, 0, 0, readonly)
+    body = bytearray(FIELDS.pack(count, 0, 0, readonly))
+    body += data  # the body owns its memory: no BytesIO.getbuffer() (see the module docstring)
     return Message(kind, batch, body, raws)  # type: ignore[arg-type]  # views, read-only ok
 
 

@@ -12,17 +12,18 @@ kept apart, so that a megabyte payload is copied by the kernel and nowhere else:
 - Buffers under ``OUT_OF_BAND_MIN`` stay in the pickle: one message beats several.
 
 ``Queue`` (``_queue``) speaks it over its datagrams; the header's four fields are the
-caller's.
+caller's.  The pickle is ``bytes`` of its own, never a view of an ``io.BytesIO``
+(``getbuffer()``): CPython 3.12.0 and 3.12.1 crash collecting such a view in a reference
+cycle (gh-111049).
 """
 
 from __future__ import annotations
 
-import io
 import pickle
 from typing import Any, Final
 
 from parallelkit._wire import layouts
-from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, dumps, keep_apart, mark_large_bytes
+from parallelkit._wire.codec import OUT_OF_BAND_MIN_BYTES, dump_apart, dumps, mark_large_bytes
 
 HEAD: Final = layouts.MESSAGE_HEAD  # kind, f1, f2, f3, f4, number of buffers
 SPEC: Final = layouts.MESSAGE_SPEC  # size, writable
@@ -37,15 +38,11 @@ def encode(obj: object, kind: int, f1: int = 0, f2: int = 0, f3: int = 0, f4: in
     Raises:
         Exception: whatever pickling raised when neither pickle nor cloudpickle can send it.
     """
-    raws: list[memoryview] = []
-    stream = io.BytesIO()
     try:
         marked = mark_large_bytes(obj, OUT_OF_BAND_MIN) if type(obj) is list else obj
-        pickle.Pickler(stream, 5, buffer_callback=keep_apart(raws, OUT_OF_BAND_MIN)).dump(marked)
-        payload: Any = stream.getbuffer()
+        payload, raws = dump_apart(marked, OUT_OF_BAND_MIN)
     except Exception:
-        raws.clear()
-        payload = dumps(obj)  # cloudpickle, when plain pickle refuses; or raise
+        payload, raws = dumps(obj), []  # cloudpickle, when plain pickle refuses; or raise
     separate = len(payload) >= OUT_OF_BAND_MIN  # don't copy a large in-band pickle
     head = bytearray(HEAD.size + SPEC.size * len(raws))
     # a negative count says: the pickle follows as its own part
