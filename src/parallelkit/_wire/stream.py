@@ -2,7 +2,8 @@
 
 :class:`FrameStream` owns the bytes of one stream socket (a ``socketpair`` or TCP): the
 frame layout, sending without blocking in the kernel, and the receive buffer.  What the
-frames *mean* (their kinds, pickles, ids) is its user's: ``_channel.channel`` today.
+frames *mean* (their kinds, pickles, ids) is its user's: ``_channel.channel`` and
+``_pipeline.messages``.
 
 One frame on the socket::
 
