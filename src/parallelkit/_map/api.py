@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -274,16 +274,17 @@ class _Auto:
             and probe.failed is None
             and remaining
         ):
-            self._rest_here(fn, probe.count)
+            self._rest_here(fn, probe.count, probe.seq_rest)
 
-    def _rest_here(self, fn: Callable[..., object], start: int) -> None:
+    def _rest_here(self, fn: Callable[..., object], start: int, rest: Iterator[Any] | None) -> None:
         """Run the items after the probe now, in one go: what the serial backend would do,
         less its copies (the results join the probe's, and the job takes them whole)."""
         assert self.resume is not None
         assert isinstance(self.source, Sequence)
         done, results, errors, _ = self.resume
         fail_fast = not self.options.return_exceptions
-        rest = itertools.islice(self.source, start, None)  # no copy of the input
+        if rest is None:
+            rest = itertools.islice(self.source, start, None)  # no copy of the input
         t0 = time.perf_counter()
         failed = run_into(results, fn, rest, fail_fast)  # after the probe's results
         seconds = time.perf_counter() - t0

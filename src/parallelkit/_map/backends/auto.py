@@ -73,7 +73,9 @@ WAITING_CPU_SHARE: Final = 0.5  # items wanting a CPU less than this share of th
 # ... and below this share they surely do (a VM's stolen time also lowers the share: a
 # spinning item read 37% on a loaded VM), so the GIL is free then, watched or not
 IDLE_CPU_SHARE: Final = 0.2
-WATCH_FROM_START_ITEMS: Final = 16  # inputs this long (or without a length): watch at once
+WATCH_FROM_START_ITEMS: Final = 16  # inputs this long (or without a length): watch at once,
+WATCH_DELAY_SECONDS: Final = 0.004  # ... after this long, unless the items are found tiny (s)
+ENOUGH_SAMPLES: Final = 8  # the probe may end early once the watcher has looked this often
 UNKNOWN_ITEMS_PER_WORKER: Final = 64  # an input without a length: at least this many left
 GAIN: Final = 0.9  # a parallel backend must be predicted to take at most this x serial
 log = logging.getLogger("parallelkit")
@@ -191,7 +193,8 @@ class _GilWatch:
     HELD_SAMPLES late wake-ups.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay  # sleep this long before the first look
         self.late: list[float] = []
         self.running = False  # set by the caller while an item runs: only then it looks
         self.limit = sys.getswitchinterval() / 5
@@ -213,6 +216,8 @@ class _GilWatch:
         caller_cpu = self._caller_cpu
         held = 0
         back_at = 0.0  # the caller's CPU time by which it surely has the GIL back
+        if self.delay and wait(self.delay):
+            return  # the caller found its items too short to matter, and stopped us
         while held < HELD_SAMPLES:
             t, c = clock(), caller_cpu()
             was_running = self.running and c >= back_at
@@ -331,6 +336,7 @@ class Probe:
     failed: BaseException | None = None  # fail fast: the error to raise
     measured: Measured | None = None
     rest: Iterator[Any] | None = None  # an iterator input: its items after the probe's
+    seq_rest: Iterator[Any] | None = None  # a sequence's items after the probe's, if known
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,7 +420,11 @@ def run_probe(
     # Long inputs are watched from the first item (which may be the only one the probe
     # runs); short ones once a batch says the work left is worth it, not to pay a thread
     # for a handful of trivial items.
-    watch = _GilWatch() if length is None or length >= WATCH_FROM_START_ITEMS else None
+    watch = (
+        _GilWatch(WATCH_DELAY_SECONDS)
+        if length is None or length >= WATCH_FROM_START_ITEMS
+        else None
+    )
     cpu = _wanted_cpu
     batch = 1
     last = (0, 0.0)
@@ -439,6 +449,14 @@ def run_probe(
 
     try:
         while True:
+            if (
+                watch is not None
+                and len(watch.late) > ENOUGH_SAMPLES
+                and probe.count > 1
+                and last[1] >= TRUSTED_BATCH_SECONDS
+                and probe.seconds >= TRUSTED_BATCH_SECONDS * 5
+            ):
+                break  # the GIL seen often enough, and a batch that says what items cost
             if probe.seconds >= PROBE_SECONDS:
                 left = None if length is None else length - probe.count
                 if (
@@ -459,10 +477,11 @@ def run_probe(
                 seq = cast("Sequence[Any]", source)
                 if pos == 0 or check is not None:
                     items: Iterable[Any] = seq[pos : pos + batch]
-                else:  # no copy of the input
-                    items = itertools.islice(seq, pos, min(pos + batch, length))
-                if pos >= length:
-                    items = ()
+                    probe.seq_rest = None
+                else:  # no copy of the input: one iterator, read on from where it stopped
+                    if probe.seq_rest is None:
+                        probe.seq_rest = itertools.islice(seq, pos, None)
+                    items = itertools.islice(probe.seq_rest, min(batch, length - pos))
             else:
                 try:
                     items = list(itertools.islice(it, batch))
@@ -518,6 +537,18 @@ def run_probe(
             if it is not None and ran < batch:
                 probe.exhausted = True
                 break
+            per_item = seconds / max(1, ran)
+            if (
+                watch is not None
+                and not watch.late
+                and seconds >= TRUSTED_BATCH_SECONDS
+                and per_item < GIL_ITEM_SECONDS
+            ):
+                # items too short for the GIL to matter: stop the watcher before it looks
+                # (each look while the GIL is held costs the caller a hand-over)
+                watch.close()
+                watch = None
+                model = None  # and no watched item later
             if watch is None and model is not None:
                 left = None if length is None else length - probe.count
                 rest = _rest(left, probe.count, model)[0]
