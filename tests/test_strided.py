@@ -287,3 +287,26 @@ def test_a_strided_result_that_finds_no_room_goes_in_band() -> None:
         writer.close()
         for name in _ours():
             os.unlink(SHM / name)
+
+
+class _Held:
+    """An object to pickle and watch with a weakref."""
+
+    def __init__(self) -> None:
+        self.data = np.arange(10)
+
+
+def test_what_the_array_pickler_pickled_is_let_go_without_a_garbage_collection() -> None:
+    # The pickler's buffer callback was its own bound method: a reference cycle that kept
+    # its memo, so every object it pickled (a task's arguments), until a collection.
+    obj = _Held()
+    ref = weakref.ref(obj)
+    gc.disable()
+    try:
+        payload, buffers = _codec.dump_apart_arrays((obj, np.ones((64, 64))[::2]), 1000)
+        assert [type(b) for b in buffers] == [_codec.Strided]
+        del obj
+        assert ref() is None
+    finally:
+        gc.enable()
+    assert pickle.loads(payload, buffers=[bytearray(b.nbytes) for b in buffers])[0].data[3] == 3

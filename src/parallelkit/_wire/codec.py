@@ -172,9 +172,11 @@ class _ArrayPickler(pickle.Pickler):
     ) -> None:
         self._limit = limit
         self._ndarray = ndarray
-        self._take = take
         self._strided: dict[int, tuple[pickle.PickleBuffer, Any]] = {}
-        super().__init__(file, 5, buffer_callback=self._buffer)
+        # The callback is a closure, not a bound method: the pickler holding its own method
+        # would be a reference cycle, and its memo (every object pickled) would outlive the
+        # dump until a garbage collection -- a submitted argument kept alive after its task.
+        super().__init__(file, 5, buffer_callback=_array_buffers(self._strided, limit, take))
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is not self._ndarray:  # not a subclass: its own state may not go
@@ -191,19 +193,30 @@ class _ArrayPickler(pickle.Pickler):
         self._strided[id(marker)] = (marker, obj)  # held: its id stays unique
         return _rebuild_array, (marker, obj.dtype, obj.shape)
 
-    def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
-        strided = self._strided.pop(id(buffer), None)
-        if strided is not None and strided[0] is buffer:
-            if not self._take(Strided(strided[1])):
+
+def _array_buffers(
+    strided: dict[int, tuple[pickle.PickleBuffer, Any]],
+    limit: int,
+    take: Callable[[memoryview | Strided], bool],
+) -> Callable[[pickle.PickleBuffer], bool]:
+    """:class:`_ArrayPickler`'s ``buffer_callback``: a stand-in for a strided array goes to
+    ``take`` as a :class:`Strided` (or raises :class:`NoRoom`), other buffers by the rule."""
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        held = strided.pop(id(buffer), None)
+        if held is not None and held[0] is buffer:
+            if not take(Strided(held[1])):
                 raise NoRoom  # the stand-in cannot go in band
             return False
         try:
             raw = buffer.raw()
         except BufferError:  # not contiguous: in band
             return True
-        if raw.nbytes < self._limit:
+        if raw.nbytes < limit:
             return True
-        return not self._take(raw)
+        return not take(raw)
+
+    return out_of_band
 
 
 def numpy_array_type() -> type[Any] | None:
