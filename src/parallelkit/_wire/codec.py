@@ -208,13 +208,8 @@ def _array_buffers(
             if not take(Strided(held[1])):
                 raise NoRoom  # the stand-in cannot go in band
             return False
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: in band
-            return True
-        if raw.nbytes < limit:
-            return True
-        return not take(raw)
+        raw = _apart(buffer, limit)
+        return raw is None or not take(raw)
 
     return out_of_band
 
@@ -280,16 +275,23 @@ def keep_apart(raws: list[memoryview], limit: int) -> Callable[[pickle.PickleBuf
     pickle; the others stay in it."""
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-        try:
-            raw = buffer.raw()
-        except BufferError:  # not contiguous: in band
-            return True
-        if raw.nbytes < limit:
+        raw = _apart(buffer, limit)
+        if raw is None:
             return True
         raws.append(raw)
         return False
 
     return out_of_band
+
+
+def _apart(buffer: pickle.PickleBuffer, limit: int) -> memoryview | None:
+    """The one rule: a view of ``buffer``'s memory if it goes out of band (contiguous and
+    ``limit`` bytes or more), else ``None`` (it stays in the pickle)."""
+    try:
+        raw = buffer.raw()
+    except BufferError:  # not contiguous: in band
+        return None
+    return raw if raw.nbytes >= limit else None
 
 
 def _main_is_importable() -> bool:
