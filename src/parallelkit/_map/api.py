@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from parallelkit._map.backends.auto import run_into
@@ -48,41 +48,71 @@ if TYPE_CHECKING:
 __all__ = ("imap_parallel", "run_parallel")
 
 
+@dataclass(frozen=True, slots=True)
+class _Processes:
+    """The options of one call that configure worker processes, as the caller passed them
+    (checked by :meth:`check`)."""
+
+    max_workers: int | None
+    start_method: StartMethod | None
+    initializer: Callable[..., object] | None
+    initargs: tuple[object, ...]
+    forward_logs: bool
+    finalizer: Callable[..., object] | None
+    finalargs: tuple[object, ...]
+    max_tasks_per_worker: int | None
+
+    def check(self) -> None:
+        """Refuse a malformed hook or recycling limit (one clear error, nothing started)."""
+        check_initializer(self.initializer, self.initargs)
+        check_initializer(self.finalizer, self.finalargs, "finalizer", "finalargs")
+        check_max_tasks(self.max_tasks_per_worker)
+
+    def engine(
+        self,
+        fn: Callable[..., object],
+        seq: Sequence[Any] | None,
+        workers: int,
+        method: StartMethod,
+    ) -> Engine:
+        """New worker processes for one call (``seq``: the items, for fork workers to
+        inherit)."""
+        return Engine(
+            context=get_context(method),
+            start_method=method,
+            max_workers=workers,
+            initializer=self.initializer,
+            initargs=self.initargs,
+            max_tasks_per_worker=self.max_tasks_per_worker,
+            inherit=(fn, seq),
+            one_shot=True,
+            forward_logs=self.forward_logs,
+            finalizer=self.finalizer,
+            finalargs=self.finalargs,
+        )
+
+
 def _check_backend(
-    options: MapOptions,
-    backend: object,
-    *,
-    max_workers: int | None,
-    start_method: StartMethod | None,
-    initializer: Callable[..., object] | None,
-    initargs: tuple[object, ...],
-    forward_logs: bool = True,
-    finalizer: Callable[..., object] | None = None,
-    finalargs: tuple[object, ...] = (),
-    max_tasks_per_worker: int | None = None,
+    options: MapOptions, backend: object, procs: _Processes
 ) -> WorkerPool | RunnerFactory | None:
     """Validate ``backend=`` and the options that configure processes.
 
     Returns the pool to reuse, a factory for another backend's runner, or ``None`` for new
     worker processes.
     """
-    check_initializer(initializer, initargs)
-    check_initializer(finalizer, finalargs, "finalizer", "finalargs")
-    check_max_tasks(max_tasks_per_worker)
-    if backend is None and _in_process_when_nested(
-        options, max_workers, start_method, initializer, finalizer, max_tasks_per_worker
-    ):
+    procs.check()
+    if backend is None and _in_process_when_nested(options, procs):
         backend = "serial"
     if backend is None or (isinstance(backend, str) and backend == "process"):
         return None
     if isinstance(backend, WorkerPool):
         if (
-            start_method is not None
-            or initializer is not None
-            or finalizer is not None
-            or max_workers is not None
-            or max_tasks_per_worker is not None
-            or not forward_logs
+            procs.start_method is not None
+            or procs.initializer is not None
+            or procs.finalizer is not None
+            or procs.max_workers is not None
+            or procs.max_tasks_per_worker is not None
+            or not procs.forward_logs
         ):
             raise ValueError(
                 "start_method, max_workers, initializer, finalizer, max_tasks_per_worker and "
@@ -92,66 +122,31 @@ def _check_backend(
         return backend
     factory = check_backend(
         backend,
-        max_workers=max_workers,
-        start_method=start_method,
-        initializer=initializer,
-        finalizer=finalizer,
-        max_tasks_per_worker=max_tasks_per_worker,
+        max_workers=procs.max_workers,
+        start_method=procs.start_method,
+        initializer=procs.initializer,
+        finalizer=procs.finalizer,
+        max_tasks_per_worker=procs.max_tasks_per_worker,
     )
     options.refuse_stall_options()
     return factory
 
 
-def _in_process_when_nested(
-    options: MapOptions,
-    max_workers: int | None,
-    start_method: StartMethod | None,
-    initializer: Callable[..., object] | None,
-    finalizer: Callable[..., object] | None,
-    max_tasks_per_worker: int | None,
-) -> bool:
+def _in_process_when_nested(options: MapOptions, procs: _Processes) -> bool:
     """A call with no backend made in a parallelkit worker whose share of the CPUs is one
     runs in that worker's own process (``docs/nesting.md``): more processes would only
     share the cores its siblings already use.  Not when the caller asked for something
     only worker processes do."""
     return (
         cpu_share() == 1
-        and max_workers is None
-        and start_method is None
-        and initializer is None
-        and finalizer is None
-        and max_tasks_per_worker is None
+        and procs.max_workers is None
+        and procs.start_method is None
+        and procs.initializer is None
+        and procs.finalizer is None
+        and procs.max_tasks_per_worker is None
         and options.timeout is None
         and options.stall_timeout is None
         and options.on_stall is None
-    )
-
-
-def _engine(
-    fn: Callable[..., object],
-    seq: Sequence[Any] | None,
-    workers: int,
-    start_method: StartMethod,
-    initializer: Callable[..., object] | None,
-    initargs: tuple[object, ...],
-    forward_logs: bool = True,
-    finalizer: Callable[..., object] | None = None,
-    finalargs: tuple[object, ...] = (),
-    max_tasks_per_worker: int | None = None,
-) -> Engine:
-    """New worker processes for one call (``seq``: the items, for fork workers to inherit)."""
-    return Engine(
-        context=get_context(start_method),
-        start_method=start_method,
-        max_workers=workers,
-        initializer=initializer,
-        initargs=initargs,
-        max_tasks_per_worker=max_tasks_per_worker,
-        inherit=(fn, seq),
-        one_shot=True,
-        forward_logs=forward_logs,
-        finalizer=finalizer,
-        finalargs=finalargs,
     )
 
 
@@ -171,24 +166,15 @@ class _Auto:
         fn: Callable[..., object],
         items: Iterable[Any],
         options: MapOptions,
+        procs: _Processes,
         *,
         streaming: bool,
-        max_workers: int | None,
-        start_method: StartMethod | None,
-        initializer: Callable[..., object] | None,
-        initargs: tuple[object, ...],
-        forward_logs: bool,
-        finalizer: Callable[..., object] | None,
-        finalargs: tuple[object, ...],
-        max_tasks_per_worker: int | None,
     ) -> None:
         from parallelkit._map.backends import auto  # noqa: PLC0415
 
-        check_initializer(initializer, initargs)
-        check_initializer(finalizer, finalargs, "finalizer", "finalargs")
-        check_max_tasks(max_tasks_per_worker)
-        workers = resolve_max_workers(max_workers)
-        method = resolve_start_method(start_method)
+        procs.check()
+        workers = resolve_max_workers(procs.max_workers)
+        method = resolve_start_method(procs.start_method)
         self.options = options
         self.baseline = StatsBaseline()
         self.resume: Resume | None = None
@@ -199,20 +185,15 @@ class _Auto:
         else:
             self.source = as_sequence(items)
             self.length = len(self.source)
-        self.process_args = (fn, workers, method, initializer, initargs, forward_logs)
-        self.process_kwargs = {
-            "finalizer": finalizer,
-            "finalargs": finalargs,
-            "max_tasks_per_worker": max_tasks_per_worker,
-        }
+        self.fn, self.procs, self.workers, self.method = fn, procs, workers, method
         why = auto.process_only(
             timeout=options.timeout,
-            initializer=initializer,
-            finalizer=finalizer,
-            max_tasks_per_worker=max_tasks_per_worker,
+            initializer=procs.initializer,
+            finalizer=procs.finalizer,
+            max_tasks_per_worker=procs.max_tasks_per_worker,
             stall_timeout=options.stall_timeout,
             on_stall=options.on_stall,
-            forward_logs=forward_logs,
+            forward_logs=procs.forward_logs,
         )
         if why is not None:  # no probe: an item must not run where the option cannot hold
             n = workers if self.length is None else max(1, min(workers, self.length))
@@ -227,10 +208,10 @@ class _Auto:
             return
         model = auto.Model(
             workers=workers,
-            cpus=workers if max_workers is None else default_workers(),
+            cpus=workers if procs.max_workers is None else default_workers(),
             start_method=method,
             items_inherited=method == "fork" and not streaming,
-            threads_fixed=max_workers is not None,
+            threads_fixed=procs.max_workers is not None,
         )
         probe = auto.run_probe(
             fn,
@@ -308,19 +289,10 @@ class _Auto:
         if self.length is not None:
             remaining = self.length - (self.resume[0] if self.resume else 0)
         if choice.backend == "process":
-            fn, workers, method, initializer, initargs, forward_logs = self.process_args
+            workers = self.workers
             if remaining is not None:
                 workers = max(1, min(workers, remaining))
-            engine = _engine(
-                fn,
-                seq,
-                workers,
-                method,
-                initializer,
-                initargs,
-                forward_logs,
-                **self.process_kwargs,  # type: ignore[arg-type]
-            )
+            engine = self.procs.engine(self.fn, seq, workers, self.method)
             return engine, options, engine.inherited_items is not None
         if choice.backend == "thread":
             factory = check_backend(
@@ -532,21 +504,18 @@ def run_parallel(
         on_stall=on_stall,
         on_stats=on_stats,
     )
+    procs = _Processes(
+        max_workers,
+        start_method,
+        initializer,
+        initargs,
+        forward_logs,
+        finalizer,
+        finalargs,
+        max_tasks_per_worker,
+    )
     if isinstance(backend, str) and backend == "auto":
-        auto = _Auto(
-            fn,
-            items,
-            options,
-            streaming=False,
-            max_workers=max_workers,
-            start_method=start_method,
-            initializer=initializer,
-            initargs=initargs,
-            forward_logs=forward_logs,
-            finalizer=finalizer,
-            finalargs=finalargs,
-            max_tasks_per_worker=max_tasks_per_worker,
-        )
+        auto = _Auto(fn, items, options, procs, streaming=False)
         seq = auto.source
         assert isinstance(seq, Sequence)
         if len(seq) == 0:
@@ -562,18 +531,7 @@ def run_parallel(
             resume=auto.resume,
             baseline=auto.baseline,
         )
-    place = _check_backend(
-        options,
-        backend,
-        max_workers=max_workers,
-        start_method=start_method,
-        initializer=initializer,
-        initargs=initargs,
-        forward_logs=forward_logs,
-        finalizer=finalizer,
-        finalargs=finalargs,
-        max_tasks_per_worker=max_tasks_per_worker,
-    )
+    place = _check_backend(options, backend, procs)
     seq = as_sequence(items)
     if isinstance(place, WorkerPool):
         return place._run(fn, seq, options)
@@ -582,18 +540,7 @@ def run_parallel(
         method = resolve_start_method(start_method)
         if len(seq) == 0:
             return _no_items(options)
-        engine = _engine(
-            fn,
-            seq,
-            min(workers, len(seq)),
-            method,
-            initializer,
-            initargs,
-            forward_logs=forward_logs,
-            finalizer=finalizer,
-            finalargs=finalargs,
-            max_tasks_per_worker=max_tasks_per_worker,
-        )
+        engine = procs.engine(fn, seq, min(workers, len(seq)), method)
         inherited = engine.inherited_items is not None
         return collect_call(engine, fn, seq, options, owned=True, inherited=inherited)
     if len(seq) == 0:
@@ -726,21 +673,18 @@ def imap_parallel(
         stall_timeout=stall_timeout,
         on_stall=on_stall,
     )
+    procs = _Processes(
+        max_workers,
+        start_method,
+        initializer,
+        initargs,
+        forward_logs,
+        finalizer,
+        finalargs,
+        max_tasks_per_worker,
+    )
     if isinstance(backend, str) and backend == "auto":
-        auto = _Auto(
-            fn,
-            items,
-            options,
-            streaming=True,
-            max_workers=max_workers,
-            start_method=start_method,
-            initializer=initializer,
-            initargs=initargs,
-            forward_logs=forward_logs,
-            finalizer=finalizer,
-            finalargs=finalargs,
-            max_tasks_per_worker=max_tasks_per_worker,
-        )
+        auto = _Auto(fn, items, options, procs, streaming=True)
         engine, run_options, _ = auto.engine(None)
         return stream_call(
             engine,
@@ -751,18 +695,7 @@ def imap_parallel(
             resume=auto.resume,
             baseline=auto.baseline,
         )
-    place = _check_backend(
-        options,
-        backend,
-        max_workers=max_workers,
-        start_method=start_method,
-        initializer=initializer,
-        initargs=initargs,
-        forward_logs=forward_logs,
-        finalizer=finalizer,
-        finalargs=finalargs,
-        max_tasks_per_worker=max_tasks_per_worker,
-    )
+    place = _check_backend(options, backend, procs)
     if isinstance(place, WorkerPool):
         return place._stream(fn, items, options)
     if place is not None:
@@ -773,16 +706,5 @@ def imap_parallel(
     length = length_of(items)
     if length is not None:
         workers = max(1, min(workers, length))
-    engine = _engine(
-        fn,
-        None,
-        workers,
-        method,
-        initializer,
-        initargs,
-        forward_logs=forward_logs,
-        finalizer=finalizer,
-        finalargs=finalargs,
-        max_tasks_per_worker=max_tasks_per_worker,
-    )
+    engine = procs.engine(fn, None, workers, method)
     return stream_call(engine, fn, items, options, owned=True)
