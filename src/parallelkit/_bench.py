@@ -254,7 +254,7 @@ def _sample(entry: Entry, fn: Callable[[Any], Any], items: Sequence[Any]) -> tup
         faulthandler.cancel_dump_traceback_later()
 
 
-def run_interleaved(
+def run_interleaved(  # noqa: PLR0912 - one case per branch, read top to bottom (split, it would be read across functions)
     contenders: Sequence[Contender],
     fn: Callable[[Any], Any],
     items: Sequence[Any],

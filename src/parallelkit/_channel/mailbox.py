@@ -75,7 +75,7 @@ class Mailbox:
             self._waiting.discard(request_id)
             self._replies.pop(request_id, None)
 
-    def wait(self, request_id: int, deadline: float | None, read: Read) -> object:
+    def wait(self, request_id: int, deadline: float | None, read: Read) -> object:  # noqa: PLR0912,PLR0915 - one wait loop: every outcome of a read is handled under one lock
         """The reply to ``request_id``, or (0) the next message that is not a reply.
 
         Raises:

@@ -393,7 +393,7 @@ def run_parallel(
     on_stats: Callable[[MapStats], object] | None = None,
     forward_logs: bool = True,
 ) -> list[R] | list[R | BaseException]: ...
-def run_parallel(
+def run_parallel(  # noqa: PLR0911 - one return per backend
     fn: Callable[[T], R],
     items: Iterable[T],
     /,

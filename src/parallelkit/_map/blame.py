@@ -50,7 +50,7 @@ class Blame:
         self.startup_deaths = 0  # since the last result
         self.first_startup_death = 0.0
 
-    def worker_exited(self, w: WorkerHandle, exitcode: int | None) -> None:
+    def worker_exited(self, w: WorkerHandle, exitcode: int | None) -> None:  # noqa: PLR0911,PLR0912 - one case per branch, read top to bottom (split, it would be read across functions)
         """``w`` exited (reaped and forgotten, its replies read): settle what it held."""
         engine = self.engine
         if exitcode == child.EXIT_MAIN_GUARD:

@@ -112,7 +112,7 @@ class Dispatcher:
             _timeline.stamp(f"parent.task_sent {chunk.cid} to {worker.slot}")
         return True
 
-    def _capacity(self, worker: WorkerHandle) -> bool:
+    def _capacity(self, worker: WorkerHandle) -> bool:  # noqa: PLR0911 - a hot path kept in one frame (a helper call costs more than its branches)
         if worker.stopping or worker.dead or worker.killed_for is not None:
             return False
         limit = self.engine.max_tasks_per_worker
@@ -170,7 +170,7 @@ class Dispatcher:
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.after_stop")
 
-    def _dispatch_chunks(self) -> None:
+    def _dispatch_chunks(self) -> None:  # noqa: PLR0911,PLR0912 - a hot path kept in one frame (a helper call costs more than its branches)
         engine = self.engine
         if engine.broken is not None:
             return

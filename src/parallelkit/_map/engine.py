@@ -380,7 +380,7 @@ class Engine:
         self.deferred.append(callback)
 
     # ---------------------------------------------------------------- events
-    def step(self, timeout: float | None, done: Callable[[], bool] = lambda: False) -> None:
+    def step(self, timeout: float | None, done: Callable[[], bool] = lambda: False) -> None:  # noqa: PLR0912 - the engine's one event step: each event kind is a branch
         """Dispatch, wait once for any event (mutex released meanwhile), handle events.
 
         The wait has no timeout of its own: every change of state that a waiter can be

@@ -226,7 +226,7 @@ class Job:
             self.exhausted and self.in_flight == 0 and not self.retries and not self.pending
         ) or self.cancelled
 
-    def next_chunk(self) -> Chunk | None:
+    def next_chunk(self) -> Chunk | None:  # noqa: PLR0911,PLR0912 - a hot path kept in one frame (a helper call costs more than its branches)
         """The next chunk to run, or ``None`` (input done, window full, or failed)."""
         if self.cancelled or self.error is not None:
             return None

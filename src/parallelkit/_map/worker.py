@@ -136,7 +136,7 @@ def _worker_arena(arena: list[Any]) -> Any:
     return arena[0]
 
 
-def _task_loop(
+def _task_loop(  # noqa: PLR0912,PLR0915 - a hot path kept in one frame (a helper call costs more than its branches)
     conn: Connection,
     fns: dict[int, Callable[..., object]],
     shared_items: Sequence[object] | None,

@@ -119,7 +119,7 @@ def _find_stack_fd(pid: int) -> int:
     return -1
 
 
-def dump_stack(pid: int | None, fd: int | None = None) -> tuple[str, str]:
+def dump_stack(pid: int | None, fd: int | None = None) -> tuple[str, str]:  # noqa: PLR0911 - one case per branch, read top to bottom (split, it would be read across functions)
     """Have worker ``pid`` dump every thread's stack; ``(stack, "")`` or ``("", why not)``.
 
     ``fd``: its stack-dump file descriptor if known, else it is looked up.

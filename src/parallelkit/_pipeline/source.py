@@ -133,7 +133,7 @@ class Source:
                 self.chunks.append(chunk[early:] if early else chunk)
             self.pulled += len(chunk)
 
-    def _pull(self) -> None:
+    def _pull(self) -> None:  # noqa: PLR0912,PLR0915 - the source thread's one loop
         """The source thread: read the source in chunks into ``chunks``.
 
         A chunk starts at one item and doubles while the source fills it within

@@ -222,7 +222,7 @@ def exit_without_teardown() -> None:
     os._exit(0)
 
 
-def child_main(
+def child_main(  # noqa: PLR0912 - the one child main: each step of a child's life in order
     sigint_ignored: object,
     loop: Callable[..., object],
     conn: Any,

@@ -213,7 +213,7 @@ def check_main_importable(start_method: str) -> None:
     )
 
 
-def start_child(
+def start_child(  # noqa: PLR0912 - each start method's way to start a child, in one place
     context: multiprocessing.context.BaseContext,
     start_method: str,
     loop: Callable[..., object],

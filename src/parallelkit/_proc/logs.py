@@ -176,7 +176,7 @@ class Records:
             if _fuzz.ENABLED:
                 _fuzz.point("logs.between_pieces")  # other threads' records come between
 
-    def take(self, datagram: bytes) -> bytes | memoryview | None:
+    def take(self, datagram: bytes) -> bytes | memoryview | None:  # noqa: PLR0911 - a hot path kept in one frame (a helper call costs more than its branches)
         """The record ``datagram`` completes, or ``None`` (a piece of one to come)."""
         if not self.framed:
             return datagram

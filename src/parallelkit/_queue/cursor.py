@@ -83,7 +83,7 @@ class Cursor:
         self.cache: Cache | None = None
         self.ended = False  # this handle saw the end
 
-    def take_locked(self, limit: int | None) -> list[Any] | Taken | None:
+    def take_locked(self, limit: int | None) -> list[Any] | Taken | None:  # noqa: PLR0912 - a hot path kept in one frame (a helper call costs more than its branches)
         """Take up to ``limit`` items of the head message (the read lock held).
 
         Returns the items (from this handle's cache), what to decode, or ``None`` when

@@ -304,7 +304,7 @@ class Queue(Generic[T]):
             if fd is not None:
                 os.close(fd)
 
-    def _put_message(
+    def _put_message(  # noqa: PLR0912 - a hot path kept in one frame (a helper call costs more than its branches)
         self, buffers: list[Any], fd: int | None, count: int, large: int, deadline: float | None
     ) -> None:
         """Send one datagram when there is room; ``large``: bytes of its file (0: none)."""

@@ -372,7 +372,7 @@ class _Slots:
             'SharedAccumulator("sum", dtype=float)'
         )
 
-    def _claim(self, tid: int, x: float) -> tuple[Cell | None, bool]:
+    def _claim(self, tid: int, x: float) -> tuple[Cell | None, bool]:  # noqa: PLR0912 - a hot path kept in one frame (a helper call costs more than its branches)
         """Find this writer a slot; ``(cell or None for overflow, whether x was added)``.
 
         ``tid`` is the thread's ident, or :data:`PROCESS_KEY` for a slot of the process.

@@ -395,7 +395,7 @@ def gil_matters(m: Measured, remaining: int, model: Model) -> bool:
     return if_held != if_free and free[if_free] < GAIN * held[if_held]
 
 
-def run_probe(
+def run_probe(  # noqa: PLR0912,PLR0915 - the probe's one loop; TODO: split (issue 22 goal 1 follow-up)
     fn: Callable[[Any], object],
     source: Sequence[Any] | Iterator[Any],
     length: int | None,
