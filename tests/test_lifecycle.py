@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import threading
 import time
 from typing import Any
 
@@ -19,7 +20,9 @@ import pytest
 import parallelkit as pk
 import tasks.basic as w
 from parallelkit import StartMethod, _platform
+from parallelkit._proc import child as _child
 from parallelkit._proc import lifecycle as _lifecycle
+from parallelkit._proc.lifecycle import describe_exit
 from parallelkit._proc.wakeup import WakeUpPipe
 
 FORK_OR_SPAWN = [m for m in ("fork", "spawn") if m in multiprocessing.get_all_start_methods()]
@@ -116,6 +119,71 @@ def test_a_task_that_closes_its_workers_descriptors_fails_and_the_pool_goes_on(
             future.result(timeout=60)
         assert info.value.signal == "SIGKILL"
         assert pool.submit(w.square, 7).result(timeout=60) == 49
+
+
+def _watch_a_closed_sentinel_then_exit(seconds: float) -> None:
+    """The watcher thread of a child whose task closed the parent's sentinel before the
+    watcher looked at it (the order the CI run met in portable mode); we exit 0 after
+    ``seconds`` unless the watcher ends us first."""
+    read, _write = os.pipe()
+    os.close(read)
+    threading.Thread(target=_child._watch_parent, args=(read,), daemon=True).start()
+    time.sleep(seconds)
+    os._exit(0)
+
+
+def _watch_a_closed_sentinel_of_a_parent_that_dies(report: int) -> None:
+    """A middle process: its child closes its sentinel, then watches; we report the child's
+    pid and exit, so the child's parent really dies."""
+    middle = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report)
+        read, _write = os.pipe()
+        os.close(read)
+        _child._watch_parent(read, middle)  # returns never: exits 70
+        os._exit(1)
+    os.write(report, str(pid).encode())
+    os._exit(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_sentinel_a_task_closed_is_not_taken_for_the_parents_death() -> None:
+    """Seen in CI (portable mode, no ``PR_SET_PDEATHSIG``): a task closed every descriptor,
+    the parent-watch thread then woke on the closed sentinel and exited the worker with
+    "parent died" (70) while its parent was alive."""
+    process = multiprocessing.get_context("fork").Process(
+        target=_watch_a_closed_sentinel_then_exit, args=(2.0,)
+    )
+    process.start()
+    process.join(50)
+    assert process.exitcode == 0, describe_exit(process.exitcode)
+    process.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_watcher_without_its_sentinel_still_sees_the_parent_die() -> None:
+    read, write = os.pipe()
+    middle = multiprocessing.get_context("fork").Process(
+        target=_watch_a_closed_sentinel_of_a_parent_that_dies, args=(write,)
+    )
+    middle.start()
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as report:
+            grandchild = int(report.read())
+        middle.join(50)
+        assert middle.exitcode == 0
+        # reparented away from its dead parent, it sees so within a second and exits
+        # (reaped by its new parent, it vanishes)
+        while True:
+            try:
+                os.kill(grandchild, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    finally:
+        middle.close()
 
 
 # ------------------------------------------------------------------ the wake-up pipe

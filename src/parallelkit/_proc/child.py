@@ -32,6 +32,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -82,9 +83,43 @@ def _set_parent_death_signal() -> bool:
         return False
 
 
-def _watch_parent(sentinel: int) -> None:
-    multiprocessing.connection.wait([sentinel])
+def _watch_parent(sentinel: int, parent_pid: int) -> None:
+    """Exit when the parent (``parent_pid``) has died: its sentinel, our end of a pipe whose
+    other end only the parent holds, reads EOF.
+
+    A task may close the sentinel under us (``os.closerange``, a daemonising library) or
+    put another file at its number.  Then the wake-up says nothing about the parent, and we
+    watch on by asking the kernel each second whether the parent is still there (the
+    parent's deadline stops us if it gave up on us: ``lifecycle.stop_processes``).
+    """
+    tied = os.getppid() == parent_pid  # it started us: fork or spawn
+    ours = None
+    with contextlib.suppress(OSError):
+        ours = _file_identity(sentinel)
+        multiprocessing.connection.wait([sentinel])
+    with contextlib.suppress(OSError):
+        if ours is not None and _file_identity(sentinel) == ours:
+            os._exit(EXIT_PARENT_DIED)
+    while (os.getppid() == parent_pid) if tied else _exists(parent_pid):
+        time.sleep(1.0)
     os._exit(EXIT_PARENT_DIED)
+
+
+def _file_identity(fd: int) -> tuple[int, int]:
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino
+
+
+def _exists(pid: int) -> bool:
+    """Whether process ``pid`` exists (our parent when it did not start us itself: the
+    forkserver did; an exited parent not yet reaped by its own parent counts as there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, under another user
+        return True
+    return True
 
 
 def bootstrap(
@@ -116,7 +151,7 @@ def bootstrap(
     if not (tied and parent_pid) and parent is not None and parent.sentinel is not None:
         threading.Thread(
             target=_watch_parent,
-            args=(parent.sentinel,),
+            args=(parent.sentinel, parent.pid),
             name="parallelkit-parent-watch",
             daemon=True,
         ).start()
