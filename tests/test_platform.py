@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import parallelkit as pk
+import tasks.auto as tasks_auto
 from child import TESTS, package_env, run_python
 from parallelkit import _platform
 from parallelkit._wire import direct as _direct
@@ -343,3 +344,55 @@ def test_pdeathsig_fallback_workers_die_with_their_sigkilled_parent(
         proc.wait(30)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+_QUEUED = """
+import os, time
+from parallelkit import _platform
+cpu = min(os.sched_getaffinity(0))
+os.sched_setaffinity(0, {cpu})  # the child below inherits the one CPU
+rival = os.fork()
+if rival == 0:
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        pass
+    os._exit(0)
+try:
+    before = _platform.run_queue_seconds()
+    spent = time.thread_time() + 0.5
+    while time.thread_time() < spent:  # half a second of CPU, taking turns with the rival
+        pass
+    print(_platform.run_queue_seconds() - before)
+finally:
+    os.kill(rival, 9)
+    os.waitpid(rival, 0)
+"""
+
+
+@LINUX_ONLY
+@pytest.mark.timeout(120)
+def test_schedstat_counts_the_time_a_busy_thread_waits_for_a_cpu() -> None:
+    # backend="auto" adds this wait to the probe's CPU time: a busy item on a loaded
+    # machine is not an item waiting for I/O
+    result = run_python("-c", _QUEUED, timeout=100)
+    assert result.returncode == 0, result.stderr
+    queued = float(result.stdout)
+    if _platform.OFFERS.schedstat:
+        assert queued > 0.05  # it shared one CPU with a spinning process for 0.5 s of its own
+    else:  # the CI's portable run
+        assert queued == 0.0
+
+
+def test_schedstat_fallback_auto_still_measures_and_chooses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _without(monkeypatch, schedstat=False)
+    assert _platform.run_queue_seconds() == 0.0
+    seen: list[pk.MapStats] = []
+    results = pk.run_parallel(
+        tasks_auto.spin, range(40), backend="auto", max_workers=2, on_stats=seen.append
+    )
+    assert [r[0] for r in results] == list(range(40))
+    assert seen
+    assert seen[0].choice is not None
+    assert seen[0].choice.probed > 0

@@ -30,6 +30,9 @@ facility           Linux fast path                             portable fallback
                                                                (:mod:`parallelkit._proc.logs`)
 ``preadv``         ``os.preadv`` (macOS from 11): a queue's    ``os.pread``, then a copy
                    large message read straight into place
+``schedstat``      the time a thread waited for a CPU          CPU time alone (a busy item
+                   (``/proc/thread-self/schedstat``): auto     on a loaded machine looks
+                   tells busy items from ones waiting on I/O   partly idle)
 =================  ==========================================  =============================
 
 ``fcntl`` locks (``flock``, ``lockf``) are POSIX and used everywhere.  Windows has none of
@@ -75,9 +78,11 @@ FACILITIES: Final = (
     "sockbuf",
     "seqpacket",
     "preadv",
+    "schedstat",
 )
 LINUX: Final = sys.platform.startswith("linux")
 DEV_SHM: Final = Path("/dev/shm")
+SCHEDSTAT: Final = "/proc/thread-self/schedstat"  # run time, wait time (ns), timeslices
 _ZEROS_CHUNK: Final = 1 << 20  # bytes written at a time when reserving by writing zeros
 # bytes: the datagram fallback's socket buffers are raised to at least this (macOS: 2 KB
 # datagrams and a 4 KB receive buffer by default), less where the system refuses
@@ -120,6 +125,7 @@ class Offers(NamedTuple):
     sockbuf: bool
     seqpacket: bool
     preadv: bool
+    schedstat: bool
 
     @property
     def portable(self) -> bool:
@@ -157,6 +163,7 @@ def decide(forced: frozenset[str] = frozenset()) -> Offers:
         "sockbuf": LINUX,
         "seqpacket": _seqpacket_works(),
         "preadv": hasattr(os, "preadv"),
+        "schedstat": os.path.exists(SCHEDSTAT),
     }
     return Offers(**{name: offered[name] and name not in forced for name in FACILITIES})
 
@@ -310,6 +317,18 @@ def affinity_count() -> int | None:
     if not OFFERS.affinity:
         return None
     return len(os.sched_getaffinity(0)) or None
+
+
+def run_queue_seconds() -> float:
+    """Seconds the calling thread has waited in the run queue for a CPU since it started;
+    0.0 where the platform does not say (``schedstat``)."""
+    if not OFFERS.schedstat:
+        return 0.0
+    try:
+        with open(SCHEDSTAT, "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 # ------------------------------------------------------------------ record sockets

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, cast
 
+from parallelkit import _platform
 from parallelkit._map.calls import ItemCall, each
 from parallelkit._observe.stats import AutoChoice
 from parallelkit._util import fuzz as _fuzz
@@ -255,16 +256,10 @@ class _GilWatch:
 
 
 def _wanted_cpu() -> float:
-    """Seconds this thread has run or waited to run: its CPU time plus, on Linux, its time
-    in the run queue (``/proc/thread-self/schedstat``; its CPU time there is updated only
-    at scheduler ticks).  On a loaded machine a busy thread waits for a CPU: that is not
-    an item waiting for I/O."""
-    try:
-        with open("/proc/thread-self/schedstat", "rb") as f:
-            queued = int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        queued = 0.0
-    return time.thread_time() + queued
+    """Seconds this thread has run or waited to run: its CPU time plus its time in the run
+    queue where the platform says (``_platform.run_queue_seconds``).  On a loaded machine
+    a busy thread waits for a CPU: that is not an item waiting for I/O."""
+    return time.thread_time() + _platform.run_queue_seconds()
 
 
 def _bytes_of(obj: object) -> tuple[int, float] | None:
@@ -395,7 +390,7 @@ def gil_matters(m: Measured, remaining: int, model: Model) -> bool:
     return if_held != if_free and free[if_free] < GAIN * held[if_held]
 
 
-def run_probe(  # noqa: PLR0912,PLR0915 - the probe's one loop; TODO: split (issue 22 goal 1 follow-up)
+def run_probe(
     fn: Callable[[Any], object],
     source: Sequence[Any] | Iterator[Any],
     length: int | None,
@@ -412,161 +407,227 @@ def run_probe(  # noqa: PLR0912,PLR0915 - the probe's one loop; TODO: split (iss
     the GIL (``model``), one more item runs, watched.  An item :func:`~parallelkit.star`
     and its kin cannot take ends the probe before it (the chosen backend reports it).
     """
-    probe = Probe()
-    it = iter(source) if length is None else None
-    if it is not None:
-        probe.rest = it
-    check = fn if isinstance(fn, ItemCall) and fn.expects is not object else None
-    # Long inputs are watched from the first item (which may be the only one the probe
-    # runs); short ones once a batch says the work left is worth it, not to pay a thread
-    # for a handful of trivial items.
-    watch = (
-        _GilWatch(WATCH_DELAY_SECONDS)
-        if length is None or length >= WATCH_FROM_START_ITEMS
-        else None
-    )
-    cpu = _wanted_cpu
-    batch = 1
-    last = (0, 0.0)
-    item_size: tuple[int, float] | None = (0, 0.0)
-    result_size: tuple[int, float] | None = (0, 0.0)
-    one_more = False  # the extra, watched item is running
-    clock = time.perf_counter
-    first: object = None
-    cpu0 = cpu()  # read once around the probe: a reading costs microseconds
+    return _Prober(fn, source, length, fail_fast, measure_items, model).run()
 
-    def measured(gil_free: float) -> Measured:
-        cpu_seconds = cpu() - cpu0
+
+class _Prober:
+    """One probe's state; :meth:`run` is its loop: batches of 1, 1, 2, 4, ... items."""
+
+    def __init__(
+        self,
+        fn: Callable[[Any], object],
+        source: Sequence[Any] | Iterator[Any],
+        length: int | None,
+        fail_fast: bool,
+        measure_items: bool,
+        model: Model | None,
+    ) -> None:
+        self.fn = fn
+        self.source = source
+        self.length = length
+        self.fail_fast = fail_fast
+        self.measure_items = measure_items
+        self.model = model  # None: no watched item (none is worth it, or no model)
+        self.probe = Probe()
+        self.it = iter(source) if length is None else None
+        if self.it is not None:
+            self.probe.rest = self.it
+        self.check = fn if isinstance(fn, ItemCall) and fn.expects is not object else None
+        # Long inputs are watched from the first item (which may be the only one the probe
+        # runs); short ones once a batch says the work left is worth it, not to pay a
+        # thread for a handful of trivial items.
+        self.watch = (
+            _GilWatch(WATCH_DELAY_SECONDS)
+            if length is None or length >= WATCH_FROM_START_ITEMS
+            else None
+        )
+        self.batch = 1
+        self.last = (0, 0.0)  # (items, seconds) of the last unwatched batch
+        self.item_size: tuple[int, float] | None = (0, 0.0)
+        self.result_size: tuple[int, float] | None = (0, 0.0)
+        self.one_more = False  # the extra, watched item is running
+        self.first: object = None
+        self.cpu0 = _wanted_cpu()  # read once around the probe: a reading costs microseconds
+
+    def run(self) -> Probe:
+        probe = self.probe
+        try:
+            while not self._seen_enough():
+                pos = probe.count
+                items = self._next_items(pos)
+                if items is None:
+                    break
+                items, last_batch = self._checked(items)
+                if items is None:
+                    break
+                seconds = self._run_batch(pos, items)
+                if self._done(pos, last_batch):
+                    break
+                self._rewatch(pos, seconds)
+                self.batch = self.batch * 2 if pos else 1  # the first item runs alone
+        finally:
+            if _fuzz.ENABLED:
+                _fuzz.point("auto.probe_done")
+            gil_free = self.watch.close() if self.watch is not None else 0.0
+        if probe.count:
+            probe.measured = self._measured(gil_free)
+        return probe
+
+    def _measured(self, gil_free: float) -> Measured:
+        probe = self.probe
+        cpu_seconds = _wanted_cpu() - self.cpu0
+        last = self.last
         n, seconds = last if probe.count > 1 and last[1] > 0 else (probe.count, probe.seconds)
         return Measured(
             items=probe.count,
             seconds_per_item=seconds / max(1, n),
             cpu_share=min(1.0, cpu_seconds / probe.seconds) if probe.seconds > 0 else 1.0,
             gil_free=gil_free,
-            item=item_size,
-            result=result_size,
+            item=self.item_size,
+            result=self.result_size,
         )
 
-    try:
-        while True:
+    def _seen_enough(self) -> bool:
+        """Whether the probe has measured enough; starts the one watched item if the
+        choice depends on the GIL and the watcher has not looked yet."""
+        probe, watch, model = self.probe, self.watch, self.model
+        if (
+            watch is not None
+            and len(watch.late) > ENOUGH_SAMPLES
+            and probe.count > 1
+            and self.last[1] >= TRUSTED_BATCH_SECONDS
+            and probe.seconds >= TRUSTED_BATCH_SECONDS * 5
+        ):
+            return True  # the GIL seen often enough, and a batch that says what items cost
+        if probe.seconds < PROBE_SECONDS:
+            return False
+        left = None if self.length is None else self.length - probe.count
+        if (
+            watch is not None
+            or self.one_more
+            or model is None
+            or not probe.count
+            or left == 0
+            or not gil_matters(self._measured(0.0), _rest(left, probe.count, model)[0], model)
+        ):
+            return True
+        self.one_more = True
+        self.batch = 1
+        self.watch = _GilWatch()
+        return False
+
+    def _next_items(self, pos: int) -> Iterable[Any] | None:
+        """The next batch, or ``None`` when the input ended or failed (the probe ends)."""
+        probe, batch = self.probe, self.batch
+        items: Iterable[Any]
+        if self.it is None:
+            assert self.length is not None
+            seq = cast("Sequence[Any]", self.source)
+            if pos == 0 or self.check is not None:
+                items = seq[pos : pos + batch]
+                probe.seq_rest = None
+            else:  # no copy of the input: one iterator, read on from where it stopped
+                if probe.seq_rest is None:
+                    probe.seq_rest = itertools.islice(seq, pos, None)
+                items = itertools.islice(probe.seq_rest, min(batch, self.length - pos))
+        else:
+            try:
+                items = list(itertools.islice(self.it, batch))
+            except Exception as exc:  # fails the call after the results before it
+                exc.add_note(f"parallelkit: raised by the input iterable after item {pos - 1}")
+                probe.failed = exc
+                return None
+        if isinstance(items, list | tuple | range) and not items:
+            probe.exhausted = True
+            return None
+        if pos == 0:
+            assert isinstance(items, list | tuple | range | Sequence)
+            self.first = items[0]
+        return items
+
+    def _checked(self, items: Iterable[Any]) -> tuple[Iterable[Any] | None, bool]:
+        """The batch cut before an item the call cannot take (left to the chosen backend,
+        which reports it), and whether it is the last batch; ``None``: nothing to run."""
+        last_batch = self.one_more
+        if self.check is not None:
+            assert isinstance(items, Sequence)
+            bad = self.check.bad_item(items)
+            if bad is not None:
+                if self.it is not None:
+                    self.probe.rest = itertools.chain(items[bad:], self.it)
+                items = items[:bad]
+                last_batch = True
+                if not items:
+                    return None, True
+        return items, last_batch
+
+    def _run_batch(self, pos: int, items: Iterable[Any]) -> float:
+        """Run one batch into the probe's results; its wall time."""
+        probe, watch = self.probe, self.watch
+        if watch is not None:
+            watch.running = True
+        t0 = time.perf_counter()
+        errors = run_into(probe.results, self.fn, items, self.fail_fast)
+        seconds = time.perf_counter() - t0
+        if watch is not None:
+            watch.running = False
+        ran = len(probe.results) - pos
+        probe.seconds += seconds
+        probe.count += ran
+        if not self.one_more:  # the watched item runs with the watcher's hand-overs
+            self.last = (ran, seconds)
+        if pos == 0 and self.measure_items:
+            self.item_size = _bytes_of(self.first)
+        if pos == 0 and not errors:
+            self.result_size = _bytes_of(probe.results[0])
+        for p, error in errors:
+            error.add_note(f"parallelkit: raised {PROBE_WHERE} on item {pos + p}")
+            probe.errors.append((pos + p, error))
+        if errors and self.fail_fast:
+            probe.failed = probe.errors[0][1]
+        return seconds
+
+    def _done(self, pos: int, last_batch: bool) -> bool:
+        """Whether the batch just run ends the probe: it failed fast, the input ended, or
+        it was the last batch (the watched one, or one cut before an item)."""
+        probe = self.probe
+        if probe.failed is not None:
+            return True
+        if self.length is not None and probe.count >= self.length:
+            probe.exhausted = True
+            return True
+        if last_batch:
+            return True
+        if self.it is not None and probe.count - pos < self.batch:
+            probe.exhausted = True
+            return True
+        return False
+
+    def _rewatch(self, pos: int, seconds: float) -> None:
+        """Stop the watcher if the items are too short for the GIL to matter; start it
+        once the work left is worth it."""
+        ran = self.probe.count - pos
+        per_item = seconds / max(1, ran)
+        if (
+            self.watch is not None
+            and not self.watch.late
+            and seconds >= TRUSTED_BATCH_SECONDS
+            and per_item < GIL_ITEM_SECONDS
+        ):
+            # items too short for the GIL to matter: stop the watcher before it looks
+            # (each look while the GIL is held costs the caller a hand-over)
+            self.watch.close()
+            self.watch = None
+            self.model = None  # and no watched item later
+        if self.watch is None and self.model is not None:
+            left = None if self.length is None else self.length - self.probe.count
+            rest = _rest(left, self.probe.count, self.model)[0]
             if (
-                watch is not None
-                and len(watch.late) > ENOUGH_SAMPLES
-                and probe.count > 1
-                and last[1] >= TRUSTED_BATCH_SECONDS
-                and probe.seconds >= TRUSTED_BATCH_SECONDS * 5
+                seconds >= TRUSTED_BATCH_SECONDS  # not the call's overhead alone
+                and per_item >= GIL_ITEM_SECONDS
+                and rest * per_item >= WORTH_SECONDS
             ):
-                break  # the GIL seen often enough, and a batch that says what items cost
-            if probe.seconds >= PROBE_SECONDS:
-                left = None if length is None else length - probe.count
-                if (
-                    watch is not None
-                    or one_more
-                    or model is None
-                    or not probe.count
-                    or left == 0
-                    or not gil_matters(measured(0.0), _rest(left, probe.count, model)[0], model)
-                ):
-                    break
-                one_more = True
-                batch = 1
-                watch = _GilWatch()
-            pos = probe.count
-            if it is None:
-                assert length is not None
-                seq = cast("Sequence[Any]", source)
-                if pos == 0 or check is not None:
-                    items: Iterable[Any] = seq[pos : pos + batch]
-                    probe.seq_rest = None
-                else:  # no copy of the input: one iterator, read on from where it stopped
-                    if probe.seq_rest is None:
-                        probe.seq_rest = itertools.islice(seq, pos, None)
-                    items = itertools.islice(probe.seq_rest, min(batch, length - pos))
-            else:
-                try:
-                    items = list(itertools.islice(it, batch))
-                except Exception as exc:  # fails the call after the results before it
-                    exc.add_note(f"parallelkit: raised by the input iterable after item {pos - 1}")
-                    probe.failed = exc
-                    break
-            if isinstance(items, list | tuple | range) and not items:
-                probe.exhausted = True
-                break
-            if pos == 0:
-                assert isinstance(items, list | tuple | range | Sequence)
-                first = items[0]
-            last_batch = one_more
-            if check is not None:
-                assert isinstance(items, Sequence)
-                bad = check.bad_item(items)
-                if bad is not None:  # left to the chosen backend, which reports it
-                    if it is not None:
-                        probe.rest = itertools.chain(items[bad:], it)
-                    items = items[:bad]
-                    last_batch = True
-                    if not items:
-                        break
-            if watch is not None:
-                watch.running = True
-            t0 = clock()
-            errors = run_into(probe.results, fn, items, fail_fast)
-            seconds = clock() - t0
-            if watch is not None:
-                watch.running = False
-            ran = len(probe.results) - pos
-            probe.seconds += seconds
-            probe.count += ran
-            if not one_more:  # the watched item runs with the watcher's hand-overs
-                last = (ran, seconds)
-            if pos == 0 and measure_items:
-                item_size = _bytes_of(first)
-            if pos == 0 and not errors:
-                result_size = _bytes_of(probe.results[0])
-            if errors:
-                for p, error in errors:
-                    error.add_note(f"parallelkit: raised {PROBE_WHERE} on item {pos + p}")
-                    probe.errors.append((pos + p, error))
-                if fail_fast:
-                    probe.failed = probe.errors[0][1]
-                    break
-            if length is not None and probe.count >= length:
-                probe.exhausted = True
-                break
-            if last_batch:
-                break
-            if it is not None and ran < batch:
-                probe.exhausted = True
-                break
-            per_item = seconds / max(1, ran)
-            if (
-                watch is not None
-                and not watch.late
-                and seconds >= TRUSTED_BATCH_SECONDS
-                and per_item < GIL_ITEM_SECONDS
-            ):
-                # items too short for the GIL to matter: stop the watcher before it looks
-                # (each look while the GIL is held costs the caller a hand-over)
-                watch.close()
-                watch = None
-                model = None  # and no watched item later
-            if watch is None and model is not None:
-                left = None if length is None else length - probe.count
-                rest = _rest(left, probe.count, model)[0]
-                per_item = seconds / max(1, ran)
-                if (
-                    seconds >= TRUSTED_BATCH_SECONDS  # not the call's overhead alone
-                    and per_item >= GIL_ITEM_SECONDS
-                    and rest * per_item >= WORTH_SECONDS
-                ):
-                    watch = _GilWatch()  # enough work left for the GIL to matter
-            batch = batch * 2 if pos else 1  # 1, 1, 2, 4, ...: the first item runs alone
-    finally:
-        if _fuzz.ENABLED:
-            _fuzz.point("auto.probe_done")
-        gil_free = watch.close() if watch is not None else 0.0
-    if probe.count:
-        probe.measured = measured(gil_free)
-    return probe
+                self.watch = _GilWatch()  # enough work left for the GIL to matter
 
 
 def decide(probe: Probe, remaining: int | None, model: Model) -> AutoChoice:
