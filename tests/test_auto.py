@@ -22,6 +22,7 @@ import pytest
 
 import parallelkit as pk
 import tasks.auto as tasks
+from parallelkit import _platform
 from parallelkit._map.backends import auto as A
 
 
@@ -421,3 +422,33 @@ def test_the_gil_watcher_sees_pure_python_hold_the_gil() -> None:
         tasks.spin(0)
         watch.running = False
         assert watch.close() < 0.5
+
+
+def test_the_gil_watcher_ignores_a_free_gil_while_the_caller_waits_for_a_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Seen under load (GIL "free" 67-100% of the time for a spinning item, so threads were
+    # chosen): the caller had handed the GIL over and then waited for a CPU to take it
+    # back, so the watcher found it free at every wake-up.  Here the caller uses no CPU
+    # while the platform says it is runnable: no wake-up may count.
+    monkeypatch.setattr(_platform, "runnable", lambda native_id: True)
+    watch = A._GilWatch()
+    watch.running = True
+    watch.stop.wait(0.1)  # the caller runs no bytecode (and uses no CPU) meanwhile
+    watch.running = False
+    watch.close()
+    assert watch.late == []
+
+
+def test_the_gil_watcher_counts_a_caller_blocked_in_a_call_as_gil_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the same caller, blocked (as in time.sleep or I/O): the GIL is free for real
+    monkeypatch.setattr(_platform, "runnable", lambda native_id: False)
+    watch = A._GilWatch()
+    watch.running = True
+    while len(watch.late) <= A.HELD_SAMPLES:  # the caller blocked, a few looks at a time
+        watch.stop.wait(0.01)
+    watch.running = False
+    assert watch.close() == 1.0
+    assert len(watch.late) >= A.HELD_SAMPLES

@@ -18,6 +18,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -396,3 +398,21 @@ def test_schedstat_fallback_auto_still_measures_and_chooses(
     assert seen
     assert seen[0].choice is not None
     assert seen[0].choice.probed > 0
+
+
+@pytest.mark.timeout(60)
+def test_schedstat_tells_a_blocked_thread_from_a_running_one() -> None:
+    blocked = threading.Event()
+    thread = threading.Thread(target=blocked.wait, args=(30,))
+    thread.start()
+    try:
+        assert thread.native_id is not None
+        # it has blocked once its state says so (a thread starting up is runnable)
+        while _platform.runnable(thread.native_id):
+            time.sleep(0.001)
+        assert not _platform.runnable(thread.native_id)
+        # this thread, reading, runs
+        assert _platform.runnable(threading.get_native_id()) == _platform.OFFERS.schedstat
+    finally:
+        blocked.set()
+        thread.join()

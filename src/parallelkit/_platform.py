@@ -30,9 +30,9 @@ facility           Linux fast path                             portable fallback
                                                                (:mod:`parallelkit._proc.logs`)
 ``preadv``         ``os.preadv`` (macOS from 11): a queue's    ``os.pread``, then a copy
                    large message read straight into place
-``schedstat``      the time a thread waited for a CPU          CPU time alone (a busy item
-                   (``/proc/thread-self/schedstat``): auto     on a loaded machine looks
-                   tells busy items from ones waiting on I/O   partly idle)
+``schedstat``      a thread's time waiting for a CPU, and      CPU time alone (a busy item
+                   whether it waits now (``/proc``): auto      on a loaded machine looks
+                   tells busy items from ones waiting on I/O   partly idle, or GIL-free)
 =================  ==========================================  =============================
 
 ``fcntl`` locks (``flock``, ``lockf``) are POSIX and used everywhere.  Windows has none of
@@ -329,6 +329,21 @@ def run_queue_seconds() -> float:
             return int(f.read().split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def runnable(native_id: int) -> bool:
+    """Whether thread ``native_id`` of this process is running or waiting for a CPU (not
+    blocked), as far as the platform says (``schedstat``; ``False`` where it does not)."""
+    if not OFFERS.schedstat:
+        return False
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return False
+    # "tid (name) state ...": the name may hold spaces and parentheses
+    state = line.rfind(b")") + 2
+    return line[state : state + 1] == b"R"
 
 
 # ------------------------------------------------------------------ record sockets

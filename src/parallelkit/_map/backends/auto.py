@@ -199,6 +199,7 @@ class _GilWatch:
         self.late: list[float] = []
         self.running = False  # set by the caller while an item runs: only then it looks
         self.limit = sys.getswitchinterval() / 5
+        self._caller = threading.get_native_id()
         try:  # the caller's CPU time, read from the watcher's thread
             clock_id = time.pthread_getcpuclockid(threading.get_ident())
             time.clock_gettime(clock_id)
@@ -229,8 +230,10 @@ class _GilWatch:
             late = clock() - t - TICK_SECONDS
             counts = was_running and self.running
             if late < self.limit:
-                if counts:
+                if counts and (caller_cpu() > c or not _platform.runnable(self._caller)):
                     self.late.append(late)
+                # else the caller, neither blocked nor run, waits for a CPU to take the GIL
+                # back (a loaded machine): that says nothing of the item
                 continue
             now = caller_cpu()
             if now - c <= 0:
