@@ -29,6 +29,7 @@ import pytest
 import parallelkit as pk
 import tasks.logs as L
 from parallelkit import StartMethod, _platform
+from parallelkit._channel import process as _process
 from parallelkit._proc import logs as _logs
 
 NAME = "tests.tasks.logs"
@@ -334,6 +335,61 @@ def test_a_channel_servers_last_records_before_a_crash_arrive(
             child.recv(timeout=30)
         child.join(30)
     assert [r.getMessage() for r in _from_workers(info)] == ["server last words"]
+
+
+@pytest.mark.timeout(60)
+def test_a_channels_parent_reads_the_log_socket_only_at_messages_the_child_logged_before(
+    start_method: StartMethod,
+    socket_kind: str,
+    info: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The child flags a message it sent records before; at the others, recv does not look
+    # at the log socket (a system call per message, most of the round trip's extra time).
+    here = threading.get_ident()
+    reads: list[int] = []
+    real = _logs.LogPipe.read
+
+    def read(self: _logs.LogPipe) -> list[dict[str, Any]]:
+        if threading.get_ident() == here:  # (not the hub thread's)
+            reads.append(len(_from_workers(info)))
+        return real(self)
+
+    monkeypatch.setattr(_logs.LogPipe, "read", read)
+    with pk.start_process(L.log_server_when_asked, start_method=start_method) as child:
+        for text in ("a", "b", "c"):
+            assert child.request(text, timeout=30) == text.upper()
+        assert reads == []
+        assert child.request("log d", timeout=30) == "LOG D"
+        assert [r.getMessage() for r in _from_workers(info)] == ["server got log d"]
+        assert child.request("e", timeout=30) == "E"
+        assert child.request("log big", timeout=30) == b"log big" * 20_000
+        assert _from_workers(info)[-1].getMessage() == "server got log big"
+        assert child.request("big", timeout=30) == b"big" * 20_000
+        assert len(reads) == 2
+    assert [r.getMessage() for r in _from_workers(info)] == [
+        "server got log d",
+        "server got log big",
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_a_channel_servers_record_comes_before_a_message_that_overtook_the_one_after_it(
+    start_method: StartMethod,
+    socket_kind: str,
+    info: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The child's thread logs, counts its records for "first", and is held; its main thread
+    # sends "second", which leaves before "first": it must say "records first" too.  No hub
+    # thread here: only recv reads the child's records.
+    monkeypatch.setattr(_process, "watch", lambda pipe: None)
+    with pk.start_process(L.log_then_send_overtaken, start_method=start_method) as child:
+        assert child.recv(timeout=30) == "second"
+        assert [r.getMessage() for r in _from_workers(info)] == ["logged before first"]
+        assert child.recv(timeout=30) == "first"
+        child.send("done")
+    assert [r.getMessage() for r in _from_workers(info)] == ["logged before first"]
 
 
 @pytest.mark.timeout(60)

@@ -9,6 +9,7 @@ import signal
 import threading
 
 from parallelkit import Channel
+from parallelkit._util import fuzz
 
 logger = logging.getLogger("tests.tasks.logs")
 
@@ -102,6 +103,41 @@ def keep_even_logged(x: int) -> bool:
 def twice_logged(x: int) -> list[int]:
     logger.info("flat %d", x)
     return [x, x]
+
+
+def log_server_when_asked(channel: Channel[str | bytes, str]) -> None:
+    """Logs only the requests that start with "log"; answers "big ..." with 100 KB of
+    bytes (a frame with a buffer), the others with the text in capitals."""
+    for text in channel:
+        if text.startswith("log"):
+            logger.warning("server got %s", text)
+        channel.send(text.encode() * 20_000 if text.endswith("big") else text.upper())
+
+
+def log_then_send_overtaken(channel: Channel[str, str]) -> None:
+    """A thread logs, then sends "first", held right after it counted the records sent; the
+    main thread sends "second" meanwhile, which leaves before "first"."""
+    counted = threading.Event()
+    overtaken = threading.Event()
+
+    def point(name: str) -> None:
+        if name == "channel.send.records_counted" and threading.current_thread() is thread:
+            counted.set()
+            overtaken.wait(30)
+
+    def log_and_send() -> None:
+        logger.warning("logged before first")
+        channel.send("first")
+
+    fuzz.point = point  # (this child's own schedule: the fuzzer's points, held here)
+    setattr(fuzz, "ENABLED", True)  # noqa: B010 - a Final constant, switched on for this child
+    thread = threading.Thread(target=log_and_send)
+    thread.start()
+    counted.wait(30)
+    channel.send("second")
+    overtaken.set()
+    thread.join(30)
+    channel.recv()  # until the parent is done
 
 
 def log_server_then_crash(channel: Channel[str, str]) -> None:

@@ -17,7 +17,10 @@ what it carries::
     FAILED      a start_process target raised: a pickled ExceptionRecord
 
 and whose id flags say REQUEST (sent by ``request``, the id is the request's) or REPLY
-(the id of the request it answers).
+(the id of the request it answers).  A ``start_process`` child sets one more flag,
+LOGGED, on a frame when it has sent log records since its previous frame: the parent
+hands those to its loggers before the message (``process.py``), and reads the log socket
+at no other message.
 
 Speed.  What travels out of band follows the codec's one rule (``_wire.codec.dump_apart``,
 as for the pool and ``Queue``): contiguous buffers of 64 KiB or more (numpy arrays,
@@ -71,6 +74,7 @@ if TYPE_CHECKING:
     from typing_extensions import TypeVar
 
     from parallelkit._channel.net import ChannelListener
+    from parallelkit._proc.logs import Forwarded
 else:
     from typing import TypeVar
 
@@ -95,8 +99,12 @@ BYTES: Final = 2  # a top-level bytes: one buffer, no pickle
 BYTEARRAY: Final = 3  # a top-level bytearray: one buffer, no pickle
 FAILED: Final = 4  # a start_process target raised: a pickled ExceptionRecord
 TAGS: Final = REQUEST | REPLY
+LOGGED: Final = 0x20  # flag: the sender sent log records since its previous frame
 KINDS: Final = frozenset(
-    kind | tag for kind in (MESSAGE, BYTES, BYTEARRAY, FAILED) for tag in (0, REQUEST, REPLY)
+    kind | tag | logged
+    for kind in (MESSAGE, BYTES, BYTEARRAY, FAILED)
+    for tag in (0, REQUEST, REPLY)
+    for logged in (0, LOGGED)
 )
 
 RAW_MIN: Final = OUT_OF_BAND_MIN_BYTES  # bytes: what travels apart from the pickle
@@ -139,6 +147,8 @@ class Channel(Generic[SendT, RecvT]):
         self._eof = False  # the other end closed between two messages
         self._broken: tuple[str, BaseException | None] | None = None
         self._peer = peer
+        self._forwarded: Forwarded | None = None  # this process's records (see _send)
+        self._forwarded_seen = 0  # their count when the last frame flagged LOGGED left
 
     # ------------------------------------------------------------------ public API
     @property
@@ -168,20 +178,32 @@ class Channel(Generic[SendT, RecvT]):
     def _send(self, obj: object, tag: int, request_id: int) -> None:
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
+        forwarded = self._forwarded
+        count = 0
+        if forwarded is not None:
+            count = forwarded.count
+            if count != self._forwarded_seen:
+                tag |= LOGGED
+            if _fuzz.ENABLED:
+                _fuzz.point("channel.send.records_counted")  # another thread's frame may pass
         cls = type(obj)
         try:
             if (cls is bytes or cls is bytearray) and len(obj) >= RAW_MIN:  # type: ignore[arg-type]
                 kind = BYTES if cls is bytes else BYTEARRAY
                 self._stream.send(kind | tag, request_id, b"", (obj,))  # type: ignore[arg-type]
-                return
-            try:
-                marked = mark_large_bytes(obj, RAW_MIN) if cls is list else obj  # type: ignore[arg-type]
-                data, buffers = dump_apart(marked, RAW_MIN)
-            except Exception:
-                data, buffers = _dumps_fallback(obj), []
-            self._stream.send(MESSAGE | tag, request_id, data, buffers)
+            else:
+                try:
+                    marked = mark_large_bytes(obj, RAW_MIN) if cls is list else obj  # type: ignore[arg-type]
+                    data, buffers = dump_apart(marked, RAW_MIN)
+                except Exception:
+                    data, buffers = _dumps_fallback(obj), []
+                self._stream.send(MESSAGE | tag, request_id, data, buffers)
         except StreamEnd as end:
             raise self._gone_error(end.__cause__) from end.__cause__
+        if tag & LOGGED:
+            # Only once a flagged frame has left: another thread's frame that goes out
+            # before it is still flagged (it compared with the older count).
+            self._forwarded_seen = count
 
     def recv(self, timeout: float | None = None) -> RecvT:
         """Receive the next object.
@@ -245,8 +267,9 @@ class Channel(Generic[SendT, RecvT]):
                 _fuzz.point("channel.request.before_send")
             self._send(obj, REQUEST, request_id)
             return mailbox.wait(request_id, deadline, self._read_one)  # type: ignore[return-value]
-        finally:
-            mailbox.forget(request_id)
+        except BaseException:
+            mailbox.forget(request_id)  # (wait forgot it if it returned the reply)
+            raise
 
     def _read_one(self, deadline: float | None, request_id: int) -> tuple[object, int, int]:
         """Read one frame as the mailbox's reader: the message, its tag and request id."""
@@ -384,7 +407,7 @@ class Channel(Generic[SendT, RecvT]):
         )
 
     # ------------------------------------------------------------------ receiving
-    def _recv(self, deadline: float | None) -> tuple[object, int, int]:
+    def _recv(self, deadline: float | None) -> tuple[object, int, int]:  # noqa: PLR0912 - a hot path kept in one frame: each frame kind and flag is a branch
         """Read and decode one frame (holding the receive lock), with its tag and id."""
         if self._closed:
             raise ChannelClosedError(_CLOSED_HERE)
@@ -401,6 +424,9 @@ class Channel(Generic[SendT, RecvT]):
             self._protocol_error(str(refused))
         tag = kind & TAGS
         kind ^= tag
+        if kind & LOGGED:
+            kind ^= LOGGED
+            self._records_first()
         if buffers is None:  # a small frame: a view of the stream's buffer
             with body:  # type: ignore[union-attr]  # a memoryview when buffers is None
                 if kind == MESSAGE:
@@ -424,7 +450,7 @@ class Channel(Generic[SendT, RecvT]):
         self, kind: int, plen: int, lengths: Sequence[int]
     ) -> list[bytearray | memoryview]:
         """Where a large frame is received (called by the stream once its header is in)."""
-        kind &= ~TAGS
+        kind &= ~(TAGS | LOGGED)
         if kind in (BYTES, BYTEARRAY) and (len(lengths) != 1 or plen):
             raise FrameError(f"an invalid frame header (kind {kind}, {len(lengths)} buffers)")
         if kind == BYTES and lengths[0] <= SCRATCH_MAX:
@@ -446,10 +472,22 @@ class Channel(Generic[SendT, RecvT]):
                 what="argument",
             ) from exc
 
+    def _announce_records(self, forwarded: Forwarded) -> None:
+        """Flag each frame sent after this process sent log records (``forwarded`` counts
+        them) with LOGGED: the other end is the parent those records go to."""
+        self._forwarded = forwarded
+        self._forwarded_seen = 0  # records sent before the first frame: flagged too
+
+    def _records_first(self) -> None:
+        """The other end may have sent log records before what was just read (a frame
+        flagged LOGGED, or its end): nothing to do here; a ``start_process`` parent hands
+        them to its loggers."""
+
     # ------------------------------------------------------------------ failures
     def _gone_error(self, cause: BaseException | None) -> ChannelClosedError:
         if self._closed:
             return ChannelClosedError(_CLOSED_HERE)
+        self._records_first()
         if self._stream.mid_frame:
             message = f"{self._peer} went away in the middle of a message{self._exit_note()}"
             self._broken = (message, cause)
@@ -464,6 +502,7 @@ class Channel(Generic[SendT, RecvT]):
         return ""
 
     def _target_failed(self, record: ExceptionRecord) -> ChannelClosedError:
+        self._records_first()
         cause = rebuild_exception(record, where=f"in the target of {self._peer}")
         message = (
             f"{self._peer} ended because its target raised {record.type_name}: {record.message}"

@@ -70,13 +70,15 @@ class Mailbox:
         return request_id
 
     def forget(self, request_id: int) -> None:
-        """The request is over (answered, timed out or failed): drop its late reply."""
+        """The request is over (timed out or failed): drop its late reply.  (One that
+        :meth:`wait` answered is forgotten already.)"""
         with self._mutex:
             self._waiting.discard(request_id)
             self._replies.pop(request_id, None)
 
     def wait(self, request_id: int, deadline: float | None, read: Read) -> object:  # noqa: PLR0912,PLR0915 - one wait loop: every outcome of a read is handled under one lock
-        """The reply to ``request_id``, or (0) the next message that is not a reply.
+        """The reply to ``request_id`` (then forgotten), or (0) the next message that is
+        not a reply.
 
         Raises:
             TimeoutError: nothing came by ``deadline`` (a ``time.monotonic()``).
@@ -88,6 +90,7 @@ class Mailbox:
                 while True:
                     if request_id:
                         if request_id in self._replies:
+                            self._waiting.discard(request_id)
                             return self._replies.pop(request_id)
                     elif self._inbox:
                         message, asked = self._inbox.popleft()
@@ -121,6 +124,7 @@ class Mailbox:
                 mine = False
                 if tag == REPLY:
                     if tag_id == request_id:
+                        self._waiting.discard(request_id)
                         mine = True
                     elif tag_id in self._waiting:
                         self._replies[tag_id] = message

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, TypeVarTuple
 from parallelkit._channel.channel import A, B, Channel, RecvT, SendT
 from parallelkit._proc.child import EXIT_MAIN_GUARD, main_guard_note
 from parallelkit._proc.lifecycle import close_process, describe_exit, start_child, stop_processes
-from parallelkit._proc.logs import LogPipe, unwatch, watch
+from parallelkit._proc.logs import LogPipe, forwarded, unwatch, watch
 from parallelkit._util.checks import check_callable, check_timeout, resolve_start_method
 from parallelkit._util.context import get_context
 from parallelkit._wire.codec import ExceptionRecord, capture_exception, dump_function
@@ -99,16 +99,16 @@ class ProcessChannel(Channel[SendT, RecvT]):
 
     def _read_logs(self, logs: LogPipe) -> None:
         """Pass the child's log records on: read by the hub thread as they come, and by
-        ``recv`` before it returns a message (what was logged before it comes first)."""
+        ``recv`` before it returns a message the child flagged LOGGED (it sent records
+        since its previous message) or says that the child ended or failed: what the
+        child logged before comes first.  Not at other messages: that would be a system
+        call each."""
         self._logs = logs
         watch(logs)
 
-    def _recv(self, deadline: float | None) -> tuple[object, int, int]:
-        try:
-            return super()._recv(deadline)
-        finally:
-            if self._logs is not None:  # what it logged before this message comes first
-                self._logs.flush()
+    def _records_first(self) -> None:
+        if self._logs is not None:
+            self._logs.flush()
 
     def _exit_note(self) -> str:
         if not self._stopped:
@@ -216,6 +216,9 @@ def serve(
     """A :func:`start_process` child's role loop (run by
     :func:`parallelkit._proc.child.child_main`): ``target(channel, *args)``."""
     channel: Channel[object, object] = Channel(sock, peer="the parent process")
+    records = forwarded()
+    if records is not None:  # our records go to the parent: it reads them when told
+        channel._announce_records(records)
     try:
         target(channel, *args)
     except SystemExit:

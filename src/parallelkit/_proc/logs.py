@@ -15,7 +15,8 @@ for every role (channels have no parent-side loop at all), a record from any thr
 child is one datagram (atomic: no lock, nothing to corrupt), and a record sent is in the
 parent's socket buffer: a child that crashes right after logging loses nothing.  The
 parent reads a child's records before each of its replies, so a record logged before a
-result is handled before that result is seen.
+result is handled before that result is seen (a channel's parent: before each message
+the child flagged as sent after records, :class:`Forwarded`; it reads nothing at others).
 
 Levels.  The child's loggers mirror the parent's: its levels (and ``logging.disable``)
 when the child starts, then again whenever they change (pool workers and pipeline stages
@@ -428,14 +429,31 @@ class _Task:
     thread: int | None = None  # the thread running it
 
 
+class Forwarded:
+    """How many records this process has sent to its parent: a role whose parent has no
+    loop of its own that reads them before each message (a channel's) tells the parent,
+    with the message, that there are records to read first, instead of the parent looking
+    at the log socket before every message.
+
+    The count goes up after the record is in the parent's socket buffer, under the
+    handler's lock (so no increment is lost to another thread's).
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 _task = _Task()
 _sock: Records | None = None
 _version = 0
+_forwarded = Forwarded()
 
 
 class Forwarder(logging.Handler):
     """The child's one handler: sends each record to the parent (one datagram, or its
-    pieces: :class:`Records`)."""
+    pieces: :class:`Records`), and counts it (:class:`Forwarded`)."""
 
     def __init__(self, sock: Records) -> None:
         super().__init__()
@@ -448,6 +466,7 @@ class Forwarder(logging.Handler):
             if _fuzz.ENABLED:
                 _fuzz.point("logs.before_send")  # the task's thread and others race here
             self.sock.send(data)
+            _forwarded.count += 1  # (handle() holds the handler's lock around emit)
         except RecursionError:
             raise
         except Exception:
@@ -592,3 +611,9 @@ def end_task() -> None:
 def enabled() -> bool:
     """Is this process a child whose records go to its parent?"""
     return _sock is not None
+
+
+def forwarded() -> Forwarded | None:
+    """The count of records this process has sent to its parent; ``None`` when its
+    records do not go there."""
+    return _forwarded if _sock is not None else None

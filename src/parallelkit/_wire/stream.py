@@ -212,11 +212,11 @@ class FrameStream:
         Raises:
             StreamEnd: the connection is gone, or this end was closed.
         """
-        parts = _frame(kind, ident, body, buffers)
-        if len(parts) == 1:
-            self._write_one(parts[0])
+        if not buffers and len(body) <= SMALL:  # (_frame's one-part case, inline: the usual)
+            head = HEAD.pack(kind, 0, len(body))
+            self._write_one(head + ID.pack(ident) + body if kind & ID_FLAGS else head + body)
         else:
-            self._write(parts)
+            self._write(_frame(kind, ident, body, buffers))
 
     def post(self, kind: int, ident: int, body: Buffer, buffers: Sequence[Buffer] = ()) -> None:
         """Send one frame without ever waiting: what the socket does not take now waits in
