@@ -452,3 +452,36 @@ def test_the_gil_watcher_counts_a_caller_blocked_in_a_call_as_gil_free(
     watch.running = False
     assert watch.close() == 1.0
     assert len(watch.late) >= A.HELD_SAMPLES
+
+
+def test_a_watcher_that_could_not_tell_watches_one_more_item(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a loaded machine left the watcher too few wake-ups during the first item (longer
+    # than the probe) to tell whether the GIL was free; the choice depends on it, so one
+    # more item runs, watched
+    looks: list[bool] = []
+
+    def can_tell(self: A._GilWatch) -> bool:
+        looks.append(bool(looks))  # not the first time it is asked
+        return looks[-1]
+
+    monkeypatch.setattr(A._GilWatch, "can_tell", can_tell)
+    # spawn: processes start slowly enough for threads to win if the GIL were free
+    model = A.Model(workers=2, cpus=2, start_method="spawn", items_inherited=False)
+    probe = A.run_probe(
+        tasks.spin, list(range(24)), 24, fail_fast=True, measure_items=True, model=model
+    )
+    assert probe.count == 2
+    assert looks == [False]  # asked once: the extra item is the last
+    assert [r[0] for r in probe.results] == [0, 1]
+
+
+def test_the_cpu_share_leaves_out_the_time_spent_waiting_for_a_cpu() -> None:
+    # Seen under load: an item sleeping 50 ms waited ~15 ms for a CPU once its sleep ended;
+    # counted as CPU wanted, it read 25-38% busy and auto chose processes over threads
+    assert A.cpu_share(0.001, 0.3, 1.0) < 0.01  # a sleeper, woken late
+    assert A.cpu_share(0.4, 0.6, 1.0) == 1.0  # a spinner sharing its CPU
+    assert A.cpu_share(0.25, 0.5, 1.0) == 0.5  # half computing, half waiting on I/O
+    assert A.cpu_share(0.0, 1.0, 1.0) == 1.0  # it only ever waited for a CPU: busy
+    assert A.cpu_share(0.3, 0.0, 1.0) == pytest.approx(0.3)  # no run-queue time known

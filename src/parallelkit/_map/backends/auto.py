@@ -92,7 +92,7 @@ class Measured:
 
     items: int
     seconds_per_item: float
-    cpu_share: float  # share of the items' wall time they ran or wanted to run, 0 to 1
+    cpu_share: float  # share of the items' time they computed, 0 to 1 (see cpu_share)
     gil_free: float  # share of the watcher's wake-ups that found the GIL free, 0 to 1
     item: tuple[int, float] | None = (0, 0.0)
     result: tuple[int, float] | None = (0, 0.0)
@@ -197,6 +197,7 @@ class _GilWatch:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay  # sleep this long before the first look
         self.late: list[float] = []
+        self.held = 0  # wake-ups that found the GIL held
         self.running = False  # set by the caller while an item runs: only then it looks
         self.limit = sys.getswitchinterval() / 5
         self._caller = threading.get_native_id()
@@ -216,11 +217,10 @@ class _GilWatch:
         clock = time.perf_counter
         wait = self.stop.wait
         caller_cpu = self._caller_cpu
-        held = 0
         back_at = 0.0  # the caller's CPU time by which it surely has the GIL back
         if self.delay and wait(self.delay):
             return  # the caller found its items too short to matter, and stopped us
-        while held < HELD_SAMPLES:
+        while self.held < HELD_SAMPLES:
             t, c = clock(), caller_cpu()
             was_running = self.running and c >= back_at
             if wait(TICK_SECONDS):
@@ -245,8 +245,12 @@ class _GilWatch:
             back_at = now + TICK_SECONDS
             if counts:
                 self.late.append(late)
-                held += 1
+                self.held += 1
         wait()
+
+    def can_tell(self) -> bool:
+        """Whether it has looked often enough to say (see :meth:`close`)."""
+        return self.held >= HELD_SAMPLES or len(self.late) > HELD_SAMPLES
 
     def close(self) -> float:
         """Stop; the share of wake-ups that found the GIL free (0 with too few to tell)."""
@@ -258,11 +262,19 @@ class _GilWatch:
         return sum(1 for x in late if x < self.limit) / len(late)
 
 
-def _wanted_cpu() -> float:
-    """Seconds this thread has run or waited to run: its CPU time plus its time in the run
-    queue where the platform says (``_platform.run_queue_seconds``).  On a loaded machine
-    a busy thread waits for a CPU: that is not an item waiting for I/O."""
-    return time.thread_time() + _platform.run_queue_seconds()
+def _clocks() -> tuple[float, float]:
+    """Seconds this thread has run, and waited in the run queue for a CPU where the
+    platform says (``_platform.run_queue_seconds``; 0 elsewhere)."""
+    return time.thread_time(), _platform.run_queue_seconds()
+
+
+def cpu_share(ran: float, queued: float, wall: float) -> float:
+    """The share of ``wall`` seconds a thread computed (``ran``), counted over the time it
+    did not wait for a CPU (``queued``).  On a loaded machine a busy thread waits for a
+    CPU: that is not an item waiting for I/O; nor is a sleeper's wait for a CPU once its
+    sleep ends an item computing."""
+    own = wall - queued
+    return min(1.0, ran / own) if own > 0 else 1.0
 
 
 def _bytes_of(obj: object) -> tuple[int, float] | None:
@@ -450,7 +462,7 @@ class _Prober:
         self.result_size: tuple[int, float] | None = (0, 0.0)
         self.one_more = False  # the extra, watched item is running
         self.first: object = None
-        self.cpu0 = _wanted_cpu()  # read once around the probe: a reading costs microseconds
+        self.clocks0 = _clocks()  # read once around the probe: a reading costs microseconds
 
     def run(self) -> Probe:
         probe = self.probe
@@ -478,21 +490,22 @@ class _Prober:
 
     def _measured(self, gil_free: float) -> Measured:
         probe = self.probe
-        cpu_seconds = _wanted_cpu() - self.cpu0
+        ran, queued = (now - then for now, then in zip(_clocks(), self.clocks0, strict=True))
         last = self.last
         n, seconds = last if probe.count > 1 and last[1] > 0 else (probe.count, probe.seconds)
         return Measured(
             items=probe.count,
             seconds_per_item=seconds / max(1, n),
-            cpu_share=min(1.0, cpu_seconds / probe.seconds) if probe.seconds > 0 else 1.0,
+            cpu_share=cpu_share(ran, queued, probe.seconds) if probe.seconds > 0 else 1.0,
             gil_free=gil_free,
             item=self.item_size,
             result=self.result_size,
         )
 
     def _seen_enough(self) -> bool:
-        """Whether the probe has measured enough; starts the one watched item if the
-        choice depends on the GIL and the watcher has not looked yet."""
+        """Whether the probe has measured enough; runs one more item, watched, if the
+        choice depends on the GIL and the watcher has not looked (or not often enough to
+        tell: a loaded machine leaves it few wake-ups)."""
         probe, watch, model = self.probe, self.watch, self.model
         if (
             watch is not None
@@ -506,7 +519,7 @@ class _Prober:
             return False
         left = None if self.length is None else self.length - probe.count
         if (
-            watch is not None
+            (watch is not None and watch.can_tell())
             or self.one_more
             or model is None
             or not probe.count
@@ -516,7 +529,8 @@ class _Prober:
             return True
         self.one_more = True
         self.batch = 1
-        self.watch = _GilWatch()
+        if watch is None:
+            self.watch = _GilWatch()
         return False
 
     def _next_items(self, pos: int) -> Iterable[Any] | None:
