@@ -588,17 +588,18 @@ def test_a_reply_read_after_its_worker_exited_still_finds_its_segment(
     parent is held back here until that worker has exited before it reads the reply; the
     reply must still be readable (the segment's end is not the worker's to decide)."""
     from parallelkit._map.replies import Replies
+    from parallelkit._map.worker import REPLY_ARENA
 
     original = Replies.on_message
     held: list[int | None] = []
 
-    def late(self: Replies, w: Any, data: bytes) -> None:
-        if data[:4] == _arena.MAGIC and w.stopping:
+    def late(self: Replies, w: Any, kind: int, data: bytes) -> None:
+        if kind == REPLY_ARENA and w.stopping:
             # the hold: the worker was told to stop after this reply; wait for its exit
             ready = multiprocessing.connection.wait([w.sentinel], timeout=30)
             assert ready, "the worker did not exit after its last reply"
             held.append(w.pid)
-        original(self, w, data)
+        original(self, w, kind, data)
 
     monkeypatch.setattr(Replies, "on_message", late)
     n = MIN // 8 * 2

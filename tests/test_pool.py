@@ -19,7 +19,7 @@ import pytest
 
 import parallelkit as pk
 import tasks.basic as w
-from parallelkit import StartMethod
+from parallelkit import StartMethod, _platform
 from parallelkit._map import worker as W
 from parallelkit._map.blame import Blame
 from parallelkit._map.job import Job
@@ -679,6 +679,28 @@ def test_pipe_room_is_what_a_socket_pair_takes_without_blocking() -> None:
     finally:
         parent_end.close()
         child_end.close()
+
+
+@pytest.mark.skipif(not _platform.OFFERS.sockbuf, reason="portable mode: no send-buffer sizing")
+def test_a_workers_reply_of_a_few_hundred_kb_fits_its_pipe_while_the_engine_is_busy() -> None:
+    """A warm map of tiny items answers each chunk with a reply of ~200 KB; the default
+    send buffer takes about half of that unread, and the worker then waited for the engine
+    to read before it went on to its next chunk (waiting already in its pipe)."""
+    import socket
+
+    worker_end, parent_end = multiprocessing.Pipe(duplex=True)
+    try:
+        stream = W._stream(worker_end)
+        try:
+            reply = b"r" * (400 * 1024)
+            # the engine reads nothing meanwhile: one write that does not wait takes it all
+            sent = stream.sock.send(reply, socket.MSG_DONTWAIT)
+            assert sent == len(reply)
+        finally:
+            stream.close()
+    finally:
+        worker_end.close()
+        parent_end.close()
 
 
 @pytest.mark.timeout(60)

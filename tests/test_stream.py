@@ -115,3 +115,40 @@ def test_widen_gives_room_that_a_silent_peer_can_be_sent_without_waiting() -> No
         block = b"x" * 65536
         while sent < room:  # BlockingIOError would fail the test
             sent += left.send(block[: room - sent])
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_posts_end_sends_a_frame_larger_than_the_socket_to_a_posting_loop() -> None:
+    """The worker's side of the pool: its send waits in the kernel, while the loop at the
+    other end posts a large frame too and reads whenever it can."""
+    left, right = socket.socketpair()
+    loop, worker = FrameStream(left, kinds=KINDS), FrameStream(right, kinds=KINDS, peer_posts=True)
+    got: list[bytes] = []
+
+    def work() -> None:
+        worker.send(1, 0, b"r" * (8 << 20))
+        _, _, body, _ = worker.read(None)
+        got.append(bytes(body))
+
+    thread = threading.Thread(target=work)
+    try:
+        loop.post(2 | ID_FLAGS, 7, b"t" * (8 << 20))
+        thread.start()
+        received: list[bytes] = []
+        poller = select.poll()
+        while loop.out or not received:
+            poller.register(loop.fileno(), select.POLLIN | (select.POLLOUT if loop.out else 0))
+            for _, event in poller.poll(1000):
+                if event & select.POLLOUT:
+                    loop.flush()
+                if event & select.POLLIN:
+                    _, _, body, _ = loop.read(None)
+                    received.append(bytes(body))
+        thread.join(30)
+        assert received == [b"r" * (8 << 20)]
+        assert got == [b"t" * (8 << 20)]
+    finally:
+        if thread.ident is not None:
+            thread.join(30)
+        loop.close()
+        worker.close()

@@ -25,14 +25,13 @@ from parallelkit._proc.forkserver import want_modules
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util import timeline as _timeline
 from parallelkit._wire.arena import ArgArena
+from parallelkit._wire.layouts import POOL_TASK
 
 if TYPE_CHECKING:
     from parallelkit._map.engine import Engine
     from parallelkit._map.handle import WorkerHandle
 
 PIPELINE_SECONDS: Final = 0.005  # a 2nd chunk goes to a busy worker if its 1st takes this or less
-
-STOP_MESSAGE: Final = W.HEADER.pack(W.STOP, 0, 0, 0, 0, 0, 0)
 
 
 class Dispatcher:
@@ -98,16 +97,14 @@ class Dispatcher:
             | (W.ARENA if arena_spec else 0)
             | (W.DIRECT if self.engine.replies.direct and not arena_spec else 0)
         )
-        header = W.HEADER.pack(
-            W.TASK, chunk.cid, job.fn_id, flags, len(fn_payload), chunk.start, chunk.stop
-        )
+        header = POOL_TASK.pack(job.fn_id, flags, len(fn_payload), chunk.start, chunk.stop)
         payload = chunk.payload or b""
         if not worker.chunks:
             worker.head_since = time.monotonic_ns()
         worker.chunks.append(chunk)
         job.in_flight += 1
         # if it has died, its sentinel tells, and the chunk (not taken) runs elsewhere
-        worker.post(b"".join((header, fn_payload, arena_spec, payload)))
+        worker.post(W.TASK, chunk.cid, b"".join((header, fn_payload, arena_spec, payload)))
         if _timeline.ENABLED:
             _timeline.stamp(f"parent.task_sent {chunk.cid} to {worker.slot}")
         return True
@@ -166,7 +163,7 @@ class Dispatcher:
                 w.stopping = True
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.before_stop")
-                w.post(STOP_MESSAGE)
+                w.post(W.STOP, 0, b"")
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.after_stop")
 

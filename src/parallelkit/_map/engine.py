@@ -43,7 +43,7 @@ from typing import Any, Final
 
 from parallelkit._map import worker as W
 from parallelkit._map.blame import Blame
-from parallelkit._map.dispatch import STOP_MESSAGE, Dispatcher
+from parallelkit._map.dispatch import Dispatcher
 from parallelkit._map.functions import FunctionRegistry
 from parallelkit._map.futures import FutureCompleter
 from parallelkit._map.handle import WorkerHandle, wait_events
@@ -407,11 +407,11 @@ class Engine:
         pipes = self.log_pipes or {}
         for w in self.workers:
             if not w.hung_up:
-                objs.append(w.conn)
+                objs.append(w.stream)
             objs.append(w.sentinel)
             if w.slot in pipes:
                 objs.append(pipes[w.slot])
-        writers = [w for w in self.workers if w.out and not w.hung_up]
+        writers = [w for w in self.workers if w.stream.out and not w.hung_up]
         try:  # as in _run_deferred_locked
             self.mutex.release()
             with waiting_on_children():
@@ -427,14 +427,14 @@ class Engine:
         if self.wakeup.fd in ready:
             self.wakeup.drain()
             self.futures.stops.handle()
-        ready_conns = {id(o) for o in ready if not isinstance(o, int)}
+        ready_streams = {id(o) for o in ready if not isinstance(o, int)}
         ready_fds = {o for o in ready if isinstance(o, int)}
         for w in list(self.workers):
             if w.dead:
                 continue
-            if w.slot in pipes and id(pipes[w.slot]) in ready_conns:
+            if w.slot in pipes and id(pipes[w.slot]) in ready_streams:
                 self.read_logs(w)
-            if id(w.conn) in ready_conns:
+            if id(w.stream) in ready_streams:
                 self.replies.drain(w)
             if w.sentinel in ready_fds:
                 self._on_exit(w)
@@ -549,12 +549,12 @@ class Engine:
             workers = list({id(w): w for w in taken}.values())
             if graceful:
                 for w in workers:
-                    if w.chunks or w.stopping or w.out:
+                    if w.chunks or w.stopping or w.stream.out:
                         continue
-                    w.post(STOP_MESSAGE)
+                    w.post(W.STOP, 0, b"")
             # busy: running a chunk, or not reading what we sent it (not even the STOP)
-            busy = [w for w in workers if w.chunks or w.out]
-            idle = [w for w in workers if not (w.chunks or w.out)]
+            busy = [w for w in workers if w.chunks or w.stream.out]
+            idle = [w for w in workers if not (w.chunks or w.stream.out)]
             for w in workers:
                 w.dead = True
             self.wake()

@@ -2,9 +2,9 @@
 
 ::
 
-    pipe ─recv_bytes─▶ on_message ─┬─ DIRECT: copy buffers out of the worker, ACK ─┐
-                                   ├─ MAGIC: views of the worker's result segment ─┼─▶ unpickle
-                                   └─ else: in band ───────────────────────────────┘
+    stream ─read()─▶ on_message ─┬─ REPLY_DIRECT: copy buffers out of the worker, ACK ─┐
+                                 ├─ REPLY_ARENA: views of the worker's result segment ─┼▶ unpickle
+                                 └─ REPLY: in band ────────────────────────────────────┘
       DONE ─▶ job.complete(results, errors)    CHUNK_FAILED ─▶ job.fail, or blame the item
       INIT_FAILED ─▶ the pool is broken
 
@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from parallelkit._map import blame
 from parallelkit._map import worker as W
-from parallelkit._map.dispatch import STOP_MESSAGE
 from parallelkit._map.job import Chunk, PoolBrokenError
 from parallelkit._proc import child
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util import timeline as _timeline
 from parallelkit._wire import direct as _direct
-from parallelkit._wire.arena import MAGIC, ResultReader
+from parallelkit._wire.arena import ResultReader
 from parallelkit._wire.codec import rebuild_exception
+from parallelkit._wire.stream import Buffer, StreamEnd
 from parallelkit.errors import SerializationError
 
 if TYPE_CHECKING:
@@ -46,32 +46,35 @@ class Replies:
 
     def drain(self, w: WorkerHandle) -> None:
         """Read every message the worker has sent."""
+        stream = w.stream
         try:
-            while not w.dead and w.conn.poll():
+            while not w.dead and stream.ready(0):
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.before_read")
                 self.engine.read_logs(w)  # what it logged before this reply comes first
-                data = w.conn.recv_bytes()
-                self.on_message(w, data)
-        except (EOFError, OSError):
+                kind, _, data, _ = stream.read(None)
+                self.on_message(w, kind, data)
+        except (StreamEnd, OSError):
             # Closed (every message before the close was read): the sentinel reports the
             # exit.  Under forkserver that comes a little later (the server reaps the
             # worker and then writes it), and a closed pipe is always "ready": waiting on it
             # meanwhile would spin.
             w.hung_up = True
 
-    def on_message(self, w: WorkerHandle, data: bytes) -> None:  # noqa: PLR0912 - a hot path kept in one frame (a helper call costs more than its branches)
-        """Decode one reply of ``w`` and settle the chunk it answers."""
+    def on_message(self, w: WorkerHandle, kind: int, data: Buffer) -> None:  # noqa: PLR0912 - a hot path kept in one frame (a helper call costs more than its branches)
+        """Decode one reply of ``w`` (a frame of ``kind`` ``W.REPLY*``; ``data``, its
+        body, may be a view of the stream's receive buffer, valid until its next read) and
+        settle the chunk it answers."""
         engine = self.engine
         chunk = w.chunks[0] if w.chunks else None
         if _timeline.ENABLED:
             _timeline.stamp(f"parent.reply {None if chunk is None else chunk.cid} from {w.slot}")
         try:
-            if data[:4] == _direct.MAGIC_DIRECT:
+            if kind == W.REPLY_DIRECT:
                 msg = self._direct_message(w, data)
                 if msg is None:
                     return  # the worker answers again in band, or has died
-            elif data[:4] == MAGIC:
+            elif kind == W.REPLY_ARENA:
                 msg = self._arena_message(w, chunk, data)
             else:
                 if chunk is not None and chunk.region is not None:
@@ -84,8 +87,8 @@ class Replies:
             self._chunk_done(w, chunk)
             blame.blame_or_split(chunk, "result", "cannot be unpickled here", exc)
             return
-        kind = msg[0]
-        if kind == W.INIT_FAILED:
+        tag = msg[0]
+        if tag == W.INIT_FAILED:
             engine.break_pool(child.startup_error(msg[1], w.pid))
             return
         if chunk is None or msg[1] != chunk.cid:  # pragma: no cover - a bug, never a hang
@@ -101,7 +104,7 @@ class Replies:
         self._chunk_done(w, chunk)
         job = chunk.job
         engine.blame.startup_deaths = 0
-        if kind == W.DONE:
+        if tag == W.DONE:
             _, _, results, records, seconds = msg
             errors = None
             if records:
@@ -126,7 +129,7 @@ class Replies:
                 blame.blame_or_split(chunk, "argument", "cannot be unpickled in the worker", cause)
         self._maybe_retire(w)
 
-    def _arena_message(self, w: WorkerHandle, chunk: Chunk | None, data: bytes) -> Any:
+    def _arena_message(self, w: WorkerHandle, chunk: Chunk | None, data: Buffer) -> Any:
         """A reply with result buffers in the worker's segment, or a kept flag: let go of
         the chunk's region, then unpickle onto views of the worker's segment."""
         if w.results is None:
@@ -136,7 +139,7 @@ class Replies:
             self.engine.dispatcher.release_region(chunk, kept=kept)
         return pickle.loads(payload, buffers=buffers)
 
-    def _direct_message(self, w: WorkerHandle, data: bytes) -> Any:
+    def _direct_message(self, w: WorkerHandle, data: Buffer) -> Any:
         """A reply whose large buffers are still in the worker (no room in its shared
         memory): copy them out, tell the worker it may go on, unpickle onto the copies
         (``None``: the worker was asked to send it again in band, or is gone)."""
@@ -152,7 +155,7 @@ class Replies:
             buffers = None
         finally:  # always answered: the worker waits for this before it does anything
             answer = _direct.ACK_OK if buffers is not None else _direct.ACK_RESEND
-            w.post(W.HEADER.pack(W.ACK, 0, 0, answer, 0, 0, 0))
+            w.post(W.ACK, answer, b"")
         if buffers is None:
             return None
         return pickle.loads(payload, buffers=buffers)
@@ -166,4 +169,4 @@ class Replies:
         limit = self.engine.max_tasks_per_worker
         if limit is not None and w.tasks_done >= limit and not w.chunks and not w.stopping:
             w.stopping = True
-            w.post(STOP_MESSAGE)
+            w.post(W.STOP, 0, b"")

@@ -1,7 +1,8 @@
 """The pool worker: the target of the map engine's processes, and its task loop.
 
 After the child main (:func:`parallelkit._proc.child.child_main`), :func:`pool_loop`
-serves chunks until the parent says STOP::
+serves chunks until the parent says STOP, in frames of :mod:`parallelkit._wire.stream`
+(the parent posts them from its event loop; we send ours draining what it posts)::
 
     parent ──TASK(chunk, fn id, [fn], items)──▶ worker: for each item, note its position in
                                                  the shared progress slot, call fn(item)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,7 +37,6 @@ from parallelkit._proc.slots import (
 )
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util import timeline as _timeline
-from parallelkit._wire import layouts
 from parallelkit._wire.codec import (
     ARENA_MIN_BYTES,
     PROTOCOL,
@@ -45,13 +46,24 @@ from parallelkit._wire.codec import (
     has_large_bytes,
     has_strided_array,
 )
+from parallelkit._wire.layouts import POOL_TASK
+from parallelkit._wire.stream import FrameStream, StreamEnd, widen
 
 # ------------------------------------------------------------------ wire format
-# parent -> worker: HEADER + fn payload + items payload, in one message
-HEADER: Final = layouts.POOL_HEADER  # kind, chunk id, fn id, flags, fn len, start, stop
-TASK: Final = 1
+# Frames of _wire.stream, both ways; the kind byte says what a frame is (WITH_ID: its id
+# field is used).  parent -> worker:
+WITH_ID: Final = 0x40  # a bit of stream.ID_FLAGS
+TASK: Final = 1 | WITH_ID  # id: chunk id; body: POOL_TASK, fn payload, items payload
 STOP: Final = 2
-ACK: Final = 3  # the parent has copied a DIRECT reply's buffers (flags: _direct.ACK_*)
+ACK: Final = 3 | WITH_ID  # id: _direct.ACK_*: the parent has copied a DIRECT reply's buffers
+PARENT_KINDS: Final = frozenset({TASK, STOP, ACK})
+# worker -> parent: a reply, whose body is a pickled tuple (below), as it is (REPLY) or
+# framed by _wire.arena (REPLY_ARENA: result buffers in our segments, the kept flag) or
+# _wire.direct (REPLY_DIRECT: result buffers to read from our memory)
+REPLY: Final = 4
+REPLY_ARENA: Final = 5
+REPLY_DIRECT: Final = 6
+WORKER_KINDS: Final = frozenset({REPLY, REPLY_ARENA, REPLY_DIRECT})
 # flags
 STOP_ON_ERROR: Final = 1
 STAR_CALL: Final = 2  # items are (args, kwargs) pairs
@@ -61,7 +73,7 @@ TRACKED: Final = 16  # note every item's position, even tiny ones (a re-run afte
 ARENA: Final = 32  # the items payload starts with where its large buffers are (_arena)
 DIRECT: Final = 64  # the parent may copy large results out of our memory (_direct)
 
-# worker -> parent: pickled tuples
+# what a REPLY says
 DONE: Final = 1  # (DONE, chunk id, results, errors | None, seconds)
 CHUNK_FAILED: Final = 2  # (CHUNK_FAILED, chunk id, what, record)
 INIT_FAILED: Final = 3  # (INIT_FAILED, start-up failure: see _proc.child.startup_error)
@@ -98,8 +110,8 @@ def pool_loop(
     if _timeline.ENABLED:
         _timeline.stamp(f"worker.ready {slot}")
     try:
-        _task_loop(conn, fns, shared_items, words, base, arena)
-    except (EOFError, OSError):
+        _task_loop(_stream(conn), fns, shared_items, words, base, arena)
+    except (StreamEnd, OSError):
         pass  # the parent closed our pipe or went away: nothing left to do
     finally:
         if arena:
@@ -109,9 +121,22 @@ def pool_loop(
             _timeline.stamp(f"worker.loop_end {slot}")
 
 
+def _stream(conn: Connection) -> FrameStream:
+    sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+    # Room for a whole reply in the pipe: a reply larger than the default send buffer
+    # takes (about half of it) would keep us waiting until the engine reads it
+    widen(sock)
+    # the engine posts (never waits to write to us) and reads every worker whenever it can
+    return FrameStream(sock, kinds=PARENT_KINDS, peer_posts=True)
+
+
 def report_startup_failure(conn: Connection, failure: StartupFailure) -> None:
     """How a pool worker tells the engine it could not start (its initializer raised)."""
-    conn.send_bytes(dumps((INIT_FAILED, failure)))
+    stream = _stream(conn)
+    try:
+        stream.send(REPLY, 0, dumps((INIT_FAILED, failure)))
+    finally:
+        stream.close()
 
 
 class _OutOfBand(Exception):
@@ -137,40 +162,43 @@ def _worker_arena(arena: list[Any]) -> Any:
 
 
 def _task_loop(  # noqa: PLR0912,PLR0915 - a hot path kept in one frame (a helper call costs more than its branches)
-    conn: Connection,
+    stream: FrameStream,
     fns: dict[int, Callable[..., object]],
     shared_items: Sequence[object] | None,
     words: memoryview,
     base: int,
     arena: list[Any],
 ) -> None:
-    recv, send = conn.recv_bytes, conn.send_bytes
-    unpack = HEADER.unpack_from
-    hsize = HEADER.size
-    backlog: deque[bytes] = deque()  # what came while we waited for an ACK
+    read, send = stream.read, stream.send
+    unpack = POOL_TASK.unpack_from
+    hsize = POOL_TASK.size
+    backlog: deque[tuple[int, int, bytes]] = deque()  # what came while we waited for an ACK
     while True:
-        words[base] = POS_RECEIVING  # before recv(): a large chunk takes a while to arrive
-        buf = backlog.popleft() if backlog else recv()
-        kind, cid, fn_id, flags, fn_len, start, stop = unpack(buf)
+        words[base] = POS_RECEIVING  # before read(): a large chunk takes a while to arrive
+        buf: Any  # a view of the stream's receive buffer, valid until the next read
+        if backlog:
+            kind, cid, buf = backlog.popleft()
+        else:
+            kind, cid, buf, _ = read(None)
         if _timeline.ENABLED:
             _timeline.stamp(f"worker.got {'task ' + str(cid) if kind == TASK else kind}")
-        if kind == TASK:
-            # the time first, then the id: a parent that sees the id sees when we took it
-            # (a per-item timeout counts from then, never our start-up or initializer)
-            words[base + STARTED_NS] = time.monotonic_ns()
-            words[base + TAKEN] = cid
-            if _logs.enabled():  # its records name the item; the parent's new levels
-                _logs.begin_task(start)
-        elif kind == STOP:
+        if kind == STOP:
             if _fuzz.ENABLED:
                 _fuzz.point("worker.stop_received")
             return
+        # TASK: the time first, then the id: a parent that sees the id sees when we took
+        # it (a per-item timeout counts from then, never our start-up or initializer)
+        words[base + STARTED_NS] = time.monotonic_ns()
+        words[base + TAKEN] = cid
+        fn_id, flags, fn_len, start, stop = unpack(buf)
+        if _logs.enabled():  # its records name the item; the parent's new levels
+            _logs.begin_task(start)
         fn = fns.get(fn_id)
         if fn is None:
             try:
                 fn = pickle.loads(buf[hsize : hsize + fn_len])
             except BaseException as exc:
-                send(dumps((CHUNK_FAILED, cid, "function", capture_exception(exc))))
+                send(REPLY, 0, dumps((CHUNK_FAILED, cid, "function", capture_exception(exc))))
                 continue
             if len(fns) >= FN_CACHE_SIZE:  # the parent mirrors this FIFO eviction
                 del fns[next(iter(fns))]
@@ -189,10 +217,10 @@ def _task_loop(  # noqa: PLR0912,PLR0915 - a hot path kept in one frame (a helpe
             except BaseException as exc:
                 reply = dumps((CHUNK_FAILED, cid, "argument", capture_exception(exc)))
                 del exc
-                if from_arena:
+                if from_arena:  # the parent learns whether the arguments are still used
                     state = arena[0]
                     reply = state.writer.frame(reply, [], state.reader.release())
-                send(reply)
+                send(REPLY_ARENA if from_arena else REPLY, 0, reply)
                 continue
         del buf
         if _timeline.ENABLED:
@@ -204,6 +232,7 @@ def _task_loop(  # noqa: PLR0912,PLR0915 - a hot path kept in one frame (a helpe
         words[base] = POS_SENDING
         msg = (DONE, cid, results, errors, elapsed)
         payload: bytes | None
+        kind = REPLY
         try:
             if (
                 from_arena
@@ -225,7 +254,7 @@ def _task_loop(  # noqa: PLR0912,PLR0915 - a hot path kept in one frame (a helpe
             try:
                 payload, specs = writer.dump(msg, results, strict=direct)
             except NoRoom:
-                if _reply_direct(conn, msg, results, backlog):
+                if _reply_direct(stream, msg, results, backlog):
                     del msg, results, items, errors  # the parent has its copy
                     continue
                 try:  # not this time: what finds no room goes in band
@@ -236,12 +265,13 @@ def _task_loop(  # noqa: PLR0912,PLR0915 - a hot path kept in one frame (a helpe
                 payload = _dump_results_one_by_one(cid, results, errors, elapsed)
             del msg, results, items, errors  # before asking whether anything uses the arena
             kept = state.reader.release() if from_arena else None
-            payload = writer.frame(payload, specs, kept)
+            if specs or kept is not None:
+                payload, kind = writer.frame(payload, specs, kept), REPLY_ARENA
         else:
             # sent: hold no argument or result while waiting for the next task (they may
             # be the caller's objects: a Manager proxy, say, whose collection it waits for)
             del msg, results, items, errors
-        send(payload)
+        send(kind, 0, payload)
         if _timeline.ENABLED:
             _timeline.stamp(f"worker.sent {cid} ({elapsed * 1e3:.2f} ms in fn)")
         if _fuzz.ENABLED:
@@ -249,7 +279,10 @@ def _task_loop(  # noqa: PLR0912,PLR0915 - a hot path kept in one frame (a helpe
 
 
 def _reply_direct(
-    conn: Connection, msg: tuple[Any, ...], results: list[Any], backlog: deque[bytes]
+    stream: FrameStream,
+    msg: tuple[Any, ...],
+    results: list[Any],
+    backlog: deque[tuple[int, int, bytes]],
 ) -> bool:
     """Send a DIRECT reply and hold the results as they are until the parent has copied
     them; ``False``: send the reply the usual way instead (it could not be made, or the
@@ -261,14 +294,13 @@ def _reply_direct(
     except BaseException:
         return False  # unpicklable (the usual path reports it) or no ctypes
     try:
-        conn.send_bytes(reply)
+        stream.send(REPLY_DIRECT, 0, reply)
         del reply
         while True:  # a second chunk or a STOP may come first: keep them for later
-            buf = conn.recv_bytes()
-            kind, _, _, answer, _, _, _ = HEADER.unpack_from(buf)
+            kind, answer, body, _ = stream.read(None)
             if kind == ACK:
                 return bool(answer == _direct.ACK_OK)
-            backlog.append(buf)
+            backlog.append((kind, answer, bytes(body)))
     finally:
         for raw in raws:
             raw.release()

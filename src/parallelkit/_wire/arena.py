@@ -10,7 +10,7 @@ the message carries only where they are::
       │  copies each argument buffer into the engine's arena          maps the arena once,
       │  (one segment, reused across chunks and calls, grown when      unpickles onto views
       │  it is too small), a region per chunk                           of it: zero copy
-    parent ◀── MAGIC + kept + result specs + small pickle ────────────── worker
+    parent ◀── kept + result specs + small pickle ─────────────────────── worker
          maps each result region on its own and builds the result   copies each large result
          on that mapping: zero copy; when the object is gone, the   into its result segment
          region goes back to the worker (a flag word per page)      (reused, grown if full)
@@ -92,7 +92,6 @@ _ALIGN: Final = 64  # each buffer starts on a cache line (numpy wants 16 at leas
 # a result mapping's page tables are filled at once: faulting 8 MB page by page when the
 # caller reads it costs several times more
 _RESULT_FLAGS: Final = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-MAGIC: Final = b"PKA\x00"  # a reply with arena specs; a plain pickle starts with 0x80
 # the headers and buffer specs, both ways (their layouts: layouts.py)
 _ARG_HEAD: Final = layouts.ARENA_ARG_HEAD
 _ARG_SPEC: Final = layouts.ARENA_ARG_SPEC
@@ -458,18 +457,16 @@ class ResultWriter:
         specs: list[tuple[_ResultSegment, int, int, bool]],
         kept: bool | None,
     ) -> bytes:
-        """The reply: ``payload`` as it is when there is nothing to say out of band, else
-        ``MAGIC``, the kept flag (``None``: no arguments came through the arena), the
-        specs of the result buffers, then ``payload``."""
-        if not specs and kept is None:
-            return payload
+        """The reply when there is something to say out of band (its user sends it as a
+        reply of its own kind): the kept flag (``None``: no arguments came through the
+        arena), the specs of the result buffers, then ``payload``."""
         homes: list[_ResultSegment] = []
         for home, *_ in specs:
             if home not in homes:
                 homes.append(home)
         names = "\n".join(home.segment.name for home in homes).encode()
         head = bytearray(_RES_HEAD.size + len(names) + _RES_SPEC.size * len(specs))
-        _RES_HEAD.pack_into(head, 0, MAGIC, int(bool(kept)), len(specs), len(names))
+        _RES_HEAD.pack_into(head, 0, int(bool(kept)), len(specs), len(names))
         head[_RES_HEAD.size : _RES_HEAD.size + len(names)] = names
         at = _RES_HEAD.size + len(names)
         for home, offset, n, readonly in specs:
@@ -595,14 +592,16 @@ class ResultReader:
     def __init__(self) -> None:
         self.mapped: dict[str, _Mapped] = {}
 
-    def load(self, data: bytes) -> tuple[bool, bytes | memoryview, list[Any]]:
-        """``(kept, pickle, buffers)`` of a reply that starts with ``MAGIC``.
+    def load(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[bool, bytes | memoryview, list[Any]]:
+        """``(kept, pickle, buffers)`` of a reply made by :meth:`ResultWriter.frame`.
 
         Each buffer is a mapping of its own region of the worker's segment (no copy);
         the region goes back to the worker when the mapping, and so every object built
         on it, is gone.
         """
-        _, kept, nbuf, names_len = _RES_HEAD.unpack_from(data)
+        kept, nbuf, names_len = _RES_HEAD.unpack_from(data)
         at = _RES_HEAD.size
         buffers: list[Any] = []
         if nbuf:

@@ -8,7 +8,7 @@ back to the pipe: pickled whole, copied three times.  Instead, where the kernel 
 own memory into new private memory (huge pages asked for from 2 MiB)::
 
     worker: results pickled, large buffers left where they are (pickle protocol 5)
-      ──▶ DIRECT reply: MAGIC_DIRECT, (address, size) of each buffer, then the pickle
+      ──▶ DIRECT reply: (address, size) of each buffer, then the pickle
     parent: new private buffers, process_vm_readv(worker pid) into them, then
       ──▶ ACK (ok, or "resend": the worker sends the same reply in band)
     worker: waits for the ACK before it runs anything else, holding the results as they
@@ -40,9 +40,8 @@ from parallelkit import _platform
 from parallelkit._wire import layouts
 from parallelkit._wire.codec import dump_apart, mark_large_bytes
 
-_HEAD: Final = layouts.DIRECT_HEAD  # magic, number of buffers
+_HEAD: Final = layouts.DIRECT_HEAD  # number of buffers
 _SPEC: Final = layouts.DIRECT_SPEC  # address in the worker, size
-MAGIC_DIRECT: Final = b"PKD\x00"  # a reply whose large buffers stay in the worker
 HUGE_MIN: Final = 2 * 1024 * 1024  # buffers this large get their own huge-page mapping
 _IOV_MAX: Final = 1024  # iovecs per call (Linux UIO_MAXIOV)
 # the reader's answer to a DIRECT reply (the flags field of an ACK message)
@@ -127,7 +126,7 @@ def dump(
 def frame(payload: bytes, specs: Sequence[tuple[int, int]]) -> bytes:
     """A DIRECT reply: the head, each buffer's ``(address, size)``, then ``payload``."""
     head = bytearray(_HEAD.size + _SPEC.size * len(specs))
-    _HEAD.pack_into(head, 0, MAGIC_DIRECT, len(specs))
+    _HEAD.pack_into(head, 0, len(specs))
     at = _HEAD.size
     for address, n in specs:
         _SPEC.pack_into(head, at, address, n)
@@ -145,9 +144,9 @@ class Unreadable(OSError):
         self.refused = err in _REFUSED
 
 
-def parse(data: bytes) -> tuple[list[tuple[int, int]], memoryview]:
+def parse(data: bytes | bytearray | memoryview) -> tuple[list[tuple[int, int]], memoryview]:
     """``(specs, pickle)`` of a DIRECT reply."""
-    _, count = _HEAD.unpack_from(data)
+    (count,) = _HEAD.unpack_from(data)
     at = _HEAD.size
     specs = []
     for _ in range(count):

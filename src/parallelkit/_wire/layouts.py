@@ -13,7 +13,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-# stream.py (Channel, pipelines): kind | pad | n buffers | body length, [id], n x buffer length
+# stream.py (Channel, pipelines, the pool): kind | pad | n buffers | body length, [id],
+# n x buffer length
 STREAM_HEAD: Final = struct.Struct("<BxxxIQ")  # kind, number of buffers, body length
 STREAM_LEN: Final = struct.Struct("<Q")  # a buffer's length
 STREAM_ID: Final = struct.Struct("<Q")  # the frame's id (when the kind has an id flag)
@@ -21,6 +22,10 @@ STREAM_ID: Final = struct.Struct("<Q")  # the frame's id (when the kind has an i
 # _pipeline/messages.py (a pipeline message, in a stream frame's body): these fields, then the
 # pickle; count (or position), busy ns, waiting ns, read-only bits of the buffers
 PIPELINE_FIELDS: Final = struct.Struct("<qqqQ")
+
+# the pool's TASK frame (_map.worker): the body starts with these, then the fn payload
+# (fn len bytes, empty when the worker has the function) and the items payload
+POOL_TASK: Final = struct.Struct("<qqqqq")  # fn id, flags, fn len, start, stop
 
 # frames.py (Queue): a message's parts, its buffers apart
 MESSAGE_HEAD: Final = struct.Struct("<qqqqqq")  # kind, f1, f2, f3, f4, number of buffers
@@ -31,11 +36,11 @@ MESSAGE_SPEC: Final = struct.Struct("<qq")  # size, writable
 ARENA_ARG_HEAD: Final = struct.Struct("<qq")  # number of buffers, length of the segment name
 ARENA_ARG_SPEC: Final = struct.Struct("<qq")  # offset, size
 # worker -> parent
-ARENA_RES_HEAD: Final = struct.Struct("<4sqqq")  # magic, kept, number of buffers, names length
+ARENA_RES_HEAD: Final = struct.Struct("<qqq")  # kept, number of buffers, names length
 ARENA_RES_SPEC: Final = struct.Struct("<qqqq")  # segment index, offset, size, readonly
 
 # direct.py (a pool reply whose large buffers the parent reads from the worker's memory)
-DIRECT_HEAD: Final = struct.Struct("<4sq")  # magic, number of buffers
+DIRECT_HEAD: Final = struct.Struct("<q")  # number of buffers
 DIRECT_SPEC: Final = struct.Struct("<QQ")  # address in the worker, size
 
 # _queue/datagrams.py (a Queue message: one datagram of an AF_UNIX SOCK_DGRAM socketpair)
@@ -44,11 +49,3 @@ DIRECT_SPEC: Final = struct.Struct("<QQ")  # address in the worker, size
 # then the parts.
 QUEUE_HEAD: Final = struct.Struct("<BBHIqQ")
 QUEUE_SIZE: Final = struct.Struct("<Q")  # a part's length
-
-# the pool's wire (_map.worker, _map.handle): over a multiprocessing Connection
-# parent -> worker: POOL_HEADER + fn payload + items payload, in one message
-POOL_HEADER: Final = struct.Struct("<qqqqqqq")  # kind, chunk id, fn id, flags, fn len, start, stop
-# a Connection message's length prefix (the engine writes it without the Connection): a
-# 4-byte big-endian length, or -1 and 8 bytes
-CONNECTION_LEN: Final = struct.Struct("!i")
-CONNECTION_LONG_LEN: Final = struct.Struct("!iQ")

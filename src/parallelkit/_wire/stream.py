@@ -2,8 +2,8 @@
 
 :class:`FrameStream` owns the bytes of one stream socket (a ``socketpair`` or TCP): the
 frame layout, sending without blocking in the kernel, and the receive buffer.  What the
-frames *mean* (their kinds, pickles, ids) is its user's: ``_channel.channel`` and
-``_pipeline.messages``.
+frames *mean* (their kinds, pickles, ids) is its users': ``_channel.channel``,
+``_pipeline.messages`` and the pool's wire (``_map.worker``, ``_map.handle``).
 
 One frame on the socket::
 
@@ -20,16 +20,17 @@ An end sends in one of two ways (never both):
 * :meth:`FrameStream.send` (one thread talking to one peer) waits for room, and while it
   waits it *drains* what the peer sends into our receive buffer (which grows as needed);
   its send completes, it reads, and so does ours.  (If another thread holds the receive
-  lock meanwhile, it does the draining.)
+  lock meanwhile, it does the draining.)  A peer that posts reads whenever it can, so an
+  end made with ``peer_posts`` waits in a plain blocking write instead.
 * :meth:`FrameStream.post` (an event loop over many peers) never waits: what the socket
   does not take stays in the stream's outbox (:attr:`FrameStream.out`), and the loop calls
   :meth:`FrameStream.flush` when the socket is writable -- while it goes on reading every
   peer, which is what lets a peer stuck writing to it finish.
 
 Receiving.  A small frame without buffers (the common case) is read into a reused buffer,
-usually with one ``recv``, and handed out as a view of it; a large one is read with
-``recv_into`` straight into buffers its user chose (:data:`Allocate`), and a timeout in
-its middle keeps what arrived: the next read completes it.
+usually with one read, and handed out as a view of it; a large one is read straight
+into buffers its user chose (:data:`Allocate`), and a timeout in its middle keeps what
+arrived: the next read completes it.
 
 Threads.  One lock per direction (:attr:`FrameStream.send_lock`,
 :attr:`FrameStream.recv_lock`) keeps frames whole; :meth:`FrameStream.close` from another
@@ -124,6 +125,9 @@ class FrameStream:
             :class:`FrameError` as soon as the header arrives.
         max_frame_bytes: a larger frame (body and buffers) is a :class:`FrameError`
             before any of it is received; ``None``: no limit.
+        peer_posts: the peer is an event loop that never waits to write to us (it posts)
+            and reads whenever it can; a send that does not fit then waits in the kernel,
+            a plain blocking write, rather than polling for room and draining.
     """
 
     def __init__(
@@ -132,8 +136,10 @@ class FrameStream:
         *,
         kinds: frozenset[int],
         max_frame_bytes: int | None = None,
+        peer_posts: bool = False,
     ) -> None:
         sock.setblocking(True)
+        self._peer_posts = peer_posts
         self.sock = sock
         self._fd = sock.fileno()
         self._kinds = kinds
@@ -278,6 +284,9 @@ class FrameStream:
             try:
                 n = sock.sendmsg(parts[:IOV_MAX], (), _SEND_FLAGS)
             except BlockingIOError:
+                if self._peer_posts:
+                    self._write_blocking(parts)
+                    return
                 self._wait_writable()
                 continue
             except OSError as exc:
@@ -292,6 +301,17 @@ class FrameStream:
                     n = 0
             while parts and not _nbytes(parts[0]):
                 del parts[0]
+
+    def _write_blocking(self, parts: list[Buffer]) -> None:
+        """Write ``parts`` whole, waiting in the kernel for room (see ``peer_posts``)."""
+        for part in parts:
+            with memoryview(part) as view:
+                at, size = 0, view.nbytes
+                while at < size:
+                    try:
+                        at += os.write(self.sock.fileno(), view[at:])
+                    except OSError as exc:
+                        raise StreamEnd from exc
 
     def _wait_writable(self) -> None:
         """Wait for room in the socket buffer, draining what the peer sends meanwhile.
@@ -417,7 +437,9 @@ class FrameStream:
                     continue
                 break
         try:
-            n = self.sock.recv_into(view)
+            # readv(2), not recv: the same bytes, accounted as this process's reads (rchar
+            # in /proc/PID/io) like any pipe's; a closed socket's fileno() is -1 (EBADF)
+            n = os.readv(self.sock.fileno(), [view])
         except OSError as exc:
             if self.closed:
                 raise StreamEnd from None
