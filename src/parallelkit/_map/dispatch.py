@@ -2,7 +2,7 @@
 
 ::
 
-    engine.future_queue ─┐                      ┌─ idle worker:  TASK ──▶ handle.post
+    engine.future_queue ─┐                      ┌─ idle worker:  TASK ──▶ stream.post
     engine.jobs (in turn)┴─ next_chunk() ──send()┤   busy worker: a 2nd small chunk behind the
                                    │             └─   1st, if both fit in its pipe
                                    └─ large buffers ──▶ the arena (a region per chunk)
@@ -104,7 +104,7 @@ class Dispatcher:
         worker.chunks.append(chunk)
         job.in_flight += 1
         # if it has died, its sentinel tells, and the chunk (not taken) runs elsewhere
-        worker.post(W.TASK, chunk.cid, b"".join((header, fn_payload, arena_spec, payload)))
+        worker.stream.post(W.TASK, chunk.cid, b"".join((header, fn_payload, arena_spec, payload)))
         if _timeline.ENABLED:
             _timeline.stamp(f"parent.task_sent {chunk.cid} to {worker.slot}")
         return True
@@ -163,7 +163,7 @@ class Dispatcher:
                 w.stopping = True
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.before_stop")
-                w.post(W.STOP, 0, b"")
+                w.stream.post(W.STOP, 0, b"")
                 if _fuzz.ENABLED:
                     _fuzz.point("engine.after_stop")
 

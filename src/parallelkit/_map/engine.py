@@ -2,7 +2,7 @@
 
 ::
 
-    caller thread(s) ─Job─▶ drive ─▶ step ─┬─ Dispatcher ──TASK──▶ WorkerHandle.post ──▶ worker i
+    caller thread(s) ─Job─▶ drive ─▶ step ─┬─ Dispatcher ──TASK──▶ handle.stream.post ─▶ worker i
     WorkerPool.submit ─▶ FutureCompleter ─┘ ├─ wait_events: pipes, sentinels, outboxes ◀─────┘
                                             ├─ a pipe readable ──▶ Replies ──▶ job.complete
                                             ├─ a sentinel fired ─▶ reap, forget ─▶ Blame
@@ -16,8 +16,8 @@ holds, and the worker writes the position of the item it is running into its pro
 a worker that dies or overruns its timeout is pinned to the exact item, stopped, and
 replaced (:mod:`~parallelkit._map.blame`); one that dies before it has taken its chunk blames
 nothing, and the chunk runs elsewhere.  No send blocks the engine: what a worker's pipe does
-not take waits in that worker's outbox (:mod:`~parallelkit._map.handle`) and is written as
-the pipe drains, while every pipe is still read.
+not take waits in that worker's outbox (its stream's, :mod:`~parallelkit._wire.stream`) and
+is written as the pipe drains, while every pipe is still read.
 
 Who owns what: the :class:`Engine` owns the worker processes (starts, reaps, closes them),
 the progress slots, the wake-up pipe, the job lists and the mutex; the
@@ -420,7 +420,7 @@ class Engine:
             self.mutex.hold()
         for w in writable:
             if not w.dead:
-                w.flush()
+                w.stream.flush()
         if self.closed:  # shut down by another thread while we waited
             self._release_locked()
             return
@@ -551,7 +551,7 @@ class Engine:
                 for w in workers:
                     if w.chunks or w.stopping or w.stream.out:
                         continue
-                    w.post(W.STOP, 0, b"")
+                    w.stream.post(W.STOP, 0, b"")
             # busy: running a chunk, or not reading what we sent it (not even the STOP)
             busy = [w for w in workers if w.chunks or w.stream.out]
             idle = [w for w in workers if not (w.chunks or w.stream.out)]

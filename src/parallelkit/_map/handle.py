@@ -8,7 +8,9 @@
 
 A :class:`WorkerHandle` owns our end of its pipe (``stream``, a
 :class:`~parallelkit._wire.stream.FrameStream` in its outbox mode: the engine posts, and
-flushes when the pipe is writable) and the reader of its result segments (``results``);
+flushes when the pipe is writable; a blocking send could wait for ever on a worker that is
+not reading -- itself stuck sending us a large result -- while we did not read) and the
+reader of its result segments (``results``);
 :meth:`~WorkerHandle.close` and :meth:`~WorkerHandle.drop_segments` release them.  The
 process itself is started, reaped and closed by the engine.  :func:`wait_events` is the
 engine's one wait: every stream to read, every sentinel, and the streams with an outbox
@@ -88,17 +90,6 @@ class WorkerHandle:
         # pipe, so that the 2nd waits there rather than in our outbox.  (Not for safety: no
         # post ever blocks us.)
         self.pipe_room = widen(sock)  # bytes it may have unread in the pipe
-
-    def post(self, kind: int, ident: int, body: bytes) -> None:
-        """Send it one frame, never blocking: what the pipe does not take now waits in the
-        stream's outbox, written by :meth:`flush` as the pipe drains (the engine waits for
-        that as well).  A blocking send could wait for ever on a worker that is not
-        reading -- itself blocked sending us a large result -- while we did not read."""
-        self.stream.post(kind, ident, body)
-
-    def flush(self) -> None:
-        """Write what the pipe takes now of the outbox."""
-        self.stream.flush()
 
     def close(self) -> None:
         """Close our end of its pipe; drop what we had not sent it yet."""

@@ -155,7 +155,7 @@ class Replies:
             buffers = None
         finally:  # always answered: the worker waits for this before it does anything
             answer = _direct.ACK_OK if buffers is not None else _direct.ACK_RESEND
-            w.post(W.ACK, answer, b"")
+            w.stream.post(W.ACK, answer, b"")
         if buffers is None:
             return None
         return pickle.loads(payload, buffers=buffers)
@@ -169,4 +169,4 @@ class Replies:
         limit = self.engine.max_tasks_per_worker
         if limit is not None and w.tasks_done >= limit and not w.chunks and not w.stopping:
             w.stopping = True
-            w.post(W.STOP, 0, b"")
+            w.stream.post(W.STOP, 0, b"")
