@@ -66,7 +66,6 @@ from parallelkit._pipeline.stats import PipelineStats, StageCounts
 from parallelkit._proc import logs
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.types import StartMethod
-from parallelkit._wire.arena import ResultReader, ResultWriter
 from parallelkit.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -106,13 +105,8 @@ class Run:
         self.error: BaseException | None = None
         self.progress: PipelineProgress | None = None  # progress=: reported by the router
         self.stall: StallWatch | None = None  # stall_timeout=
-        # the router's shared memory: source batches' large buffers out, the last stage's in
-        self.writer = messages.shared_writer()
-        self.reader = ResultReader()
         processes = self.processes
-        self.finalizer = weakref.finalize(
-            self, _kill, processes.workers, self.source, self.writer, self.reader
-        )
+        self.finalizer = weakref.finalize(self, _kill, processes.workers, self.source)
 
     # -------------------------------------------------------------- the consumer's side
 
@@ -246,9 +240,7 @@ class Run:
             return None
         count = len(items)
         try:
-            message = messages.encode(
-                items, TASK, self.batches.next_batch, count, writer=self.writer
-            )
+            message = messages.encode(items, TASK, self.batches.next_batch, count)
         except Exception as exc:
             error = unpicklable_source_item(items, start, exc)
             raise error from error.__cause__
@@ -302,7 +294,7 @@ class Run:
             self.counts[stage + 1].items_in += n
             self.batches.pending[stage + 1].append((batch, message))
             return
-        self.batches.deliver(batch, messages.decode(message, self.reader) if n else [])
+        self.batches.deliver(batch, messages.decode(message) if n else [])
 
     # -------------------------------------------------------------- errors and reports
 
@@ -350,12 +342,7 @@ def _none() -> int:
     return 0
 
 
-def _kill(
-    workers: list[StageWorker], source: Source, writer: ResultWriter, reader: ResultReader
-) -> None:
-    """Kill every worker at once and close what the run holds (also the GC backstop):
-    the workers' segments and then the router's are unlinked (see ``messages``)."""
+def _kill(workers: list[StageWorker], source: Source) -> None:
+    """Kill every worker at once and close what the run holds (also the GC backstop)."""
     kill(workers)
     source.close()
-    writer.close(unlink=True)
-    reader.close()
