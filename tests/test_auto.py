@@ -13,7 +13,9 @@ import gc
 import itertools
 import logging
 import os
+import queue
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -430,13 +432,39 @@ def test_the_gil_watcher_ignores_a_free_gil_while_the_caller_waits_for_a_cpu(
     # Seen under load (GIL "free" 67-100% of the time for a spinning item, so threads were
     # chosen): the caller had handed the GIL over and then waited for a CPU to take it
     # back, so the watcher found it free at every wake-up.  Here the caller uses no CPU
-    # while the platform says it is runnable: no wake-up may count.
+    # while the platform says it is runnable: no wake-up may count.  The caller is a thread
+    # of its own, watched only once its CPU clock stands still (the test's own thread
+    # spends CPU entering and leaving a wait, which a wake-up may rightly count).
+    if not hasattr(time, "pthread_getcpuclockid"):
+        pytest.skip("needs a thread's CPU clock (time.pthread_getcpuclockid)")
     monkeypatch.setattr(_platform, "runnable", lambda native_id: True)
-    watch = A._GilWatch()
-    watch.running = True
-    watch.stop.wait(0.1)  # the caller runs no bytecode (and uses no CPU) meanwhile
-    watch.running = False
-    watch.close()
+    made: queue.SimpleQueue[A._GilWatch] = queue.SimpleQueue()
+    release = threading.Event()
+
+    def caller() -> None:
+        made.put(A._GilWatch())
+        release.wait()
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    watch = made.get(timeout=10)
+    try:
+        clock = time.pthread_getcpuclockid(thread.ident or 0)
+        before = time.clock_gettime(clock)
+        while True:  # until the caller is blocked in release.wait()
+            time.sleep(0.02)
+            now = time.clock_gettime(clock)
+            if now == before:
+                break
+            before = now
+        watch.running = True
+        time.sleep(0.1)
+        watch.running = False
+        assert time.clock_gettime(clock) == before  # the premise: the caller never ran
+    finally:
+        watch.close()
+        release.set()
+        thread.join()
     assert watch.late == []
 
 
