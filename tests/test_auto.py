@@ -505,6 +505,40 @@ def test_a_watcher_that_could_not_tell_watches_one_more_item(
     assert [r[0] for r in probe.results] == [0, 1]
 
 
+@pytest.mark.timeout(30)
+def test_a_watcher_told_to_look_now_ends_its_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the probe found its first item long: the watcher's delay (there so that tiny items
+    # pay no hand-overs) would only lengthen the probe, serial work while a pool could run
+    monkeypatch.setattr(_platform, "runnable", lambda native_id: False)  # a blocked caller
+    watch = A._GilWatch(delay=3600.0)  # would not look within the test's timeout
+    watch.running = True
+    watch.look_now()
+    while len(watch.late) < A.HELD_SAMPLES + 1:
+        watch.stop.wait(0.01)
+    watch.running = False
+    assert watch.close() == 1.0
+
+
+def test_the_probe_watches_at_once_after_a_long_first_item(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    told: list[int] = []
+
+    def look_now(self: A._GilWatch) -> None:
+        told.append(len(told))
+        self.go.set()
+
+    monkeypatch.setattr(A._GilWatch, "look_now", look_now)
+    model = A.Model(workers=2, cpus=2, start_method="fork", items_inherited=True)
+    # each item sleeps 2 ms: at least A.WATCH_NOW_SECONDS whatever the load, and shorter
+    # than the watcher's delay
+    probe = A.run_probe(
+        tasks.doze, list(range(32)), 32, fail_fast=True, measure_items=True, model=model
+    )
+    assert told == [0]  # after the first item, once
+    assert probe.results == list(range(probe.count))
+
+
 def test_the_cpu_share_leaves_out_the_time_spent_waiting_for_a_cpu() -> None:
     # Seen under load: an item sleeping 50 ms waited ~15 ms for a CPU once its sleep ended;
     # counted as CPU wanted, it read 25-38% busy and auto chose processes over threads

@@ -39,6 +39,12 @@ def nap(x: int) -> tuple[int, int, str]:
     return x, os.getpid(), threading.current_thread().name
 
 
+def doze(x: int) -> int:
+    """Sleeps 2 ms (the GIL is free meanwhile); x."""
+    time.sleep(0.002)
+    return x
+
+
 def fail_at(x: int) -> int:
     """Raises ValueError on 3 (and on every multiple of 1000 from 1000 on)."""
     if x == 3 or (x and x % 1000 == 0):

@@ -57,7 +57,7 @@ Choice = Literal["serial", "thread", "process"]
 
 PROBE_WHERE: Final = "in the calling thread (backend='auto' measuring)"
 PROBE_SECONDS: Final = 0.02  # the probe stops once its items have run this long (s)
-TICK_SECONDS: Final = 0.0005  # the GIL watcher sleeps this long between looks (s)
+TICK_SECONDS: Final = 0.00025  # the GIL watcher sleeps this long between looks (s)
 HELD_SAMPLES: Final = 3  # ... and stops after this many wake-ups found it held
 WORTH_SECONDS: Final = 0.05  # serial work left for which knowing the GIL matters (s)
 TRUSTED_BATCH_SECONDS: Final = 0.001  # a batch this long says how long its items take (s)
@@ -76,7 +76,11 @@ WAITING_CPU_SHARE: Final = 0.5  # items wanting a CPU less than this share of th
 IDLE_CPU_SHARE: Final = 0.2
 WATCH_FROM_START_ITEMS: Final = 16  # inputs this long (or without a length): watch at once,
 WATCH_DELAY_SECONDS: Final = 0.004  # ... after this long, unless the items are found tiny (s)
-ENOUGH_SAMPLES: Final = 8  # the probe may end early once the watcher has looked this often
+# ... or at once when the first item took this long: then the delay only makes the probe
+# (serial work while a pool could run) longer (s)
+WATCH_NOW_SECONDS: Final = 0.0001
+ENOUGH_SAMPLES: Final = 4  # the probe may end early once the watcher has looked this often
+ENOUGH_SECONDS: Final = 0.002  # ... and its items have run this long (s)
 UNKNOWN_ITEMS_PER_WORKER: Final = 64  # an input without a length: at least this many left
 GAIN: Final = 0.9  # a parallel backend must be predicted to take at most this x serial
 log = logging.getLogger("parallelkit")
@@ -208,6 +212,7 @@ class _GilWatch:
         except (AttributeError, OSError):  # not offered here: assume the caller ran
             self._caller_cpu = time.perf_counter
         self.stop = threading.Event()
+        self.go = threading.Event()  # set: the delay ends now
         self.thread = threading.Thread(
             target=self._run, name="parallelkit-auto-gil-watch", daemon=True
         )
@@ -218,8 +223,10 @@ class _GilWatch:
         wait = self.stop.wait
         caller_cpu = self._caller_cpu
         back_at = 0.0  # the caller's CPU time by which it surely has the GIL back
-        if self.delay and wait(self.delay):
-            return  # the caller found its items too short to matter, and stopped us
+        if self.delay:
+            self.go.wait(self.delay)
+            if self.stop.is_set():
+                return  # the caller found its items too short to matter, and stopped us
         while self.held < HELD_SAMPLES:
             t, c = clock(), caller_cpu()
             was_running = self.running and c >= back_at
@@ -248,6 +255,10 @@ class _GilWatch:
                 self.held += 1
         wait()
 
+    def look_now(self) -> None:
+        """End the delay before the first look (the items are long enough)."""
+        self.go.set()
+
     def can_tell(self) -> bool:
         """Whether it has looked often enough to say (see :meth:`close`)."""
         return self.held >= HELD_SAMPLES or len(self.late) > HELD_SAMPLES
@@ -255,6 +266,7 @@ class _GilWatch:
     def close(self) -> float:
         """Stop; the share of wake-ups that found the GIL free (0 with too few to tell)."""
         self.stop.set()
+        self.go.set()
         self.thread.join()
         late = self.late[1:]  # the first one may overlap the thread's own start
         if len(late) < HELD_SAMPLES:
@@ -509,10 +521,10 @@ class _Prober:
         probe, watch, model = self.probe, self.watch, self.model
         if (
             watch is not None
-            and len(watch.late) > ENOUGH_SAMPLES
+            and len(watch.late) >= ENOUGH_SAMPLES
             and probe.count > 1
             and self.last[1] >= TRUSTED_BATCH_SECONDS
-            and probe.seconds >= TRUSTED_BATCH_SECONDS * 5
+            and probe.seconds >= ENOUGH_SECONDS
         ):
             return True  # the GIL seen often enough, and a batch that says what items cost
         if probe.seconds < PROBE_SECONDS:
@@ -625,6 +637,8 @@ class _Prober:
         once the work left is worth it."""
         ran = self.probe.count - pos
         per_item = seconds / max(1, ran)
+        if pos == 0 and self.watch is not None and per_item >= WATCH_NOW_SECONDS:
+            self.watch.look_now()
         if (
             self.watch is not None
             and not self.watch.late
