@@ -59,7 +59,7 @@ def _key(who: str, what: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--start-method", default="fork", choices=("fork", "forkserver", "spawn"))
-    parser.add_argument("--workload", default="arrays", choices=("arrays", "tiny"))
+    parser.add_argument("--workload", default="arrays", choices=("arrays", "tiny", "tiles"))
     parser.add_argument("--calls", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--items", type=int, default=200_000)
@@ -82,15 +82,34 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(0)
         items = [rng.random(args.elements) for _ in range(args.arrays)]
         fn: Any = tasks.array_sum
+    elif args.workload == "tiles":  # bench_map's tiles: imap_parallel over a generator
+        import numpy as np
+
+        image = np.random.default_rng(0).random((2048, 4096))
+        fn = tasks.tile_scale
     else:
         items = list(range(args.items))
         fn = tasks.square
 
     def one() -> float:
         t = time.perf_counter()
-        parallelkit.run_parallel(
-            fn, items, max_workers=args.workers, start_method=args.start_method
-        )
+        if args.workload == "tiles":
+            side = 512
+            tiles = (
+                (y, x, image[y : y + side, x : x + side])
+                for y in range(0, image.shape[0], side)
+                for x in range(0, image.shape[1], side)
+            )
+            out = np.empty_like(image)
+            with parallelkit.imap_parallel(
+                fn, tiles, max_workers=args.workers, start_method=args.start_method
+            ) as it:
+                for y, x, tile in it:
+                    out[y : y + side, x : x + side] = tile
+        else:
+            parallelkit.run_parallel(
+                fn, items, max_workers=args.workers, start_method=args.start_method
+            )
         return time.perf_counter() - t
 
     one()  # the forkserver started, imports warm

@@ -260,17 +260,19 @@ def test_a_failure_after_the_probe_fails_the_call() -> None:
         pk.run_parallel(tasks.fail_at, range(4, 300_000), backend="auto")
 
 
-def test_the_input_raising_during_the_probe() -> None:
+@pytest.mark.parametrize("given", [2, 3])
+def test_the_input_raising_during_the_probe(given: int) -> None:
+    # 3: the input raised inside the probe's third batch (items 2 and 3), after item 2
     def source() -> Iterator[int]:
-        yield 1
-        yield 2
+        yield from range(1, given + 1)
         raise OSError("the source broke")
 
     got: list[int] = []
     it = pk.imap_parallel(tasks.square, source(), backend="auto")
-    with it, pytest.raises(OSError, match="the source broke"):
+    with it, pytest.raises(OSError, match="the source broke") as raised:
         got.extend(it)
-    assert got == [1, 4]
+    assert got == [x * x for x in range(1, given + 1)]
+    assert f"after item {given - 1}" in "".join(raised.value.__notes__)
 
 
 def test_no_items_and_one_item() -> None:

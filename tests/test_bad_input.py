@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 
 import parallelkit as pk
 from parallelkit import StartMethod
+from tasks import basic
 from tasks.refs import AsyncCallable, async_double, async_numbers, value_of
 
 TESTS = Path(__file__).parent
@@ -183,3 +185,28 @@ def test_exit_with_work_in_a_daemon_thread_is_quiet(
         while (left := _group(child.pid)) and time.monotonic() < deadline:
             time.sleep(0.02)  # reparented orphans cannot be waited on from here
         assert left == []
+
+
+def _broken_after(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise LookupError("the input broke")
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_input_that_raises_loses_no_result_before_it(backend: str, ordered: bool) -> None:
+    # the input's error used to cancel the chunks in flight: results of items it had
+    # given (and of the chunk it broke in) were lost; now it is raised after them all
+    got: list[int] = []
+    options: dict[str, Any] = {} if backend == "process" else {"backend": "thread"}
+    with (
+        pytest.raises(LookupError, match="the input broke") as raised,
+        pk.imap_parallel(
+            basic.square, _broken_after(300), max_workers=2, ordered=ordered, **options
+        ) as it,
+    ):
+        got.extend(it)
+    assert (got if ordered else sorted(got)) == [x * x for x in range(300)]
+    assert "after item 299" in "".join(raised.value.__notes__)
+    with pytest.raises(LookupError, match="the input broke"):
+        pk.run_parallel(basic.square, _broken_after(300), max_workers=2, **options)

@@ -162,6 +162,9 @@ class Job:
         # large buffers through shared memory (the process engine only; see _arena)
         self.out_of_band: bool = getattr(engine, "out_of_band", False)
         self.byte_cap = MAX_ADAPTIVE_CHUNK  # items per chunk that CHUNK_BYTES allows
+        self.carry: list[Any] = []  # an iterator's items read but not yet sent (see next_chunk)
+        # the input iterable raised this: the job ends with it once the items before it ran
+        self.input_error: BaseException | None = None
         self.kept = 0  # regions the function kept a reference to
 
     # ---------------------------------------------------------------- chunking
@@ -244,24 +247,14 @@ class Job:
             else:
                 items = self.source[start:stop]  # type: ignore[index]
         else:
-            assert self.iterator is not None
-            try:
-                items = list(itertools.islice(self.iterator, self.chunksize))
-            except BaseException as exc:
-                exc.add_note(f"parallelkit: raised by the input iterable after item {start - 1}")
-                self.fail(exc)
-                self.exhausted = True
+            items = self._read_iterator(start)
+            if items is None:
                 return None
             stop = start + len(items)
-            if not items:
-                # This may be what finishes the job (every result already delivered): say
-                # so, or a driver that dispatched before waiting would wait with nothing
-                # left to wait for.
-                self.exhausted = True
-                self.engine.changes += 1
-                return None
         self.next_start = stop
         if stop >= (self.length if self.length is not None else stop + 1):
+            self.exhausted = True
+        if self.input_error is not None and not self.carry:
             self.exhausted = True
         chunk = Chunk(self, start, stop, items)
         if not self._prepare(chunk):
@@ -273,11 +266,45 @@ class Job:
             if nbytes > CHUNK_BYTES:  # fewer items per chunk, so that workers start early
                 self.byte_cap = max(1, (stop - start) * CHUNK_BYTES // nbytes)
                 self.chunksize = min(self.chunksize, self.byte_cap)
-                if self.length is not None:
+                if self.length is not None or self.chunksize < stop - start:
+                    # cut again at the cap: an iterator's items cannot go back, so they wait
+                    # in the carry (a chunk of two 2 MB items made the arena grow once)
+                    if self.length is None:
+                        assert chunk.items is not None
+                        self.carry[:0] = chunk.items
                     self.next_start = start
                     self.exhausted = False
                     return self.next_chunk()
         return chunk
+
+    def _read_iterator(self, start: int) -> list[Any] | None:
+        """An iterator's next chunk of items (the carry's first), or ``None``: it ended, or
+        raised at once.  An ``Exception`` from the input fails the job only after the
+        items read before it (:attr:`input_error`)."""
+        assert self.iterator is not None
+        if self.carry:
+            items = self.carry[: self.chunksize]
+            del self.carry[: len(items)]
+            return items
+        items = []
+        try:  # extend keeps the items read before the input raised
+            items.extend(itertools.islice(self.iterator, self.chunksize))
+        except BaseException as exc:
+            last = start + len(items) - 1
+            exc.add_note(f"parallelkit: raised by the input iterable after item {last}")
+            if not isinstance(exc, Exception):  # Ctrl-C and its kin: at once
+                self.fail(exc)
+                self.exhausted = True
+                return None
+            self.input_error = exc
+        if not items:
+            # This may be what finishes the job (every result already delivered): say
+            # so, or a driver that dispatched before waiting would wait with nothing
+            # left to wait for.
+            self.exhausted = True
+            self.engine.changes += 1
+            return None
+        return items
 
     def dump_in_band(self, chunk: Chunk) -> bytes:
         """The chunk's items pickled with every buffer inside (it was pickled before)."""
@@ -431,6 +458,7 @@ class Job:
         self.source = ()
         self.iterator = None
         self.error = None if self.cancelled else self.error  # raised already, if at all
+        self.input_error = None if self.cancelled else self.input_error
 
     def cancel(self) -> None:
         """Stop making chunks; results still in flight are dropped when they arrive."""
@@ -472,6 +500,8 @@ def collect(engine: Driver, job: Job) -> list[Any]:
             raise job.error
         if job.finished:
             engine.abandon(job)
+            if job.input_error is not None:
+                raise job.input_error
             return out
 
 
@@ -507,6 +537,8 @@ def iterate(engine: Driver, job: Job) -> Generator[list[Any], None, None]:
             if job.error is not None:
                 raise job.error
             if job.finished:
+                if job.input_error is not None:
+                    raise job.input_error
                 return
             engine.drive(ready)
     finally:

@@ -560,12 +560,15 @@ class _Prober:
                     probe.seq_rest = itertools.islice(seq, pos, None)
                 items = itertools.islice(probe.seq_rest, min(batch, self.length - pos))
         else:
-            try:
-                items = list(itertools.islice(self.it, batch))
+            items = []
+            try:  # extend keeps the items read before the input raised
+                items.extend(itertools.islice(self.it, batch))
             except Exception as exc:  # fails the call after the results before it
-                exc.add_note(f"parallelkit: raised by the input iterable after item {pos - 1}")
+                last = pos + len(items) - 1
+                exc.add_note(f"parallelkit: raised by the input iterable after item {last}")
                 probe.failed = exc
-                return None
+                if not items:
+                    return None  # else the items read run, and the probe ends (failed)
         if isinstance(items, list | tuple | range) and not items:
             probe.exhausted = True
             return None
