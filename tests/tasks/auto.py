@@ -39,6 +39,17 @@ def nap(x: int) -> tuple[int, int, str]:
     return x, os.getpid(), threading.current_thread().name
 
 
+class Sleepy:
+    """Pickling it sleeps ``seconds`` (a thread that waits, using no CPU)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __reduce__(self) -> tuple[type[Sleepy], tuple[float]]:
+        time.sleep(self.seconds)
+        return Sleepy, (self.seconds,)
+
+
 def doze(x: int) -> int:
     """Sleeps 2 ms (the GIL is free meanwhile); x."""
     time.sleep(0.002)

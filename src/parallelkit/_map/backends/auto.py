@@ -293,14 +293,16 @@ def _bytes_of(obj: object) -> tuple[int, float] | None:
     """(bytes, seconds) of ``obj``'s trip one way to another process: pickling it, with its
     large buffers counted (not copied into the pickle), and copying those buffers once
     into fresh memory, timed here on the first one (fresh memory costs page faults, which
-    on a VM can cost more than the copy); ``None`` if it cannot be pickled."""
+    on a VM can cost more than the copy); ``None`` if it cannot be pickled.  Timed in this
+    thread's CPU time: on a loaded machine a preemption in the middle (10 ms and more)
+    read as a trip of that long, and a 5-byte item looked too costly to send."""
     buffers: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         buffers.append(buffer.raw())
         return False
 
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     try:
         data = pickle.dumps(obj, PROTOCOL, buffer_callback=out_of_band)
     except Exception:
@@ -310,13 +312,13 @@ def _bytes_of(obj: object) -> tuple[int, float] | None:
             data = dumps(obj)  # cloudpickle, when installed, sends what pickle cannot
         except Exception:
             return None
-    seconds = time.perf_counter() - t0
+    seconds = time.thread_time() - t0
     large = sum(b.nbytes for b in buffers)
     if buffers and buffers[0].nbytes >= COPY_SAMPLE_BYTES:
         sample = buffers[0]
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         copy = bytearray(sample)
-        copied = time.perf_counter() - t0
+        copied = time.thread_time() - t0
         del copy
         seconds += copied * large / sample.nbytes
     else:
