@@ -192,21 +192,26 @@ def _broken_after(n: int) -> Iterator[int]:
     raise LookupError("the input broke")
 
 
-@pytest.mark.parametrize("backend", ["process", "thread"])
+@pytest.mark.parametrize("backend", ["process", "thread", "serial", "auto"])
 @pytest.mark.parametrize("ordered", [True, False])
 def test_an_input_that_raises_loses_no_result_before_it(backend: str, ordered: bool) -> None:
     # the input's error used to cancel the chunks in flight: results of items it had
     # given (and of the chunk it broke in) were lost; now it is raised after them all
-    got: list[int] = []
-    options: dict[str, Any] = {} if backend == "process" else {"backend": "thread"}
-    with (
-        pytest.raises(LookupError, match="the input broke") as raised,
-        pk.imap_parallel(
-            basic.square, _broken_after(300), max_workers=2, ordered=ordered, **options
-        ) as it,
-    ):
-        got.extend(it)
-    assert (got if ordered else sorted(got)) == [x * x for x in range(300)]
-    assert "after item 299" in "".join(raised.value.__notes__)
+    options: dict[str, Any] = {"max_workers": 2}
+    if backend != "process":
+        options = {"backend": backend} | ({} if backend == "serial" else options)
+    for return_exceptions in (False, True):
+        got: list[int] = []
+        it = pk.imap_parallel(
+            basic.square,
+            _broken_after(300),
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            **options,
+        )
+        with it, pytest.raises(LookupError, match="the input broke") as raised:
+            got.extend(it)
+        assert (got if ordered else sorted(got)) == [x * x for x in range(300)]
+        assert "after item 299" in "".join(raised.value.__notes__)
     with pytest.raises(LookupError, match="the input broke"):
-        pk.run_parallel(basic.square, _broken_after(300), max_workers=2, **options)
+        pk.run_parallel(basic.square, _broken_after(300), **options)
