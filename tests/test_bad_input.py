@@ -201,7 +201,7 @@ def test_an_input_that_raises_loses_no_result_before_it(backend: str, ordered: b
     if backend != "process":
         options = {"backend": backend} | ({} if backend == "serial" else options)
     for return_exceptions in (False, True):
-        got: list[int] = []
+        got: list[Any] = []
         it = pk.imap_parallel(
             basic.square,
             _broken_after(300),
