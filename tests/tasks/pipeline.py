@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from parallelkit import SharedCounter
 
@@ -162,3 +162,61 @@ class Unloadable:
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_refuse_to_load, ())
+
+
+# ---------------------------------------------------------- large buffers (test_pipeline_shm)
+
+MB = 1 << 20
+
+
+def payload(i: int, size: int = MB) -> bytes:
+    """Item ``i`` of a large source: ``size`` bytes, its first 8 the number."""
+    return i.to_bytes(8, "little") * (size // 8)
+
+
+def number_of(x: bytes | bytearray) -> int:
+    """Which :func:`payload` ``x`` is (checking that all of it is intact)."""
+    i = int.from_bytes(bytes(x[:8]), "little")
+    if bytes(x) != payload(i, len(x)):
+        raise AssertionError(f"payload {i} is damaged")
+    return i
+
+
+def reversed_bytes(x: bytes) -> bytes:
+    """A new large ``bytes`` per item (a stage that makes outputs of its own)."""
+    return x[::-1][::-1]
+
+
+def pid_and_same(x: object) -> tuple[int, object]:
+    return os.getpid(), x
+
+
+def kill_self_on_payload_3(x: bytes) -> bytes:
+    """SIGKILLed while the previous stage's regions are in flight to it."""
+    if int.from_bytes(x[:8], "little") == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def fail_on_payload_3(x: bytes) -> bytes:
+    if int.from_bytes(x[:8], "little") == 3:
+        raise ValueError("payload 3 refused")
+    return x
+
+
+def array_plus_one(a: Any) -> Any:
+    """A new array for each one (numpy), one more than each element."""
+    return a + 1
+
+
+def slow_after_payload_3(x: object) -> tuple[int, object]:
+    """As :func:`pid_and_same`, but items past the third (a payload, a numpy array of that
+    number, or one of those inside ``pid_and_same``'s pairs) wait here until the test
+    SIGKILLs the parent."""
+    inner: Any = x
+    while isinstance(inner, tuple):
+        inner = inner[1]
+    number = int.from_bytes(inner[:8], "little") if isinstance(inner, bytes) else int(inner[0])
+    if number >= 3:
+        time.sleep(60)
+    return os.getpid(), x

@@ -37,6 +37,7 @@ from parallelkit._proc.logs import LogPipe
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.context import child_share, get_context
 from parallelkit._util.types import StartMethod
+from parallelkit._wire.arena import remove_leftovers
 from parallelkit._wire.codec import dump_function
 from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd, ms, widen
 
@@ -62,12 +63,13 @@ class Stage:
 class StageWorker:
     """One worker process of a stage, the parent's end of its stream, the batches it holds."""
 
-    __slots__ = ("fd", "held", "logs", "process", "stage", "stream")
+    __slots__ = ("fd", "held", "logs", "pid", "process", "stage", "stream")
 
     def __init__(
         self, process: BaseProcess, stream: FrameStream, stage: int, logs: LogPipe | None
     ) -> None:
         self.process = process
+        self.pid = process.pid  # kept: its segments are named after it (messages.py)
         self.stream = stream
         self.fd = stream.fileno()
         self.stage = stage
@@ -103,6 +105,12 @@ class StageProcesses:
     def start(self, payloads: Sequence[bytes | None]) -> None:
         """Start every stage's workers (on failure the caller kills those started)."""
         context = get_context(self.start_method)
+        if self.start_method == "fork":
+            # workers register their segments with *our* resource tracker (which unlinks
+            # them if we are SIGKILLed), not each with one it would start itself
+            from multiprocessing import resource_tracker  # noqa: PLC0415
+
+            resource_tracker.ensure_running()
         # each worker's share of our CPUs, for work it starts itself (docs/nesting.md)
         share = child_share(sum(stage.max_workers for stage in self.stages))
         for index, stage in enumerate(self.stages):
@@ -293,12 +301,17 @@ class StageProcesses:
 
 
 def kill(workers: list[StageWorker]) -> None:
-    """Kill every worker at once and close their streams."""
+    """Kill every worker at once, close their streams, and remove the shared-memory
+    segments they leave (they have exited: none can make another)."""
     stop_processes([w.process for w in workers], join_timeout=0, what="pipeline stage")
     for worker in workers:
         worker.stream.abort()
         if worker.logs is not None:
             worker.logs.close()
+        if worker.pid is not None:
+            if _fuzz.ENABLED:
+                _fuzz.point("router.before_leftovers")
+            remove_leftovers(worker.pid)
 
 
 def _ignore(worker: StageWorker, records: list[dict[str, Any]]) -> None:

@@ -66,6 +66,7 @@ from parallelkit._pipeline.stats import PipelineStats, StageCounts
 from parallelkit._proc import logs
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.types import StartMethod
+from parallelkit._wire.arena import ResultReader, ResultWriter
 from parallelkit.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -105,8 +106,13 @@ class Run:
         self.error: BaseException | None = None
         self.progress: PipelineProgress | None = None  # progress=: reported by the router
         self.stall: StallWatch | None = None  # stall_timeout=
+        # the router's shared memory: source batches' large buffers out, the last stage's in
+        self.writer = messages.shared_writer()
+        self.reader = ResultReader()
         processes = self.processes
-        self.finalizer = weakref.finalize(self, _kill, processes.workers, self.source)
+        self.finalizer = weakref.finalize(
+            self, _kill, processes.workers, self.source, self.writer, self.reader
+        )
 
     # -------------------------------------------------------------- the consumer's side
 
@@ -240,7 +246,9 @@ class Run:
             return None
         count = len(items)
         try:
-            message = messages.encode(items, TASK, self.batches.next_batch, count)
+            message = messages.encode(
+                items, TASK, self.batches.next_batch, count, writer=self.writer
+            )
         except Exception as exc:
             error = unpicklable_source_item(items, start, exc)
             raise error from error.__cause__
@@ -294,7 +302,7 @@ class Run:
             self.counts[stage + 1].items_in += n
             self.batches.pending[stage + 1].append((batch, message))
             return
-        self.batches.deliver(batch, messages.decode(message) if n else [])
+        self.batches.deliver(batch, messages.decode(message, self.reader) if n else [])
 
     # -------------------------------------------------------------- errors and reports
 
@@ -342,7 +350,12 @@ def _none() -> int:
     return 0
 
 
-def _kill(workers: list[StageWorker], source: Source) -> None:
-    """Kill every worker at once and close what the run holds (also the GC backstop)."""
+def _kill(
+    workers: list[StageWorker], source: Source, writer: ResultWriter, reader: ResultReader
+) -> None:
+    """Kill every worker at once and close what the run holds (also the GC backstop):
+    the workers' segments and then the router's are unlinked (see ``messages``)."""
     kill(workers)
     source.close()
+    writer.close(unlink=True)
+    reader.close()

@@ -37,6 +37,7 @@ from parallelkit._pipeline.messages import DONE, ERROR, STARTUP_FAILED, STOP, Me
 from parallelkit._proc import logs as _logs
 from parallelkit._proc.child import StartupFailure
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._wire.arena import ResultReader, ResultWriter
 from parallelkit._wire.codec import capture_exception, dumps, locate_unpicklable
 from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd
 from parallelkit.errors import SerializationError
@@ -51,6 +52,23 @@ def stage_loop(sock: socket.socket, fn: Callable[[Any], Any], dump_fd: int, kind
     """A stage's role loop (run by :func:`parallelkit._proc.child.child_main`): apply
     ``fn`` to each batch it is sent, until STOP or the parent hangs up."""
     stream = FrameStream(sock, kinds=messages.KINDS)
+    reader = ResultReader()  # regions of the batches we are sent (the sender's segments)
+    writer = messages.shared_writer()  # our outputs' large buffers (segments the parent removes)
+    try:
+        _loop(stream, reader, writer, fn, kind)
+    finally:
+        # never unlinked here: a message naming them may not be read yet (messages.py)
+        writer.close(unlink=False)
+        reader.close()
+
+
+def _loop(
+    stream: FrameStream,
+    reader: ResultReader,
+    writer: ResultWriter,
+    fn: Callable[[Any], Any],
+    kind: int,
+) -> None:
     clock = time.perf_counter_ns
     idle_since = clock()
     while True:
@@ -62,11 +80,12 @@ def stage_loop(sock: socket.socket, fn: Callable[[Any], Any], dump_fd: int, kind
             return  # the parent is gone or hung up
         if message.kind == STOP:
             return
+        writer.collect()  # what the last batch's readers gave back (a huge one: removed)
         if _fuzz.ENABLED:
             _fuzz.point("stage.before_work")
         # in a function of its own, so that nothing of the batch (its items, its outputs,
         # its message) is held while waiting for the next one
-        if not _work(stream, kind, fn, message, idle_since):
+        if not _work(stream, kind, fn, message, idle_since, reader, writer):
             return
         _logs.end_task()  # (holds none of the batch's outputs)
         del message
@@ -82,13 +101,19 @@ def report_startup_failure(sock: socket.socket, failure: StartupFailure) -> None
 
 
 def _work(
-    stream: FrameStream, kind: int, fn: Callable[[Any], Any], message: Message, idle_since: int
+    stream: FrameStream,
+    kind: int,
+    fn: Callable[[Any], Any],
+    message: Message,
+    idle_since: int,
+    reader: ResultReader,
+    writer: ResultWriter,
 ) -> bool:
     """Run one batch and send its outcome; False when the parent hung up."""
     clock = time.perf_counter_ns
     start = clock()
     batch = message.batch
-    items = messages.decode(message)
+    items = messages.decode(message, reader)
     del message
     out: list[Any] = []
     append = out.append
@@ -115,7 +140,7 @@ def _work(
             stream, batch, position, items[position], explain(fn, items[position], exc)
         )
     try:
-        done = messages.encode(out, DONE, batch)
+        done = messages.encode(out, DONE, batch, writer=writer)
     except Exception as exc:
         return _send_unpicklable(stream, batch, kind, items, out, exc)
     end = clock()

@@ -81,6 +81,7 @@ MIN_BYTES: Final = ARENA_MIN_BYTES  # results (the worker decides with the same 
 CHUNK_BYTES: Final = 4 * 1024 * 1024  # automatic chunks carry about this much at most
 KEPT_LIMIT: Final = 3  # after this many kept regions a job sends its buffers in band
 _MIN_SEGMENT: Final = 4 * 1024 * 1024
+WHOLE_MAX: Final = 64 * 1024 * 1024  # bytes: a reader maps a larger segment for no copy
 # After /dev/shm had no room for a result segment, seconds before a worker tries again
 # (doubling while it stays full, up to NO_ROOM_RETRY_MAX); results meanwhile go directly
 # or in band.  Trying costs a statvfs while the space is short (see Segment.create).
@@ -383,7 +384,10 @@ class ResultWriter:
     """A worker's result segments: large result buffers are copied in, and the parent's
     objects are built on them without a copy (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_max: int | None = None) -> None:
+        # keep_max: segments kept for reuse stay this small; a buffer over a quarter of it
+        # gets a segment of its own, unlinked as soon as its reader gives it back
+        self.keep_max = keep_max
         self.current: _ResultSegment | None = None
         self.retired: list[_ResultSegment] = []
         self.retry_at = 0.0  # /dev/shm was full: no new segment is tried before then
@@ -401,6 +405,19 @@ class ResultWriter:
             NoRoom: ``strict`` and a buffer did not fit (nothing is left allocated).
             Exception: a result cannot be pickled (nothing is left allocated).
         """
+        marked = (*msg[:2], mark_large_bytes(results, MIN_BYTES), *msg[3:])
+        return self._dump(marked, results, strict=strict)
+
+    def dump_list(
+        self, items: list[Any]
+    ) -> tuple[bytes, list[tuple[_ResultSegment, int, int, bool]]]:
+        """Pickle the list ``items`` itself, as :meth:`dump` does its ``results`` (a buffer
+        with no room in shared memory goes in band): a pipeline's message."""
+        return self._dump(mark_large_bytes(items, MIN_BYTES), items, strict=False)
+
+    def _dump(
+        self, marked: Any, results: Sequence[Any], *, strict: bool
+    ) -> tuple[bytes, list[tuple[_ResultSegment, int, int, bool]]]:
         self._collect()
         specs: list[tuple[_ResultSegment, int, int, bool]] = []
 
@@ -434,7 +451,6 @@ class ResultWriter:
                 home.words[offset // _PAGE] = 0
             specs.clear()
 
-        marked = (*msg[:2], mark_large_bytes(results, MIN_BYTES), *msg[3:])
         ndarray = numpy_array_type()
         try:
             # non-contiguous arrays out of band too, as for arguments (same scan rule)
@@ -475,6 +491,10 @@ class ResultWriter:
         head += payload
         return bytes(head)
 
+    def collect(self) -> None:
+        """Take back the regions given back, and remove retired segments left unused."""
+        self._collect()
+
     def _collect(self) -> None:
         if self.current is not None:
             self.current.collect()
@@ -486,15 +506,21 @@ class ResultWriter:
 
     def _alloc(self, n: int) -> tuple[_ResultSegment, int]:
         home = self.current
-        offset = None if home is None else home.space.alloc(n)
+        keep_max = self.keep_max
+        alone = keep_max is not None and 4 * n > keep_max
+        offset = None if home is None or alone else home.space.alloc(n)
         if offset is not None:
             assert home is not None
             return home, offset
         if self.retry_at and time.monotonic() < self.retry_at:
             raise OSError(errno.ENOSPC, "no room in /dev/shm a moment ago")
+        if alone:
+            return self._alone(n)
         size = max(_MIN_SEGMENT, 4 * _round(n, _PAGE))
         if home is not None:
             size = max(size, 2 * home.segment.size)
+        if keep_max is not None:
+            size = max(min(size, keep_max), 4 * _round(n, _PAGE))
         try:
             new = _ResultSegment(_round(size, 1 << 20))  # OSError: the caller sends in band
         except OSError:
@@ -513,14 +539,29 @@ class ResultWriter:
         assert offset is not None
         return new, offset
 
-    def close(self) -> None:
+    def _alone(self, n: int) -> tuple[_ResultSegment, int]:
+        """A segment for one large buffer, retired at once (removed once it is given back)."""
+        try:
+            new = _ResultSegment(_round(n, _PAGE))
+        except OSError:
+            self.retry_at = time.monotonic() + self.retry_after
+            raise
+        self.retired.append(new)
+        offset = new.space.alloc(n)
+        assert offset is not None
+        return new, offset
+
+    def close(self, *, unlink: bool = False) -> None:
         """The worker is stopping: unmap every result segment, and leave them to the
-        parent, which may not have read our last replies yet (see the module docstring)."""
+        parent, which may not have read our last replies yet (see the module docstring).
+
+        ``unlink``: remove them now instead (their owner knows every reader is done).
+        """
         homes = [*self.retired, *([self.current] if self.current is not None else [])]
         self.current = None
         self.retired = []
         for home in homes:
-            home.close(unlink=False)
+            home.close(unlink=unlink)
 
 
 def _read_region(fd: int, n: int, offset: int) -> bytearray:
@@ -547,7 +588,7 @@ def _free_region(owner: int, words: memoryview, index: int) -> None:
 class _Mapped:
     """The parent's handle on one worker result segment: its file and its flag table."""
 
-    __slots__ = ("__weakref__", "fd", "mm", "words")
+    __slots__ = ("__weakref__", "fd", "mm", "size", "whole", "words")
 
     def __init__(self, name: str) -> None:
         if NAME_RE.fullmatch(name) is None:
@@ -556,14 +597,27 @@ class _Mapped:
             _fuzz.point("arena.before_map")
         self.fd = os.open(SHM_DIR / name, os.O_RDWR)
         try:
-            table = _table_bytes(os.fstat(self.fd).st_size)
+            self.size = os.fstat(self.fd).st_size
+            table = _table_bytes(self.size)
             self.mm = mmap.mmap(self.fd, table)
         except BaseException:
             os.close(self.fd)
             raise
         # the table is unmapped once every finalizer holding ``words`` has run
         self.words = memoryview(self.mm).cast("B").cast("q")
+        self.whole: mmap.mmap | None = None  # the whole segment, read-only (see copy)
         _OPEN.add(self)
+
+    def copy(self, offset: int, n: int) -> bytes:
+        """A region's bytes, copied out of one read-only mapping of the whole segment, kept
+        for the next (cheaper than a mapping per region, or a ``pread``, for a copy)."""
+        if self.size > WHOLE_MAX:  # not kept mapped: its pages would stay with us
+            data = os.pread(self.fd, n, offset)
+            return data if len(data) == n else bytes(_read_region(self.fd, n, offset))
+        whole = self.whole
+        if whole is None:
+            whole = self.whole = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
+        return whole[offset : offset + n]
 
     def drop_fd(self) -> None:
         """No more regions to map from this segment (the mappings stay valid)."""
@@ -571,6 +625,9 @@ class _Mapped:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.whole is not None:
+            self.whole.close()  # never exported: copies only
+            self.whole = None
 
 
 # The parent's open result segments: a child forked from it closes its copies of their
@@ -593,13 +650,16 @@ class ResultReader:
         self.mapped: dict[str, _Mapped] = {}
 
     def load(
-        self, data: bytes | bytearray | memoryview
+        self, data: bytes | bytearray | memoryview, *, copy_readonly: bool = False
     ) -> tuple[bool, bytes | memoryview, list[Any]]:
         """``(kept, pickle, buffers)`` of a reply made by :meth:`ResultWriter.frame`.
 
         Each buffer is a mapping of its own region of the worker's segment (no copy);
         the region goes back to the worker when the mapping, and so every object built
-        on it, is gone.
+        on it, is gone.  With ``copy_readonly``, a read-only buffer (a ``bytes`` item,
+        which is rebuilt as a copy anyway) is copied into a new ``bytes`` instead, from one
+        mapping of the whole segment (no mapping to set up and tear down per region), and
+        its region goes back at once.
         """
         kept, nbuf, names_len = _RES_HEAD.unpack_from(data)
         at = _RES_HEAD.size
@@ -612,9 +672,13 @@ class ResultReader:
             at += names_len
             me = os.getpid()
             for _ in range(nbuf):
-                index, offset, n, _readonly = _RES_SPEC.unpack_from(data, at)
+                index, offset, n, readonly = _RES_SPEC.unpack_from(data, at)
                 at += _RES_SPEC.size
                 home = homes[index]
+                if readonly and copy_readonly:
+                    buffers.append(home.copy(offset, n))
+                    _free_region(me, home.words, offset // _PAGE)
+                    continue
                 # Not MADV_DONTFORK: a child forked later may use the results mapped here.
                 try:
                     part: Any = mmap.mmap(home.fd, n, flags=_RESULT_FLAGS, offset=offset)
@@ -626,6 +690,10 @@ class ResultReader:
                 else:
                     weakref.finalize(part, _free_region, me, home.words, offset // _PAGE)
                 buffers.append(part)
+            for name, home in zip(names, homes, strict=True):
+                if home.size > WHOLE_MAX:  # a segment for one buffer: its writer removes it
+                    self.mapped.pop(name, None)
+                    home.drop_fd()
         else:
             at += names_len
         return bool(kept), memoryview(data)[at:], buffers
@@ -641,6 +709,17 @@ class ResultReader:
         mapped, self.mapped = self.mapped, {}
         for home in mapped.values():
             home.drop_fd()
+
+
+def region_bytes(data: bytes | bytearray | memoryview) -> int:
+    """The bytes in shared memory that a frame made by :meth:`ResultWriter.frame` names."""
+    _, nbuf, names_len = _RES_HEAD.unpack_from(data)
+    at = _RES_HEAD.size + names_len
+    total = 0
+    for _ in range(nbuf):
+        total += _RES_SPEC.unpack_from(data, at)[2]
+        at += _RES_SPEC.size
+    return total
 
 
 class WorkerArena:
