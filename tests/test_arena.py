@@ -614,9 +614,9 @@ def test_a_reply_read_after_its_worker_exited_still_finds_its_segment(
 def test_the_resource_tracker_sees_each_segment_registered_and_unregistered_once(
     start_method: StartMethod,
 ) -> None:
-    """Workers SIGKILLed between making a result segment and registering it, and between
-    unregistering a retired one and unlinking it: the parent removes what they left, and
-    the tracker (whose stderr is the script's) never prints a KeyError or a leak."""
+    """Workers SIGKILLed as they register a new result segment's name, and as they unlink a
+    retired one: the parent removes what they left, and the tracker (whose stderr is the
+    script's) never prints a KeyError or a leak."""
     script = str(TESTS / "scripts" / "tracker_once.py")
     env = package_env(str(TESTS))
     env.pop("PYTHONWARNINGS", None)

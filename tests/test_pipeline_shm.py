@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def test_a_large_buffer_travels_in_shared_memory_not_in_the_message() -> None:
 def test_with_no_room_in_shared_memory_a_message_goes_in_band(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def full(self: object, size: int) -> None:
+    def full(self: object, size: int, *, heir: bool = True) -> None:
         raise OSError(errno.ENOSPC, "no room (forced by the test)")
 
     monkeypatch.setattr(_arena._ResultSegment, "__init__", full)
@@ -113,7 +114,7 @@ def test_no_room_in_shared_memory_falls_back_to_the_socket(
     """Forced in the parent and (fork) in every stage: nothing is lost, nothing is left."""
     tried: list[int] = []
 
-    def full(self: object, size: int) -> None:
+    def full(self: object, size: int, *, heir: bool = True) -> None:
         tried.append(size)
         raise OSError(errno.ENOSPC, "no room (forced by the test)")
 
@@ -232,3 +233,80 @@ def test_a_sigkilled_parent_leaves_no_segment(start_method: StartMethod) -> None
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not _platform.OFFERS.dev_shm, reason="portable mode: no tracker is involved")
+@pytest.mark.parametrize("point", ["shm.made", "shm.half_removed"])
+@pytest.mark.parametrize("who", ["router", "stage"])
+def test_a_parent_sigkilled_while_a_segment_is_made_or_removed_leaves_none(
+    start_method: StartMethod, who: str, point: str, tmp_path: Path
+) -> None:
+    """The parent is SIGKILLed while the router (in it) or a stage worker (which dies with
+    it) is held between the two steps of making a segment (the file, its registration with
+    the resource tracker) or of removing one: once the tracker has exited, no file is left."""
+    before = set(_segments())
+    fifo = tmp_path / "held"
+    os.mkfifo(fifo)
+    script = str(TESTS / "scripts" / "pipeline_held_death.py")
+    proc = subprocess.Popen(
+        [sys.executable, script, start_method, who, point, str(fifo)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=package_env(str(TESTS)),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line[:1] == [b"TRACKER"], line
+        tracker = os.pidfd_open(int(line[1]))
+        try:
+            with open(fifo) as held:  # returns once the holder is at the point
+                holder = int(held.readline())
+            assert holder == proc.pid if who == "router" else holder != proc.pid
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=10) == -signal.SIGKILL
+            # the tracker cleans up and exits once every process holding its pipe is gone
+            readable, _, _ = select.select([tracker], [], [], 60)
+            assert readable, "the resource tracker did not exit"
+        finally:
+            os.close(tracker)
+        assert set(_segments()) - before == set()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait(timeout=10)
+        proc.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not _platform.OFFERS.dev_shm, reason="portable mode: no tracker is involved")
+@pytest.mark.parametrize("point", ["shm.made", "shm.half_removed"])
+def test_a_stage_sigkilled_while_a_segment_is_made_or_removed_leaves_the_tracker_settled(
+    start_method: StartMethod, point: str, tmp_path: Path
+) -> None:
+    """A stage SIGKILLed between the two steps of making or removing one of its segments,
+    its parent alive: the parent removes what it left and settles the resource tracker
+    (whose stderr is the script's), which then has nothing to report: no name it holds
+    without a file, no leak."""
+    before = set(_segments())
+    fifo = tmp_path / "held"
+    os.mkfifo(fifo)
+    script = str(TESTS / "scripts" / "pipeline_held_death.py")
+    env = package_env(str(TESTS))
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run(
+        [sys.executable, script, start_method, "stage-killed", point, str(fifo)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[2:] == ["CRASHED"], proc.stdout
+    assert proc.stderr == ""
+    assert set(_segments()) - before == set()

@@ -1,5 +1,5 @@
-"""Workers SIGKILLed at the two moments a segment's file and its registration with the
-resource tracker disagree: tracker_once.py METHOD (needs ``tests/`` on ``PYTHONPATH``).
+"""Workers SIGKILLed as they register a segment's name with the resource tracker and as
+they unlink its file: tracker_once.py METHOD (needs ``tests/`` on ``PYTHONPATH``).
 
 Prints ``DONE`` at the end; the resource tracker (a process of its own, writing to our
 stderr) must have printed nothing: every segment registered and unregistered once.

@@ -132,8 +132,8 @@ def result_segments_full_for(failures: int, clock_path: str | None = None) -> No
 
 
 def die_before_registering(n: int) -> np.ndarray[Any, Any]:
-    """A large result; this worker is SIGKILLed once it has made the result's segment and
-    before it registers the segment with the resource tracker."""
+    """A large result; this worker is SIGKILLed as it registers its result segment's name
+    with the resource tracker (which it does before it makes the file)."""
     from multiprocessing import resource_tracker
 
     def register(name: object, rtype: str) -> None:
@@ -145,7 +145,7 @@ def die_before_registering(n: int) -> np.ndarray[Any, Any]:
 
 def die_before_unlinking(n: int) -> np.ndarray[Any, Any]:
     """A large result that needs a larger segment: this worker is SIGKILLed as it retires
-    its old segment, after unregistering it and before unlinking it."""
+    its old segment, as it unlinks the file (the tracker still holds its name)."""
     real = os.unlink
 
     def unlink(path: Any, *args: Any, **kwargs: Any) -> None:

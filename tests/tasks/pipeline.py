@@ -220,3 +220,35 @@ def slow_after_payload_3(x: object) -> tuple[int, object]:
     if number >= 3:
         time.sleep(60)
     return os.getpid(), x
+
+
+HUGE = 17 * MB  # a buffer this large gets a segment of its own, removed once it is read
+
+
+def hold_at_point(point: str, fifo: str, pid: int | None = None) -> None:
+    """From now on, the first time this process (``pid``, if given, only) passes the schedule
+    fuzzer's ``point``, it writes its pid to the FIFO ``fifo`` and waits there until it is
+    SIGKILLed (a test holds it at that exact instant)."""
+    from parallelkit._util import fuzz
+
+    me = os.getpid()
+    if (pid is not None and pid != me) or getattr(fuzz.point, "holds", None) == point:
+        return
+
+    def hold(name: str) -> None:
+        if name == point and os.getpid() == me:
+            with open(fifo, "w") as f:
+                f.write(f"{me}\n")
+            while True:  # until the test's SIGKILL (or the parent's death) ends us
+                time.sleep(60)
+
+    hold.holds = point  # type: ignore[attr-defined]
+    setattr(fuzz, "ENABLED", True)  # noqa: B010  # the point's call sites check it each time
+    setattr(fuzz, "point", hold)  # noqa: B010
+
+
+def huge_held_at(point: str, fifo: str, i: int) -> bytes:
+    """Item ``i`` as a :data:`HUGE` payload, made by a stage held at ``point`` (see
+    :func:`hold_at_point`) when it next gets there: making or removing a segment."""
+    hold_at_point(point, fifo)
+    return payload(i, HUGE)

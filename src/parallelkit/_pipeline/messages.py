@@ -43,8 +43,11 @@ Ownership, and who frees what (the rule every failure below follows):
   (finished, failed, cancelled: ``processes.kill``, the run's finalizer).  The router's
   own segments are unlinked by the router at the same moment.  Mappings outlive the
   unlink, so items the consumer keeps stay valid.  If the parent is SIGKILLed, its
-  workers die with it and multiprocessing's resource tracker, with which every segment
-  is registered, unlinks them all.
+  workers die with it and multiprocessing's resource tracker, which holds the name of
+  every segment whose file exists (registered before the file is made, unregistered after
+  it is unlinked), unlinks them all.  A worker notes the name of a segment it is between
+  those two steps for in its slot of the run's ledger (``_wire.shm.keep_ledger``): killed
+  then, its heir still settles the tracker.
 - **No room** in shared memory: a buffer that finds none goes in band, in the pickle.
 
 A message's buffers are received into a buffer the thread reuses, then copied once into
@@ -167,9 +170,10 @@ def encode(
     return Message(kind, batch, body, raws)  # type: ignore[arg-type]  # views, read-only ok
 
 
-def shared_writer() -> ResultWriter:
-    """A sender's shared memory for the large buffers of its messages (see the module)."""
-    return ResultWriter(keep_max=SEGMENT_KEEP)
+def shared_writer(*, heir: bool = True) -> ResultWriter:
+    """A sender's shared memory for the large buffers of its messages (see the module);
+    ``heir=False``: the router's own (no other process removes them)."""
+    return ResultWriter(keep_max=SEGMENT_KEEP, heir=heir)
 
 
 def fields(message: Message) -> tuple[int, int, int]:

@@ -39,6 +39,7 @@ from parallelkit._util.context import child_share, get_context
 from parallelkit._util.types import StartMethod
 from parallelkit._wire.arena import remove_leftovers
 from parallelkit._wire.codec import dump_function
+from parallelkit._wire.shm import LEDGER_SLOT, Segment, ledger_name
 from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd, ms, widen
 
 __all__ = ("STOP_TIMEOUT", "Stage", "StageProcesses", "StageWorker", "kill")
@@ -63,12 +64,18 @@ class Stage:
 class StageWorker:
     """One worker process of a stage, the parent's end of its stream, the batches it holds."""
 
-    __slots__ = ("fd", "held", "logs", "pid", "process", "stage", "stream")
+    __slots__ = ("fd", "held", "ledger", "logs", "pid", "process", "stage", "stream")
 
     def __init__(
-        self, process: BaseProcess, stream: FrameStream, stage: int, logs: LogPipe | None
+        self,
+        process: BaseProcess,
+        stream: FrameStream,
+        stage: int,
+        logs: LogPipe | None,
+        ledger: memoryview | None = None,
     ) -> None:
         self.process = process
+        self.ledger = ledger  # its slot in the run's ledger (see _wire.shm.keep_ledger)
         self.pid = process.pid  # kept: its segments are named after it (messages.py)
         self.stream = stream
         self.fd = stream.fileno()
@@ -92,6 +99,8 @@ class StageProcesses:
         self.by_stage: list[list[StageWorker]] = [[] for _ in stages]
         self.writing: dict[int, StageWorker] = {}  # fd -> worker whose outbox is not empty
         self._poll: select.poll | None = None
+        # the run's ledger (one slot per worker: see _wire.shm.keep_ledger), once started
+        self.ledgers: list[Segment] = []
 
     def payloads(self) -> list[bytes | None]:
         """Each stage's function, pickled to send it (``None``: a fork child inherits it).
@@ -111,11 +120,21 @@ class StageProcesses:
             from multiprocessing import resource_tracker  # noqa: PLC0415
 
             resource_tracker.ensure_running()
+        total = sum(stage.max_workers for stage in self.stages)
+        ledger: Segment | None = None
+        try:
+            made = Segment.create(LEDGER_SLOT * total)
+        except OSError:  # no room: the workers keep none (see _wire.shm)
+            pass
+        else:
+            made.drop_fd()
+            self.ledgers.append(made)
+            ledger = made
         # each worker's share of our CPUs, for work it starts itself (docs/nesting.md)
-        share = child_share(sum(stage.max_workers for stage in self.stages))
+        share = child_share(total)
         for index, stage in enumerate(self.stages):
             for number in range(stage.max_workers):
-                self._start_worker(context, index, stage, payloads[index], number, share)
+                self._start_worker(context, index, stage, payloads[index], number, share, ledger)
 
     def _start_worker(
         self,
@@ -125,7 +144,12 @@ class StageProcesses:
         payload: bytes | None,
         number: int,
         share: int,
+        ledger: Segment | None,
     ) -> None:
+        slot = len(self.workers)
+        view = None
+        if ledger is not None:
+            view = memoryview(ledger.mm)[slot * LEDGER_SLOT : (slot + 1) * LEDGER_SLOT]
         parent_end, child_end = socket.socketpair()
         widen(parent_end)  # a large batch in fewer writes, both ways
         widen(child_end)
@@ -133,7 +157,7 @@ class StageProcesses:
         log_pipe = LogPipe() if self.forward_logs else None
 
         def record(process: BaseProcess) -> None:
-            worker = StageWorker(process, stream, index, log_pipe)
+            worker = StageWorker(process, stream, index, log_pipe, view)
             self.workers.append(worker)
             self.by_stage[index].append(worker)
 
@@ -143,7 +167,7 @@ class StageProcesses:
                 self.start_method,
                 stage_loop,
                 child_end,
-                args=(stage.kind,),
+                args=(stage.kind, "" if ledger is None else ledger.name, slot),
                 name=f"parallelkit-stage{index}-{number}",
                 parent_end=parent_end,
                 fn=stage.fn if payload is None else None,
@@ -155,6 +179,8 @@ class StageProcesses:
             )
         except BaseException:
             if not any(w.stream is stream for w in self.workers):
+                if view is not None:
+                    view.release()
                 stream.abort()
                 if log_pipe is not None:
                     log_pipe.close()
@@ -300,18 +326,26 @@ class StageProcesses:
                 worker.logs.close()
 
 
-def kill(workers: list[StageWorker]) -> None:
+def kill(workers: list[StageWorker], ledgers: list[Segment]) -> None:
     """Kill every worker at once, close their streams, and remove the shared-memory
-    segments they leave (they have exited: none can make another)."""
+    segments they leave (they have exited: none can make another), then the ledger."""
     stop_processes([w.process for w in workers], join_timeout=0, what="pipeline stage")
     for worker in workers:
         worker.stream.abort()
         if worker.logs is not None:
             worker.logs.close()
+        pending = ""
+        if worker.ledger is not None:
+            pending = ledger_name(worker.ledger)
+            worker.ledger.release()
+            worker.ledger = None
         if worker.pid is not None:
             if _fuzz.ENABLED:
                 _fuzz.point("router.before_leftovers")
-            remove_leftovers(worker.pid)
+            remove_leftovers(worker.pid, pending)
+    for ledger in ledgers:
+        ledger.close()
+    ledgers.clear()
 
 
 def _ignore(worker: StageWorker, records: list[dict[str, Any]]) -> None:

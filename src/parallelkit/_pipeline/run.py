@@ -67,6 +67,7 @@ from parallelkit._proc import logs
 from parallelkit._util import fuzz as _fuzz
 from parallelkit._util.types import StartMethod
 from parallelkit._wire.arena import ResultReader, ResultWriter
+from parallelkit._wire.shm import Segment
 from parallelkit.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -107,11 +108,11 @@ class Run:
         self.progress: PipelineProgress | None = None  # progress=: reported by the router
         self.stall: StallWatch | None = None  # stall_timeout=
         # the router's shared memory: source batches' large buffers out, the last stage's in
-        self.writer = messages.shared_writer()
+        self.writer = messages.shared_writer(heir=False)
         self.reader = ResultReader()
         processes = self.processes
         self.finalizer = weakref.finalize(
-            self, _kill, processes.workers, self.source, self.writer, self.reader
+            self, _kill, processes.workers, processes.ledgers, self.source, self.writer, self.reader
         )
 
     # -------------------------------------------------------------- the consumer's side
@@ -351,11 +352,15 @@ def _none() -> int:
 
 
 def _kill(
-    workers: list[StageWorker], source: Source, writer: ResultWriter, reader: ResultReader
+    workers: list[StageWorker],
+    ledgers: list[Segment],
+    source: Source,
+    writer: ResultWriter,
+    reader: ResultReader,
 ) -> None:
     """Kill every worker at once and close what the run holds (also the GC backstop):
     the workers' segments and then the router's are unlinked (see ``messages``)."""
-    kill(workers)
+    kill(workers, ledgers)
     source.close()
     writer.close(unlink=True)
     reader.close()

@@ -37,6 +37,7 @@ from parallelkit._pipeline.messages import DONE, ERROR, STARTUP_FAILED, STOP, Me
 from parallelkit._proc import logs as _logs
 from parallelkit._proc.child import StartupFailure
 from parallelkit._util import fuzz as _fuzz
+from parallelkit._wire import shm as _shm
 from parallelkit._wire.arena import ResultReader, ResultWriter
 from parallelkit._wire.codec import capture_exception, dumps, locate_unpicklable
 from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd
@@ -48,10 +49,20 @@ FLAT_MAP: Final = 2
 KIND_NAMES: Final = {MAP: "map", FILTER: "filter", FLAT_MAP: "flat_map"}
 
 
-def stage_loop(sock: socket.socket, fn: Callable[[Any], Any], dump_fd: int, kind: int) -> None:
+def stage_loop(
+    sock: socket.socket,
+    fn: Callable[[Any], Any],
+    dump_fd: int,
+    kind: int,
+    ledger: str = "",
+    slot: int = 0,
+) -> None:
     """A stage's role loop (run by :func:`parallelkit._proc.child.child_main`): apply
-    ``fn`` to each batch it is sent, until STOP or the parent hangs up."""
+    ``fn`` to each batch it is sent, until STOP or the parent hangs up.  ``ledger`` and
+    ``slot``: where we note a segment we are halfway through making or removing, for the
+    parent, our segments' heir (``_wire.shm.keep_ledger``)."""
     stream = FrameStream(sock, kinds=messages.KINDS)
+    kept = _keep_ledger(ledger, slot)
     reader = ResultReader()  # regions of the batches we are sent (the sender's segments)
     writer = messages.shared_writer()  # our outputs' large buffers (segments the parent removes)
     try:
@@ -60,6 +71,22 @@ def stage_loop(sock: socket.socket, fn: Callable[[Any], Any], dump_fd: int, kind
         # never unlinked here: a message naming them may not be read yet (messages.py)
         writer.close(unlink=False)
         reader.close()
+        if kept is not None:
+            _shm.keep_ledger(None)
+            kept[0].close(kept[1:])
+
+
+def _keep_ledger(name: str, slot: int) -> tuple[_shm.Segment, memoryview] | None:
+    if not name:
+        return None
+    try:
+        ledger = _shm.Segment.attach(name)
+    except OSError:  # the parent is gone: it is nobody's heir now
+        return None
+    ledger.drop_fd()
+    view = memoryview(ledger.mm)[slot * _shm.LEDGER_SLOT : (slot + 1) * _shm.LEDGER_SLOT]
+    _shm.keep_ledger(view)
+    return ledger, view
 
 
 def _loop(

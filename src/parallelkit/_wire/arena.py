@@ -31,9 +31,10 @@ the message carries only where they are::
   segment instead.  (Rather than copying each result out in the parent: faulting in fresh
   private pages made the parent the bottleneck, while reused shared pages cost nothing
   more; the numbers are in ``docs/performance.md``, "Why the thresholds".)
-- **Cleanup**: every segment is created by ``_shm.Segment`` (named ``pk_<pid>_<hex>``,
-  registered with multiprocessing's resource tracker, which unlinks it if its creator is
-  SIGKILLed together with the parent).  A result segment has one owner of its end at a
+- **Cleanup**: every segment is created by ``_shm.Segment`` (named ``pk_<pid>_<hex>``;
+  the name is registered with multiprocessing's resource tracker before the file exists
+  and unregistered after it is gone, so the tracker unlinks it whatever instant its
+  creator is SIGKILLed together with the parent).  A result segment has one owner of its end at a
   time: while the worker lives, the worker, which unlinks it only once the parent has
   given back every region in it (so the parent has read every reply that named it); when
   the worker exits, for whatever reason, the parent, which first reads every reply the
@@ -351,9 +352,10 @@ class _ResultSegment:
 
     __slots__ = ("allocated", "segment", "space", "view", "words")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, heir: bool = True) -> None:
         table = _table_bytes(size)
-        self.segment = Segment.create(table + size, heir=True)  # the parent is the heir
+        # heir: the parent (for a worker's; a parent's own segments have none)
+        self.segment = Segment.create(table + size, heir=heir)
         self.segment.drop_fd()
         self.view = memoryview(self.segment.mm)
         self.words = self.view[:table].cast("q")
@@ -384,10 +386,11 @@ class ResultWriter:
     """A worker's result segments: large result buffers are copied in, and the parent's
     objects are built on them without a copy (see the module docstring)."""
 
-    def __init__(self, *, keep_max: int | None = None) -> None:
+    def __init__(self, *, keep_max: int | None = None, heir: bool = True) -> None:
         # keep_max: segments kept for reuse stay this small; a buffer over a quarter of it
         # gets a segment of its own, unlinked as soon as its reader gives it back
         self.keep_max = keep_max
+        self.heir = heir  # False: the writer's own process removes every segment
         self.current: _ResultSegment | None = None
         self.retired: list[_ResultSegment] = []
         self.retry_at = 0.0  # /dev/shm was full: no new segment is tried before then
@@ -522,7 +525,9 @@ class ResultWriter:
         if keep_max is not None:
             size = max(min(size, keep_max), 4 * _round(n, _PAGE))
         try:
-            new = _ResultSegment(_round(size, 1 << 20))  # OSError: the caller sends in band
+            new = _ResultSegment(
+                _round(size, 1 << 20), heir=self.heir
+            )  # OSError: the caller sends in band
         except OSError:
             if self.retry_at:  # full again: wait longer before the next try
                 self.retry_after = min(2 * self.retry_after, NO_ROOM_RETRY_MAX)
@@ -542,7 +547,7 @@ class ResultWriter:
     def _alone(self, n: int) -> tuple[_ResultSegment, int]:
         """A segment for one large buffer, retired at once (removed once it is given back)."""
         try:
-            new = _ResultSegment(_round(n, _PAGE))
+            new = _ResultSegment(_round(n, _PAGE), heir=self.heir)
         except OSError:
             self.retry_at = time.monotonic() + self.retry_after
             raise
@@ -734,7 +739,8 @@ class WorkerArena:
         self.reader.close()
 
 
-def remove_leftovers(pid: int) -> None:
+def remove_leftovers(pid: int, pending: str = "") -> None:
     """Unlink the segments a worker (``pid``, exited) left; call it only after every reply
-    of that worker has been read."""
-    remove_segments_of(pid)
+    of that worker has been read.  ``pending``: the name its ledger holds, if it kept one
+    (see ``_shm.keep_ledger``)."""
+    remove_segments_of(pid, pending)

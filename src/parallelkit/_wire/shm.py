@@ -13,13 +13,23 @@ out what is inside it.
   resource tracker, which unlinks it if the creator dies without closing it (unless the
   tracker dies too, say when a whole process group is SIGKILLed: then
   :func:`remove_stale_segments` is the way out).
-- A segment created with an *heir* (a pool worker's, whose parent cleans up after it) may
+- The resource tracker holds a segment's name whenever its file exists (except for a
+  creator with an heir and no ledger, below): the name is registered *before* the file is
+  made, and unregistered only *after* the file is unlinked.  So no moment exists at which
+  a SIGKILL of the creator and of every heir (a parent SIGKILLed, its workers dying with
+  it) leaves a file that nobody will remove.
+- A segment created with an *heir* (a worker's, whose parent cleans up after it) may
   outlive its creator: the creator leaves it with ``close(unlink=False)``, and the heir
   removes what the creator left, once the creator has exited, with
-  :func:`remove_segments_of`.  Such a segment's file exists whenever the tracker holds
-  its name (the file is made before the name is registered, and the name unregistered
-  before the file is unlinked), so the heir settles the tracker exactly whatever moment
-  the creator died at: each name is registered and unregistered once, never twice.
+  :func:`remove_segments_of`, settling the tracker exactly (each name registered and
+  unregistered once, whatever moment the creator died at).  The heir finds the files by
+  the creator's pid; a name registered without a file (the creator died between the two
+  steps) it can only learn from the creator's *ledger* (:func:`keep_ledger`: a slot of
+  the heir's memory where the creator writes the name it is between the steps of making
+  or removing).  A creator without a ledger (a pool worker) makes the file before it
+  registers the name and unregisters the name before it unlinks the file, so that the
+  heir sees every name the tracker holds; if the heir is SIGKILLed too at that moment,
+  the file is :func:`remove_stale_segments`' to remove.
 - Attaching opens the file itself and never talks to the resource tracker: on Python
   3.11 and 3.12 an attaching :class:`multiprocessing.shared_memory.SharedMemory`
   registers the segment, and its tracker unlinks the creator's segment when the
@@ -57,6 +67,31 @@ _TRACKER_KIND: Final = "shared_memory"
 
 # Segments with an open file descriptor in this process, re-opened in a forked child.
 _LIVE: weakref.WeakSet[Segment] = weakref.WeakSet()
+
+LEDGER_SLOT: Final = 64  # bytes: a creator's slot in its heir's ledger (a name, NUL-ended)
+# This process's slot in its heir's ledger (see the module docstring), or None
+_ledger: memoryview | None = None
+
+
+def keep_ledger(slot: memoryview | None) -> None:
+    """From now on, write the name of a segment with an heir that this process is between
+    the two steps of making or removing into ``slot`` (``LEDGER_SLOT`` bytes of memory
+    its heir reads once it has exited: :func:`ledger_name`); ``None``: stop."""
+    global _ledger
+    _ledger = slot
+
+
+def _note(name: str) -> None:
+    slot = _ledger
+    if slot is not None:
+        data = name.encode()
+        slot[: len(data)] = data
+        slot[len(data)] = 0
+
+
+def ledger_name(slot: bytes | bytearray | memoryview) -> str:
+    """The name a creator's ledger ``slot`` holds ("" if none)."""
+    return bytes(slot).split(b"\0", 1)[0].decode("ascii", "replace")
 
 
 def _track(name: str) -> None:
@@ -112,6 +147,27 @@ def _no_room(size: int, cause: OSError) -> OSError:
     )
 
 
+def _new_file(*, heir: bool, tracker_first: bool) -> tuple[str, int]:
+    """A new segment file's name and descriptor; with ``tracker_first``, its name is
+    registered before the file is made (and noted in the ledger for an heir)."""
+    while True:
+        name = new_name()
+        if tracker_first:
+            if heir:
+                _note(name)  # before the tracker holds it: the heir settles it
+            _track(name)
+        if _fuzz.ENABLED and tracker_first:
+            _fuzz.point("shm.made")  # between registering the name and making the file
+        try:
+            return name, os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # pragma: no cover - 48 random bits collided
+            continue  # (the tracker keeps a set: its owner's registration stands)
+        except BaseException:
+            if tracker_first:
+                _untrack(name)
+            raise
+
+
 class Segment:
     """One mapping of a shared-memory segment in this process.
 
@@ -161,13 +217,8 @@ class Segment:
         if _fuzz.ENABLED:
             _fuzz.point("shm.before_create")
         _platform.segment_dir()  # the portable one is made (and checked) at first use
-        while True:
-            name = new_name()
-            try:
-                fd = os.open(_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                break
-            except FileExistsError:  # pragma: no cover - 48 random bits collided
-                continue
+        tracker_first = not heir or _ledger is not None  # see the module docstring
+        name, fd = _new_file(heir=heir, tracker_first=tracker_first)
         try:
             try:
                 _platform.reserve(fd, size)
@@ -180,11 +231,17 @@ class Segment:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(_path(name))
+            if tracker_first:
+                _untrack(name)
+                _note("")
             raise
-        if _fuzz.ENABLED:
-            _fuzz.point("shm.before_register")
-        # after the file exists: a creator killed in between leaves a file its heir finds
-        _track(name)
+        if not tracker_first:
+            if _fuzz.ENABLED:
+                _fuzz.point("shm.made")  # between making the file and registering the name
+            _track(name)  # after the file exists: a creator killed before leaves a file
+            # its heir finds
+        elif heir:
+            _note("")  # the file exists: the heir finds it
         return cls(name, fd, mm, size, owner_pid=os.getpid(), heir=heir)
 
     @classmethod
@@ -272,14 +329,24 @@ class Segment:
             return
         if _fuzz.ENABLED:
             _fuzz.point("shm.before_unlink")
-        if self.heir:  # the tracker lets go first: the file, if we die now, is the heir's
+        if self.heir and _ledger is None:  # the tracker lets go first: the heir sees it all
             _untrack(self.name)
+            if _fuzz.ENABLED:
+                _fuzz.point("shm.half_removed")  # between unregistering it and unlinking it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_path(self.name))
+            return
+        if self.heir:
+            _note(self.name)
         try:
             os.unlink(_path(self.name))
         except FileNotFoundError:
             pass  # removed by somebody else (remove_stale_segments, a user)
-        if not self.heir:  # the tracker, our only heir, holds the name until it is gone
-            _untrack(self.name)
+        if _fuzz.ENABLED:
+            _fuzz.point("shm.half_removed")  # between unlinking the file and its name
+        _untrack(self.name)  # the tracker held the name until the file was gone
+        if self.heir:
+            _note("")
 
 
 def _after_fork_in_child() -> None:
@@ -305,19 +372,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_segments_of(pid: int) -> list[str]:
+def remove_segments_of(pid: int, pending: str = "") -> list[str]:
     """As the heir of the exited process ``pid``: remove the segments it left; their names.
 
-    Each name is registered with the resource tracker again before it is unregistered:
-    the creator may have died before registering it or after unregistering it (the
-    tracker keeps a set, so registering a name it holds changes nothing), and either way
-    the tracker ends with the name registered and unregistered exactly once.
+    ``pending``: the name its ledger holds (:func:`ledger_name`), if it kept one.  Each
+    name is registered with the resource tracker again before it is unregistered: the
+    creator may have died before registering it or after unregistering it (the tracker
+    keeps a set, so registering a name it holds changes nothing), and either way the
+    tracker ends with the name registered and unregistered exactly once.
     """
     prefix = f"{PREFIX}{pid}_"
     try:
         names = [name for name in os.listdir(SHM_DIR) if name.startswith(prefix)]
     except OSError:
         return []
+    if pending.startswith(prefix) and pending not in names:
+        names.append(pending)  # it may have no file: the tracker may hold its name
     removed = []
     for name in names:
         if NAME_RE.fullmatch(name) is None:
