@@ -310,3 +310,18 @@ def test_a_stage_sigkilled_while_a_segment_is_made_or_removed_leaves_the_tracker
     assert proc.stdout.split()[2:] == ["CRASHED"], proc.stdout
     assert proc.stderr == ""
     assert set(_segments()) - before == set()
+
+
+def test_a_process_forked_from_one_with_a_ledger_keeps_none() -> None:
+    """A stage's own children (the workers of a pool it runs under fork, say) are not its
+    parent's to settle: they must not write into the stage's slot of the ledger."""
+    slot = memoryview(bytearray(_shm.LEDGER_SLOT))
+    _shm.keep_ledger(slot)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0 if _shm._ledger is None else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        _shm.keep_ledger(None)
+    assert os.waitstatus_to_exitcode(status) == 0

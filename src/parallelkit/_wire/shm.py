@@ -350,6 +350,8 @@ class Segment:
 
 
 def _after_fork_in_child() -> None:
+    global _ledger
+    _ledger = None  # the ledger's owner is not our heir
     for segment in list(_LIVE):
         segment._reopen()
 
