@@ -39,7 +39,7 @@ from parallelkit._util.context import child_share, get_context
 from parallelkit._util.types import StartMethod
 from parallelkit._wire.arena import remove_leftovers
 from parallelkit._wire.codec import dump_function
-from parallelkit._wire.shm import LEDGER_SLOT, Segment, ledger_name
+from parallelkit._wire.shm import LEDGER_SLOT, Segment, ledger_name, tracked
 from parallelkit._wire.stream import FrameError, FrameStream, StreamEnd, ms, widen
 
 __all__ = ("STOP_TIMEOUT", "Stage", "StageProcesses", "StageWorker", "kill")
@@ -123,10 +123,12 @@ class StageProcesses:
         total = sum(stage.max_workers for stage in self.stages)
         ledger: Segment | None = None
         try:
-            made = Segment.create(LEDGER_SLOT * total)
+            # the ledger is for the resource tracker: none where it removes no segment (a
+            # SIGKILLed parent would leave the ledger itself there)
+            made = Segment.create(LEDGER_SLOT * total) if tracked() else None
         except OSError:  # no room: the workers keep none (see _wire.shm)
-            pass
-        else:
+            made = None
+        if made is not None:
             made.drop_fd()
             self.ledgers.append(made)
             ledger = made

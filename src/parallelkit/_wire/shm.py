@@ -94,6 +94,12 @@ def ledger_name(slot: bytes | bytearray | memoryview) -> str:
     return bytes(slot).split(b"\0", 1)[0].decode("ascii", "replace")
 
 
+def tracked() -> bool:
+    """Whether the resource tracker removes this process's segments if it is killed (they
+    are in ``/dev/shm``; in the portable directory :func:`remove_stale_segments` does)."""
+    return SHM_DIR == _platform.DEV_SHM
+
+
 def _track(name: str) -> None:
     # The tracker unlinks what it holds with shm_unlink, which reaches /dev/shm only: in
     # the portable directory a killed creator's files are remove_stale_segments' to remove.
