@@ -3,7 +3,9 @@ another ``parallelkit`` the environment may hold)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,17 @@ def package_env(*paths: str, **variables: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (*paths, root, env.get("PYTHONPATH")) if p)
     env.update(variables)
     return env
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group ``proc`` leads (started with ``start_new_session``), reap
+    ``proc`` and close its pipes: a test's ``finally``, whatever state the test left."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def run_python(

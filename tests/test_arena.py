@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 import tasks.arena as wa
-from child import package_env, run_python
+from child import kill_group, package_env, run_python
 from parallelkit import StartMethod, _platform
 from parallelkit._map.call import MapOptions
 from parallelkit._map.job import Job
@@ -238,14 +238,7 @@ def test_sigkilled_parent_leaves_no_segment(start_method: StartMethod) -> None:
             time.sleep(0.05)  # the resource tracker unlinks them once every process is gone
         assert not _ours(proc.pid, *workers), created
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill_group(proc)
 
 
 _SIZES = (

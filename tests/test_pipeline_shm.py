@@ -24,7 +24,7 @@ import pytest
 
 import parallelkit as pk
 import tasks.pipeline as w
-from child import package_env
+from child import kill_group, package_env
 from parallelkit import StartMethod, _platform
 from parallelkit._pipeline import messages
 from parallelkit._pipeline.messages import DONE, TASK
@@ -225,14 +225,7 @@ def test_a_sigkilled_parent_leaves_no_segment(start_method: StartMethod) -> None
             time.sleep(0.05)  # the resource tracker unlinks them once every process is gone
         assert not _ours(proc.pid, *workers), created
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        proc.wait(timeout=10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill_group(proc)
 
 
 @pytest.mark.timeout(90)
@@ -274,12 +267,7 @@ def test_a_parent_sigkilled_while_a_segment_is_made_or_removed_leaves_none(
             os.close(tracker)
         assert set(_segments()) - before == set()
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        proc.wait(timeout=10)
-        proc.stdout.close()  # type: ignore[union-attr]
+        kill_group(proc)
 
 
 @pytest.mark.timeout(90)
