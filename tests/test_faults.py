@@ -1052,6 +1052,57 @@ def test_missing_main_guard_in_a_pipeline_or_channel_script_gives_one_clear_erro
     assert "__main__" in last
 
 
+# Run in a child that says it is bootstrapping (as a spawn/forkserver child importing the
+# parent's main module is): each shared-memory segment made before the refusal is printed.
+_REFUSED_BEFORE_ANYTHING = """
+import multiprocessing, sys
+import parallelkit as pk
+import tasks.channel as wc
+import tasks.faults as wf
+from parallelkit._wire import shm
+
+made = shm.Segment.create
+def create(*args, **kwargs):
+    segment = made(*args, **kwargs)
+    print("MADE", segment.name, flush=True)
+    return segment
+shm.Segment.create = create
+multiprocessing.current_process()._inheriting = True
+what = sys.argv[1]
+if what == "map":
+    pk.run_parallel(wf.square, range(4), max_workers=2, start_method="fork")
+elif what == "pipeline":
+    pk.Pipeline(range(4), start_method="fork").map(wf.square, max_workers=2).run()
+else:
+    pk.start_process(wc.echo, start_method="fork").close()
+print("STARTED", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", ["map", "pipeline", "channel"])
+def test_a_child_importing_main_that_starts_work_refuses_before_making_anything(
+    what: str,
+) -> None:
+    # A pipeline made its ledger segment before the refusal: a second worker, killed by
+    # its parent (whose first worker had refused) between registering the ledger's name
+    # and making its file, left the resource tracker a name to warn about at exit.
+    from parallelkit._proc.child import EXIT_MAIN_GUARD  # noqa: PLC0415
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [sys.executable, "-c", _REFUSED_BEFORE_ANYTHING, what],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == EXIT_MAIN_GUARD, done.stderr
+    assert done.stdout == "", done.stdout  # no segment made, no work started
+    assert "guard it with" in done.stderr
+
 # ------------------------------------------------------------------ cannot start a worker
 
 

@@ -27,6 +27,7 @@ from parallelkit._pipeline import messages
 from parallelkit._pipeline.messages import STOP, TASK, Message
 from parallelkit._pipeline.stage import report_startup_failure, stage_loop
 from parallelkit._proc.lifecycle import (
+    check_can_start_children,
     leave_if_exiting,
     start_child,
     stop_processes,
@@ -113,6 +114,10 @@ class StageProcesses:
 
     def start(self, payloads: Sequence[bytes | None]) -> None:
         """Start every stage's workers (on failure the caller kills those started)."""
+        # before anything is built: a child importing our main module again that starts a
+        # pipeline exits here, and one killed (by its parent) in the middle of making the
+        # ledger would leave the resource tracker a name to warn about
+        check_can_start_children(self.start_method)
         context = get_context(self.start_method)
         if self.start_method == "fork":
             # workers register their segments with *our* resource tracker (which unlinks
