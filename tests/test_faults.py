@@ -39,6 +39,7 @@ import parallelkit as pk
 import tasks.faults as wf
 from parallelkit import StartMethod, _platform
 from parallelkit._proc import lifecycle
+from parallelkit._proc.child import EXIT_MAIN_GUARD
 from parallelkit._util.threads import Mutex
 
 TESTS: Final = Path(__file__).resolve().parent
@@ -1087,8 +1088,6 @@ def test_a_child_importing_main_that_starts_work_refuses_before_making_anything(
     # A pipeline made its ledger segment before the refusal: a second worker, killed by
     # its parent (whose first worker had refused) between registering the ledger's name
     # and making its file, left the resource tracker a name to warn about at exit.
-    from parallelkit._proc.child import EXIT_MAIN_GUARD  # noqa: PLC0415
-
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     done = subprocess.run(
@@ -1102,6 +1101,7 @@ def test_a_child_importing_main_that_starts_work_refuses_before_making_anything(
     assert done.returncode == EXIT_MAIN_GUARD, done.stderr
     assert done.stdout == "", done.stdout  # no segment made, no work started
     assert "guard it with" in done.stderr
+
 
 # ------------------------------------------------------------------ cannot start a worker
 
